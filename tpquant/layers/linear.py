@@ -1,0 +1,117 @@
+"""What column- and row-parallel linears share: holding one rank's shard of a scheme's tensors.
+
+A `ShardedLinear` owns a quantization `Scheme` and this rank's slice of every tensor the scheme
+produced for the full weight. Which slice is decided by the sharding rules alone
+(`tpquant.parallel.shard`, driven by each tensor's `TensorSpec`), so every scheme works under
+both parallel styles without per-scheme code. Subclasses add only their forward.
+
+Loading quantizes the *full* weight first and shards the result: per-tensor and per-channel
+scales then equal the single-process ones, which is what makes a TP result match TP 1.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+from tpquant.collectives import Communicator
+from tpquant.parallel.mapping import Mapping
+from tpquant.parallel.shard import check_divisible, shard_tensor, shard_tensors
+from tpquant.quantization.schemes.base import Scheme, TensorSpec
+
+Style = Literal["column", "row"]
+_BIAS_SPEC = TensorSpec(out_dim=0)  # split with the outputs under column TP, replicated under row TP
+
+
+class ShardedLinear(nn.Module):
+    style: Style
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: Scheme,
+        mapping: Mapping,
+        comm: Communicator,
+        bias: bool = False,
+        part_sizes: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        tp = mapping.tp_size
+        split = out_features if self.style == "column" else in_features
+        check_divisible(f"{self.style}-parallel {'out' if self.style == 'column' else 'in'}_features", split, tp)
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.mapping, self.comm = scheme, mapping, comm
+        self.has_bias = bias
+        self.part_sizes = tuple(part_sizes) if part_sizes else None
+        self._names: list[str] = []  # the scheme's tensors held as buffers, in a stable order
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def load_full(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, **quant_options
+    ) -> ShardedLinear:
+        """Quantize the full weight [out, in] with the scheme and keep this rank's shard."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight shape {tuple(weight.shape)} != (out, in) = "
+                f"({self.out_features}, {self.in_features})"
+            )
+        full = self.scheme.quantize(weight, **quant_options)
+        rank, tp, parts = self.mapping.tp_rank, self.mapping.tp_size, self.part_sizes
+        shards = shard_tensors(full, self.scheme.specs(full), self.style, rank, tp, parts)
+        if bias is not None:
+            bias = shard_tensor(bias, _BIAS_SPEC, self.style, rank, tp, parts)
+        return self.load_shards(shards, bias)
+
+    def load_shards(
+        self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
+    ) -> ShardedLinear:
+        """Keep already-sharded tensors (from an engine file). Shapes are checked against the specs."""
+        specs = self.scheme.specs(tensors)
+        if set(tensors) != set(specs):
+            raise ValueError(f"expected tensors {sorted(specs)}, got {sorted(tensors)}")
+        for name, t in tensors.items():
+            self._check_shard_shape(name, t, specs[name])
+        if (bias is not None) != self.has_bias:
+            raise ValueError(f"layer has bias={self.has_bias} but bias {'given' if bias is not None else 'missing'}")
+        for name in self._names:
+            delattr(self, name)
+        self._names = sorted(tensors)
+        for name in self._names:
+            self.register_buffer(name, tensors[name].contiguous())
+        if bias is not None:
+            self._check_shard_shape("bias", bias, _BIAS_SPEC)
+            self.register_buffer("bias", bias.to(self.scheme.dtype).contiguous())
+        else:
+            self.bias = None
+        return self
+
+    def _check_shard_shape(self, name: str, t: torch.Tensor, spec: TensorSpec) -> None:
+        tp = self.mapping.tp_size
+        local_out = self.out_features // tp if self.style == "column" else self.out_features
+        local_in = self.in_features // tp if self.style == "row" else self.in_features
+        for dim, size in ((spec.out_dim, local_out), (spec.in_dim, local_in // spec.in_per_index)):
+            if dim is not None and t.shape[dim] != size:
+                raise ValueError(
+                    f"{type(self).__name__}: tensor {name!r} has shape {tuple(t.shape)}, "
+                    f"expected {size} along dim {dim} for rank {self.mapping.tp_rank} of {tp}"
+                )
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's tensors of the scheme, by name."""
+        if not self._names:
+            raise RuntimeError(f"{type(self).__name__} has no weights: call load_full or load_shards")
+        return {name: getattr(self, name) for name in self._names}
+
+    def local_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.scheme.forward(x, self.tensors, bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, scheme={self.scheme.mode.to_name()}, "
+            f"tp={self.mapping.tp_size}, rank={self.mapping.tp_rank}, bias={self.has_bias}"
+        )

@@ -1,0 +1,36 @@
+"""RMSNorm, and the SmoothQuant RMSNorm whose output is int8 for the W8A8 linear after it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tpquant.kernels import w8a8
+from tpquant.kernels.norm import rms_norm
+
+
+class RmsNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float = 1e-6, dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class SmoothQuantRmsNorm(RmsNorm):
+    """RMSNorm fused with int8 quantization: per token, or with a static scale.
+
+    The SmoothQuant factor of the layers it feeds is folded into `weight` (g / s), so its
+    int8 output goes straight into their W8A8 GEMM (`QuantizedActivation`).
+    """
+
+    def __init__(self, hidden: int, eps: float = 1e-6, dtype: torch.dtype = torch.float16,
+                 static_scale: torch.Tensor | None = None) -> None:
+        super().__init__(hidden, eps, dtype)
+        self.register_buffer("static_scale", None if static_scale is None else static_scale.float())
+
+    def forward(self, x: torch.Tensor) -> w8a8.QuantizedActivation:
+        q, scale = w8a8.rms_norm_quantize(x, self.weight, self.eps, self.static_scale)
+        return w8a8.QuantizedActivation(q, scale)

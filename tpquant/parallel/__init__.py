@@ -1,0 +1,1 @@
+"""Tensor-parallel plumbing: mapping, sharding, custom all-reduce."""

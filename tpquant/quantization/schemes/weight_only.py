@@ -1,0 +1,65 @@
+"""Weight-only int8 / int4, symmetric per output channel: W ~= q * scale[:, None].
+
+scale[out] = max_j |W[out, j]| / qmax (qmax 127 for int8, 7 for int4), from
+numerics.symmetric_scale. Scales are stored in float32 whatever `dtype` is: they are tiny
+([out]) and float16 would add up to 2^-11 relative error to every weight of a row.
+`dtype` is the activation dtype the model runs in; the stored tensors do not depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpquant.kernels.weight_only import dequantize_weight_only, weight_only_matmul
+from tpquant.quantization import numerics
+from tpquant.quantization.mode import QuantMode
+from tpquant.quantization.packing import pack_int4
+from tpquant.quantization.schemes.base import Scheme, Tensors, TensorSpec
+
+
+@dataclass(frozen=True)
+class WeightOnly(Scheme):
+    """qweight: int8 [out, in] (bits=8) or int4 packed uint8 [out, in/2] (bits=4); scale: float32 [out]."""
+
+    bits: int = 8
+    dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 4):
+            raise ValueError(f"WeightOnly bits must be 8 or 4, got {self.bits}")
+
+    @property
+    def mode(self) -> QuantMode:
+        return QuantMode.use_weight_only(self.bits == 4)
+
+    @property
+    def qmax(self) -> int:
+        return numerics.INT8_MAX if self.bits == 8 else numerics.INT4_MAX
+
+    def specs(self, tensors: Tensors | None = None) -> dict[str, TensorSpec]:
+        return {
+            "qweight": TensorSpec(out_dim=0, in_dim=1, in_per_index=2 if self.bits == 4 else 1),
+            "scale": TensorSpec(out_dim=0),
+        }
+
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
+        if self.bits == 4 and weight.shape[1] % 2:
+            raise ValueError(
+                f"int4 packs two input features per byte: in_features={weight.shape[1]} must be even"
+            )
+        w = weight.float()
+        scale = numerics.symmetric_scale(w.abs().amax(dim=1), self.qmax)  # [out]
+        q = numerics.quantize_symmetric(w, scale[:, None], self.qmax)  # int8 [out, in]
+        return {"qweight": pack_int4(q) if self.bits == 4 else q, "scale": scale}
+
+    def dequantize(self, tensors: Tensors) -> torch.Tensor:
+        return dequantize_weight_only(tensors["qweight"], tensors["scale"], self.bits)
+
+    def forward(
+        self, x: torch.Tensor, tensors: Tensors, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return weight_only_matmul(x, tensors["qweight"], tensors["scale"], self.bits, bias)
