@@ -263,12 +263,16 @@ class NcclCommunicator(Communicator):
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        # get_unique_id() gives 128 C chars as ints (signed or not, by platform):
-        # JSON carries them exactly.
-        uid = list(nccl.get_unique_id()) if self.rank == 0 else None
-        uid = self.broadcast_object(uid, root=0)
+        # The 128-byte id is bytes in CuPy >= 14 and a tuple of C chars (signed
+        # or not, by platform) before: JSON carries either exactly, tagged.
+        msg = None
+        if self.rank == 0:
+            uid = nccl.get_unique_id()
+            msg = {"bytes": isinstance(uid, bytes), "id": list(uid)}
+        msg = self.broadcast_object(msg, root=0)
+        uid = bytes(msg["id"]) if msg["bytes"] else tuple(msg["id"])
         with torch.cuda.device(device):
-            self._nccl = nccl.NcclCommunicator(self.world_size, tuple(uid), self.rank)
+            self._nccl = nccl.NcclCommunicator(self.world_size, uid, self.rank)
 
     def barrier(self) -> None:
         self.mpi_comm.Barrier()

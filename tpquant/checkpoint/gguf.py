@@ -269,7 +269,7 @@ def _read(t: Any, index: list[slice]) -> torch.Tensor:
         return output_dtype(torch.from_numpy(np.array(t.data[tuple(index)])))
     if qtype == GGMLQuantizationType.BF16:  # raw bytes, two per value
         last = index[-1]
-        raw = np.ascontiguousarray(t.data[(*index[:-1], slice(2 * last.start, 2 * last.stop))])
+        raw = np.array(t.data[(*index[:-1], slice(2 * last.start, 2 * last.stop))])  # a copy
         return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(shape)
     if 0 in shape:
         return torch.empty(shape, dtype=torch.float32)
