@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIR
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/pytest_mpi*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-nvidia-smi -L; python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__, "nccl", cupy.cuda.nccl.get_version())'
+nvidia-smi -L; python3 -c "import torch, cupy; from cupy.cuda import nccl; print('torch', torch.__version__, 'cupy', cupy.__version__, 'nccl', nccl.get_version())"
 status=0
 for n in 1 2; do
   echo "== mpirun -n $n"
