@@ -4,13 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-mpi_flags=(--oversubscribe)                      # 3 ranks on a 2-core machine
-[ "$(id -u)" = 0 ] && mpi_flags+=(--allow-run-as-root)
-
 echo "== unit tests (one process; GPU tests skip without CUDA)"
 python -m pytest tests/unit tests/gpu -q "$@"
 
 for n in 2 3; do
   echo "== MPI tests, mpirun -n $n"
-  mpirun "${mpi_flags[@]}" -n "$n" python -m pytest --with-mpi tests/mpi -q -p no:cacheprovider "$@"
+  launch/mpirun.sh -n "$n" python -m pytest --with-mpi tests/mpi -q -p no:cacheprovider "$@"
 done
