@@ -197,6 +197,7 @@ def test_per_rank_bytes_are_full_over_tp(world, name, style):
         replicated = tname in _REPLICATED[style] or full[tname].dim() == 0
         expected = full[tname].nbytes if replicated else full[tname].nbytes // mapping.tp_size
         assert t.nbytes == expected, (tname, t.shape, full[tname].shape)
+        assert t.untyped_storage().nbytes() == t.nbytes, f"{tname} keeps more memory than its shard"
     # and the pieces of the split tensors add up to the whole across ranks
     local = sum(t.nbytes for n, t in layer.tensors.items() if n not in _REPLICATED[style] and full[n].dim())
     total = comm.all_reduce(torch.tensor([local], dtype=torch.int64, device=device)).item()

@@ -81,10 +81,10 @@ class ShardedLinear(nn.Module):
             delattr(self, name)
         self._names = sorted(tensors)
         for name in self._names:
-            self.register_buffer(name, tensors[name].contiguous())
+            self.register_buffer(name, _owned(tensors[name]))
         if bias is not None:
             self._check_shard_shape("bias", bias, _BIAS_SPEC)
-            self.register_buffer("bias", bias.to(self.scheme.dtype).contiguous())
+            self.register_buffer("bias", _owned(bias.to(self.scheme.dtype)))
         else:
             self.bias = None
         return self
@@ -115,3 +115,10 @@ class ShardedLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, scheme={self.scheme.mode.to_name()}, "
             f"tp={self.mapping.tp_size}, rank={self.mapping.tp_rank}, bias={self.has_bias}"
         )
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """t in memory of its own: a shard that is a view of the full tensor would keep the whole
+    full tensor alive on every rank."""
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
