@@ -17,7 +17,9 @@ tensor names and layouts:
 dtypes: `get`/`get_slice` return float16 and bfloat16 tensors in their stored dtype (doubling
 them to float32 would only cost memory; consumers cast where they compute) and everything else
 as float32: float32 as is, float64/fp8/int tensors converted, GGUF block-quantized tensors
-dequantized. Returned tensors own their memory (they are not views of the mapped file).
+dequantized. Returned tensors own their memory: in-place changes to one (a SmoothQuant
+rescale, say) never show up in a later `get` (safetensors alone would hand out views of one
+shared mapping).
 
 `get_slice(name, dim, start, stop)` equals `get(name).narrow(dim, start, stop - start)` and reads
 only that slice where the format allows, so a tensor-parallel rank touches little more than
@@ -111,13 +113,20 @@ def slice_dim(shape: tuple[int, ...], dim: int, start: int, stop: int) -> int:
         raise IndexError(f"dim {dim} out of range for a tensor of shape {tuple(shape)}")
     dim %= ndim
     if not 0 <= start <= stop <= shape[dim]:
-        raise IndexError(f"slice [{start}, {stop}) out of range for dim {dim} of shape {tuple(shape)}")
+        raise IndexError(
+            f"slice [{start}, {stop}) out of range for dim {dim} of shape {tuple(shape)}"
+        )
     return dim
 
 
-def output_dtype(t: torch.Tensor) -> torch.Tensor:
-    """Apply the module's dtype policy: keep fp32/fp16/bf16, everything else to float32."""
-    return t if t.dtype in _KEPT_DTYPES else t.to(torch.float32)
+def output_dtype(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """Apply the module's dtype policy: keep fp32/fp16/bf16, everything else to float32.
+
+    copy=True guarantees a tensor with its own memory (for views of a mapped file).
+    """
+    if t.dtype not in _KEPT_DTYPES:
+        return t.to(torch.float32)
+    return t.clone() if copy else t
 
 
 def sha256_files(paths: Iterable[Path], root: Path | None = None, chunk: int = 1 << 22) -> str:
@@ -143,7 +152,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     p = Path(path)
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise ValueError(f"{p} is a directory without config.json: not a Hugging Face checkpoint")
+            raise ValueError(
+                f"{p} is a directory without config.json: not a Hugging Face checkpoint"
+            )
         from tpquant.checkpoint.hf import HFCheckpoint  # imported here: hf imports this module
 
         return HFCheckpoint(p)

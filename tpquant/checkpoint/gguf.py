@@ -44,11 +44,13 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
 _SKIPPED = {"rope_freqs"}  # folded into config.rope_scaling
 _SKIPPED_LAYER = {"attn_rot_embd"}  # old exports' inv_freq: not a weight
-
-_RAW_FLOAT = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64)
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -89,11 +91,15 @@ def llama3_rope_factors(scaling: Llama3RopeScaling, rope_theta: float, head_dim:
         scaling.high_freq_factor - scaling.low_freq_factor
     )
     mid = 1.0 / ((1 - smooth) / scaling.factor + smooth)
-    return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, scaling.factor, mid))
+    long = np.where(wavelen > low_wavelen, scaling.factor, mid)
+    return np.where(wavelen < high_wavelen, 1.0, long)
 
 
 def llama3_scaling_from_rope_freqs(
-    factors: np.ndarray, rope_theta: float, head_dim: int, original_max_position_embeddings: int = 8192
+    factors: np.ndarray,
+    rope_theta: float,
+    head_dim: int,
+    original_max_position_embeddings: int = 8192,
 ) -> Llama3RopeScaling:
     """Recover llama3 RoPE scaling from llama.cpp's per-frequency factors (`rope_freqs`).
 
@@ -110,7 +116,8 @@ def llama3_scaling_from_rope_freqs(
     mid = (r > 1.0 + 1e-6) & (r < factor * (1.0 - 1e-6))
     if factor <= 1.0 or mid.sum() < 2:
         raise ValueError(
-            "rope_freqs is not llama3 scaling with an interpolated band: cannot recover its parameters"
+            "rope_freqs is not llama3 scaling with an interpolated band: "
+            "cannot recover its parameters"
         )
     wavelen = 2 * math.pi * rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     smooth = (1.0 / r[mid] - 1.0 / factor) / (1.0 - 1.0 / factor)
@@ -136,7 +143,9 @@ class GGUFCheckpoint(Checkpoint):
         self._reader = GGUFReader(self.path, "r")
         arch = self._meta("general.architecture")
         if arch != "llama":
-            raise ValueError(f"{self.path}: GGUF architecture is {arch!r}, only 'llama' is supported")
+            raise ValueError(
+                f"{self.path}: GGUF architecture is {arch!r}, only 'llama' is supported"
+            )
         self._tensors: dict[str, Any] = {}  # HF name -> gguf ReaderTensor
         self._by_gguf_name = {t.name: t for t in self._reader.tensors}
         for t in self._reader.tensors:
@@ -146,8 +155,9 @@ class GGUFCheckpoint(Checkpoint):
         self.config = self._read_config()
         # q and k rows are permuted per head (module docstring); number of heads per tensor
         self._rope_heads: dict[str, int] = {}
-        for i in range(self.config.num_layers):
-            for proj, heads in (("q_proj", self.config.num_heads), ("k_proj", self.config.num_kv_heads)):
+        c = self.config
+        for i in range(c.num_layers):
+            for proj, heads in (("q_proj", c.num_heads), ("k_proj", c.num_kv_heads)):
                 for suffix in ("weight", "bias"):
                     self._rope_heads[f"model.layers.{i}.self_attn.{proj}.{suffix}"] = heads
         self._tokenizer: Any = None
@@ -158,11 +168,14 @@ class GGUFCheckpoint(Checkpoint):
         return default if field is None else field.contents()
 
     def _read_config(self) -> LlamaConfig:
-        m = lambda key, default=None: self._meta(f"llama.{key}", default)  # noqa: E731
+        def m(key: str, default: Any = None) -> Any:
+            return self._meta(f"llama.{key}", default)
+
         if m("expert_count", 0):
             raise ValueError(f"{self.path}: mixture-of-experts GGUF models are not supported")
-        if m("rope.scaling.type", "none") not in ("none",):
-            raise ValueError(f"{self.path}: RoPE scaling {m('rope.scaling.type')!r} is not supported")
+        scaling_type = m("rope.scaling.type", "none")
+        if scaling_type != "none":
+            raise ValueError(f"{self.path}: RoPE scaling {scaling_type!r} is not supported")
         hidden, num_heads = int(m("embedding_length")), int(m("attention.head_count"))
         head_dim = m("attention.key_length")
         rope_theta = float(m("rope.freq_base", 10000.0))
@@ -177,7 +190,10 @@ class GGUFCheckpoint(Checkpoint):
         vocab = m("vocab_size")
         if vocab is None:
             tokens = self._reader.fields.get("tokenizer.ggml.tokens")
-            vocab = len(tokens.data) if tokens is not None else self.shape("model.embed_tokens.weight")[0]
+            if tokens is not None:
+                vocab = len(tokens.data)
+            else:
+                vocab = self.shape("model.embed_tokens.weight")[0]
         bos = self._meta("tokenizer.ggml.bos_token_id")
         # eot/eom end a chat turn in Llama-3 GGUFs; the runtime stops on any of them
         eos = [self._meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
@@ -265,7 +281,7 @@ def _read(t: Any, index: list[slice]) -> torch.Tensor:
     """t[index] in HF layout (index: one slice per HF dim), reading only the bytes needed."""
     qtype = t.tensor_type
     shape = tuple(s.stop - s.start for s in index)
-    if qtype in _RAW_FLOAT or t.data.dtype != np.uint8:  # plain numpy dtype (floats, ints)
+    if t.data.dtype != np.uint8:  # F32/F16/F64/I*: the reader gives a typed numpy view
         return output_dtype(torch.from_numpy(np.array(t.data[tuple(index)])))
     if qtype == GGMLQuantizationType.BF16:  # raw bytes, two per value
         last = index[-1]

@@ -72,16 +72,17 @@ class HFCheckpoint(Checkpoint):
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return output_dtype(self._handle(name).get_tensor(name))
+        return output_dtype(self._handle(name).get_tensor(name), copy=True)
 
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         sl = self._handle(name).get_slice(name)
         dim = slice_dim(tuple(sl.get_shape()), dim, start, stop)
-        return output_dtype(sl[(slice(None),) * dim + (slice(start, stop),)])
+        return output_dtype(sl[(slice(None),) * dim + (slice(start, stop),)], copy=True)
 
     def source_checksum(self) -> str:
         if self._checksum is None:
-            files = ["config.json", *([_INDEX] if (self.path / _INDEX).is_file() else []), *self._files]
+            index = [_INDEX] if (self.path / _INDEX).is_file() else []
+            files = ["config.json", *index, *self._files]
             self._checksum = sha256_files([self.path / f for f in files], root=self.path)
         return self._checksum
 
@@ -108,11 +109,19 @@ class HFCheckpoint(Checkpoint):
 
 def _read_config(path: Path) -> LlamaConfig:
     """config.json, plus any extra end-of-sequence ids from generation_config.json."""
-    config = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+    d = json.loads((path / "config.json").read_text())
+    quant = (d.get("quantization_config") or {}).get("quant_method")
+    if quant is not None:  # GPTQ/AWQ/fp8 exports store packed weights under other names
+        raise ValueError(
+            f"{path} holds a pre-quantized checkpoint (quant_method={quant!r}); "
+            "tpquant quantizes itself: give it the float16/bfloat16/float32 checkpoint"
+        )
+    config = LlamaConfig.from_hf(d)
     gen_path = path / "generation_config.json"
     if gen_path.is_file():
         eos = json.loads(gen_path.read_text()).get("eos_token_id")
         extra = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        merged = config.eos_token_ids + tuple(t for t in dict.fromkeys(extra) if t not in config.eos_token_ids)
+        new = tuple(t for t in dict.fromkeys(extra) if t not in config.eos_token_ids)
+        merged = config.eos_token_ids + new
         config = dataclasses.replace(config, eos_token_ids=merged)
     return config

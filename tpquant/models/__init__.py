@@ -1,1 +1,1 @@
-"""Model definitions: the Llama config (config.py) and the tensor-parallel model built from tpquant layers."""
+"""Model definitions: the Llama config (config.py) and the tensor-parallel Llama model."""

@@ -95,11 +95,16 @@ class LlamaConfig:
                 f"{self.rope_theta}"
             )
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
-            raise ValueError(f"rope_scaling must be Llama3RopeScaling or None, got {self.rope_scaling!r}")
+            raise ValueError(
+                f"rope_scaling must be Llama3RopeScaling or None, got {self.rope_scaling!r}"
+            )
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
-        for t in (*self.eos_token_ids, *(() if self.bos_token_id is None else (self.bos_token_id,))):
+        bos = () if self.bos_token_id is None else (self.bos_token_id,)
+        for t in (*bos, *self.eos_token_ids):
             if not 0 <= t < self.vocab_size:
-                raise ValueError(f"special token id {t} is outside the vocabulary ({self.vocab_size})")
+                raise ValueError(
+                    f"special token id {t} is outside the vocabulary ({self.vocab_size})"
+                )
 
     # -- Hugging Face config.json --------------------------------------------------------
 
