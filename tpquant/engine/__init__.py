@@ -1,0 +1,1 @@
+"""Engines: per-rank files (format.py), building them (build.py), running them (session.py)."""
