@@ -1,0 +1,120 @@
+"""Running engines: load this rank's file into the model, generate in lockstep (DESIGN s8).
+
+Every rank runs the same forward passes; rank 0 owns the tokenizer and the sampling and
+broadcasts the chosen tokens, so ranks never diverge.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from tpquant.collectives import Communicator
+from tpquant.engine.build import DTYPES
+from tpquant.engine.format import open_rank_file
+from tpquant.engine.sampling import SamplingParams, sample
+from tpquant.layers.linear import ShardedLinear
+from tpquant.models.config import LlamaConfig
+from tpquant.models.llama import Llama, LlamaSchemes
+from tpquant.parallel.mapping import Mapping as TPMapping
+
+
+def load_engine(engine_dir: str | Path, mapping: TPMapping, comm: Communicator,
+                device: torch.device, verify: bool = True) -> Llama:
+    """This rank's model from its engine file (checked against config.json and the job)."""
+    with open_rank_file(engine_dir, mapping.rank, mapping.world_size, verify) as engine:
+        meta = engine.meta
+        dtype = DTYPES[meta.extra["dtype"]]
+        schemes = LlamaSchemes.from_name(meta.quant, dtype, meta.quant_options["group_size"])
+        model = Llama(LlamaConfig.from_dict(meta.model_config), mapping, comm, schemes, dtype)
+        load_tensors(model, engine.tensors())
+    return model.to(device).eval()
+
+
+def load_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put a state dict written by the build back: sharded linears through `load_shards`
+    (which checks every shape against the scheme), everything else by copy."""
+    remaining = dict(tensors)
+    for prefix, module in model.named_modules():
+        if isinstance(module, ShardedLinear):
+            own = {k[len(prefix) + 1:]: remaining.pop(k) for k in list(remaining)
+                   if k.startswith(prefix + ".")}
+            module.load_shards(own, own.pop("bias", None))
+    missing, unexpected = model.load_state_dict(remaining, strict=False)
+    linear_keys = {k for k, _ in model.named_buffers() if k not in remaining}
+    missing = [k for k in missing if k not in linear_keys]
+    if missing or unexpected:
+        raise KeyError(f"engine does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+@dataclass
+class Generation:
+    """What a generate call produced, with its timings (seconds)."""
+
+    tokens: list[list[int]]
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    new_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.new_tokens = sum(len(t) for t in self.tokens)
+
+
+@torch.no_grad()
+def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] | None,
+             max_new_tokens: int, params: SamplingParams,
+             on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
+    """Generate for a batch of prompts of different lengths, on every rank in lockstep.
+
+    `prompts` matter on rank 0 only (broadcast). Prompts are right-padded (see the model's
+    docstring); row b decodes from position len_b. A row stops after an EOS token; the batch
+    stops when every row has, or after max_new_tokens. `on_step` (rank 0) sees the tokens so
+    far after each step, for streaming.
+    """
+    prompts = comm.broadcast_object([list(map(int, p)) for p in prompts] if comm.rank == 0 else None)
+    device = model.embed.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    need = int(lengths.max()) + max_new_tokens
+    if len(prompts) > model.max_batch or need > model.max_seq:
+        model.setup_caches(max(len(prompts), model.max_batch), max(need, model.max_seq))
+    batch = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        batch[b, : len(p)] = torch.tensor(p, device=device)
+
+    generator = torch.Generator(device=device).manual_seed(params.seed)
+    stop = set(model.config.eos_token_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model(batch, 0)[torch.arange(len(prompts), device=device), lengths - 1]  # [B, V]
+    _sync(device)
+    t1 = time.perf_counter()
+    token = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        if comm.rank == 0:
+            token.copy_(sample(logits, params, generator))
+        comm.broadcast(token, root=0)
+        for b, t in enumerate(token.tolist()):
+            if not done[b]:
+                out[b].append(t)
+                done[b] = t in stop
+        if on_step is not None and comm.rank == 0:
+            on_step(out)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = model(token[:, None], lengths + step)[:, -1]
+    _sync(device)
+    t2 = time.perf_counter()
+    return Generation(out, int(lengths.sum()), t1 - t0, t2 - t1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
