@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== unit tests (one process; GPU tests skip without CUDA)"
-python -m pytest tests/unit tests/gpu -q "$@"
+echo "== unit and CLI tests (one process; the CLI tests start their own mpirun jobs; GPU tests skip without CUDA)"
+python -m pytest tests/unit tests/cli tests/gpu -q "$@"
 
 for n in 2 3; do
   echo "== MPI tests, mpirun -n $n"
