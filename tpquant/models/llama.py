@@ -1,0 +1,519 @@
+"""Llama, tensor-parallel and quantized, built only from tpquant layers (DESIGN s2, s6, s8).
+
+Read top to bottom: the quantization choice per layer kind, RoPE, the KV cache, attention,
+MLP, decoder layer, the model; then the checkpoint table with its loader, and greedy
+generation. Tensor parallelism shows only through the layers used:
+
+    attention  qkv ColumnLinear (no gather, this rank's heads) -> RoPE -> SDPA -> o_proj RowLinear
+    mlp        gate_up ColumnLinear (no gather) -> silu(gate) * up -> down RowLinear
+    lm_head    ColumnLinear over the vocabulary (padded to a multiple of tp), gathered
+
+so each block costs one all-reduce (in its RowLinear) and the head one all-gather. Heads are
+laid out by `tpquant.parallel.heads` (split, replicated KV or zero-padded; the padded model
+computes the same function) and each rank caches only its own KV heads.
+
+Shape letters: B batch, T new tokens, S cached positions, D hidden, H / Hkv this rank's query /
+KV heads, hd head_dim, I intermediate size, V vocabulary.
+
+Positions and prompts of different lengths: token t of row b sits at absolute position
+start_pos[b] + t (`start_pos` an int for every row, or a [B] tensor). Attention is causal by
+absolute position (a key is seen iff its position <= the query's), so a batch of prompts of
+different lengths is RIGHT-padded: a row's real tokens never see its padding, its last real
+logits are at index len_b - 1, and its first decode step (start_pos[b] = len_b) overwrites
+the padding's cache entries before any query could attend to them. Callers pass no mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tpquant.checkpoint import Checkpoint
+from tpquant.collectives import Communicator
+from tpquant.layers.column import ColumnLinear
+from tpquant.layers.norm import RmsNorm
+from tpquant.layers.row import RowLinear
+from tpquant.models.config import Llama3RopeScaling, LlamaConfig
+from tpquant.parallel.heads import HeadLayout, apply_head_layout, plan_heads, qkv_part_sizes
+from tpquant.parallel.mapping import Mapping
+from tpquant.parallel.shard import check_divisible, pad_to_multiple
+from tpquant.quantization.mode import QuantMode
+from tpquant.quantization.schemes import Passthrough, Scheme, scheme_for_mode
+
+# -- which scheme quantizes which layer ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlamaSchemes:
+    """One quantization scheme per kind of linear layer.
+
+    The embedding is never quantized (it is a lookup table, kept in the model dtype), and the
+    lm_head stays in the float dtype unless asked: its errors go straight into the logits.
+    """
+
+    qkv: Scheme
+    o: Scheme
+    gate_up: Scheme
+    down: Scheme
+    lm_head: Scheme
+
+    @classmethod
+    def from_mode(
+        cls,
+        mode: QuantMode,
+        dtype: torch.dtype = torch.float16,
+        group_size: int = 128,
+        quantize_lm_head: bool = False,
+    ) -> LlamaSchemes:
+        """Every transformer linear in `mode`'s scheme; lm_head float unless `quantize_lm_head`."""
+        body = scheme_for_mode(mode, group_size=group_size, dtype=dtype)
+        head = body if quantize_lm_head else Passthrough(dtype)
+        return cls(qkv=body, o=body, gate_up=body, down=body, lm_head=head)
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str,
+        dtype: torch.dtype = torch.float16,
+        group_size: int = 128,
+        quantize_lm_head: bool = False,
+    ) -> LlamaSchemes:
+        """From a QuantMode short name ('fp16', 'int8_wo', 'int4_gw', 'w8a8_token', ...)."""
+        return cls.from_mode(QuantMode.from_name(name), dtype, group_size, quantize_lm_head)
+
+    def items(self) -> list[tuple[str, Scheme]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+# -- rotary position embedding -------------------------------------------------------------
+
+
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
+) -> torch.Tensor:
+    """Rotation frequencies theta^(-2i/hd), i < hd/2, in float64; llama3-scaled if given."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return inv_freq if scaling is None else llama3_scale_inv_freq(inv_freq, scaling)
+
+
+def llama3_scale_inv_freq(inv_freq: torch.Tensor, s: Llama3RopeScaling) -> torch.Tensor:
+    """Llama-3.1 frequency scaling: long wavelengths slowed by `factor`, short ones kept,
+    the band between interpolated linearly in 1 / wavelength."""
+    wavelen = 2 * math.pi / inv_freq
+    long_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    short_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    between = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    return torch.where(
+        wavelen > long_wavelen,
+        inv_freq / s.factor,
+        torch.where(wavelen < short_wavelen, inv_freq, between),
+    )
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, float32 [n_positions, hd/2] (computed in float64)."""
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq.double())
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, hd] by cos/sin [B, T, hd/2], Hugging Face "rotate halves" layout:
+    pair i is (x[i], x[i + hd/2]). float32 math, result in x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [B, T, H, hd/2] each
+    c, s = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+# -- KV cache --------------------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """One layer's keys and values for THIS rank's KV heads only, preallocated.
+
+    k, v: [max_batch, max_seq, Hkv, hd] in the model dtype.
+    """
+
+    def __init__(
+        self,
+        max_batch: int,
+        max_seq: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (max_batch, max_seq, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, T, Hkv, hd] at positions pos [B, T]; return [B, kv_len, Hkv, hd] views."""
+        B = k.shape[0]
+        rows = torch.arange(B, device=pos.device)[:, None]  # [B, 1], broadcast against pos
+        self.k[rows, pos] = k
+        self.v[rows, pos] = v
+        return self.k[:B, :kv_len], self.v[:B, :kv_len]
+
+
+# -- the blocks ----------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over this rank's heads (`layout.heads_per_rank` query heads
+    reading `layout.kv_heads_per_rank` KV heads, q_per_kv consecutive query heads per KV head)."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        layout: HeadLayout,
+        mapping: Mapping,
+        comm: Communicator,
+        schemes: LlamaSchemes,
+    ) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.n_heads = layout.heads_per_rank  # local
+        self.n_kv_heads = layout.kv_heads_per_rank  # local
+        self.q_per_kv = layout.q_per_kv
+        q, k, v = qkv_part_sizes(layout, config.head_dim)  # full, laid-out sizes
+        bias = config.attention_bias
+        self.qkv = ColumnLinear(
+            config.hidden_size, q + k + v, schemes.qkv, mapping, comm,
+            bias=bias, gather_output=False, part_sizes=(q, k, v),
+        )
+        self.o_proj = RowLinear(q, config.hidden_size, schemes.o, mapping, comm, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.kv_cache is None:
+            raise RuntimeError("no KV cache: call Llama.setup_caches(max_batch, max_seq)")
+        B, T, _ = x.shape
+        hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)  # local [q_r | k_r | v_r]
+        q = apply_rope(q.view(B, T, H, hd), cos, sin)  # [B, T, H, hd]
+        k = apply_rope(k.view(B, T, Hkv, hd), cos, sin)  # [B, T, Hkv, hd]
+        v = v.view(B, T, Hkv, hd)
+        k, v = self.kv_cache.update(pos, k, v, kv_len=mask.shape[-1])  # [B, S, Hkv, hd]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
+        if self.q_per_kv > 1:  # query head h reads KV head h // q_per_kv
+            k = k.repeat_interleave(self.q_per_kv, dim=1)  # [B, H, S, hd]
+            v = v.repeat_interleave(self.q_per_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
+        y = y.transpose(1, 2).reshape(B, T, H * hd)
+        return self.o_proj(y)  # all-reduced: [B, T, D]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), intermediate features split across ranks."""
+
+    def __init__(
+        self, config: LlamaConfig, mapping: Mapping, comm: Communicator, schemes: LlamaSchemes
+    ) -> None:
+        super().__init__()
+        I, D, bias = config.intermediate_size, config.hidden_size, config.mlp_bias
+        check_divisible("intermediate_size", I, mapping.tp_size)
+        self.local_intermediate = I // mapping.tp_size
+        self.gate_up = ColumnLinear(
+            D, 2 * I, schemes.gate_up, mapping, comm,
+            bias=bias, gather_output=False, part_sizes=(I, I),
+        )
+        self.down = RowLinear(I, D, schemes.down, mapping, comm, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.local_intermediate, dim=-1)  # [B, T, I/tp] each
+        return self.down(F.silu(gate) * up)  # all-reduced: [B, T, D]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        layout: HeadLayout,
+        mapping: Mapping,
+        comm: Communicator,
+        schemes: LlamaSchemes,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.attention_norm = RmsNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.attention = Attention(config, layout, mapping, comm, schemes)
+        self.ffn_norm = RmsNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, mapping, comm, schemes)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, D]
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), pos, cos, sin, mask)
+        return h + self.mlp(self.ffn_norm(h))
+
+
+class Embedding(nn.Module):
+    """Token embedding. Replicated on every rank for now: simple and exact, at the cost of
+    V * D * (1 - 1/tp) extra weights per rank; a vocab-parallel embedding can replace it."""
+
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        weight = torch.zeros(vocab_size, hidden, dtype=dtype)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight)
+
+
+class Llama(nn.Module):
+    """The model on one rank: forward(tokens[B, T], start_pos) -> logits[B, T, V].
+
+    The logits are gathered: every rank returns all of them."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        mapping: Mapping,
+        comm: Communicator,
+        schemes: LlamaSchemes,
+        dtype: torch.dtype = torch.float16,
+    ) -> None:
+        super().__init__()
+        for kind, scheme in schemes.items():
+            if scheme.dtype != dtype:
+                raise ValueError(f"scheme for {kind} runs in {scheme.dtype}, the model in {dtype}")
+        self.config, self.mapping, self.dtype = config, mapping, dtype
+        tp = mapping.tp_size
+        self.layout = plan_heads(config.num_heads, config.num_kv_heads, tp)
+        self.embed = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, self.layout, mapping, comm, schemes, dtype)
+            for _ in range(config.num_layers)
+        )
+        self.norm = RmsNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        # vocabulary padded to a multiple of tp; the padding logits are dropped after the gather
+        self.padded_vocab = config.vocab_size + (-config.vocab_size % tp)
+        self.lm_head = ColumnLinear(
+            config.hidden_size, self.padded_vocab, schemes.lm_head, mapping, comm,
+            gather_output=True,
+        )
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.max_batch = self.max_seq = 0
+
+    def setup_caches(self, max_batch: int, max_seq: int) -> None:
+        """(Re)allocate every layer's KV cache and the RoPE table for max_seq positions."""
+        device = self.embed.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                max_batch, max_seq, self.layout.kv_heads_per_rank, self.config.head_dim,
+                self.dtype, device,
+            )
+        self.rope_cos, self.rope_sin = (t.to(device) for t in rope_cos_sin(self.inv_freq, max_seq))
+        self.max_batch, self.max_seq = max_batch, max_seq
+
+    def positions(self, start_pos: int | torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """Absolute positions [B, T] = start_pos (int or [B]) + t, checked against the cache."""
+        device = self.embed.weight.device
+        steps = torch.arange(T, device=device)
+        if isinstance(start_pos, torch.Tensor):
+            if start_pos.shape != (B,):
+                raise ValueError(
+                    f"start_pos must be an int or a [B]={B} tensor, got {tuple(start_pos.shape)}"
+                )
+            pos = start_pos.to(device=device, dtype=torch.long)[:, None] + steps
+            first, last = int(start_pos.min()), int(pos.max())
+        else:
+            pos = (start_pos + steps).expand(B, T)
+            first, last = start_pos, start_pos + T - 1
+        if B > self.max_batch or first < 0 or last >= self.max_seq:
+            raise ValueError(
+                f"batch {B} at positions [{first}, {last}] does not fit the KV cache "
+                f"(max_batch {self.max_batch}, max_seq {self.max_seq}): call setup_caches"
+            )
+        return pos
+
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        B, T = tokens.shape
+        pos = self.positions(start_pos, B, T)  # [B, T]
+        # Attend over cached positions [0, S) with S = the last position + 1. (CUDA graphs
+        # will want the fixed S = max_seq; the mask below is correct for any S >= that.)
+        S = int(pos.max()) + 1
+        mask = (torch.arange(S, device=pos.device) <= pos[..., None])[:, None]  # [B, 1, T, S]
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, T, hd/2]
+        x = self.embed(tokens)  # [B, T, D]
+        for layer in self.layers:
+            x = layer(x, pos, cos, sin, mask)
+        logits = self.lm_head(self.norm(x))  # gathered: [B, T, padded V]
+        return logits[..., : self.config.vocab_size]  # [B, T, V]
+
+
+# -- checkpoint -> model --------------------------------------------------------------------
+
+# Checkpoint names (Hugging Face Llama naming; tpquant.checkpoint translates GGUF) of every
+# tensor, by where it goes in this model. Fused layers list their parts in the order they are
+# concatenated along out_features. Biases ("<name>.bias") exist where config.attention_bias
+# (q/k/v/o) or config.mlp_bias (gate/up/down) say so. lm_head is absent when tied.
+GLOBAL_WEIGHTS = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
+LAYER_WEIGHTS = {  # under "model.layers.{i}."
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention.o_proj": ("self_attn.o_proj",),
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down": ("mlp.down_proj",),
+}
+
+QuantOptions = Callable[[str], dict]  # our layer name -> extra options for Scheme.quantize
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(param.shape)}"
+        )
+    with torch.no_grad():
+        param.copy_(value)
+
+
+def load_llama(
+    checkpoint: Checkpoint,
+    mapping: Mapping,
+    comm: Communicator,
+    schemes: LlamaSchemes,
+    dtype: torch.dtype = torch.float32,
+    max_seq: int = 2048,
+    max_batch: int = 1,
+    quant_options: QuantOptions | None = None,
+) -> Llama:
+    """Build this rank's model from a `tpquant.checkpoint.Checkpoint`.
+
+    Every tensor is read whole (float32), attention weights get the head layout, fused parts
+    are concatenated, and each linear quantizes the FULL weight and keeps its own shard
+    (`load_full`), so scales equal the single-process ones. A tensor the checkpoint lacks
+    raises its MissingTensorError naming it. `quant_options(layer_name)` gives extra
+    `Scheme.quantize` options (calibrated act_amax, smoother, pre_quant_scale); layer names
+    are "model.layers.{i}.attention.qkv", ..., "lm_head".
+    """
+    config: LlamaConfig = checkpoint.config
+    options = quant_options or (lambda name: {})
+    model = Llama(config, mapping, comm, schemes, dtype)
+
+    def get(name: str) -> torch.Tensor:
+        return checkpoint.get(name).float()
+
+    def get_bias(name: str, present: bool) -> torch.Tensor | None:
+        return get(name + ".bias") if present else None
+
+    embed = get(GLOBAL_WEIGHTS["embed.weight"])
+    _copy_into(model.embed.weight, embed, GLOBAL_WEIGHTS["embed.weight"])
+    _copy_into(model.norm.weight, get(GLOBAL_WEIGHTS["norm.weight"]), GLOBAL_WEIGHTS["norm.weight"])
+
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        for ours in ("attention_norm.weight", "ffn_norm.weight"):
+            theirs = p + LAYER_WEIGHTS[ours]
+            _copy_into(layer.get_parameter(ours), get(theirs), theirs)
+
+        # attention: head layout on the full float q/k/v/o, then fuse q/k/v
+        ab = config.attention_bias
+        q, k, v = LAYER_WEIGHTS["attention.qkv"]
+        (o,) = LAYER_WEIGHTS["attention.o_proj"]
+        laid = apply_head_layout(
+            model.layout, config.head_dim,
+            get(p + q + ".weight"), get(p + k + ".weight"), get(p + v + ".weight"),
+            get(p + o + ".weight"),
+            get_bias(p + q, ab), get_bias(p + k, ab), get_bias(p + v, ab),
+        )
+        attn = layer.attention
+        qkv_bias = torch.cat([laid["q_b"], laid["k_b"], laid["v_b"]]) if ab else None
+        attn.qkv.load_full(
+            torch.cat([laid["q_w"], laid["k_w"], laid["v_w"]]), qkv_bias,
+            **options(p + "attention.qkv"),
+        )
+        attn.o_proj.load_full(laid["o_w"], get_bias(p + o, ab), **options(p + "attention.o_proj"))
+
+        # mlp: fuse gate/up
+        mb = config.mlp_bias
+        gate, up = LAYER_WEIGHTS["mlp.gate_up"]
+        (down,) = LAYER_WEIGHTS["mlp.down"]
+        gate_up_bias = torch.cat([get(p + gate + ".bias"), get(p + up + ".bias")]) if mb else None
+        layer.mlp.gate_up.load_full(
+            torch.cat([get(p + gate + ".weight"), get(p + up + ".weight")]), gate_up_bias,
+            **options(p + "mlp.gate_up"),
+        )
+        layer.mlp.down.load_full(
+            get(p + down + ".weight"), get_bias(p + down, mb), **options(p + "mlp.down")
+        )
+
+    head = embed if config.tie_word_embeddings else get(GLOBAL_WEIGHTS["lm_head"])
+    model.lm_head.load_full(pad_to_multiple(head, 0, mapping.tp_size), **options("lm_head"))
+    model.setup_caches(max_batch, max_seq)
+    return model.eval()
+
+
+# -- generation -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: Llama,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    comm: Communicator,
+    stop_ids: Iterable[int] | None = None,
+) -> list[int]:
+    """Greedy continuation of one prompt, run by every rank in lockstep.
+
+    Rank 0's prompt is used (broadcast). Rank 0 picks each token, the argmax of the gathered
+    logits, and broadcasts it, so ranks never diverge even if their logits differ by an ulp.
+    Stops after a token in `stop_ids` (default: the model's EOS tokens; it is returned) or
+    after max_new_tokens.
+    """
+    prompt = comm.broadcast_object([int(t) for t in prompt_ids] if comm.rank == 0 else None)
+    stop = set(model.config.eos_token_ids if stop_ids is None else stop_ids)
+    if len(prompt) + max_new_tokens > model.max_seq:
+        raise ValueError(
+            f"prompt {len(prompt)} + {max_new_tokens} new tokens exceed max_seq {model.max_seq}"
+        )
+    device = model.embed.weight.device
+    logits = model(torch.tensor([prompt], device=device), 0)[:, -1]  # prefill: [1, V]
+    out: list[int] = []
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    while len(out) < max_new_tokens:
+        if comm.rank == 0:
+            token.fill_(int(logits[0].argmax()))
+        comm.broadcast(token, root=0)
+        out.append(int(token))
+        if out[-1] in stop or len(out) == max_new_tokens:
+            break
+        logits = model(token, len(prompt) + len(out) - 1)[:, -1]  # decode: [1, V]
+    return out
