@@ -91,3 +91,34 @@ def _plain_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     norm = RmsNorm(96, EPS, torch.float32)
     norm.weight.data.copy_(g)
     return norm(x)
+
+
+def test_familiar_names_build_the_generic_layers_with_their_scheme():
+    from tpquant.collectives import SingleProcessCommunicator
+    from tpquant.layers import ColumnLinear, RowLinear
+    from tpquant.layers import named
+    from tpquant.parallel.mapping import Mapping
+    from tpquant.quantization.schemes import Groupwise, WeightOnly
+
+    m, c = Mapping(1, 0), SingleProcessCommunicator()
+    cases = [
+        (named.SmoothQuantColumnLinear(64, 32, m, c, per_token=False), ColumnLinear,
+         SmoothQuant(False, True)),
+        (named.SmoothQuantRowLinear(64, 32, m, c, per_channel=False), RowLinear,
+         SmoothQuant(True, False)),
+        (named.WeightOnlyQuantColumnLinear(64, 32, m, c, bits=4), ColumnLinear, WeightOnly(4)),
+        (named.WeightOnlyQuantRowLinear(64, 32, m, c), RowLinear, WeightOnly(8)),
+        (named.WeightOnlyGroupwiseQuantColumnLinear(64, 32, m, c, group_size=32), ColumnLinear,
+         Groupwise(32)),
+        (named.WeightOnlyGroupwiseQuantRowLinear(64, 32, m, c, group_size=16, zeros=False,
+                                                 pre_quant_scale=True), RowLinear,
+         Groupwise(16, False, True)),
+    ]
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9)).half()
+    for layer, cls, scheme in cases:
+        assert type(layer) is cls and layer.scheme == scheme
+        opts = {"act_amax": x.float().abs().amax(0)} if isinstance(scheme, SmoothQuant) else {}
+        y = layer.load_full(w, **opts)(x)
+        want = x.double() @ scheme.dequantize(layer.tensors).double().T
+        assert (y.double() - want).abs().max() <= 0.05 * want.abs().max()  # fp16 + activation quant
