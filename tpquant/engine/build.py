@@ -9,6 +9,7 @@ version) match an existing complete engine reuses it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,13 @@ from tpquant.engine.format import (
     write_rank_file,
 )
 from tpquant.models.llama import LlamaSchemes, load_llama
+from tpquant.parallel.heads import apply_head_layout, plan_heads
 from tpquant.parallel.mapping import Mapping
+from tpquant.quantization.calibrate import calibrate, text_token_batches
 from tpquant.quantization.mode import QuantMode
+from tpquant.quantization.smoothquant import SmoothQuantPlan
 
+DEFAULT_CALIB_TEXT = "/usr/share/common-licenses/LGPL-2.1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,6 +48,11 @@ class BuildSpec:
     tp: int = 1
     dtype: str = "float32"
     group_size: int = 128
+    # SmoothQuant (w8a8_*) only: calibration text, how many of its tokens, alpha. The text
+    # must never be one a model is evaluated on (benchmarks/accuracy.py uses GPL-3).
+    calib_text: str = DEFAULT_CALIB_TEXT
+    calib_tokens: int = 1024
+    smooth_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         QuantMode.from_name(self.quant)  # ValueError naming the known names
@@ -56,7 +66,55 @@ class BuildSpec:
         return LlamaSchemes.from_name(self.quant, DTYPES[self.dtype], self.group_size)
 
     def needs_calibration(self) -> bool:
-        return QuantMode.from_name(self.quant).has_act_static_scaling()
+        """Every SmoothQuant mode: the smoothing factors come from activation statistics."""
+        return QuantMode.from_name(self.quant).has_act_and_weight_quant()
+
+    def key_fields(self) -> dict[str, Any]:
+        """What goes into the build key besides the checkpoint's bytes: the calibration
+        settings (and the text's sha256) only where they are used."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint"}
+        calib = ("calib_text", "calib_tokens", "smooth_alpha")
+        if self.needs_calibration():
+            fields["calib_text"] = hashlib.sha256(Path(self.calib_text).read_bytes()).hexdigest()
+        else:
+            fields = {k: v for k, v in fields.items() if k not in calib}
+        return fields
+
+
+def calibration_tokens(checkpoint: Any, path: str | Path, n_tokens: int) -> list[int]:
+    """The first n_tokens token ids of a text file, with the checkpoint's tokenizer."""
+    ids = checkpoint.tokenizer()(Path(path).read_text())["input_ids"]
+    if len(ids) < n_tokens:
+        raise ValueError(f"calibration text {path} has {len(ids)} tokens, {n_tokens} asked")
+    return [int(t) for t in ids[:n_tokens]]
+
+
+def smoothquant_plan(
+    checkpoint: Any, mapping: Mapping, comm: Communicator, tokens: list[int], alpha: float = 0.5,
+    window: int = 512,
+) -> SmoothQuantPlan:
+    """Calibrate a float32 model of `mapping` on `tokens` (windows of `window`) and plan the
+    smoothing. Every rank of `comm` (the TP group) must call this; each runs its own shard
+    and the statistics are combined by all_reduce(max) (`calibrate`)."""
+    model = load_llama(checkpoint, mapping, comm, LlamaSchemes.from_name("fp32", torch.float32),
+                       torch.float32, max_seq=window, max_batch=1)
+    act_amax = calibrate(model, text_token_batches(tokens, window), comm)
+    return SmoothQuantPlan(act_amax, alpha)
+
+
+def relayout_stats(act_amax: dict[str, torch.Tensor], config: Any, tp: int) -> dict[str, torch.Tensor]:
+    """TP-1 statistics in the head layout of `tp` ranks: o_proj's input gets the zero columns
+    of padded heads (the only layer whose input width depends on the layout)."""
+    layout = plan_heads(config.num_heads, config.num_kv_heads, tp)
+    if layout.padded_n_heads == layout.n_heads:
+        return act_amax
+    hd, nh, nkv, d = config.head_dim, config.num_heads, config.num_kv_heads, config.hidden_size
+    out = dict(act_amax)
+    for name, a in act_amax.items():
+        if name.endswith("attention.o_proj"):
+            zq, zkv = torch.zeros(nh * hd, d), torch.zeros(nkv * hd, d)
+            out[name] = apply_head_layout(layout, hd, zq, zkv, zkv, a[None, :])["o_w"][0]
+    return out
 
 
 TOKENIZER_DIR = "tokenizer"
@@ -93,21 +151,23 @@ class _Progress:
 
 
 def build_rank(checkpoint: Any, spec: BuildSpec, rank: int, key: str, source: str,
-               out_dir: Path) -> RankFileInfo:
-    """Quantize and shard the model for `rank` of `spec.tp`, and write its file."""
-    if spec.needs_calibration():
-        raise ValueError(
-            f"--quant {spec.quant} uses static activation scales, which need calibration; "
-            "it is not built yet: use w8a8_token or w8a8_token_channel (per-token scales)"
-        )
+               out_dir: Path, plan: SmoothQuantPlan | None = None) -> RankFileInfo:
+    """Quantize and shard the model for `rank` of `spec.tp`, and write its file.
+
+    plan: the calibrated smoothing, required for SmoothQuant modes (`smoothquant_plan`)."""
+    if spec.needs_calibration() and plan is None:
+        raise ValueError(f"--quant {spec.quant} needs calibration: pass a SmoothQuantPlan")
     # Building needs no communication: layers only quantize and keep their shard.
     model = load_llama(checkpoint, Mapping(spec.tp, rank), SingleProcessCommunicator(),
-                       spec.schemes, DTYPES[spec.dtype], max_seq=1, max_batch=1)
+                       spec.schemes, DTYPES[spec.dtype], max_seq=1, max_batch=1,
+                       quant_options=plan.quant_options if plan else None, transform=plan)
     tensors = model.state_dict()
     meta = EngineMeta(
         model_config=checkpoint.config.to_dict(),
         quant=spec.quant,
-        quant_options={"group_size": spec.group_size},
+        quant_options={"group_size": spec.group_size, **(
+            {"calib_text": Path(spec.calib_text).name, "calib_tokens": spec.calib_tokens,
+             "smooth_alpha": spec.smooth_alpha} if plan else {})},
         tp_size=spec.tp,
         rank=rank,
         source_checksum=source,
@@ -134,8 +194,7 @@ def build_engine(spec: BuildSpec, out_dir: str | Path, comm: Communicator) -> tu
     def prepare() -> tuple[Any, str, str]:
         checkpoint = open_checkpoint(spec.checkpoint)
         source = checkpoint.source_checksum()
-        fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "checkpoint"}
-        return checkpoint, source, build_key(source_checksum=source, **fields)
+        return checkpoint, source, build_key(source_checksum=source, **spec.key_fields())
 
     checkpoint, source, key = on_all_ranks(comm, prepare, "opening the checkpoint")
     if engine_is_current(out, key):
@@ -152,8 +211,25 @@ def build_engine(spec: BuildSpec, out_dir: str | Path, comm: Communicator) -> tu
                    unit="tensor", disable=None)
     reader = _Progress(checkpoint, bar)
 
+    def calibrate_mine() -> list[SmoothQuantPlan | None]:
+        # Under mpirun each rank calibrates its own shard (all_reduce(max) combines them);
+        # one process building every rank calibrates once at TP 1 and re-lays out o_proj's
+        # statistics for padded heads. Both give TP 1's maxima up to summation order.
+        if not spec.needs_calibration():
+            return [None] * len(my_ranks)
+        tokens = calibration_tokens(checkpoint, spec.calib_text, spec.calib_tokens)
+        if comm.world_size > 1:
+            mapping = Mapping(spec.tp, comm.rank)
+            return [smoothquant_plan(checkpoint, mapping, comm, tokens, spec.smooth_alpha)]
+        base = smoothquant_plan(checkpoint, Mapping(1, 0), comm, tokens, spec.smooth_alpha)
+        stats = relayout_stats(base.act_amax, checkpoint.config, spec.tp)
+        return [SmoothQuantPlan(stats, spec.smooth_alpha) for _ in my_ranks]
+
+    plans = on_all_ranks(comm, calibrate_mine, "calibrating")
+
     def build_mine() -> list[RankFileInfo]:
-        return [build_rank(reader, spec, r, key, source, out) for r in my_ranks]
+        return [build_rank(reader, spec, r, key, source, out, plan)
+                for r, plan in zip(my_ranks, plans)]
 
     infos = on_all_ranks(comm, build_mine, "building the engine")
     if bar is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -395,6 +395,22 @@ LAYER_WEIGHTS = {  # under "model.layers.{i}."
 QuantOptions = Callable[[str], dict]  # our layer name -> extra options for Scheme.quantize
 
 
+class WeightTransform(Protocol):
+    """Rewrites float weights while loading (SmoothQuant: W * s, and g / s in the norm)."""
+
+    def transform_weight(self, layer_name: str, weight: torch.Tensor) -> torch.Tensor: ...
+
+    def transform_norm(self, norm_name: str, weight: torch.Tensor) -> torch.Tensor: ...
+
+
+class _NoTransform:
+    def transform_weight(self, layer_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def transform_norm(self, norm_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
 def _copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
     if tuple(value.shape) != tuple(param.shape):
         raise ValueError(
@@ -413,6 +429,7 @@ def load_llama(
     max_seq: int = 2048,
     max_batch: int = 1,
     quant_options: QuantOptions | None = None,
+    transform: WeightTransform | None = None,
 ) -> Llama:
     """Build this rank's model from a `tpquant.checkpoint.Checkpoint`.
 
@@ -421,10 +438,13 @@ def load_llama(
     (`load_full`), so scales equal the single-process ones. A tensor the checkpoint lacks
     raises its MissingTensorError naming it. `quant_options(layer_name)` gives extra
     `Scheme.quantize` options (calibrated act_amax, smoother, pre_quant_scale); layer names
-    are "model.layers.{i}.attention.qkv", ..., "lm_head".
+    are "model.layers.{i}.attention.qkv", ..., "lm_head". `transform` (SmoothQuant's
+    `SmoothQuantPlan`) rewrites each full, laid-out, fused weight before it is quantized, and
+    each RMSNorm weight after the linears it feeds: per layer, weights, then options, then norms.
     """
     config: LlamaConfig = checkpoint.config
     options = quant_options or (lambda name: {})
+    tf = transform or _NoTransform()
     model = Llama(config, mapping, comm, schemes, dtype)
 
     def get(name: str) -> torch.Tensor:
@@ -439,10 +459,6 @@ def load_llama(
 
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
-        for ours in ("attention_norm.weight", "ffn_norm.weight"):
-            theirs = p + LAYER_WEIGHTS[ours]
-            _copy_into(layer.get_parameter(ours), get(theirs), theirs)
-
         # attention: head layout on the full float q/k/v/o, then fuse q/k/v
         ab = config.attention_bias
         q, k, v = LAYER_WEIGHTS["attention.qkv"]
@@ -455,27 +471,40 @@ def load_llama(
         )
         attn = layer.attention
         qkv_bias = torch.cat([laid["q_b"], laid["k_b"], laid["v_b"]]) if ab else None
+        qkv_w = torch.cat([laid["q_w"], laid["k_w"], laid["v_w"]])
         attn.qkv.load_full(
-            torch.cat([laid["q_w"], laid["k_w"], laid["v_w"]]), qkv_bias,
+            tf.transform_weight(p + "attention.qkv", qkv_w), qkv_bias,
             **options(p + "attention.qkv"),
         )
-        attn.o_proj.load_full(laid["o_w"], get_bias(p + o, ab), **options(p + "attention.o_proj"))
+        attn.o_proj.load_full(
+            tf.transform_weight(p + "attention.o_proj", laid["o_w"]), get_bias(p + o, ab),
+            **options(p + "attention.o_proj"),
+        )
 
         # mlp: fuse gate/up
         mb = config.mlp_bias
         gate, up = LAYER_WEIGHTS["mlp.gate_up"]
         (down,) = LAYER_WEIGHTS["mlp.down"]
         gate_up_bias = torch.cat([get(p + gate + ".bias"), get(p + up + ".bias")]) if mb else None
+        gate_up_w = torch.cat([get(p + gate + ".weight"), get(p + up + ".weight")])
         layer.mlp.gate_up.load_full(
-            torch.cat([get(p + gate + ".weight"), get(p + up + ".weight")]), gate_up_bias,
+            tf.transform_weight(p + "mlp.gate_up", gate_up_w), gate_up_bias,
             **options(p + "mlp.gate_up"),
         )
         layer.mlp.down.load_full(
-            get(p + down + ".weight"), get_bias(p + down, mb), **options(p + "mlp.down")
+            tf.transform_weight(p + "mlp.down", get(p + down + ".weight")),
+            get_bias(p + down, mb), **options(p + "mlp.down"),
         )
 
+        # norms last: a transform may fold the factors of the linears they feed
+        for ours in ("attention_norm", "ffn_norm"):
+            theirs = p + LAYER_WEIGHTS[ours + ".weight"]
+            norm = tf.transform_norm(p + ours, get(theirs))
+            _copy_into(layer.get_parameter(ours + ".weight"), norm, theirs)
+
     head = embed if config.tie_word_embeddings else get(GLOBAL_WEIGHTS["lm_head"])
-    model.lm_head.load_full(pad_to_multiple(head, 0, mapping.tp_size), **options("lm_head"))
+    head = tf.transform_weight("lm_head", pad_to_multiple(head, 0, mapping.tp_size))
+    model.lm_head.load_full(head, **options("lm_head"))
     model.setup_caches(max_batch, max_seq)
     return model.eval()
 

@@ -5,15 +5,19 @@ activation scale needs max|X'| (DESIGN s5). Both come from one running maximum, 
 by batch. A maximum is exact and order-free, so merging partial statistics (batches, or ranks
 through an all_reduce with MAX) gives the same tensor as one pass over all the data.
 
-Pure: no hooks into a model; the caller feeds the inputs it captured.
+`ActStats` and `collect` are pure; `calibrate` runs a model with forward pre-hooks on its
+linears and combines the ranks' statistics with all_reduce(max).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
+
+from tpquant.collectives import Communicator
+from tpquant.layers.linear import ShardedLinear
 
 
 @dataclass
@@ -59,3 +63,75 @@ def collect(named_inputs: Iterable[tuple[str, torch.Tensor]]) -> dict[str, ActSt
             stats[name] = ActStats.empty(x.shape[-1], device=x.device)
         stats[name].update(x)
     return stats
+
+
+# -- calibrating a model ----------------------------------------------------------------------
+
+
+def _layer_name(module_name: str) -> str:
+    # The model's module path ("layers.3.attention.qkv") in load_llama's layer naming
+    # ("model.layers.3.attention.qkv"); "lm_head" stays as it is.
+    return "model." + module_name if module_name.startswith("layers.") else module_name
+
+
+@torch.no_grad()
+def calibrate(
+    model: torch.nn.Module, token_batches: Iterable[torch.Tensor], comm: Communicator
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel abs-max of every ShardedLinear's input over the calibration text.
+
+    model: a FLOAT model (the statistics are of the unquantized activations) at any TP size,
+        run by every rank of `comm` in lockstep; token_batches: [B, T] token tensors, the same
+        on every rank, each starting at position 0 (T <= the model's max_seq).
+    Returns layer name ("model.layers.{i}.attention.qkv", ..., "lm_head") -> float32 [in], the
+    FULL input width in the model's layout (o_proj: padded heads * head_dim), equal on every
+    rank. Column layers see the whole input; a row layer sees this rank's slice, which is
+    placed at the rank's offset of a zero vector and combined with all_reduce(max). Maxima are
+    exact, so the result equals TP 1's up to the summation order of the activations.
+    """
+    linears = {
+        _layer_name(name): m for name, m in model.named_modules() if isinstance(m, ShardedLinear)
+    }
+    stats: dict[str, ActStats] = {}
+
+    def hook_for(name: str):
+        def record(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            if name not in stats:
+                stats[name] = ActStats.empty(x.shape[-1], device=x.device)
+            stats[name].update(x)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in linears.items()]
+    try:
+        for tokens in token_batches:
+            model(tokens, 0)
+    finally:
+        for h in handles:
+            h.remove()
+
+    result: dict[str, torch.Tensor] = {}
+    for name, m in linears.items():
+        if name not in stats:
+            raise RuntimeError(f"calibration never ran {name}: no calibration tokens?")
+        local = stats[name].amax
+        full = torch.zeros(m.in_features, dtype=torch.float32, device=local.device)
+        if m.style == "row":
+            width = m.in_features // m.mapping.tp_size
+            full[m.mapping.tp_rank * width : (m.mapping.tp_rank + 1) * width] = local
+        else:
+            full.copy_(local)
+        # max over ranks: gathers the row slices, and makes column statistics bitwise equal
+        result[name] = comm.all_reduce(full, op="max")
+    return result
+
+
+def text_token_batches(
+    tokens: Sequence[int], window: int, device: torch.device | str | None = None
+) -> list[torch.Tensor]:
+    """Consecutive windows [1, window] of a token list (a shorter last one is kept)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    ids = torch.tensor(list(tokens), dtype=torch.long, device=device)
+    return [ids[i : i + window][None] for i in range(0, ids.numel(), window)]

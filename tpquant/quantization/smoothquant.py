@@ -115,3 +115,74 @@ def activation_scale(act_amax: torch.Tensor) -> torch.Tensor:
 def output_rescale(act_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """The epilogue factor s_x * s_w: shapes broadcast ([] or [tokens, 1] times [] or [out])."""
     return act_scale.float() * weight_scale.float()
+
+
+# -- a model's smoothing, in one place ------------------------------------------------------
+
+# Llama layers that SmoothQuant smooths, by the suffix of their name: where X / s goes.
+# Folded layers hand s to the RMSNorm before them (its name suffix); the others keep it as a
+# runtime smoother. lm_head is never smoothed (it stays float).
+FOLDED_INTO_NORM = {"attention.qkv": "attention_norm", "mlp.gate_up": "ffn_norm"}
+RUNTIME_SMOOTHER = ("attention.o_proj", "mlp.down")
+
+
+class SmoothQuantPlan:
+    """The smoothing of one model from its calibrated statistics (DESIGN s5).
+
+    act_amax: layer name -> max|X_:j| of the layer's FLOAT input, full width in the model's
+    layout (what `calibrate` returns). Used by load_llama's three hooks, in this order per
+    layer: `transform_weight` (W' = W * s; computes s from the full, laid-out weight and
+    remembers it), `quant_options` (act_amax of the smoothed input act_amax / s, and the
+    runtime smoother for o_proj / down), and `transform_norm` (g' = g / s for the norm that
+    feeds qkv or gate_up). A layer not smoothed passes through unchanged, with no options.
+    """
+
+    def __init__(self, act_amax: dict[str, torch.Tensor], alpha: float = 0.5) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.act_amax = {name: a.detach().float().cpu() for name, a in act_amax.items()}
+        self.alpha = alpha
+        self.factors: dict[str, torch.Tensor] = {}  # layer name -> s [in], once its weight is seen
+
+    @staticmethod
+    def smooths(layer_name: str) -> bool:
+        return layer_name.endswith(tuple(FOLDED_INTO_NORM)) or layer_name.endswith(RUNTIME_SMOOTHER)
+
+    def transform_weight(self, layer_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W' = W * s for a smoothed layer (fused q/k/v or gate/up share one s), else W."""
+        if not self.smooths(layer_name):
+            return weight
+        if layer_name not in self.act_amax:
+            raise KeyError(f"no calibration statistics for {layer_name}")
+        act = self.act_amax[layer_name]
+        if act.shape != (weight.shape[1],):
+            raise ValueError(
+                f"{layer_name}: statistics for {act.shape[0]} input channels, weight has "
+                f"{weight.shape[1]} (calibrate a model with the same head layout)"
+            )
+        s = smoothing_factors(act, weight_input_amax(weight), self.alpha)
+        self.factors[layer_name] = s
+        return smooth_weight(weight, s)
+
+    def _factor(self, layer_name: str) -> torch.Tensor:
+        if layer_name not in self.factors:
+            raise RuntimeError(f"{layer_name}: transform_weight must run before its options/norm")
+        return self.factors[layer_name]
+
+    def quant_options(self, layer_name: str) -> dict:
+        """Scheme.quantize options: act_amax of X' = X / s, and the smoother where it stays."""
+        if not self.smooths(layer_name):
+            return {}
+        s = self._factor(layer_name)
+        options = {"act_amax": self.act_amax[layer_name] / s}
+        if layer_name.endswith(RUNTIME_SMOOTHER):
+            options["smoother"] = s
+        return options
+
+    def transform_norm(self, norm_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """g' = g / s for "model.layers.{i}.attention_norm" / ".ffn_norm", else g unchanged."""
+        for layer, norm in FOLDED_INTO_NORM.items():
+            if norm_name.endswith("." + norm):
+                consumer = norm_name[: -len(norm)] + layer
+                return fold_into_rms_norm(weight, self._factor(consumer))
+        return weight
