@@ -59,10 +59,14 @@ def collect(named_inputs: Iterable[tuple[str, torch.Tensor]]) -> dict[str, ActSt
     """Statistics per name over a stream of (layer name, input batch) pairs."""
     stats: dict[str, ActStats] = {}
     for name, x in named_inputs:
-        if name not in stats:
-            stats[name] = ActStats.empty(x.shape[-1], device=x.device)
-        stats[name].update(x)
+        _record(stats, name, x)
     return stats
+
+
+def _record(stats: dict[str, ActStats], name: str, x: torch.Tensor) -> None:
+    if name not in stats:
+        stats[name] = ActStats.empty(x.shape[-1], device=x.device)
+    stats[name].update(x)
 
 
 # -- calibrating a model ----------------------------------------------------------------------
@@ -96,10 +100,7 @@ def calibrate(
 
     def hook_for(name: str):
         def record(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
-            if name not in stats:
-                stats[name] = ActStats.empty(x.shape[-1], device=x.device)
-            stats[name].update(x)
+            _record(stats, name, args[0])
 
         return record
 
