@@ -37,7 +37,8 @@ from tpquant.checkpoint import open_checkpoint  # noqa: E402
 from tpquant.checkpoint.default import default_checkpoint  # noqa: E402
 from tpquant.collectives import SingleProcessCommunicator, make_communicator  # noqa: E402
 from tpquant.engine.build import smoothquant_plan  # noqa: E402
-from tpquant.models.llama import LlamaSchemes, load_llama  # noqa: E402
+from tpquant.models.llama import LlamaSchemes  # noqa: E402
+from tpquant.models.loader import load_llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"

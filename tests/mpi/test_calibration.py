@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from tpquant.checkpoint import open_checkpoint  # noqa: E402
 from tpquant.collectives import SingleProcessCommunicator  # noqa: E402
 from tpquant.engine.build import relayout_stats  # noqa: E402
-from tpquant.models.llama import LlamaSchemes, load_llama  # noqa: E402
+from tpquant.models.llama import LlamaSchemes  # noqa: E402
+from tpquant.models.loader import load_llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 from tpquant.quantization.calibrate import calibrate  # noqa: E402
 from tpquant.quantization.schemes import Passthrough, TensorSpec  # noqa: E402

@@ -27,7 +27,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tpquant.checkpoint import open_checkpoint  # noqa: E402
-from tpquant.models.llama import LlamaSchemes, generate_greedy, load_llama  # noqa: E402
+from tpquant.models.llama import LlamaSchemes, generate_greedy  # noqa: E402
+from tpquant.models.loader import load_llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 from tpquant.checkpoint.default import default_checkpoint
 

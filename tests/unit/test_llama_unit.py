@@ -27,10 +27,10 @@ from tpquant.models.llama import (  # noqa: E402
     LlamaSchemes,
     apply_rope,
     generate_greedy,
-    load_llama,
     rope_cos_sin,
     rope_inv_freq,
 )
+from tpquant.models.loader import load_llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 from tpquant.quantization.mode import QuantMode, known_names  # noqa: E402
 from tpquant.quantization.schemes import (  # noqa: E402

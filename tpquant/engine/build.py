@@ -28,7 +28,8 @@ from tpquant.engine.format import (
     write_engine_config,
     write_rank_file,
 )
-from tpquant.models.llama import LlamaSchemes, load_llama
+from tpquant.models.llama import LlamaSchemes
+from tpquant.models.loader import load_llama
 from tpquant.parallel.heads import apply_head_layout, plan_heads
 from tpquant.parallel.mapping import Mapping
 from tpquant.quantization.calibrate import calibrate, text_token_batches
