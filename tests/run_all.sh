@@ -11,3 +11,6 @@ for n in 2 3; do
   echo "== MPI tests, mpirun -n $n"
   launch/mpirun.sh -n "$n" python -m pytest --with-mpi tests/mpi -q -p no:cacheprovider "$@"
 done
+
+echo "== Slurm templates (launch/slurm) on a private Slurm on localhost; skips with the reason without slurm-wlm"
+python -m pytest tests/slurm -q -p no:cacheprovider "$@"

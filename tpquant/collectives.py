@@ -4,7 +4,9 @@
 
 - `NcclCommunicator` (GPU): CuPy's NCCL binding on torch CUDA tensors, by
   pointer, on torch's current stream. The NCCL unique id is made on rank 0
-  and broadcast over MPI.
+  and broadcast over MPI. Its all_reduce takes the custom IPC all-reduce
+  (`tpquant.parallel.custom_allreduce`) where that is faster, by
+  `choose_all_reduce`; ``all_reduce=`` or ``$TPQUANT_ALLREDUCE`` forces a path.
 - `MpiCommunicator` (CPU): mpi4py's buffer methods on the tensors' memory.
   What CI runs; a real backend, not a mock.
 
@@ -24,15 +26,22 @@ Common rules (implemented once, in `Communicator`):
   and dict keys as strings, at every world size (the round trip is done at
   world size 1 too, so code cannot depend on a world-1 shortcut).
 - `barrier` is a host-side MPI barrier; it does not wait for queued GPU work.
+- `check` raises if an earlier asynchronous collective failed (a custom
+  all-reduce that timed out waiting for a rank); `synchronize` waits for this
+  rank's queued GPU work, then checks. Both are no-ops on the CPU.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from typing import Any
 
 import torch
 
+from tpquant.parallel import custom_allreduce
+from tpquant.parallel.custom_allreduce import CustomAllReduce, all_reduce_mode, choose_all_reduce
 from tpquant.parallel.mapping import Mapping
 
 _OPS = ("sum", "max")
@@ -131,6 +140,13 @@ class Communicator:
     def barrier(self) -> None:
         """Return once every rank has called barrier (host side only)."""
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise if an earlier asynchronous collective failed; nothing to check here."""
+
+    def synchronize(self) -> None:
+        """Wait for this rank's queued collectives, then `check`; nothing queued here."""
+        self.check()
 
     def _check_root(self, root: int) -> None:
         if not 0 <= root < self.world_size:
@@ -249,14 +265,23 @@ class NcclCommunicator(Communicator):
     can differ from MpiCommunicator's by a few ulps at world size > 2.
     all_gather and broadcast move raw bytes (any dtype).
 
+    all_reduce sums of float32/float16/bfloat16 go through the custom IPC
+    all-reduce (`custom`, fp32 accumulation in rank order, bitwise equal on all
+    ranks) where `algorithm_for` says so: `all_reduce` ("auto", "nccl",
+    "oneshot", "twoshot"; default ``$TPQUANT_ALLREDUCE``, else "auto") and the
+    message size decide. Without peer access between the GPUs it is NCCL.
+
     mpi_comm (mpi4py) carries the NCCL id, broadcast_object and barrier.
     """
 
-    def __init__(self, mpi_comm: Any, device: torch.device | str) -> None:
+    def __init__(
+        self, mpi_comm: Any, device: torch.device | str, all_reduce: str | None = None
+    ) -> None:
         from cupy.cuda import nccl  # lazy: CuPy is only needed on GPUs
 
         self.mpi_comm = mpi_comm
         self.rank, self.world_size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        self.all_reduce_mode = all_reduce_mode(all_reduce, os.environ)
         device = torch.device(device)
         if device.type != "cuda":
             raise ValueError(f"NcclCommunicator needs a CUDA device, got {device}")
@@ -273,9 +298,49 @@ class NcclCommunicator(Communicator):
         uid = bytes(msg["id"]) if msg["bytes"] else tuple(msg["id"])
         with torch.cuda.device(device):
             self._nccl = nccl.NcclCommunicator(self.world_size, uid, self.rank)
+        self.custom: CustomAllReduce | None = None
+        wanted = self.all_reduce_mode != "nccl"
+        if wanted and 2 <= self.world_size <= custom_allreduce.MAX_RANKS:
+            try:
+                custom = CustomAllReduce(mpi_comm, device)
+            except RuntimeError as e:  # raised on every rank alike (agreed over MPI)
+                if self.all_reduce_mode != "auto":
+                    raise
+                warnings.warn(f"custom all-reduce unavailable, using NCCL: {e}", stacklevel=2)
+                return
+            if custom.reachable:
+                self.custom = custom
+            elif self.all_reduce_mode != "auto":
+                warnings.warn(
+                    f"all-reduce mode {self.all_reduce_mode!r}: the custom all-reduce cannot "
+                    f"run ({custom.unreachable_reason}); using NCCL",
+                    stacklevel=2,
+                )
 
     def barrier(self) -> None:
         self.mpi_comm.Barrier()
+
+    def check(self) -> None:
+        if self.custom is not None:
+            self.custom.check()
+
+    def synchronize(self) -> None:
+        torch.cuda.current_stream(self.device).synchronize()
+        self.check()
+
+    def algorithm_for(self, t: torch.Tensor, op: str = "sum") -> str:
+        """"oneshot", "twoshot" or "nccl": the path all_reduce takes for `t` and `op`."""
+        custom = self.custom
+        return choose_all_reduce(
+            self.all_reduce_mode,
+            nbytes=t.numel() * t.element_size(),
+            world_size=self.world_size,
+            dtype=t.dtype,
+            op=op,
+            contiguous=t.is_contiguous(),
+            custom_available=custom is not None,
+            capacity_bytes=custom.capacity_bytes if custom is not None else 0,
+        )
 
     def _stream(self, t: torch.Tensor) -> int:
         if t.device != self.device:
@@ -283,11 +348,18 @@ class NcclCommunicator(Communicator):
         return torch.cuda.current_stream(self.device).cuda_stream
 
     def _all_reduce(self, buf: torch.Tensor, op: str) -> None:
+        stream = self._stream(buf)
+        # A custom all-reduce that timed out means a rank is gone: NCCL would hang on it.
+        self.check()
+        algorithm = self.algorithm_for(buf, op)
+        if algorithm != "nccl":
+            self.custom.all_reduce(buf, algorithm)
+            return
         dtype = _NCCL_DTYPES.get(buf.dtype)
         if dtype is None:
             raise TypeError(f"NcclCommunicator.all_reduce does not support {buf.dtype}")
         ptr = buf.data_ptr()
-        self._nccl.allReduce(ptr, ptr, buf.numel(), dtype, _NCCL_OPS[op], self._stream(buf))
+        self._nccl.allReduce(ptr, ptr, buf.numel(), dtype, _NCCL_OPS[op], stream)
 
     def _all_gather(self, src: torch.Tensor, out: torch.Tensor) -> None:
         nbytes = src.numel() * src.element_size()
@@ -302,13 +374,20 @@ class NcclCommunicator(Communicator):
         return _mpi_broadcast_bytes(self.mpi_comm, data, root)
 
 
-def make_communicator(mapping: Mapping, device: torch.device | str) -> Communicator:
+def make_communicator(
+    mapping: Mapping, device: torch.device | str, all_reduce: str | None = None
+) -> Communicator:
     """The communicator of this rank's tensor-parallel group.
 
     tp_size 1: SingleProcessCommunicator (no MPI). Otherwise the group is
     ``mapping.tp_size`` consecutive ranks of mpi4py's COMM_WORLD: NCCL on a
     CUDA `device` (which becomes the current CUDA device), MPI on the CPU.
+    `all_reduce` ("auto", "nccl", "oneshot", "twoshot"; default
+    ``$TPQUANT_ALLREDUCE``, else "auto") picks the GPU all-reduce path; the
+    CPU backend has one path and only checks the value.
     """
+    if all_reduce is not None:
+        all_reduce_mode(all_reduce, {})  # a bad value is an error on every backend
     if mapping.tp_size == 1:
         return SingleProcessCommunicator()
     from mpi4py import MPI
@@ -326,7 +405,7 @@ def make_communicator(mapping: Mapping, device: torch.device | str) -> Communica
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        return NcclCommunicator(group, device)
+        return NcclCommunicator(group, device, all_reduce)
     return MpiCommunicator(group)
 
 

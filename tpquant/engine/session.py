@@ -2,6 +2,11 @@
 
 Every rank runs the same forward passes; rank 0 owns the tokenizer and the sampling and
 broadcasts the chosen tokens, so ranks never diverge.
+
+On CPUs generation is the plain eager loop. On GPUs the prefill runs flash SDPA, and every
+decode step replays a CUDA graph of the step for the batch's size bucket
+(`tpquant.engine.graphs`); sampling stays on the device, and the one host synchronisation
+per token is reading the broadcast tokens (for EOS and streaming).
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import torch
 from tpquant.collectives import Communicator
 from tpquant.engine.build import DTYPES
 from tpquant.engine.format import open_rank_file
+from tpquant.engine.graphs import DecodeGraphs
 from tpquant.engine.sampling import SamplingParams, sample
 from tpquant.layers.linear import ShardedLinear
 from tpquant.models.config import LlamaConfig
 from tpquant.models.llama import Llama, LlamaSchemes
 from tpquant.parallel.mapping import Mapping as TPMapping
+from tpquant.quantization.mode import QuantMode
 
 
 def load_engine(engine_dir: str | Path, mapping: TPMapping, comm: Communicator,
@@ -30,7 +37,9 @@ def load_engine(engine_dir: str | Path, mapping: TPMapping, comm: Communicator,
         meta = engine.meta
         dtype = DTYPES[meta.extra["dtype"]]
         schemes = LlamaSchemes.from_name(meta.quant, dtype, meta.quant_options["group_size"])
-        model = Llama(LlamaConfig.from_dict(meta.model_config), mapping, comm, schemes, dtype)
+        int8_kv = QuantMode.from_name(meta.quant).has_int8_kv_cache()
+        model = Llama(LlamaConfig.from_dict(meta.model_config), mapping, comm, schemes, dtype,
+                      int8_kv_cache=int8_kv)
         load_tensors(model, engine.tensors())
     return model.to(device).eval()
 
@@ -68,23 +77,34 @@ class Generation:
 @torch.no_grad()
 def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] | None,
              max_new_tokens: int, params: SamplingParams,
-             on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
+             on_step: Callable[[list[list[int]]], None] | None = None,
+             graphs: DecodeGraphs | None = None) -> Generation:
     """Generate for a batch of prompts of different lengths, on every rank in lockstep.
 
     `prompts` matter on rank 0 only (broadcast). Prompts are right-padded (see the model's
     docstring); row b decodes from position len_b. A row stops after an EOS token; the batch
     stops when every row has, or after max_new_tokens. `on_step` (rank 0) sees the tokens so
     far after each step, for streaming.
+
+    On CUDA the decode steps run through `graphs` (made here if not given; pass one to keep
+    its captured graphs across calls). On the CPU the loop is eager.
     """
     prompts = comm.broadcast_object([list(map(int, p)) for p in prompts] if comm.rank == 0 else None)
     device = model.embed.weight.device
+    if graphs is None and device.type == "cuda":
+        graphs = DecodeGraphs(model)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    need = int(lengths.max()) + max_new_tokens
-    if len(prompts) > model.max_batch or need > model.max_seq:
-        model.setup_caches(max(len(prompts), model.max_batch), max(need, model.max_seq))
-    batch = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    longest = max(len(p) for p in prompts)
+    need = longest + max_new_tokens
+    rows = graphs.rows_for(len(prompts)) if graphs else len(prompts)
+    if rows > model.max_batch or need > model.max_seq:
+        model.setup_caches(max(rows, model.max_batch), max(need, model.max_seq))
+    if graphs:
+        graphs.prepare(len(prompts))  # captures write the cache: before the prefill fills it
+    batch = torch.zeros(len(prompts), longest, dtype=torch.long)
     for b, p in enumerate(prompts):
-        batch[b, : len(p)] = torch.tensor(p, device=device)
+        batch[b, : len(p)] = torch.tensor(p)
+    batch = batch.to(device)
 
     generator = torch.Generator(device=device).manual_seed(params.seed)
     stop = set(model.config.eos_token_ids)
@@ -93,7 +113,7 @@ def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] 
 
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(batch, 0)[torch.arange(len(prompts), device=device), lengths - 1]  # [B, V]
+    logits = model(batch, 0, logits_at=lengths - 1)  # [B, V]
     _sync(device)
     t1 = time.perf_counter()
     token = torch.zeros(len(prompts), dtype=torch.long, device=device)
@@ -101,7 +121,7 @@ def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] 
         if comm.rank == 0:
             token.copy_(sample(logits, params, generator))
         comm.broadcast(token, root=0)
-        for b, t in enumerate(token.tolist()):
+        for b, t in enumerate(token.tolist()):  # the one host sync per token
             if not done[b]:
                 out[b].append(t)
                 done[b] = t in stop
@@ -109,7 +129,10 @@ def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] 
             on_step(out)
         if all(done) or step == max_new_tokens - 1:
             break
-        logits = model(token[:, None], lengths + step)[:, -1]
+        if graphs:
+            logits = graphs.step(token, lengths + step)
+        else:
+            logits = model(token[:, None], lengths + step)[:, -1]
     _sync(device)
     t2 = time.perf_counter()
     return Generation(out, int(lengths.sum()), t1 - t0, t2 - t1)

@@ -1,4 +1,8 @@
-"""RMSNorm reference: float32 math whatever the input type, as the fused kernels do."""
+"""RMSNorm reference: float32 math whatever the input type, as the fused kernels do.
+
+`rms_norm` takes the Triton kernel (tpquant.kernels.triton_norm) on CUDA tensors in
+float16/bfloat16/float32, the reference otherwise; `path` forces one ("reference" or "triton").
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,15 @@ def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return x * inv_rms * weight.float()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, path: str | None = None
+) -> torch.Tensor:
     """RMSNorm in float32 math, returned in x's dtype."""
+    # w8a8 imports this module for rms_norm_f32, so its path rule is imported here, late.
+    from tpquant.kernels.w8a8 import TRITON, choose_path
+
+    if choose_path(path, x, weight) == TRITON:
+        from tpquant.kernels import triton_norm
+
+        return triton_norm.rms_norm(x, weight, eps)
     return rms_norm_f32(x, weight, eps).to(x.dtype)

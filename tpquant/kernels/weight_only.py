@@ -12,9 +12,15 @@ index, see tpquant.quantization.packing):
 
 All math is float32 whatever x's dtype; the result is cast back to x.dtype. Row-parallel
 shards pass through unchanged: sizes are read from the tensors, not from a config.
+
+Fast paths: float16 / bfloat16 x on CUDA goes to the Triton kernels of
+`tpquant.kernels.triton_weight_only` (its docstring lists the paths); everything else, and
+any call with path="reference" (or $TPQUANT_WO_PATH=reference), runs the reference here.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -71,8 +77,18 @@ def weight_only_matmul(
     scale: torch.Tensor,
     bits: int,
     bias: torch.Tensor | None = None,
+    *,
+    path: str | None = None,
 ) -> torch.Tensor:
-    """y[..., out] = x[..., in] @ (q * scale)^T + bias; math in float32, result in x.dtype."""
+    """y[..., out] = x[..., in] @ (q * scale)^T + bias; math in float32, result in x.dtype.
+
+    path: None/"auto" (then $TPQUANT_WO_PATH), "reference", or a Triton kernel path.
+    """
+    if _use_triton(x, path):
+        from tpquant.kernels import triton_weight_only
+
+        _check_weight_only(qweight, scale, bits, x.shape[-1], bias)
+        return triton_weight_only.weight_only_matmul(x, qweight, scale, bits, bias, path=path)
     w = dequantize_weight_only(qweight, scale, bits)
     return _linear_f32(x, w, bias)
 
@@ -85,8 +101,20 @@ def groupwise_matmul(
     group_size: int,
     pre_quant_scale: torch.Tensor | None,
     bias: torch.Tensor | None = None,
+    *,
+    path: str | None = None,
 ) -> torch.Tensor:
-    """y[..., out] = (x * pqs) @ ((q - zero) * scale)^T + bias; float32 math, result in x.dtype."""
+    """y[..., out] = (x * pqs) @ ((q - zero) * scale)^T + bias; float32 math, result in x.dtype.
+
+    path: as for `weight_only_matmul`.
+    """
+    if _use_triton(x, path):
+        from tpquant.kernels import triton_weight_only
+
+        _check_groupwise(qweight_packed, scales, zeros, group_size, pre_quant_scale, x, bias)
+        return triton_weight_only.groupwise_matmul(
+            x, qweight_packed, scales, zeros, group_size, pre_quant_scale, bias, path=path
+        )
     w = dequantize_groupwise(qweight_packed, scales, zeros, group_size)
     xf = x.float()
     if pre_quant_scale is not None:
@@ -106,3 +134,69 @@ def _check_pqs(pqs: torch.Tensor, in_features: int) -> torch.Tensor:
     if pqs.shape != (in_features,):
         raise ValueError(f"pre_quant_scale must be [in]={in_features}, got {tuple(pqs.shape)}")
     return pqs.float()
+
+
+def _use_triton(x: torch.Tensor, path: str | None) -> bool:
+    """Whether a call goes to the Triton kernels: float16/bfloat16 CUDA x, Triton installed,
+    and the path (argument, else $TPQUANT_WO_PATH) not "reference"."""
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from tpquant.kernels.triton_weight_only import REFERENCE, forced_path
+
+    return forced_path(path) != REFERENCE
+
+
+def _check_weight_only(
+    qweight: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int,
+    bias: torch.Tensor | None,
+) -> None:
+    """The reference's shape rules, checked from shapes only (no device sync)."""
+    expected = {8: torch.int8, 4: torch.uint8}
+    if bits not in expected:
+        raise ValueError(f"weight-only bits must be 8 or 4, got {bits}")
+    if qweight.dim() != 2 or qweight.dtype != expected[bits]:
+        raise ValueError(
+            f"bits={bits} needs a 2-D {expected[bits]} qweight, got {qweight.dtype} "
+            f"{tuple(qweight.shape)}"
+        )
+    if scale.shape != (qweight.shape[0],):
+        raise ValueError(f"scale must be [out]={qweight.shape[0]}, got {tuple(scale.shape)}")
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    _check_common(in_features, k, qweight.shape[0], bias, qweight.device)
+
+
+def _check_groupwise(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+    pqs: torch.Tensor | None, x: torch.Tensor, bias: torch.Tensor | None,
+) -> None:
+    if qweight.dim() != 2 or qweight.dtype != torch.uint8:
+        raise ValueError(
+            f"groupwise needs a packed 2-D uint8 qweight, got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    out_features, in_features = qweight.shape[0], 2 * qweight.shape[1]
+    if group_size <= 0 or in_features % group_size or scales.shape != (
+        in_features // group_size, out_features
+    ):
+        raise ValueError(
+            f"scales must be [in/g, out] = [{in_features}/{group_size}, {out_features}], "
+            f"got {tuple(scales.shape)}"
+        )
+    if zeros is not None and zeros.shape != scales.shape:
+        raise ValueError(f"zeros must match scales {tuple(scales.shape)}, got {tuple(zeros.shape)}")
+    if pqs is not None:
+        _check_pqs(pqs, in_features)
+    _check_common(x.shape[-1], in_features, out_features, bias, qweight.device)
+
+
+def _check_common(
+    x_features: int, in_features: int, out_features: int, bias: torch.Tensor | None,
+    device: torch.device,
+) -> None:
+    if x_features != in_features:
+        raise ValueError(f"x has {x_features} input features, the weight {in_features}")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias must be [out]={out_features}, got {tuple(bias.shape)}")
+    if device.type != "cuda":
+        raise ValueError(f"x is on CUDA but the weight is on {device}")

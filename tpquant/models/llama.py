@@ -1,7 +1,7 @@
 """Llama, tensor-parallel and quantized, built only from tpquant layers (DESIGN s2, s6, s8).
 
-Read top to bottom: the quantization choice per layer kind, RoPE, the KV cache, attention,
-MLP, decoder layer, the model; then the checkpoint table (walked by `tpquant.models.loader`), and greedy
+Read top to bottom: the quantization choice per layer kind, RoPE, attention (over the KV
+cache of `tpquant.layers.kv_cache`), MLP, decoder layer, the model; then the checkpoint table (walked by `tpquant.models.loader`), and greedy
 generation. Tensor parallelism shows only through the layers used:
 
     attention  qkv ColumnLinear (no gather, this rank's heads) -> RoPE -> SDPA -> o_proj RowLinear
@@ -35,6 +35,8 @@ from torch import nn
 
 from tpquant.collectives import Communicator
 from tpquant.layers.column import ColumnLinear
+from tpquant.layers.decode_attention import decode_attention
+from tpquant.layers.kv_cache import KVCache
 from tpquant.layers.norm import RmsNorm
 from tpquant.layers.row import RowLinear
 from tpquant.models.config import Llama3RopeScaling, LlamaConfig
@@ -133,40 +135,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
-# -- KV cache --------------------------------------------------------------------------------
-
-
-class KVCache(nn.Module):
-    """One layer's keys and values for THIS rank's KV heads only, preallocated.
-
-    k, v: [max_batch, max_seq, Hkv, hd] in the model dtype.
-    """
-
-    def __init__(
-        self,
-        max_batch: int,
-        max_seq: int,
-        n_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        shape = (max_batch, max_seq, n_kv_heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(
-        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, T, Hkv, hd] at positions pos [B, T]; return [B, kv_len, Hkv, hd] views."""
-        B = k.shape[0]
-        rows = torch.arange(B, device=pos.device)[:, None]  # [B, 1], broadcast against pos
-        self.k[rows, pos] = k
-        self.v[rows, pos] = v
-        return self.k[:B, :kv_len], self.v[:B, :kv_len]
-
-
 # -- the blocks ----------------------------------------------------------------------------
 
 
@@ -202,8 +170,15 @@ class Attention(nn.Module):
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """x [B, T, D] at positions pos [B, T]. Three ways to attend (see `Llama`):
+
+        mask [B, 1, T, S]   any positions: SDPA over the cache's first S positions
+        None, T > 1         prefill from position 0: causal SDPA over the new keys (flash)
+        None, T == 1        one decode step: `decode_attention` over the whole cache, fixed
+                            shapes, row b seeing positions 0 .. pos[b]
+        """
         if self.kv_cache is None:
             raise RuntimeError("no KV cache: call Llama.setup_caches(max_batch, max_seq)")
         B, T, _ = x.shape
@@ -212,12 +187,20 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, T, H, hd), cos, sin)  # [B, T, H, hd]
         k = apply_rope(k.view(B, T, Hkv, hd), cos, sin)  # [B, T, Hkv, hd]
         v = v.view(B, T, Hkv, hd)
-        k, v = self.kv_cache.update(pos, k, v, kv_len=mask.shape[-1])  # [B, S, Hkv, hd]
+        self.kv_cache.write(pos, k, v)
+        if mask is None and T == 1:
+            y = decode_attention(q[:, 0], self.kv_cache, pos[:, 0] + 1)  # [B, H, hd]
+            return self.o_proj(y.reshape(B, 1, H * hd))  # all-reduced: [B, 1, D]
+        if mask is not None:
+            k, v = self.kv_cache.read(B, mask.shape[-1])  # [B, S, Hkv, hd]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
         if self.q_per_kv > 1:  # query head h reads KV head h // q_per_kv
             k = k.repeat_interleave(self.q_per_kv, dim=1)  # [B, H, S, hd]
             v = v.repeat_interleave(self.q_per_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
+        if mask is None:  # from position 0, the new keys are the whole cache: plain causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
         y = y.transpose(1, 2).reshape(B, T, H * hd)
         return self.o_proj(y)  # all-reduced: [B, T, D]
 
@@ -267,7 +250,7 @@ class DecoderLayer(nn.Module):
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), pos, cos, sin, mask)
         return h + self.mlp(self.ffn_norm(h))
@@ -289,7 +272,18 @@ class Embedding(nn.Module):
 class Llama(nn.Module):
     """The model on one rank: forward(tokens[B, T], start_pos) -> logits[B, T, V].
 
-    The logits are gathered: every rank returns all of them."""
+    The logits are gathered: every rank returns all of them. Three ways in:
+
+    - `forward` with any start_pos: attention masked by absolute position over the cache
+      (the general path: chunked prefill, CPU decode).
+    - `forward` with start_pos 0 on CUDA: the prompt is the whole cache, so attention is
+      plain causal SDPA (PyTorch's flash kernels), no mask.
+    - `decode_step(tokens[B], pos[B])`: one token per row with shapes fixed by B alone and
+      no host synchronisation, what `tpquant.engine.graphs` captures as a CUDA graph.
+
+    `int8_kv_cache` (QuantMode.INT8_KV_CACHE) stores keys and values as int8 with a scale
+    per (position, KV head); see `tpquant.layers.kv_cache`.
+    """
 
     def __init__(
         self,
@@ -298,12 +292,14 @@ class Llama(nn.Module):
         comm: Communicator,
         schemes: LlamaSchemes,
         dtype: torch.dtype = torch.float16,
+        int8_kv_cache: bool = False,
     ) -> None:
         super().__init__()
         for kind, scheme in schemes.items():
             if scheme.dtype != dtype:
                 raise ValueError(f"scheme for {kind} runs in {scheme.dtype}, the model in {dtype}")
         self.config, self.mapping, self.dtype = config, mapping, dtype
+        self.int8_kv_cache = int8_kv_cache
         tp = mapping.tp_size
         self.layout = plan_heads(config.num_heads, config.num_kv_heads, tp)
         self.embed = Embedding(config.vocab_size, config.hidden_size, dtype)
@@ -323,17 +319,27 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
         self.max_batch = self.max_seq = 0
+        # bumped by every setup_caches: captured CUDA graphs hold the old caches' addresses
+        self.cache_version = 0
 
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
         """(Re)allocate every layer's KV cache and the RoPE table for max_seq positions."""
         device = self.embed.weight.device
         for layer in self.layers:
+            layer.attention.kv_cache = None  # free the old cache before allocating the new
+        for layer in self.layers:
             layer.attention.kv_cache = KVCache(
                 max_batch, max_seq, self.layout.kv_heads_per_rank, self.config.head_dim,
-                self.dtype, device,
+                self.dtype, device, int8=self.int8_kv_cache,
             )
         self.rope_cos, self.rope_sin = (t.to(device) for t in rope_cos_sin(self.inv_freq, max_seq))
         self.max_batch, self.max_seq = max_batch, max_seq
+        self.cache_version += 1
+
+    def kv_cache_bytes(self) -> int:
+        """Device memory of this rank's KV caches, every layer."""
+        return sum(layer.attention.kv_cache.nbytes() for layer in self.layers
+                   if layer.attention.kv_cache is not None)
 
     def positions(self, start_pos: int | torch.Tensor, B: int, T: int) -> torch.Tensor:
         """Absolute positions [B, T] = start_pos (int or [B]) + t, checked against the cache."""
@@ -356,19 +362,40 @@ class Llama(nn.Module):
             )
         return pos
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V]; with `logits_at` [B] (an index into T per row) only those, [B, V]:
+        a prefill needs one row of logits per prompt, not T."""
         B, T = tokens.shape
         pos = self.positions(start_pos, B, T)  # [B, T]
-        # Attend over cached positions [0, S) with S = the last position + 1. (CUDA graphs
-        # will want the fixed S = max_seq; the mask below is correct for any S >= that.)
-        S = int(pos.max()) + 1
-        mask = (torch.arange(S, device=pos.device) <= pos[..., None])[:, None]  # [B, 1, T, S]
+        mask = None
+        if not (tokens.is_cuda and isinstance(start_pos, int) and start_pos == 0 and T > 1):
+            # Attend over cached positions [0, S) with S = the last position + 1.
+            S = int(pos.max()) + 1
+            mask = (torch.arange(S, device=pos.device) <= pos[..., None])[:, None]  # [B, 1, T, S]
+        x = self._layers(tokens, pos, mask)  # [B, T, D]
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, D]
+        logits = self.lm_head(self.norm(x))[..., : self.config.vocab_size]  # gathered: [B, T, V]
+        return logits if logits_at is None else logits[:, 0]
+
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One new token per row: tokens [B] at positions pos [B] (device tensors) -> logits
+        [B, V]. Nothing here reads a device value on the host, so it can be captured in a
+        CUDA graph; the caller keeps pos < max_seq (it cannot be checked without a sync)."""
+        x = self._layers(tokens[:, None], pos[:, None], None)  # [B, 1, D]
+        return self.lm_head(self.norm(x))[:, 0, : self.config.vocab_size]  # [B, V]
+
+    def _layers(self, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None):
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, T, hd/2]
         x = self.embed(tokens)  # [B, T, D]
         for layer in self.layers:
             x = layer(x, pos, cos, sin, mask)
-        logits = self.lm_head(self.norm(x))  # gathered: [B, T, padded V]
-        return logits[..., : self.config.vocab_size]  # [B, T, V]
+        return x
 
 
 # -- checkpoint -> model --------------------------------------------------------------------

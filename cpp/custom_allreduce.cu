@@ -1,0 +1,419 @@
+// Custom all-reduce for the ranks of one node, over CUDA IPC.
+//
+// tpquant/parallel/custom_allreduce.py compiles this file at first use (NVRTC through CuPy,
+// cached by CuPy) with -DTPQ_WORLD=<ranks> and launches the kernels on torch's current stream.
+// NVRTC compatible on purpose: no #include (half/bfloat16 conversions are inline PTX).
+//
+// Every rank owns one workspace (a plain cudaMalloc; peers map it through its IPC handle):
+//   [0, TPQ_CTRL_BYTES)                     Ctrl: flags peers write into, the call counter
+//   [TPQ_CTRL_BYTES, + cap)                 data buffer of even calls
+//   [TPQ_CTRL_BYTES + cap, + 2 cap)         data buffer of odd calls
+//
+// Protocol of one call (DESIGN s4):
+// - The call counter lives on the device, so CUDA-graph replays advance it too. It is kept
+//   once per block slot (steps[0..TPQ_MAX_BLOCKS)), all equal between calls: block b reads
+//   steps[b] at its start and, at its end, writes the next value into every slot j with
+//   j % gridDim.x == b. No atomics, and it holds whatever grid the next call launches.
+// - The input is first copied into this rank's data buffer of parity step & 1, inside the
+//   kernel, so a captured graph replays with its captured pointers.
+// - Barrier: block b stores step + 1 into flags[parity][barrier][b][rank] of every rank with
+//   release semantics at system scope, then waits (acquire) until every rank has stored at
+//   least step + 1 into its own flags[parity][barrier][b][*]. Values only grow, and each call
+//   has its own value, so a stale flag never lets a block through early.
+// - A rank starts writing a data buffer again only two calls later. By then every peer has
+//   started the call in between (it passed that call's barrier), so, kernels on one stream
+//   running in order, every peer has finished reading this buffer: no end barrier is needed.
+// - Sums run over ranks 0..N-1 in that order, in fp32, on every rank: bitwise-identical results.
+// - Element k of the message is handled by the same (block, thread) on every rank and in every
+//   phase, so the per-block barriers order exactly the writes and reads that meet.
+// - Every wait is bounded: after timeout_ns the waiting thread marks the rank it waited for
+//   in the host-mapped error words, marks the workspace broken (later calls return at once)
+//   and the block leaves. The host reads the words before each launch and in check().
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#ifndef TPQ_WORLD
+#error "compile with -DTPQ_WORLD=<ranks> (2..8)"
+#endif
+#if TPQ_WORLD < 2 || TPQ_WORLD > 8
+#error "TPQ_WORLD must be in 2..8"
+#endif
+
+#define TPQ_MAX_RANKS 8
+#define TPQ_MAX_BLOCKS 64
+#define TPQ_THREADS 512
+#define TPQ_CTRL_BYTES 65536
+#define TPQ_ERR_ANY TPQ_MAX_RANKS  // host error word: some wait timed out
+
+struct Ctrl {
+  u64 flags[2][2][TPQ_MAX_BLOCKS][TPQ_MAX_RANKS];  // [call parity][barrier][block][from rank]
+  u64 steps[TPQ_MAX_BLOCKS];   // calls this workspace has completed (one copy per block slot)
+  u32 broken;                  // a wait timed out: every later call returns at once
+  u32 unused;
+  u64 probe;                   // start-up: the value peers must read from this workspace
+  u64 reached[TPQ_MAX_RANKS];  // start-up: peers write their mark here
+  u64 seen[TPQ_MAX_RANKS];     // start-up: the probe values this rank read from its peers
+};
+static_assert(sizeof(Ctrl) <= TPQ_CTRL_BYTES, "Ctrl must fit in front of the data buffers");
+
+// What the host needs to know of the layout above, written once at start-up into `out`
+// (NVRTC has no offsetof: the offsets are taken from a pointer).
+extern "C" __global__ void tpq_layout(u64 out) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  long long* o = reinterpret_cast<long long*>(out);
+  const Ctrl* c = reinterpret_cast<const Ctrl*>(out);  // never dereferenced
+  const char* base = reinterpret_cast<const char*>(c);
+  o[0] = TPQ_CTRL_BYTES;
+  o[1] = TPQ_MAX_RANKS;
+  o[2] = TPQ_MAX_BLOCKS;
+  o[3] = TPQ_THREADS;
+  o[4] = reinterpret_cast<const char*>(&c->probe) - base;
+  o[5] = reinterpret_cast<const char*>(&c->reached[0]) - base;
+  o[6] = reinterpret_cast<const char*>(&c->seen[0]) - base;
+}
+
+__device__ __forceinline__ void store_release(u64* p, u64 v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ u64 load_acquire(const u64* p) {
+  u64 v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ u64 now_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// a + b rounded to nearest, subnormals kept: CuPy compiles with -ftz=true, which would flush
+// them in a plain `+` (and every rank must round the same way as IEEE says).
+__device__ __forceinline__ float add_rn(float a, float b) {
+  float s;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(s) : "f"(a), "f"(b));
+  return s;
+}
+
+// Element types: raw storage bits and their conversions to and from fp32.
+struct F32 {
+  typedef u32 Raw;
+  static __device__ __forceinline__ float to_float(u32 r) { return __uint_as_float(r); }
+  static __device__ __forceinline__ u32 from_float(float f) { return __float_as_uint(f); }
+};
+
+struct F16 {
+  typedef u16 Raw;
+  static __device__ __forceinline__ float to_float(u16 r) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(r));
+    return f;
+  }
+  static __device__ __forceinline__ u16 from_float(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+  }
+};
+
+struct BF16 {
+  typedef u16 Raw;
+  static __device__ __forceinline__ float to_float(u16 r) { return __uint_as_float(u32(r) << 16); }
+  static __device__ __forceinline__ u16 from_float(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+  }
+};
+
+// A pack is 16 bytes: 4 fp32 or 8 fp16/bf16 elements.
+template <class D>
+struct Pack {
+  typedef typename D::Raw Raw;
+  static constexpr int kElems = 16 / sizeof(Raw);
+
+  static __device__ __forceinline__ void unpack(const uint4& p, float* f) {
+    const u32 w[4] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (kElems == 4) {
+        f[i] = D::to_float(w[i]);
+      } else {
+        f[2 * i] = D::to_float(u16(w[i] & 0xffffu));
+        f[2 * i + 1] = D::to_float(u16(w[i] >> 16));
+      }
+    }
+  }
+
+  static __device__ __forceinline__ uint4 pack(const float* f) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (kElems == 4) {
+        w[i] = D::from_float(f[i]);
+      } else {
+        w[i] = u32(D::from_float(f[2 * i])) | (u32(D::from_float(f[2 * i + 1])) << 16);
+      }
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+// Copy pack k (elements [k*E, min((k+1)*E, n))) from src to dst; 16-byte accesses when the
+// pack is whole and both pointers are 16-byte aligned, element by element otherwise.
+template <class D>
+__device__ __forceinline__ void copy_pack(const typename D::Raw* src, typename D::Raw* dst,
+                                          long long k, long long n, bool vector_ok) {
+  constexpr int E = Pack<D>::kElems;
+  const long long first = k * E;
+  if (vector_ok && first + E <= n) {
+    reinterpret_cast<uint4*>(dst)[k] = reinterpret_cast<const uint4*>(src)[k];
+  } else {
+    const long long end = first + E < n ? first + E : n;
+    for (long long i = first; i < end; ++i) dst[i] = src[i];
+  }
+}
+
+// Sum pack k over the N buffers in rank order, in fp32; store the result to out (maybe
+// unaligned) and, when keep is not null, to keep (a workspace buffer, aligned).
+template <class D, int N>
+__device__ __forceinline__ void reduce_pack(typename D::Raw* const* bufs, typename D::Raw* out,
+                                            typename D::Raw* keep, long long k, long long n,
+                                            bool out_aligned) {
+  typedef typename D::Raw Raw;
+  constexpr int E = Pack<D>::kElems;
+  const long long first = k * E;
+  if (first + E <= n) {
+    uint4 v[N];
+#pragma unroll
+    for (int r = 0; r < N; ++r) v[r] = reinterpret_cast<const uint4*>(bufs[r])[k];
+    float acc[E], x[E];
+    Pack<D>::unpack(v[0], acc);
+#pragma unroll
+    for (int r = 1; r < N; ++r) {
+      Pack<D>::unpack(v[r], x);
+#pragma unroll
+      for (int i = 0; i < E; ++i) acc[i] = add_rn(acc[i], x[i]);
+    }
+    const uint4 p = Pack<D>::pack(acc);
+    if (keep != nullptr) reinterpret_cast<uint4*>(keep)[k] = p;
+    if (out_aligned) {
+      reinterpret_cast<uint4*>(out)[k] = p;
+    } else {
+      const Raw* elems = reinterpret_cast<const Raw*>(&p);
+#pragma unroll
+      for (int i = 0; i < E; ++i) out[first + i] = elems[i];
+    }
+  } else {
+    for (long long i = first; i < n; ++i) {
+      float acc = D::to_float(bufs[0][i]);
+#pragma unroll
+      for (int r = 1; r < N; ++r) acc = add_rn(acc, D::to_float(bufs[r][i]));
+      const Raw s = D::from_float(acc);
+      if (keep != nullptr) keep[i] = s;
+      out[i] = s;
+    }
+  }
+}
+
+// The arguments every all-reduce kernel takes; pointers travel as 64-bit integers.
+struct Args {
+  const void* in;
+  void* out;
+  long long n;         // elements
+  char* ws[TPQ_MAX_RANKS];  // every rank's workspace, mapped into this process
+  int rank;
+  long long cap;       // bytes of one data buffer
+  u64 timeout_ns;
+  volatile u32* host_err;  // TPQ_MAX_RANKS + 1 host-mapped words
+};
+
+// ws[i] for a run-time i, without indexing the array (which would put it in local memory).
+__device__ __forceinline__ char* pick(const Args& a, int i) {
+  char* p = a.ws[0];
+#pragma unroll
+  for (int r = 1; r < TPQ_WORLD; ++r) p = i == r ? a.ws[r] : p;
+  return p;
+}
+
+#define TPQ_PARAMS                                                                             \
+  u64 in, u64 out, long long n, u64 w0, u64 w1, u64 w2, u64 w3, u64 w4, u64 w5, u64 w6, u64 w7, \
+      int rank, long long cap, u64 timeout_ns, u64 host_err
+#define TPQ_MAKE_ARGS                                                                     \
+  Args a;                                                                                 \
+  a.in = reinterpret_cast<const void*>(in);                                               \
+  a.out = reinterpret_cast<void*>(out);                                                   \
+  a.n = n;                                                                                \
+  a.ws[0] = reinterpret_cast<char*>(w0);                                                  \
+  a.ws[1] = reinterpret_cast<char*>(w1);                                                  \
+  a.ws[2] = reinterpret_cast<char*>(w2);                                                  \
+  a.ws[3] = reinterpret_cast<char*>(w3);                                                  \
+  a.ws[4] = reinterpret_cast<char*>(w4);                                                  \
+  a.ws[5] = reinterpret_cast<char*>(w5);                                                  \
+  a.ws[6] = reinterpret_cast<char*>(w6);                                                  \
+  a.ws[7] = reinterpret_cast<char*>(w7);                                                  \
+  a.rank = rank;                                                                          \
+  a.cap = cap;                                                                            \
+  a.timeout_ns = timeout_ns;                                                              \
+  a.host_err = reinterpret_cast<volatile u32*>(host_err);
+
+// State one block keeps for one call.
+struct Call {
+  Ctrl* self;
+  u64 step;
+  int parity;
+  long long offset;  // of this call's data buffer inside a workspace
+};
+
+// Returns false when this workspace is broken (the block must leave at once).
+__device__ __forceinline__ bool begin_call(const Args& a, Call& c, int* timed_out) {
+  c.self = reinterpret_cast<Ctrl*>(pick(a, a.rank));
+  if (*reinterpret_cast<volatile u32*>(&c.self->broken) != 0u) return false;
+  if (threadIdx.x == 0) *timed_out = 0;  // ordered before any use by the barrier's first sync
+  c.step = *reinterpret_cast<volatile u64*>(&c.self->steps[blockIdx.x]);
+  c.parity = int(c.step & 1ull);
+  c.offset = TPQ_CTRL_BYTES + c.parity * a.cap;
+  return true;
+}
+
+// Block blockIdx.x of every rank meets here. Returns false (on every thread of the block)
+// when some rank did not arrive within the timeout.
+template <int N>
+__device__ __forceinline__ bool barrier(const Args& a, const Call& c, int which, int* timed_out) {
+  __syncthreads();  // this block's writes before the flag (the release makes them visible)
+  if (threadIdx.x < N) {
+    const int peer = threadIdx.x;
+    const u64 value = c.step + 1;
+    Ctrl* peer_ctrl = reinterpret_cast<Ctrl*>(pick(a, peer));
+    store_release(&peer_ctrl->flags[c.parity][which][blockIdx.x][a.rank], value);
+    const u64* mine = &c.self->flags[c.parity][which][blockIdx.x][peer];
+    if (load_acquire(mine) < value) {
+      const u64 start = now_ns();
+      while (load_acquire(mine) < value) {
+        if (now_ns() - start > a.timeout_ns) {
+          a.host_err[peer] = 1u;
+          a.host_err[TPQ_ERR_ANY] = 1u;
+          *reinterpret_cast<volatile u32*>(&c.self->broken) = 1u;
+          __threadfence_system();
+          *timed_out = 1;
+          break;
+        }
+      }
+    }
+  }
+  __syncthreads();  // the acquire before every thread's reads of peer data
+  return *timed_out == 0;
+}
+
+// Advance the call counter in this block's share of the slots. Every thread of the block
+// read steps[blockIdx.x] before the barrier's sync, so none can read the new value.
+__device__ __forceinline__ void end_call(const Call& c) {
+  const long long j = blockIdx.x + (long long)threadIdx.x * gridDim.x;
+  if (j < TPQ_MAX_BLOCKS) c.self->steps[j] = c.step + 1;
+}
+
+// One-shot: copy in, barrier, every rank sums the whole message from every buffer.
+template <class D>
+__device__ __forceinline__ void one_shot(const Args& a) {
+  typedef typename D::Raw Raw;
+  constexpr int N = TPQ_WORLD;
+  constexpr int E = Pack<D>::kElems;
+  __shared__ int timed_out;
+  Call c;
+  if (!begin_call(a, c, &timed_out)) return;
+  const Raw* in = static_cast<const Raw*>(a.in);
+  Raw* out = static_cast<Raw*>(a.out);
+  Raw* bufs[N];
+#pragma unroll
+  for (int r = 0; r < N; ++r) bufs[r] = reinterpret_cast<Raw*>(a.ws[r] + c.offset);
+  Raw* mine = reinterpret_cast<Raw*>(pick(a, a.rank) + c.offset);
+  const bool in_aligned = (reinterpret_cast<u64>(in) & 15ull) == 0;
+  const bool out_aligned = (reinterpret_cast<u64>(out) & 15ull) == 0;
+  const long long packs = (a.n + E - 1) / E;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+
+  for (long long k = first; k < packs; k += stride) copy_pack<D>(in, mine, k, a.n, in_aligned);
+  if (!barrier<N>(a, c, 0, &timed_out)) return;
+  for (long long k = first; k < packs; k += stride)
+    reduce_pack<D, N>(bufs, out, nullptr, k, a.n, out_aligned);
+  end_call(c);
+}
+
+// Two-shot: copy in, barrier, reduce-scatter (rank q sums slice q and keeps it in its own
+// buffer), barrier, all-gather of the reduced slices. Slices are whole packs; the copy-in
+// walks them slice by slice so each pack is handled by the same thread in all three phases.
+template <class D>
+__device__ __forceinline__ void two_shot(const Args& a) {
+  typedef typename D::Raw Raw;
+  constexpr int N = TPQ_WORLD;
+  constexpr int E = Pack<D>::kElems;
+  __shared__ int timed_out;
+  Call c;
+  if (!begin_call(a, c, &timed_out)) return;
+  const Raw* in = static_cast<const Raw*>(a.in);
+  Raw* out = static_cast<Raw*>(a.out);
+  Raw* bufs[N];
+#pragma unroll
+  for (int r = 0; r < N; ++r) bufs[r] = reinterpret_cast<Raw*>(a.ws[r] + c.offset);
+  Raw* mine = reinterpret_cast<Raw*>(pick(a, a.rank) + c.offset);
+  const bool in_aligned = (reinterpret_cast<u64>(in) & 15ull) == 0;
+  const bool out_aligned = (reinterpret_cast<u64>(out) & 15ull) == 0;
+  const long long packs = (a.n + E - 1) / E;
+  const long long slice = (packs + N - 1) / N;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+
+#pragma unroll
+  for (int q = 0; q < N; ++q) {
+    const long long lo = q * slice, hi = lo + slice < packs ? lo + slice : packs;
+    for (long long k = lo + first; k < hi; k += stride)
+      copy_pack<D>(in, mine, k, a.n, in_aligned);
+  }
+  if (!barrier<N>(a, c, 0, &timed_out)) return;
+  {
+    const long long lo = a.rank * slice, hi = lo + slice < packs ? lo + slice : packs;
+    for (long long k = lo + first; k < hi; k += stride)
+      reduce_pack<D, N>(bufs, out, mine, k, a.n, out_aligned);
+  }
+  if (!barrier<N>(a, c, 1, &timed_out)) return;
+#pragma unroll
+  for (int q = 0; q < N; ++q) {
+    if (q == a.rank) continue;  // written to out by the reduce-scatter
+    const long long lo = q * slice, hi = lo + slice < packs ? lo + slice : packs;
+    for (long long k = lo + first; k < hi; k += stride)
+      copy_pack<D>(bufs[q], out, k, a.n, out_aligned);
+  }
+  end_call(c);
+}
+
+#define TPQ_KERNELS(NAME, D)                                                          \
+  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_one_shot_##NAME(TPQ_PARAMS) { \
+    TPQ_MAKE_ARGS                                                                     \
+    one_shot<D>(a);                                                                   \
+  }                                                                                   \
+  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_two_shot_##NAME(TPQ_PARAMS) { \
+    TPQ_MAKE_ARGS                                                                     \
+    two_shot<D>(a);                                                                   \
+  }
+
+TPQ_KERNELS(f32, F32)
+TPQ_KERNELS(f16, F16)
+TPQ_KERNELS(bf16, BF16)
+
+// Start-up check that peers really reach each other: thread r reads rank r's probe value
+// (into this rank's `seen`) and writes this rank's mark into rank r's `reached[rank]`.
+extern "C" __global__ void tpq_probe(u64 w0, u64 w1, u64 w2, u64 w3, u64 w4, u64 w5, u64 w6,
+                                     u64 w7, int rank, u64 mark) {
+  const u64 w[TPQ_MAX_RANKS] = {w0, w1, w2, w3, w4, w5, w6, w7};
+  const int r = threadIdx.x;
+  if (r >= TPQ_WORLD) return;
+  Ctrl* self = reinterpret_cast<Ctrl*>(w[rank]);
+  Ctrl* peer = reinterpret_cast<Ctrl*>(w[r]);
+  self->seen[r] = *reinterpret_cast<volatile u64*>(&peer->probe);
+  *reinterpret_cast<volatile u64*>(&peer->reached[rank]) = mark;
+  __threadfence_system();
+}

@@ -1,0 +1,323 @@
+"""Custom IPC all-reduce on GPUs: against NCCL and a float64 reference, bitwise equal on all
+ranks, 10,000 calls in a row, 1,000 CUDA-graph replays, and a rank that stops.
+
+Run one rank per GPU, at any world size from 2 to 8 (skipped at 1):
+    launch/mpirun.sh -n 2 python -m pytest --with-mpi tests/gpu/test_custom_allreduce.py
+    launch/mpirun.sh -n 4 python -m pytest --with-mpi tests/gpu/test_custom_allreduce.py
+Assertions come after the collectives, so a failing rank never leaves the others waiting.
+The test of a rank that stops runs last, on a workspace of its own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tpquant.collectives import MpiCommunicator, NcclCommunicator
+from tpquant.parallel.custom_allreduce import (
+    ALGORITHMS,
+    DTYPES,
+    MODE_ENV,
+    CustomAllReduce,
+    CustomAllReduceError,
+    thresholds_for,
+)
+from tpquant.parallel.mapping import Mapping
+
+pytestmark = [pytest.mark.mpi, pytest.mark.gpu]
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+nccl = pytest.importorskip("cupy.cuda.nccl", reason="needs CuPy (cupy-cuda12x/13x)")
+if not getattr(nccl, "available", False):
+    pytest.skip("CuPy was built without NCCL", allow_module_level=True)
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def mpi() -> MpiCommunicator:
+    from mpi4py import MPI
+
+    return MpiCommunicator(MPI.COMM_WORLD)
+
+
+@pytest.fixture(scope="module")
+def device(mpi: MpiCommunicator) -> torch.device:
+    if not 2 <= mpi.world_size <= 8:
+        pytest.skip("the custom all-reduce runs on 2 to 8 ranks")
+    mapping = Mapping.from_env()
+    # Decided together, so that no rank skips while the others wait.
+    short = torch.tensor([int(mapping.local_rank >= torch.cuda.device_count())])
+    if mpi.all_reduce(short, op="max").item():
+        pytest.skip("more ranks on a node than GPUs")
+    dev = mapping.device()
+    torch.cuda.set_device(dev)
+    return dev
+
+
+@pytest.fixture(scope="module")
+def custom(mpi: MpiCommunicator, device: torch.device) -> CustomAllReduce:
+    made = CustomAllReduce(mpi.mpi_comm, device)
+    assert made.reachable, f"peers should reach each other here: {made.unreachable_reason}"
+    return made
+
+
+@pytest.fixture(scope="module")
+def ref(mpi: MpiCommunicator, device: torch.device) -> NcclCommunicator:
+    """Plain NCCL: the reference, and the carrier of the checks' all_gather."""
+    return NcclCommunicator(mpi.mpi_comm, device, all_reduce="nccl")
+
+
+def rank_input(n: int, dtype: torch.dtype, seed: int, rank: int, device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed * 1009 + rank)
+    return torch.randn(n, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+
+def same_on_all_ranks(ref: NcclCommunicator, t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: every rank's `t` is bitwise equal to this rank's."""
+    everyone = ref.all_gather(t.view(torch.uint8) if t.dtype != torch.uint8 else t)
+    return (everyone == everyone[ref.rank]).all()
+
+
+def check_sum(ref: NcclCommunicator, x: torch.Tensor, got: torch.Tensor) -> dict[str, object]:
+    """Reference numbers for `got` = custom sum of every rank's `x` (collective; no asserts).
+
+    exact: the float64 sum (NCCL in float64). scale: sum over ranks of |x|. Bounds:
+    - against exact: fp32 accumulation in rank order (N - 1 roundings of at most
+      eps32/2 * scale each) and one rounding to the dtype: eps * |exact| + N * eps32 * scale;
+    - against NCCL in the same dtype (which rounds each partial sum in the dtype), the stated
+      tolerance: N * eps(dtype) * scale (fp32: <= 1e-6 of scale at N <= 8; bf16 ~1.6e-2 at 2).
+    """
+    n_ranks = ref.world_size
+    eps = torch.finfo(x.dtype).eps
+    nccl_sum = ref.all_reduce(x.clone())
+    exact = ref.all_reduce(x.double())
+    scale = ref.all_reduce(x.double().abs())
+    same = same_on_all_ranks(ref, got)
+    err = (got.double() - exact).abs()
+    err_nccl = (got.double() - nccl_sum.double()).abs()
+    return {
+        "same_on_all_ranks": bool(same.item()),
+        "within_exact": bool((err <= eps * exact.abs() + n_ranks * EPS32 * scale).all().item()),
+        "within_nccl": bool((err_nccl <= n_ranks * eps * scale).all().item()),
+        "max_err": err.max().item() if err.numel() else 0.0,
+    }
+
+
+def sizes_for(dtype: torch.dtype, capacity: int) -> list[int]:
+    """Element counts: 1, odd and small counts, 4 KB, odd counts past it, up to capacity."""
+    item = torch.tensor([], dtype=dtype).element_size()
+    kb = 1024 // item
+    return [1, 2, 3, 7, 9, 31, 257, 1023, 4 * kb, 4 * kb + 3, 64 * kb + 5, 1024 * kb - 1,
+            capacity // item]
+
+
+def test_peers_reach_each_other(custom) -> None:
+    assert custom.reachable and custom.unreachable_reason is None
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_matches_nccl_and_float64_at_every_size(custom, ref, device, dtype, algorithm) -> None:
+    results = {}
+    for i, n in enumerate(sizes_for(dtype, custom.capacity_bytes)):
+        x = rank_input(n, dtype, seed=i, rank=custom.rank, device=device)
+        got = x.clone()
+        out = custom.all_reduce(got, algorithm)
+        results[n] = (out is got, check_sum(ref, x, got))
+    custom.synchronize()
+    for n, (in_place, r) in results.items():
+        assert in_place, n
+        assert r["same_on_all_ranks"], f"{n} elements: ranks differ"
+        assert r["within_exact"], f"{n} elements: error {r['max_err']} over the bound"
+        assert r["within_nccl"], f"{n} elements: further from NCCL than the tolerance"
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_unaligned_tensors(custom, ref, device, dtype, algorithm) -> None:
+    """A view one element into its storage is not 16-byte aligned: the element-wise path."""
+    results = {}
+    for n in (1, 5, 4099, 65_541):
+        x = rank_input(n, dtype, seed=n, rank=custom.rank, device=device)
+        base = torch.full((n + 1,), 7.0, dtype=dtype, device=device)
+        view = base[1:]
+        view.copy_(x)
+        custom.all_reduce(view, algorithm)
+        results[n] = (base[0].item() == 7.0, check_sum(ref, x, view))
+    custom.synchronize()
+    for n, (untouched, r) in results.items():
+        assert untouched, f"{n}: the element before the view was written"
+        assert r["same_on_all_ranks"] and r["within_exact"] and r["within_nccl"], (n, r)
+
+
+def test_refuses_what_it_cannot_do(custom, device) -> None:
+    with pytest.raises(TypeError, match="float64"):
+        custom.all_reduce(torch.ones(4, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="contiguous"):
+        custom.all_reduce(torch.ones(4, 4, device=device)[:, 0])
+    with pytest.raises(ValueError, match="exceed"):
+        custom.all_reduce(torch.ones(custom.capacity_bytes // 4 + 1, device=device))
+    with pytest.raises(ValueError, match="algorithm"):
+        custom.all_reduce(torch.ones(4, device=device), "ring")
+    with pytest.raises(ValueError, match="cuda"):
+        custom.all_reduce(torch.ones(4))
+
+
+def expected_integers(n: int, n_ranks: int, step: int) -> torch.Tensor:
+    """Sum over ranks r of (arange(n) % 7 + r + 1 + step): small integers, exact in bf16."""
+    return n_ranks * (torch.arange(n) % 7) + n_ranks * (n_ranks + 1) // 2 + n_ranks * step
+
+
+def integer_input(t: torch.Tensor, rank: int, step: int) -> None:
+    n = t.numel()
+    t.copy_(torch.arange(n, device=t.device) % 7 + rank + 1 + step)
+
+
+def test_ten_thousand_calls_in_a_row(custom, ref, device) -> None:
+    """Sizes of 1, a few and many blocks, alternating algorithms; every result is checked
+    on the device (no host synchronization in the loop), the last ones also on the host."""
+    rank, n_ranks = custom.rank, custom.world_size
+    sizes = [1, 3001, 300_007]
+    bufs = [torch.empty(n, device=device) for n in sizes]
+    wants = [expected_integers(n, n_ranks, 0).to(device, torch.float32) for n in sizes]
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    calls = 10_000
+    for i in range(calls):
+        j, step = i % len(sizes), (i // 7) % 9
+        integer_input(bufs[j], rank, step)
+        custom.all_reduce(bufs[j], ALGORITHMS[(i // len(sizes)) % 2])
+        wrong += (bufs[j] != wants[j] + n_ranks * step).sum()
+    last = [((calls - 1 - k) // 7) % 9 for k in range(len(sizes))]  # steps of the last calls
+    same = same_on_all_ranks(ref, torch.cat(bufs))
+    custom.synchronize()
+    assert wrong.item() == 0, f"{wrong.item()} wrong elements over {calls} calls"
+    for k in range(len(sizes)):
+        j = (calls - 1 - k) % len(sizes)
+        assert torch.equal(bufs[j].cpu(), wants[j].cpu() + n_ranks * last[k]), sizes[j]
+    assert same.item()
+
+
+def test_cuda_graph_replayed_a_thousand_times(custom, ref, device) -> None:
+    """Three all-reduces captured once (one-shot fp32, two-shot bf16, one-shot fp16),
+    replayed on changing inputs, then an eager call: the step counter lives on the device."""
+    rank, n_ranks = custom.rank, custom.world_size
+    specs = [(4099, torch.float32, "oneshot"), (300_001, torch.bfloat16, "twoshot"),
+             (77, torch.float16, "oneshot")]
+    inps = [torch.empty(n, dtype=dt, device=device) for n, dt, _ in specs]
+    outs = [torch.empty_like(t) for t in inps]
+    wants = [expected_integers(n, n_ranks, 0).to(device, dt) for n, dt, _ in specs]
+
+    def step_inputs(step: int) -> None:
+        for t in inps:
+            integer_input(t, rank, step)
+
+    def run() -> None:
+        for inp, out, (_, _, algo) in zip(inps, outs, specs):
+            out.copy_(inp)
+            custom.all_reduce(out, algo)
+
+    step_inputs(0)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    for i in range(1000):
+        step = i % 9
+        step_inputs(step)
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        for out, want in zip(outs, wants):
+            wrong += (out != want + n_ranks * step).sum()
+    step_inputs(3)
+    run()  # eager, after the replays
+    eager_ok = all(bool((o == w + 3 * n_ranks).all()) for o, w in zip(outs, wants))
+    same = same_on_all_ranks(ref, torch.cat([o.view(torch.uint8) for o in outs]))
+    custom.synchronize()
+    assert wrong.item() == 0, f"{wrong.item()} wrong elements over 1000 replays"
+    assert eager_ok
+    assert same.item()
+
+
+def test_communicator_auto_picks_by_size(mpi, ref, device) -> None:
+    comm = NcclCommunicator(mpi.mpi_comm, device, all_reduce="auto")
+    assert comm.custom is not None
+    limits = thresholds_for(comm.world_size)
+    small = rank_input(2048, torch.bfloat16, seed=41, rank=comm.rank, device=device)
+    cap = comm.custom.capacity_bytes
+    picks = {
+        "small": comm.algorithm_for(small),
+        "oneshot_edge": comm.algorithm_for(torch.empty(limits.oneshot_max_bytes // 2,
+                                                       dtype=torch.bfloat16, device=device)),
+        "over_capacity": comm.algorithm_for(torch.empty(cap // 4 + 1, device=device)),
+        "max": comm.algorithm_for(small, "max"),
+        "int": comm.algorithm_for(torch.ones(8, dtype=torch.int32, device=device)),
+    }
+    got = comm.all_reduce(small.clone())
+    r = check_sum(ref, small, got)
+    comm.synchronize()
+    edge = "oneshot" if limits.oneshot_max_bytes <= cap else "nccl"
+    assert picks == {"small": "oneshot", "oneshot_edge": edge, "over_capacity": "nccl",
+                     "max": "nccl", "int": "nccl"}
+    assert r["same_on_all_ranks"] and r["within_exact"] and r["within_nccl"], r
+
+
+@pytest.mark.parametrize("forced", ["twoshot", "nccl"])
+def test_environment_variable_forces_a_path(mpi, ref, device, monkeypatch, forced) -> None:
+    monkeypatch.setenv(MODE_ENV, forced)
+    comm = NcclCommunicator(mpi.mpi_comm, device)
+    x = rank_input(1000, torch.float32, seed=43, rank=comm.rank, device=device)
+    pick = comm.algorithm_for(x)
+    r = check_sum(ref, x, comm.all_reduce(x.clone()))
+    comm.synchronize()
+    assert comm.all_reduce_mode == forced
+    assert pick == forced
+    assert (comm.custom is None) == (forced == "nccl")
+    assert r["same_on_all_ranks"] and r["within_exact"] and r["within_nccl"], r
+
+
+# Keep this test last: the workspace it breaks is its own, but a rank sits out a collective.
+def test_a_rank_that_stops_makes_the_others_raise_in_time(mpi, device) -> None:
+    timeout = 1.0
+    short = CustomAllReduce(mpi.mpi_comm, device, capacity_bytes=1 << 16, timeout_s=timeout)
+    idle = short.world_size - 1
+    t = torch.ones(1000, device=device)
+    waited, named, sticky, idle_clean = -1.0, [], False, True
+    if short.rank != idle:
+        start = time.monotonic()
+        short.all_reduce(t, "oneshot")
+        try:
+            short.synchronize()
+        except CustomAllReduceError as e:
+            waited, named = time.monotonic() - start, e.peers
+        try:
+            short.all_reduce(t)  # refused before launching: the workspace is broken
+        except CustomAllReduceError:
+            sticky = True
+    else:
+        try:
+            short.check()
+        except CustomAllReduceError:
+            idle_clean = False
+    mine = np.array([waited, float(named == [idle]), float(sticky), float(idle_clean)])
+    every = np.empty((short.world_size, 4))
+    mpi.mpi_comm.Allgather(mine, every)
+    short.close()
+    for r, (waited_r, named_r, sticky_r, clean_r) in enumerate(every):
+        if r == idle:
+            assert clean_r, "the rank that sat out saw an error"
+            continue
+        assert timeout * 0.9 <= waited_r <= timeout + 10, f"rank {r} raised after {waited_r} s"
+        assert named_r, f"rank {r} did not name rank {idle}"
+        assert sticky_r, f"rank {r} launched again on a broken workspace"

@@ -1,0 +1,225 @@
+"""The Triton weight-only kernels on CUDA against float64 references built from the torch oracle.
+
+One command (one GPU is enough; under mpirun every rank runs them on its own GPU):
+    python3 -m pytest -q tests/gpu/test_kernels_weight_only.py
+
+Every path (gemv, dot, dequant) x scheme (int8 / int4 per channel; groupwise int4 with zeros,
+symmetric, with a pre-quant scale) x dtype (float16, bfloat16) x M (1, 3, 17, 4096), with N
+and K not multiples of 128 where the scheme allows; then the automatic dispatch through the
+public ops (autotuned), the "reference" override, float32 x, and a CUDA-graph capture.
+Outputs are poisoned with NaN first. Tolerance: max |y - ref| <= TOL[dtype] * max |ref|,
+where ref is float64 math on the weight tpquant.kernels.weight_only dequantizes.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("triton", reason="the fast weight-only kernels are Triton kernels")
+
+from tpquant.kernels import triton_weight_only as tw  # noqa: E402
+from tpquant.kernels import weight_only as ref  # noqa: E402
+from tpquant.parallel.mapping import Mapping  # noqa: E402
+from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
+
+# float16 / bfloat16 outputs round once (2^-11, 2^-8 relative); the dequant path also rounds W.
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float16, torch.bfloat16]
+SCHEMES = {
+    # name: (scheme, N, K); N and K are not multiples of 128 where the group size allows.
+    "wo8": (WeightOnly(8), 200, 328),
+    "wo4": (WeightOnly(4), 200, 328),
+    "gw64-zeros": (Groupwise(group_size=64, zeros=True), 200, 320),
+    "gw64-sym": (Groupwise(group_size=64, zeros=False), 200, 320),
+    "gw128-zeros-pqs": (Groupwise(group_size=128, zeros=True, pre_quant_scale=True), 200, 384),
+}
+MS = [1, 3, 17, 4096]
+# Explicit kernel configs: every path without waiting for the autotuner on every case.
+GEMV_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4}
+
+
+def _dot_config(m: int) -> dict[str, int]:
+    return {"BLOCK_M": 16 if m < 64 else 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
+
+
+@pytest.fixture(scope="module")
+def device() -> torch.device:
+    dev = Mapping.from_env().device()
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def _tensors(name: str, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    scheme, n, k = SCHEMES[name]
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
+    if isinstance(scheme, Groupwise) and scheme.pre_quant_scale:
+        t = scheme.quantize(w, pre_quant_scale=torch.rand(k, generator=g).add(0.5))
+    else:
+        t = scheme.quantize(w)
+    return {key: v.to(device) for key, v in t.items()}
+
+
+def _inputs(name: str, m: int, dtype: torch.dtype, device: torch.device, seed: int):
+    """x [m, K] and, for bfloat16 only (fewer kernel variants to compile), a bias [N]."""
+    _, n, k = SCHEMES[name]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    bias = torch.randn(n, generator=g).to(device) if dtype == torch.bfloat16 else None
+    return x, bias
+
+
+def _seed(*parts) -> int:
+    """A seed that is the same in every run (str hashes are salted per process)."""
+    return zlib.crc32(repr(parts).encode()) % 10_000
+
+
+def _reference(name: str, t: dict[str, torch.Tensor], x: torch.Tensor, bias) -> torch.Tensor:
+    """float64 (x * pqs) @ W^T + bias, W from the torch reference dequantization."""
+    scheme = SCHEMES[name][0]
+    xd = x.double()
+    if isinstance(scheme, WeightOnly):
+        w = ref.dequantize_weight_only(t["qweight"], t["scale"], scheme.bits)
+    else:
+        w = ref.dequantize_groupwise(t["qweight"], t["scales"], t.get("zeros"), scheme.group_size)
+        if "pre_quant_scale" in t:
+            xd = xd * t["pre_quant_scale"].double()
+    y = xd @ w.double().t()
+    return y if bias is None else y + bias.double()
+
+
+def _launch(name, t, x, bias, **kw) -> torch.Tensor:
+    scheme = SCHEMES[name][0]
+    if isinstance(scheme, WeightOnly):
+        return tw.weight_only_matmul(x, t["qweight"], t["scale"], scheme.bits, bias, **kw)
+    return tw.groupwise_matmul(
+        x, t["qweight"], t["scales"], t.get("zeros"), scheme.group_size,
+        t.get("pre_quant_scale"), bias, **kw,
+    )
+
+
+def _public(name, t, x, bias, **kw) -> torch.Tensor:
+    """Through tpquant.kernels.weight_only, as Scheme.forward calls it."""
+    scheme = SCHEMES[name][0]
+    if isinstance(scheme, WeightOnly):
+        return ref.weight_only_matmul(x, t["qweight"], t["scale"], scheme.bits, bias, **kw)
+    return ref.groupwise_matmul(
+        x, t["qweight"], t["scales"], t.get("zeros"), scheme.group_size,
+        t.get("pre_quant_scale"), bias, **kw,
+    )
+
+
+def _check(y: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what) -> None:
+    assert y.dtype == dtype and y.shape == expected.shape, what
+    assert torch.isfinite(y).all(), f"{what}: an output element was never written"
+    err = (y.double() - expected).abs().max().item()
+    bound = TOL[dtype] * expected.abs().max().item()
+    assert err <= bound, f"{what}: max |diff| {err:.3g} > {bound:.3g}"
+
+
+def _poison_allocator(shape, dtype, device) -> None:
+    """Leave a NaN-filled block of this size in the caching allocator: the next torch.empty of
+    the same size (the op's output) reuses it, so an element the kernel misses stays NaN."""
+    torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["gemv", "dot", "dequant"])
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_each_path(device, name: str, path: str, dtype: torch.dtype, m: int) -> None:
+    seed = _seed(name, path, dtype, m)
+    t = _tensors(name, device, seed)
+    x, bias = _inputs(name, m, dtype, device, seed + 1)
+    config = {"gemv": GEMV_CONFIG, "dot": _dot_config(m), "dequant": None}[path]
+    out = torch.full((m, SCHEMES[name][1]), float("nan"), dtype=dtype, device=device)
+    y = _launch(name, t, x, bias, path=path, config=config, out=out)
+    _check(y, _reference(name, t, x, bias), dtype, (name, path, m))
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_split_k_and_tail(device, path: str, split_k: int) -> None:
+    """K = 2752 (Llama-7B down_proj at TP 4: not a multiple of 128) in 1 or 3 splits."""
+    scheme = WeightOnly(4)
+    g = torch.Generator().manual_seed(split_k)
+    w = torch.randn(96, 2752, generator=g)
+    t = {k: v.to(device) for k, v in scheme.quantize(w).items()}
+    x = torch.randn(5, 2752, generator=g).to(device=device, dtype=torch.bfloat16)
+    config = GEMV_CONFIG if path == "gemv" else _dot_config(5)
+    out = torch.full((5, 96), float("nan"), dtype=torch.bfloat16, device=device)
+    y = tw.weight_only_matmul(
+        x, t["qweight"], t["scale"], 4, path=path, config=config, split_k=split_k, out=out
+    )
+    expected = x.double() @ scheme.dequantize(t).double().t()
+    _check(y, expected, torch.bfloat16, (path, split_k))
+
+
+@pytest.mark.parametrize("m", [1, 17, 4096])
+@pytest.mark.parametrize("name", ["wo8", "wo4", "gw128-zeros-pqs"])
+def test_automatic_dispatch(device, monkeypatch, name: str, m: int) -> None:
+    """The public ops on CUDA pick a path by choose_path and autotune; a Llama-like K."""
+    monkeypatch.delenv(tw.PATH_ENV, raising=False)
+    scheme = SCHEMES[name][0]
+    n, k = 1000, 4096
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(n, k, generator=g)
+    if isinstance(scheme, Groupwise):
+        p = torch.rand(k, generator=g).add(0.5)
+        t = scheme.quantize(w, pre_quant_scale=p)
+    else:
+        t = scheme.quantize(w)
+    t = {key: v.to(device) for key, v in t.items()}
+    x = torch.randn(m, k, generator=g).to(device=device, dtype=torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(device)
+    _poison_allocator((m, n), torch.bfloat16, device)
+    y = _public(name, t, x, bias)
+    _check(y, _reference(name, t, x, bias), torch.bfloat16, (name, m))
+
+
+def test_reference_override_and_float32(device, monkeypatch) -> None:
+    """TPQUANT_WO_PATH=reference and float32 x both run the torch reference on CUDA."""
+    t = _tensors("wo4", device, 11)
+    x, bias = _inputs("wo4", 3, torch.float16, device, 12)
+    w = ref.dequantize_weight_only(t["qweight"], t["scale"], 4)
+    monkeypatch.setenv(tw.PATH_ENV, "reference")
+    assert torch.equal(_public("wo4", t, x, bias), ref._linear_f32(x, w, bias))
+    monkeypatch.delenv(tw.PATH_ENV)
+    x32 = x.float()
+    assert torch.equal(_public("wo4", t, x32, bias), ref._linear_f32(x32, w, bias))
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_cuda_graph_capture_and_replay(device, monkeypatch, m: int) -> None:
+    """Warm up (autotune), capture the fast path in a CUDA graph, replay on new inputs."""
+    monkeypatch.delenv(tw.PATH_ENV, raising=False)
+    name = "gw128-zeros-pqs"
+    t = _tensors(name, device, 21)
+    x, bias = _inputs(name, m, torch.bfloat16, device, 23)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            _public(name, t, x, bias)
+    torch.cuda.current_stream().wait_stream(stream)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = _public(name, t, x, bias)
+    results = []
+    for seed in (31, 32):
+        fresh, _ = _inputs(name, m, torch.bfloat16, device, seed)
+        x.copy_(fresh)
+        y_static.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append((y_static.clone(), _reference(name, t, x, bias)))
+    for y, expected in results:
+        _check(y, expected, torch.bfloat16, ("graph", m))

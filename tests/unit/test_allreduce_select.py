@@ -1,0 +1,134 @@
+"""The pure rules of the custom all-reduce: which path, which mode, which grid.
+
+`choose_all_reduce` is the one place that decides between one-shot, two-shot and NCCL;
+these tests hold it to the thresholds table and to every reason for falling back to NCCL.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tpquant.parallel.custom_allreduce import (
+    ALGORITHMS,
+    MAX_RANKS,
+    MODE_ENV,
+    MODES,
+    THRESHOLDS,
+    all_reduce_mode,
+    choose_all_reduce,
+    launch_blocks,
+    thresholds_for,
+)
+
+CAPACITY = 64 << 20
+
+
+def choose(mode: str = "auto", **kw) -> str:
+    args = dict(
+        nbytes=4096,
+        world_size=4,
+        dtype=torch.bfloat16,
+        op="sum",
+        contiguous=True,
+        custom_available=True,
+        capacity_bytes=CAPACITY,
+    )
+    args.update(kw)
+    return choose_all_reduce(mode, **args)
+
+
+def test_thresholds_table_is_ordered() -> None:
+    for world, t in THRESHOLDS.items():
+        assert 2 <= world <= MAX_RANKS
+        assert 0 < t.oneshot_max_bytes <= t.custom_max_bytes, world
+
+
+@pytest.mark.parametrize("world", range(2, MAX_RANKS + 1))
+def test_auto_follows_the_thresholds_at_their_edges(world: int) -> None:
+    t = thresholds_for(world)
+    assert choose(nbytes=1, world_size=world) == "oneshot"
+    assert choose(nbytes=t.oneshot_max_bytes, world_size=world) == "oneshot"
+    above = "twoshot" if t.custom_max_bytes > t.oneshot_max_bytes else "nccl"
+    assert choose(nbytes=t.oneshot_max_bytes + 1, world_size=world) == above
+    assert choose(nbytes=t.custom_max_bytes + 1, world_size=world) == "nccl"
+
+
+def test_thresholds_for_untabled_world_sizes_take_the_next_tabled_one() -> None:
+    tabled = sorted(THRESHOLDS)
+    for world in range(2, MAX_RANKS + 1):
+        want = next((w for w in tabled if w >= world), tabled[-1])
+        assert thresholds_for(world) == THRESHOLDS[want]
+
+
+@pytest.mark.parametrize("mode", ["auto", "oneshot", "twoshot"])
+@pytest.mark.parametrize(
+    "why",
+    [
+        dict(custom_available=False),
+        dict(op="max"),
+        dict(dtype=torch.float64),
+        dict(dtype=torch.int32),
+        dict(contiguous=False),
+        dict(nbytes=CAPACITY + 1),
+        dict(world_size=MAX_RANKS + 1),
+        dict(world_size=1),
+    ],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_nccl_whenever_the_custom_kernels_cannot_run(mode: str, why: dict) -> None:
+    assert choose(mode, **why) == "nccl"
+
+
+@pytest.mark.parametrize("mode", ALGORITHMS)
+@pytest.mark.parametrize("nbytes", [1, 4096, CAPACITY])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forced_algorithm_wins_at_any_size_that_fits(mode: str, nbytes: int, dtype) -> None:
+    assert choose(mode, nbytes=nbytes, dtype=dtype) == mode
+
+
+def test_nccl_mode_never_takes_the_custom_kernels() -> None:
+    assert choose("nccl", nbytes=16) == "nccl"
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        choose("fast")
+
+
+def test_mode_precedence_option_then_environment_then_auto() -> None:
+    assert all_reduce_mode(None, {}) == "auto"
+    assert all_reduce_mode(None, {MODE_ENV: ""}) == "auto"
+    assert all_reduce_mode(None, {MODE_ENV: "twoshot"}) == "twoshot"
+    assert all_reduce_mode(None, {MODE_ENV: "NCCL"}) == "nccl"
+    assert all_reduce_mode("oneshot", {MODE_ENV: "nccl"}) == "oneshot"
+    assert {all_reduce_mode(m, {}) for m in MODES} == set(MODES)
+
+
+def test_bad_modes_name_their_source() -> None:
+    with pytest.raises(ValueError, match=f"{MODE_ENV}='ring'"):
+        all_reduce_mode(None, {MODE_ENV: "ring"})
+    with pytest.raises(ValueError, match="all_reduce='ring'"):
+        all_reduce_mode("ring", {})
+
+
+@given(
+    numel=st.integers(1, 1 << 26),
+    itemsize=st.sampled_from([2, 4]),
+    world=st.integers(2, MAX_RANKS),
+    algorithm=st.sampled_from(ALGORITHMS),
+    max_blocks=st.integers(1, 64),
+)
+def test_launch_grid_covers_the_work_within_the_block_limit(
+    numel: int, itemsize: int, world: int, algorithm: str, max_blocks: int
+) -> None:
+    threads = 512
+    blocks = launch_blocks(numel, itemsize, world, algorithm, threads, max_blocks)
+    assert 1 <= blocks <= max_blocks
+    packs = -(-numel * itemsize // 16)  # 16-byte packs, the last one maybe partial
+    work = packs if algorithm == "oneshot" else -(-packs // world)
+    # No idle block unless the limit is reached; every pack has a thread when it is not.
+    assert (blocks - 1) * threads < work or blocks == 1
+    assert blocks == max_blocks or blocks * threads >= work

@@ -1,0 +1,285 @@
+"""The W8A8 / RMSNorm Triton kernels in Triton's interpreter (CPU tensors) against the torch
+references in tpquant.kernels.w8a8 and tpquant.kernels.norm.
+
+Allowed differences, stated once:
+- quantization (per token, static, with smoother) and the int32 GEMM: none, bit for bit;
+- the GEMM's float output: none for float32 and float16; bfloat16 within one bfloat16 ulp,
+  because the interpreter converts float32 to bfloat16 by truncation (compiled Triton rounds
+  to nearest even, and the GPU tests ask for equality);
+- RMSNorm: its sum of squares runs in another order, so float32 results differ by a few ulps
+  (rtol 1e-6) plus one ulp of the output dtype; after it, the fused quantizer's scale is
+  within rtol 1e-6 and a code differs by at most one step, only where the reference's
+  quotient y / scale lies within 1e-3 of a rounding tie.
+Every output is poisoned (NaN, or a sentinel integer) before each call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+from tpquant.kernels import norm as norm_ref
+from tpquant.kernels import w8a8 as ref
+
+SHAPES_M = (1, 3, 17)
+N, K = 72, 96
+EPS = 1e-5
+SENTINEL = -77  # int8 / int32 poison
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MODULES = ("tpquant.kernels.triton_w8a8", "tpquant.kernels.triton_norm")
+
+
+def _isolated_modules() -> list[str]:
+    # Triton's Python modules (not its C extension, which cannot be imported twice) and ours.
+    return [
+        name for name in sys.modules
+        if name in _MODULES or name == "triton"
+        or (name.startswith("triton.") and not name.startswith("triton._C"))
+    ]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """Fresh copies of Triton and of the kernel modules, built for the interpreter.
+
+    TRITON_INTERPRET is read when @triton.jit runs, triton.language's own helpers included,
+    and Triton is often imported already (transformers imports it). So Triton's Python modules
+    and ours are set aside, imported again with TRITON_INTERPRET=1, and the originals put back
+    afterwards: nothing outside this module sees the interpreted copies. With numpy >= 2.4 the
+    Triton 3.6 interpreter fails on loops with run-time bounds (int() of a 1-element array,
+    triton-lang/triton#9171); the shim applies that issue's fix to the copy.
+    """
+    pytest.importorskip("triton")
+    package = sys.modules["tpquant.kernels"]
+    saved = {name: sys.modules.pop(name) for name in _isolated_modules()}
+    saved_attrs = {name: package.__dict__.pop(name.rsplit(".", 1)[1], None) for name in _MODULES}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TRITON_INTERPRET", "1")
+            interp = importlib.import_module("triton.runtime.interpreter")
+            original_patch = interp._patch_lang_tensor
+
+            def patch_lang_tensor(tensor, scope):
+                original_patch(tensor, scope)
+                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+            interp._patch_lang_tensor = patch_lang_tensor
+            tw = importlib.import_module(_MODULES[0])
+            tn = importlib.import_module(_MODULES[1])
+            assert isinstance(tw._w8a8_gemm_kernel, interp.InterpretedFunction)
+            yield tw, tn
+    finally:
+        for name in _isolated_modules():
+            del sys.modules[name]
+        sys.modules.update(saved)
+        for name, value in saved_attrs.items():
+            attr = name.rsplit(".", 1)[1]
+            package.__dict__.pop(attr, None)
+            if value is not None:
+                setattr(package, attr, value)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _activation(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = _gen(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, [3, k // 2]] *= 25.0  # outlier channels, as SmoothQuant sees them
+    return x.to(dtype)
+
+
+def _poisoned(shape, dtype) -> torch.Tensor:
+    fill = float("nan") if dtype.is_floating_point else SENTINEL
+    return torch.full(shape, fill, dtype=dtype)
+
+
+def _assert_within_ulp(y: torch.Tensor, ref_y: torch.Tensor, dtype: torch.dtype) -> None:
+    # One ulp of `dtype` at v is at most eps * |v|.
+    assert not y.isnan().any()
+    bound = torch.finfo(dtype).eps * ref_y.double().abs() + torch.finfo(dtype).tiny
+    assert ((y.double() - ref_y.double()).abs() <= bound).all()
+
+
+# -- activation quantization ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", SHAPES_M)
+@pytest.mark.parametrize("with_smoother", [False, True])
+def test_quantize_per_token_exact(kernels, dtype, m, with_smoother) -> None:
+    tw, _ = kernels
+    x = _activation(m, K, dtype, seed=m)
+    smoother = (0.5 + 4 * torch.rand(K, generator=_gen(7))) if with_smoother else None
+    q, scale = _poisoned((m, K), torch.int8), _poisoned((m, 1), torch.float32)
+    tw.quantize_rows(x, smoother, out=q, scale_out=scale)
+    q_ref, scale_ref = ref.quantize_per_token(x, smoother, path="reference")
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q, q_ref)
+
+
+def test_quantize_long_rows_and_leading_dims(kernels) -> None:
+    # K above one 4096-wide block: the amax and quantize loops take two trips.
+    tw, _ = kernels
+    x = _activation(6, 4100, torch.bfloat16, seed=3).reshape(2, 3, 4100)
+    q, scale = tw.quantize_rows(x)
+    q_ref, scale_ref = ref.quantize_per_token(x, path="reference")
+    assert q.shape == (2, 3, 4100) and scale.shape == (2, 3, 1)
+    assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_smoother", [False, True])
+def test_quantize_static_exact_with_clamping(kernels, dtype, with_smoother) -> None:
+    tw, _ = kernels
+    x = _activation(17, K, dtype, seed=5)
+    smoother = (0.5 + 4 * torch.rand(K, generator=_gen(8))) if with_smoother else None
+    # A scale from a milder batch, so that the outliers clamp at -128 / 127.
+    scale = (0.3 * x.float().abs().max() / 127).reshape(())
+    q = _poisoned((17, K), torch.int8)
+    tw.quantize_rows(x, smoother, scale, out=q)
+    q_ref = ref.quantize_static(x, scale, smoother, path="reference")
+    assert torch.equal(q, q_ref)
+    assert (q_ref == 127).any() and (q_ref == -128).any()
+
+
+def test_dispatch_forced_triton_equals_reference(kernels) -> None:
+    x = _activation(3, K, torch.float16, seed=9)
+    q, s = ref.quantize_per_token(x, path="triton")
+    q_ref, s_ref = ref.quantize_per_token(x)  # CPU tensors: the reference
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        ref.quantize_per_token(x.to(torch.float64), path="triton")
+    with pytest.raises(ValueError, match="path must be one of"):
+        ref.quantize_per_token(x, path="cuda")
+
+
+# -- the GEMM --------------------------------------------------------------------------------------
+
+
+def _gemm_configs(tw) -> list:
+    """Every configuration gemm_config can return (run here on small shapes)."""
+    decode_n = tw.DEFAULT_SMS * 32  # wide enough for the 32-wide decode tile
+    return [
+        tw.gemm_config(1, 64, K), tw.gemm_config(1, decode_n, K),
+        tw.MEDIUM_CONFIG, tw.LARGE_CONFIG, tw.LARGE_NARROW_CONFIG,
+    ]
+
+
+def _gemm_operands(m: int, k: int, seed: int):
+    g = _gen(seed)
+    qx = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    qw = torch.randint(-127, 128, (N, k), generator=g, dtype=torch.int8)
+    return qx, qw, g
+
+
+@pytest.mark.parametrize("k", [K, 256])  # 256: every block_k divides it (the unmasked loop)
+def test_gemm_int32_exact_every_config(kernels, k) -> None:
+    tw, _ = kernels
+    for m in SHAPES_M:
+        qx, qw, _ = _gemm_operands(m, k, seed=m + k)
+        expected = ref.int8_matmul(qx, qw)
+        for cfg in _gemm_configs(tw):
+            acc = _poisoned((m, N), torch.int32)
+            tw.w8a8_gemm(qx, None, qw, None, out_dtype=torch.int32, config=cfg, out=acc)
+            assert torch.equal(acc, expected), cfg
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("per_token,per_channel", [(True, True), (False, True), (False, False)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_epilogue_matches_reference(kernels, out_dtype, per_token, per_channel, with_bias):
+    tw, _ = kernels
+    for m in SHAPES_M:
+        qx, qw, g = _gemm_operands(m, K, seed=10 * m)
+        x_scale = (torch.rand(m, 1, generator=g) + 0.1) * 0.02
+        x_scale = x_scale if per_token else x_scale[0, 0]
+        w_scale = (torch.rand(N, generator=g) + 0.1) * 0.01
+        w_scale = w_scale if per_channel else w_scale[0]
+        bias = torch.randn(N, generator=g).to(out_dtype) if with_bias else None
+        expected = ref.w8a8_matmul(qx, x_scale, qw, w_scale, bias, out_dtype, path="reference")
+        for cfg in (tw.gemm_config(m, N, K), tw.LARGE_CONFIG):
+            y = _poisoned((m, N), out_dtype)
+            tw.w8a8_gemm(qx, x_scale, qw, w_scale, bias, out_dtype, config=cfg, out=y)
+            if out_dtype == torch.bfloat16:
+                _assert_within_ulp(y, expected, out_dtype)  # interpreter truncates to bf16
+            else:
+                assert torch.equal(y, expected), cfg
+
+
+def test_gemm_leading_dims_and_bad_input(kernels) -> None:
+    tw, _ = kernels
+    qx, qw, g = _gemm_operands(6, K, seed=4)
+    qx3 = qx.reshape(2, 3, K)
+    sx = torch.rand(2, 3, 1, generator=g) * 0.01
+    sw = torch.rand(N, generator=g) * 0.01
+    y = tw.w8a8_gemm(qx3, sx, qw, sw, out_dtype=torch.float32)
+    assert y.shape == (2, 3, N)
+    assert torch.equal(y, ref.w8a8_matmul(qx3, sx, qw, sw, path="reference"))
+    with pytest.raises(ValueError, match="x_scale must have 1 or 6"):
+        tw.w8a8_gemm(qx, sx[:1], qw, sw)
+    with pytest.raises(ValueError, match="does not match"):
+        tw.w8a8_gemm(qx[:, :64], sx, qw, sw)
+    with pytest.raises(TypeError, match="int8 operands"):
+        tw.w8a8_gemm(qx.float(), sx, qw, sw)
+    with pytest.raises(ValueError, match="out must hold"):
+        tw.w8a8_gemm(qx, sx, qw, sw, out=torch.empty(6, N + 1))
+
+
+def test_gemm_path_rule() -> None:
+    assert ref.gemm_path(4096, 4096, 4096, on_device=False) == ref.REFERENCE
+    assert ref.gemm_path(1, 72, 96, on_device=True) == ref.TRITON
+    # torch._int_mm only where cuBLAS takes the shape, and only from the chosen M up.
+    assert ref.gemm_path(64, 4096, 4096, True, int_mm_from_m=32) == ref.INT_MM
+    assert ref.gemm_path(16, 4096, 4096, True, int_mm_from_m=1) == ref.TRITON
+    assert ref.gemm_path(64, 72 + 4, 96, True, int_mm_from_m=32) == ref.TRITON
+    assert ref.gemm_path(64, 4096, 4096, True, int_mm_from_m=None) == ref.TRITON
+
+
+# -- RMSNorm ---------------------------------------------------------------------------------------
+
+
+def _norm_inputs(m: int, dtype: torch.dtype, seed: int):
+    x = _activation(m, K, dtype, seed)
+    weight = (0.5 + torch.rand(K, generator=_gen(seed + 1))).to(dtype)
+    return x, weight
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(kernels, dtype) -> None:
+    _, tn = kernels
+    for m in SHAPES_M:
+        x, w = _norm_inputs(m, dtype, seed=20 + m)
+        y = _poisoned((m, K), dtype)
+        tn.rms_norm(x, w, EPS, out=y)
+        expected = norm_ref.rms_norm(x, w, EPS, path="reference")
+        rtol = torch.finfo(dtype).eps + 1e-6
+        torch.testing.assert_close(y.double(), expected.double(), rtol=rtol, atol=0)
+
+
+def _assert_codes_near(q, scale, y_ref, q_ref, scale_ref) -> None:
+    """The fused quantizer's allowed difference (module docstring)."""
+    torch.testing.assert_close(scale.double(), scale_ref.double(), rtol=1e-6, atol=0)
+    quot = y_ref.double() / scale_ref.double()
+    near_tie = ((quot - quot.floor()) - 0.5).abs() < 1e-3
+    diff = (q.int() - q_ref.int()).abs()
+    assert ((diff == 0) | (near_tie & (diff == 1))).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("static", [False, True])
+def test_rms_norm_quantize(kernels, dtype, static) -> None:
+    _, tn = kernels
+    for m in SHAPES_M:
+        x, w = _norm_inputs(m, dtype, seed=30 + m)
+        y_ref = norm_ref.rms_norm_f32(x, w, EPS)
+        static_scale = (0.5 * y_ref.abs().max() / 127).reshape(()) if static else None
+        q, scale = _poisoned((m, K), torch.int8), _poisoned((m, 1), torch.float32)
+        q, scale = tn.rms_norm_quantize(x, w, EPS, static_scale, out=q, scale_out=scale)
+        q_ref, scale_ref = ref.rms_norm_quantize(x, w, EPS, static_scale, path="reference")
+        assert scale.shape == scale_ref.shape
+        _assert_codes_near(q, scale.expand(m, 1), y_ref, q_ref, scale_ref.expand(m, 1))

@@ -1,0 +1,254 @@
+"""The Triton weight-only kernels, run on CPU tensors in Triton's interpreter, against float64.
+
+Every path (gemv, dot, dequant) of every scheme (int8 / int4 per channel; groupwise int4 with
+and without zeros, with a pre-quant scale) on small shapes whose N and K are not multiples of
+the block sizes, with split-K on and off and with a bias. The reference is float64 math on the
+weight the torch reference dequantizes (tpquant.kernels.weight_only), itself checked in
+test_weight_schemes. Outputs are poisoned with NaN first, so an unwritten element fails.
+
+The kernels run from fresh copies of Triton and of tpquant.kernels.triton_weight_only imported
+with TRITON_INTERPRET=1 (the `tw` fixture), so that the real modules keep compiled kernels for
+CUDA in the same process. Also here: the pure dispatch rules, on the real module.
+bfloat16 tolerances are loose because the interpreter truncates float32 -> bfloat16 (the GPU
+rounds to nearest; tests/gpu/test_kernels_weight_only.py holds it to the tighter bound).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+import triton  # noqa: E402
+
+from tpquant.kernels import triton_weight_only as real  # noqa: E402
+from tpquant.kernels import weight_only as ref  # noqa: E402
+from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
+
+N, K = 72, 192  # neither a multiple of 128; 192 = 3 groups of 64, 6 of 32
+SCHEMES = {
+    "wo8": WeightOnly(8),
+    "wo4": WeightOnly(4),
+    "gw64-zeros": Groupwise(group_size=64, zeros=True),
+    "gw64-sym": Groupwise(group_size=64, zeros=False),
+    "gw32-zeros-pqs": Groupwise(group_size=32, zeros=True, pre_quant_scale=True),
+}
+# (M, dtype, split_k, BLOCK_K of the explicit config, bias): M = 1, 3, 17; one and two K
+# splits (2 splits of 96 or 128 columns; the second of 128 runs past K = 192 and is clamped).
+CASES = [
+    (1, torch.bfloat16, 2, 32, False),
+    (3, torch.float16, 1, 64, True),
+    (17, torch.bfloat16, 2, 64, True),
+]
+GEMV_LARGE_M = ("wo4", "gw64-zeros")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # of max |reference|
+
+
+_MODULE = "tpquant.kernels.triton_weight_only"
+
+
+def _isolated_modules() -> list[str]:
+    # Triton's Python modules (not its C extension, which cannot be imported twice) and ours.
+    return [
+        name for name in sys.modules
+        if name == _MODULE or name == "triton"
+        or (name.startswith("triton.") and not name.startswith("triton._C"))
+    ]
+
+
+@pytest.fixture(scope="module")
+def tw():
+    """A fresh copy of Triton and of triton_weight_only, built for the interpreter.
+
+    TRITON_INTERPRET is read when @triton.jit runs, triton.language's own helpers included,
+    and Triton is often imported already. So Triton's Python modules and ours are set aside,
+    imported again with TRITON_INTERPRET=1, and the originals put back afterwards: nothing
+    outside this fixture sees the interpreted copies (as in test_triton_w8a8). With
+    numpy >= 2.4 the Triton 3.6 interpreter fails on loops with run-time bounds (int() of a
+    1-element array, triton-lang/triton#9171); the shim applies that issue's fix to the copy.
+    """
+    package = sys.modules["tpquant.kernels"]
+    saved = {name: sys.modules.pop(name) for name in _isolated_modules()}
+    saved_attr = package.__dict__.pop(_MODULE.rsplit(".", 1)[1], None)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TRITON_INTERPRET", "1")
+            interp = importlib.import_module("triton.runtime.interpreter")
+            original_patch = interp._patch_lang_tensor
+
+            def patch_lang_tensor(tensor, scope):
+                original_patch(tensor, scope)
+                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+            interp._patch_lang_tensor = patch_lang_tensor
+            module = importlib.import_module(_MODULE)
+            assert module._INTERPRETED
+            assert isinstance(module._wo_dot_kernel, interp.InterpretedFunction)
+            yield module
+    finally:
+        for name in _isolated_modules():
+            del sys.modules[name]
+        sys.modules.update(saved)
+        package.__dict__.pop(_MODULE.rsplit(".", 1)[1], None)
+        if saved_attr is not None:
+            setattr(package, _MODULE.rsplit(".", 1)[1], saved_attr)
+
+
+def _quantized(name: str, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g).add(0.1)
+    scheme = SCHEMES[name]
+    if isinstance(scheme, Groupwise) and scheme.pre_quant_scale:
+        return scheme.quantize(w, pre_quant_scale=torch.rand(K, generator=g).add(0.5))
+    return scheme.quantize(w)
+
+
+def _reference(name: str, t: dict[str, torch.Tensor], x: torch.Tensor, bias) -> torch.Tensor:
+    """float64 (x * pqs) @ W^T + bias from the reference dequantization."""
+    scheme = SCHEMES[name]
+    xd = x.double()
+    if isinstance(scheme, WeightOnly):
+        w = ref.dequantize_weight_only(t["qweight"], t["scale"], scheme.bits)
+    else:
+        w = ref.dequantize_groupwise(
+            t["qweight"], t["scales"], t.get("zeros"), scheme.group_size
+        )
+        if "pre_quant_scale" in t:
+            xd = xd * t["pre_quant_scale"].double()
+    y = xd @ w.double().t()
+    return y if bias is None else y + bias.double()
+
+
+def _run(tw, name, t, x, bias, path, config, split_k):
+    """The launcher's result, written into an output first filled with NaN."""
+    scheme = SCHEMES[name]
+    out = torch.full((x.numel() // K, N), float("nan"), dtype=x.dtype)
+    kw = dict(path=path, config=config, split_k=split_k, out=out)
+    if isinstance(scheme, WeightOnly):
+        y = tw.weight_only_matmul(x, t["qweight"], t["scale"], scheme.bits, bias, **kw)
+    else:
+        y = tw.groupwise_matmul(
+            x, t["qweight"], t["scales"], t.get("zeros"), scheme.group_size,
+            t.get("pre_quant_scale"), bias, **kw,
+        )
+    assert y.data_ptr() == out.data_ptr()
+    return y
+
+
+# gemv at M = 17 is slow in the interpreter: two schemes cover its M tiles.
+KERNEL_CASES = [
+    pytest.param(name, path, case, id=f"{name}-{path}-M{CASES[case][0]}")
+    for name in SCHEMES
+    for path in ("gemv", "dot", "dequant")
+    for case in range(len(CASES))
+    if not (path == "gemv" and CASES[case][0] > 3 and name not in GEMV_LARGE_M)
+]
+
+
+@pytest.mark.parametrize("name, path, case", KERNEL_CASES)
+def test_kernel_matches_float64(tw, name: str, path: str, case: int) -> None:
+    m, dtype, split_k, block_k, with_bias = CASES[case]
+    t = _quantized(name, seed=zlib.crc32(f"{name}{case}".encode()) % 1000)
+    g = torch.Generator().manual_seed(case)
+    x = torch.randn(m, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g) if with_bias else None
+    group = getattr(SCHEMES[name], "group_size", block_k)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(block_k, group)}  # BLOCK_K | g
+    y = _run(tw, name, t, x, bias, path, config, split_k)
+
+    expected = _reference(name, t, x, bias)
+    assert y.dtype == dtype and y.shape == (m, N)
+    assert torch.isfinite(y).all(), "an output element was never written"
+    err = (y.double() - expected).abs().max().item()
+    # bfloat16: the interpreter truncates float32 -> bfloat16 (the GPU rounds), hence 1e-2.
+    assert err <= TOL[dtype] * expected.abs().max().item() + 1e-6, (name, path, m, err)
+
+
+def test_leading_dims_and_uneven_block(tw) -> None:
+    """x [2, 3, K]; BLOCK_K = 128 does not divide K = 192 (the clamped, masked K tail)."""
+    t = _quantized("wo4", seed=7)
+    x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}
+    for path in ("gemv", "dot"):
+        y = _run(tw, "wo4", t, x, None, path, config, 2)
+        expected = _reference("wo4", t, x.reshape(6, K), None).reshape(2, 3, N)
+        err = (y.double() - expected).abs().max().item()
+        assert y.shape == (2, 3, N)
+        assert err <= TOL[torch.float16] * expected.abs().max().item(), (path, err)
+
+
+def test_group_size_not_multiple_of_min_block_goes_to_dequant(tw) -> None:
+    """g = 48: choose_path sends it to dequant; forcing a fused path is a clear error."""
+    scheme = Groupwise(group_size=48, zeros=True)
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(5))
+    t = scheme.quantize(w)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(6)).to(torch.float16)
+    assert tw.choose_path(3, N, K, 4, 48) == tw.DEQUANT
+    y = tw.groupwise_matmul(x, t["qweight"], t["scales"], t["zeros"], 48, None)
+    expected = x.double() @ scheme.dequantize(t).double().t()
+    assert (y.double() - expected).abs().max() <= 2e-3 * expected.abs().max()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tw.groupwise_matmul(x, t["qweight"], t["scales"], t["zeros"], 48, None, path="dot")
+
+
+# ---- dispatch rules (pure functions of the real module) ------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 1024, 1025, 4096])
+def test_choose_path_follows_thresholds(m: int) -> None:
+    got = real.choose_path(m, 4096, 4096, 4, 128)
+    if m <= real.GEMV_MAX_M:
+        assert got == real.GEMV
+    elif m <= real.DOT_MAX_M:
+        assert got == real.DOT
+    else:
+        assert got == real.DEQUANT
+    assert real.choose_path(m, 4096, 4096, 4, 48) == real.DEQUANT
+
+
+@pytest.mark.parametrize("tiles", [1, 7, 64, 132, 1000, 100000])
+@pytest.mark.parametrize("k", [192, 2752, 4096, 11008, 28672])
+def test_split_k_covers_k_and_fills_the_gpu(tiles: int, k: int) -> None:
+    sms = 132
+    splits, per = real.split_k_for(tiles, k, sms, 512)
+    assert per % 512 == 0
+    assert (splits - 1) * per < k <= splits * per  # every split has work, all of K is covered
+    assert 1 <= splits <= real.MAX_SPLIT_K
+    if splits > 1:
+        assert per >= real.MIN_K_PER_SPLIT
+    # More splits only when the tiles alone leave SMs idle.
+    if tiles >= real.PROGRAMS_PER_SM * sms:
+        assert splits == 1
+
+
+def test_forced_path_reads_argument_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(real.PATH_ENV, raising=False)
+    assert real.forced_path() == real.AUTO
+    monkeypatch.setenv(real.PATH_ENV, "dot")
+    assert real.forced_path() == "dot"
+    assert real.forced_path("gemv") == "gemv"
+    monkeypatch.setenv(real.PATH_ENV, "fastest")
+    with pytest.raises(ValueError, match=real.PATH_ENV):
+        real.forced_path()
+
+
+def test_cpu_calls_stay_on_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU the public ops are the reference whatever path is asked for."""
+    monkeypatch.setenv(real.PATH_ENV, "dot")
+    t = _quantized("wo8", seed=1)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(2))
+    y = ref.weight_only_matmul(x, t["qweight"], t["scale"], 8)
+    expected = x.double() @ ref.dequantize_weight_only(t["qweight"], t["scale"], 8).double().t()
+    assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_m_bucket_is_a_power_of_two_at_least_m() -> None:
+    for m in (1, 3, 16, 17, 4095, 4096):
+        b = real.m_bucket(m)
+        assert b >= m and b & (b - 1) == 0 and b < 2 * m + 1
+    assert triton.next_power_of_2(5000) > real.m_bucket(5000) == 4096

@@ -1,0 +1,125 @@
+"""CUDA graphs of the decode step, one per batch-size bucket (DESIGN s8).
+
+A decode step launches hundreds of small kernels (per layer: norm, four linears, RoPE, the
+cache write, attention, an all-reduce or two); at batch 1 launching them costs more than
+running them. `Llama.decode_step` has shapes fixed by the batch size alone and never reads a
+device value on the host, so it is captured once per bucket and replayed at every position:
+its tokens and positions are copied into the graph's static input buffers, and its logits
+come out of a static output buffer.
+
+A batch is padded up to its bucket (1, 2, 4, ..., 64). The padding rows decode token 0 at
+position 0 of the cache rows above the real batch, which no real row reads; the KV cache
+therefore needs max_batch >= the bucket (`rows_for`). Batches above the largest bucket run
+`decode_step` eagerly.
+
+Capture rules followed here:
+- warm-up runs first, on a side stream, outside the capture: Triton compiles and autotunes,
+  NCCL (and a custom all-reduce) make their first-call connections;
+- warm-up and capture write the KV cache at the static positions (0), so `prepare` must run
+  BEFORE the prefill that fills the cache (generate does this);
+- every graph shares one memory pool; graphs replay one at a time, in the order generate
+  calls them, and the static inputs/outputs stay referenced, so sharing is safe;
+- every rank captures the same buckets in the same order (the collectives are inside).
+A `setup_caches` (new cache tensors) makes the captured addresses stale: the graphs are
+dropped and captured again (`Llama.cache_version`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpquant.models.llama import Llama
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def bucket_for(batch: int, buckets: tuple[int, ...] = BUCKETS) -> int | None:
+    """The smallest bucket holding `batch` rows, or None above the largest."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return next((b for b in buckets if b >= batch), None)
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # [bucket] int64, static input
+    pos: torch.Tensor  # [bucket] int64, static input
+    logits: torch.Tensor  # [bucket, V], static output
+
+
+class DecodeGraphs:
+    """`step(tokens, pos) -> logits` through captured CUDA graphs of `model.decode_step`."""
+
+    def __init__(self, model: Llama, buckets: tuple[int, ...] = BUCKETS, warmup: int = 2) -> None:
+        device = model.embed.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}")
+        if list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+            raise ValueError(f"buckets must be increasing positive sizes, got {buckets}")
+        self.model, self.buckets, self.warmup, self.device = model, tuple(buckets), warmup, device
+        self._graphs: dict[int, _Captured] = {}
+        self._version = model.cache_version
+        self._pool = None
+
+    def rows_for(self, batch: int) -> int:
+        """Cache rows a batch needs: its bucket (padding rows included), or itself if eager."""
+        return bucket_for(batch, self.buckets) or batch
+
+    def captured(self) -> list[int]:
+        return sorted(self._graphs)
+
+    def prepare(self, batch: int) -> None:
+        """Capture the graph for `batch`'s bucket if it is not there yet. Writes the KV cache
+        at position 0 of the bucket's rows: call it before the prefill."""
+        self._drop_if_stale()
+        bucket = bucket_for(batch, self.buckets)
+        if bucket is None or bucket in self._graphs:
+            return
+        if bucket > self.model.max_batch:
+            raise ValueError(
+                f"bucket {bucket} needs max_batch >= {bucket}, the KV cache has "
+                f"{self.model.max_batch}: setup_caches(rows_for(batch), ...) first"
+            )
+        self._graphs[bucket] = self._capture(bucket)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of tokens [B] at positions pos [B] (device int64). The result is a
+        view of the graph's output buffer: use it before the next step."""
+        B = tokens.shape[0]
+        bucket = bucket_for(B, self.buckets)
+        if bucket is None:
+            return self.model.decode_step(tokens, pos)
+        self.prepare(B)
+        g = self._graphs[bucket]
+        g.tokens[:B].copy_(tokens)
+        g.pos[:B].copy_(pos)
+        g.graph.replay()
+        return g.logits[:B]
+
+    def _drop_if_stale(self) -> None:
+        if self.model.cache_version != self._version:
+            self._graphs.clear()
+            self._pool = None
+            self._version = self.model.cache_version
+
+    @torch.no_grad()
+    def _capture(self, bucket: int) -> _Captured:
+        tokens = torch.zeros(bucket, dtype=torch.long, device=self.device)
+        pos = torch.zeros(bucket, dtype=torch.long, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.model.decode_step(tokens, pos)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.model.decode_step(tokens, pos)
+        return _Captured(graph, tokens, pos, logits)

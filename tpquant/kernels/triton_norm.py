@@ -1,0 +1,137 @@
+"""Triton kernels for RMSNorm, alone and fused with int8 quantization (the SmoothQuant RMSNorm).
+
+Math as in tpquant.kernels.norm.rms_norm_f32, in float32: inv_rms = 1 / sqrt(mean(x^2) + eps)
+(correctly rounded sqrt and division), y = x * inv_rms * weight. The sum of squares runs in a
+different order than torch's, so y may differ from the reference by a few float32 ulps; the
+fused quantizer then rounds y with the reference's exact rules (triton_w8a8.quantize_int8), so
+an int8 code can differ by one step only where y / scale is within those ulps of a rounding
+tie, and the per-token scale by the same few ulps.
+
+Launchers take CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; no host sync, so every
+launch is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tpquant.kernels.triton_w8a8 import (
+    as_rows,
+    check_scalar,
+    check_vector,
+    int8_scale,
+    output,
+    quantize_int8,
+    row_block,
+)
+
+
+@triton.jit
+def _inv_rms(x_row, K, k_float, eps, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        acc += v * v
+    mean = tl.math.div_rn(tl.sum(acc, axis=0), k_float)
+    return tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
+
+
+@triton.jit
+def _normed(x_row, w_ptr, offs, mask, inv_rms):
+    v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return v * inv_rms * w
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, w_ptr, y_ptr, K, stride_x, stride_y, k_float, eps, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    inv_rms = _inv_rms(x_row, K, k_float, eps, BLOCK)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mask = offs < K
+        y = _normed(x_row, w_ptr, offs, mask, inv_rms)
+        tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_quantize_kernel(
+    x_ptr, w_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, k_float, eps,
+    PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Passes over the row (re-read from cache): sum of squares, amax of y (per token), codes.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    inv_rms = _inv_rms(x_row, K, k_float, eps, BLOCK)
+    if PER_TOKEN:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(_normed(x_row, w_ptr, offs, offs < K, inv_rms)))
+        scale = int8_scale(tl.max(amax, axis=0))
+        tl.store(scale_ptr + row, scale)
+    else:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mask = offs < K
+        y = _normed(x_row, w_ptr, offs, mask, inv_rms)
+        tl.store(q_ptr + row * stride_q + offs, quantize_int8(y, scale), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RMSNorm of x [..., K] with weight [K]: float32 math, returned in x's dtype
+    (written into `out` if given)."""
+    x2 = as_rows(x, "x")
+    rows, k = x2.shape
+    w = check_vector(weight, k, x2, "weight")
+    y = output(out, (rows, k), x.dtype, x2, "out")
+    if rows:
+        block, warps = row_block(k)
+        _rms_norm_kernel[(rows,)](
+            x2, w, y, k, x2.stride(0), y.stride(0), float(k), float(eps), BLOCK=block,
+            num_warps=warps,
+        )
+    return y.reshape(x.shape)
+
+
+def rms_norm_quantize(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    static_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    scale_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm straight into int8: (q int8 [..., K], scale).
+
+    scale: float32 [..., 1] per token when static_scale is None, else static_scale as a
+    float32 scalar []. No float copy of the normalized x is written. out / scale_out:
+    optional int8 [..., K] / float32 [..., 1] tensors to write into.
+    """
+    x2 = as_rows(x, "x")
+    rows, k = x2.shape
+    w = check_vector(weight, k, x2, "weight")
+    q = output(out, (rows, k), torch.int8, x2, "out")
+    if static_scale is None:
+        scale = output(scale_out, (rows,), torch.float32, x2, "scale_out")
+    else:
+        scale = check_scalar(static_scale, x2, "static_scale")
+    if rows:
+        block, warps = row_block(k)
+        _rms_norm_quantize_kernel[(rows,)](
+            x2, w, q, scale, k, x2.stride(0), q.stride(0), float(k), float(eps),
+            PER_TOKEN=static_scale is None, BLOCK=block, num_warps=warps,
+        )
+    q = q.reshape(x.shape)
+    if static_scale is None:
+        return q, scale.reshape(*x.shape[:-1], 1)
+    return q, scale.reshape(())

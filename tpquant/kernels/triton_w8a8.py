@@ -1,0 +1,372 @@
+"""Triton kernels for W8A8: the int8 GEMM with a fused dequantizing epilogue, and int8
+activation quantization (per token or static, with the runtime smoother fused in).
+
+Numerics are those of the torch references in tpquant.kernels.w8a8, op for op:
+
+- GEMM: int8 x int8 products summed in int32 (`tl.dot(..., out_dtype=tl.int32)`, int8 tensor
+  cores on Hopper), exact like the reference's float64 product. The epilogue is
+  float32(acc) * s_x * s_w + bias in that order, compiled without FMA contraction
+  (`enable_fp_fusion=False`), then rounded to nearest-even into the output dtype: the same
+  float32 operations as the reference, so the output is the reference's bit for bit.
+- Quantization: scale = max(amax, tiny) / 127 and q = round_half_even(x / scale) clamped to
+  [-128, 127], with IEEE divisions (`div_rn`; Triton's plain `/` is approximate on fp32) and
+  x / smoother also `div_rn`: the int8 codes and scales equal the reference's exactly.
+
+Launchers take any tensors Triton can address: CUDA tensors, or CPU tensors when the module
+was imported with TRITON_INTERPRET=1 (the unit tests run every kernel that way). Nothing here
+synchronizes with the host or reads device values, so every launch is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Smallest normal float32 (2^-126): the floor numerics.symmetric_scale clamps amax to.
+TINY = tl.constexpr(1.1754943508222875e-38)
+# Float types a launcher accepts for activations and outputs.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Offsets are int32 inside the kernels.
+_MAX_NUMEL = 2**31 - 1
+# SM count assumed where no CUDA device is at hand (the interpreter): an H100/H200.
+DEFAULT_SMS = 132
+
+
+# -- device helpers shared with triton_norm ---------------------------------------------------------
+
+
+@triton.jit
+def round_half_even(v):
+    """torch.round's rule (ties to even) from floor alone, so the interpreter runs it too.
+    v - floor(v) is exact in float32 for the |v| <= 128 it is used on."""
+    f = tl.floor(v)
+    d = v - f
+    f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & f_is_odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def quantize_int8(v, scale):
+    """int8 codes of float32 v for a float32 scale: clamp(round(v / scale), -128, 127).
+    Clamping before rounding gives the same codes (the bounds are integers)."""
+    t = tl.math.div_rn(v, scale)
+    t = tl.minimum(tl.maximum(t, -128.0), 127.0)
+    return round_half_even(t).to(tl.int8)
+
+
+@triton.jit
+def int8_scale(amax):
+    """numerics.symmetric_scale for int8: max(amax, tiny) / 127, an IEEE division."""
+    return tl.math.div_rn(tl.maximum(amax, TINY), 127.0)
+
+
+# -- activation quantization ------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_row(x_row, smoother_ptr, offs, mask, HAS_SMOOTHER: tl.constexpr):
+    v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTHER:
+        s = tl.load(smoother_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        v = tl.math.div_rn(v, s)
+    return v
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, smoother_ptr, scale_ptr, q_ptr, K, stride_x, stride_q,
+    HAS_SMOOTHER: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program per row: amax pass (per token), then the quantize pass; the row is re-read
+    # from cache rather than held in registers, so any K fits.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
+    if PER_TOKEN:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            v = _load_row(x_row, smoother_ptr, offs, offs < K, HAS_SMOOTHER)
+            amax = tl.maximum(amax, tl.abs(v))
+        scale = int8_scale(tl.max(amax, axis=0))
+        tl.store(scale_ptr + row, scale)
+    else:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mask = offs < K
+        v = _load_row(x_row, smoother_ptr, offs, mask, HAS_SMOOTHER)
+        tl.store(q_row + offs, quantize_int8(v, scale), mask=mask)
+
+
+def row_block(k: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a row kernel over k features: the row in chunks of at most 4096."""
+    block = min(triton.next_power_of_2(max(k, 16)), 4096)
+    return block, 4 if block <= 1024 else 8
+
+
+def as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """x [..., K] as a 2-D [rows, K] view (a copy only if the last dim is not contiguous)."""
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have a feature dimension, got a scalar")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.numel() > _MAX_NUMEL:
+        raise ValueError(f"{name} has {x2.numel()} elements, more than int32 offsets address")
+    return x2
+
+
+def check_vector(v: torch.Tensor, n: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    """v as a contiguous [n] vector on like's device, or a clear error."""
+    if v.numel() != n:
+        raise ValueError(f"{name} must have {n} elements, got shape {tuple(v.shape)}")
+    if v.device != like.device:
+        raise ValueError(f"{name} is on {v.device}, the input on {like.device}")
+    return v.reshape(n).contiguous()
+
+
+def output(
+    out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor, name: str
+) -> torch.Tensor:
+    """`out` checked against what a kernel writes (contiguous, shape, dtype, device), or a new
+    tensor. A caller-owned out keeps addresses fixed (CUDA graphs) and lets tests poison it."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    if out.dtype != dtype or out.device != like.device or not out.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous {dtype} tensor on {like.device}, got {out.dtype} on "
+            f"{out.device}{'' if out.is_contiguous() else ' (not contiguous)'}"
+        )
+    if out.numel() != math.prod(shape):
+        raise ValueError(f"{name} must hold {shape}, got shape {tuple(out.shape)}")
+    return out.view(shape)
+
+
+def check_scalar(s: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    if s.numel() != 1:
+        raise ValueError(f"{name} must be one value (static), got shape {tuple(s.shape)}")
+    if s.device != like.device:
+        raise ValueError(f"{name} is on {s.device}, the input on {like.device}")
+    return s.reshape(1).float()
+
+
+def quantize_rows(
+    x: torch.Tensor,
+    smoother: torch.Tensor | None = None,
+    static_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    scale_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of x [..., K] (divided by smoother[K] first, if given) and their scale.
+
+    Per token (static_scale None): scale float32 [..., 1] = max_j |x_j / smoother_j| / 127.
+    Static: scale = static_scale (one value) as float32 of shape [].
+    out / scale_out: optional int8 [..., K] / float32 [..., 1] tensors to write into.
+    """
+    x2 = as_rows(x, "x")
+    rows, k = x2.shape
+    if smoother is not None:
+        smoother = check_vector(smoother, k, x2, "smoother")
+    q = output(out, (rows, k), torch.int8, x2, "out")
+    if static_scale is None:
+        scale = output(scale_out, (rows,), torch.float32, x2, "scale_out")
+    else:
+        scale = check_scalar(static_scale, x2, "static_scale")
+    if rows:
+        block, warps = row_block(k)
+        _quantize_rows_kernel[(rows,)](
+            x2, x2 if smoother is None else smoother, scale, q, k, x2.stride(0), q.stride(0),
+            HAS_SMOOTHER=smoother is not None, PER_TOKEN=static_scale is None, BLOCK=block,
+            num_warps=warps,
+        )
+    q = q.reshape(x.shape)
+    if static_scale is None:
+        return q, scale.reshape(*x.shape[:-1], 1)
+    return q, scale.reshape(())
+
+
+# -- the W8A8 GEMM ----------------------------------------------------------------------------------
+
+
+class GemmConfig(NamedTuple):
+    """Tile shape and pipelining of one GEMM launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# Tile shapes by M (tokens). Decode (M <= 16) is a weight-streaming GEMV: the smallest tensor
+# core tile on M and narrow N tiles, so that N / block_n programs keep every SM loading;
+# large M uses the 128 x 256 x 128 tile Hopper's int8 wgmma runs best with.
+DECODE_MAX_M = 16
+MEDIUM_MAX_M = 256
+DECODE_BLOCK_K = 256
+LARGE_CONFIG = GemmConfig(128, 256, 128, 8, 8, 3)
+LARGE_NARROW_CONFIG = GemmConfig(128, 128, 128, 8, 8, 4)
+MEDIUM_CONFIG = GemmConfig(64, 128, 128, 8, 4, 4)
+
+
+def gemm_config(m: int, n: int, k: int, num_sms: int = DEFAULT_SMS) -> GemmConfig:
+    """The tile configuration for an [m, k] x [k, n] int8 GEMM (pure; thresholds above)."""
+    if m <= DECODE_MAX_M:
+        block_n = 32 if triton.cdiv(n, 32) >= num_sms else 16
+        return GemmConfig(16, block_n, DECODE_BLOCK_K, 1, 4, 4)
+    if m <= MEDIUM_MAX_M:
+        return MEDIUM_CONFIG
+    tiles = triton.cdiv(m, LARGE_CONFIG.block_m) * triton.cdiv(n, LARGE_CONFIG.block_n)
+    return LARGE_CONFIG if tiles >= num_sms else LARGE_NARROW_CONFIG
+
+
+@triton.jit
+def _w8a8_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K,
+    stride_am, stride_bn, stride_cm,
+    X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # C[M, N] = A[M, K] @ B[N, K]^T; A and B have unit stride along K (B is the weight as
+    # stored, [out, in] row-major, which is the K-major layout int8 wgmma wants).
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row-tiles share each column tile while it is in L2.
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_size
+    pid_n = (pid % num_in_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows / columns past the edge read a valid row (modulo) and are masked at the store,
+    # which keeps the main loop's loads unmasked along M and N.
+    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + (offs_n % N)[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if EPILOGUE:
+        # The reference's order: float32(acc) * s_x * s_w + bias.
+        y = acc.to(tl.float32)
+        if X_PER_TOKEN:
+            y = y * tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+        else:
+            y = y * tl.load(sx_ptr)
+        if W_PER_CHANNEL:
+            y = y * tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        else:
+            y = y * tl.load(sw_ptr)
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(c_ptrs, acc, mask=mask)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _int8_operands(qx: torch.Tensor, qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if qx.dtype != torch.int8 or qweight.dtype != torch.int8:
+        raise TypeError(f"the W8A8 GEMM needs int8 operands, got {qx.dtype} and {qweight.dtype}")
+    if qweight.dim() != 2 or qx.dim() == 0 or qx.shape[-1] != qweight.shape[1]:
+        raise ValueError(
+            f"the W8A8 GEMM: q_x {tuple(qx.shape)} does not match q_w [out, in] {tuple(qweight.shape)}"
+        )
+    if qx.device != qweight.device:
+        raise ValueError(f"q_x is on {qx.device}, q_w on {qweight.device}")
+    a = qx.reshape(-1, qx.shape[-1])
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = qweight if qweight.stride(-1) == 1 else qweight.contiguous()
+    if max(a.numel(), b.numel(), a.shape[0] * b.shape[0]) > _MAX_NUMEL:
+        raise ValueError("the W8A8 GEMM: an operand or the output exceeds int32 offsets")
+    return a, b
+
+
+def w8a8_gemm(
+    qx: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    config: GemmConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[..., N] = (q_x[..., K] @ q_w[N, K]^T) * s_x * s_w + bias in one kernel.
+
+    x_scale: [..., 1] per token or one value (static); weight_scale: [N] or one value;
+    bias: [N], any float dtype; out_dtype: float16, bfloat16 or float32, or torch.int32 for
+    the raw int32 product (scales and bias must then be None). config: tiles, else
+    gemm_config's choice. out: an optional [..., N] out_dtype tensor to write into.
+    """
+    a, b = _int8_operands(qx, qweight)
+    m, k = a.shape
+    n = b.shape[0]
+    raw = out_dtype == torch.int32
+    if raw:
+        if x_scale is not None or weight_scale is not None or bias is not None:
+            raise ValueError("out_dtype=torch.int32 returns the raw product: pass no scales or bias")
+        sx = sw = a  # unused by the kernel
+    else:
+        if out_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"out_dtype must be float16, bfloat16, float32 or int32, got {out_dtype}")
+        if x_scale is None or weight_scale is None:
+            raise ValueError("a float output needs x_scale and weight_scale")
+        sx = _scale_vector(x_scale, m, a, "x_scale")
+        sw = _scale_vector(weight_scale, n, a, "weight_scale")
+    if bias is not None:
+        bias = check_vector(bias, n, a, "bias")
+    c = output(out, (m, n), out_dtype, a, "out")
+    if m and n:
+        cfg = config or gemm_config(m, n, k, _num_sms(a.device))
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        _w8a8_gemm_kernel[grid](
+            a, b, c, sx, sw, a if bias is None else bias, m, n, k,
+            a.stride(0), b.stride(0), c.stride(0),
+            X_PER_TOKEN=not raw and sx.numel() == m and m > 1,
+            W_PER_CHANNEL=not raw and sw.numel() == n and n > 1,
+            HAS_BIAS=bias is not None, EPILOGUE=not raw, EVEN_K=k % cfg.block_k == 0,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        )
+    return c.reshape(*qx.shape[:-1], n)
+
+
+def _scale_vector(s: torch.Tensor, n: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A float32 scale of n values (per row / column) or of one value (per tensor)."""
+    if s.numel() not in (1, n):
+        raise ValueError(f"{name} must have 1 or {n} elements, got shape {tuple(s.shape)}")
+    if s.device != like.device:
+        raise ValueError(f"{name} is on {s.device}, the operands on {like.device}")
+    return s.reshape(-1).float().contiguous()

@@ -1,0 +1,725 @@
+"""Triton kernels for weight-only matmuls: int8 / int4 per channel and groupwise int4.
+
+The layouts are those of the torch references in `tpquant.kernels.weight_only` (no repacking):
+qweight int8 [N, K] or packed uint8 [N, K/2] (low nibble = even k), per-channel scale [N],
+group scales / zeros [K/g, N], pre_quant_scale [K]. y[M, N] = x[M, K] @ W^T (+ bias).
+
+Three paths; `choose_path` picks one from (M, N, K, bits, group) and the thresholds below:
+
+    gemv     split-K, CUDA-core FMAs in float32; for the smallest M.
+    dot      tl.dot with the dequantization fused in the K loop; split-K for small M so that
+             enough programs fill the SMs, one pass over K for large M.
+    dequant  dequantize W once into x.dtype, then torch's matmul (cuBLAS), for large M.
+
+Numerics. Every stored code is read as an unsigned integer u (int8 q as u = q + 128, signed
+int4 as u = nibble ^ 8 = q + 8, unsigned groupwise nibbles as they are), so W = (u - zp) * s
+with zp = 128, 8 or the stored zero. u becomes a float without an int->float conversion
+instruction (quarter rate or slower on Hopper, too slow to keep up with HBM for int4) by OR-ing
+it into the mantissa of a "magic" float: 0x4B000000 | u is 2^23 + u in float32, 0x6400 | u is
+1024 + u in float16, 0x4300 | u is 128 + u in bfloat16 (u < 128), all exact.
+gemv subtracts 2^23 + zp (exact for integer zp) per element, applies group scale and zero
+with one FMA, accumulates x * w elementwise in float32 and reduces over K once at the end.
+dot feeds the half forms to tl.dot still carrying their offset B; each K block subtracts
+(B + zp) * sum_k x[m, k] from its product (exact algebra, O(M N) per block instead of O(N K)
+per-element subtractions; per-block partials are small, so it cancels only a few bits of
+float32), then takes its group scale. Per-channel scales multiply once at the end. A K block
+never straddles two groups (BLOCK_K divides g). Split-K programs write float32 partials
+[split, M, N] that a second kernel sums in a fixed order (deterministic, no atomics, no
+zeroing) and casts to x.dtype with the bias added; one split writes y directly.
+
+CUDA graphs: no host synchronisation and only torch.empty allocations in a call. Autotuning
+runs at the first call for each (M bucket, N, K, scheme): warm every shape up (call it once)
+before capturing a graph or timing.
+
+Forcing a path: the `path` argument of the launchers below, or the environment variable
+TPQUANT_WO_PATH = auto | reference | gemv | dot | dequant, read at every call (the benchmark
+sets it between timings); "reference" is handled by `tpquant.kernels.weight_only`.
+
+The launchers also take CPU tensors, so that the tests run these same kernels in Triton's
+interpreter (TRITON_INTERPRET=1 set before triton is imported; pass `config` and `split_k`,
+as the interpreter cannot autotune).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import triton
+import triton.language as tl
+
+PATH_ENV = "TPQUANT_WO_PATH"
+GEMV, DOT, DEQUANT, REFERENCE, AUTO = "gemv", "dot", "dequant", "reference", "auto"
+KERNEL_PATHS = (GEMV, DOT, DEQUANT)
+
+# Dispatch thresholds, to be set from benchmarks/bench_gemm.py (which times each path).
+GEMV_MAX_M = 2  # M <= this: gemv
+DOT_MAX_M = 1024  # GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
+# Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
+# MIN_K_PER_SPLIT input features each.
+PROGRAMS_PER_SM = 4
+MAX_SPLIT_K = 16
+MIN_K_PER_SPLIT = 512
+# Split-K chunks are multiples of this, hence of every BLOCK_K in the config lists.
+K_ALIGN = 1024
+# The smallest BLOCK_K: groupwise kernels need a group size that is a multiple of it.
+MIN_BLOCK_K = 32
+# gemv handles up to this many rows per program (more rows: more programs), and keeps its
+# [BLOCK_M, BLOCK_N, BLOCK_K / values per word] float32 accumulator within this many elements.
+GEMV_BLOCK_M = 4
+GEMV_TILE_ELEMENTS = 8192
+# Program counts the split-K heuristic assumes (the autotuner may pick other BLOCK_N).
+_NOMINAL_BLOCK_N = {GEMV: 32, DOT: 64}
+_NOMINAL_BLOCK_M = {GEMV: 1, DOT: 16}
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+# Whether this module's kernels were built for Triton's interpreter (decided at import).
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+def choose_path(m: int, n: int, k: int, bits: int, group_size: int) -> str:
+    """The kernel path for an [m, k] x [n, k]^T product (group_size 0 = per channel).
+
+    Pure: a function of the shape and the scheme only, thresholds from the constants above.
+    """
+    if group_size and group_size % MIN_BLOCK_K:
+        return DEQUANT  # the fused kernels need whole BLOCK_Ks per group
+    if m <= GEMV_MAX_M:
+        return GEMV
+    if m <= DOT_MAX_M:
+        return DOT
+    return DEQUANT
+
+
+def forced_path(path: str | None = None) -> str:
+    """`path` if given, else $TPQUANT_WO_PATH, else "auto"; raises ValueError on an unknown name."""
+    chosen = path if path is not None else os.environ.get(PATH_ENV, AUTO) or AUTO
+    if chosen not in (AUTO, REFERENCE, *KERNEL_PATHS):
+        raise ValueError(
+            f"weight-only path must be one of {(AUTO, REFERENCE, *KERNEL_PATHS)}, got {chosen!r}"
+            + ("" if path is not None else f" (from ${PATH_ENV})")
+        )
+    return chosen
+
+
+def split_k_for(tiles: int, k: int, sm_count: int, k_align: int = K_ALIGN) -> tuple[int, int]:
+    """(splits, K per split) so that tiles * splits reaches PROGRAMS_PER_SM * sm_count.
+
+    K per split is a multiple of k_align; splits = cdiv(k, K per split).
+    """
+    want = triton.cdiv(PROGRAMS_PER_SM * sm_count, max(tiles, 1))
+    want = max(1, min(want, MAX_SPLIT_K, k // MIN_K_PER_SPLIT))
+    return _split(k, want, k_align)
+
+
+def _split(k: int, want: int, k_align: int) -> tuple[int, int]:
+    per = triton.cdiv(triton.cdiv(k, want), k_align) * k_align
+    return triton.cdiv(k, per), per
+
+
+def m_bucket(m: int) -> int:
+    """The autotuning key for M: the next power of two, capped at 4096."""
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _operand(u, OPERAND: tl.constexpr, OFFSET: tl.constexpr, OUT_TYPE: tl.constexpr):
+    """Codes u (uint8) -> floats of value u + OFFSET, without an int->float instruction.
+
+    OPERAND 0: float32 via 2^23 (then cast to OUT_TYPE); 1: float16 1024 + u; 2: bfloat16 128 + u.
+    """
+    if OPERAND == 1:
+        w = (u.to(tl.int16) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    elif OPERAND == 2:
+        w = (u.to(tl.int16) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        w = (u.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+        w = (w - (8388608.0 - OFFSET)).to(OUT_TYPE)
+    return w
+
+
+@triton.jit
+def _tile(M, N, KW_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows (clamped for loads), output rows/columns and first weight column."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    # M tiles of one N tile are neighbours, so their weight tile is read from HBM once.
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.minimum(offs_m, M - 1)  # rows past M reread row M-1: loads need no mask
+    rn = offs_n % N  # rows past N reread row 0: loads need no mask
+    cw_start = tl.program_id(1) * KW_PER_SPLIT
+    return offs_m, offs_n, rm, rn, cw_start
+
+
+@triton.jit
+def _group_row(cw0, K, N, rn, PACK: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+    """Offsets of this block's scales / zeros [K/g, N]; a block past K (its x is all zero)
+    reads the last group's row instead of reading past the end."""
+    if EVEN_K:
+        g = cw0 * PACK // GROUP
+    else:
+        g = tl.minimum(cw0 * PACK, K - 1) // GROUP
+    return g * N + rn
+
+
+@triton.jit
+def _store(acc, out_ptr, b_ptr, offs_m, offs_n, rn, M, N, stride_split,
+           HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
+    """The tile: float32 partials of split program_id(1), or + bias in out's dtype."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if WRITE_PARTIAL:
+        tl.store(out_ptrs + tl.program_id(1) * stride_split, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])  # an autotuning key only; unused in the body
+def _wo_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, p_ptr, b_ptr, out_ptr,
+    M, N, K, KW_PER_SPLIT, M_BUCKET,
+    stride_xm, stride_wn, stride_split,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PQS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, ZP: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """gemv: y tile [BLOCK_M, BLOCK_N] over one K split, CUDA-core FMAs in float32.
+
+    The weight is read as 32-bit words (the launcher checks the alignment): value i of a word
+    (PER = 8 nibbles or 4 bytes, little-endian, so k = PER * word + i) is a shift and a mask
+    away, and meets x[:, PER * word + i]. Products accumulate elementwise in a
+    [BLOCK_M, BLOCK_N, BLOCK_K / PER] float32 tile, reduced over K once at the end (no
+    cross-thread reduction in the loop). Dequantization: exact u - zp from the 2^23 magic float
+    (zp folded in), times the group scale, minus zero * scale (one FMA) for groupwise.
+    """
+    PACK: tl.constexpr = 2 if BITS == 4 else 1
+    PER: tl.constexpr = 32 // BITS  # values per word
+    WW: tl.constexpr = BLOCK_K // PER  # words per block
+    MASK: tl.constexpr = (1 << BITS) - 1
+    FLIP: tl.constexpr = 0 if HAS_ZEROS else 1 << (BITS - 1)  # signed code ^ FLIP = q + zp
+    OFFSET: tl.constexpr = 0 if HAS_ZEROS else -ZP
+    offs_m, offs_n, rm, rn, cw_start = _tile(M, N, KW_PER_SPLIT, BLOCK_M, BLOCK_N)
+    k_start = cw_start * PACK
+    offs_ww = tl.max_contiguous(tl.arange(0, WW), WW)
+    words = w_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)  # unsigned: logical shifts
+    w_ptrs = words + rn.to(tl.int64)[:, None] * (stride_wn // 4) + (k_start // PER + offs_ww)[None, :]
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k_start + offs_ww * PER)[None, :]
+    p_ptrs = p_ptr + k_start + offs_ww * PER
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N, WW), dtype=tl.float32)
+    for k0 in range(k_start, k_start + KW_PER_SPLIT * PACK, BLOCK_K):
+        if EVEN_K:
+            wv = tl.load(w_ptrs)
+        else:
+            valid = (k0 // PER + offs_ww) < K // PER
+            wv = tl.load(w_ptrs, mask=valid[None, :], other=0)
+        if GROUP > 0:
+            g_row = _group_row(k0, K, N, rn, 1, GROUP, EVEN_K)
+            s = tl.load(s_ptr + g_row).to(tl.float32)[:, None]
+            if HAS_ZEROS:
+                zs = tl.load(z_ptr + g_row).to(tl.float32)[:, None] * s
+        for i in tl.static_range(PER):
+            u = ((wv >> (BITS * i)) & MASK) ^ FLIP
+            w = _operand(u, 0, OFFSET, tl.float32)  # u - zp (signed) or u (zeros), exact
+            if GROUP > 0:
+                if HAS_ZEROS:
+                    w = w * s - zs
+                else:
+                    w = w * s
+            if EVEN_K:
+                xv = tl.load(x_ptrs + i).to(tl.float32)
+                if HAS_PQS:
+                    xv *= tl.load(p_ptrs + i).to(tl.float32)[None, :]
+            else:
+                xv = tl.load(x_ptrs + i, mask=valid[None, :], other=0.0).to(tl.float32)
+                if HAS_PQS:
+                    xv *= tl.load(p_ptrs + i, mask=valid, other=0.0).to(tl.float32)[None, :]
+            acc += xv[:, None, :] * w[None, :, :]
+        w_ptrs += WW
+        x_ptrs += BLOCK_K
+        p_ptrs += BLOCK_K
+
+    y = tl.sum(acc, axis=2)
+    if GROUP == 0:
+        y *= tl.load(s_ptr + rn).to(tl.float32)[None, :]
+    _store(y, out_ptr, b_ptr, offs_m, offs_n, rn, M, N, stride_split, HAS_BIAS, WRITE_PARTIAL)
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])  # an autotuning key only; unused in the body
+def _wo_dot_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, p_ptr, b_ptr, out_ptr,
+    M, N, K, KW_PER_SPLIT, M_BUCKET,
+    stride_xm, stride_wn, stride_split,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PQS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, ZP: tl.constexpr,
+    OPERAND: tl.constexpr, OFFSET: tl.constexpr, DOT_F32: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dot: y tile [BLOCK_M, BLOCK_N] over one K split with tl.dot on dequantized weights.
+
+    The weight operand is u + OFFSET in x's dtype (see `_operand`); each block subtracts
+    (OFFSET + zp) * sum_k x from its product, then takes its group scale.
+    """
+    X_TYPE: tl.constexpr = x_ptr.dtype.element_ty
+    PACK: tl.constexpr = 2 if BITS == 4 else 1
+    KW: tl.constexpr = BLOCK_K // PACK
+    CORR: tl.constexpr = OFFSET + ZP  # per-block factor of sum_k x (schemes without zeros)
+    offs_m, offs_n, rm, rn, cw_start = _tile(M, N, KW_PER_SPLIT, BLOCK_M, BLOCK_N)
+    offs_w = tl.max_contiguous(tl.arange(0, KW), KW)
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (cw_start + offs_w)[None, :]
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + ((cw_start + offs_w) * PACK)[None, :]
+    p_ptrs = p_ptr + (cw_start + offs_w) * PACK
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for cw0 in range(cw_start, cw_start + KW_PER_SPLIT, KW):
+        if EVEN_K:
+            wb = tl.load(w_ptrs)
+        else:
+            valid = (cw0 + offs_w) < K // PACK
+            wb = tl.load(w_ptrs, mask=valid[None, :], other=0)
+        if BITS == 8:
+            wb = wb.to(tl.uint8, bitcast=True) ^ 0x80  # q + 128
+        elif not HAS_ZEROS:
+            wb = wb ^ 0x88  # both signed nibbles -> q + 8
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for half in tl.static_range(PACK):  # int4: low nibbles (even k), then high (odd k)
+            if half == 0:
+                u = wb if BITS == 8 else wb & 0xF
+            else:
+                u = wb >> 4
+            w = _operand(u, OPERAND, OFFSET, X_TYPE)
+            if EVEN_K:
+                xv = tl.load(x_ptrs + half)
+                if HAS_PQS:
+                    xv = xv.to(tl.float32) * tl.load(p_ptrs + half).to(tl.float32)[None, :]
+            else:
+                xv = tl.load(x_ptrs + half, mask=valid[None, :], other=0.0)
+                if HAS_PQS:
+                    pv = tl.load(p_ptrs + half, mask=valid, other=0.0)
+                    xv = xv.to(tl.float32) * pv.to(tl.float32)[None, :]
+            xv = xv.to(X_TYPE)
+            if DOT_F32:  # only under the interpreter, whose tl.dot mishandles bfloat16
+                part += tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)),
+                               input_precision="ieee")
+            else:
+                part = tl.dot(xv, tl.trans(w), part)
+            if HAS_ZEROS or CORR != 0:
+                xsum += tl.sum(xv.to(tl.float32), axis=1)
+
+        # part = sum_k x (u + OFFSET); the block's value is sum_k x (u - zp).
+        if GROUP > 0:
+            g_row = _group_row(cw0, K, N, rn, PACK, GROUP, EVEN_K)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + g_row).to(tl.float32)
+            part -= xsum[:, None] * (zero + OFFSET)[None, :]
+        elif CORR != 0:
+            part -= xsum[:, None] * CORR
+        if GROUP > 0:
+            part *= tl.load(s_ptr + g_row).to(tl.float32)[None, :]
+        acc += part
+        w_ptrs += KW
+        x_ptrs += BLOCK_K
+        p_ptrs += BLOCK_K
+
+    if GROUP == 0:
+        acc *= tl.load(s_ptr + rn).to(tl.float32)[None, :]
+    _store(acc, out_ptr, b_ptr, offs_m, offs_n, rn, M, N, stride_split, HAS_BIAS, WRITE_PARTIAL)
+
+
+def _even_k(a: Mapping) -> bool:
+    """Every split's K range lies inside K (then no block needs masks)."""
+    return a["K"] % (a["KW_PER_SPLIT"] * (2 if a["BITS"] == 4 else 1)) == 0
+
+
+_gemv_even = triton.heuristics({"EVEN_K": _even_k})(_wo_gemv_kernel)
+_dot_even = triton.heuristics({"EVEN_K": _even_k})(_wo_dot_kernel)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """out[i] = sum_s ws[s, i] (s in order) + bias[i % N], cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(
+    w_ptr, s_ptr, z_ptr, p_ptr, out_ptr, N, K, stride_wn,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PQS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[n, k] = (u - zp) * s (* pqs[k]) in out's dtype, for a [BLOCK_N, BLOCK_K] tile."""
+    PACK: tl.constexpr = 2 if BITS == 4 else 1
+    KW: tl.constexpr = BLOCK_K // PACK
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cw = tl.program_id(1) * KW + tl.arange(0, KW)
+    mask_n = offs_n < N
+    mask_w = mask_n[:, None] & (cw < K // PACK)[None, :]
+    wb = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + cw[None, :], mask=mask_w,
+                 other=0)
+    if BITS == 8:
+        w = _operand(wb.to(tl.uint8, bitcast=True) ^ 0x80, 0, -128, tl.float32)
+    else:
+        if not HAS_ZEROS:
+            wb = wb ^ 0x88
+        lo = _operand(wb & 0xF, 0, 0 if HAS_ZEROS else -8, tl.float32)
+        hi = _operand(wb >> 4, 0, 0 if HAS_ZEROS else -8, tl.float32)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # interleave: k = 2j, 2j + 1
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    if GROUP > 0:
+        sz = (offs_k // GROUP)[None, :] * N + offs_n[:, None]
+        if HAS_ZEROS:
+            w -= tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+        w *= tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    if HAS_PQS:
+        w *= tl.load(p_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Autotuning: a modest list per path, pruned to what fits the call (M bucket, group size).
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages
+    )
+
+
+GEMV_CONFIGS = [  # BLOCK_M comes from the call; small BLOCK_K for small groups
+    _cfg(1, 16, 1024, 4, 2),
+    _cfg(1, 32, 512, 4, 2),
+    _cfg(1, 32, 1024, 8, 2),
+    _cfg(1, 64, 512, 8, 2),
+    _cfg(1, 64, 128, 4, 3),
+    _cfg(1, 128, 128, 8, 3),
+    _cfg(1, 64, 64, 4, 3),
+    _cfg(1, 128, 32, 4, 3),
+]
+
+DOT_CONFIGS = [
+    # small M (split-K decode / short prefill)
+    _cfg(16, 32, 256, 4, 3),
+    _cfg(16, 64, 128, 4, 4),
+    _cfg(16, 64, 256, 4, 3),
+    _cfg(16, 128, 128, 4, 3),
+    _cfg(16, 64, 64, 4, 4),
+    _cfg(16, 64, 32, 4, 4),
+    # medium M
+    _cfg(32, 64, 128, 4, 4),
+    _cfg(64, 64, 128, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 128, 128, 8, 3),
+    # large M
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 128, 8, 3),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+]
+
+
+def _fits(cfg: Mapping[str, int], gemv_block_m: int | None, m_bucket_: int, group: int,
+          k_per_split: int, per: int) -> bool:
+    """Whether a config suits the call: its BLOCK_K divides the group and the split-K chunk;
+    gemv: its [BLOCK_M, BLOCK_N, BLOCK_K / per] accumulator stays within GEMV_TILE_ELEMENTS;
+    dot: its BLOCK_M is at most the M bucket (16 at least) and at least half of it (up to 64)."""
+    bk, bm = cfg["BLOCK_K"], cfg["BLOCK_M"]
+    if k_per_split % bk or (group and group % bk):
+        return False
+    if gemv_block_m is not None:
+        return gemv_block_m * cfg["BLOCK_N"] * (bk // per) <= GEMV_TILE_ELEMENTS
+    return bm <= max(16, m_bucket_) and bm >= min(64, max(16, m_bucket_ // 2))
+
+
+def _prune(configs, named_args, **kwargs):
+    kps = named_args["KW_PER_SPLIT"] * (2 if kwargs["BITS"] == 4 else 1)
+    gemv_block_m = kwargs.get("BLOCK_M")  # gemv passes BLOCK_M itself
+    per = 32 // kwargs["BITS"]  # gemv: values per 32-bit word
+    fits = [
+        c for c in configs
+        if _fits(c.kwargs, gemv_block_m, named_args["M_BUCKET"], kwargs["GROUP"], kps, per)
+    ]
+    if gemv_block_m is None:
+        return fits
+    return [  # BLOCK_M is the call's, not the config's
+        triton.Config({k: v for k, v in c.kwargs.items() if k != "BLOCK_M"},
+                      num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in fits
+    ]
+
+
+_KEY = ["M_BUCKET", "N", "K", "KW_PER_SPLIT", "BITS", "GROUP", "HAS_ZEROS", "HAS_PQS",
+        "HAS_BIAS", "WRITE_PARTIAL"]
+_gemv_tuned = triton.autotune(
+    GEMV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune}
+)(_gemv_even)
+_dot_tuned = triton.autotune(
+    DOT_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune}
+)(_dot_even)
+
+_DEQUANT_BLOCK_N, _DEQUANT_BLOCK_K = 16, 256
+_REDUCE_BLOCK = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """The stored tensors of one weight, as the kernels read them."""
+
+    qweight: torch.Tensor  # int8 [N, K] or uint8 [N, K/2]
+    scale: torch.Tensor  # [N] per channel, [K/g, N] groupwise
+    zeros: torch.Tensor | None  # [K/g, N] or None
+    pqs: torch.Tensor | None  # [K] or None
+    bits: int
+    group: int  # 0 = per channel
+
+    @property
+    def n(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.qweight.shape[1] * (2 if self.bits == 4 else 1)
+
+
+def weight_only_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+    *,
+    path: str | None = None,
+    config: Mapping[str, int] | None = None,
+    split_k: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ (q * scale[:, None])^T + bias, in x.dtype (float16 / bfloat16).
+
+    path: "gemv", "dot", "dequant", or None/"auto" (then $TPQUANT_WO_PATH, then choose_path).
+    config: BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps, num_stages) instead of autotuning;
+    split_k: the number of K splits instead of the heuristic (gemv and dot);
+    out: a contiguous [M, N] x.dtype tensor to write (M = x.numel() / K) instead of a new one.
+    Shapes are checked by the caller (tpquant.kernels.weight_only).
+    """
+    weights = _Weights(_contiguous(qweight), _contiguous(scale), None, None, bits, 0)
+    return _matmul(x, weights, bias, path, config, split_k, out)
+
+
+def groupwise_matmul(
+    x: torch.Tensor,
+    qweight_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    pre_quant_scale: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    *,
+    path: str | None = None,
+    config: Mapping[str, int] | None = None,
+    split_k: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[..., N] = (x * pqs) @ ((q - zero) * scale)^T + bias, in x.dtype; arguments as above."""
+    weights = _Weights(
+        _contiguous(qweight_packed),
+        _contiguous(scales),
+        None if zeros is None else _contiguous(zeros),
+        None if pre_quant_scale is None else _contiguous(pre_quant_scale),
+        4,
+        group_size,
+    )
+    return _matmul(x, weights, bias, path, config, split_k, out)
+
+
+def _matmul(
+    x: torch.Tensor,
+    wt: _Weights,
+    bias: torch.Tensor | None,
+    path: str | None,
+    config: Mapping[str, int] | None,
+    split_k: int | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    if x.dtype not in _HALF_TYPES:
+        raise TypeError(f"the Triton weight-only kernels take float16/bfloat16 x, got {x.dtype}")
+    n, k = wt.n, wt.k
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous [{m}, {n}] {x.dtype} tensor, got {out.dtype} "
+            f"{tuple(out.shape)}"
+        )
+    if m == 0:
+        return out.reshape(*x.shape[:-1], n)
+    chosen = forced_path(path)
+    if chosen in (AUTO, REFERENCE):  # REFERENCE is the caller's business; here it means auto
+        chosen = choose_path(m, n, k, wt.bits, wt.group)
+    if chosen == GEMV and not _word_aligned(wt.qweight):
+        if forced_path(path) == GEMV:
+            raise ValueError(
+                "path 'gemv' reads the weight as 32-bit words: its rows need a multiple of 4 "
+                f"bytes and a 4-byte aligned start, got stride {wt.qweight.stride(0)}"
+            )
+        chosen = DOT
+    if chosen != DEQUANT and wt.group % MIN_BLOCK_K:
+        raise ValueError(
+            f"path {chosen!r} needs a group size that is a multiple of {MIN_BLOCK_K}, "
+            f"got {wt.group}; use 'dequant'"
+        )
+    if bias is not None:
+        bias = _contiguous(bias)
+    if chosen == DEQUANT:
+        _dequant_linear(x2, wt, bias, out)
+    else:
+        _fused(x2, wt, bias, out, chosen == DOT, config, split_k)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _fused(
+    x2: torch.Tensor,
+    wt: _Weights,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    use_dot: bool,
+    config: Mapping[str, int] | None,
+    split_k: int | None,
+) -> None:
+    m, n, k = x2.shape[0], wt.n, wt.k
+    name = DOT if use_dot else GEMV
+    gemv_block_m = None if use_dot else min(triton.next_power_of_2(m), GEMV_BLOCK_M)
+    if config is not None:
+        align = config["BLOCK_K"]
+        if wt.group and wt.group % align:
+            raise ValueError(f"BLOCK_K={align} must divide the group size {wt.group}")
+    else:
+        align = min(K_ALIGN, wt.group) if wt.group else K_ALIGN
+    if split_k is not None:
+        splits, per_split = _split(k, split_k, align)
+    elif x2.is_cuda:
+        tiles = triton.cdiv(m, gemv_block_m or _NOMINAL_BLOCK_M[name]) * triton.cdiv(
+            n, _NOMINAL_BLOCK_N[name]
+        )
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        splits, per_split = split_k_for(tiles, k, sms, align)
+    else:
+        splits, per_split = 1, triton.cdiv(k, align) * align
+
+    signed = wt.bits == 8 or wt.zeros is None
+    zp = (128 if wt.bits == 8 else 8) if signed else 0
+    write_partial = splits > 1
+    target = (
+        torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
+        if write_partial
+        else out
+    )
+    dummy = wt.scale  # stands in for absent optional pointers; never read
+    args = (
+        x2, wt.qweight, wt.scale,
+        dummy if wt.zeros is None else wt.zeros,
+        dummy if wt.pqs is None else wt.pqs,
+        dummy if bias is None else bias,
+        target,
+        m, n, k, per_split // (2 if wt.bits == 4 else 1), m_bucket(m),
+        x2.stride(0), wt.qweight.stride(0), m * n,
+    )
+    meta = dict(
+        BITS=wt.bits, GROUP=wt.group, HAS_ZEROS=wt.zeros is not None,
+        HAS_PQS=wt.pqs is not None, HAS_BIAS=bias is not None, WRITE_PARTIAL=write_partial,
+        ZP=zp,
+    )
+    if use_dot:
+        operand, offset = _operand_kind(x2.dtype, wt.bits)
+        meta.update(OPERAND=operand, OFFSET=offset, DOT_F32=_INTERPRETED)
+    else:
+        meta["BLOCK_M"] = gemv_block_m
+    if config is not None:
+        cfg = {key: v for key, v in config.items() if use_dot or key != "BLOCK_M"}
+        block_m = cfg["BLOCK_M"] if use_dot else gemv_block_m
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, cfg["BLOCK_N"]), splits)
+        (_dot_even if use_dot else _gemv_even)[grid](*args, **meta, **cfg)
+    else:
+        kernel = _dot_tuned if use_dot else _gemv_tuned
+
+        def grid(meta_: Mapping[str, int]) -> tuple[int, int]:
+            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), splits)
+
+        kernel[grid](*args, **meta)
+    if write_partial:
+        _splitk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+            target, dummy if bias is None else bias, out, m * n, n, splits,
+            HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK, num_warps=4,
+        )
+
+
+def _operand_kind(dtype: torch.dtype, bits: int) -> tuple[int, int]:
+    """(OPERAND, OFFSET) of `_operand` for the dot path: how codes become x.dtype operands.
+
+    float16: 1024 + u; bfloat16 int4: 128 + u. bfloat16 int8 goes through float32 as the exact
+    q = u - 128 (OFFSET -128): 256 codes do not fit bfloat16's 8-bit significand at one exponent.
+    """
+    if dtype == torch.float16:
+        return 1, 1024
+    if bits == 4:
+        return 2, 128
+    return 0, -128
+
+
+def _dequant_linear(
+    x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    """Dequantize W (pqs folded into its columns) into x.dtype, then one torch matmul."""
+    n, k = wt.n, wt.k
+    w = torch.empty((n, k), dtype=x2.dtype, device=x2.device)
+    dummy = wt.scale
+    grid = (triton.cdiv(n, _DEQUANT_BLOCK_N), triton.cdiv(k, _DEQUANT_BLOCK_K))
+    _dequant_kernel[grid](
+        wt.qweight, wt.scale,
+        dummy if wt.zeros is None else wt.zeros,
+        dummy if wt.pqs is None else wt.pqs,
+        w, n, k, wt.qweight.stride(0),
+        BITS=wt.bits, GROUP=wt.group, HAS_ZEROS=wt.zeros is not None, HAS_PQS=wt.pqs is not None,
+        BLOCK_N=_DEQUANT_BLOCK_N, BLOCK_K=_DEQUANT_BLOCK_K, num_warps=4,
+    )
+    if bias is None:
+        torch.mm(x2, w.t(), out=out)
+    else:
+        torch.addmm(bias.to(x2.dtype), x2, w.t(), out=out)
+
+
+def _word_aligned(qweight: torch.Tensor) -> bool:
+    """Whether every row of a (contiguous) 1-byte weight starts on a 4-byte boundary."""
+    return qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
