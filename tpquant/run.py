@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tpquant.checkpoint.default import default_checkpoint
 from tpquant.engine.build import DTYPES, TOKENIZER_DIR, BuildSpec, build_engine
-from tpquant.engine.collective import on_all_ranks
+from tpquant.engine.collective import collective_region, on_all_ranks
 from tpquant.engine.job import Job, run_job
 from tpquant.engine.sampling import SamplingParams
 from tpquant.engine.session import Generation, generate, load_engine
@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
         stream = _Streamer(*tokenized[:2]) if job.comm.rank == 0 else None
-        result = generate(model, job.comm, tokenized[2] if tokenized else None,
-                          args.max_new_tokens, params, stream.step if stream else None)
+        with collective_region(job.comm, "generation"):
+            result = generate(model, job.comm, tokenized[2] if tokenized else None,
+                              args.max_new_tokens, params, stream.step if stream else None)
         if stream:
             stream.finish(result, job)
 

@@ -370,7 +370,7 @@ def test_write_leaves_only_final_files(engine3) -> None:
 
 
 def test_crash_while_writing_rank_file(engine3, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine_dir, metas, tensors = engine3[0], engine3[1], engine3[2]
+    engine_dir, metas = engine3[0], engine3[1]
     before = (engine_dir / "rank0.engine").read_bytes()
 
     def half_write(tensors, path, metadata=None):
@@ -386,7 +386,7 @@ def test_crash_while_writing_rank_file(engine3, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_crash_while_writing_config(engine3, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine_dir, metas, infos = engine3[0], engine3[1], engine3[3]
+    engine_dir, infos = engine3[0], engine3[3]
     before = (engine_dir / "config.json").read_bytes()
 
     def failing_replace(src, dst):
@@ -474,3 +474,35 @@ def test_build_key_changes_with_every_field() -> None:
         build_key(dtype=torch.float16)
     with pytest.raises(ValueError):
         build_key(alpha=float("nan"))
+
+
+# -- found by fuzzing (tests/unit/test_fuzz_readers.py): JSON nested deeper than the parser's
+# stack raised RecursionError, not an EngineError
+
+
+DEEP = "[" * 100_000
+
+
+def test_deeply_nested_config_json_is_an_engine_error(engine3) -> None:
+    (engine3[0] / "config.json").write_text(DEEP)
+    with pytest.raises(EngineConfigError, match="is not valid JSON"):
+        read_engine_config(engine3[0])
+
+
+def _rewrite_header(path: Path, header: bytes) -> None:
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+def test_deeply_nested_rank_header_is_an_engine_error(tmp_path) -> None:
+    path = tmp_path / "rank0.engine"
+    _rewrite_header(path, DEEP.encode())
+    with pytest.raises(EngineError, match="header is not valid JSON"):
+        fmt.read_rank_metadata(path)
+
+
+def test_deeply_nested_metadata_value_is_an_engine_error(tmp_path) -> None:
+    path = tmp_path / "rank0.engine"
+    header = {"__metadata__": {"format_version": "1", "quant": DEEP}}
+    _rewrite_header(path, json.dumps(header).encode())
+    with pytest.raises(EngineError, match="metadata 'quant' is not JSON"):
+        fmt.read_rank_metadata(path)

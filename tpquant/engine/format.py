@@ -20,6 +20,10 @@ values: a TP size other than the job's world size, a missing rank file, a rank f
 another build or rank (its metadata against config.json), a size other than the recorded one
 (truncated), a sha256 other than the recorded one (altered; only with verify=True, the one
 check that reads the whole file), and a format version this code does not read.
+
+Whatever the bytes of config.json or a rank file, reading raises `EngineError` (a ValueError)
+or one of its subclasses, never anything else, and does not hang or allocate more than the
+file holds (tests/unit/test_fuzz_readers.py mutates files to check it).
 """
 
 from __future__ import annotations
@@ -201,7 +205,7 @@ class EngineMeta:
                 continue
             try:
                 values[f.name] = json.loads(metadata[f.name])
-            except (TypeError, json.JSONDecodeError) as e:
+            except (TypeError, json.JSONDecodeError, RecursionError) as e:
                 raise EngineError(f"{source}: metadata {f.name!r} is not JSON ({e})") from None
         _check_version(values["format_version"], source)
         missing = [f.name for f in dataclasses.fields(cls)
@@ -393,7 +397,8 @@ def read_engine_config(engine_dir: str | Path) -> EngineConfig:
                                 "(never built, or a build that did not finish)")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # RecursionError: nesting deeper than the parser's stack ("[[[[..."), not a crash
         raise EngineConfigError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or "format_version" not in doc:
         raise EngineConfigError(f"{path} is not a tpquant engine config (no format_version; "
@@ -443,7 +448,7 @@ def _read_header(path: Path) -> dict[str, Any]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise EngineError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise EngineError(f"{path}: safetensors header is not a JSON object")
