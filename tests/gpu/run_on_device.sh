@@ -5,6 +5,7 @@
 #   bash tests/gpu/run_on_device.sh STAGE...   with STAGE among
 #     kernels     the kernel tests (1 GPU)
 #     allreduce   NCCL and custom all-reduce tests, and the layers over them (2 and 4 ranks)
+#     failures    a rank that raises or is killed while others sit in NCCL / custom all-reduce
 #     model       the model tests (1, 3 and 4 ranks)
 #     bench       bench_gemm, bench_allreduce (TP 2, 4), bench_decode (TP 1, 2, 4)
 #     quick       the same benchmarks in their --quick forms
@@ -49,6 +50,16 @@ allreduce)
     step allreduce_n$n mpi -n $n python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
       tests/gpu/test_custom_allreduce.py tests/gpu/test_nccl.py tests/mpi/test_layers.py
   done
+  ;;
+allreduce_bench)
+  for n in 2 4; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=26 step bench_allreduce_tp$n mpi -n $n python3 benchmarks/bench_allreduce.py
+  done
+  ;;
+failures)
+  # starts its own mpirun jobs, so not under mpirun itself
+  TAIL=8 step failures pyt tests/gpu/test_failures_gpu.py
   ;;
 model)
   for n in 1 3 4; do
