@@ -169,6 +169,24 @@ def test_kernel_matches_float64(tw, name: str, path: str, case: int) -> None:
     assert err <= TOL[dtype] * expected.abs().max().item() + 1e-6, (name, path, m, err)
 
 
+@pytest.mark.parametrize("case", [0, 2])
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_dot_swapped_operands_match_float64(tw, name: str, case: int) -> None:
+    """The dot kernel with SWAP (y^T = W x^T, the small-M form) on the same cases."""
+    m, dtype, split_k, block_k, with_bias = CASES[case]
+    t = _quantized(name, seed=zlib.crc32(f"swap{name}{case}".encode()) % 1000)
+    g = torch.Generator().manual_seed(case + 10)
+    x = torch.randn(m, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g) if with_bias else None
+    group = getattr(SCHEMES[name], "group_size", block_k)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(block_k, group), "SWAP": True}
+    y = _run(tw, name, t, x, bias, "dot", config, split_k)
+    expected = _reference(name, t, x, bias)
+    assert torch.isfinite(y).all(), "an output element was never written"
+    err = (y.double() - expected).abs().max().item()
+    assert err <= TOL[dtype] * expected.abs().max().item() + 1e-6, (name, m, err)
+
+
 def test_leading_dims_and_uneven_block(tw) -> None:
     """x [2, 3, K]; BLOCK_K = 128 does not divide K = 192 (the clamped, masked K tail)."""
     t = _quantized("wo4", seed=7)
@@ -201,13 +219,15 @@ def test_group_size_not_multiple_of_min_block_goes_to_dequant(tw) -> None:
 
 @pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 1024, 1025, 4096])
 def test_choose_path_follows_thresholds(m: int) -> None:
-    got = real.choose_path(m, 4096, 4096, 4, 128)
-    if m <= real.GEMV_MAX_M:
-        assert got == real.GEMV
-    elif m <= real.DOT_MAX_M:
-        assert got == real.DOT
-    else:
-        assert got == real.DEQUANT
+    """gemv only for per-channel int4 (bits 4, group 0); dot, then dequant, by M."""
+    for bits, group in ((4, 0), (8, 0), (4, 128)):
+        got = real.choose_path(m, 4096, 4096, bits, group)
+        if m <= real.GEMV_MAX_M and (bits, group) == (4, 0):
+            assert got == real.GEMV
+        elif m <= real.DOT_MAX_M:
+            assert got == real.DOT
+        else:
+            assert got == real.DEQUANT
     assert real.choose_path(m, 4096, 4096, 4, 48) == real.DEQUANT
 
 

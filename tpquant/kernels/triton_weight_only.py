@@ -17,9 +17,13 @@ with zp = 128, 8 or the stored zero. u becomes a float without an int->float con
 instruction (quarter rate or slower on Hopper, too slow to keep up with HBM for int4) by OR-ing
 it into the mantissa of a "magic" float: 0x4B000000 | u is 2^23 + u in float32, 0x6400 | u is
 1024 + u in float16, 0x4300 | u is 128 + u in bfloat16 (u < 128), all exact.
-gemv subtracts 2^23 + zp (exact for integer zp) per element, applies group scale and zero
-with one FMA, accumulates x * w elementwise in float32 and reduces over K once at the end.
-dot feeds the half forms to tl.dot still carrying their offset B; each K block subtracts
+gemv leaves each code at its bit position p in the word (mantissa u * 2^p under exponent
+23 - p is the float 2^(23-p) + u: one AND-OR), subtracts 2^(23-p) + zp (exact for integer zp),
+applies group scale and zero with one FMA, accumulates x * w elementwise in float32 and
+reduces over K once at the end.
+dot interleaves int4 nibbles back into k order (x is read contiguously) and feeds the half
+forms to tl.dot still carrying their offset B (for small M with swapped operands, W x^T, so
+that the weight tile is the large operand); each K block subtracts
 (B + zp) * sum_k x[m, k] from its product (exact algebra, O(M N) per block instead of O(N K)
 per-element subtractions; per-block partials are small, so it cancels only a few bits of
 float32), then takes its group scale. Per-channel scales multiply once at the end. A K block
@@ -54,9 +58,13 @@ PATH_ENV = "TPQUANT_WO_PATH"
 GEMV, DOT, DEQUANT, REFERENCE, AUTO = "gemv", "dot", "dequant", "reference", "auto"
 KERNEL_PATHS = (GEMV, DOT, DEQUANT)
 
-# Dispatch thresholds, to be set from benchmarks/bench_gemm.py (which times each path).
-GEMV_MAX_M = 2  # M <= this: gemv
-DOT_MAX_M = 1024  # GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
+# Dispatch thresholds, from benchmarks/bench_wo_kernels.py on an H200 (every path forced):
+# gemv wins only at M = 1 for int4 per channel (1.08-1.31x bf16 vs dot 1.08-1.16x over runs;
+# int8 and groupwise: dot 0.98x vs gemv 0.90x),
+# dot (swapped operands, split-K) from M = 2 to 64, dequant + cuBLAS from M = 256 (int4 at
+# M = 256: 0.54x vs dot 0.31x; at M = 64: dot 0.56x vs 0.47x).
+GEMV_MAX_M = 1  # M <= this: gemv
+DOT_MAX_M = 64  # GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
 # Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
 # MIN_K_PER_SPLIT input features each.
 PROGRAMS_PER_SM = 4
@@ -86,8 +94,8 @@ def choose_path(m: int, n: int, k: int, bits: int, group_size: int) -> str:
     """
     if group_size and group_size % MIN_BLOCK_K:
         return DEQUANT  # the fused kernels need whole BLOCK_Ks per group
-    if m <= GEMV_MAX_M:
-        return GEMV
+    if m <= GEMV_MAX_M and bits == 4 and not group_size:
+        return GEMV  # elsewhere dot is as fast or faster
     if m <= DOT_MAX_M:
         return DOT
     return DEQUANT
@@ -145,6 +153,19 @@ def _operand(u, OPERAND: tl.constexpr, OFFSET: tl.constexpr, OUT_TYPE: tl.conste
 
 
 @triton.jit
+def _code_float(word, P: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr):
+    """The BITS-bit code u at bit P of a uint32 word (P + BITS <= 23) as float32 u + OFFSET.
+
+    One AND-OR, no shift: with mantissa u * 2^P under exponent 23 - P the float is exactly
+    2^(23 - P) + u; the subtraction of 2^(23 - P) - OFFSET is exact too (integers < 2^24).
+    """
+    MASK: tl.constexpr = ((1 << BITS) - 1) << P
+    MAGIC: tl.constexpr = (127 + 23 - P) << 23
+    f = ((word & MASK) | MAGIC).to(tl.float32, bitcast=True)
+    return f - ((1 << (23 - P)) - OFFSET)
+
+
+@triton.jit
 def _tile(M, N, KW_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's rows (clamped for loads), output rows/columns and first weight column."""
     pid = tl.program_id(0)
@@ -194,24 +215,28 @@ def _wo_gemv_kernel(
 ):
     """gemv: y tile [BLOCK_M, BLOCK_N] over one K split, CUDA-core FMAs in float32.
 
-    The weight is read as 32-bit words (the launcher checks the alignment): value i of a word
-    (PER = 8 nibbles or 4 bytes, little-endian, so k = PER * word + i) is a shift and a mask
-    away, and meets x[:, PER * word + i]. Products accumulate elementwise in a
+    The weight is read as 32-bit words (the launcher checks the alignment; stride_wn counts
+    words): value i of a word (PER = 8 nibbles or 4 bytes, little-endian, so
+    k = PER * word + i) meets x[:, PER * word + i]. Signed codes become q + zp for the whole
+    word with one XOR; each value then becomes a float with one AND-OR (`_code_float`; the top
+    values of a word from one shift of it). Products accumulate elementwise in a
     [BLOCK_M, BLOCK_N, BLOCK_K / PER] float32 tile, reduced over K once at the end (no
-    cross-thread reduction in the loop). Dequantization: exact u - zp from the 2^23 magic float
-    (zp folded in), times the group scale, minus zero * scale (one FMA) for groupwise.
+    cross-thread reduction in the loop). Groupwise: times the group scale, minus zero * scale
+    (one FMA).
     """
     PACK: tl.constexpr = 2 if BITS == 4 else 1
     PER: tl.constexpr = 32 // BITS  # values per word
     WW: tl.constexpr = BLOCK_K // PER  # words per block
-    MASK: tl.constexpr = (1 << BITS) - 1
-    FLIP: tl.constexpr = 0 if HAS_ZEROS else 1 << (BITS - 1)  # signed code ^ FLIP = q + zp
+    # signed codes ^ FLIP = q + zp, for every value of a word at once
+    FLIP: tl.constexpr = 0 if HAS_ZEROS else (0x88888888 if BITS == 4 else 0x80808080)
+    HI: tl.constexpr = 12 if BITS == 4 else 16  # values at bit >= 20 (16) are read from word >> HI
     OFFSET: tl.constexpr = 0 if HAS_ZEROS else -ZP
     offs_m, offs_n, rm, rn, cw_start = _tile(M, N, KW_PER_SPLIT, BLOCK_M, BLOCK_N)
     k_start = cw_start * PACK
     offs_ww = tl.max_contiguous(tl.arange(0, WW), WW)
     words = w_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)  # unsigned: logical shifts
-    w_ptrs = words + rn.to(tl.int64)[:, None] * (stride_wn // 4) + (k_start // PER + offs_ww)[None, :]
+    # stride_wn counts words here (the launcher divides), so that its divisibility is known
+    w_ptrs = words + rn.to(tl.int64)[:, None] * stride_wn + (k_start // PER + offs_ww)[None, :]
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k_start + offs_ww * PER)[None, :]
     p_ptrs = p_ptr + k_start + offs_ww * PER
 
@@ -222,14 +247,19 @@ def _wo_gemv_kernel(
         else:
             valid = (k0 // PER + offs_ww) < K // PER
             wv = tl.load(w_ptrs, mask=valid[None, :], other=0)
+        if FLIP != 0:
+            wv = wv ^ FLIP
+        wv_hi = wv >> HI
         if GROUP > 0:
             g_row = _group_row(k0, K, N, rn, 1, GROUP, EVEN_K)
             s = tl.load(s_ptr + g_row).to(tl.float32)[:, None]
             if HAS_ZEROS:
                 zs = tl.load(z_ptr + g_row).to(tl.float32)[:, None] * s
         for i in tl.static_range(PER):
-            u = ((wv >> (BITS * i)) & MASK) ^ FLIP
-            w = _operand(u, 0, OFFSET, tl.float32)  # u - zp (signed) or u (zeros), exact
+            if BITS * i + BITS <= 23:  # the value fits below the float32 exponent as it is
+                w = _code_float(wv, BITS * i, BITS, OFFSET)
+            else:
+                w = _code_float(wv_hi, BITS * i - HI, BITS, OFFSET)
             if GROUP > 0:
                 if HAS_ZEROS:
                     w = w * s - zs
@@ -263,11 +293,14 @@ def _wo_dot_kernel(
     HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, ZP: tl.constexpr,
     OPERAND: tl.constexpr, OFFSET: tl.constexpr, DOT_F32: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP: tl.constexpr = False,
 ):
     """dot: y tile [BLOCK_M, BLOCK_N] over one K split with tl.dot on dequantized weights.
 
-    The weight operand is u + OFFSET in x's dtype (see `_operand`); each block subtracts
-    (OFFSET + zp) * sum_k x from its product, then takes its group scale.
+    The weight operand is u + OFFSET in x's dtype (see `_operand`), int4 nibbles interleaved
+    back into k order (x is read contiguously); each block subtracts (OFFSET + zp) * sum_k x
+    from its product, then takes its group scale. SWAP computes y^T = W x^T instead (the
+    weight is the first tl.dot operand, the tiny x^T the second), for small M.
     """
     X_TYPE: tl.constexpr = x_ptr.dtype.element_ty
     PACK: tl.constexpr = 2 if BITS == 4 else 1
@@ -275,65 +308,87 @@ def _wo_dot_kernel(
     CORR: tl.constexpr = OFFSET + ZP  # per-block factor of sum_k x (schemes without zeros)
     offs_m, offs_n, rm, rn, cw_start = _tile(M, N, KW_PER_SPLIT, BLOCK_M, BLOCK_N)
     offs_w = tl.max_contiguous(tl.arange(0, KW), KW)
+    offs_k = tl.max_contiguous(tl.arange(0, BLOCK_K), BLOCK_K)
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (cw_start + offs_w)[None, :]
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + ((cw_start + offs_w) * PACK)[None, :]
-    p_ptrs = p_ptr + (cw_start + offs_w) * PACK
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (cw_start * PACK + offs_k)[None, :]
+    p_ptrs = p_ptr + cw_start * PACK + offs_k
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for cw0 in range(cw_start, cw_start + KW_PER_SPLIT, KW):
         if EVEN_K:
             wb = tl.load(w_ptrs)
+            xv = tl.load(x_ptrs)
+            if HAS_PQS:
+                xv = xv.to(tl.float32) * tl.load(p_ptrs).to(tl.float32)[None, :]
         else:
             valid = (cw0 + offs_w) < K // PACK
             wb = tl.load(w_ptrs, mask=valid[None, :], other=0)
+            valid_k = (cw0 * PACK + offs_k) < K
+            xv = tl.load(x_ptrs, mask=valid_k[None, :], other=0.0)
+            if HAS_PQS:
+                pv = tl.load(p_ptrs, mask=valid_k, other=0.0)
+                xv = xv.to(tl.float32) * pv.to(tl.float32)[None, :]
+        xv = xv.to(X_TYPE)
         if BITS == 8:
-            wb = wb.to(tl.uint8, bitcast=True) ^ 0x80  # q + 128
-        elif not HAS_ZEROS:
-            wb = wb ^ 0x88  # both signed nibbles -> q + 8
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for half in tl.static_range(PACK):  # int4: low nibbles (even k), then high (odd k)
-            if half == 0:
-                u = wb if BITS == 8 else wb & 0xF
+            u = wb.to(tl.uint8, bitcast=True) ^ 0x80  # q + 128
+        else:
+            if not HAS_ZEROS:
+                wb = wb ^ 0x88  # both signed nibbles -> q + 8
+            u = tl.interleave(wb & 0xF, wb >> 4)  # [BLOCK_N, BLOCK_K]: k = 2j (low), 2j + 1
+        w = _operand(u, OPERAND, OFFSET, X_TYPE)
+        if DOT_F32:  # only under the interpreter, whose tl.dot mishandles bfloat16
+            if SWAP:
+                part = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)),
+                              input_precision="ieee")
             else:
-                u = wb >> 4
-            w = _operand(u, OPERAND, OFFSET, X_TYPE)
-            if EVEN_K:
-                xv = tl.load(x_ptrs + half)
-                if HAS_PQS:
-                    xv = xv.to(tl.float32) * tl.load(p_ptrs + half).to(tl.float32)[None, :]
-            else:
-                xv = tl.load(x_ptrs + half, mask=valid[None, :], other=0.0)
-                if HAS_PQS:
-                    pv = tl.load(p_ptrs + half, mask=valid, other=0.0)
-                    xv = xv.to(tl.float32) * pv.to(tl.float32)[None, :]
-            xv = xv.to(X_TYPE)
-            if DOT_F32:  # only under the interpreter, whose tl.dot mishandles bfloat16
-                part += tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)),
-                               input_precision="ieee")
-            else:
-                part = tl.dot(xv, tl.trans(w), part)
-            if HAS_ZEROS or CORR != 0:
-                xsum += tl.sum(xv.to(tl.float32), axis=1)
+                part = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)),
+                              input_precision="ieee")
+        elif SWAP:
+            part = tl.dot(w, tl.trans(xv))
+        else:
+            part = tl.dot(xv, tl.trans(w))
 
         # part = sum_k x (u + OFFSET); the block's value is sum_k x (u - zp).
+        if HAS_ZEROS or CORR != 0:
+            xsum = tl.sum(xv.to(tl.float32), axis=1)
         if GROUP > 0:
             g_row = _group_row(cw0, K, N, rn, PACK, GROUP, EVEN_K)
         if HAS_ZEROS:
-            zero = tl.load(z_ptr + g_row).to(tl.float32)
-            part -= xsum[:, None] * (zero + OFFSET)[None, :]
+            zero = tl.load(z_ptr + g_row).to(tl.float32) + OFFSET
+            if SWAP:
+                part -= zero[:, None] * xsum[None, :]
+            else:
+                part -= xsum[:, None] * zero[None, :]
         elif CORR != 0:
-            part -= xsum[:, None] * CORR
+            if SWAP:
+                part -= xsum[None, :] * CORR
+            else:
+                part -= xsum[:, None] * CORR
         if GROUP > 0:
-            part *= tl.load(s_ptr + g_row).to(tl.float32)[None, :]
+            gs = tl.load(s_ptr + g_row).to(tl.float32)
+            if SWAP:
+                part *= gs[:, None]
+            else:
+                part *= gs[None, :]
         acc += part
         w_ptrs += KW
         x_ptrs += BLOCK_K
         p_ptrs += BLOCK_K
 
     if GROUP == 0:
-        acc *= tl.load(s_ptr + rn).to(tl.float32)[None, :]
-    _store(acc, out_ptr, b_ptr, offs_m, offs_n, rn, M, N, stride_split, HAS_BIAS, WRITE_PARTIAL)
+        s = tl.load(s_ptr + rn).to(tl.float32)
+        if SWAP:
+            acc *= s[:, None]
+        else:
+            acc *= s[None, :]
+    if SWAP:
+        y = tl.trans(acc)
+    else:
+        y = acc
+    _store(y, out_ptr, b_ptr, offs_m, offs_n, rn, M, N, stride_split, HAS_BIAS, WRITE_PARTIAL)
 
 
 def _even_k(a: Mapping) -> bool:
@@ -401,10 +456,12 @@ def _dequant_kernel(
 # Autotuning: a modest list per path, pruned to what fits the call (M bucket, group size).
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages
-    )
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool = False
+         ) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    if swap:
+        meta["SWAP"] = True
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 GEMV_CONFIGS = [  # BLOCK_M comes from the call; small BLOCK_K for small groups
@@ -426,6 +483,10 @@ DOT_CONFIGS = [
     _cfg(16, 128, 128, 4, 3),
     _cfg(16, 64, 64, 4, 4),
     _cfg(16, 64, 32, 4, 4),
+    _cfg(16, 64, 128, 4, 4, swap=True),
+    _cfg(16, 64, 256, 4, 3, swap=True),
+    _cfg(16, 128, 128, 4, 3, swap=True),
+    _cfg(16, 128, 256, 8, 3, swap=True),
     # medium M
     _cfg(32, 64, 128, 4, 4),
     _cfg(64, 64, 128, 4, 4),
@@ -650,7 +711,7 @@ def _fused(
         dummy if bias is None else bias,
         target,
         m, n, k, per_split // (2 if wt.bits == 4 else 1), m_bucket(m),
-        x2.stride(0), wt.qweight.stride(0), m * n,
+        x2.stride(0), wt.qweight.stride(0) // (1 if use_dot else 4), m * n,
     )
     meta = dict(
         BITS=wt.bits, GROUP=wt.group, HAS_ZEROS=wt.zeros is not None,

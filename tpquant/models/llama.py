@@ -123,7 +123,8 @@ def llama3_scale_inv_freq(inv_freq: torch.Tensor, s: Llama3RopeScaling) -> torch
 
 def rope_cos_sin(inv_freq: torch.Tensor, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every position's angles, float32 [n_positions, hd/2] (computed in float64)."""
-    angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq.double())
+    positions = torch.arange(n_positions, dtype=torch.float64, device=inv_freq.device)
+    angles = torch.outer(positions, inv_freq.double())
     return angles.cos().float(), angles.sin().float()
 
 
