@@ -1,6 +1,7 @@
 """Python entry points of every device op.
 
 Each op has a torch reference implementation that runs on CPU and CUDA tensors alike and is
-the oracle the tests compare against. Fast GPU paths (CUDA in cpp/ or Triton) are chosen
-automatically on CUDA tensors later (issue 5); until then every op is its reference.
+the oracle the tests compare against. On CUDA tensors in fp16/bf16 the fast Triton kernels
+(triton_w8a8.py, triton_norm.py, triton_weight_only.py) are chosen automatically; each entry
+point takes `path=` to force one ("reference", "triton", ...), which the benchmarks use.
 """
