@@ -15,7 +15,6 @@ Every output is poisoned (NaN, or a sentinel integer) before each call.
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import pytest
@@ -32,54 +31,16 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MODULES = ("tpquant.kernels.triton_w8a8", "tpquant.kernels.triton_norm")
 
 
-def _isolated_modules() -> list[str]:
-    # Triton's Python modules (not its C extension, which cannot be imported twice) and ours.
-    return [
-        name for name in sys.modules
-        if name in _MODULES or name == "triton"
-        or (name.startswith("triton.") and not name.startswith("triton._C"))
-    ]
-
-
 @pytest.fixture(scope="module")
 def kernels():
-    """Fresh copies of Triton and of the kernel modules, built for the interpreter.
-
-    TRITON_INTERPRET is read when @triton.jit runs, triton.language's own helpers included,
-    and Triton is often imported already (transformers imports it). So Triton's Python modules
-    and ours are set aside, imported again with TRITON_INTERPRET=1, and the originals put back
-    afterwards: nothing outside this module sees the interpreted copies. With numpy >= 2.4 the
-    Triton 3.6 interpreter fails on loops with run-time bounds (int() of a 1-element array,
-    triton-lang/triton#9171); the shim applies that issue's fix to the copy.
-    """
+    """Fresh interpreted copies of the W8A8 and norm kernel modules (triton_interpreter.py)."""
     pytest.importorskip("triton")
-    package = sys.modules["tpquant.kernels"]
-    saved = {name: sys.modules.pop(name) for name in _isolated_modules()}
-    saved_attrs = {name: package.__dict__.pop(name.rsplit(".", 1)[1], None) for name in _MODULES}
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("TRITON_INTERPRET", "1")
-            interp = importlib.import_module("triton.runtime.interpreter")
-            original_patch = interp._patch_lang_tensor
+    from triton_interpreter import interpreted  # tests/unit, beside this file
 
-            def patch_lang_tensor(tensor, scope):
-                original_patch(tensor, scope)
-                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-            interp._patch_lang_tensor = patch_lang_tensor
-            tw = importlib.import_module(_MODULES[0])
-            tn = importlib.import_module(_MODULES[1])
-            assert isinstance(tw._w8a8_gemm_kernel, interp.InterpretedFunction)
-            yield tw, tn
-    finally:
-        for name in _isolated_modules():
-            del sys.modules[name]
-        sys.modules.update(saved)
-        for name, value in saved_attrs.items():
-            attr = name.rsplit(".", 1)[1]
-            package.__dict__.pop(attr, None)
-            if value is not None:
-                setattr(package, attr, value)
+    with interpreted(*_MODULES) as (tw, tn):
+        interp = sys.modules["triton.runtime.interpreter"]
+        assert isinstance(tw._w8a8_gemm_kernel, interp.InterpretedFunction)
+        yield tw, tn
 
 
 def _gen(seed: int) -> torch.Generator:

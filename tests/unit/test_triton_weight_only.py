@@ -15,7 +15,6 @@ rounds to nearest; tests/gpu/test_kernels_weight_only.py holds it to the tighter
 
 from __future__ import annotations
 
-import importlib
 import sys
 import zlib
 
@@ -52,51 +51,16 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # of max |reference|
 _MODULE = "tpquant.kernels.triton_weight_only"
 
 
-def _isolated_modules() -> list[str]:
-    # Triton's Python modules (not its C extension, which cannot be imported twice) and ours.
-    return [
-        name for name in sys.modules
-        if name == _MODULE or name == "triton"
-        or (name.startswith("triton.") and not name.startswith("triton._C"))
-    ]
-
-
 @pytest.fixture(scope="module")
 def tw():
-    """A fresh copy of Triton and of triton_weight_only, built for the interpreter.
+    """A fresh interpreted copy of triton_weight_only (triton_interpreter.py)."""
+    from triton_interpreter import interpreted  # tests/unit, beside this file
 
-    TRITON_INTERPRET is read when @triton.jit runs, triton.language's own helpers included,
-    and Triton is often imported already. So Triton's Python modules and ours are set aside,
-    imported again with TRITON_INTERPRET=1, and the originals put back afterwards: nothing
-    outside this fixture sees the interpreted copies (as in test_triton_w8a8). With
-    numpy >= 2.4 the Triton 3.6 interpreter fails on loops with run-time bounds (int() of a
-    1-element array, triton-lang/triton#9171); the shim applies that issue's fix to the copy.
-    """
-    package = sys.modules["tpquant.kernels"]
-    saved = {name: sys.modules.pop(name) for name in _isolated_modules()}
-    saved_attr = package.__dict__.pop(_MODULE.rsplit(".", 1)[1], None)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("TRITON_INTERPRET", "1")
-            interp = importlib.import_module("triton.runtime.interpreter")
-            original_patch = interp._patch_lang_tensor
-
-            def patch_lang_tensor(tensor, scope):
-                original_patch(tensor, scope)
-                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-            interp._patch_lang_tensor = patch_lang_tensor
-            module = importlib.import_module(_MODULE)
-            assert module._INTERPRETED
-            assert isinstance(module._wo_dot_kernel, interp.InterpretedFunction)
-            yield module
-    finally:
-        for name in _isolated_modules():
-            del sys.modules[name]
-        sys.modules.update(saved)
-        package.__dict__.pop(_MODULE.rsplit(".", 1)[1], None)
-        if saved_attr is not None:
-            setattr(package, _MODULE.rsplit(".", 1)[1], saved_attr)
+    with interpreted(_MODULE) as (module,):
+        interp = sys.modules["triton.runtime.interpreter"]
+        assert module._INTERPRETED
+        assert isinstance(module._wo_dot_kernel, interp.InterpretedFunction)
+        yield module
 
 
 def _quantized(name: str, seed: int) -> dict[str, torch.Tensor]:
