@@ -2,6 +2,7 @@
 
     mpirun -n 3 python -m tpquant.build --checkpoint model.gguf --quant int8_wo --out engines/x
     python -m tpquant.build --tp 3 ...        # one process builds every rank in turn
+    python -m tpquant.build --quant w8a8_tensor --calib-text notes.txt --calib-tokens 2048 ...
 """
 
 from __future__ import annotations
@@ -23,16 +24,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, help="tensor-parallel size (default: the MPI world size)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--group-size", type=int, default=128, help="int4_gw group size")
+    calib = p.add_argument_group("SmoothQuant calibration (w8a8_* modes only)")
+    calib.add_argument("--calib-text", metavar="FILE",
+                       help=f"text file to calibrate on, never one you evaluate on "
+                            f"(default: {BuildSpec.calib_text})")
+    calib.add_argument("--calib-tokens", type=int, metavar="N",
+                       help=f"first N tokens of it (default: {BuildSpec.calib_tokens})")
+    calib.add_argument("--smooth-alpha", type=float, metavar="A",
+                       help=f"migration strength in [0, 1] (default: {BuildSpec.smooth_alpha})")
     p.add_argument("--out", required=True, help="engine directory")
     return p.parse_args(argv)
+
+
+_CALIBRATION = {"calib_text": "--calib-text", "calib_tokens": "--calib-tokens",
+                "smooth_alpha": "--smooth-alpha"}
+
+
+def build_spec(args: argparse.Namespace, world_size: int) -> BuildSpec:
+    """The BuildSpec the arguments ask for; ValueError naming the option that is wrong."""
+    given = {field: getattr(args, field) for field in _CALIBRATION
+             if getattr(args, field) is not None}
+    spec = BuildSpec(str(args.checkpoint or default_checkpoint()), args.quant,
+                     args.tp or world_size, args.dtype, args.group_size, **given)
+    if given and not spec.needs_calibration():
+        options = ", ".join(_CALIBRATION[f] for f in given)
+        raise ValueError(f"{options}: only used by SmoothQuant modes (w8a8_*), "
+                         f"not by --quant {spec.quant}")
+    return spec
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     def build(job: Job) -> None:
-        spec = BuildSpec(str(args.checkpoint or default_checkpoint()), args.quant,
-                         args.tp or job.comm.world_size, args.dtype, args.group_size)
+        spec = build_spec(args, job.comm.world_size)
         start = time.perf_counter()
         out, reused = build_engine(spec, args.out, job.comm)
         if job.comm.rank == 0:

@@ -482,6 +482,43 @@ def test_synthetic_gguf(tmp_path):
     _check_owned(ckpt, list(expected))
 
 
+def test_fast_reader_parses_what_gguf_reader_parses(tmp_path):
+    """FastGGUFReader (a plain-ndarray view of the map, for speed) gives the same fields
+    (types, parts, data indices, contents) and tensors as gguf.GGUFReader, on a file with
+    the string and number arrays a tokenizer brings."""
+    from tpquant.checkpoint.gguf import FastGGUFReader
+
+    path = tmp_path / "model.gguf"  # quantized tensors, permuted q/k, rope_freqs
+    _write_synthetic_gguf(path, _gen(8))
+    w = gguf.GGUFWriter(tmp_path / "tok.gguf", "llama")  # a vocabulary and merges
+    w.add_token_list([f"tok{i}" for i in range(300)] + ["Ünïcødé", ""])
+    w.add_token_merges([f"t o{i}" for i in range(200)])
+    w.add_token_scores([float(i) / 3 for i in range(302)])
+    w.add_token_types([1] * 302)
+    w.add_string("general.name", "tiny")
+    w.add_tensor("token_embd.weight", np.arange(24, dtype=np.float32).reshape(4, 6))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for file in (path, tmp_path / "tok.gguf"):
+        slow, fast = gguf.gguf_reader.GGUFReader(file, "r"), FastGGUFReader(file, "r")
+        assert type(fast.data) is np.ndarray and isinstance(fast.data.base, np.memmap)
+        assert list(slow.fields) == list(fast.fields)
+        for name, a in slow.fields.items():
+            b = fast.fields[name]
+            assert (a.offset, a.types, a.data) == (b.offset, b.types, b.data), name
+            assert len(a.parts) == len(b.parts)
+            assert all(np.array_equal(x, y) for x, y in zip(a.parts, b.parts)), name
+            assert a.contents() == b.contents(), name
+        assert [t.name for t in slow.tensors] == [t.name for t in fast.tensors]
+        for a, b in zip(slow.tensors, fast.tensors):
+            assert (a.tensor_type, a.n_bytes, a.data_offset) == (b.tensor_type, b.n_bytes,
+                                                                 b.data_offset)
+            assert np.array_equal(a.shape, b.shape) and np.array_equal(a.data, b.data), a.name
+    assert fast.fields["tokenizer.ggml.tokens"].contents()[-2:] == ["Ünïcødé", ""]
+
+
 # -- llama3 RoPE factors recovered from rope_freqs ----------------------------------------
 
 

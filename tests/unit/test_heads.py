@@ -15,9 +15,12 @@ import torch
 
 from tpquant.parallel.heads import (
     apply_head_layout,
+    head_span,
     kv_cache_overhead,
     plan_heads,
     qkv_part_sizes,
+    rank_head_sources,
+    take_heads,
 )
 from tpquant.parallel.shard import shard_tensor, split_fused
 from tpquant.quantization.schemes.base import TensorSpec
@@ -164,6 +167,31 @@ def _check_head_mapping(w: dict, rw: dict, nh: int, nkv: int, hd: int, rank: int
             for name in ("k_w", "v_w", "k_b", "v_b"):
                 assert not head(rw[name], local_kv).any()
             assert not head(rw["o_w"].t(), j).any()
+
+
+@pytest.mark.parametrize("case", sorted(CASES), ids=lambda c: "h{}_kv{}_tp{}".format(*c))
+def test_rank_heads_read_alone_equal_the_laid_out_shard(case: tuple[int, int, int]) -> None:
+    """What a loader reads for one rank (`rank_head_sources`: only the original heads it
+    keeps, as rows of q/k/v and columns of o_proj) equals that rank's shard of the full
+    laid-out weights, exactly."""
+    nh, nkv, tp = case
+    layout = plan_heads(nh, nkv, tp)
+    hd = _dims(nh)[1]
+    w, _ = _weights(nh, nkv, seed=3)
+    laid = apply_head_layout(layout, hd, **w)
+    for rank in range(tp):
+        want = _rank_weights(laid, layout, hd, rank)
+        q_src, kv_src = rank_head_sources(layout, rank)
+        assert (len(q_src), len(kv_src)) == (layout.heads_per_rank, layout.kv_heads_per_rank)
+        for name, src, dim in (("q_w", q_src, 0), ("q_b", q_src, 0), ("k_w", kv_src, 0),
+                               ("k_b", kv_src, 0), ("v_w", kv_src, 0), ("v_b", kv_src, 0),
+                               ("o_w", q_src, 1)):
+            lo, hi = head_span(src)
+            read = w[name].narrow(dim, lo * hd, (hi - lo) * hd)  # only these heads are read
+            got = take_heads(read, lo, src, hd, dim)
+            assert got.shape == want[name].shape and torch.equal(got, want[name]), (rank, name)
+    with pytest.raises(ValueError, match="rank must be in"):
+        rank_head_sources(layout, tp)
 
 
 def test_replicate_kv_consecutive_copies() -> None:

@@ -11,6 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tpquant.collectives import SingleProcessCommunicator
+from tpquant.layers.column import ColumnLinear
+from tpquant.layers.row import RowLinear
+from tpquant.parallel.mapping import Mapping
 from tpquant.parallel.shard import (
     check_divisible,
     gather_shards,
@@ -18,10 +22,12 @@ from tpquant.parallel.shard import (
     shard_tensor,
     shard_tensors,
     split,
+    split_dim,
     split_fused,
     unshard_tensors,
     vocab_shard,
 )
+from tpquant.quantization.schemes import Passthrough, Scheme, WeightOnly
 from tpquant.quantization.schemes.base import TensorSpec
 
 TPS = (1, 2, 3, 4)
@@ -312,3 +318,83 @@ def test_vocab_padding_round_trip(tp: int, vocab: int) -> None:
     # logits gathered from the shards, padding dropped, equal the unsharded logits
     logits = torch.cat([x @ s.t() for s, _ in results], dim=-1)[:, :vocab]
     torch.testing.assert_close(logits, x @ w.t(), rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------- (h) quantizing one slice
+
+SLICE_SCHEMES = {
+    "fp32": Passthrough(torch.float32),
+    "fp16": Passthrough(torch.float16),
+    "int8_wo": WeightOnly(8, torch.float32),
+    "int4_wo": WeightOnly(4, torch.float32),
+}
+_W = TensorSpec(out_dim=0, in_dim=1)
+
+
+def _sliced_weights(style: str, tp: int, parts) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """W with row scales over 6 orders of magnitude and a zero row, and every rank's slice."""
+    w = torch.randn(OUT, IN, generator=_gen(11)) * torch.logspace(-3, 3, OUT)[:, None]
+    w[5] = 0
+    return w, [shard_tensor(w, _W, style, r, tp, parts) for r in range(tp)]
+
+
+@pytest.mark.parametrize("tp", TPS)
+@pytest.mark.parametrize("style", ["column", "row"])
+@pytest.mark.parametrize("name", sorted(SLICE_SCHEMES))
+def test_quantizing_a_slice_equals_slicing_the_quantized(name: str, style: str, tp: int) -> None:
+    """shard(quantize(W)) == quantize(W's slice, statistics of W), exactly, where the
+    statistics the slice cuts come from the slice and every other one is the elementwise max
+    of all ranks' statistics of their slices (what an all_reduce(max) gives)."""
+    scheme = SLICE_SCHEMES[name]
+    parts = (12, 12, 12) if style == "column" else None  # a fused q/k/v-like column layer
+    w, slices = _sliced_weights(style, tp, parts)
+    full = scheme.quantize(w)
+    specs = scheme.statistic_specs()
+    local = [scheme.statistics(s) for s in slices]
+    for r in range(tp):
+        stats = {
+            k: local[r][k] if split_dim(spec, style) is not None
+            else torch.stack([s[k] for s in local]).amax(dim=0)
+            for k, spec in specs.items()
+        }
+        got = scheme.quantize(slices[r], statistics=stats)
+        want = shard_tensors(full, scheme.specs(full), style, r, tp, parts)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (r, k)
+    if style == "row" and tp > 1 and specs:  # the combining is needed: a slice alone is wrong
+        alone = scheme.quantize(slices[0])
+        want = shard_tensors(full, scheme.specs(full), style, 0, tp)
+        assert not all(torch.equal(alone[k], want[k]) for k in want)
+
+
+def test_split_dim_is_the_sharding_rule() -> None:
+    t, specs = _layout_tensors(_gen(12))
+    for style in ("column", "row"):
+        for name, spec in specs.items():
+            dim = split_dim(spec, style)
+            replicated = shard_tensor(t[name], spec, style, 1, 2) is t[name]
+            assert (dim is None) == replicated, (style, name)
+    with pytest.raises(ValueError, match="style"):
+        split_dim(_W, "diagonal")
+
+
+def test_load_shard_checks_its_input() -> None:
+    comm, w = SingleProcessCommunicator(), torch.randn(OUT, IN, generator=_gen(13))
+
+    class FullOnly(Passthrough):  # the Scheme default: quantize needs the full weight
+        statistic_specs = Scheme.statistic_specs
+        statistics = Scheme.statistics
+
+    layer = ColumnLinear(IN, OUT, FullOnly(torch.float32), Mapping(2, 0), comm)
+    assert FullOnly(torch.float32).statistic_specs() is None
+    with pytest.raises(NotImplementedError, match="full weights only"):
+        FullOnly(torch.float32).statistics(w)
+    with pytest.raises(ValueError, match="full weights only: use load_full"):
+        layer.load_shard(w[: OUT // 2])
+    row = RowLinear(IN, OUT, WeightOnly(8, torch.float32), Mapping(3, 1), comm)
+    with pytest.raises(ValueError, match=r"weight slice shape \(36, 96\) != \(36, 32\)"):
+        row.load_shard(w)
+    with pytest.raises(ValueError, match="amax must be"):
+        row.load_shard(w[:, 32:64], statistics={"amax": torch.ones(OUT - 1)})
+

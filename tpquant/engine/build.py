@@ -1,9 +1,12 @@
 """Building engines: a checkpoint -> one quantized, sharded file per rank (DESIGN s2, s7).
 
-Under mpirun with N ranks each rank builds and writes its own `rank{r}.engine` in parallel;
-in a single process one builder writes every rank in turn. Rank 0 then writes config.json.
-A build whose inputs (checkpoint bytes, quantization, TP size, dtype, options, format
-version) match an existing complete engine reuses it.
+Under mpirun with N ranks each rank builds and writes its own `rank{r}.engine` in parallel,
+reading only its own slices of the checkpoint (`tpquant.models.loader`: statistics of full
+weights by all_reduce(max)); in a single process one builder writes every rank in turn,
+computing those statistics once from the full weights. Both write identical tensors. Rank 0
+hashes the checkpoint once (other ranks get the digest), saves the tokenizer and writes
+config.json last. A build whose inputs (checkpoint bytes, quantization, TP size, dtype,
+options, format version) match an existing complete engine reuses it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ from tpquant.engine.format import (
     write_rank_file,
 )
 from tpquant.models.llama import LlamaSchemes
-from tpquant.models.loader import load_llama
+from tpquant.models.loader import (
+    AllReduceStatistics,
+    FullWeightStatistics,
+    WeightStatistics,
+    load_llama,
+)
 from tpquant.parallel.heads import apply_head_layout, plan_heads
 from tpquant.parallel.mapping import Mapping
 from tpquant.quantization.calibrate import calibrate, text_token_batches
@@ -61,6 +69,21 @@ class BuildSpec:
             raise ValueError(f"dtype {self.dtype!r} unknown; known: {', '.join(DTYPES)}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.group_size < 1:
+            raise ValueError(f"group size (--group-size) must be >= 1, got {self.group_size}")
+        if self.calib_tokens < 1:
+            raise ValueError(
+                f"calibration tokens (--calib-tokens) must be >= 1, got {self.calib_tokens}"
+            )
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(
+                f"smoothing alpha (--smooth-alpha) must be in [0, 1], got {self.smooth_alpha}"
+            )
+        if self.needs_calibration() and not Path(self.calib_text).is_file():
+            raise ValueError(
+                f"calibration text {self.calib_text} is not a file (--quant {self.quant} "
+                "calibrates SmoothQuant on it: give one with --calib-text)"
+            )
 
     @property
     def schemes(self) -> LlamaSchemes:
@@ -139,29 +162,53 @@ def _layout(t: torch.Tensor) -> str:
 
 
 class _Progress:
-    """A checkpoint whose reads advance a progress bar (rank 0 only)."""
+    """A checkpoint whose reads advance a progress bar (rank 0 only): one step for the first
+    read, whole or sliced, of each tensor."""
 
     def __init__(self, checkpoint: Any, bar: Any) -> None:
         self._checkpoint, self._bar, self.config = checkpoint, bar, checkpoint.config
+        self._seen: set[str] = set()
+
+    def _step(self, name: str) -> None:
+        if self._bar is not None and name not in self._seen:
+            self._seen.add(name)
+            self._bar.update(1)
 
     def get(self, name: str) -> torch.Tensor:
         t = self._checkpoint.get(name)
-        if self._bar is not None:
-            self._bar.update(1)
+        self._step(name)
         return t
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        t = self._checkpoint.get_slice(name, dim, start, stop)
+        self._step(name)
+        return t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._checkpoint.shape(name)
+
+    def next_rank(self) -> None:
+        self._seen.clear()
 
 
 def build_rank(checkpoint: Any, spec: BuildSpec, rank: int, key: str, source: str,
-               out_dir: Path, plan: SmoothQuantPlan | None = None) -> RankFileInfo:
+               out_dir: Path, plan: SmoothQuantPlan | None = None,
+               statistics: WeightStatistics | None = None) -> RankFileInfo:
     """Quantize and shard the model for `rank` of `spec.tp`, and write its file.
 
-    plan: the calibrated smoothing, required for SmoothQuant modes (`smoothquant_plan`)."""
+    plan: the calibrated smoothing, required for SmoothQuant modes (`smoothquant_plan`).
+    statistics: completes the statistics of weight slices (`tpquant.models.loader`):
+    `AllReduceStatistics` over the TP group when every rank builds its own file at once,
+    one `FullWeightStatistics` shared by every rank a single process builds (the default:
+    a fresh one)."""
     if spec.needs_calibration() and plan is None:
         raise ValueError(f"--quant {spec.quant} needs calibration: pass a SmoothQuantPlan")
-    # Building needs no communication: layers only quantize and keep their shard.
+    # The model's layers never communicate while building: they only quantize and keep
+    # their shard. Only the statistics of sliced weights may (all_reduce(max)).
     model = load_llama(checkpoint, Mapping(spec.tp, rank), SingleProcessCommunicator(),
                        spec.schemes, DTYPES[spec.dtype], max_seq=1, max_batch=1,
-                       quant_options=plan.quant_options if plan else None, transform=plan)
+                       quant_options=plan.quant_options if plan else None, transform=plan,
+                       statistics=statistics if statistics is not None else FullWeightStatistics())
     tensors = model.state_dict()
     meta = EngineMeta(
         model_config=checkpoint.config.to_dict(),
@@ -183,7 +230,9 @@ def build_engine(spec: BuildSpec, out_dir: str | Path, comm: Communicator) -> tu
     """Build (or reuse) the engine of `spec` in `out_dir`, collectively over `comm`.
 
     With comm.world_size == spec.tp each rank builds its own file; with world size 1 this
-    process builds all of them. Returns (out_dir, reused).
+    process builds all of them. The build runs on the CPU: `comm` must take CPU tensors
+    (MPI, or a single process), as its collectives combine weight statistics and
+    calibration maxima. Returns (out_dir, reused).
     """
     out = Path(out_dir)
     if comm.world_size not in (1, spec.tp):
@@ -192,12 +241,15 @@ def build_engine(spec: BuildSpec, out_dir: str | Path, comm: Communicator) -> tu
             "or without mpirun to build every rank in one process"
         )
 
-    def prepare() -> tuple[Any, str, str]:
+    def prepare() -> tuple[Any, str | None]:
         checkpoint = open_checkpoint(spec.checkpoint)
-        source = checkpoint.source_checksum()
-        return checkpoint, source, build_key(source_checksum=source, **spec.key_fields())
+        # one rank reads every byte of the checkpoint to hash it, not all of them
+        return checkpoint, checkpoint.source_checksum() if comm.rank == 0 else None
 
-    checkpoint, source, key = on_all_ranks(comm, prepare, "opening the checkpoint")
+    checkpoint, source = on_all_ranks(comm, prepare, "opening the checkpoint")
+    source = comm.broadcast_object(source, root=0)
+    key = on_all_ranks(comm, lambda: build_key(source_checksum=source, **spec.key_fields()),
+                       "checking the build options")
     if engine_is_current(out, key):
         comm.barrier()
         return out, True
@@ -228,9 +280,16 @@ def build_engine(spec: BuildSpec, out_dir: str | Path, comm: Communicator) -> tu
 
     plans = on_all_ranks(comm, calibrate_mine, "calibrating")
 
+    # Under mpirun the ranks complete each other's statistics; one process computes them
+    # once from the full weights and keeps them for every rank it builds.
+    statistics = AllReduceStatistics(comm) if comm.world_size > 1 else FullWeightStatistics()
+
     def build_mine() -> list[RankFileInfo]:
-        return [build_rank(reader, spec, r, key, source, out, plan)
-                for r, plan in zip(my_ranks, plans)]
+        infos = []
+        for r, plan in zip(my_ranks, plans):
+            reader.next_rank()
+            infos.append(build_rank(reader, spec, r, key, source, out, plan, statistics))
+        return infos
 
     infos = on_all_ranks(comm, build_mine, "building the engine")
     if bar is not None:
@@ -240,8 +299,11 @@ def build_engine(spec: BuildSpec, out_dir: str | Path, comm: Communicator) -> tu
     if comm.world_size > 1:
         infos = [RankFileInfo.from_dict(comm.broadcast_object(infos[0].to_dict(), root=r))
                  for r in range(comm.world_size)]
-    if comm.rank == 0:
-        save_tokenizer(checkpoint, out / TOKENIZER_DIR)
-        write_engine_config(out, read_rank_metadata(out / infos[0].name), infos)
-    comm.barrier()
+
+    def finish() -> None:
+        if comm.rank == 0:
+            save_tokenizer(checkpoint, out / TOKENIZER_DIR)
+            write_engine_config(out, read_rank_metadata(out / infos[0].name), infos)
+
+    on_all_ranks(comm, finish, "writing the tokenizer and config.json")  # waits for rank 0
     return out, False

@@ -5,8 +5,11 @@ produced for the full weight. Which slice is decided by the sharding rules alone
 (`tpquant.parallel.shard`, driven by each tensor's `TensorSpec`), so every scheme works under
 both parallel styles without per-scheme code. Subclasses add only their forward.
 
-Loading quantizes the *full* weight first and shards the result: per-tensor and per-channel
-scales then equal the single-process ones, which is what makes a TP result match TP 1.
+Two ways to load, with identical results. `load_full` quantizes the *full* weight and shards
+the result: per-tensor and per-channel scales then equal the single-process ones, which is
+what makes a TP result match TP 1. `load_shard` quantizes only this rank's slice of the
+weight, given the scheme's statistics of the full weight (gathered by the caller, e.g. an
+all-reduce(max) over ranks): the same scales, without any rank holding the full weight.
 """
 
 from __future__ import annotations
@@ -66,6 +69,36 @@ class ShardedLinear(nn.Module):
             bias = shard_tensor(bias, _BIAS_SPEC, self.style, rank, tp, parts)
         return self.load_shards(shards, bias)
 
+    def load_shard(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        statistics: dict[str, torch.Tensor] | None = None,
+    ) -> ShardedLinear:
+        """Quantize this rank's slice of W and keep it.
+
+        weight: rows [out/tp, in] under column TP (per part for a fused layer:
+        [part_0_r | part_1_r | ...]), columns [out, in/tp] under row TP. bias: already this
+        rank's (split under column TP, whole under row TP). statistics: the scheme's
+        statistics (`Scheme.statistics`) of the FULL weight, those indexed by the split axis
+        cut like the weight; then the result equals `load_full`'s shard exactly.
+        """
+        tp = self.mapping.tp_size
+        local = (
+            (self.out_features // tp, self.in_features) if self.style == "column"
+            else (self.out_features, self.in_features // tp)
+        )
+        if tuple(weight.shape) != local:
+            raise ValueError(
+                f"{type(self).__name__}: weight slice shape {tuple(weight.shape)} != {local} "
+                f"for rank {self.mapping.tp_rank} of {tp}"
+            )
+        if self.scheme.statistic_specs() is None:
+            raise ValueError(
+                f"{type(self.scheme).__name__} quantizes full weights only: use load_full"
+            )
+        return self.load_shards(self.scheme.quantize(weight, statistics=statistics), bias)
+
     def load_shards(
         self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
     ) -> ShardedLinear:
@@ -104,7 +137,9 @@ class ShardedLinear(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         """This rank's tensors of the scheme, by name."""
         if not self._names:
-            raise RuntimeError(f"{type(self).__name__} has no weights: call load_full or load_shards")
+            raise RuntimeError(
+                f"{type(self).__name__} has no weights: call load_full, load_shard or load_shards"
+            )
         return {name: getattr(self, name) for name in self._names}
 
     def local_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -20,6 +20,11 @@ head has q = 0 (zero weights and bias), so its scores are all 0 and its softmax 
 its values are 0 (zero v weights), so its output is 0; and its o_proj input columns are 0,
 so it adds exactly 0 to the output. The padded model computes the same function; the price
 is a larger KV cache (`kv_cache_overhead`, reported at build time).
+
+One rule places the heads: `rank_head_sources` says which original head lies behind each
+of a rank's local heads (None for a zero head). A loader reads just those heads' rows of
+q/k/v and columns of o_proj and assembles them with `take_heads`; the full laid-out weights
+(`lay_out_heads`, `apply_head_layout`) are every rank's heads in rank order.
 """
 
 from __future__ import annotations
@@ -106,27 +111,27 @@ def kv_cache_overhead(layout: HeadLayout, original_n_kv: int | None = None) -> f
     return layout.tp * layout.kv_heads_per_rank / n_kv
 
 
-def _heads(t: torch.Tensor, n: int, head_dim: int, name: str) -> torch.Tensor:
-    """[n * head_dim, ...] -> [n, head_dim, ...], checking the size."""
-    if t.shape[0] != n * head_dim:
+def lay_out_heads(
+    t: torch.Tensor,
+    layout: HeadLayout,
+    kind: Literal["q", "kv"],
+    head_dim: int,
+    dim: int = 0,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """A whole tensor with its query ("q") or KV ("kv") heads along `dim` laid out for
+    `layout`: every rank's heads (`rank_head_sources`), in rank order. t itself for "split"."""
+    n = layout.n_heads if kind == "q" else layout.n_kv_heads
+    if t.shape[dim] != n * head_dim:
         raise ValueError(
-            f"{name} has {t.shape[0]} rows along its head dim, expected {n} heads x "
+            f"{name} has {t.shape[dim]} entries along its head dim {dim}, expected {n} heads x "
             f"head_dim {head_dim} = {n * head_dim}"
         )
-    return t.reshape(n, head_dim, *t.shape[1:])
-
-
-def _expand(
-    t: torch.Tensor, n: int, head_dim: int, repeat: int, total: int, name: str
-) -> torch.Tensor:
-    """Repeat each of n heads `repeat` times consecutively, then zero-pad to `total` heads."""
-    h = _heads(t, n, head_dim, name)
-    if repeat == 1 and total == n:
+    if layout.kind == "split":
         return t
-    h = h.repeat_interleave(repeat, dim=0)
-    if total > h.shape[0]:
-        h = torch.cat([h, h.new_zeros(total - h.shape[0], *h.shape[1:])], dim=0)
-    return h.reshape(total * head_dim, *t.shape[1:])
+    which = 0 if kind == "q" else 1
+    ranks = (rank_head_sources(layout, r)[which] for r in range(layout.tp))
+    return torch.cat([take_heads(t, 0, sources, head_dim, dim) for sources in ranks], dim=dim)
 
 
 def apply_head_layout(
@@ -149,27 +154,56 @@ def apply_head_layout(
     per-part column split of q/k/v (`qkv_part_sizes`) and a row split of o_proj give every
     rank its heads. For "split" the inputs are returned unchanged.
     """
-    nh, nkv, total_q, total_kv = (
-        layout.n_heads, layout.n_kv_heads, layout.padded_n_heads, layout.padded_n_kv_heads,
-    )
-    if o_w.shape[-1] != nh * head_dim:
+    if o_w.shape[-1] != layout.n_heads * head_dim:
         raise ValueError(
-            f"o_w has {o_w.shape[-1]} input columns, expected n_heads {nh} x head_dim {head_dim}"
+            f"o_w has {o_w.shape[-1]} input columns, expected n_heads {layout.n_heads} x "
+            f"head_dim {head_dim}"
         )
-    if total_q != nh:
-        # o_proj's input columns are laid out like q's output rows: pad through the transpose
-        o_w = _expand(o_w.t(), nh, head_dim, 1, total_q, "o_w").t().contiguous()
-    out = {
-        "q_w": _expand(q_w, nh, head_dim, 1, total_q, "q_w"),
-        "k_w": _expand(k_w, nkv, head_dim, layout.kv_repeat, total_kv, "k_w"),
-        "v_w": _expand(v_w, nkv, head_dim, layout.kv_repeat, total_kv, "v_w"),
-        "o_w": o_w,
+    given = {"q_w": (q_w, "q", 0), "k_w": (k_w, "kv", 0), "v_w": (v_w, "kv", 0),
+             "o_w": (o_w, "q", 1), "q_b": (q_b, "q", 0), "k_b": (k_b, "kv", 0),
+             "v_b": (v_b, "kv", 0)}
+    return {
+        name: lay_out_heads(t, layout, kind, head_dim, dim, name)  # type: ignore[arg-type]
+        for name, (t, kind, dim) in given.items() if t is not None
     }
-    for name, b, n, repeat, total in (
-        ("q_b", q_b, nh, 1, total_q),
-        ("k_b", k_b, nkv, layout.kv_repeat, total_kv),
-        ("v_b", v_b, nkv, layout.kv_repeat, total_kv),
-    ):
-        if b is not None:
-            out[name] = _expand(b, n, head_dim, repeat, total, name)
-    return out
+
+
+def rank_head_sources(
+    layout: HeadLayout, rank: int
+) -> tuple[tuple[int | None, ...], tuple[int | None, ...]]:
+    """(query, KV) original head index behind each of rank's local heads; None for a zero head.
+
+    Laid-out query head g is original head g (zero beyond n_heads); laid-out KV head g is
+    original head g // kv_repeat (zero beyond n_kv_heads * kv_repeat), as `apply_head_layout`
+    builds them; rank r keeps laid-out heads [r * per_rank, (r + 1) * per_rank).
+    """
+    if not 0 <= rank < layout.tp:
+        raise ValueError(f"rank must be in [0, {layout.tp}), got {rank}")
+    q0, kv0 = rank * layout.heads_per_rank, rank * layout.kv_heads_per_rank
+    kv_real = layout.n_kv_heads * layout.kv_repeat
+    q = tuple(g if g < layout.n_heads else None for g in range(q0, q0 + layout.heads_per_rank))
+    kv = tuple(
+        g // layout.kv_repeat if g < kv_real else None
+        for g in range(kv0, kv0 + layout.kv_heads_per_rank)
+    )
+    return q, kv
+
+
+def head_span(sources: tuple[int | None, ...]) -> tuple[int, int]:
+    """[lo, hi): the original heads `sources` reads (lo == hi when all are zero heads)."""
+    real = [s for s in sources if s is not None]
+    return (min(real), max(real) + 1) if real else (0, 0)
+
+
+def take_heads(
+    block: torch.Tensor, lo: int, sources: tuple[int | None, ...], head_dim: int, dim: int = 0
+) -> torch.Tensor:
+    """Local heads along `dim` from `block`, which holds original heads [lo, hi) along dim
+    (hi from `head_span`): head s is block's (s - lo)-th, a None is a zero head."""
+    shape = list(block.shape)
+    shape[dim] = head_dim
+    pieces = [
+        block.new_zeros(shape) if s is None else block.narrow(dim, (s - lo) * head_dim, head_dim)
+        for s in sources
+    ]
+    return torch.cat(pieces, dim=dim)

@@ -127,6 +127,12 @@ def _check_style(style: str, part_sizes: Sequence[int] | None) -> None:
         )
 
 
+def split_dim(spec: TensorSpec, style: Style) -> int | None:
+    """The dimension of a tensor with `spec` that `style` splits; None: it is replicated."""
+    _check_style(style, None)
+    return spec.out_dim if style == "column" else spec.in_dim
+
+
 def shard_tensor(
     t: torch.Tensor,
     spec: TensorSpec,
@@ -219,7 +225,7 @@ def gather_shards(
     if not shards:
         raise ValueError(f"{name}: no shards to gather")
     tp = len(shards)
-    dim = spec.out_dim if style == "column" else spec.in_dim
+    dim = split_dim(spec, style)
     if dim is None:
         return _check_replicas(shards, name)
     if part_sizes is None:

@@ -15,6 +15,20 @@ The contract the tests check for every scheme:
     forward(x, t) ~= x @ dequantize(t)^T + bias,
 where `dequantize` folds in every input-side vector the scheme stores (pre-quant scale,
 smoother), and differs from forward only by activation quantization, if the scheme has it.
+
+Quantizing a slice. A tensor-parallel rank holds rows (column style) or columns (row style)
+of W. A scheme that declares `statistic_specs()` can quantize such a slice on its own: its
+scales depend on the full W only through `statistics(W)`, named maxima over elements of W,
+so the statistics of the whole are the elementwise max of the statistics of any slices
+that cover it (exact, whatever the order), and
+
+    quantize(W)[slice] == quantize(W[slice], statistics=statistics(W)[slice]).
+
+Each statistic's `TensorSpec` says which axis of W it is indexed by: one indexed by the
+axis a slice cuts is already complete on the slice (a per-row maximum of whole rows);
+every other one must be combined over all slices. Who combines them (an all-reduce, or one
+process reading the full weight) is the loader's business: schemes know nothing of ranks.
+The default, `statistic_specs() -> None`, means "quantize needs the full weight".
 """
 
 from __future__ import annotations
@@ -64,7 +78,21 @@ class Scheme(ABC):
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Quantize a full-precision weight [out, in] into named tensors."""
+        """Quantize a full-precision weight [out, in] into named tensors.
+
+        A scheme with `statistic_specs()` also takes `statistics=`: those of the full weight
+        when `weight` is a slice of it (module docstring); computed from `weight` if omitted.
+        """
+
+    def statistic_specs(self) -> dict[str, TensorSpec] | None:
+        """Specs of the statistics `quantize` depends on beyond the slice it is given, by name
+        ({} for none); None (the default): quantize needs the full weight."""
+        return None
+
+    def statistics(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The statistics named by `statistic_specs()` of a weight or a slice of one: maxima,
+        so those of slices combine into the full weight's by an elementwise max."""
+        raise NotImplementedError(f"{type(self).__name__} quantizes full weights only")
 
     @abstractmethod
     def dequantize(self, tensors: Tensors) -> torch.Tensor:

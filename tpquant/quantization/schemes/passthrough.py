@@ -23,7 +23,15 @@ class Passthrough(Scheme):
     def specs(self, tensors: Tensors | None = None) -> dict[str, TensorSpec]:
         return {"weight": TensorSpec(out_dim=0, in_dim=1)}
 
-    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def statistic_specs(self) -> dict[str, TensorSpec]:
+        return {}  # nothing to combine: any slice is stored as it is
+
+    def statistics(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def quantize(
+        self, weight: torch.Tensor, *, statistics: Tensors | None = None
+    ) -> dict[str, torch.Tensor]:
         if weight.dim() != 2:
             raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
         return {"weight": weight.to(self.dtype)}

@@ -1,8 +1,11 @@
 """Weight-only int8 / int4, symmetric per output channel: W ~= q * scale[:, None].
 
 scale[out] = max_j |W[out, j]| / qmax (qmax 127 for int8, 7 for int4), from
-numerics.symmetric_scale. Scales are stored in float32 whatever `dtype` is: they are tiny
-([out]) and float16 would add up to 2^-11 relative error to every weight of a row.
+numerics.symmetric_scale. The row maxima are the scheme's one statistic ("amax", indexed by
+output feature), so a slice of rows quantizes on its own and a slice of columns needs only
+the maxima of the full rows (base module docstring). Scales are stored in float32 whatever
+`dtype` is: they are tiny ([out]) and float16 would add up to 2^-11 relative error to every
+weight of a row.
 `dtype` is the activation dtype the model runs in; the stored tensors do not depend on it.
 """
 
@@ -44,15 +47,27 @@ class WeightOnly(Scheme):
             "scale": TensorSpec(out_dim=0),
         }
 
-    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        if weight.dim() != 2:
-            raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
+    def statistic_specs(self) -> dict[str, TensorSpec]:
+        return {"amax": TensorSpec(out_dim=0)}
+
+    def statistics(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """amax[out] = max_j |W[out, j]| (over the columns given)."""
+        _check_2d(weight)
+        return {"amax": weight.float().abs().amax(dim=1)}
+
+    def quantize(
+        self, weight: torch.Tensor, *, statistics: Tensors | None = None
+    ) -> dict[str, torch.Tensor]:
+        _check_2d(weight)
         if self.bits == 4 and weight.shape[1] % 2:
             raise ValueError(
                 f"int4 packs two input features per byte: in_features={weight.shape[1]} must be even"
             )
         w = weight.float()
-        scale = numerics.symmetric_scale(w.abs().amax(dim=1), self.qmax)  # [out]
+        amax = (self.statistics(w) if statistics is None else statistics)["amax"]
+        if amax.shape != (w.shape[0],):
+            raise ValueError(f"statistics amax must be [out]={w.shape[0]}, got {tuple(amax.shape)}")
+        scale = numerics.symmetric_scale(amax, self.qmax)  # [out]
         q = numerics.quantize_symmetric(w, scale[:, None], self.qmax)  # int8 [out, in]
         return {"qweight": pack_int4(q) if self.bits == 4 else q, "scale": scale}
 
@@ -63,3 +78,8 @@ class WeightOnly(Scheme):
         self, x: torch.Tensor, tensors: Tensors, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         return weight_only_matmul(x, tensors["qweight"], tensors["scale"], self.bits, bias)
+
+
+def _check_2d(weight: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
