@@ -9,8 +9,8 @@ passes under any `mpirun -n`:
 
 - a tiny random Llama (biases, untied head, a vocabulary of 37 that no TP size divides,
   6 query / 2 KV heads: split at TP 2, expanded and zero-padded at 3 and 4), fp32, fp16,
-  int8_wo, int4_wo: `build_engine` over the real communicator, against this rank's file
-  of a one-process build (the same `build_rank` with `FullWeightStatistics`), against the
+  int8_wo, int4_wo, int4_gw (group 8: whole groups on every slice): `build_engine` over
+  the real communicator, against this rank's file of a one-process build (the same `build_rank` with `FullWeightStatistics`), against the
   full-read model, and against a one-process `build_engine` of every rank (rank 0);
 - SmolLM2-135M (GGUF), int8_wo: the mpirun build against the one-process path for this
   rank and the full-read model.
@@ -156,9 +156,11 @@ def tiny(comm, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("quant,dtype", [("fp16", "float32"), ("fp16", "float16"),
-                                         ("int8_wo", "float32"), ("int4_wo", "bfloat16")])
+                                         ("int8_wo", "float32"), ("int4_wo", "bfloat16"),
+                                         ("int4_gw", "float16")])
 def test_tiny_mpirun_build_is_identical(comm, tiny, tmp_path_factory, quant, dtype):
-    spec = BuildSpec(str(tiny), quant, comm.world_size, dtype)
+    # group 8 divides every rank's in_features of the tiny model at TP 1 to 4
+    spec = BuildSpec(str(tiny), quant, comm.world_size, dtype, group_size=8)
     _check_build(comm, spec, _shared_dir(comm, tmp_path_factory, "tiny_build"), True)
 
 

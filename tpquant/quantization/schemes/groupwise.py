@@ -4,6 +4,8 @@ For output row o and group k (input columns k*g .. k*g+g-1):
     zeros=True:  q in 0..15,  W'[o, j] ~= (q - zeros[k, o]) * scales[k, o]   (float zero points,
                  numerics.asymmetric_params: the range always contains 0)
     zeros=False: q in -8..7,  W'[o, j] ~= q * scales[k, o], scales = amax / 7
+A group's scale and zero depend on that group alone, so any slice of whole groups (what the
+sharding rules cut) quantizes on its own: the scheme declares no statistics.
 where W' = W / pre_quant_scale[None, :] when the scheme has a pre-quant scale (AWQ): the
 caller passes p[in] to `quantize`, W / p is quantized, and forward computes
 (x * p) @ W'^T, which is x @ W^T again. Without one, W' = W.
@@ -51,8 +53,20 @@ class Groupwise(Scheme):
             specs["pre_quant_scale"] = TensorSpec(in_dim=0)
         return specs
 
+    def statistic_specs(self) -> dict[str, TensorSpec]:
+        # Every group lies inside any slice the sharding rules cut (whole rows, or columns
+        # in whole groups), and a group's scale depends on that group alone.
+        return {}
+
+    def statistics(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
     def quantize(
-        self, weight: torch.Tensor, *, pre_quant_scale: torch.Tensor | None = None
+        self,
+        weight: torch.Tensor,
+        *,
+        pre_quant_scale: torch.Tensor | None = None,
+        statistics: Tensors | None = None,
     ) -> dict[str, torch.Tensor]:
         if weight.dim() != 2:
             raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
