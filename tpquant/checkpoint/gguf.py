@@ -168,7 +168,7 @@ class GGUFCheckpoint(Checkpoint):
         """
         self.path = Path(path)
 
-        class StrictReader(GGUFReader):
+        class StrictReader(FastGGUFReader):
             # GGUFReader's reads past the end of the file return short (even empty) arrays,
             # so an array field that claims 2**60 elements loops forever, filling a list.
             # Refusing a short read bounds the parse by the file's size.
