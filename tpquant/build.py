@@ -24,7 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, help="tensor-parallel size (default: the MPI world size)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--group-size", type=int, default=128, help="int4_gw group size")
-    calib = p.add_argument_group("SmoothQuant calibration (w8a8_* modes only)")
+    p.add_argument("--gptq", action="store_true",
+                   help="weight-only modes: GPTQ rounding, calibrated on --calib-text, "
+                        "instead of round-to-nearest (measured on SmolLM2: better for int4_gw, "
+                        "worse for int4_wo; docs/benchmarks.md)")
+    calib = p.add_argument_group("calibration (w8a8_* modes, and --gptq)")
     calib.add_argument("--calib-text", metavar="FILE",
                        help=f"text file to calibrate on, never one you evaluate on "
                             f"(default: {BuildSpec.calib_text})")
@@ -45,11 +49,15 @@ def build_spec(args: argparse.Namespace, world_size: int) -> BuildSpec:
     given = {field: getattr(args, field) for field in _CALIBRATION
              if getattr(args, field) is not None}
     spec = BuildSpec(str(args.checkpoint or default_checkpoint()), args.quant,
-                     args.tp or world_size, args.dtype, args.group_size, **given)
+                     args.tp or world_size, args.dtype, args.group_size, **given,
+                     gptq=args.gptq)
     if given and not spec.needs_calibration():
         options = ", ".join(_CALIBRATION[f] for f in given)
-        raise ValueError(f"{options}: only used by SmoothQuant modes (w8a8_*), "
-                         f"not by --quant {spec.quant}")
+        raise ValueError(f"{options}: only used by calibrated builds (w8a8_* modes, or "
+                         f"--gptq), not by --quant {spec.quant}")
+    if "smooth_alpha" in given and spec.gptq:
+        raise ValueError("--smooth-alpha: only used by SmoothQuant modes (w8a8_*), not by "
+                         "--gptq")
     return spec
 
 

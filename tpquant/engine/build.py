@@ -40,7 +40,8 @@ from tpquant.models.loader import (
 )
 from tpquant.parallel.heads import apply_head_layout, plan_heads
 from tpquant.parallel.mapping import Mapping
-from tpquant.quantization.calibrate import calibrate, text_token_batches
+from tpquant.quantization.calibrate import calibrate, calibrate_hessians, text_token_batches
+from tpquant.quantization.gptq import GptqPlan
 from tpquant.quantization.mode import QuantMode
 from tpquant.quantization.smoothquant import SmoothQuantPlan
 
@@ -57,11 +58,14 @@ class BuildSpec:
     tp: int = 1
     dtype: str = "float32"
     group_size: int = 128
-    # SmoothQuant (w8a8_*) only: calibration text, how many of its tokens, alpha. The text
-    # must never be one a model is evaluated on (benchmarks/accuracy.py uses GPL-3).
+    # Calibrated builds (SmoothQuant, GPTQ) only: calibration text, how many of its tokens,
+    # SmoothQuant's alpha. The text must never be one a model is evaluated on
+    # (benchmarks/accuracy.py uses GPL-3).
     calib_text: str = DEFAULT_CALIB_TEXT
     calib_tokens: int = 1024
     smooth_alpha: float = 0.5
+    # Weight-only modes: GPTQ rounding (tpquant.quantization.gptq) instead of round-to-nearest
+    gptq: bool = False
 
     def __post_init__(self) -> None:
         QuantMode.from_name(self.quant)  # ValueError naming the known names
@@ -79,10 +83,13 @@ class BuildSpec:
             raise ValueError(
                 f"smoothing alpha (--smooth-alpha) must be in [0, 1], got {self.smooth_alpha}"
             )
+        if self.gptq and not QuantMode.from_name(self.quant).is_weight_only():
+            raise ValueError(f"--gptq applies to weight-only modes (int8_wo, int4_wo, "
+                             f"int4_gw), not --quant {self.quant}")
         if self.needs_calibration() and not Path(self.calib_text).is_file():
             raise ValueError(
-                f"calibration text {self.calib_text} is not a file (--quant {self.quant} "
-                "calibrates SmoothQuant on it: give one with --calib-text)"
+                f"calibration text {self.calib_text} is not a file (--quant {self.quant}"
+                f"{' --gptq' if self.gptq else ''} calibrates on it: give one with --calib-text)"
             )
 
     @property
@@ -90,13 +97,16 @@ class BuildSpec:
         return LlamaSchemes.from_name(self.quant, DTYPES[self.dtype], self.group_size)
 
     def needs_calibration(self) -> bool:
-        """Every SmoothQuant mode: the smoothing factors come from activation statistics."""
-        return QuantMode.from_name(self.quant).has_act_and_weight_quant()
+        """Every SmoothQuant mode (smoothing factors from activation statistics), and GPTQ
+        (each layer's X^T X)."""
+        return self.gptq or QuantMode.from_name(self.quant).has_act_and_weight_quant()
 
     def key_fields(self) -> dict[str, Any]:
         """What goes into the build key besides the checkpoint's bytes: the calibration
         settings (and the text's sha256) only where they are used."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint"}
+        if not self.gptq:
+            del fields["gptq"]  # engines built before the option keep their keys
         calib = ("calib_text", "calib_tokens", "smooth_alpha")
         if self.needs_calibration():
             fields["calib_text"] = hashlib.sha256(Path(self.calib_text).read_bytes()).hexdigest()
@@ -120,10 +130,25 @@ def smoothquant_plan(
     """Calibrate a float32 model of `mapping` on `tokens` (windows of `window`) and plan the
     smoothing. Every rank of `comm` (the TP group) must call this; each runs its own shard
     and the statistics are combined by all_reduce(max) (`calibrate`)."""
-    model = load_llama(checkpoint, mapping, comm, LlamaSchemes.from_name("fp32", torch.float32),
-                       torch.float32, max_seq=window, max_batch=1)
-    act_amax = calibrate(model, text_token_batches(tokens, window), comm)
+    act_amax = calibrate(_float_model(checkpoint, mapping, comm, window),
+                         text_token_batches(tokens, window), comm)
     return SmoothQuantPlan(act_amax, alpha)
+
+
+def gptq_plan(
+    checkpoint: Any, mapping: Mapping, comm: Communicator, tokens: list[int],
+    schemes: LlamaSchemes, window: int = 512,
+) -> GptqPlan:
+    """Calibrate a float32 model of `mapping` on `tokens` for GPTQ (each layer's X^T X).
+    Every rank of `comm` (the TP group) must call this (`calibrate_hessians`)."""
+    hessians = calibrate_hessians(_float_model(checkpoint, mapping, comm, window),
+                                  text_token_batches(tokens, window), comm)
+    return GptqPlan(hessians, schemes.for_layer)
+
+
+def _float_model(checkpoint: Any, mapping: Mapping, comm: Communicator, window: int) -> Any:
+    return load_llama(checkpoint, mapping, comm, LlamaSchemes.from_name("fp32", torch.float32),
+                      torch.float32, max_seq=window, max_batch=1)
 
 
 def relayout_stats(act_amax: dict[str, torch.Tensor], config: Any, tp: int) -> dict[str, torch.Tensor]:
@@ -138,6 +163,23 @@ def relayout_stats(act_amax: dict[str, torch.Tensor], config: Any, tp: int) -> d
         if name.endswith("attention.o_proj"):
             zq, zkv = torch.zeros(nh * hd, d), torch.zeros(nkv * hd, d)
             out[name] = apply_head_layout(layout, hd, zq, zkv, zkv, a[None, :])["o_w"][0]
+    return out
+
+
+def relayout_hessians(hessians: dict[str, torch.Tensor], config: Any,
+                      tp: int) -> dict[str, torch.Tensor]:
+    """TP-1 Hessians in the head layout of `tp` ranks: the input columns of padded heads
+    (o_proj) get zero rows and columns, as inputs that are always zero would give."""
+    positions = {name: torch.arange(1, h.shape[0] + 1, dtype=torch.float32)
+                 for name, h in hessians.items()}
+    moved = relayout_stats(positions, config, tp)  # each new column: its old one + 1, or 0
+    out = {}
+    for name, h in hessians.items():
+        source = moved[name].long() - 1
+        kept = (source >= 0).nonzero()[:, 0]
+        new = h.new_zeros(len(source), len(source))
+        new[kept[:, None], kept[None, :]] = h[source[kept][:, None], source[kept][None, :]]
+        out[name] = new
     return out
 
 
@@ -264,13 +306,20 @@ def build_engine(spec: BuildSpec, out_dir: str | Path, comm: Communicator) -> tu
                    unit="tensor", disable=None)
     reader = _Progress(checkpoint, bar)
 
-    def calibrate_mine() -> list[SmoothQuantPlan | None]:
+    def calibrate_mine() -> list[SmoothQuantPlan | GptqPlan | None]:
         # Under mpirun each rank calibrates its own shard (all_reduce(max) combines them);
         # one process building every rank calibrates once at TP 1 and re-lays out o_proj's
         # statistics for padded heads. Both give TP 1's maxima up to summation order.
         if not spec.needs_calibration():
             return [None] * len(my_ranks)
         tokens = calibration_tokens(checkpoint, spec.calib_text, spec.calib_tokens)
+        if spec.gptq:  # GPTQ rounds full weights: one plan serves every rank built here
+            if comm.world_size > 1:
+                return [gptq_plan(checkpoint, Mapping(spec.tp, comm.rank), comm, tokens,
+                                  spec.schemes)]
+            base = gptq_plan(checkpoint, Mapping(1, 0), comm, tokens, spec.schemes)
+            hessians = relayout_hessians(base.hessians, checkpoint.config, spec.tp)
+            return [GptqPlan(hessians, spec.schemes.for_layer)] * len(my_ranks)
         if comm.world_size > 1:
             mapping = Mapping(spec.tp, comm.rank)
             return [smoothquant_plan(checkpoint, mapping, comm, tokens, spec.smooth_alpha)]

@@ -90,6 +90,18 @@ class LlamaSchemes:
     def items(self) -> list[tuple[str, Scheme]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
 
+    def for_layer(self, layer_name: str) -> Scheme:
+        """The scheme of a layer named as load_llama names it ("model.layers.3.mlp.down")."""
+        for suffix, field in _LAYER_SCHEME.items():
+            if layer_name == suffix or layer_name.endswith("." + suffix):
+                return getattr(self, field)
+        raise KeyError(f"no linear layer is named {layer_name!r}")
+
+
+# load_llama's layer names (by suffix) -> the LlamaSchemes field that quantizes them
+_LAYER_SCHEME = {"attention.qkv": "qkv", "attention.o_proj": "o", "mlp.gate_up": "gate_up",
+                 "mlp.down": "down", "lm_head": "lm_head"}
+
 
 # -- rotary position embedding -------------------------------------------------------------
 

@@ -6,7 +6,8 @@ by batch. A maximum is exact and order-free, so merging partial statistics (batc
 through an all_reduce with MAX) gives the same tensor as one pass over all the data.
 
 `ActStats` and `collect` are pure; `calibrate` runs a model with forward pre-hooks on its
-linears and combines the ranks' statistics with all_reduce(max).
+linears and combines the ranks' statistics with all_reduce(max). `calibrate_hessians` runs
+the same hooks for GPTQ, which needs each layer's X^T X (tpquant.quantization.gptq).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from tpquant.collectives import Communicator
+from tpquant.collectives import Communicator, gather_columns
 from tpquant.layers.linear import ShardedLinear
+from tpquant.quantization.gptq import hessian_update
 
 
 @dataclass
@@ -126,6 +128,48 @@ def calibrate(
         # max over ranks: gathers the row slices, and makes column statistics bitwise equal
         result[name] = comm.all_reduce(full, op="max")
     return result
+
+
+@torch.no_grad()
+def calibrate_hessians(
+    model: torch.nn.Module, token_batches: Iterable[torch.Tensor], comm: Communicator,
+    skip: Sequence[str] = ("lm_head",),
+) -> dict[str, torch.Tensor]:
+    """H = X^T X of every ShardedLinear's input over the calibration text, float64 [in, in].
+
+    Same contract as `calibrate` (a FLOAT model at any TP size, every rank of `comm` in
+    lockstep, names "model.layers.{i}.attention.qkv", ...), minus the layers in `skip`.
+    A row layer's input is gathered back to its full width first (`gather_columns`; H has
+    cross terms between ranks' slices); every H is then broadcast from rank 0, so all ranks
+    hold the same bits. Memory: sum of in^2 * 8 bytes over the layers.
+    """
+    linears = {
+        _layer_name(name): m for name, m in model.named_modules()
+        if isinstance(m, ShardedLinear) and _layer_name(name) not in skip
+    }
+    hessians: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str, linear: ShardedLinear):
+        def record(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            if linear.style == "row":
+                x = gather_columns(x.contiguous(), comm)
+            hessians[name] = hessian_update(hessians.get(name), x)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook_for(name, m)) for name, m in linears.items()]
+    try:
+        for tokens in token_batches:
+            model(tokens, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in linears:
+        if name not in hessians:
+            raise RuntimeError(f"calibration never ran {name}: no calibration tokens?")
+        comm.broadcast(hessians[name], root=0)
+    return hessians
 
 
 def text_token_batches(

@@ -54,12 +54,26 @@ class Groupwise(Scheme):
         return specs
 
     def statistic_specs(self) -> dict[str, TensorSpec]:
-        # Every group lies inside any slice the sharding rules cut (whole rows, or columns
-        # in whole groups), and a group's scale depends on that group alone.
-        return {}
+        # [out, in/g], one value per group: every slice the sharding rules cut holds whole
+        # groups, so a slice's statistics are complete on it.
+        per_group = TensorSpec(out_dim=0, in_dim=1, in_per_index=self.group_size)
+        names = ("group_min", "group_max") if self.zeros else ("group_amax",)
+        return {name: per_group for name in names}
 
     def statistics(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
+        """Each group's min and max (zeros) or max|W| (no zeros), float32 [out, in/g]."""
+        groups = self._groups(weight.float())
+        if self.zeros:
+            return {"group_min": groups.amin(dim=-1), "group_max": groups.amax(dim=-1)}
+        return {"group_amax": groups.abs().amax(dim=-1)}
+
+    def _groups(self, w: torch.Tensor) -> torch.Tensor:
+        out_features, in_features = w.shape
+        if in_features % self.group_size:
+            raise ValueError(
+                f"group size {self.group_size} does not divide in_features={in_features}"
+            )
+        return w.reshape(out_features, in_features // self.group_size, self.group_size)
 
     def quantize(
         self,
@@ -68,14 +82,11 @@ class Groupwise(Scheme):
         pre_quant_scale: torch.Tensor | None = None,
         statistics: Tensors | None = None,
     ) -> dict[str, torch.Tensor]:
+        """statistics: `statistics()` of the weight to take the grid from (GPTQ hands over
+        the groups it fitted); by default the weight's own."""
         if weight.dim() != 2:
             raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
         out_features, in_features = weight.shape
-        g = self.group_size
-        if in_features % g:
-            raise ValueError(
-                f"group size {g} does not divide in_features={in_features}"
-            )
         if in_features % 2:
             raise ValueError(
                 f"int4 packs two input features per byte: in_features={in_features} must be even"
@@ -91,13 +102,17 @@ class Groupwise(Scheme):
                 "pre_quant_scale was passed but this Groupwise scheme has pre_quant_scale=False"
             )
 
-        groups = w.reshape(out_features, in_features // g, g)  # [out, in/g, g]
+        groups = self._groups(w)  # [out, in/g, g]
+        if pre_quant_scale is not None and statistics is not None:
+            raise ValueError("statistics are of the weight divided by pre_quant_scale: "
+                             "pass one or the other")
+        stats = self.statistics(w) if statistics is None else statistics
         if self.zeros:
-            scale, zero = numerics.asymmetric_params(groups.amin(dim=-1), groups.amax(dim=-1))
+            scale, zero = numerics.asymmetric_params(stats["group_min"], stats["group_max"])
             q = numerics.quantize_asymmetric(groups, scale[..., None], zero[..., None])
             tensors["zeros"] = zero.t().contiguous()
         else:
-            scale = numerics.symmetric_scale(groups.abs().amax(dim=-1), numerics.INT4_MAX)
+            scale = numerics.symmetric_scale(stats["group_amax"], numerics.INT4_MAX)
             q = numerics.quantize_symmetric(groups, scale[..., None], numerics.INT4_MAX)
         tensors["qweight"] = pack_int4(q.reshape(out_features, in_features))
         tensors["scales"] = scale.t().contiguous()  # [out, in/g] -> [in/g, out]
