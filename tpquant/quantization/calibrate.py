@@ -13,7 +13,7 @@ the same hooks for GPTQ, which needs each layer's X^T X (tpquant.quantization.gp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -95,29 +95,13 @@ def calibrate(
     placed at the rank's offset of a zero vector and combined with all_reduce(max). Maxima are
     exact, so the result equals TP 1's up to the summation order of the activations.
     """
-    linears = {
-        _layer_name(name): m for name, m in model.named_modules() if isinstance(m, ShardedLinear)
-    }
+    linears = _linears(model)
     stats: dict[str, ActStats] = {}
-
-    def hook_for(name: str):
-        def record(module: torch.nn.Module, args: tuple) -> None:
-            _record(stats, name, args[0])
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in linears.items()]
-    try:
-        for tokens in token_batches:
-            model(tokens, 0)
-    finally:
-        for h in handles:
-            h.remove()
-
+    _run_hooked(model, linears, token_batches,
+                lambda name, linear, x: _record(stats, name, x))
+    _check_all_ran(linears, stats)
     result: dict[str, torch.Tensor] = {}
     for name, m in linears.items():
-        if name not in stats:
-            raise RuntimeError(f"calibration never ran {name}: no calibration tokens?")
         local = stats[name].amax
         full = torch.zeros(m.in_features, dtype=torch.float32, device=local.device)
         if m.style == "row":
@@ -143,33 +127,49 @@ def calibrate_hessians(
     cross terms between ranks' slices); every H is then broadcast from rank 0, so all ranks
     hold the same bits. Memory: sum of in^2 * 8 bytes over the layers.
     """
-    linears = {
-        _layer_name(name): m for name, m in model.named_modules()
-        if isinstance(m, ShardedLinear) and _layer_name(name) not in skip
-    }
+    linears = _linears(model, skip)
     hessians: dict[str, torch.Tensor] = {}
 
-    def hook_for(name: str, linear: ShardedLinear):
-        def record(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
-            if linear.style == "row":
-                x = gather_columns(x.contiguous(), comm)
-            hessians[name] = hessian_update(hessians.get(name), x)
+    def record(name: str, linear: ShardedLinear, x: torch.Tensor) -> None:
+        if linear.style == "row":
+            x = gather_columns(x.contiguous(), comm)
+        hessians[name] = hessian_update(hessians.get(name), x)
 
-        return record
+    _run_hooked(model, linears, token_batches, record)
+    _check_all_ran(linears, hessians)
+    for name in linears:
+        comm.broadcast(hessians[name], root=0)
+    return hessians
 
-    handles = [m.register_forward_pre_hook(hook_for(name, m)) for name, m in linears.items()]
+
+def _linears(model: torch.nn.Module, skip: Sequence[str] = ()) -> dict[str, ShardedLinear]:
+    """The model's ShardedLinears by load_llama's layer names, less those in `skip`."""
+    return {_layer_name(name): m for name, m in model.named_modules()
+            if isinstance(m, ShardedLinear) and _layer_name(name) not in skip}
+
+
+def _run_hooked(
+    model: torch.nn.Module, linears: dict[str, ShardedLinear],
+    token_batches: Iterable[torch.Tensor],
+    record: Callable[[str, ShardedLinear, torch.Tensor], None],
+) -> None:
+    """Run the model over the batches, calling record(name, linear, input) at every linear."""
+    def hook_for(name: str):
+        return lambda module, args: record(name, module, args[0])
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in linears.items()]
     try:
         for tokens in token_batches:
             model(tokens, 0)
     finally:
         for h in handles:
             h.remove()
+
+
+def _check_all_ran(linears: dict[str, ShardedLinear], seen: dict) -> None:
     for name in linears:
-        if name not in hessians:
+        if name not in seen:
             raise RuntimeError(f"calibration never ran {name}: no calibration tokens?")
-        comm.broadcast(hessians[name], root=0)
-    return hessians
 
 
 def text_token_batches(

@@ -55,15 +55,17 @@ class Grid(Protocol):
 
 
 @dataclass(frozen=True)
-class SymmetricRows:
-    """Weight-only int8/int4 per channel: s[out] = max|W_o:| / qmax (WeightOnly)."""
+class Symmetric:
+    """scale = max|w| / qmax, per row from the whole weight (WeightOnly int8/int4: statistic
+    "amax"), or per group (Groupwise int4 without zeros: "group_amax")."""
 
     qmax: int
-    group_size: None = None
+    group_size: int | None = None
 
     def fit(self, w: torch.Tensor) -> Tensors:
         amax = w.float().abs().amax(dim=1)
-        return {"amax": amax, "scale": numerics.symmetric_scale(amax, self.qmax)}
+        name = "amax" if self.group_size is None else "group_amax"
+        return {name: amax, "scale": numerics.symmetric_scale(amax, self.qmax)}
 
     def round(self, column: torch.Tensor, params: Tensors) -> torch.Tensor:
         s = params["scale"]
@@ -84,21 +86,6 @@ class AsymmetricGroups:
     def round(self, column: torch.Tensor, params: Tensors) -> torch.Tensor:
         s, z = params["scale"], params["zero"]
         return ((numerics.quantize_asymmetric(column, s, z).float() - z) * s).double()
-
-
-@dataclass(frozen=True)
-class SymmetricGroups:
-    """Groupwise int4 without zeros: scale = max|group| / 7 (Groupwise, zeros=False)."""
-
-    group_size: int
-
-    def fit(self, w: torch.Tensor) -> Tensors:
-        amax = w.float().abs().amax(dim=1)
-        return {"group_amax": amax, "scale": numerics.symmetric_scale(amax, numerics.INT4_MAX)}
-
-    def round(self, column: torch.Tensor, params: Tensors) -> torch.Tensor:
-        s = params["scale"]
-        return (numerics.quantize_symmetric(column, s, numerics.INT4_MAX).float() * s).double()
 
 
 def gptq(
@@ -158,13 +145,14 @@ def grid_for(scheme: Scheme) -> Grid | None:
     """The grid GPTQ rounds to for a weight-only scheme; None for schemes it does not apply
     to (float weights; SmoothQuant, whose error is the activations' as much as the weights')."""
     if isinstance(scheme, WeightOnly):
-        return SymmetricRows(scheme.qmax)
+        return Symmetric(scheme.qmax)
     if isinstance(scheme, Groupwise):
         if scheme.pre_quant_scale:
             raise ValueError("GPTQ with a pre-quant scale (AWQ) is not supported: H would be "
                              "of the scaled input")
-        return AsymmetricGroups(scheme.group_size) if scheme.zeros \
-            else SymmetricGroups(scheme.group_size)
+        if scheme.zeros:
+            return AsymmetricGroups(scheme.group_size)
+        return Symmetric(numerics.INT4_MAX, scheme.group_size)
     return None
 
 
