@@ -20,7 +20,9 @@ limit (SIGALRM), and the whole run in a forked child whose address space is capp
 (RLIMIT_AS): a reader that tries to allocate what the file only claims fails as MemoryError,
 which is not allowed.
 
-CI runs EXAMPLES examples per reader; a full run (10,000 per reader):
+Every run of the test suite (CI too) replays the same 10,000 mutated files per reader
+(derandomized, about 3 minutes on 2 cores). Setting TPQUANT_FUZZ_EXAMPLES explores new ones
+at random, as many per reader as it says:
     TPQUANT_FUZZ_EXAMPLES=10000 python -m pytest -q tests/unit/test_fuzz_readers.py
 """
 
@@ -46,7 +48,7 @@ gguf = pytest.importorskip("gguf")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tpquant.checkpoint import open_checkpoint  # noqa: E402
+from tpquant.checkpoint import MissingTensorError, open_checkpoint  # noqa: E402
 from tpquant.checkpoint.default import default_checkpoint  # noqa: E402
 from tpquant.engine.format import (  # noqa: E402
     EngineError,
@@ -57,7 +59,7 @@ from tpquant.engine.format import (  # noqa: E402
 )
 from tpquant.models.config import LlamaConfig  # noqa: E402
 
-EXAMPLES = int(os.environ.get("TPQUANT_FUZZ_EXAMPLES", "1000"))
+EXAMPLES = int(os.environ.get("TPQUANT_FUZZ_EXAMPLES", "10000"))
 FULL = "TPQUANT_FUZZ_EXAMPLES" in os.environ  # a full run explores; CI replays the same examples
 PER_EXAMPLE_S = 10  # a reader that takes longer on a file of a few KB is hanging
 EXTRA_MEMORY = 2 << 30  # bytes the readers may allocate beyond what the process holds
@@ -113,13 +115,14 @@ def engine_seed(directory: Path) -> None:
     write_engine_config(directory, meta, [info])
 
 
-def gguf_seed(path: Path) -> None:
-    """A tiny dense Llama GGUF with the keys and tensor types a real export has."""
+def gguf_seed(path: Path, block_count: int = 1) -> None:
+    """A tiny dense Llama GGUF with the keys and tensor types a real export has (one layer,
+    whatever `block_count` says)."""
     g = np.random.default_rng(0)
     h, f, v, heads, kv_heads = 32, 64, 64, 4, 2
     kv = kv_heads * h // heads
     w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(1)
+    w.add_block_count(block_count)
     w.add_context_length(256)
     w.add_embedding_length(h)
     w.add_feed_forward_length(f)
@@ -379,3 +382,17 @@ def test_gguf_array_longer_than_the_file_is_refused_at_once(tmp_path, count):
                      + b"\x01" * 7)
     with time_limit(PER_EXAMPLE_S), pytest.raises(ValueError, match="is not a readable GGUF file"):
         open_checkpoint(path)
+
+
+# Found by the 10,000-example run (hypothesis seed 152169341296516301092978711829882685172):
+# a block_count mutated to a huge number made GGUFCheckpoint loop over every claimed layer.
+@pytest.mark.parametrize("block_count", [2**31, 2**32 - 1])  # the key is a uint32
+def test_gguf_claiming_more_layers_than_it_has_opens_at_once(tmp_path, block_count):
+    path = tmp_path / "many_layers.gguf"
+    gguf_seed(path, block_count)
+    with time_limit(PER_EXAMPLE_S):
+        ckpt = open_checkpoint(path)
+    assert ckpt.config.num_layers == block_count
+    ckpt.get("model.layers.0.self_attn.q_proj.weight")  # the layer it has reads as usual
+    with pytest.raises(MissingTensorError, match="model.layers.1.self_attn.q_proj.weight"):
+        ckpt.get("model.layers.1.self_attn.q_proj.weight")

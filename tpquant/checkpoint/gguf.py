@@ -220,13 +220,14 @@ class GGUFCheckpoint(Checkpoint):
                                  f"are not whole blocks of {block} ({qtype.name})")
             self._tensors[name] = t
         self.config = self._read_config()
-        # q and k rows are permuted per head (module docstring); number of heads per tensor
-        self._rope_heads: dict[str, int] = {}
-        c = self.config
-        for i in range(c.num_layers):
-            for proj, heads in (("q_proj", c.num_heads), ("k_proj", c.num_kv_heads)):
-                for suffix in ("weight", "bias"):
-                    self._rope_heads[f"model.layers.{i}.self_attn.{proj}.{suffix}"] = heads
+        # q and k rows are permuted per head (module docstring); number of heads per tensor.
+        # Walk the tensors the file has, not the layers its metadata claims (a damaged
+        # block_count of 2**40 would loop for days); a layer it lacks is a missing tensor.
+        heads = {"q_proj": self.config.num_heads, "k_proj": self.config.num_kv_heads}
+        self._rope_heads: dict[str, int] = {
+            name: heads[proj] for name in self._tensors
+            if (proj := name.rsplit(".", 2)[-2]) in heads and ".self_attn." in name
+        }
         self._tokenizer: Any = None
         self._checksum: str | None = None
 
