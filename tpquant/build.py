@@ -26,8 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=128, help="int4_gw group size")
     p.add_argument("--gptq", action="store_true",
                    help="weight-only modes: GPTQ rounding, calibrated on --calib-text, "
-                        "instead of round-to-nearest (measured on SmolLM2: better for int4_gw, "
-                        "worse for int4_wo; docs/benchmarks.md)")
+                        "instead of round-to-nearest (columns in act order; SmolLM2 perplexity "
+                        "in docs/benchmarks.md)")
     calib = p.add_argument_group("calibration (w8a8_* modes, and --gptq)")
     calib.add_argument("--calib-text", metavar="FILE",
                        help=f"text file to calibrate on, never one you evaluate on "

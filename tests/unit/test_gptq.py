@@ -1,7 +1,7 @@
 """GPTQ (tpquant.quantization.gptq) against round-to-nearest and float64 references.
 
 - With H = I no column says anything about another: GPTQ must store exactly what
-  round-to-nearest (the scheme's own quantize) stores.
+  round-to-nearest (the scheme's own quantize) stores, in either column order.
 - On correlated inputs its output error ||X W^T - X Q^T|| (float64) is well below RTN's.
 - Q lies on the grid its statistics describe: the scheme stores it with no further rounding
   (dequantize(quantize(Q, statistics)) == Q to float32 rounding).
@@ -59,25 +59,28 @@ def output_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:
 
 
 @schemes
-def test_identity_hessian_is_round_to_nearest(scheme):
+@pytest.mark.parametrize("act_order", [True, False])
+def test_identity_hessian_is_round_to_nearest(scheme, act_order):
     w = weight()
-    q, stats = gptq(w, torch.eye(IN, dtype=torch.float64), grid_for(scheme))
+    q, stats = gptq(w, torch.eye(IN, dtype=torch.float64), grid_for(scheme), act_order=act_order)
     assert torch.equal(stored(scheme, q, stats), stored(scheme, w))
 
 
 @schemes
-def test_output_error_well_below_round_to_nearest(scheme):
+@pytest.mark.parametrize("act_order", [True, False])
+def test_output_error_well_below_round_to_nearest(scheme, act_order):
     w, x = weight(), correlated_inputs()
-    q, stats = gptq(w, hessian_update(None, x), grid_for(scheme))
+    q, stats = gptq(w, hessian_update(None, x), grid_for(scheme), act_order=act_order)
     gptq_error = output_error(x, w, stored(scheme, q, stats))
     rtn_error = output_error(x, w, stored(scheme, w))
     assert gptq_error < 0.7 * rtn_error, (gptq_error, rtn_error)
 
 
 @schemes
-def test_result_lies_on_the_grid_its_statistics_describe(scheme):
+@pytest.mark.parametrize("act_order", [True, False])
+def test_result_lies_on_the_grid_its_statistics_describe(scheme, act_order):
     w, x = weight(2), correlated_inputs(seed=3)
-    q, stats = gptq(w, hessian_update(None, x), grid_for(scheme))
+    q, stats = gptq(w, hessian_update(None, x), grid_for(scheme), act_order=act_order)
     assert q.dtype == torch.float32 and q.shape == w.shape
     again = stored(scheme, q, stats)
     assert torch.allclose(again, q.double(), rtol=1e-6, atol=1e-6 * float(q.abs().max()))
@@ -90,6 +93,13 @@ def test_rows_are_independent(scheme):
     full, _ = gptq(w, h, grid)
     part, _ = gptq(w[10:30], h, grid)
     assert torch.equal(part, full[10:30])
+
+
+def test_act_order_groups_keep_the_grids_of_the_original_weights():
+    scheme = SCHEMES["gw64-zeros"]
+    w, x = weight(10), correlated_inputs(seed=11)
+    _, stats = gptq(w, hessian_update(None, x), grid_for(scheme), act_order=True)
+    assert all(torch.equal(stats[k], v) for k, v in scheme.statistics(w).items())
 
 
 def test_columns_never_seen_are_rounded_as_they_are():
