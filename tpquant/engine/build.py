@@ -38,7 +38,7 @@ from tpquant.models.loader import (
     WeightStatistics,
     load_llama,
 )
-from tpquant.parallel.heads import apply_head_layout, plan_heads
+from tpquant.parallel.heads import lay_out_heads, plan_heads
 from tpquant.parallel.mapping import Mapping
 from tpquant.quantization.calibrate import calibrate, calibrate_hessians, text_token_batches
 from tpquant.quantization.gptq import GptqPlan
@@ -154,32 +154,27 @@ def _float_model(checkpoint: Any, mapping: Mapping, comm: Communicator, window: 
 def relayout_stats(act_amax: dict[str, torch.Tensor], config: Any, tp: int) -> dict[str, torch.Tensor]:
     """TP-1 statistics in the head layout of `tp` ranks: o_proj's input gets the zero columns
     of padded heads (the only layer whose input width depends on the layout)."""
-    layout = plan_heads(config.num_heads, config.num_kv_heads, tp)
-    if layout.padded_n_heads == layout.n_heads:
-        return act_amax
-    hd, nh, nkv, d = config.head_dim, config.num_heads, config.num_kv_heads, config.hidden_size
-    out = dict(act_amax)
-    for name, a in act_amax.items():
-        if name.endswith("attention.o_proj"):
-            zq, zkv = torch.zeros(nh * hd, d), torch.zeros(nkv * hd, d)
-            out[name] = apply_head_layout(layout, hd, zq, zkv, zkv, a[None, :])["o_w"][0]
-    return out
+    return _lay_out_o_proj_inputs(act_amax, config, tp, dims=(0,))
 
 
 def relayout_hessians(hessians: dict[str, torch.Tensor], config: Any,
                       tp: int) -> dict[str, torch.Tensor]:
     """TP-1 Hessians in the head layout of `tp` ranks: the input columns of padded heads
     (o_proj) get zero rows and columns, as inputs that are always zero would give."""
-    positions = {name: torch.arange(1, h.shape[0] + 1, dtype=torch.float32)
-                 for name, h in hessians.items()}
-    moved = relayout_stats(positions, config, tp)  # each new column: its old one + 1, or 0
-    out = {}
-    for name, h in hessians.items():
-        source = moved[name].long() - 1
-        kept = (source >= 0).nonzero()[:, 0]
-        new = h.new_zeros(len(source), len(source))
-        new[kept[:, None], kept[None, :]] = h[source[kept][:, None], source[kept][None, :]]
-        out[name] = new
+    return _lay_out_o_proj_inputs(hessians, config, tp, dims=(0, 1))
+
+
+def _lay_out_o_proj_inputs(tensors: dict[str, torch.Tensor], config: Any, tp: int,
+                           dims: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Each o_proj tensor's axes `dims`, indexed by o_proj's input features, laid out as
+    o_proj's input columns are for `tp` ranks; the other layers' tensors as they are."""
+    layout = plan_heads(config.num_heads, config.num_kv_heads, tp)
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if name.endswith("attention.o_proj"):
+            for dim in dims:
+                t = lay_out_heads(t, layout, "q", config.head_dim, dim, name)
+            out[name] = t
     return out
 
 
