@@ -8,7 +8,8 @@ The model (default: SmolLM2-135M-Instruct GGUF, dequantized to float32) scores t
 1..1023 given their prefix); perplexity = exp(mean NLL over all scored tokens). Every scheme
 runs in float32, so the quantization is the only difference. SmoothQuant calibrates on a
 different text (LGPL-2.1, first 1024 tokens) with a float model of the same TP size, each
-rank its own shard (`tpquant.engine.build.smoothquant_plan`); "+gptq" schemes calibrate
+rank its own shard (`tpquant.engine.build.smoothquant_plan`), with down_proj's input rotated
+as tpquant.build rotates it for W8A8 (`default_down_rotation`); "+gptq" schemes calibrate
 GPTQ's X^T X on the same text (`gptq_plan`). Rank 0 also scores the windows with
 transformers as the float32 reference.
 
@@ -38,10 +39,11 @@ from tpquant.checkpoint import open_checkpoint  # noqa: E402
 from tpquant.checkpoint.default import default_checkpoint  # noqa: E402
 from tpquant.collectives import SingleProcessCommunicator, make_communicator  # noqa: E402
 from tpquant.engine.build import gptq_plan, smoothquant_plan  # noqa: E402
-from tpquant.models.llama import LlamaSchemes  # noqa: E402
+from tpquant.models.llama import LlamaSchemes, default_down_rotation  # noqa: E402
 from tpquant.models.loader import load_llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 from tpquant.quantization.gptq import GptqPlan  # noqa: E402
+from tpquant.quantization.mode import QuantMode  # noqa: E402
 
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
 CALIB_TEXT = "/usr/share/common-licenses/LGPL-2.1"
@@ -138,11 +140,16 @@ def main() -> int:
     for name, bound in SCHEMES.items():
         t = time.time()
         quant, _, rounding = name.partition("+")
-        schemes = LlamaSchemes.from_name(quant, F32, group_size=GROUP_SIZE)
+        # what tpquant.build does: W8A8 modes rotate down_proj's input
+        rotation = default_down_rotation(QuantMode.from_name(quant),
+                                         ckpt.config.intermediate_size, world)
+        schemes = LlamaSchemes.from_name(quant, F32, group_size=GROUP_SIZE,
+                                         down_rotation=rotation)
         plan = None
         if quant.startswith("w8a8"):
-            if smooth is None:
-                smooth = smoothquant_plan(ckpt, mapping, comm, calib_ids, alpha=0.5, window=WINDOW)
+            if smooth is None:  # every W8A8 mode has the same rotation
+                smooth = smoothquant_plan(ckpt, mapping, comm, calib_ids, alpha=0.5,
+                                          window=WINDOW, down_rotation=rotation)
             plan = smooth
         elif rounding == "gptq":
             if hessians is None:  # X^T X do not depend on the scheme: calibrate once

@@ -6,12 +6,13 @@
 A micro-benchmark for tuning tpquant.kernels.triton_weight_only (bench_gemm.py measures the
 schemes end to end). For each shape [N, K] (Llama-2-7B TP 1/2, Llama-2-70B TP 4) and M: bf16
 `x @ W.T`, then int4_wo, int4_gw (g128, zeros) and int8_wo through every path: auto (the
-dispatch), gemv, dot, dequant, and for int4 torch's tinygemm (`torch._weight_int4pack_mm`,
+dispatch), cuda (M <= 16), gemv, dot, dequant, and for int4 torch's tinygemm (`torch._weight_int4pack_mm`,
 bfloat16; the weight converted once to its layout, scale/zero as [K/g, N, 2] bfloat16, per
 channel as groups of 128 sharing a scale). Each result's max |y - ref| / max |ref| against
 float32 math on the torch reference's dequantized weight is reported ("err").
-Then sweeps (unless --no-sweep): explicit gemv / dot configs x split-K at small M, to show
-what the autotuner's lists leave on the table.
+Then sweeps (unless --no-sweep): the CUDA GEMV's split-K at M = 1, 4, 16 (--sweep-paths
+cuda, the default), or explicit Triton gemv / dot configs x split-K (--sweep-paths gemv,dot),
+to show what the heuristics leave on the table.
 
 Timing: bench_gemm's time_graph (CUDA graph of R calls cycling through weight copies that
 together exceed twice the L2, median over replays). GB/s counts weight + x + y bytes; %copy
@@ -37,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gemm import copies, copy_bandwidth, estimate_seconds, nbytes, time_graph  # noqa: E402
 
+from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
 from tpquant.kernels import triton_weight_only as tw  # noqa: E402
 from tpquant.kernels import weight_only as ref  # noqa: E402
 from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
@@ -57,7 +59,7 @@ SCHEMES = {
     "int4_gw": Groupwise(group_size=128, zeros=True, dtype=DTYPE),
     "int8_wo": WeightOnly(bits=8, dtype=DTYPE),
 }
-PATHS = ("auto", "gemv", "dot", "dequant", "tinygemm")
+PATHS = ("auto", "cuda", "gemv", "dot", "dequant", "tinygemm")
 TINYGEMM_GROUP = 128
 REPLAY_SECONDS = 1e-3
 
@@ -107,6 +109,20 @@ def make_calls(scheme_name: str, path: str, x: torch.Tensor, sets: list[dict],
     return [lambda t=t: tw.groupwise_matmul(x, t["qweight"], t["scales"], t.get("zeros"),
                                             scheme.group_size, t.get("pre_quant_scale"), **kw)
             for t in sets]
+
+
+def cuda_calls(scheme_name: str, x: torch.Tensor, sets: list[dict], rows: int,
+               split: int | None) -> list[Callable]:
+    """The CUDA GEMV with forced rows per warp and split-K (None: the heuristic's)."""
+    scheme = SCHEMES[scheme_name]
+    n = sets[0]["qweight"].shape[0]
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    if isinstance(scheme, WeightOnly):
+        args = [(t["qweight"], t["scale"], None, None, scheme.bits, 0) for t in sets]
+    else:
+        args = [(t["qweight"], t["scales"], t.get("zeros"), t.get("pre_quant_scale"), 4,
+                 scheme.group_size) for t in sets]
+    return [lambda a=a: cw.gemv(x, *a, None, out, splits=split, rows=rows) for a in args]
 
 
 def reference(scheme_name: str, t: dict, x: torch.Tensor) -> torch.Tensor:
@@ -172,10 +188,10 @@ def run(args: argparse.Namespace) -> dict:
             rows = [("bf16", base, 2 * n * k, 0.0, "")]
             for scheme_name, sets in qsets.items():
                 expected = reference(scheme_name, sets[0], x)
-                for path in PATHS:
+                for path in args.paths.split(","):
                     if path == "tinygemm" and scheme_name == "int8_wo":
                         continue
-                    if path == "gemv" and m > 16:
+                    if path in ("gemv", "cuda") and m > cw.MAX_M:
                         continue  # CUDA-core FMAs: hopeless past a few rows
                     label = f"{scheme_name}[{path}]"
                     try:
@@ -202,6 +218,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.sweep:
         sweep(args, result, gen, l2, copy_bw, started)
+        summarize_cuda_sweep(result)
     summarize(result)
     save()
     return result
@@ -216,6 +233,7 @@ SWEEP_DOT = [  # BLOCK_N, BLOCK_K, warps, stages, swap
     for st in (3, 4) for sw in (True,)
 ]
 SPLITS = (1, 2, 4, 8, 16)
+CUDA_ROWS = (1, 2, 4)
 
 
 def sweep(args, result, gen, l2, copy_bw, started) -> None:
@@ -227,24 +245,29 @@ def sweep(args, result, gen, l2, copy_bw, started) -> None:
         bf16_sets = [t["w"] for t in copies({"w": weight}, l2)]
         for scheme_name in args.sweep_schemes.split(","):
             sets = copies(SCHEMES[scheme_name].quantize(weight), l2)
-            for m in (1, 16):
+            for m in [int(v) for v in args.sweep_ms.split(",")]:
                 if time.perf_counter() - started > args.budget + args.sweep_budget:
                     print("# sweep budget spent")
                     return
                 x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
                 base = measure([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
-                tries = []
-                if m <= 1:
+                paths = args.sweep_paths.split(",")
+                tries = [("cuda", rows) for rows in CUDA_ROWS] if "cuda" in paths else []
+                if "gemv" in paths and m <= 1:
                     tries += [("gemv", dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st))
                               for bn, bk, w, st in SWEEP_GEMV]
-                tries += [("dot", dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
-                                       num_stages=st, SWAP=sw))
-                          for bn, bk, w, st, sw in SWEEP_DOT]
+                if "dot" in paths:
+                    tries += [("dot", dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
+                                           num_stages=st, SWAP=sw))
+                              for bn, bk, w, st, sw in SWEEP_DOT]
                 found = []
                 for path, cfg in tries:
-                    for split in SPLITS:
+                    for split in ((None, *SPLITS) if path == "cuda" else SPLITS):
                         try:
-                            calls = make_calls(scheme_name, path, x, sets, cfg, split)
+                            if path == "cuda":
+                                calls = cuda_calls(scheme_name, x, sets, cfg, split)
+                            else:
+                                calls = make_calls(scheme_name, path, x, sets, cfg, split)
                             sec = measure(calls, 3)
                         except Exception as exc:  # noqa: BLE001
                             torch.cuda.synchronize()
@@ -257,12 +280,38 @@ def sweep(args, result, gen, l2, copy_bw, started) -> None:
                                           pct_copy=100 * total / sec / copy_bw))
                 found.sort(key=lambda r: r["us"])
                 result["sweeps"] += found
-                for r in found[:6]:
+                for r in found[:4]:
                     print(f"{shape_name:<16} {scheme_name:<8} M={m:<3} {r['path']:<5} "
                           f"split={r['split']} {r['us']:8.1f} us {r['speedup']:5.2f}x "
                           f"{r['pct_copy']:5.1f}%  {r['config']}")
         del bf16_sets
         torch.cuda.empty_cache()
+
+
+def summarize_cuda_sweep(result: dict) -> None:
+    """Per M and rows per warp of the CUDA GEMV: geomean speed-up over shapes and schemes,
+    with the heuristic's split ("auto") and with the best split of each case."""
+    cases: dict[tuple, dict] = {}
+    for r in result["sweeps"]:
+        if r["path"] != "cuda":
+            continue
+        key = (r["m"], r["config"])
+        case = cases.setdefault(key, {})
+        slot = case.setdefault((r["shape"], r["scheme"]), {})
+        slot[r["split"]] = r["speedup"]
+    if not cases:
+        return
+    print("# CUDA GEMV rows per warp: geomean x bf16 over shapes x schemes (auto split | best)")
+    table = []
+    for (m, rows), case in sorted(cases.items()):
+        auto = [v[None] for v in case.values() if None in v]
+        best = [max(v.values()) for v in case.values()]
+        row = dict(m=m, rows=rows, auto=statistics.geometric_mean(auto) if auto else None,
+                   best=statistics.geometric_mean(best), cases=len(best))
+        table.append(row)
+        print(f"M={m:<3} rows={rows}  auto {row['auto'] or 0:5.2f}  "
+              f"best {row['best']:5.2f}  ({len(best)} cases)")
+    result["cuda_rows"] = table
 
 
 def summarize(result: dict) -> None:
@@ -287,11 +336,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="7b-qkv-tp1,7b-o-tp1,7b-down-tp2")
     p.add_argument("--ms", default=",".join(map(str, MS)))
+    p.add_argument("--paths", default=",".join(PATHS), help="comma-separated, among " + ",".join(PATHS))
     p.add_argument("--replays", type=int, default=5)
     p.add_argument("--budget", type=float, default=150, help="seconds for the main table")
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--sweep-shapes", default="7b-qkv-tp1,7b-down-tp2")
-    p.add_argument("--sweep-schemes", default="int4_wo")
+    p.add_argument("--sweep-schemes", default="int4_wo,int8_wo,int4_gw")
+    p.add_argument("--sweep-paths", default="cuda", help="cuda, gemv, dot (comma-separated)")
+    p.add_argument("--sweep-ms", default="1,4,16")
     p.add_argument("--sweep-budget", type=float, default=80)
     args = p.parse_args()
     if not torch.cuda.is_available():

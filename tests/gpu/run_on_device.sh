@@ -4,15 +4,22 @@
 #
 #   bash tests/gpu/run_on_device.sh STAGE...   with STAGE among
 #     kernels     the kernel tests (1 GPU)
+#     wo          the CUDA weight-only GEMV's tests (1 GPU)
+#     wo_sweep    bench_wo_kernels: every path, then the CUDA GEMV's sweep (1 GPU)
+#     wo_table    bench_wo_kernels' table only: the dispatch against bf16 (1 GPU)
 #     allreduce   NCCL and custom all-reduce tests, and the layers over them (2 and 4 ranks)
+#     allreduce_blocks  custom all-reduce latency at 36, 48, 64 blocks per launch (2 ranks)
 #     failures    a rank that raises or is killed while others sit in NCCL / custom all-reduce
-#     model       the model tests (1, 3 and 4 ranks)
+#     model       the model tests (1, 2, 3 and 4 ranks, as many as there are GPUs)
+#     decode      bench_decode --quick at TP 1 and 2
+#     profile     profile_decode: a decode step's kernel time by kind (1 GPU)
+#     gemm_quick  bench_gemm --quick (1 GPU)
 #     bench       bench_gemm, bench_allreduce (TP 2, 4), bench_decode (TP 1, 2, 4)
 #     quick       the same benchmarks in their --quick forms
 #
 # SmolLM2's GGUF (94 MB) is too large to travel in one call: the model tests look for it at
-# $TPQUANT_SMOLLM2_GGUF, put together beforehand from parts sent in two calls (see
-# docs/benchmarks.md). Logs and JSON go to $OUT/r/ and come back as $OUT/results.tgz.
+# $TPQUANT_SMOLLM2_GGUF, put together below from two parts sent in two calls back to back
+# (the first copies .smolA/part to /tmp/smolA/, the second carries .smolB/). Logs and JSON go to $OUT/r/ and come back as $OUT/results.tgz.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -24,6 +31,18 @@ nvidia-smi -L; git log --oneline -1 2>/dev/null
 python3 -c "import torch, cupy, triton; from cupy.cuda import nccl; print('torch', torch.__version__, 'cupy', cupy.__version__, 'nccl', nccl.get_version(), 'triton', triton.__version__)"
 status=0
 
+# SmolLM2's GGUF in two parts: /tmp/smolA/part left by a previous call on this (still warm)
+# machine, .smolB/part carried by this one; used only if the whole file checks out.
+SMOL_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [ -f /tmp/smolA/part ] && [ -f .smolB/part ]; then
+  cat /tmp/smolA/part .smolB/part > /tmp/smollm2.gguf
+  if [ "$(sha256sum /tmp/smollm2.gguf | cut -d' ' -f1)" = "$SMOL_SHA" ]; then
+    export TPQUANT_SMOLLM2_GGUF=/tmp/smollm2.gguf; echo "SmolLM2 GGUF assembled"
+  else
+    echo "SmolLM2 GGUF parts do not match its sha256"
+  fi
+fi
+
 step() {  # step NAME CMD...: run, log to $r/NAME.log, print the log's last lines
   local name=$1; shift
   local t0=$SECONDS
@@ -34,7 +53,7 @@ step() {  # step NAME CMD...: run, log to $r/NAME.log, print the log's last line
   echo "   -> rc=$rc, $((SECONDS - t0)) s"
   [ $rc = 0 ] || status=1
 }
-mpi() { mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -x OUT -x NCCL_NVLS_ENABLE "$@"; }
+mpi() { mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -x OUT -x NCCL_NVLS_ENABLE ${TPQUANT_SMOLLM2_GGUF:+-x TPQUANT_SMOLLM2_GGUF} "$@"; }
 pyt() { python3 -m pytest -p no:cacheprovider -q --timeout 240 "$@"; }
 
 for stage in "${@:-kernels}"; do
@@ -43,6 +62,23 @@ case $stage in
 kernels)
   step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
   step kernels_wo pyt tests/gpu/test_kernels_weight_only.py
+  ;;
+wo)
+  # the CUDA weight-only GEMV's tests, the dispatch and a CUDA graph
+  step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
+  ;;
+wo_sweep)
+  # every path against bf16, then the CUDA GEMV's rows-per-warp x split-K sweep
+  STEP_TIMEOUT=420 TAIL=60 step bench_wo python3 benchmarks/bench_wo_kernels.py \
+    --shapes 7b-qkv-tp1,7b-o-tp1,7b-gate_up-tp1,7b-down-tp1,7b-down-tp2,70b-gate_up-tp4 \
+    --ms 1,2,4 --paths auto,cuda,dot,tinygemm --budget 150 --sweep-budget 220 \
+    --sweep-shapes 7b-qkv-tp1,7b-o-tp1,7b-down-tp2 --sweep-ms 1,2,4
+  ;;
+wo_table)
+  # the dispatch (auto) and the CUDA GEMV against bf16 and torch's tinygemm, no sweep
+  STEP_TIMEOUT=200 TAIL=22 step bench_wo_table python3 benchmarks/bench_wo_kernels.py \
+    --shapes 7b-qkv-tp1,7b-o-tp1,7b-gate_up-tp1,7b-down-tp1,7b-down-tp2,70b-gate_up-tp4 \
+    --ms 1,2,4,16 --paths auto,cuda,tinygemm --budget 150 --no-sweep
   ;;
 allreduce)
   for n in 2 4; do
@@ -57,14 +93,33 @@ allreduce_bench)
     TAIL=26 step bench_allreduce_tp$n mpi -n $n python3 benchmarks/bench_allreduce.py
   done
   ;;
+allreduce_blocks)
+  # thread blocks per custom all-reduce launch, 4 KiB to 2 MiB (how DEFAULT_MAX_BLOCKS was set)
+  for b in 36 48 64; do
+    TAIL=16 step ar_blocks$b mpi -n 2 python3 benchmarks/bench_allreduce.py --min-bytes 4096 \
+      --max-bytes $((2 << 20)) --max-blocks $b --out "$r/blocks$b"
+  done
+  ;;
 failures)
   # starts its own mpirun jobs, so not under mpirun itself
   TAIL=8 step failures pyt tests/gpu/test_failures_gpu.py
   ;;
 model)
-  for n in 1 3 4; do
+  for n in 1 2 3 4; do
     [ "$n" -le "$ngpu" ] || continue
     step model_n$n mpi -n $n python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 tests/gpu/test_model_gpu.py
+  done
+  ;;
+profile)
+  TAIL=40 step profile_decode python3 benchmarks/profile_decode.py
+  ;;
+gemm_quick)
+  STEP_TIMEOUT=330 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  ;;
+decode)
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=14 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py --quick
   done
   ;;
 bench|quick)

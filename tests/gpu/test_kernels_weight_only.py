@@ -1,9 +1,10 @@
-"""The Triton weight-only kernels on CUDA against float64 references built from the torch oracle.
+"""The weight-only kernels on CUDA (Triton, and the CUDA GEMV) against float64 references built
+from the torch oracle.
 
 One command (one GPU is enough; under mpirun every rank runs them on its own GPU):
     python3 -m pytest -q tests/gpu/test_kernels_weight_only.py
 
-Every path (gemv, dot, dequant) x scheme (int8 / int4 per channel; groupwise int4 with zeros,
+Every path (cuda, gemv, dot, dequant) x scheme (int8 / int4 per channel; groupwise int4 with zeros,
 symmetric, with a pre-quant scale) x dtype (float16, bfloat16) x M (1, 3, 17, 4096), with N
 and K not multiples of 128 where the scheme allows; then the automatic dispatch through the
 public ops (autotuned), the "reference" override, float32 x, and a CUDA-graph capture.
@@ -142,6 +143,42 @@ def test_each_path(device, name: str, path: str, dtype: torch.dtype, m: int) -> 
     out = torch.full((m, SCHEMES[name][1]), float("nan"), dtype=dtype, device=device)
     y = _launch(name, t, x, bias, path=path, config=config, out=out)
     _check(y, _reference(name, t, x, bias), dtype, (name, path, m))
+
+
+# The CUDA GEMV takes K in whole 16-byte chunks (32 int4 / 16 int8 codes); N = 203 leaves a
+# partial group of output rows.
+CUDA_K = {"wo8": 336, "wo4": 352, "gw64-zeros": 320, "gw64-sym": 320, "gw128-zeros-pqs": 384}
+CUDA_N = 203
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_cuda_path(device, name: str, dtype: torch.dtype, m: int, splits: int) -> None:
+    """The CUDA GEMV (cpp/weight_only_gemv.cu): every scheme, M tile and a split-K of 3."""
+    pytest.importorskip("cupy", reason="the CUDA GEMV is compiled and launched through CuPy")
+    scheme, k = SCHEMES[name][0], CUDA_K[name]
+    g = torch.Generator().manual_seed(_seed("cuda", name, dtype, m, splits))
+    w = torch.randn(CUDA_N, k, generator=g) * torch.rand(CUDA_N, 1, generator=g).add(0.1)
+    if isinstance(scheme, Groupwise) and scheme.pre_quant_scale:
+        t = scheme.quantize(w, pre_quant_scale=torch.rand(k, generator=g).add(0.5))
+    else:
+        t = scheme.quantize(w)
+    t = {key: v.to(device) for key, v in t.items()}
+    # Activations of a few hundred, as in real layers, and a bias in bfloat16 runs.
+    x = (torch.randn(m, k, generator=g) * 100).to(device=device, dtype=dtype)
+    bias = torch.randn(CUDA_N, generator=g).to(device) if dtype == torch.bfloat16 else None
+    out = torch.full((m, CUDA_N), float("nan"), dtype=dtype, device=device)
+    y = _launch(name, t, x, bias, path="cuda", split_k=splits, out=out)
+    _check(y, _reference(name, t, x, bias), dtype, ("cuda", name, m, splits))
+
+
+def test_cuda_path_refuses_what_it_cannot_take(device) -> None:
+    t = _tensors("wo4", device, 3)  # K = 328: not whole 32-code chunks
+    x, _ = _inputs("wo4", 2, torch.float16, device, 4)
+    with pytest.raises(ValueError, match="path 'cuda' takes"):
+        _launch("wo4", t, x, None, path="cuda")
 
 
 @pytest.mark.parametrize("split_k", [1, 3])

@@ -130,7 +130,8 @@ def _check_build(comm, spec: BuildSpec, root: Path, one_process_engine: bool) ->
     alone, alone_meta = _rank_file(alone_dir / info.name)
 
     # the full-read path: every tensor whole, quantized whole, then sharded
-    full = load_llama(ckpt, Mapping(spec.tp, rank), SingleProcessCommunicator(), spec.schemes,
+    full = load_llama(ckpt, Mapping(spec.tp, rank), SingleProcessCommunicator(),
+                      spec.schemes_for(ckpt.config),
                       DTYPES[spec.dtype], max_seq=1, transform=_Unchanged()).state_dict()
     problems = {"one-process path": _differences(got, alone), "full read": _differences(got, full),
                 "metadata": [k for k in meta if alone_meta.get(k) != meta[k]]}
@@ -167,3 +168,47 @@ def test_tiny_mpirun_build_is_identical(comm, tiny, tmp_path_factory, quant, dty
 def test_smollm2_mpirun_build_is_identical(comm, tmp_path_factory):
     spec = BuildSpec(str(default_checkpoint()), "int8_wo", comm.world_size, "float32")
     _check_build(comm, spec, _shared_dir(comm, tmp_path_factory, "smol_build"), False)
+
+
+def test_tiny_w8a8_engine_runs_the_rotated_model_it_was_built_from(comm, tiny, tmp_path_factory):
+    """SmoothQuant static (w8a8_tensor) under mpirun: the engine records down_proj's Hadamard
+    block, and the model loaded back from it gives the logits of the model built in memory
+    from the same calibration (same rotation, smoothing and scales), to float32 rounding."""
+    from tpquant.engine.build import calibration_tokens, smoothquant_plan
+    from tpquant.engine.session import load_engine
+    from tpquant.models.llama import default_down_rotation
+    from tpquant.quantization.mode import QuantMode
+    from tpquant.quantization.rotation import rotation_block
+
+    root = _shared_dir(comm, tmp_path_factory, "tiny_w8a8")
+    text = root / "calib.txt"
+    if comm.rank == 0:
+        g = torch.Generator().manual_seed(0)
+        text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(3, 37, (96,), generator=g)))
+    comm.barrier()
+    spec = BuildSpec(str(tiny), "w8a8_tensor", comm.world_size, "float32", calib_text=str(text),
+                     calib_tokens=64)
+    out, reused = build_engine(spec, root / "engine", comm)
+    assert not reused
+    rotation = rotation_block(TINY["intermediate_size"] // comm.world_size)
+    assert rotation == default_down_rotation(QuantMode.from_name("w8a8_tensor"),
+                                             TINY["intermediate_size"], comm.world_size) > 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["quant_options"]["down_rotation"] == rotation
+
+    mapping = Mapping(comm.world_size, comm.rank)
+    engine_model = load_engine(out, mapping, comm, torch.device("cpu"))
+    assert engine_model.layers[0].mlp.down_rotation == rotation
+
+    ckpt = open_checkpoint(spec.checkpoint)
+    tokens = calibration_tokens(ckpt, spec.calib_text, spec.calib_tokens)
+    plan = smoothquant_plan(ckpt, mapping, comm, tokens, spec.smooth_alpha, down_rotation=rotation)
+    built = load_llama(ckpt, mapping, comm, spec.schemes_for(ckpt.config), DTYPES[spec.dtype],
+                       max_seq=16, quant_options=plan.quant_options, transform=plan)
+    ids = torch.randint(3, 37, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = built(ids, 0)
+        engine_model.setup_caches(1, 16)
+        got = engine_model(ids, 0)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    comm.barrier()

@@ -31,6 +31,7 @@ from tpquant.models.loader import load_llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 from tpquant.quantization.calibrate import calibrate, calibrate_hessians  # noqa: E402
 from tpquant.quantization.gptq import GptqPlan  # noqa: E402
+from tpquant.quantization.rotation import rotation_block  # noqa: E402
 from tpquant.quantization.schemes import Passthrough, TensorSpec  # noqa: E402
 from tpquant.quantization.smoothquant import SmoothQuantPlan  # noqa: E402
 
@@ -90,9 +91,14 @@ def batches():
     return [torch.randint(0, TINY["vocab_size"], (1, SEQ), generator=g) for _ in range(2)]
 
 
-def _float(ckpt, mapping, comm, max_batch: int = 1, **kw):
-    return load_llama(ckpt, mapping, comm, LlamaSchemes.from_name("fp32", F32), F32,
-                      max_seq=SEQ, max_batch=max_batch, **kw)
+def _float(ckpt, mapping, comm, max_batch: int = 1, down_rotation: int = 0, **kw):
+    schemes = LlamaSchemes.from_name("fp32", F32, down_rotation=down_rotation)
+    return load_llama(ckpt, mapping, comm, schemes, F32, max_seq=SEQ, max_batch=max_batch, **kw)
+
+
+def _rotation(comm, rotate: bool) -> int:
+    """W8A8's Hadamard block for down_proj at this world size (0: not rotated)."""
+    return rotation_block(TINY["intermediate_size"] // comm.world_size) if rotate else 0
 
 
 def _tp1_stats(ckpt, batches):
@@ -150,12 +156,17 @@ class SmoothedFloat(Passthrough):
         return super().forward(x, {"weight": tensors["weight"]}, bias)
 
 
-def test_smoothing_is_invariant(ckpt, comm, batches):
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
+def test_smoothing_is_invariant(ckpt, comm, batches, rotate):
+    """Smoothing (and the Hadamard rotation of down_proj's input under it) keeps the float
+    function, each rank rotating and smoothing its own slice."""
     mapping = Mapping(comm.world_size, comm.rank)
-    stats = calibrate(_float(ckpt, mapping, comm), batches, comm)
+    rotation = _rotation(comm, rotate)
+    stats = calibrate(_float(ckpt, mapping, comm, down_rotation=rotation), batches, comm)
     plan = SmoothQuantPlan(stats, alpha=0.5)
     body = SmoothedFloat(F32)
-    schemes = LlamaSchemes(qkv=body, o=body, gate_up=body, down=body, lm_head=Passthrough(F32))
+    schemes = LlamaSchemes(qkv=body, o=body, gate_up=body, down=body, lm_head=Passthrough(F32),
+                           down_rotation=rotation)
     smoothed = load_llama(ckpt, mapping, comm, schemes, F32, max_seq=SEQ, max_batch=1,
                           quant_options=plan.quant_options, transform=plan)
     plain = _float(ckpt, mapping, comm)
@@ -168,12 +179,17 @@ def test_smoothing_is_invariant(ckpt, comm, batches):
             assert _rel(smoothed(tokens, 0), plain(tokens, 0)) <= 1e-4
 
 
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
 @pytest.mark.parametrize("quant", ["w8a8_tensor", "w8a8_token_channel"])
-def test_w8a8_close_to_float(ckpt, comm, batches, quant):
+def test_w8a8_close_to_float(ckpt, comm, batches, quant, rotate):
     mapping = Mapping(comm.world_size, comm.rank)
-    plan = SmoothQuantPlan(calibrate(_float(ckpt, mapping, comm), batches, comm), alpha=0.5)
-    model = load_llama(ckpt, mapping, comm, LlamaSchemes.from_name(quant, F32), F32,
+    rotation = _rotation(comm, rotate)
+    stats = calibrate(_float(ckpt, mapping, comm, down_rotation=rotation), batches, comm)
+    plan = SmoothQuantPlan(stats, alpha=0.5)
+    schemes = LlamaSchemes.from_name(quant, F32, down_rotation=rotation)
+    model = load_llama(ckpt, mapping, comm, schemes, F32,
                        max_seq=SEQ, max_batch=1, quant_options=plan.quant_options, transform=plan)
+    assert model.layers[0].mlp.down_rotation == rotation
     qkv = model.layers[0].attention.qkv.tensors
     assert qkv["qweight"].dtype == torch.int8
     assert ("act_scale" in qkv) == (quant == "w8a8_tensor")

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from tpquant.checkpoint import open_checkpoint  # noqa: E402
 from tpquant.models.llama import LlamaSchemes, generate_greedy  # noqa: E402
+from tpquant.quantization.rotation import rotation_block  # noqa: E402
 from tpquant.models.loader import load_llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 from tpquant.checkpoint.default import default_checkpoint
@@ -247,7 +248,9 @@ def _tiny_reference(directory: Path) -> torch.Tensor:
         return torch.cat([tokens.float()[..., None], hf(tokens).logits], dim=-1)  # [2, T, 1 + V]
 
 
-def test_tiny_llama_matches_transformers(mapping, comm, tmp_path_factory):
+@pytest.mark.parametrize("rotate_down", [False, True], ids=["plain", "rotated"])
+def test_tiny_llama_matches_transformers(mapping, comm, tmp_path_factory, rotate_down):
+    """Rotated: down_proj's input in W8A8's Hadamard blocks, each rank its own slice."""
     directory = tmp_path_factory.mktemp("tiny_llama") if comm.rank == 0 else None
     ref = _on_rank0(comm, lambda: _tiny_reference(directory))
     directory = Path(comm.broadcast_object(str(directory) if directory else None))
@@ -258,9 +261,11 @@ def test_tiny_llama_matches_transformers(mapping, comm, tmp_path_factory):
 
     tiny = open_checkpoint(directory)
     assert tiny.config.rope_scaling is not None  # the llama3 path is really taken
-    schemes = LlamaSchemes.from_name("fp32", dtype=F32)
+    rotation = rotation_block(TINY["intermediate_size"] // comm.world_size) if rotate_down else 0
+    schemes = LlamaSchemes.from_name("fp32", dtype=F32, down_rotation=rotation)
     model = load_llama(tiny, mapping, comm, schemes, dtype=F32, max_seq=64, max_batch=2)
     assert model.padded_vocab % comm.world_size == 0
+    assert not rotate_down or model.layers[0].mlp.down_rotation > 1
     with torch.no_grad():
         got = model(tokens, 0)  # [2, T, V]
     err = _max_err(got, want)

@@ -254,7 +254,9 @@ def _write_hf_dir(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def test_tiny_model_matches_transformers(tmp_path):
+@pytest.mark.parametrize("down_rotation", [0, 16, 64])
+def test_tiny_model_matches_transformers(tmp_path, down_rotation):
+    """Also with down_proj's input rotated (W8A8's Hadamard blocks): the same function."""
     transformers = pytest.importorskip("transformers")
     tensors = _tiny_tensors(0)
     ckpt = open_checkpoint(_write_hf_dir(tmp_path / "tiny", tensors))
@@ -262,8 +264,9 @@ def test_tiny_model_matches_transformers(tmp_path):
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
     hf.load_state_dict(tensors, strict=True)
     comm = SingleProcessCommunicator()
-    model = load_llama(ckpt, Mapping(1, 0), comm, LlamaSchemes.from_name("fp32", F32), F32,
-                       max_seq=64, max_batch=2)
+    schemes = LlamaSchemes.from_name("fp32", F32, down_rotation=down_rotation)
+    model = load_llama(ckpt, Mapping(1, 0), comm, schemes, F32, max_seq=64, max_batch=2)
+    assert model.layers[0].mlp.down_rotation == down_rotation
     tokens = torch.randint(0, 37, (2, 30), generator=_gen(1))
     with torch.no_grad():
         want = hf(tokens).logits.double()
@@ -543,3 +546,42 @@ def test_rope_table_is_built_on_the_frequencies_device() -> None:
     cos, sin = rope_cos_sin(inv_freq, 16)
     assert cos.device.type == "meta" and sin.device.type == "meta"
     assert tuple(cos.shape) == (16, 4)
+
+
+_ROPE_CHECK = r"""
+import torch
+from tpquant.kernels.triton_rope import apply_rope
+from tpquant.models.llama import apply_rope_reference
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+# (dtype, B, T, NH, hd, heads of the row): a slice of a wider row (as q|k of the qkv output),
+# head counts that leave a partial block, head_dim whose half is not a power of two
+for dtype, B, T, NH, hd, row in [
+    (torch.float32, 2, 3, 12, 64, 18), (torch.float16, 1, 1, 40, 128, 48),
+    (torch.bfloat16, 3, 2, 5, 16, 5), (torch.float32, 2, 4, 3, 12, 4),
+]:
+    full = torch.randn(B, T, row * hd, generator=g).to(dtype)
+    x = full[..., : NH * hd].view(B, T, NH, hd)
+    ang = torch.rand(B, T, hd // 2, generator=g) * 6.3
+    got = apply_rope(x, ang.cos(), ang.sin()).double()
+    want = apply_rope_reference(x.double(), ang.cos().double(), ang.sin().double())
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    worst = max(worst, (got - want).abs().max().item() / (tol * want.abs().max().item()))
+print("WORST", worst)
+"""
+
+
+def test_triton_rope_in_interpreter():
+    """The RoPE kernel (Triton's CPU interpreter, in a subprocess) against the float64 torch
+    reference: float32 within 1e-6, float16 1e-3, bfloat16 8e-3 of the largest value (one
+    rounding of the output)."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", _ROPE_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    worst = float(run.stdout.split("WORST")[-1])
+    assert worst <= 1.0, worst

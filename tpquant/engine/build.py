@@ -31,7 +31,7 @@ from tpquant.engine.format import (
     write_engine_config,
     write_rank_file,
 )
-from tpquant.models.llama import LlamaSchemes
+from tpquant.models.llama import LlamaSchemes, default_down_rotation
 from tpquant.models.loader import (
     AllReduceStatistics,
     FullWeightStatistics,
@@ -92,9 +92,12 @@ class BuildSpec:
                 f"{' --gptq' if self.gptq else ''} calibrates on it: give one with --calib-text)"
             )
 
-    @property
-    def schemes(self) -> LlamaSchemes:
-        return LlamaSchemes.from_name(self.quant, DTYPES[self.dtype], self.group_size)
+    def schemes_for(self, config: Any) -> LlamaSchemes:
+        """The schemes for a model of this config: down_proj's input rotated in W8A8 modes."""
+        rotation = default_down_rotation(QuantMode.from_name(self.quant),
+                                         config.intermediate_size, self.tp)
+        return LlamaSchemes.from_name(self.quant, DTYPES[self.dtype], self.group_size,
+                                      down_rotation=rotation)
 
     def needs_calibration(self) -> bool:
         """Every SmoothQuant mode (smoothing factors from activation statistics), and GPTQ
@@ -107,6 +110,8 @@ class BuildSpec:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint"}
         if not self.gptq:
             del fields["gptq"]  # engines built before the option keep their keys
+        if QuantMode.from_name(self.quant).has_act_and_weight_quant():
+            fields["down_rotation"] = "hadamard"  # W8A8 engines built before it are rebuilt
         calib = ("calib_text", "calib_tokens", "smooth_alpha")
         if self.needs_calibration():
             fields["calib_text"] = hashlib.sha256(Path(self.calib_text).read_bytes()).hexdigest()
@@ -125,12 +130,13 @@ def calibration_tokens(checkpoint: Any, path: str | Path, n_tokens: int) -> list
 
 def smoothquant_plan(
     checkpoint: Any, mapping: Mapping, comm: Communicator, tokens: list[int], alpha: float = 0.5,
-    window: int = 512,
+    window: int = 512, down_rotation: int = 0,
 ) -> SmoothQuantPlan:
     """Calibrate a float32 model of `mapping` on `tokens` (windows of `window`) and plan the
     smoothing. Every rank of `comm` (the TP group) must call this; each runs its own shard
-    and the statistics are combined by all_reduce(max) (`calibrate`)."""
-    act_amax = calibrate(_float_model(checkpoint, mapping, comm, window),
+    and the statistics are combined by all_reduce(max) (`calibrate`). down_rotation: the
+    quantized model's (its statistics are of the rotated input)."""
+    act_amax = calibrate(_float_model(checkpoint, mapping, comm, window, down_rotation),
                          text_token_batches(tokens, window), comm)
     return SmoothQuantPlan(act_amax, alpha)
 
@@ -146,8 +152,10 @@ def gptq_plan(
     return GptqPlan(hessians, schemes.for_layer)
 
 
-def _float_model(checkpoint: Any, mapping: Mapping, comm: Communicator, window: int) -> Any:
-    return load_llama(checkpoint, mapping, comm, LlamaSchemes.from_name("fp32", torch.float32),
+def _float_model(checkpoint: Any, mapping: Mapping, comm: Communicator, window: int,
+                 down_rotation: int = 0) -> Any:
+    schemes = LlamaSchemes.from_name("fp32", torch.float32, down_rotation=down_rotation)
+    return load_llama(checkpoint, mapping, comm, schemes,
                       torch.float32, max_seq=window, max_batch=1)
 
 
@@ -242,8 +250,9 @@ def build_rank(checkpoint: Any, spec: BuildSpec, rank: int, key: str, source: st
         raise ValueError(f"--quant {spec.quant} needs calibration: pass a SmoothQuantPlan")
     # The model's layers never communicate while building: they only quantize and keep
     # their shard. Only the statistics of sliced weights may (all_reduce(max)).
+    schemes = spec.schemes_for(checkpoint.config)
     model = load_llama(checkpoint, Mapping(spec.tp, rank), SingleProcessCommunicator(),
-                       spec.schemes, DTYPES[spec.dtype], max_seq=1, max_batch=1,
+                       schemes, DTYPES[spec.dtype], max_seq=1, max_batch=1,
                        quant_options=plan.quant_options if plan else None, transform=plan,
                        statistics=statistics if statistics is not None else FullWeightStatistics())
     tensors = model.state_dict()
@@ -252,7 +261,8 @@ def build_rank(checkpoint: Any, spec: BuildSpec, rank: int, key: str, source: st
         quant=spec.quant,
         quant_options={"group_size": spec.group_size, **(
             {"calib_text": Path(spec.calib_text).name, "calib_tokens": spec.calib_tokens,
-             "smooth_alpha": spec.smooth_alpha} if plan else {})},
+             "smooth_alpha": spec.smooth_alpha} if plan else {}), **(
+            {"down_rotation": schemes.down_rotation} if schemes.down_rotation else {})},
         tp_size=spec.tp,
         rank=rank,
         source_checksum=source,
@@ -308,17 +318,22 @@ def build_engine(spec: BuildSpec, out_dir: str | Path, comm: Communicator) -> tu
         if not spec.needs_calibration():
             return [None] * len(my_ranks)
         tokens = calibration_tokens(checkpoint, spec.calib_text, spec.calib_tokens)
+        schemes = spec.schemes_for(checkpoint.config)
         if spec.gptq:  # GPTQ rounds full weights: one plan serves every rank built here
             if comm.world_size > 1:
                 return [gptq_plan(checkpoint, Mapping(spec.tp, comm.rank), comm, tokens,
-                                  spec.schemes)]
-            base = gptq_plan(checkpoint, Mapping(1, 0), comm, tokens, spec.schemes)
+                                  schemes)]
+            base = gptq_plan(checkpoint, Mapping(1, 0), comm, tokens, schemes)
             hessians = relayout_hessians(base.hessians, checkpoint.config, spec.tp)
-            return [GptqPlan(hessians, spec.schemes.for_layer)] * len(my_ranks)
+            return [GptqPlan(hessians, schemes.for_layer)] * len(my_ranks)
+        # TP 1 calibration with the target's rotation blocks (they divide every rank's slice)
+        rotation = schemes.down_rotation
         if comm.world_size > 1:
             mapping = Mapping(spec.tp, comm.rank)
-            return [smoothquant_plan(checkpoint, mapping, comm, tokens, spec.smooth_alpha)]
-        base = smoothquant_plan(checkpoint, Mapping(1, 0), comm, tokens, spec.smooth_alpha)
+            return [smoothquant_plan(checkpoint, mapping, comm, tokens, spec.smooth_alpha,
+                                     down_rotation=rotation)]
+        base = smoothquant_plan(checkpoint, Mapping(1, 0), comm, tokens, spec.smooth_alpha,
+                                down_rotation=rotation)
         stats = relayout_stats(base.act_amax, checkpoint.config, spec.tp)
         return [SmoothQuantPlan(stats, spec.smooth_alpha) for _ in my_ranks]
 

@@ -36,7 +36,8 @@ def load_engine(engine_dir: str | Path, mapping: TPMapping, comm: Communicator,
     with open_rank_file(engine_dir, mapping.rank, mapping.world_size, verify) as engine:
         meta = engine.meta
         dtype = DTYPES[meta.extra["dtype"]]
-        schemes = LlamaSchemes.from_name(meta.quant, dtype, meta.quant_options["group_size"])
+        schemes = LlamaSchemes.from_name(meta.quant, dtype, meta.quant_options["group_size"],
+                                         down_rotation=meta.quant_options.get("down_rotation", 0))
         int8_kv = QuantMode.from_name(meta.quant).has_int8_kv_cache()
         model = Llama(LlamaConfig.from_dict(meta.model_config), mapping, comm, schemes, dtype,
                       int8_kv_cache=int8_kv)

@@ -4,8 +4,10 @@ The layouts are those of the torch references in `tpquant.kernels.weight_only` (
 qweight int8 [N, K] or packed uint8 [N, K/2] (low nibble = even k), per-channel scale [N],
 group scales / zeros [K/g, N], pre_quant_scale [K]. y[M, N] = x[M, K] @ W^T (+ bias).
 
-Three paths; `choose_path` picks one from (M, N, K, bits, group) and the thresholds below:
+Four paths; `choose_path` picks one from (M, N, K, bits, group) and the thresholds below:
 
+    cuda     the CUDA C++ GEMV of `tpquant.kernels.cuda_weight_only` (cpp/weight_only_gemv.cu):
+             paired half-precision dequantization, for small M (needs CuPy).
     gemv     split-K, CUDA-core FMAs in float32; for the smallest M.
     dot      tl.dot with the dequantization fused in the K loop; split-K for small M so that
              enough programs fill the SMs, one pass over K for large M.
@@ -36,7 +38,7 @@ runs at the first call for each (M bucket, N, K, scheme): warm every shape up (c
 before capturing a graph or timing.
 
 Forcing a path: the `path` argument of the launchers below, or the environment variable
-TPQUANT_WO_PATH = auto | reference | gemv | dot | dequant, read at every call (the benchmark
+TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant, read at every call (the benchmark
 sets it between timings); "reference" is handled by `tpquant.kernels.weight_only`.
 
 The launchers also take CPU tensors, so that the tests run these same kernels in Triton's
@@ -55,14 +57,19 @@ import triton
 import triton.language as tl
 
 PATH_ENV = "TPQUANT_WO_PATH"
-GEMV, DOT, DEQUANT, REFERENCE, AUTO = "gemv", "dot", "dequant", "reference", "auto"
-KERNEL_PATHS = (GEMV, DOT, DEQUANT)
+CUDA, GEMV, DOT, DEQUANT, REFERENCE, AUTO = "cuda", "gemv", "dot", "dequant", "reference", "auto"
+KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
 
 # Dispatch thresholds, from benchmarks/bench_wo_kernels.py on an H200 (every path forced):
 # gemv wins only at M = 1 for int4 per channel (1.08-1.31x bf16 vs dot 1.08-1.16x over runs;
 # int8 and groupwise: dot 0.98x vs gemv 0.90x),
 # dot (swapped operands, split-K) from M = 2 to 64, dequant + cuBLAS from M = 256 (int4 at
 # M = 256: 0.54x vs dot 0.31x; at M = 64: dot 0.56x vs 0.47x).
+# The CUDA GEMV (bench_wo_kernels.py, 2 x H200 machine, 2026-11-29; speed-up over bf16 on
+# Llama-2-7B/70B shapes): M = 1 int4 1.3-2.3x, int8 1.0-1.6x (dot: 0.7-1.15x); M = 4 int4
+# 0.8-1.3x, a little ahead of dot's 0.74-1.13x; M = 16 0.2-0.3x (its CUDA-core FMAs and x
+# reads per row grow with M) against dot's 0.8-1.16x.
+CUDA_MAX_M = 4  # M <= this: the CUDA GEMV, where it takes the shape
 GEMV_MAX_M = 1  # M <= this: gemv
 DOT_MAX_M = 64  # GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
 # Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
@@ -87,11 +94,16 @@ _HALF_TYPES = (torch.float16, torch.bfloat16)
 _INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
-def choose_path(m: int, n: int, k: int, bits: int, group_size: int) -> str:
+def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool = True) -> str:
     """The kernel path for an [m, k] x [n, k]^T product (group_size 0 = per channel).
 
     Pure: a function of the shape and the scheme only, thresholds from the constants above.
+    cuda=False leaves the CUDA GEMV out (no CuPy, or tensors it cannot read).
     """
+    from tpquant.kernels import cuda_weight_only
+
+    if cuda and m <= CUDA_MAX_M and cuda_weight_only.supports(m, k, bits, group_size):
+        return CUDA
     if group_size and group_size % MIN_BLOCK_K:
         return DEQUANT  # the fused kernels need whole BLOCK_Ks per group
     if m <= GEMV_MAX_M and bits == 4 and not group_size:
@@ -643,8 +655,24 @@ def _matmul(
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
     chosen = forced_path(path)
+    cuda_ok = _cuda_takes(x2, wt, bias)
     if chosen in (AUTO, REFERENCE):  # REFERENCE is the caller's business; here it means auto
-        chosen = choose_path(m, n, k, wt.bits, wt.group)
+        chosen = choose_path(m, n, k, wt.bits, wt.group, cuda=cuda_ok)
+    if chosen == CUDA:
+        from tpquant.kernels import cuda_weight_only
+
+        if not (cuda_ok and cuda_weight_only.supports(m, k, wt.bits, wt.group)):
+            raise ValueError(
+                f"path 'cuda' takes M <= {cuda_weight_only.MAX_M}, K a multiple of "
+                f"{cuda_weight_only.chunk_elems(wt.bits)}, groups a multiple of "
+                f"{cuda_weight_only.MIN_GROUP}, float32 scales and 16-byte aligned CUDA "
+                f"tensors (and CuPy); got M={m}, K={k}, group={wt.group}"
+            )
+        if bias is not None:
+            bias = _contiguous(bias)
+        cuda_weight_only.gemv(x2, wt.qweight, wt.scale, wt.zeros, wt.pqs, wt.bits, wt.group,
+                              bias, out, splits=split_k)
+        return out.reshape(*x.shape[:-1], n)
     if chosen == GEMV and not _word_aligned(wt.qweight):
         if forced_path(path) == GEMV:
             raise ValueError(
@@ -775,6 +803,22 @@ def _dequant_linear(
         torch.mm(x2, w.t(), out=out)
     else:
         torch.addmm(bias.to(x2.dtype), x2, w.t(), out=out)
+
+
+def _cuda_takes(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None) -> bool:
+    """Whether the CUDA GEMV can read these tensors (shape rules aside): CuPy present,
+    CUDA tensors, float32 scales / zeros / pqs, 16-byte aligned and contiguous."""
+    from tpquant.kernels import cuda_weight_only
+
+    floats = [t for t in (wt.scale, wt.zeros, wt.pqs) if t is not None]
+    return (
+        x2.is_cuda
+        and cuda_weight_only.available()
+        and all(t.dtype == torch.float32 for t in floats)
+        and cuda_weight_only.aligned(x2, wt.qweight, wt.pqs)
+        and all(t.is_contiguous() for t in floats)
+        and (bias is None or bias.is_cuda)
+    )
 
 
 def _word_aligned(qweight: torch.Tensor) -> bool:

@@ -12,8 +12,8 @@ Two implementations, chosen by device:
   path and the test oracle.
 - `decode_attention_triton`: split-K ("flash-decoding"). Program (b, kv head, split) reads only
   its share of positions 0 .. lengths[b]-1, for every query head of the group at once (one
-  tl.dot, the group padded to 16 rows), keeping a running max and sum; the splits are then
-  combined with their log-sum-exp weights. An INT8 cache is dequantized in registers with the
+  tl.dot, the group padded to 16 rows), keeping a running max and sum; a second kernel then
+  combines the splits with their log-sum-exp weights. An INT8 cache is dequantized in registers with the
   same per-(position, head) scales as `KVCache.read`.
 """
 
@@ -90,7 +90,8 @@ def decode_attention_triton(
     if hd & (hd - 1) or hd < 16:
         raise ValueError(f"decode_attention_triton needs a power-of-two head_dim >= 16, got {hd}")
     splits = num_splits(B, Hkv, cache.max_seq)
-    q = q.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()  # rows and heads may be strided (q is a slice of the RoPE output)
     acc = torch.empty(B, H, splits, hd, device=q.device, dtype=torch.float32)
     m = torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
@@ -105,12 +106,10 @@ def decode_attention_triton(
         G=group, G_PAD=max(_MIN_ROWS, triton.next_power_of_2(group)), HD=hd, BLOCK_N=BLOCK_N,
         INT8=cache.int8, IEEE=q.dtype == torch.float32,
     )
-    # Combine the splits: weights exp(m_s - max m); a split that saw no position has
-    # m = -inf and weight 0 (split 0 always sees position 0, so the max is finite).
-    top = m.amax(dim=-1, keepdim=True)
-    w = torch.exp(m - top)  # [B, H, splits]
-    out = (acc * w[..., None]).sum(dim=2) / (l * w).sum(dim=-1)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
+    _combine_kernel[(B * H,)](acc, m, l, out, splits, HD=hd,
+                              SPLITS_PAD=triton.next_power_of_2(splits))
+    return out
 
 
 if triton is not None:
@@ -179,3 +178,20 @@ if triton is not None:
         tl.store(M + row, m_i, mask=keep)
         tl.store(L + row, l_i, mask=keep)
         tl.store(ACC + row[:, None] * HD + d[None, :], acc, mask=keep[:, None])
+
+    @triton.jit
+    def _combine_kernel(ACC, M, L, OUT, n_splits, HD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        """One (row, head): the splits weighted by exp(m_s - max m), one launch instead of
+        torch's seven. A split that saw no position has m = -inf and weight 0 (split 0 always
+        sees position 0, so the max is finite)."""
+        bh = tl.program_id(0)
+        s = tl.arange(0, SPLITS_PAD)
+        d = tl.arange(0, HD)
+        valid = s < n_splits
+        m = tl.load(M + bh * n_splits + s, mask=valid, other=float("-inf"))
+        l = tl.load(L + bh * n_splits + s, mask=valid, other=0.0)
+        w = tl.where(valid, tl.exp(m - tl.max(m, 0)), 0.0)
+        acc = tl.load(ACC + (bh * n_splits + s)[:, None] * HD + d[None, :],
+                      mask=valid[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(OUT + bh * HD + d, out.to(OUT.dtype.element_ty))

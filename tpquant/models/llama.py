@@ -25,6 +25,8 @@ the padding's cache entries before any query could attend to them. Callers pass 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
@@ -44,6 +46,7 @@ from tpquant.parallel.heads import HeadLayout, plan_heads, qkv_part_sizes
 from tpquant.parallel.mapping import Mapping
 from tpquant.parallel.shard import check_divisible
 from tpquant.quantization.mode import QuantMode
+from tpquant.quantization.rotation import hadamard, rotate_activation, rotation_block
 from tpquant.quantization.schemes import Passthrough, Scheme, scheme_for_mode
 
 # -- which scheme quantizes which layer ---------------------------------------------------
@@ -55,6 +58,8 @@ class LlamaSchemes:
 
     The embedding is never quantized (it is a lookup table, kept in the model dtype), and the
     lm_head stays in the float dtype unless asked: its errors go straight into the logits.
+    down_rotation: block size of the Hadamard rotation of down_proj's input
+    (`tpquant.quantization.rotation`; 0 = none), see `default_down_rotation`.
     """
 
     qkv: Scheme
@@ -62,6 +67,7 @@ class LlamaSchemes:
     gate_up: Scheme
     down: Scheme
     lm_head: Scheme
+    down_rotation: int = 0
 
     @classmethod
     def from_mode(
@@ -70,11 +76,13 @@ class LlamaSchemes:
         dtype: torch.dtype = torch.float16,
         group_size: int = 128,
         quantize_lm_head: bool = False,
+        down_rotation: int = 0,
     ) -> LlamaSchemes:
         """Every transformer linear in `mode`'s scheme; lm_head float unless `quantize_lm_head`."""
         body = scheme_for_mode(mode, group_size=group_size, dtype=dtype)
         head = body if quantize_lm_head else Passthrough(dtype)
-        return cls(qkv=body, o=body, gate_up=body, down=body, lm_head=head)
+        return cls(qkv=body, o=body, gate_up=body, down=body, lm_head=head,
+                   down_rotation=down_rotation)
 
     @classmethod
     def from_name(
@@ -83,12 +91,16 @@ class LlamaSchemes:
         dtype: torch.dtype = torch.float16,
         group_size: int = 128,
         quantize_lm_head: bool = False,
+        down_rotation: int = 0,
     ) -> LlamaSchemes:
         """From a QuantMode short name ('fp16', 'int8_wo', 'int4_gw', 'w8a8_token', ...)."""
-        return cls.from_mode(QuantMode.from_name(name), dtype, group_size, quantize_lm_head)
+        return cls.from_mode(QuantMode.from_name(name), dtype, group_size, quantize_lm_head,
+                             down_rotation)
 
     def items(self) -> list[tuple[str, Scheme]]:
-        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+        """(layer kind, scheme) of every kind of linear."""
+        return [(f.name, getattr(self, f.name)) for f in fields(self)
+                if f.name in _LAYER_SCHEME.values()]
 
     def for_layer(self, layer_name: str) -> Scheme:
         """The scheme of a layer named as load_llama names it ("model.layers.3.mlp.down")."""
@@ -101,6 +113,16 @@ class LlamaSchemes:
 # load_llama's layer names (by suffix) -> the LlamaSchemes field that quantizes them
 _LAYER_SCHEME = {"attention.qkv": "qkv", "attention.o_proj": "o", "mlp.gate_up": "gate_up",
                  "mlp.down": "down", "lm_head": "lm_head"}
+
+
+def default_down_rotation(mode: QuantMode, intermediate_size: int, tp: int) -> int:
+    """The Hadamard block for down_proj's input: W8A8 modes rotate it (their activation
+    scales cannot take the attention-sink token's massive channels), in the largest block
+    <= 128 that divides each rank's slice; other modes do not (0)."""
+    if not mode.has_act_and_weight_quant():
+        return 0
+    check_divisible("intermediate_size", intermediate_size, tp)
+    return rotation_block(intermediate_size // tp)
 
 
 # -- rotary position embedding -------------------------------------------------------------
@@ -142,7 +164,22 @@ def rope_cos_sin(inv_freq: torch.Tensor, n_positions: int) -> tuple[torch.Tensor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, T, H, hd] by cos/sin [B, T, hd/2], Hugging Face "rotate halves" layout:
-    pair i is (x[i], x[i + hd/2]). float32 math, result in x's dtype."""
+    pair i is (x[i], x[i + hd/2]). float32 math, result in x's dtype. On CUDA one Triton
+    kernel does it (`tpquant.kernels.triton_rope`), here torch does."""
+    if x.is_cuda and _has_triton():
+        from tpquant.kernels import triton_rope
+
+        return triton_rope.apply_rope(x, cos, sin)
+    return apply_rope_reference(x, cos, sin)
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in torch: the CPU path and the kernel's oracle."""
     x1, x2 = x.float().chunk(2, dim=-1)  # [B, T, H, hd/2] each
     c, s = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
@@ -196,10 +233,11 @@ class Attention(nn.Module):
             raise RuntimeError("no KV cache: call Llama.setup_caches(max_batch, max_seq)")
         B, T, _ = x.shape
         hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
-        q, k, v = self.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)  # local [q_r | k_r | v_r]
-        q = apply_rope(q.view(B, T, H, hd), cos, sin)  # [B, T, H, hd]
-        k = apply_rope(k.view(B, T, Hkv, hd), cos, sin)  # [B, T, Hkv, hd]
-        v = v.view(B, T, Hkv, hd)
+        qkv = self.qkv(x)  # local [q_r | k_r | v_r]
+        # q and k rotated together (adjacent heads of one row: one kernel on CUDA)
+        qk = apply_rope(qkv[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd), cos, sin)
+        q, k = qk.split([H, Hkv], dim=2)  # [B, T, H, hd], [B, T, Hkv, hd]
+        v = qkv[..., (H + Hkv) * hd :].view(B, T, Hkv, hd)
         self.kv_cache.write(pos, k, v)
         if mask is None and T == 1:
             y = decode_attention(q[:, 0], self.kv_cache, pos[:, 0] + 1)  # [B, H, hd]
@@ -219,7 +257,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), intermediate features split across ranks."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), intermediate features split across ranks.
+
+    With schemes.down_rotation = b, down's input is rotated by blockdiag(H_b) first (its weight
+    was rotated while loading: the same function, an easier input to quantize).
+    """
 
     def __init__(
         self, config: LlamaConfig, mapping: Mapping, comm: Communicator, schemes: LlamaSchemes
@@ -233,10 +275,23 @@ class MLP(nn.Module):
             bias=bias, gather_output=False, part_sizes=(I, I),
         )
         self.down = RowLinear(I, D, schemes.down, mapping, comm, bias=bias)
+        self.down_rotation = schemes.down_rotation
+        if self.down_rotation:
+            if self.local_intermediate % self.down_rotation:
+                raise ValueError(
+                    f"down_proj's Hadamard block {self.down_rotation} does not divide this "
+                    f"rank's {self.local_intermediate} intermediate features (tp={mapping.tp_size})"
+                )
+            # not in the state dict: a constant of the block size, which the engine records
+            self.register_buffer("down_hadamard", hadamard(self.down_rotation).float(),
+                                 persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.local_intermediate, dim=-1)  # [B, T, I/tp] each
-        return self.down(F.silu(gate) * up)  # all-reduced: [B, T, D]
+        h = F.silu(gate) * up
+        if self.down_rotation:
+            h = rotate_activation(h, self.down_hadamard)
+        return self.down(h)  # all-reduced: [B, T, D]
 
 
 class DecoderLayer(nn.Module):

@@ -41,6 +41,7 @@ from tpquant.models.llama import GLOBAL_WEIGHTS, LAYER_WEIGHTS, Llama, LlamaSche
 from tpquant.parallel.heads import head_span, lay_out_heads, rank_head_sources, take_heads
 from tpquant.parallel.mapping import Mapping
 from tpquant.parallel.shard import pad_to_multiple, split_dim
+from tpquant.quantization.rotation import rotate_weight
 
 QuantOptions = Callable[[str], dict]  # our layer name -> extra options for Scheme.quantize
 Tensors = dict[str, torch.Tensor]
@@ -197,6 +198,8 @@ def load_llama(
     per layer, weights, then options, then norms. `statistics` completes the statistics of
     sliced weights; by default `default_statistics(mapping, comm)`, which all-reduces over
     `comm` when it is the TP group: then every rank of it must call load_llama together.
+    With `schemes.down_rotation`, down_proj's weight columns are rotated as read (before any
+    transform), matching the model's rotation of its input.
     """
     config: LlamaConfig = checkpoint.config
     model = Llama(config, mapping, comm, schemes, dtype)
@@ -260,18 +263,23 @@ def load_llama(
              lambda: (all_heads(o + ".weight", "q", dim=1), get_bias(o, ab)),
              lambda: (heads(o + ".weight", q_heads, dim=1), get_bias(o, ab)))
 
-        # mlp: gate/up fused, each split by rows; down split by columns
+        # mlp: gate/up fused, each split by rows; down split by columns, which are rotated
+        # when its input is (blocks within each rank's columns: the slice rotates alike)
         mb = config.mlp_bias
         gate, up = (p + n for n in LAYER_WEIGHTS["mlp.gate_up"])
         (down,) = (p + n for n in LAYER_WEIGHTS["mlp.down"])
+
+        def rotated(w: torch.Tensor) -> torch.Tensor:
+            return rotate_weight(w, mlp.down_rotation) if mlp.down_rotation else w
+
         load(mlp.gate_up, p + "mlp.gate_up",
              lambda: (torch.cat([get(gate + ".weight"), get(up + ".weight")]),
                       torch.cat([get(gate + ".bias"), get(up + ".bias")]) if mb else None),
              lambda: (torch.cat([part(gate + ".weight", 0), part(up + ".weight", 0)]),
                       torch.cat([part(gate + ".bias", 0), part(up + ".bias", 0)]) if mb else None))
         load(mlp.down, p + "mlp.down",
-             lambda: (get(down + ".weight"), get_bias(down, mb)),
-             lambda: (part(down + ".weight", 1), get_bias(down, mb)))
+             lambda: (rotated(get(down + ".weight")), get_bias(down, mb)),
+             lambda: (rotated(part(down + ".weight", 1)), get_bias(down, mb)))
 
         # norms last: a transform may fold the factors of the linears they feed
         for ours in ("attention_norm", "ffn_norm"):

@@ -34,6 +34,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from tpquant.kernels.cupy_launch import launch
+
 Environ = collections.abc.Mapping  # Mapping[str, str]
 
 ALGORITHMS = ("oneshot", "twoshot")
@@ -44,7 +46,6 @@ DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 DEFAULT_CAPACITY_BYTES = 16 << 20  # largest message; the workspace holds two of these
 DEFAULT_TIMEOUT_S = 30.0  # a peer late by more than this is taken for gone
-DEFAULT_MAX_BLOCKS = 36  # thread blocks per launch (512 threads each), at most TPQ_MAX_BLOCKS
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "custom_allreduce.cu"
 
@@ -53,7 +54,8 @@ _HOST_ALLOC_PORTABLE_MAPPED = 0x1 | 0x2  # cudaHostAllocPortable | cudaHostAlloc
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-    """Message sizes (bytes) where the paths cross over, for one world size.
+    """Message sizes (bytes) where the paths cross over, for one world size, and the kernels'
+    thread blocks per launch (512 threads each, at most TPQ_MAX_BLOCKS).
 
     One-shot up to `oneshot_max_bytes`, two-shot above it up to `custom_max_bytes`,
     NCCL beyond (and always beyond the workspace).
@@ -61,14 +63,19 @@ class Thresholds:
 
     oneshot_max_bytes: int
     custom_max_bytes: int
+    max_blocks: int = 36
 
 
 # Measured by benchmarks/bench_allreduce.py on 4 x H200 (NVLink), bf16, 2026-11-22
 # (docs/benchmarks.md): at 2 ranks one-shot beats two-shot at every size and NCCL up to 8 MiB;
 # at 4 ranks one-shot wins to 512 KiB, two-shot to 4 MiB, NCCL above. 8 ranks: not measured
 # (no 8-GPU machine was lent), scaled from the 4-rank crossover.
+# Blocks per launch (2 x H200, 2026-11-29, `bench_allreduce.py --max-blocks 36/48/64`): at 2
+# ranks 64 blocks took one-shot at 512 KiB from 7.6 to 6.9 us (NCCL 15.3-15.7), at 1 MiB from
+# 10.4 to 8.7 us, and left 4-256 KiB unchanged; at 4 ranks 64 was no better (0.53x NCCL at
+# 512 KiB against 0.51x, 2026-11-22), so 36 stays.
 THRESHOLDS: dict[int, Thresholds] = {
-    2: Thresholds(oneshot_max_bytes=8 << 20, custom_max_bytes=8 << 20),
+    2: Thresholds(oneshot_max_bytes=8 << 20, custom_max_bytes=8 << 20, max_blocks=64),
     4: Thresholds(oneshot_max_bytes=512 << 10, custom_max_bytes=4 << 20),
     8: Thresholds(oneshot_max_bytes=256 << 10, custom_max_bytes=2 << 20),
 }
@@ -200,7 +207,7 @@ class CustomAllReduce:
         *,
         capacity_bytes: int = DEFAULT_CAPACITY_BYTES,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_blocks: int = DEFAULT_MAX_BLOCKS,
+        max_blocks: int | None = None,
     ) -> None:
         self.mpi_comm = mpi_comm
         self.rank, self.world_size = mpi_comm.Get_rank(), mpi_comm.Get_size()
@@ -212,6 +219,8 @@ class CustomAllReduce:
             raise ValueError(f"capacity_bytes must be at least 16, got {capacity_bytes}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if max_blocks is None:
+            max_blocks = thresholds_for(self.world_size).max_blocks
         if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1:
             raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")
         device = torch.device(device)
@@ -229,7 +238,6 @@ class CustomAllReduce:
         self._peer_ptrs: dict[int, int] = {}  # peers' workspaces, mapped here
         self._err_ptr = 0  # host-mapped error words
         self._err: Any = None  # their ctypes view
-        self._streams: dict[int, Any] = {}
         self._closed = False
 
         import cupy
@@ -444,13 +452,7 @@ class CustomAllReduce:
         return tuple(np.uint64(p) for p in ptrs)
 
     def _launch(self, kernel: Any, blocks: int, threads: int, args: tuple) -> None:
-        stream_ptr = torch.cuda.current_stream(self.device).cuda_stream
-        stream = self._streams.get(stream_ptr)
-        if stream is None:
-            stream = self._cupy.cuda.ExternalStream(stream_ptr, self.device.index)
-            self._streams[stream_ptr] = stream
-        with self._cp_device, stream:
-            _cuda(f"launching {kernel.name}", kernel, (blocks,), (threads,), args)
+        _cuda(f"launching {kernel.name}", launch, kernel, (blocks,), (threads,), args, self.device)
 
     def all_reduce(self, t: torch.Tensor, algorithm: str = "oneshot") -> torch.Tensor:
         """Sum `t` over all ranks, in place, with "oneshot" or "twoshot"; returns `t`."""

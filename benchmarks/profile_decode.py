@@ -1,0 +1,137 @@
+"""Where a decode step's time goes: GPU kernel time by kind, against the step as run.
+
+    python benchmarks/profile_decode.py [--schemes bf16 int4_wo] [--batch 1]
+
+One GPU, TP 1, a random Llama-2-7B-shaped model as in bench_decode.py (context 512). Per scheme:
+- graph_ms: one CUDA-graph replay of the decode step (device time, CUDA events, median of 20);
+- loop_ms: bench_decode's per-token loop (replay, argmax, broadcast, the host reading the
+  token), median of 3 runs of 32 steps;
+- kernels: torch.profiler over 5 eager decode steps; each kernel's device time per step,
+  summed by kind (the weight-only GEMV, other GEMMs, attention, norms, elementwise, ...).
+  kernel_sum_ms / graph_ms says whether the step is its kernels (graph replay has no launch
+  gaps to speak of) or something between them.
+Table on stdout, $OUT/profile_decode.json (OUT defaults to /tmp/out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import (  # noqa: E402
+    MODELS, PROMPT, _events_ms, group_size_for, random_model, time_decode,
+)
+
+from tpquant.collectives import make_communicator  # noqa: E402
+from tpquant.engine.graphs import DecodeGraphs  # noqa: E402
+from tpquant.parallel.mapping import Mapping  # noqa: E402
+
+# kernel-name substrings -> kind (first match wins)
+KINDS = (
+    ("wo_gemv", "weight-only GEMV (CUDA)"),
+    ("_wo_", "weight-only (Triton)"),
+    ("decode_attention", "decode attention"),
+    ("gemv", "GEMM/GEMV (cuBLAS)"),
+    ("gemm", "GEMM/GEMV (cuBLAS)"),
+    ("cutlass", "GEMM/GEMV (cuBLAS)"),
+    ("rms", "RMSNorm"),
+    ("norm", "RMSNorm"),
+    ("argmax", "argmax / reduce"),
+    ("reduce", "argmax / reduce"),
+    ("index", "index / gather / scatter"),
+    ("scatter", "index / gather / scatter"),
+    ("gather", "index / gather / scatter"),
+    ("copy", "copy / cast"),
+    ("cat", "copy / cast"),
+    ("elementwise", "elementwise"),
+    ("vectorized", "elementwise"),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for key, kind in KINDS if key in low), "other")
+
+
+@torch.no_grad()
+def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device) -> dict:
+    config = MODELS["llama2-7b"]
+    model = random_model(config, scheme, mapping, comm, device, group_size_for(config, 1))
+    model.setup_caches(batch, PROMPT + 64)
+    graphs = DecodeGraphs(model)
+    graphs.prepare(batch)
+    token = torch.zeros(batch, dtype=torch.long, device=device)
+    pos = torch.full((batch,), PROMPT, dtype=torch.long, device=device)
+    graphs.step(token, pos)
+    replay = graphs._graphs[graphs.rows_for(batch)].graph.replay
+    graph_ms = statistics.median(_events_ms(replay, 20))
+    loop_ms = time_decode(model, comm, device, batch)
+
+    steps = 5
+    for _ in range(2):
+        model.decode_step(token, pos)  # eager warm-up
+    torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            model.decode_step(token, pos)
+        torch.cuda.synchronize(device)
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            by_name[e.name][0] += us / 1e3 / steps  # ms per step
+            by_name[e.name][1] += 1
+    kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, (ms, count) in by_name.items():
+        kinds[kind_of(name)][0] += ms
+        kinds[kind_of(name)][1] += count / steps
+    kernel_sum = sum(ms for ms, _ in kinds.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]
+    del graphs, model
+    torch.cuda.empty_cache()
+    return dict(
+        scheme=scheme, batch=batch, graph_ms=graph_ms, loop_ms=loop_ms,
+        kernel_sum_ms=kernel_sum, kernels_per_step=sum(c for _, c in kinds.values()),
+        kinds={k: {"ms": ms, "launches": n} for k, (ms, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+        top=[{"name": n[:120], "ms": ms, "launches": c / steps} for n, (ms, c) in top],
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--schemes", nargs="+", default=["bf16", "int4_wo"])
+    p.add_argument("--batch", type=int, default=1)
+    args = p.parse_args()
+    mapping = Mapping.from_env()
+    device = mapping.device()
+    if device.type != "cuda" or mapping.tp_size != 1:
+        sys.exit("profile_decode runs on one GPU, one process")
+    torch.cuda.set_device(device)
+    comm = make_communicator(mapping, device)
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for scheme in args.schemes:
+        r = profile_scheme(scheme, args.batch, mapping, comm, device)
+        results.append(r)
+        print(f"# llama2-7b {scheme} batch {args.batch}: graph replay {r['graph_ms']:.2f} ms, "
+              f"loop step {r['loop_ms']:.2f} ms, kernels (eager, per step) "
+              f"{r['kernel_sum_ms']:.2f} ms in {r['kernels_per_step']:.0f} launches")
+        for kind, v in r["kinds"].items():
+            print(f"  {kind:<28} {v['ms']:7.3f} ms  {v['launches']:6.0f} launches")
+        for t in r["top"][:6]:
+            print(f"    {t['ms']:7.3f} ms  x{t['launches']:<5.0f} {t['name'][:90]}")
+        (out / "profile_decode.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(device), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

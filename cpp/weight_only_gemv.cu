@@ -1,0 +1,356 @@
+// Weight-only GEMV for small M: y[M, N] = x[M, K] @ W^T (+ bias), W stored as integer codes.
+//
+// tpquant/kernels/cuda_weight_only.py compiles this file at first use (NVRTC through CuPy,
+// cached by CuPy), one module per (dtype, mode, pre-quant scale), and launches it on torch's
+// current stream (so it can be captured in CUDA graphs). NVRTC compatible on purpose: no
+// #include (half / bfloat16 arithmetic is inline PTX on 32-bit registers holding two values).
+//
+// Layouts: those of tpquant.kernels.weight_only, unchanged. qweight int8 [N, K] or packed uint8
+// [N, K/2] (low nibble = even k), per-channel scale float32 [N], group scales / zeros float32
+// [K/g, N], pre-quant scale float32 [K], bias float32 [N].
+//
+// Work split: a warp owns ROWS consecutive output rows and all M rows of x; its lanes walk
+// the K range of the warp's split in 16-byte "chunks" of each weight row (32 int4 or 16 int8
+// codes), lane l taking chunks l, l + 32, ... Each chunk lies in one group (the host checks
+// that the group size is a multiple of 32). grid = (row groups, K splits); with one split the
+// kernel writes y, with several it writes float32 partials [split, M, N] that wo_reduce sums
+// in split order (deterministic, no atomics).
+//
+// Numerics. Codes become numbers without an int->float instruction: OR-ing a code u into the
+// mantissa of a "magic" value gives exactly MAGIC + u (float16 1024 + u; bfloat16 128 + u for
+// u < 16), and one fma then gives (u - OFF) / OFF exactly: q / 8 for int4, q / 128 for int8
+// (|q / OFF| <= 1 keeps the half-precision partial sums small). Two codes travel in one 32-bit
+// register, so every step is a paired (f16x2 / bf16x2) instruction: the pairs are (k, k+4)
+// for int4 words and (k, k+2) for int8 words (what a mask on the word yields); x is permuted
+// into the same pairs with one byte-permute per pair, shared by the warp's rows.
+// bfloat16 int8 codes (256 values do not fit bfloat16's significand at one exponent) go
+// through float32 instead: the byte becomes 2^23 + u with one byte-permute, one fma gives q/128.
+// Products x * q / OFF are summed in the paired type over one word (bfloat16: 4 products a
+// lane) or one chunk (float16: 16 products), then in float32. A group's zero enters through
+// the sum of x over the chunk: sum x (u - z) = OFF * (sum x q/OFF + (OFF - z) sum x / OFF),
+// so the codes need no per-group arithmetic. Scales multiply float32 sums.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define WO_WARPS 4  // warps per block
+#define WO_CHUNK_WORDS 4  // 32-bit weight words one lane loads per row per chunk (16 bytes)
+
+// MODE: 0 int8 per channel, 1 int4 per channel, 2 groupwise int4 with zeros (codes 0..15),
+// 3 groupwise int4 symmetric (signed codes). DT: 0 float16, 1 bfloat16.
+template <int MODE> struct Mode {
+  static constexpr int BITS = MODE == 0 ? 8 : 4;
+  static constexpr int PAIRS = 16 / BITS;  // value pairs per 32-bit word
+  static constexpr int ELEMS = 32 / BITS;  // codes per word
+  static constexpr int OFF = MODE == 0 ? 128 : 8;  // u = q + OFF
+  // XOR that turns a stored two's-complement code into u = q + OFF (zeros mode: already u).
+  static constexpr u32 FLIP = MODE == 0 ? 0x80808080u : (MODE == 2 ? 0u : 0x88888888u);
+  static constexpr u32 MASK = MODE == 0 ? 0x00FF00FFu : 0x000F000Fu;
+  static constexpr bool GROUPED = MODE >= 2;
+  static constexpr bool ZEROS = MODE == 2;
+};
+
+// ---- paired half-precision arithmetic (two values in a u32) --------------------------------
+
+template <int DT> __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+  u32 d;
+  if (DT == 0) {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  } else {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  return d;
+}
+
+template <int DT> __device__ __forceinline__ u32 mul2(u32 a, u32 b) {
+  u32 d;
+  if (DT == 0) {
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  } else {
+    // bf16x2 has no mul on every target; fma with -0 is a multiply.
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  }
+  return d;
+}
+
+// (lo, hi) floats -> one register, lo in the low half.
+template <int DT> __device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 d;
+  if (DT == 0) {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  }
+  return d;
+}
+
+// Sum of the two halves, in float32.
+template <int DT> __device__ __forceinline__ float hsum(u32 v) {
+  if (DT == 0) {
+    float lo, hi;
+    asm("{.reg .f16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}"
+        : "=f"(lo), "=f"(hi) : "r"(v));
+    return lo + hi;
+  } else {
+    return __uint_as_float(v << 16) + __uint_as_float(v & 0xFFFF0000u);
+  }
+}
+
+template <int DT> __device__ __forceinline__ unsigned short from_float(float f) {
+  return (unsigned short)(pack2<DT>(f, 0.f) & 0xFFFFu);
+}
+
+// ---- codes -> value pairs ------------------------------------------------------------------
+
+// Pair p of a weight word (already XOR-ed to unsigned codes u = q + OFF) as q / OFF in the
+// paired type. inv2 / shift2: the pairs (1/OFF, 1/OFF) and (-(MAGIC + OFF)/OFF, same).
+template <int DT, int MODE>
+__device__ __forceinline__ u32 code_pair(u32 w, int p, u32 inv2, u32 shift2) {
+  typedef Mode<MODE> Md;
+  if constexpr (DT == 1 && MODE == 0) {
+    // bfloat16 int8: bytes p and p + 2 through float32 2^23 + u (selector: byte, 0, 0, 0x4B);
+    // (2^23 + u) / 128 - (2^23 + 128) / 128 = q / 128, exact in float32.
+    const float lo = __uint_as_float(__byte_perm(w, 0x4B000000u, (u32)p | 0x7440u));
+    const float hi = __uint_as_float(__byte_perm(w, 0x4B000000u, (u32)(p + 2) | 0x7440u));
+    return pack2<1>(fmaf(lo, 0.0078125f, -65537.0f), fmaf(hi, 0.0078125f, -65537.0f));
+  } else {
+    constexpr u32 magic = DT == 0 ? 0x64006400u : 0x43004300u;  // 1024 / 128 in both halves
+    const u32 v = ((w >> (p * Md::BITS)) & Md::MASK) | magic;
+    return fma2<DT>(v, inv2, shift2);  // (MAGIC + u) / OFF - (MAGIC + OFF) / OFF, exact
+  }
+}
+
+// x word pair matching code pair p: the x words of one weight word hold its ELEMS values in
+// k order, two per word; code pair p is values (p, p + ELEMS/2).
+template <int MODE> __device__ __forceinline__ u32 x_pair(const u32* xw, int p) {
+  constexpr int half = Mode<MODE>::PAIRS / 2;  // x words between the two values of a pair
+  return __byte_perm(xw[p >> 1], xw[(p >> 1) + half], (p & 1) ? 0x7632u : 0x5410u);
+}
+
+// 16 bytes of the weight, kept out of L1 (read once; L1 holds x).
+__device__ __forceinline__ uint4 load_weight(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ u32 word(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// ---- the GEMV ------------------------------------------------------------------------------
+
+// Adds one chunk (16 weight bytes of each of the warp's ROWS rows, at input feature k0) to
+// the lane's sums acc[row][m].
+template <int DT, int MODE, bool PQS, int MT, int ROWS>
+__device__ __forceinline__ void accumulate_chunk(
+    const uint4 (&wv)[ROWS], int k0, const unsigned short* __restrict__ x, int M, int K,
+    const float* __restrict__ scale, const float* __restrict__ zeros,
+    const float* __restrict__ pqs, int N, int row0, int group, u32 inv2, u32 shift2,
+    float (&acc)[ROWS][MT]) {
+  typedef Mode<MODE> Md;
+  constexpr int X_WORDS = Md::PAIRS;  // x words (2 values each) per weight word
+  constexpr int FLUSH = DT == 0 ? WO_CHUNK_WORDS : 1;  // words summed in the paired type
+  constexpr int GR = Md::GROUPED ? ROWS : 1, GM = Md::GROUPED ? MT : 1, ZM = Md::ZEROS ? MT : 1;
+  constexpr int PQ = PQS ? WO_CHUNK_WORDS * X_WORDS : 1;
+
+  u32 pq[PQ];  // the pre-quant scale of this chunk's x values, paired in k order like x
+  if constexpr (PQS) {
+    const float4* p4 = reinterpret_cast<const float4*>(pqs + k0);
+#pragma unroll
+    for (int i = 0; i < PQ / 2; ++i) {
+      const float4 f = __ldg(p4 + i);
+      pq[2 * i] = pack2<DT>(f.x, f.y);
+      pq[2 * i + 1] = pack2<DT>(f.z, f.w);
+    }
+  }
+
+  u32 hacc[ROWS][MT];  // paired partial sums (float16: the chunk; bfloat16: one word)
+  float dacc[GR][GM];  // groupwise: this chunk's float32 sums, before its scale
+  u32 xsum[ZM];        // zeros: sum of x / OFF over the chunk, paired
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) hacc[r][m] = 0u;
+#pragma unroll
+  for (int r = 0; r < GR; ++r)
+#pragma unroll
+    for (int m = 0; m < GM; ++m) dacc[r][m] = 0.f;
+#pragma unroll
+  for (int m = 0; m < ZM; ++m) xsum[m] = 0u;
+
+#pragma unroll
+  for (int j = 0; j < WO_CHUNK_WORDS; ++j) {
+    u32 cp[ROWS][Md::PAIRS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const u32 code_word = word(wv[r], j) ^ Md::FLIP;
+#pragma unroll
+      for (int p = 0; p < Md::PAIRS; ++p)
+        cp[r][p] = code_pair<DT, MODE>(code_word, p, inv2, shift2);
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const unsigned short* xrow = x + (size_t)min(m, M - 1) * K + k0 + j * Md::ELEMS;
+      u32 xw[X_WORDS];
+      if constexpr (X_WORDS == 4) {
+        const uint4 t = __ldg(reinterpret_cast<const uint4*>(xrow));
+        xw[0] = t.x; xw[1] = t.y; xw[2] = t.z; xw[3] = t.w;
+      } else {
+        const uint2 t = __ldg(reinterpret_cast<const uint2*>(xrow));
+        xw[0] = t.x; xw[1] = t.y;
+      }
+      if constexpr (PQS) {
+#pragma unroll
+        for (int i = 0; i < X_WORDS; ++i) xw[i] = mul2<DT>(xw[i], pq[j * X_WORDS + i]);
+      }
+      if constexpr (Md::ZEROS) {
+#pragma unroll
+        for (int i = 0; i < X_WORDS; ++i) xsum[m] = fma2<DT>(xw[i], inv2, xsum[m]);
+      }
+#pragma unroll
+      for (int p = 0; p < Md::PAIRS; ++p) {
+        const u32 xp = x_pair<MODE>(xw, p);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) hacc[r][m] = fma2<DT>(cp[r][p], xp, hacc[r][m]);
+      }
+    }
+    if ((j + 1) % FLUSH == 0) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const float s = hsum<DT>(hacc[r][m]);
+          if constexpr (Md::GROUPED) dacc[r][m] += s; else acc[r][m] += s;
+          hacc[r][m] = 0u;
+        }
+    }
+  }
+  if constexpr (Md::GROUPED) {
+    // sum x (u - z) s = OFF s (sum x q/OFF + (OFF - z) sum x/OFF); symmetric: z = OFF.
+    const int g = k0 / group;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int n = min(row0 + r, N - 1);
+      const float s = __ldg(scale + (size_t)g * N + n) * Md::OFF;
+      float zt = 0.f;
+      if constexpr (Md::ZEROS) zt = Md::OFF - __ldg(zeros + (size_t)g * N + n);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        float d = dacc[r][m];
+        if constexpr (Md::ZEROS) d = fmaf(zt, hsum<DT>(xsum[m]), d);
+        acc[r][m] = fmaf(s, d, acc[r][m]);
+      }
+    }
+  }
+}
+
+// MT: M rounded up (1, 2, 4, 8, 16); rows of x past M repeat row M - 1 and are not stored.
+template <int DT, int MODE, bool PQS, int MT, int ROWS>
+__device__ __forceinline__ void wo_gemv_body(
+    const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
+    const float* __restrict__ scale, const float* __restrict__ zeros,
+    const float* __restrict__ pqs, const float* __restrict__ bias,
+    void* __restrict__ out, int M, int N, int K, int group, int chunks_per_split,
+    int write_partial) {
+  typedef Mode<MODE> Md;
+  constexpr int CHUNK_ELEMS = WO_CHUNK_WORDS * Md::ELEMS;
+  constexpr int V = ROWS * MT;
+
+  __shared__ float red[WO_WARPS][32][V + 1];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = (blockIdx.x * WO_WARPS + warp) * ROWS;
+  const int split = blockIdx.y;
+  const int c_begin = split * chunks_per_split;
+  const int c_end = min(c_begin + chunks_per_split, K / CHUNK_ELEMS);
+  const size_t row_bytes = (size_t)K * Md::BITS / 8;
+
+  const float magic_f = DT == 0 ? 1024.f : 128.f;
+  const u32 inv2 = pack2<DT>(1.f / Md::OFF, 1.f / Md::OFF);
+  const u32 shift2 = pack2<DT>(-(magic_f + Md::OFF) / Md::OFF, -(magic_f + Md::OFF) / Md::OFF);
+
+  const unsigned char* wrow[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) wrow[r] = w + (size_t)min(row0 + r, N - 1) * row_bytes;
+
+  float acc[ROWS][MT];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+
+  // (Loading 2 or 4 chunks per lane before computing, for more bytes in flight, measured no
+  // faster: bench_wo_kernels.py's sweep, docs/benchmarks.md 2026-11-29.)
+  for (int c = c_begin + lane; c < c_end; c += 32) {
+    uint4 wv[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) wv[r] = load_weight(wrow[r] + (size_t)c * 16);
+    accumulate_chunk<DT, MODE, PQS, MT, ROWS>(wv, c * CHUNK_ELEMS, x, M, K, scale, zeros, pqs,
+                                              N, row0, group, inv2, shift2, acc);
+  }
+
+  // Sum the lanes: every lane stores its V sums, then lane l adds up value l (and l + 32).
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) red[warp][lane][r * MT + m] = acc[r][m];
+  __syncwarp();
+#pragma unroll
+  for (int v0 = 0; v0 < V; v0 += 32) {
+    const int v = v0 + lane;
+    if (v < V) {
+      float t = 0.f;
+#pragma unroll 8
+      for (int l = 0; l < 32; ++l) t += red[warp][l][v];
+      const int r = v / MT, m = v % MT, n = row0 + r;
+      if (m < M && n < N) {
+        if constexpr (!Md::GROUPED) t *= __ldg(scale + n) * Md::OFF;
+        if (write_partial) {
+          reinterpret_cast<float*>(out)[((size_t)split * M + m) * N + n] = t;
+        } else {
+          if (bias) t += bias[n];
+          reinterpret_cast<unsigned short*>(out)[(size_t)m * N + n] = from_float<DT>(t);
+        }
+      }
+    }
+  }
+}
+
+// Sum the float32 partials [splits, M, N] in split order, add the bias, cast to x's dtype.
+template <int DT>
+__device__ __forceinline__ void wo_reduce_body(const float* __restrict__ partial,
+                                               const float* __restrict__ bias,
+                                               unsigned short* __restrict__ out, int M, int N,
+                                               int splits) {
+  const size_t mn = (size_t)M * N;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < mn;
+       i += (size_t)gridDim.x * blockDim.x) {
+    float t = 0.f;
+    for (int s = 0; s < splits; ++s) t += partial[s * mn + i];
+    if (bias) t += bias[i % N];
+    out[i] = from_float<DT>(t);
+  }
+}
+
+template <int DT, int MODE, bool PQS, int MT, int ROWS>
+__global__ void __launch_bounds__(WO_WARPS * 32)
+wo_gemv(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
+        const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
+        int chunks_per_split, int write_partial) {
+  wo_gemv_body<DT, MODE, PQS, MT, ROWS>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
+                                        chunks_per_split, write_partial);
+}
+
+template <int DT>
+__global__ void wo_reduce(const float* partial, const float* bias, unsigned short* out,
+                          int M, int N, int splits) {
+  wo_reduce_body<DT>(partial, bias, out, M, N, splits);
+}
+
+// Launch geometry the host reads once: warps per block, 16-byte chunk words.
+extern "C" __global__ void wo_layout(long long* out) {
+  out[0] = WO_WARPS;
+  out[1] = WO_CHUNK_WORDS;
+}

@@ -1,0 +1,63 @@
+"""The CUDA weight-only GEMV's pure rules: M tiles, shapes it takes, split-K.
+
+The kernel itself runs only on a GPU (tests/gpu/test_kernels_weight_only.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tpquant.kernels import cuda_weight_only as cw
+
+
+@pytest.mark.parametrize("m", range(1, cw.MAX_M + 1))
+def test_m_tile_is_the_smallest_compiled_tile_that_holds_m(m: int) -> None:
+    tile = cw.m_tile(m)
+    assert tile in cw.M_TILES and tile >= m
+    assert all(t < m for t in cw.M_TILES if t < tile)
+
+
+def test_m_past_the_largest_tile_is_refused() -> None:
+    with pytest.raises(ValueError, match="M <= 16"):
+        cw.m_tile(cw.MAX_M + 1)
+
+
+@pytest.mark.parametrize(
+    "m, k, bits, group, ok",
+    [
+        (1, 4096, 4, 0, True),
+        (16, 4096, 8, 0, True),
+        (17, 4096, 4, 0, False),  # M past the tiles
+        (1, 4080, 4, 0, False),  # K not a whole number of 32-code chunks
+        (1, 4080, 8, 0, True),  # int8 chunks are 16 codes
+        (1, 4104, 8, 0, False),
+        (4, 4096, 4, 128, True),
+        (4, 4096, 4, 32, True),
+        (4, 4096, 4, 48, False),  # a chunk would straddle two groups
+    ],
+)
+def test_supports(m: int, k: int, bits: int, group: int, ok: bool) -> None:
+    assert cw.supports(m, k, bits, group) is ok
+
+
+@pytest.mark.parametrize("n", [64, 1024, 4096, 22016, 57344])
+@pytest.mark.parametrize("k", [1024, 4096, 11008, 28672])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("tile", [1, 16])
+def test_split_k_covers_k_with_a_chunk_per_lane(n: int, k: int, bits: int, tile: int) -> None:
+    """Every chunk is in exactly one split, splits are within bounds, and each split gives
+    every lane of a warp at least one chunk when K allows more than one split."""
+    chunks = k // cw.chunk_elems(bits)
+    splits, per_split = cw.split_k(n, k, bits, tile, sm_count=132)
+    assert 1 <= splits <= cw.MAX_SPLITS
+    assert (splits - 1) * per_split < chunks <= splits * per_split
+    if splits > 1:
+        assert per_split >= 32
+    warps = -(-n // cw.rows_per_warp(tile)) * splits
+    if splits < min(cw.MAX_SPLITS, chunks // 32):
+        assert warps >= cw.WARPS_PER_SM * 132  # stopped splitting only once the SMs are full
+
+
+def test_mode_names_the_kernel_variant() -> None:
+    assert [cw.mode(8, 0, False), cw.mode(4, 0, False), cw.mode(4, 128, True),
+            cw.mode(4, 128, False)] == [0, 1, 2, 3]

@@ -1,0 +1,180 @@
+"""The weight-only GEMV for small M in CUDA C++ (cpp/weight_only_gemv.cu), launched through CuPy.
+
+y[M, N] = x[M, K] @ W^T (+ bias) for int8 / int4 per channel and groupwise int4 (zeros or
+symmetric, optional pre-quant scale), float16 / bfloat16 x, M <= MAX_M, in the stored layouts
+of `tpquant.kernels.weight_only` (no repacking). The .cu file's header explains the numerics:
+codes become paired half-precision values with one mask and one fma per pair (no int->float
+conversion), which is what keeps the kernel at the memory's speed where the Triton gemv spent
+its time unpacking.
+
+The source compiles at first use, one module per (dtype, scheme, pre-quant scale) holding
+every M tile; kernels run on torch's current stream (CUDA-graph capturable; the only
+allocation is the split-K partial buffer, through torch).
+
+Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
+group size a multiple of 32. Alignment rules (`aligned`): 16-byte aligned, contiguous tensors.
+`tpquant.kernels.triton_weight_only` dispatches here (path "cuda").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tpquant.kernels.cupy_launch import launch
+
+SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "weight_only_gemv.cu"
+M_TILES = (1, 2, 4, 8, 16)  # compiled M sizes; M is rounded up to one of them
+MAX_M = M_TILES[-1]
+WARPS = 4  # WO_WARPS in the .cu
+CHUNK_BYTES = 16  # weight bytes a lane reads per row per step
+MIN_GROUP = 32  # a chunk (32 int4 codes) must lie in one group
+# Split-K only where the rows alone leave the SMs nearly idle (fewer than WARPS_PER_SM warps
+# each): at every Llama shape measured one split was the fastest or within 2% of it (the
+# partials' write and the second kernel cost more than the extra warps gain), at most
+# MAX_SPLITS splits, each with at least one chunk per lane.
+WARPS_PER_SM = 4
+MAX_SPLITS = 16
+_REDUCE_THREADS = 256
+_DT = {torch.float16: 0, torch.bfloat16: 1}
+
+_MODULES: dict[tuple, tuple[dict[int, Any], Any]] = {}
+
+
+def available() -> bool:
+    """Whether CuPy (which compiles and launches the kernel) is installed."""
+    return importlib.util.find_spec("cupy") is not None
+
+
+def mode(bits: int, group: int, has_zeros: bool) -> int:
+    """The .cu's MODE: 0 int8 per channel, 1 int4 per channel, 2 groupwise zeros, 3 symmetric."""
+    if not group:
+        return 0 if bits == 8 else 1
+    return 2 if has_zeros else 3
+
+
+def chunk_elems(bits: int) -> int:
+    return CHUNK_BYTES * 8 // bits
+
+
+def m_tile(m: int) -> int:
+    """The compiled M size that runs m rows (the smallest tile >= m)."""
+    for tile in M_TILES:
+        if m <= tile:
+            return tile
+    raise ValueError(f"the CUDA GEMV takes M <= {MAX_M}, got {m}")
+
+
+def rows_per_warp(tile: int) -> int:
+    """Output rows per warp. Measured (sweep of 1, 2, 4 rows): at M = 1, 2 rows (more warps in
+    flight) beat 4 by 10%; at M = 2 and 4, 4 rows (each x load shared by more rows) beat 2 by
+    7-15%. Tiles of 8 and 16 take 2 to stay in registers."""
+    return 2 if tile == 1 or tile >= 8 else 4
+
+
+def supports(m: int, k: int, bits: int, group: int) -> bool:
+    """Whether the kernel takes this shape (pure; alignment is `aligned`'s business)."""
+    return 1 <= m <= MAX_M and k % chunk_elems(bits) == 0 and group % MIN_GROUP == 0
+
+
+def aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor is contiguous and starts on a 16-byte boundary."""
+    return all(t is None or (t.is_contiguous() and t.data_ptr() % 16 == 0) for t in tensors)
+
+
+def split_k(n: int, k: int, bits: int, tile: int, sm_count: int,
+            rows: int | None = None) -> tuple[int, int]:
+    """(splits, chunks per split) for an [N, K] weight: enough warps for the SMs."""
+    chunks = k // chunk_elems(bits)
+    row_warps = -(-n // (rows or rows_per_warp(tile)))
+    want = -(-WARPS_PER_SM * sm_count // row_warps)
+    splits = max(1, min(want, MAX_SPLITS, chunks // 32))
+    per_split = -(-chunks // splits)
+    return -(-chunks // per_split), per_split
+
+
+def gemv(
+    x2: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zeros: torch.Tensor | None,
+    pqs: torch.Tensor | None,
+    bits: int,
+    group: int,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    splits: int | None = None,
+    rows: int | None = None,
+) -> None:
+    """out[M, N] = x2[M, K] @ W^T (+ bias); the caller has checked shapes, `supports` and
+    `aligned`. splits: force the number of K splits; rows: force the output rows per warp
+    (1, 2 or 4; benchmarks)."""
+    m, k = x2.shape
+    n = qweight.shape[0]
+    tile = m_tile(m)
+    functions, reduce = _kernels(x2.device, x2.dtype, mode(bits, group, zeros is not None),
+                                 pqs is not None, rows)
+    rows = rows or rows_per_warp(tile)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        splits, per_split = split_k(n, k, bits, tile, sms, rows)
+    else:
+        chunks = k // chunk_elems(bits)
+        per_split = -(-chunks // max(1, min(splits, chunks)))
+        splits = -(-chunks // per_split)
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()  # added in float32, before the output's rounding
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if splits > 1 else None
+    target = out if partial is None else partial
+    ptr = _ptr
+    args = (
+        ptr(x2), ptr(qweight), ptr(scale), ptr(zeros), ptr(pqs),
+        ptr(bias if partial is None else None), ptr(target),
+        np.int32(m), np.int32(n), np.int32(k), np.int32(group or 1), np.int32(per_split),
+        np.int32(partial is not None),
+    )
+    grid = (-(-n // (WARPS * rows)), splits)
+    launch(functions[tile], grid, (WARPS * 32,), args, x2.device)
+    if partial is not None:
+        blocks = min(-(-m * n // _REDUCE_THREADS), 1024)
+        launch(reduce, (blocks,), (_REDUCE_THREADS,),
+               (ptr(partial), ptr(bias), ptr(out), np.int32(m), np.int32(n), np.int32(splits)),
+               x2.device)
+
+
+def _ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
+             rows: int | None = None):
+    """({M tile: kernel}, split-K reduce kernel) of one module, compiled at first use."""
+    key = (device.index, _DT[dtype], mode_, pqs, rows)
+    if key not in _MODULES:
+        import cupy
+
+        if not SOURCE.is_file():
+            raise FileNotFoundError(
+                f"{SOURCE} not found: tpquant's CUDA sources come with a source checkout "
+                "(pip install -e .)"
+            )
+        dt = _DT[dtype]
+        def name(tile: int) -> str:
+            r = rows or rows_per_warp(tile)
+            return f"wo_gemv<{dt}, {mode_}, {str(pqs).lower()}, {tile}, {r}>"
+
+        names = {tile: name(tile) for tile in M_TILES}
+        reduce_name = f"wo_reduce<{dt}>"
+        with cupy.cuda.Device(device.index):
+            module = cupy.RawModule(
+                code=SOURCE.read_text(), options=("-std=c++17",),
+                name_expressions=[*names.values(), reduce_name],
+            )
+            functions = {tile: module.get_function(name) for tile, name in names.items()}
+            _MODULES[key] = (functions, module.get_function(reduce_name))
+    return _MODULES[key]
