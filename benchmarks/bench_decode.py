@@ -44,8 +44,9 @@ import torch
 from tpquant.collectives import Communicator, make_communicator
 from tpquant.layers.linear import ShardedLinear
 from tpquant.models.config import LlamaConfig
-from tpquant.models.llama import Llama, LlamaSchemes, rope_inv_freq
+from tpquant.models.llama import Llama, LlamaSchemes, default_down_rotation, rope_inv_freq
 from tpquant.parallel.mapping import Mapping
+from tpquant.quantization.mode import QuantMode
 
 BF16 = torch.bfloat16
 PROMPT = 512
@@ -143,7 +144,10 @@ def random_model(config: LlamaConfig, scheme: str, mapping: Mapping, comm: Commu
                  device: torch.device, group_size: int, seed: int = 0) -> Llama:
     """This rank's model with random weights, every linear quantized from a random float shard
     in this rank's shard shape, on the GPU."""
-    schemes = LlamaSchemes.from_name(scheme, BF16, group_size)
+    # as tpquant.build makes them: W8A8 modes rotate down_proj's input (its cost included)
+    rotation = default_down_rotation(QuantMode.from_name(scheme), config.intermediate_size,
+                                     mapping.tp_size)
+    schemes = LlamaSchemes.from_name(scheme, BF16, group_size, down_rotation=rotation)
     with torch.device("meta"):  # no host copy of the embedding or norms
         model = Llama(config, mapping, comm, schemes, BF16)
     model = model.to_empty(device=device)

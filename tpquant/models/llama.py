@@ -282,9 +282,10 @@ class MLP(nn.Module):
                     f"down_proj's Hadamard block {self.down_rotation} does not divide this "
                     f"rank's {self.local_intermediate} intermediate features (tp={mapping.tp_size})"
                 )
-            # not in the state dict: a constant of the block size, which the engine records
-            self.register_buffer("down_hadamard", hadamard(self.down_rotation).float(),
-                                 persistent=False)
+            # not in the state dict: a constant of the block size, which the engine records;
+            # in the activations' dtype, so rotating is one matmul
+            self.register_buffer("down_hadamard", hadamard(self.down_rotation).to(
+                schemes.down.dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.local_intermediate, dim=-1)  # [B, T, I/tp] each

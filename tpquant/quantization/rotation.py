@@ -50,11 +50,12 @@ def rotate_weight(weight: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def rotate_activation(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x[..., n] -> x H for H = blockdiag(h, ...), h [b, b]; float32 math, x's dtype back."""
+    """x[..., n] -> x H for H = blockdiag(h, ...), h [b, b] in x's dtype: one matmul (float32
+    accumulation on GPUs), no casts. Every entry of h is +-1/sqrt(b), so rounding h to x's
+    dtype scales the whole rotation by one factor within 2^-9 of 1 (1e-4 at b = 128)."""
     b = h.shape[0]
     _check_divides(b, x.shape[-1])
-    y = x.float().unflatten(-1, (x.shape[-1] // b, b)) @ h.float()
-    return y.flatten(-2).to(x.dtype)
+    return (x.unflatten(-1, (x.shape[-1] // b, b)) @ h.to(x.dtype)).flatten(-2)
 
 
 def _check_divides(b: int, n: int) -> None:
