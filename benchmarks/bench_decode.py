@@ -47,6 +47,7 @@ from tpquant.models.config import LlamaConfig
 from tpquant.models.llama import Llama, LlamaSchemes, default_down_rotation, rope_inv_freq
 from tpquant.parallel.mapping import Mapping
 from tpquant.quantization.mode import QuantMode
+from tpquant.quantization.rotation import hadamard
 
 BF16 = torch.bfloat16
 PROMPT = 512
@@ -157,7 +158,10 @@ def random_model(config: LlamaConfig, scheme: str, mapping: Mapping, comm: Commu
         if name.endswith("norm.weight"):
             p.fill_(1.0)
     inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-    model.inv_freq.copy_(inv_freq)  # to_empty left it uninitialized
+    model.inv_freq.copy_(inv_freq)  # to_empty left it (and the Hadamard blocks) uninitialized
+    for layer in model.layers:
+        if layer.mlp.down_rotation:
+            layer.mlp.down_hadamard.copy_(hadamard(layer.mlp.down_rotation))
     tp = mapping.tp_size
     for module in model.modules():
         if not isinstance(module, ShardedLinear):

@@ -174,6 +174,27 @@ def test_cuda_path(device, name: str, dtype: torch.dtype, m: int, splits: int) -
     _check(y, _reference(name, t, x, bias), dtype, ("cuda", name, m, splits))
 
 
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_cuda_path_long_k(device, name: str, dtype: torch.dtype, m: int) -> None:
+    """K = 4096: every lane sums several chunks (int4: 4, int8: 8) before the lanes meet,
+    at the row-per-warp counts the dispatch uses (2 at M = 1, 4 at M = 2 and 4)."""
+    pytest.importorskip("cupy", reason="the CUDA GEMV is compiled and launched through CuPy")
+    scheme, k, n = SCHEMES[name][0], 4096, 96
+    g = torch.Generator().manual_seed(_seed("cuda-long", name, dtype, m))
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
+    if isinstance(scheme, Groupwise) and scheme.pre_quant_scale:
+        t = scheme.quantize(w, pre_quant_scale=torch.rand(k, generator=g).add(0.5))
+    else:
+        t = scheme.quantize(w)
+    t = {key: v.to(device) for key, v in t.items()}
+    x = (torch.randn(m, k, generator=g) + 1).to(device=device, dtype=dtype)  # a mean, as after SiLU
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    y = _launch(name, t, x, None, path="cuda", out=out)
+    _check(y, _reference(name, t, x, None), dtype, ("cuda long K", name, m))
+
+
 def test_cuda_path_refuses_what_it_cannot_take(device) -> None:
     t = _tensors("wo4", device, 3)  # K = 328: not whole 32-code chunks
     x, _ = _inputs("wo4", 2, torch.float16, device, 4)

@@ -295,6 +295,21 @@ def test_unknown_format_version_in_rank_file(engine3) -> None:
     open_rank_file(engine_dir, 0, 3).close()
 
 
+def test_version_1_files_are_still_read(engine3) -> None:
+    """Format 2 only added quant_options["down_rotation"] (absent: not rotated), so files and
+    configs of version 1 load; an older tpquant refuses version 2 (it reads only 1)."""
+    engine_dir, metas, tensors = engine3[0], engine3[1], engine3[2]
+    md = {**metas[1].to_metadata(), "format_version": "1"}
+    save_file({k: v.contiguous().clone() for k, v in tensors[1].items()},
+              engine_dir / "rank1.engine", metadata=md)
+    _record(engine_dir, metas[0], 3)
+    _edit_config(engine_dir, format_version=1)
+    assert read_engine_config(engine_dir).format_version == 1
+    with open_rank_file(engine_dir, 1, 3) as f:
+        assert f.meta.format_version == 1
+    assert FORMAT_VERSION == 2
+
+
 def test_rank_file_swapped(engine3) -> None:
     engine_dir = engine3[0]
     shutil.copyfile(engine_dir / "rank0.engine", engine_dir / "rank1.engine")

@@ -559,9 +559,12 @@ worst = 0.0
 for dtype, B, T, NH, hd, row in [
     (torch.float32, 2, 3, 12, 64, 18), (torch.float16, 1, 1, 40, 128, 48),
     (torch.bfloat16, 3, 2, 5, 16, 5), (torch.float32, 2, 4, 3, 12, 4),
+    (torch.float32, 3, 1, 4, 16, 4),
 ]:
     full = torch.randn(B, T, row * hd, generator=g).to(dtype)
     x = full[..., : NH * hd].view(B, T, NH, hd)
+    if T == 1:  # batch and token strides that do not nest (a transposed [T, B] tensor)
+        x = torch.randn(T, B, NH, hd, generator=g).to(dtype).transpose(0, 1)
     ang = torch.rand(B, T, hd // 2, generator=g) * 6.3
     got = apply_rope(x, ang.cos(), ang.sin()).double()
     want = apply_rope_reference(x.double(), ang.cos().double(), ang.sin().double())

@@ -72,3 +72,5 @@ def test_only_w8a8_modes_rotate() -> None:
     assert default_down_rotation(QuantMode.from_name("w8a8_token_channel"), 11008, 4) == 64
     for name in ("fp16", "int8_wo", "int4_gw"):
         assert default_down_rotation(QuantMode.from_name(name), 1536, 1) == 0
+    # an odd slice has no block above 1: not rotated rather than a 1 x 1 "rotation"
+    assert default_down_rotation(QuantMode.from_name("w8a8_tensor"), 3 * 101, 3) == 0

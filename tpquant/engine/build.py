@@ -110,8 +110,6 @@ class BuildSpec:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint"}
         if not self.gptq:
             del fields["gptq"]  # engines built before the option keep their keys
-        if QuantMode.from_name(self.quant).has_act_and_weight_quant():
-            fields["down_rotation"] = "hadamard"  # W8A8 engines built before it are rebuilt
         calib = ("calib_text", "calib_tokens", "smooth_alpha")
         if self.needs_calibration():
             fields["calib_text"] = hashlib.sha256(Path(self.calib_text).read_bytes()).hexdigest()

@@ -5,7 +5,7 @@
     E/rank{r}.engine    safetensors: rank r's tensors, and in its metadata the same common
                         fields plus `rank` and the packing layout of each tensor
 
-Every safetensors metadata value is JSON (`format_version` "1", `quant` "\\"int4_gw\\"", ...).
+Every safetensors metadata value is JSON (`format_version` "2", `quant` "\\"int4_gw\\"", ...).
 Reading is memory-mapped and lazy: `open_rank_file` parses the header, checks it against
 config.json and the job, and hands out tensors as views of a private (copy-on-write) mapping
 of the file, so only pages that are touched are read and in-place changes never reach the
@@ -70,7 +70,11 @@ __all__ = [
     "write_rank_file",
 ]
 
-FORMAT_VERSION = 1
+# 2: W8A8 engines record down_proj's Hadamard block in quant_options["down_rotation"]; a
+# tpquant that reads only 1 would run their rotated weights unrotated, so it must refuse them.
+# Version 1 files (no rotation anywhere) are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "config.json"
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit; guards against garbage lengths
 
@@ -220,9 +224,10 @@ class EngineMeta:
 
 
 def _check_version(version: Any, source: str) -> None:
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise FormatVersionError(
-            f"{source} has format version {version!r}, this tpquant reads {FORMAT_VERSION}; "
+            f"{source} has format version {version!r}, this tpquant reads {FORMAT_VERSION} "
+            f"(and {', '.join(str(v) for v in READABLE_VERSIONS if v != FORMAT_VERSION)}); "
             "rebuild the engine with this tpquant (or use the tpquant that built it)"
         )
 

@@ -18,6 +18,7 @@ group size a multiple of 32. Alignment rules (`aligned`): 16-byte aligned, conti
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ _DT = {torch.float16: 0, torch.bfloat16: 1}
 _MODULES: dict[tuple, tuple[dict[int, Any], Any]] = {}
 
 
+@functools.cache
 def available() -> bool:
     """Whether CuPy (which compiles and launches the kernel) is installed."""
     return importlib.util.find_spec("cupy") is not None

@@ -8,7 +8,7 @@ in x's dtype. q and k go through together: they are adjacent in the fused qkv ou
 
 Layout: x [B, T, NH, hd] whose rows (b, t) are evenly strided and whose heads are contiguous
 (a slice of the qkv output, or anything contiguous); cos / sin float32 [B, T, hd/2]. Other
-layouts are made contiguous first.
+layouts are made contiguous first; tensors past 2^31 elements (32-bit offsets) take torch.
 """
 
 from __future__ import annotations
@@ -44,16 +44,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = hd // 2
     if hd % 2 or cos.shape != (B, T, half) or sin.shape != cos.shape:
         raise ValueError(f"RoPE: x {tuple(x.shape)} and cos/sin {tuple(cos.shape)} do not fit")
-    rows_even = x.stride(0) == T * x.stride(1) or B == 1
-    if not (rows_even and x.stride(2) == hd and x.stride(3) == 1):
+    # token (b, t) sits at row b * T + t, `row_stride` apart: the batch and token strides must
+    # nest (with one token per row, the batch stride alone)
+    row_stride = x.stride(0) if T == 1 else x.stride(1)
+    nested = T == 1 or B == 1 or x.stride(0) == T * x.stride(1)
+    if not (nested and x.stride(2) == hd and x.stride(3) == 1):
         x = x.contiguous()
+        row_stride = NH * hd
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     out = torch.empty(B, T, NH, hd, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
+    if B * T * max(row_stride, NH * hd) >= 2**31:  # the kernel's offsets are 32-bit
+        from tpquant.models.llama import apply_rope_reference
+
+        return apply_rope_reference(x, cos, sin)
     block_h = min(triton.next_power_of_2(NH), _MAX_BLOCK_H)
     _rope_kernel[(B * T, triton.cdiv(NH, block_h))](
-        x, cos, sin, out, NH, x.stride(1), NH * hd,
+        x, cos, sin, out, NH, row_stride, NH * hd,
         HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_H=block_h,
     )
     return out

@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tpquant.kernels import cuda_weight_only
+
 PATH_ENV = "TPQUANT_WO_PATH"
 CUDA, GEMV, DOT, DEQUANT, REFERENCE, AUTO = "cuda", "gemv", "dot", "dequant", "reference", "auto"
 KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
@@ -100,8 +102,6 @@ def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool =
     Pure: a function of the shape and the scheme only, thresholds from the constants above.
     cuda=False leaves the CUDA GEMV out (no CuPy, or tensors it cannot read).
     """
-    from tpquant.kernels import cuda_weight_only
-
     if cuda and m <= CUDA_MAX_M and cuda_weight_only.supports(m, k, bits, group_size):
         return CUDA
     if group_size and group_size % MIN_BLOCK_K:
@@ -659,8 +659,6 @@ def _matmul(
     if chosen in (AUTO, REFERENCE):  # REFERENCE is the caller's business; here it means auto
         chosen = choose_path(m, n, k, wt.bits, wt.group, cuda=cuda_ok)
     if chosen == CUDA:
-        from tpquant.kernels import cuda_weight_only
-
         if not (cuda_ok and cuda_weight_only.supports(m, k, wt.bits, wt.group)):
             raise ValueError(
                 f"path 'cuda' takes M <= {cuda_weight_only.MAX_M}, K a multiple of "
@@ -808,8 +806,6 @@ def _dequant_linear(
 def _cuda_takes(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None) -> bool:
     """Whether the CUDA GEMV can read these tensors (shape rules aside): CuPy present,
     CUDA tensors, float32 scales / zeros / pqs, 16-byte aligned and contiguous."""
-    from tpquant.kernels import cuda_weight_only
-
     floats = [t for t in (wt.scale, wt.zeros, wt.pqs) if t is not None]
     return (
         x2.is_cuda

@@ -122,7 +122,8 @@ def default_down_rotation(mode: QuantMode, intermediate_size: int, tp: int) -> i
     if not mode.has_act_and_weight_quant():
         return 0
     check_divisible("intermediate_size", intermediate_size, tp)
-    return rotation_block(intermediate_size // tp)
+    block = rotation_block(intermediate_size // tp)
+    return block if block > 1 else 0  # an odd slice: a block of 1 would rotate nothing
 
 
 # -- rotary position embedding -------------------------------------------------------------
