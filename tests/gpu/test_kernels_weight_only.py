@@ -57,8 +57,11 @@ def device() -> torch.device:
     return dev
 
 
-def _tensors(name: str, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+def _tensors(name: str, device: torch.device, seed: int,
+             shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """The scheme's tensors of a random weight [N, K] (SCHEMES' shape unless given)."""
     scheme, n, k = SCHEMES[name]
+    n, k = shape or (n, k)
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
     if isinstance(scheme, Groupwise) and scheme.pre_quant_scale:
@@ -158,14 +161,9 @@ CUDA_N = 203
 def test_cuda_path(device, name: str, dtype: torch.dtype, m: int, splits: int) -> None:
     """The CUDA GEMV (cpp/weight_only_gemv.cu): every scheme, M tile and a split-K of 3."""
     pytest.importorskip("cupy", reason="the CUDA GEMV is compiled and launched through CuPy")
-    scheme, k = SCHEMES[name][0], CUDA_K[name]
-    g = torch.Generator().manual_seed(_seed("cuda", name, dtype, m, splits))
-    w = torch.randn(CUDA_N, k, generator=g) * torch.rand(CUDA_N, 1, generator=g).add(0.1)
-    if isinstance(scheme, Groupwise) and scheme.pre_quant_scale:
-        t = scheme.quantize(w, pre_quant_scale=torch.rand(k, generator=g).add(0.5))
-    else:
-        t = scheme.quantize(w)
-    t = {key: v.to(device) for key, v in t.items()}
+    k, seed = CUDA_K[name], _seed("cuda", name, dtype, m, splits)
+    t = _tensors(name, device, seed, (CUDA_N, k))
+    g = torch.Generator().manual_seed(seed + 1)
     # Activations of a few hundred, as in real layers, and a bias in bfloat16 runs.
     x = (torch.randn(m, k, generator=g) * 100).to(device=device, dtype=dtype)
     bias = torch.randn(CUDA_N, generator=g).to(device) if dtype == torch.bfloat16 else None
@@ -181,14 +179,9 @@ def test_cuda_path_long_k(device, name: str, dtype: torch.dtype, m: int) -> None
     """K = 4096: every lane sums several chunks (int4: 4, int8: 8) before the lanes meet,
     at the row-per-warp counts the dispatch uses (2 at M = 1, 4 at M = 2 and 4)."""
     pytest.importorskip("cupy", reason="the CUDA GEMV is compiled and launched through CuPy")
-    scheme, k, n = SCHEMES[name][0], 4096, 96
-    g = torch.Generator().manual_seed(_seed("cuda-long", name, dtype, m))
-    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
-    if isinstance(scheme, Groupwise) and scheme.pre_quant_scale:
-        t = scheme.quantize(w, pre_quant_scale=torch.rand(k, generator=g).add(0.5))
-    else:
-        t = scheme.quantize(w)
-    t = {key: v.to(device) for key, v in t.items()}
+    n, k, seed = 96, 4096, _seed("cuda-long", name, dtype, m)
+    t = _tensors(name, device, seed, (n, k))
+    g = torch.Generator().manual_seed(seed + 1)
     x = (torch.randn(m, k, generator=g) + 1).to(device=device, dtype=dtype)  # a mean, as after SiLU
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     y = _launch(name, t, x, None, path="cuda", out=out)
