@@ -35,6 +35,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from plotting import pyplot  # benchmarks/, on sys.path when run as a script
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from tpquant.collectives import NcclCommunicator  # noqa: E402
@@ -253,13 +255,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def plot(rows: list[dict], n: int, dtype: str, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     for p in PATHS:

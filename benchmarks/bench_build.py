@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from plotting import pyplot  # benchmarks/, on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = str(ROOT / "launch" / "mpirun.sh")
 WAYS = ("sequential", "mpirun")  # the first is the baseline
@@ -124,13 +126,8 @@ def print_table(tp: int, results: list[dict]) -> None:
 
 
 def plot(path: Path, tp: int, results: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [f"{r['quant']}\n{r['dtype']}" for r in results]

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from plotting import pyplot  # benchmarks/, on sys.path when run as a script
+
 from tpquant.collectives import Communicator, make_communicator
 from tpquant.layers.linear import ShardedLinear
 from tpquant.models.config import LlamaConfig
@@ -441,13 +443,8 @@ def merge(out: Path) -> int:
 
 
 def plot(results: dict[int, dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     models = sorted({row["model"] for r in results.values() for row in r["configs"]})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)

@@ -41,6 +41,8 @@ from typing import Callable
 
 import torch
 
+from plotting import pyplot  # benchmarks/, on sys.path when run as a script
+
 from tpquant.kernels import w8a8 as w8a8_kernels
 from tpquant.quantization.schemes import Groupwise, SmoothQuant, WeightOnly
 
@@ -415,12 +417,8 @@ def print_summary(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, per_m in result["geomean_speedup"].items():
