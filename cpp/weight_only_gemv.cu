@@ -27,8 +27,11 @@
 // through float32 instead: the byte becomes 2^23 + u with one byte-permute, one fma gives q/128.
 // Products x * q / OFF are summed in the paired type over one word (bfloat16: 4 products a
 // lane) or one chunk (float16: 16 products), then in float32. A group's zero enters through
-// the sum of x over the chunk: sum x (u - z) = OFF * (sum x q/OFF + (OFF - z) sum x / OFF),
-// so the codes need no per-group arithmetic. Scales multiply float32 sums.
+// the sum of x over the chunk: sum x (u - z) = OFF * (sum x q/OFF + (OFF - z)/OFF sum x),
+// so the codes need no per-group arithmetic. That sum of x is kept in float32: with a zero
+// far from OFF it is multiplied up and nearly cancels the first term, so half-precision
+// partial sums there cost up to 2-3x a bfloat16 rounding of the output (GPU test at
+// K = 4096). Scales multiply float32 sums.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -162,7 +165,7 @@ __device__ __forceinline__ void accumulate_chunk(
 
   u32 hacc[ROWS][MT];  // paired partial sums (float16: the chunk; bfloat16: one word)
   float dacc[GR][GM];  // groupwise: this chunk's float32 sums, before its scale
-  u32 xsum[ZM];        // zeros: sum of x / OFF over the chunk, paired
+  float xsum[ZM];      // zeros: sum of x over the chunk, in float32
 #pragma unroll
   for (int r = 0; r < ROWS; ++r)
 #pragma unroll
@@ -172,7 +175,7 @@ __device__ __forceinline__ void accumulate_chunk(
 #pragma unroll
     for (int m = 0; m < GM; ++m) dacc[r][m] = 0.f;
 #pragma unroll
-  for (int m = 0; m < ZM; ++m) xsum[m] = 0u;
+  for (int m = 0; m < ZM; ++m) xsum[m] = 0.f;
 
 #pragma unroll
   for (int j = 0; j < WO_CHUNK_WORDS; ++j) {
@@ -201,7 +204,7 @@ __device__ __forceinline__ void accumulate_chunk(
       }
       if constexpr (Md::ZEROS) {
 #pragma unroll
-        for (int i = 0; i < X_WORDS; ++i) xsum[m] = fma2<DT>(xw[i], inv2, xsum[m]);
+        for (int i = 0; i < X_WORDS; ++i) xsum[m] += hsum<DT>(xw[i]);
       }
 #pragma unroll
       for (int p = 0; p < Md::PAIRS; ++p) {
@@ -222,18 +225,18 @@ __device__ __forceinline__ void accumulate_chunk(
     }
   }
   if constexpr (Md::GROUPED) {
-    // sum x (u - z) s = OFF s (sum x q/OFF + (OFF - z) sum x/OFF); symmetric: z = OFF.
+    // sum x (u - z) s = OFF s (sum x q/OFF + (OFF - z)/OFF sum x); symmetric: z = OFF.
     const int g = k0 / group;
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int n = min(row0 + r, N - 1);
       const float s = __ldg(scale + (size_t)g * N + n) * Md::OFF;
       float zt = 0.f;
-      if constexpr (Md::ZEROS) zt = Md::OFF - __ldg(zeros + (size_t)g * N + n);
+      if constexpr (Md::ZEROS) zt = (Md::OFF - __ldg(zeros + (size_t)g * N + n)) / Md::OFF;
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         float d = dacc[r][m];
-        if constexpr (Md::ZEROS) d = fmaf(zt, hsum<DT>(xsum[m]), d);
+        if constexpr (Md::ZEROS) d = fmaf(zt, xsum[m], d);
         acc[r][m] = fmaf(s, d, acc[r][m]);
       }
     }

@@ -4,9 +4,12 @@
 #
 #   bash tests/gpu/run_on_device.sh STAGE...   with STAGE among
 #     kernels     the kernel tests (1 GPU)
+#     kernels_new the tests of what changed this session (TMA GEMM, decode ops, CUDA GEMV)
 #     wo          the CUDA weight-only GEMV's tests (1 GPU)
 #     wo_sweep    bench_wo_kernels: every path, then the CUDA GEMV's sweep (1 GPU)
 #     wo_table    bench_wo_kernels' table only: the dispatch against bf16 (1 GPU)
+#     wo_m        bench_wo_kernels: dot vs dequant + cuBLAS vs the dispatch, M = 8 to 1024
+#     w8a8_tma    bench_w8a8_gemm: the W8A8 GEMM's large-M tiles, with and without TMA
 #     allreduce   NCCL and custom all-reduce tests, and the layers over them (2 and 4 ranks)
 #     allreduce_blocks  custom all-reduce latency at 36, 48, 64 blocks per launch (2 ranks)
 #     failures    a rank that raises or is killed while others sit in NCCL / custom all-reduce
@@ -60,8 +63,13 @@ for stage in "${@:-kernels}"; do
 export -f mpi pyt
 case $stage in
 kernels)
-  step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
+  step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py tests/gpu/test_decode_ops_gpu.py
   step kernels_wo pyt tests/gpu/test_kernels_weight_only.py
+  ;;
+kernels_new)
+  # what changed in this session's kernels: TMA GEMM, decode ops, the CUDA GEMV's long K
+  step kernels_new pyt tests/gpu/test_kernels_w8a8.py tests/gpu/test_decode_ops_gpu.py \
+    tests/gpu/test_kernels_weight_only.py -k "tma or silu or norm or kv or cuda_path"
   ;;
 wo)
   # the CUDA weight-only GEMV's tests, the dispatch and a CUDA graph
@@ -79,6 +87,18 @@ wo_table)
   STEP_TIMEOUT=200 TAIL=22 step bench_wo_table python3 benchmarks/bench_wo_kernels.py \
     --shapes 7b-qkv-tp1,7b-o-tp1,7b-gate_up-tp1,7b-down-tp1,7b-down-tp2,70b-gate_up-tp4 \
     --ms 1,2,4,16 --paths auto,cuda,tinygemm --budget 150 --no-sweep
+  ;;
+wo_m)
+  # dot (autotuned, SPLIT_X among its configs) against dequant + cuBLAS and the dispatch,
+  # M = 8 to 1024: where each path wins
+  STEP_TIMEOUT=300 TAIL=40 step bench_wo_m python3 benchmarks/bench_wo_kernels.py \
+    --shapes 7b-qkv-tp1,7b-o-tp1,7b-down-tp1,70b-gate_up-tp4 --ms 8,16,32,64,128,256,512,1024 \
+    --paths auto,dot,dequant --budget 240 --no-sweep
+  ;;
+w8a8_tma)
+  # the W8A8 GEMM's large-M configs, pointer loads against TMA descriptors
+  STEP_TIMEOUT=200 TAIL=60 step bench_w8a8_gemm python3 benchmarks/bench_w8a8_gemm.py \
+    --ms 1024,4096 --shapes 7b
   ;;
 allreduce)
   for n in 2 4; do

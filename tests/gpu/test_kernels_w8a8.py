@@ -134,6 +134,30 @@ def test_gemm_int32_product_exact(device, m, n) -> None:
     assert _same(acc, expected)
 
 
+TMA_CONFIGS = [  # the TMA kernel's tiles (K = 4000: the last K block is partly past the edge)
+    triton_w8a8.GemmConfig(128, 256, 128, 8, 8, 3, True),
+    triton_w8a8.GemmConfig(128, 128, 128, 8, 4, 5, True),
+    triton_w8a8.GemmConfig(64, 128, 128, 8, 4, 4, True),
+]
+
+
+@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}x{c.block_k}")
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_tma_kernel(device, cfg, m, dtype) -> None:
+    """The TMA-descriptor kernel: int32 product exact, epilogue equal to the reference."""
+    n = NS[1]
+    qx, qw, sx, sw, bias = _gemm_case(m, n, dtype, True, True, True, 11 * m, device)
+    assert triton_w8a8._tma_ok(qx, qw)
+    acc = _poisoned((m, n), torch.int32, device)
+    triton_w8a8.w8a8_gemm(qx, None, qw, None, out_dtype=torch.int32, config=cfg, out=acc)
+    y = _poisoned((m, n), dtype, device)
+    triton_w8a8.w8a8_gemm(qx, sx, qw, sw, bias, dtype, config=cfg, out=y)
+    torch.cuda.synchronize()
+    assert _same(acc, w8a8.int8_matmul(qx, qw))
+    assert _same(y, w8a8.w8a8_matmul(qx, sx, qw, sw, bias, dtype, path="reference"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("per_token,per_channel", [(True, True), (False, True), (False, False)])

@@ -148,6 +148,46 @@ def test_each_path(device, name: str, path: str, dtype: torch.dtype, m: int) -> 
     _check(y, _reference(name, t, x, bias), dtype, (name, path, m))
 
 
+@pytest.mark.parametrize("variant", ["SWAP", "SPLIT_X", "SWAP+SPLIT_X"])
+@pytest.mark.parametrize("m", [3, 17, 64, 300])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_dot_variants(device, name: str, dtype: torch.dtype, m: int, variant: str) -> None:
+    """dot with swapped operands and/or x split into even and odd columns (int4)."""
+    seed = _seed(name, variant, dtype, m)
+    t = _tensors(name, device, seed)
+    x, bias = _inputs(name, m, dtype, device, seed + 1)
+    config = dict(_dot_config(m), **{flag: True for flag in variant.split("+")})
+    out = torch.full((m, SCHEMES[name][1]), float("nan"), dtype=dtype, device=device)
+    y = _launch(name, t, x, bias, path="dot", config=config, out=out)
+    _check(y, _reference(name, t, x, bias), dtype, (name, variant, m))
+
+
+def _tunable(name: str) -> list[int]:
+    """Indices of the DOT_CONFIGS the autotuner keeps for a scheme (tw._fits' scheme rules)."""
+    scheme = SCHEMES[name][0]
+    group, bits = getattr(scheme, "group_size", 0), getattr(scheme, "bits", 4)
+    return [i for i, c in enumerate(tw.DOT_CONFIGS)
+            if not (group % c.kwargs["BLOCK_K"] or (c.kwargs.get("SPLIT_X") and bits != 4))]
+
+
+@pytest.mark.parametrize("name,index", [
+    (name, i) for name in ("wo8", "wo4", "gw128-zeros-pqs") for i in _tunable(name)
+])
+def test_every_autotuned_dot_config(device, name: str, index: int) -> None:
+    """Each config the autotuner may pick, at an M of its bucket (bfloat16): a config that
+    computes wrongly would otherwise only show when it wins the tuning."""
+    cfg = tw.DOT_CONFIGS[index]
+    meta = dict(cfg.kwargs)
+    m = 2 * meta["BLOCK_M"] - 1
+    seed = _seed(name, index)
+    t = _tensors(name, device, seed)
+    x, bias = _inputs(name, m, torch.bfloat16, device, seed + 1)
+    config = dict(meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    y = _launch(name, t, x, bias, path="dot", config=config)
+    _check(y, _reference(name, t, x, bias), torch.bfloat16, (name, meta, m))
+
+
 # The CUDA GEMV takes K in whole 16-byte chunks (32 int4 / 16 int8 codes); N = 203 leaves a
 # partial group of output rows.
 CUDA_K = {"wo8": 336, "wo4": 352, "gw64-zeros": 320, "gw64-sym": 320, "gw128-zeros-pqs": 384}

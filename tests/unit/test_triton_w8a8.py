@@ -128,6 +128,8 @@ def _gemm_configs(tw) -> list:
     return [
         tw.gemm_config(1, 64, K), tw.gemm_config(1, decode_n, K),
         tw.MEDIUM_CONFIG, tw.LARGE_CONFIG, tw.LARGE_NARROW_CONFIG,
+        # the TMA kernel: a large tile, and one whose K block leaves a tail at K = 96
+        tw.LARGE_CONFIG._replace(tma=True), tw.GemmConfig(16, 32, 64, 1, 4, 2, tma=True),
     ]
 
 
@@ -143,6 +145,7 @@ def test_gemm_int32_exact_every_config(kernels, k) -> None:
     tw, _ = kernels
     for m in SHAPES_M:
         qx, qw, _ = _gemm_operands(m, k, seed=m + k)
+        assert tw._tma_ok(qx, qw)  # the tma configs below do take the TMA kernel
         expected = ref.int8_matmul(qx, qw)
         for cfg in _gemm_configs(tw):
             acc = _poisoned((m, N), torch.int32)
@@ -163,7 +166,7 @@ def test_gemm_epilogue_matches_reference(kernels, out_dtype, per_token, per_chan
         w_scale = w_scale if per_channel else w_scale[0]
         bias = torch.randn(N, generator=g).to(out_dtype) if with_bias else None
         expected = ref.w8a8_matmul(qx, x_scale, qw, w_scale, bias, out_dtype, path="reference")
-        for cfg in (tw.gemm_config(m, N, K), tw.LARGE_CONFIG):
+        for cfg in (tw.gemm_config(m, N, K), tw.LARGE_CONFIG, tw.LARGE_CONFIG._replace(tma=True)):
             y = _poisoned((m, N), out_dtype)
             tw.w8a8_gemm(qx, x_scale, qw, w_scale, bias, out_dtype, config=cfg, out=y)
             if out_dtype == torch.bfloat16:

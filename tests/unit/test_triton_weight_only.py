@@ -133,17 +133,21 @@ def test_kernel_matches_float64(tw, name: str, path: str, case: int) -> None:
     assert err <= TOL[dtype] * expected.abs().max().item() + 1e-6, (name, path, m, err)
 
 
+@pytest.mark.parametrize("flags", [("SWAP",), ("SPLIT_X",), ("SWAP", "SPLIT_X")], ids="+".join)
 @pytest.mark.parametrize("case", [0, 2])
 @pytest.mark.parametrize("name", list(SCHEMES))
-def test_dot_swapped_operands_match_float64(tw, name: str, case: int) -> None:
-    """The dot kernel with SWAP (y^T = W x^T, the small-M form) on the same cases."""
+def test_dot_variants_match_float64(tw, name: str, case: int, flags: tuple[str, ...]) -> None:
+    """The dot kernel's variants on the same cases: SWAP (y^T = W x^T, the small-M form) and
+    SPLIT_X (int4: x's even and odd columns against the low and high nibbles; int8 ignores
+    it)."""
     m, dtype, split_k, block_k, with_bias = CASES[case]
-    t = _quantized(name, seed=zlib.crc32(f"swap{name}{case}".encode()) % 1000)
+    t = _quantized(name, seed=zlib.crc32(f"{flags}{name}{case}".encode()) % 1000)
     g = torch.Generator().manual_seed(case + 10)
     x = torch.randn(m, K, generator=g).to(dtype)
     bias = torch.randn(N, generator=g) if with_bias else None
     group = getattr(SCHEMES[name], "group_size", block_k)
-    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(block_k, group), "SWAP": True}
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(block_k, group)}
+    config.update({flag: True for flag in flags})
     y = _run(tw, name, t, x, bias, "dot", config, split_k)
     expected = _reference(name, t, x, bias)
     assert torch.isfinite(y).all(), "an output element was never written"
@@ -181,7 +185,7 @@ def test_group_size_not_multiple_of_min_block_goes_to_dequant(tw) -> None:
 # ---- dispatch rules (pure functions of the real module) ------------------------------------
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 1024, 1025, 4096])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 64, 65, 128, 129, 1024, 4096])
 @pytest.mark.parametrize("cuda", [True, False])
 def test_choose_path_follows_thresholds(m: int, cuda: bool) -> None:
     """The CUDA GEMV up to CUDA_MAX_M when it may be used; else gemv only for per-channel
@@ -192,7 +196,7 @@ def test_choose_path_follows_thresholds(m: int, cuda: bool) -> None:
             assert got == real.CUDA
         elif m <= real.GEMV_MAX_M and (bits, group) == (4, 0):
             assert got == real.GEMV
-        elif m <= real.DOT_MAX_M:
+        elif m <= real.DOT_MAX_M[bits]:
             assert got == real.DOT
         else:
             assert got == real.DEQUANT
@@ -240,3 +244,16 @@ def test_m_bucket_is_a_power_of_two_at_least_m() -> None:
         b = real.m_bucket(m)
         assert b >= m and b & (b - 1) == 0 and b < 2 * m + 1
     assert triton.next_power_of_2(5000) > real.m_bucket(5000) == 4096
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256, 1024])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_split_k_partials_cost_at_most_the_weight(m: int, bits: int) -> None:
+    """With the cap, the float32 partials (written and read back) never move more bytes than
+    the weight, unless one split (no partials at all) is all that is left."""
+    n, k, sms = 4096, 11008, 132
+    bm, bn = real.nominal_tile(real.DOT, m)
+    assert 16 <= bm <= 64 and bm >= min(m, 16)
+    splits, _ = real.split_k_for(-(-m // bm) * -(-n // bn), k, sms, 1024,
+                                 real.partial_split_cap(m, k, bits))
+    assert splits == 1 or 8 * splits * m * n <= n * k * bits / 8

@@ -1,6 +1,6 @@
 """RMSNorm reference: float32 math whatever the input type, as the fused kernels do.
 
-`rms_norm` takes the Triton kernel (tpquant.kernels.triton_norm) on CUDA tensors in
+`rms_norm` and `add_rms_norm` take the Triton kernel (tpquant.kernels.triton_norm) on CUDA tensors in
 float16/bfloat16/float32, the reference otherwise; `path` forces one ("reference" or "triton").
 """
 
@@ -28,3 +28,19 @@ def rms_norm(
 
         return triton_norm.rms_norm(x, weight, eps)
     return rms_norm_f32(x, weight, eps).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
+    path: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, RMSNorm(s)) with s = x + delta in x's dtype: a residual add and the next norm, one
+    kernel on CUDA."""
+    from tpquant.kernels.w8a8 import TRITON, choose_path
+
+    if choose_path(path, x, delta, weight) == TRITON:
+        from tpquant.kernels import triton_norm
+
+        return triton_norm.add_rms_norm(x, delta, weight, eps)
+    s = x + delta
+    return s, rms_norm_f32(s, weight, eps).to(x.dtype)

@@ -1,4 +1,5 @@
-"""Triton kernels for RMSNorm, alone and fused with int8 quantization (the SmoothQuant RMSNorm).
+"""Triton kernels for RMSNorm, alone, after a residual add, and fused with int8 quantization
+(the SmoothQuant RMSNorm).
 
 Math as in tpquant.kernels.norm.rms_norm_f32, in float32: inv_rms = 1 / sqrt(mean(x^2) + eps)
 (correctly rounded sqrt and division), y = x * inv_rms * weight. The sum of squares runs in a
@@ -6,6 +7,10 @@ different order than torch's, so y may differ from the reference by a few float3
 fused quantizer then rounds y with the reference's exact rules (triton_w8a8.quantize_int8), so
 an int8 code can differ by one step only where y / scale is within those ulps of a rounding
 tie, and the per-token scale by the same few ulps.
+
+The residual form (`add_rms_norm`) writes s = x + delta rounded to x's dtype, exactly as torch's
+add, and normalizes that rounded s: the same numbers as an add followed by `rms_norm`, in one
+kernel instead of two (a decode step has two per layer).
 
 Launchers take CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; no host sync, so every
 launch is CUDA-graph capturable.
@@ -29,34 +34,52 @@ from tpquant.kernels.triton_w8a8 import (
 
 
 @triton.jit
-def _inv_rms(x_row, K, k_float, eps, BLOCK: tl.constexpr):
+def _row(x_row, d_row, offs, mask, HAS_DELTA: tl.constexpr):
+    """x (+ delta, rounded to x's dtype as torch's add rounds) at offs, as float32."""
+    v = tl.load(x_row + offs, mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(d_row + offs, mask=mask, other=0.0)
+        v = (v.to(tl.float32) + d.to(tl.float32)).to(v.dtype)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _inv_rms(x_row, d_row, s_row, K, k_float, eps, HAS_DELTA: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """1 / rms of the row; with a delta, the rounded sums are also stored to s_row."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
-        v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        v = _row(x_row, d_row, offs, offs < K, HAS_DELTA)
+        if HAS_DELTA:
+            tl.store(s_row + offs, v.to(s_row.dtype.element_ty), mask=offs < K)
         acc += v * v
     mean = tl.math.div_rn(tl.sum(acc, axis=0), k_float)
     return tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
 
 
 @triton.jit
-def _normed(x_row, w_ptr, offs, mask, inv_rms):
-    v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+def _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA: tl.constexpr):
+    v = _row(x_row, d_row, offs, mask, HAS_DELTA)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return v * inv_rms * w
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, w_ptr, y_ptr, K, stride_x, stride_y, k_float, eps, BLOCK: tl.constexpr
+    x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, K, stride_x, stride_d, stride_y, k_float, eps,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # With a delta the second pass recomputes x + delta (same rounding) rather than reading
+    # back s, which other threads of the program may have written.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
-    inv_rms = _inv_rms(x_row, K, k_float, eps, BLOCK)
+    d_row = d_ptr + row * stride_d
+    inv_rms = _inv_rms(x_row, d_row, s_ptr + row * stride_y, K, k_float, eps, HAS_DELTA, BLOCK)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         mask = offs < K
-        y = _normed(x_row, w_ptr, offs, mask, inv_rms)
+        y = _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA)
         tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -68,12 +91,13 @@ def _rms_norm_quantize_kernel(
     # Passes over the row (re-read from cache): sum of squares, amax of y (per token), codes.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
-    inv_rms = _inv_rms(x_row, K, k_float, eps, BLOCK)
+    inv_rms = _inv_rms(x_row, x_row, x_row, K, k_float, eps, False, BLOCK)
     if PER_TOKEN:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
-            amax = tl.maximum(amax, tl.abs(_normed(x_row, w_ptr, offs, offs < K, inv_rms)))
+            amax = tl.maximum(amax, tl.abs(_normed(x_row, x_row, w_ptr, offs, offs < K, inv_rms,
+                                                   False)))
         scale = int8_scale(tl.max(amax, axis=0))
         tl.store(scale_ptr + row, scale)
     else:
@@ -81,7 +105,7 @@ def _rms_norm_quantize_kernel(
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         mask = offs < K
-        y = _normed(x_row, w_ptr, offs, mask, inv_rms)
+        y = _normed(x_row, x_row, w_ptr, offs, mask, inv_rms, False)
         tl.store(q_ptr + row * stride_q + offs, quantize_int8(y, scale), mask=mask)
 
 
@@ -94,13 +118,37 @@ def rms_norm(
     rows, k = x2.shape
     w = check_vector(weight, k, x2, "weight")
     y = output(out, (rows, k), x.dtype, x2, "out")
+    _launch_norm(x2, None, w, y, None, eps)
+    return y.reshape(x.shape)
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, RMSNorm(s)) with s = x + delta in x's dtype; x, delta [..., K] of one shape."""
+    if delta.shape != x.shape or delta.dtype != x.dtype:
+        raise ValueError(
+            f"delta must match x: got {delta.dtype} {tuple(delta.shape)} for x {x.dtype} "
+            f"{tuple(x.shape)}"
+        )
+    x2, d2 = as_rows(x, "x"), as_rows(delta, "delta")
+    rows, k = x2.shape
+    w = check_vector(weight, k, x2, "weight")
+    s, y = (torch.empty((rows, k), dtype=x.dtype, device=x.device) for _ in range(2))
+    _launch_norm(x2, d2, w, y, s, eps)
+    return s.reshape(x.shape), y.reshape(x.shape)
+
+
+def _launch_norm(x2: torch.Tensor, d2: torch.Tensor | None, w: torch.Tensor, y: torch.Tensor,
+                 s: torch.Tensor | None, eps: float) -> None:
+    rows, k = x2.shape
     if rows:
         block, warps = row_block(k)
         _rms_norm_kernel[(rows,)](
-            x2, w, y, k, x2.stride(0), y.stride(0), float(k), float(eps), BLOCK=block,
-            num_warps=warps,
+            x2, x2 if d2 is None else d2, w, y, y if s is None else s, k, x2.stride(0),
+            x2.stride(0) if d2 is None else d2.stride(0), y.stride(0), float(k), float(eps),
+            HAS_DELTA=d2 is not None, BLOCK=block, num_warps=warps,
         )
-    return y.reshape(x.shape)
 
 
 def rms_norm_quantize(

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Smallest normal float32 (2^-126): the floor numerics.symmetric_scale clamps amax to.
 TINY = tl.constexpr(1.1754943508222875e-38)
@@ -205,16 +206,19 @@ class GemmConfig(NamedTuple):
     group_m: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # operands through TMA tensor descriptors (needs K % 16 == 0)
 
 
 # Tile shapes by M (tokens). Decode (M <= 16) is a weight-streaming GEMV: the smallest tensor
 # core tile on M and narrow N tiles, so that N / block_n programs keep every SM loading;
-# large M uses the 128 x 256 x 128 tile Hopper's int8 wgmma runs best with.
+# large M uses the 128 x 256 x 128 tile Hopper's int8 wgmma runs best with, its operands
+# fetched by TMA in 4 stages (benchmarks/bench_w8a8_gemm.py, H200, Llama-2-7B shapes at
+# M = 1024 / 4096: 1.51x / 1.55x bf16, against 1.32x for pointer loads in 3 stages).
 DECODE_MAX_M = 16
 MEDIUM_MAX_M = 256
 DECODE_BLOCK_K = 256
-LARGE_CONFIG = GemmConfig(128, 256, 128, 8, 8, 3)
-LARGE_NARROW_CONFIG = GemmConfig(128, 128, 128, 8, 8, 4)
+LARGE_CONFIG = GemmConfig(128, 256, 128, 8, 8, 4, tma=True)
+LARGE_NARROW_CONFIG = GemmConfig(128, 128, 128, 8, 8, 4, tma=True)
 MEDIUM_CONFIG = GemmConfig(64, 128, 128, 8, 4, 4)
 
 
@@ -230,6 +234,45 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = DEFAULT_SMS) -> GemmConfi
 
 
 @triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, in grouped order: GROUP_M row-tiles share each column
+    tile while it is in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % num_in_group) % group_size, (pid % num_in_group) // group_size
+
+
+@triton.jit
+def _store_tile(acc, c_ptr, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm,
+                X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                EPILOGUE: tl.constexpr):
+    """The int32 tile, or (EPILOGUE) float32(acc) * s_x * s_w + bias in the reference's order."""
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if EPILOGUE:
+        y = acc.to(tl.float32)
+        if X_PER_TOKEN:
+            y = y * tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+        else:
+            y = y * tl.load(sx_ptr)
+        if W_PER_CHANNEL:
+            y = y * tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        else:
+            y = y * tl.load(sw_ptr)
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(c_ptrs, acc, mask=mask)
+
+
+@triton.jit
 def _w8a8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K,
     stride_am, stride_bn, stride_cm,
@@ -239,16 +282,7 @@ def _w8a8_gemm_kernel(
 ):
     # C[M, N] = A[M, K] @ B[N, K]^T; A and B have unit stride along K (B is the weight as
     # stored, [out, in] row-major, which is the K-major layout int8 wgmma wants).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row-tiles share each column tile while it is in L2.
-    num_in_group = GROUP_M * num_pid_n
-    first_m = (pid // num_in_group) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % num_in_group) % group_size
-    pid_n = (pid % num_in_group) // group_size
-
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -267,27 +301,30 @@ def _w8a8_gemm_kernel(
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    _store_tile(acc, c_ptr, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm,
+                X_PER_TOKEN, W_PER_CHANNEL, HAS_BIAS, EPILOGUE)
 
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if EPILOGUE:
-        # The reference's order: float32(acc) * s_x * s_w + bias.
-        y = acc.to(tl.float32)
-        if X_PER_TOKEN:
-            y = y * tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
-        else:
-            y = y * tl.load(sx_ptr)
-        if W_PER_CHANNEL:
-            y = y * tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        else:
-            y = y * tl.load(sw_ptr)
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(c_ptrs, acc, mask=mask)
+
+@triton.jit
+def _w8a8_gemm_tma_kernel(
+    a_desc, b_desc, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, stride_cm,
+    X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # The same product with both operands fetched by the TMA unit (Hopper) through tensor
+    # descriptors: no address arithmetic or masks in the loop (blocks past an edge read as
+    # zeros), which leaves the warps to the int8 wgmma.
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, k0])
+        b = b_desc.load([pid_n * BLOCK_N, k0])
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _store_tile(acc, c_ptr, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm,
+                X_PER_TOKEN, W_PER_CHANNEL, HAS_BIAS, EPILOGUE)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -351,16 +388,30 @@ def w8a8_gemm(
     if m and n:
         cfg = config or gemm_config(m, n, k, _num_sms(a.device))
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _w8a8_gemm_kernel[grid](
-            a, b, c, sx, sw, a if bias is None else bias, m, n, k,
-            a.stride(0), b.stride(0), c.stride(0),
+        meta = dict(
             X_PER_TOKEN=not raw and sx.numel() == m and m > 1,
             W_PER_CHANNEL=not raw and sw.numel() == n and n > 1,
-            HAS_BIAS=bias is not None, EPILOGUE=not raw, EVEN_K=k % cfg.block_k == 0,
+            HAS_BIAS=bias is not None, EPILOGUE=not raw,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         )
+        if cfg.tma and _tma_ok(a, b):
+            _w8a8_gemm_tma_kernel[grid](
+                TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k]),
+                TensorDescriptor.from_tensor(b, [cfg.block_n, cfg.block_k]),
+                c, sx, sw, a if bias is None else bias, m, n, k, c.stride(0), **meta,
+            )
+        else:
+            _w8a8_gemm_kernel[grid](
+                a, b, c, sx, sw, a if bias is None else bias, m, n, k,
+                a.stride(0), b.stride(0), c.stride(0), EVEN_K=k % cfg.block_k == 0, **meta,
+            )
     return c.reshape(*qx.shape[:-1], n)
+
+
+def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address both operands: 16-byte aligned bases and rows."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (a, b))
 
 
 def _scale_vector(s: torch.Tensor, n: int, like: torch.Tensor, name: str) -> torch.Tensor:

@@ -71,9 +71,12 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
 # Llama-2-7B/70B shapes): M = 1 int4 1.3-2.3x, int8 1.0-1.6x (dot: 0.7-1.15x); M = 4 int4
 # 0.8-1.3x, a little ahead of dot's 0.74-1.13x; M = 16 0.2-0.3x (its CUDA-core FMAs and x
 # reads per row grow with M) against dot's 0.8-1.16x.
+# From M = 32 dot falls behind bf16 (0.6-0.9x) but stays ahead of dequant + cuBLAS up to
+# M = 64 (int4) and 128 (int8: 0.60x against 0.43x); dequant + cuBLAS from there
+# (bench_wo_kernels.py, stage wo_m, 2026-11-30: docs/benchmarks.md).
 CUDA_MAX_M = 4  # M <= this: the CUDA GEMV, where it takes the shape
 GEMV_MAX_M = 1  # M <= this: gemv
-DOT_MAX_M = 64  # GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
+DOT_MAX_M = {4: 64, 8: 128}  # by bits: GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
 # Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
 # MIN_K_PER_SPLIT input features each.
 PROGRAMS_PER_SM = 4
@@ -87,9 +90,6 @@ MIN_BLOCK_K = 32
 # [BLOCK_M, BLOCK_N, BLOCK_K / values per word] float32 accumulator within this many elements.
 GEMV_BLOCK_M = 4
 GEMV_TILE_ELEMENTS = 8192
-# Program counts the split-K heuristic assumes (the autotuner may pick other BLOCK_N).
-_NOMINAL_BLOCK_N = {GEMV: 32, DOT: 64}
-_NOMINAL_BLOCK_M = {GEMV: 1, DOT: 16}
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 # Whether this module's kernels were built for Triton's interpreter (decided at import).
@@ -108,7 +108,7 @@ def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool =
         return DEQUANT  # the fused kernels need whole BLOCK_Ks per group
     if m <= GEMV_MAX_M and bits == 4 and not group_size:
         return GEMV  # elsewhere dot is as fast or faster
-    if m <= DOT_MAX_M:
+    if m <= DOT_MAX_M[bits]:
         return DOT
     return DEQUANT
 
@@ -124,14 +124,29 @@ def forced_path(path: str | None = None) -> str:
     return chosen
 
 
-def split_k_for(tiles: int, k: int, sm_count: int, k_align: int = K_ALIGN) -> tuple[int, int]:
+def split_k_for(tiles: int, k: int, sm_count: int, k_align: int = K_ALIGN,
+                max_splits: int = MAX_SPLIT_K) -> tuple[int, int]:
     """(splits, K per split) so that tiles * splits reaches PROGRAMS_PER_SM * sm_count.
 
-    K per split is a multiple of k_align; splits = cdiv(k, K per split).
+    K per split is a multiple of k_align; splits = cdiv(k, K per split) <= max_splits.
     """
     want = triton.cdiv(PROGRAMS_PER_SM * sm_count, max(tiles, 1))
-    want = max(1, min(want, MAX_SPLIT_K, k // MIN_K_PER_SPLIT))
+    want = max(1, min(want, MAX_SPLIT_K, max_splits, k // MIN_K_PER_SPLIT))
     return _split(k, want, k_align)
+
+
+def partial_split_cap(m: int, k: int, bits: int) -> int:
+    """The most K splits whose float32 partials (written, then read: 8 * splits * M * N bytes)
+    cost no more traffic than the weight itself (N * K * bits / 8 bytes)."""
+    return max(1, k * bits // (64 * m))
+
+
+def nominal_tile(path: str, m: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) the split-K heuristic assumes for a path at M = m: the largest
+    BLOCK_M `_fits` allows for m's bucket, up to 64 (the autotuner may pick others)."""
+    if path == GEMV:
+        return min(triton.next_power_of_2(m), GEMV_BLOCK_M), 32
+    return min(max(16, m_bucket(m)), 64), 64
 
 
 def _split(k: int, want: int, k_align: int) -> tuple[int, int]:
@@ -296,6 +311,21 @@ def _wo_gemv_kernel(
     _store(y, out_ptr, b_ptr, offs_m, offs_n, rn, M, N, stride_split, HAS_BIAS, WRITE_PARTIAL)
 
 
+@triton.jit
+def _dot(w, xv, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
+    """x w^T as [BLOCK_M, BLOCK_N], or (SWAP) w x^T as [BLOCK_N, BLOCK_M], in float32."""
+    if DOT_F32:  # only under the interpreter, whose tl.dot mishandles bfloat16
+        if SWAP:
+            part = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)), input_precision="ieee")
+        else:
+            part = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    elif SWAP:
+        part = tl.dot(w, tl.trans(xv))
+    else:
+        part = tl.dot(xv, tl.trans(w))
+    return part
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])  # an autotuning key only; unused in the body
 def _wo_dot_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, p_ptr, b_ptr, out_ptr,
@@ -305,14 +335,15 @@ def _wo_dot_kernel(
     HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, ZP: tl.constexpr,
     OPERAND: tl.constexpr, OFFSET: tl.constexpr, DOT_F32: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP: tl.constexpr = False,
+    SWAP: tl.constexpr = False, SPLIT_X: tl.constexpr = False,
 ):
     """dot: y tile [BLOCK_M, BLOCK_N] over one K split with tl.dot on dequantized weights.
 
-    The weight operand is u + OFFSET in x's dtype (see `_operand`), int4 nibbles interleaved
-    back into k order (x is read contiguously); each block subtracts (OFFSET + zp) * sum_k x
-    from its product, then takes its group scale. SWAP computes y^T = W x^T instead (the
-    weight is the first tl.dot operand, the tiny x^T the second), for small M.
+    The weight operand is u + OFFSET in x's dtype (see `_operand`); int4 nibbles are either
+    interleaved back into k order, or (SPLIT_X) kept apart and met by x's even and odd
+    columns in two dots. Each block subtracts (OFFSET + zp) * sum_k x from its product, then
+    takes its group scale. SWAP computes y^T = W x^T instead (the weight is the first tl.dot
+    operand, the tiny x^T the second), for small M.
     """
     X_TYPE: tl.constexpr = x_ptr.dtype.element_ty
     PACK: tl.constexpr = 2 if BITS == 4 else 1
@@ -346,22 +377,19 @@ def _wo_dot_kernel(
         xv = xv.to(X_TYPE)
         if BITS == 8:
             u = wb.to(tl.uint8, bitcast=True) ^ 0x80  # q + 128
+            part = _dot(_operand(u, OPERAND, OFFSET, X_TYPE), xv, SWAP, DOT_F32)
         else:
             if not HAS_ZEROS:
                 wb = wb ^ 0x88  # both signed nibbles -> q + 8
-            u = tl.interleave(wb & 0xF, wb >> 4)  # [BLOCK_N, BLOCK_K]: k = 2j (low), 2j + 1
-        w = _operand(u, OPERAND, OFFSET, X_TYPE)
-        if DOT_F32:  # only under the interpreter, whose tl.dot mishandles bfloat16
-            if SWAP:
-                part = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)),
-                              input_precision="ieee")
+            if SPLIT_X:
+                # even k (low nibbles) and odd k (high) as two dots against x's even and odd
+                # columns: the small x tile is split instead of the weight tile interleaved
+                x_even, x_odd = tl.split(tl.reshape(xv, (BLOCK_M, KW, 2)))
+                part = _dot(_operand(wb & 0xF, OPERAND, OFFSET, X_TYPE), x_even, SWAP, DOT_F32)
+                part += _dot(_operand(wb >> 4, OPERAND, OFFSET, X_TYPE), x_odd, SWAP, DOT_F32)
             else:
-                part = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)),
-                              input_precision="ieee")
-        elif SWAP:
-            part = tl.dot(w, tl.trans(xv))
-        else:
-            part = tl.dot(xv, tl.trans(w))
+                u = tl.interleave(wb & 0xF, wb >> 4)  # [BLOCK_N, BLOCK_K]: k = 2j (low), 2j + 1
+                part = _dot(_operand(u, OPERAND, OFFSET, X_TYPE), xv, SWAP, DOT_F32)
 
         # part = sum_k x (u + OFFSET); the block's value is sum_k x (u - zp).
         if HAS_ZEROS or CORR != 0:
@@ -468,11 +496,13 @@ def _dequant_kernel(
 # Autotuning: a modest list per path, pruned to what fits the call (M bucket, group size).
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool = False
-         ) -> triton.Config:
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool = False,
+         split_x: bool = False) -> triton.Config:
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
     if swap:
         meta["SWAP"] = True
+    if split_x:
+        meta["SPLIT_X"] = True
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
@@ -487,6 +517,8 @@ GEMV_CONFIGS = [  # BLOCK_M comes from the call; small BLOCK_K for small groups
     _cfg(1, 128, 32, 4, 3),
 ]
 
+# SPLIT_X configs (int4 only; pruned for int8) let the autotuner choose per shape between
+# interleaving the weight tile and splitting the x tile.
 DOT_CONFIGS = [
     # small M (split-K decode / short prefill)
     _cfg(16, 32, 256, 4, 3),
@@ -499,26 +531,38 @@ DOT_CONFIGS = [
     _cfg(16, 64, 256, 4, 3, swap=True),
     _cfg(16, 128, 128, 4, 3, swap=True),
     _cfg(16, 128, 256, 8, 3, swap=True),
+    _cfg(16, 64, 256, 4, 3, swap=True, split_x=True),
+    _cfg(16, 128, 128, 4, 3, swap=True, split_x=True),
+    _cfg(16, 128, 256, 8, 3, swap=True, split_x=True),
     # medium M
     _cfg(32, 64, 128, 4, 4),
     _cfg(64, 64, 128, 4, 4),
     _cfg(64, 128, 64, 4, 4),
     _cfg(64, 128, 128, 8, 3),
+    _cfg(32, 128, 128, 4, 4, swap=True),
+    _cfg(64, 128, 128, 8, 3, swap=True),
+    _cfg(32, 128, 128, 4, 4, swap=True, split_x=True),
+    _cfg(64, 128, 128, 8, 3, swap=True, split_x=True),
+    _cfg(64, 128, 128, 8, 3, split_x=True),
     # large M
     _cfg(128, 128, 64, 8, 3),
     _cfg(128, 128, 128, 8, 3),
     _cfg(128, 256, 64, 8, 3),
     _cfg(128, 64, 64, 4, 4),
+    _cfg(128, 128, 64, 8, 3, split_x=True),
+    _cfg(128, 256, 64, 8, 3, split_x=True),
+    _cfg(128, 128, 128, 8, 3, swap=True, split_x=True),
 ]
 
 
 def _fits(cfg: Mapping[str, int], gemv_block_m: int | None, m_bucket_: int, group: int,
-          k_per_split: int, per: int) -> bool:
+          k_per_split: int, per: int, bits: int = 4) -> bool:
     """Whether a config suits the call: its BLOCK_K divides the group and the split-K chunk;
-    gemv: its [BLOCK_M, BLOCK_N, BLOCK_K / per] accumulator stays within GEMV_TILE_ELEMENTS;
-    dot: its BLOCK_M is at most the M bucket (16 at least) and at least half of it (up to 64)."""
+    SPLIT_X only for int4; gemv: its [BLOCK_M, BLOCK_N, BLOCK_K / per] accumulator stays
+    within GEMV_TILE_ELEMENTS; dot: its BLOCK_M is at most the M bucket (16 at least) and at
+    least half of it (up to 64)."""
     bk, bm = cfg["BLOCK_K"], cfg["BLOCK_M"]
-    if k_per_split % bk or (group and group % bk):
+    if k_per_split % bk or (group and group % bk) or (cfg.get("SPLIT_X") and bits != 4):
         return False
     if gemv_block_m is not None:
         return gemv_block_m * cfg["BLOCK_N"] * (bk // per) <= GEMV_TILE_ELEMENTS
@@ -531,7 +575,8 @@ def _prune(configs, named_args, **kwargs):
     per = 32 // kwargs["BITS"]  # gemv: values per 32-bit word
     fits = [
         c for c in configs
-        if _fits(c.kwargs, gemv_block_m, named_args["M_BUCKET"], kwargs["GROUP"], kps, per)
+        if _fits(c.kwargs, gemv_block_m, named_args["M_BUCKET"], kwargs["GROUP"], kps, per,
+                 kwargs["BITS"])
     ]
     if gemv_block_m is None:
         return fits
@@ -713,11 +758,10 @@ def _fused(
     if split_k is not None:
         splits, per_split = _split(k, split_k, align)
     elif x2.is_cuda:
-        tiles = triton.cdiv(m, gemv_block_m or _NOMINAL_BLOCK_M[name]) * triton.cdiv(
-            n, _NOMINAL_BLOCK_N[name]
-        )
+        bm, bn = nominal_tile(name, m)
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-        splits, per_split = split_k_for(tiles, k, sms, align)
+        splits, per_split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, sms, align,
+                                        partial_split_cap(m, k, wt.bits))
     else:
         splits, per_split = 1, triton.cdiv(k, align) * align
 

@@ -20,10 +20,9 @@ any call with path="reference" (or $TPQUANT_WO_PATH=reference), runs the referen
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
+from tpquant.kernels import has_triton
 from tpquant.quantization.packing import unpack_int4
 
 
@@ -141,7 +140,7 @@ def _use_triton(x: torch.Tensor, path: str | None) -> bool:
     and the path (argument, else $TPQUANT_WO_PATH) not "reference"."""
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
         return False
-    if importlib.util.find_spec("triton") is None:
+    if not has_triton():
         return False
     from tpquant.kernels.triton_weight_only import REFERENCE, forced_path
 

@@ -1,17 +1,18 @@
 """Attention of one new token per row over the KV cache, with fixed shapes (CUDA-graph safe).
 
-    q [B, H, hd] (this rank's query heads), cache [max_batch, max_seq, Hkv, hd], lengths [B]
-    -> out [B, H, hd];  row b attends to cache positions 0 .. lengths[b]-1,
-    query head h to KV head h // (H / Hkv).
+    q [B, H, hd] (this rank's query heads), cache [max_batch, max_seq, Hkv, hd], positions [B]
+    -> out [B, H, hd];  row b's query is at positions[b] and attends to cache positions
+    0 .. positions[b] (its own key included), query head h to KV head h // (H / Hkv).
 
-Shapes never depend on the lengths (a device tensor), so one decode step captures once per
-batch size and replays at every position.
+Shapes never depend on the positions (a device tensor), so one decode step captures once per
+batch size and replays at every position. The kernel reads the step's positions as they are
+(no `positions + 1` kernel per layer).
 
 Two implementations, chosen by device:
 - `decode_attention_reference`: masked SDPA over the whole max_seq cache, in torch. The CPU
   path and the test oracle.
 - `decode_attention_triton`: split-K ("flash-decoding"). Program (b, kv head, split) reads only
-  its share of positions 0 .. lengths[b]-1, for every query head of the group at once (one
+  its share of positions 0 .. positions[b], for every query head of the group at once (one
   tl.dot, the group padded to 16 rows), keeping a running max and sum; a second kernel then
   combines the splits with their log-sum-exp weights. An INT8 cache is dequantized in registers with the
   same per-(position, head) scales as `KVCache.read`.
@@ -33,35 +34,35 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-def decode_attention(q: torch.Tensor, cache: KVCache, lengths: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
     """The Triton kernel on CUDA tensors, the torch reference otherwise."""
     if q.is_cuda and triton is not None:
-        return decode_attention_triton(q, cache, lengths)
-    return decode_attention_reference(q, cache, lengths)
+        return decode_attention_triton(q, cache, positions)
+    return decode_attention_reference(q, cache, positions)
 
 
 def decode_attention_reference(
-    q: torch.Tensor, cache: KVCache, lengths: torch.Tensor
+    q: torch.Tensor, cache: KVCache, positions: torch.Tensor
 ) -> torch.Tensor:
     """Masked SDPA over all max_seq positions; q's dtype in, q's dtype out."""
-    B, H, hd = _check(q, cache, lengths)
+    B, H, hd = _check(q, cache, positions)
     k, v = cache.read(B, cache.max_seq)  # [B, S, Hkv, hd]
     k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, S, hd]
     group = H // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    seen = torch.arange(cache.max_seq, device=q.device) < lengths[:, None]  # [B, S]
+    seen = torch.arange(cache.max_seq, device=q.device) <= positions[:, None]  # [B, S]
     y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=seen[:, None, None])
     return y[:, :, 0]  # [B, H, hd]
 
 
-def _check(q: torch.Tensor, cache: KVCache, lengths: torch.Tensor) -> tuple[int, int, int]:
+def _check(q: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> tuple[int, int, int]:
     B, H, hd = q.shape
     Hkv = cache.k.shape[2]
-    if hd != cache.k.shape[3] or H % Hkv or B > cache.max_batch or lengths.shape != (B,):
+    if hd != cache.k.shape[3] or H % Hkv or B > cache.max_batch or positions.shape != (B,):
         raise ValueError(
             f"decode attention: q {tuple(q.shape)}, cache {tuple(cache.k.shape)}, "
-            f"lengths {tuple(lengths.shape)} do not fit together"
+            f"positions {tuple(positions.shape)} do not fit together"
         )
     return B, H, hd
 
@@ -79,12 +80,12 @@ def num_splits(batch: int, kv_heads: int, max_seq: int) -> int:
 
 
 def decode_attention_triton(
-    q: torch.Tensor, cache: KVCache, lengths: torch.Tensor
+    q: torch.Tensor, cache: KVCache, positions: torch.Tensor
 ) -> torch.Tensor:
     """Split-K decode attention (see the module docstring); q's dtype in and out."""
     if triton is None:
         raise RuntimeError("decode_attention_triton needs Triton")
-    B, H, hd = _check(q, cache, lengths)
+    B, H, hd = _check(q, cache, positions)
     Hkv = cache.k.shape[2]
     group = H // Hkv
     if hd & (hd - 1) or hd < 16:
@@ -98,8 +99,8 @@ def decode_attention_triton(
     k_scale = cache.k_scale if cache.int8 else cache.k  # unused when not INT8
     v_scale = cache.v_scale if cache.int8 else cache.v
     _decode_split_kernel[(B, Hkv, splits)](
-        q, cache.k, cache.v, k_scale, v_scale, lengths, acc, m, l,
-        q.stride(0), q.stride(1),
+        q, cache.k, cache.v, k_scale, v_scale, positions, acc, m, l,
+        q.stride(0), q.stride(1), positions.stride(0),
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
         k_scale.stride(0), k_scale.stride(1),
         1.0 / math.sqrt(hd), splits,
@@ -116,8 +117,8 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, KS, VS, LENS, ACC, M, L,
-        stride_qb, stride_qh,
+        Q, K, V, KS, VS, POS, ACC, M, L,
+        stride_qb, stride_qh, stride_pos,
         stride_kb, stride_ks, stride_kh,
         stride_sb, stride_ss,
         sm_scale, n_splits,
@@ -127,7 +128,7 @@ if triton is not None:
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        length = tl.load(LENS + b).to(tl.int32)
+        length = tl.load(POS + b * stride_pos).to(tl.int32) + 1  # positions 0 .. pos
         # this split's positions: an equal share of the row's length, in whole blocks
         chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
         start = split * chunk

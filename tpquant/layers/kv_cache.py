@@ -8,8 +8,9 @@ over the head's hd values (`tpquant.quantization.numerics`, the one place for th
 every cached vector is within scale / 2 per element of its float value. Attention reads
 dequantized values (`read`; the decode kernel dequantizes the same way in registers).
 
-Writes go through `index_copy_` on the flattened [max_batch * max_seq] axis: positions are a
-device tensor and nothing syncs with the host, so a write can be captured in a CUDA graph.
+Writes go through `index_copy_` on the flattened [max_batch * max_seq] axis, or, for a float
+cache on CUDA, one Triton kernel that does the same (`tpquant.kernels.triton_kv`): positions
+are a device tensor and nothing syncs with the host, so a write can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tpquant.kernels import has_triton
 from tpquant.quantization.numerics import INT8_MAX, quantize_symmetric, symmetric_scale
 
 
@@ -64,6 +66,10 @@ class KVCache(nn.Module):
     def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [B, T, Hkv, hd] of rows 0..B-1 at positions pos [B, T]."""
         B, T = pos.shape
+        if not self.int8 and self.k.is_cuda and has_triton():
+            from tpquant.kernels.triton_kv import write_kv
+
+            return write_kv(self.k, self.v, pos, k, v)
         rows = torch.arange(B, device=pos.device)[:, None]  # [B, 1]
         flat = (rows * self.max_seq + pos).reshape(B * T)  # index into [max_batch * max_seq]
         for cache, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):

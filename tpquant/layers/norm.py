@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tpquant.kernels import w8a8
-from tpquant.kernels.norm import rms_norm
+from tpquant.kernels.norm import add_rms_norm, rms_norm
 
 
 class RmsNorm(nn.Module):
@@ -17,6 +17,15 @@ class RmsNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(
+        self, x: torch.Tensor, delta: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, norm(s)) with s = x + delta (x when delta is None): the residual add before a
+        pre-norm block, fused with the norm."""
+        if delta is None:
+            return x, self(x)
+        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 class SmoothQuantRmsNorm(RmsNorm):

@@ -25,8 +25,6 @@ the padding's cache entries before any query could attend to them. Callers pass 
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
@@ -36,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpquant.collectives import Communicator
+from tpquant.kernels import has_triton
+from tpquant.kernels.activation import silu_mul
 from tpquant.layers.column import ColumnLinear
 from tpquant.layers.decode_attention import decode_attention
 from tpquant.layers.kv_cache import KVCache
@@ -167,16 +167,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate x [B, T, H, hd] by cos/sin [B, T, hd/2], Hugging Face "rotate halves" layout:
     pair i is (x[i], x[i + hd/2]). float32 math, result in x's dtype. On CUDA one Triton
     kernel does it (`tpquant.kernels.triton_rope`), here torch does."""
-    if x.is_cuda and _has_triton():
+    if x.is_cuda and has_triton():
         from tpquant.kernels import triton_rope
 
         return triton_rope.apply_rope(x, cos, sin)
     return apply_rope_reference(x, cos, sin)
-
-
-@functools.cache
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -241,7 +236,7 @@ class Attention(nn.Module):
         v = qkv[..., (H + Hkv) * hd :].view(B, T, Hkv, hd)
         self.kv_cache.write(pos, k, v)
         if mask is None and T == 1:
-            y = decode_attention(q[:, 0], self.kv_cache, pos[:, 0] + 1)  # [B, H, hd]
+            y = decode_attention(q[:, 0], self.kv_cache, pos[:, 0])  # [B, H, hd]
             return self.o_proj(y.reshape(B, 1, H * hd))  # all-reduced: [B, 1, D]
         if mask is not None:
             k, v = self.kv_cache.read(B, mask.shape[-1])  # [B, S, Hkv, hd]
@@ -289,15 +284,18 @@ class MLP(nn.Module):
                 schemes.down.dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.local_intermediate, dim=-1)  # [B, T, I/tp] each
-        h = F.silu(gate) * up
+        h = silu_mul(self.gate_up(x))  # [B, T, I/tp]: the local [gate | up] halves
         if self.down_rotation:
             h = rotate_activation(h, self.down_hadamard)
         return self.down(h)  # all-reduced: [B, T, D]
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm residual block: h = x + attn(norm(x)), then h + mlp(norm(h)).
+
+    The residual stream comes in as (x, delta) and goes out as (h, mlp output), the last add
+    left to the next block: each add runs fused with the norm after it (one kernel on CUDA).
+    """
 
     def __init__(
         self,
@@ -317,13 +315,15 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, T, D]
+        delta: torch.Tensor | None,  # [B, T, D] still to be added to x, or None
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), pos, cos, sin, mask)
-        return h + self.mlp(self.ffn_norm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, normed = self.attention_norm.add_forward(x, delta)
+        h, normed = self.ffn_norm.add_forward(x, self.attention(normed, pos, cos, sin, mask))
+        return h, self.mlp(normed)
 
 
 class Embedding(nn.Module):
@@ -447,25 +447,31 @@ class Llama(nn.Module):
             # Attend over cached positions [0, S) with S = the last position + 1.
             S = int(pos.max()) + 1
             mask = (torch.arange(S, device=pos.device) <= pos[..., None])[:, None]  # [B, 1, T, S]
-        x = self._layers(tokens, pos, mask)  # [B, T, D]
+        x, delta = self._layers(tokens, pos, mask)  # [B, T, D] each
         if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, D]
-        logits = self.lm_head(self.norm(x))[..., : self.config.vocab_size]  # gathered: [B, T, V]
+            rows = torch.arange(B, device=x.device)
+            x, delta = x[rows, logits_at][:, None], delta[rows, logits_at][:, None]  # [B, 1, D]
+        x = self.norm.add_forward(x, delta)[1]
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # gathered: [B, T, V]
         return logits if logits_at is None else logits[:, 0]
 
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One new token per row: tokens [B] at positions pos [B] (device tensors) -> logits
         [B, V]. Nothing here reads a device value on the host, so it can be captured in a
         CUDA graph; the caller keeps pos < max_seq (it cannot be checked without a sync)."""
-        x = self._layers(tokens[:, None], pos[:, None], None)  # [B, 1, D]
-        return self.lm_head(self.norm(x))[:, 0, : self.config.vocab_size]  # [B, V]
+        x = self.norm.add_forward(*self._layers(tokens[:, None], pos[:, None], None))[1]
+        return self.lm_head(x)[:, 0, : self.config.vocab_size]  # [B, V]
 
-    def _layers(self, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None):
+    def _layers(
+        self, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual stream after the last layer as (x, delta): x + delta, the add left
+        to the final norm (see DecoderLayer)."""
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, T, hd/2]
-        x = self.embed(tokens)  # [B, T, D]
+        x, delta = self.embed(tokens), None  # [B, T, D]
         for layer in self.layers:
-            x = layer(x, pos, cos, sin, mask)
-        return x
+            x, delta = layer(x, delta, pos, cos, sin, mask)
+        return x, delta
 
 
 # -- checkpoint -> model --------------------------------------------------------------------

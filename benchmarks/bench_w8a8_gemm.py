@@ -1,0 +1,112 @@
+"""The W8A8 GEMM's tile configurations at large M, with and without TMA, against bf16.
+
+    python benchmarks/bench_w8a8_gemm.py [--ms 1024,4096] [--shapes 7b]
+
+A micro-benchmark for tpquant.kernels.triton_w8a8.gemm_config (bench_gemm.py measures the
+schemes end to end). For each Llama linear shape (Llama-2-7B at TP 1; --shapes 70b adds
+Llama-2-70B at TP 4) and M: torch's bf16 matmul, then the int8 GEMM with its fused
+per-token x per-channel epilogue (bf16 out) under each candidate config (pointer loads or
+TMA descriptors), and the chosen config with the per-token activation quantization included.
+Median of CUDA-graph replays (bench_gemm.time_graph), the same run's bf16 as the baseline.
+Output: a table on stdout and $OUT/bench_w8a8_gemm.json ($OUT defaults to /tmp/out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gemm import MODELS, copies, estimate_seconds, linear_shapes, time_graph  # noqa: E402
+
+from tpquant.kernels import triton_w8a8 as tw  # noqa: E402
+from tpquant.kernels import w8a8  # noqa: E402
+
+G = tw.GemmConfig
+CANDIDATES = {  # name: config (block_m, block_n, block_k, group_m, warps, stages, tma)
+    "ptr 128x256x128 s3": G(128, 256, 128, 8, 8, 3),
+    "ptr 128x128x128 s4": G(128, 128, 128, 8, 8, 4),
+    "tma 128x256x128 s3": G(128, 256, 128, 8, 8, 3, True),
+    "tma 128x256x128 s4 (LARGE_CONFIG)": tw.LARGE_CONFIG,
+    "tma 128x128x128 s4 (LARGE_NARROW)": tw.LARGE_NARROW_CONFIG,
+    "tma 128x128x128 s5 w4": G(128, 128, 128, 8, 4, 5, True),
+    "tma 256x128x128 s3": G(256, 128, 128, 8, 8, 3, True),
+    "tma 128x256x64 s5": G(128, 256, 64, 8, 8, 5, True),
+}
+
+
+def median_seconds(calls, replays: int = 5) -> float:
+    reps = min(50, max(3, math.ceil(2e-3 / estimate_seconds(calls[0]))))
+    return time_graph(calls, reps, replays)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", default="1024,4096")
+    p.add_argument("--shapes", default="7b", help="7b, or 7b,70b")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_w8a8_gemm needs a CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device())
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    shapes = linear_shapes(MODELS[0], 1)
+    if "70b" in args.shapes:
+        shapes += linear_shapes(MODELS[2], 4)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    print(f"{'shape':<22} {'M':>5} {'variant':<30} {'us':>9} {'TOP/s':>7} {'x bf16':>7}")
+    for shape in shapes:
+        w = torch.randn(shape.n, shape.k, generator=gen, device=device, dtype=torch.bfloat16)
+        qw = torch.randint(-127, 128, (shape.n, shape.k), generator=gen, device=device,
+                           dtype=torch.int8)
+        sw = torch.rand(shape.n, generator=gen, device=device) * 1e-3
+        bf16_sets = [t["w"] for t in copies({"w": w}, l2)]
+        q_sets = [t["w"] for t in copies({"w": qw}, l2)]
+        for m in [int(v) for v in args.ms.split(",")]:
+            x = torch.randn(m, shape.k, generator=gen, device=device, dtype=torch.bfloat16)
+            qx, sx = w8a8.quantize_per_token(x)
+            base = median_seconds([lambda b=b: x @ b.t() for b in bf16_sets])
+            timed = {"bf16": base}
+            for name, cfg in CANDIDATES.items():
+                try:
+                    timed[name] = median_seconds([
+                        lambda q=q, cfg=cfg: tw.w8a8_gemm(qx, sx, q, sw, None, torch.bfloat16,
+                                                          config=cfg) for q in q_sets])
+                except Exception as exc:  # noqa: BLE001 - report, go on
+                    torch.cuda.synchronize()
+                    print(f"# {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            timed["auto + per-token quantization"] = median_seconds([
+                lambda q=q: tw.w8a8_gemm(*w8a8.quantize_per_token(x), q, sw, None, torch.bfloat16)
+                for q in q_sets])
+            for name, sec in timed.items():
+                row = dict(model=shape.model, tp=shape.tp, layer=shape.layer, n=shape.n,
+                           k=shape.k, m=m, variant=name, us=sec * 1e6,
+                           tops=2 * m * shape.n * shape.k / sec / 1e12, speedup=base / sec)
+                rows.append(row)
+                print(f"{shape.model + ' tp' + str(shape.tp) + ' ' + shape.layer:<22} {m:>5} "
+                      f"{name:<30} {row['us']:>9.1f} {row['tops']:>7.0f} {row['speedup']:>7.2f}")
+        del bf16_sets, q_sets
+        torch.cuda.empty_cache()
+    by: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        by.setdefault((r["variant"], r["m"]), []).append(r["speedup"])
+    print("# geomean speed-up over bf16 across shapes")
+    geo = {f"{v} @ M={m}": statistics.geometric_mean(s) for (v, m), s in by.items()}
+    for key, val in geo.items():
+        print(f"{key:<48} {val:6.2f}")
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_w8a8_gemm.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(device), "rows": rows, "geomean": geo}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The decode step's fused Triton kernels in Triton's interpreter (CPU tensors): the residual
+add + RMSNorm, SwiGLU's silu(gate) * up and the float KV-cache write, each against torch.
+
+Allowed differences, stated once:
+- add + RMSNorm: the sum s = x + delta equals torch's add (bfloat16 within one ulp: the
+  interpreter converts float32 to bfloat16 by truncation, compiled Triton rounds to nearest
+  even); the norm of s is within one output ulp (+ 1e-6 relative, the sum of squares' order)
+  of the float64 norm of that s;
+- silu * up: within eps(dtype) relative of the float64 product (two roundings, as torch's
+  two kernels round; bfloat16 2 eps, the interpreter's two truncations), 2e-6 for float32;
+- the KV write: bit for bit (a copy), and nothing outside the written positions changes.
+Outputs are poisoned (NaN) before each call where the launcher takes one.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from tpquant.kernels import norm as norm_ref
+from tpquant.layers.kv_cache import KVCache
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+EPS = 1e-5
+_MODULES = (
+    "tpquant.kernels.triton_w8a8",
+    "tpquant.kernels.triton_norm",
+    "tpquant.kernels.triton_activation",
+    "tpquant.kernels.triton_kv",
+)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    pytest.importorskip("triton")
+    from triton_interpreter import interpreted  # tests/unit, beside this file
+
+    with interpreted(*_MODULES) as (_, tn, ta, tk):
+        interp = sys.modules["triton.runtime.interpreter"]
+        assert isinstance(tk._kv_write_kernel, interp.InterpretedFunction)
+        yield tn, ta, tk
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ulp_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, extra: float = 0.0):
+    bound = (torch.finfo(dtype).eps + extra) * want.double().abs() + torch.finfo(dtype).tiny
+    err = (got.double() - want.double()).abs()
+    assert not got.isnan().any() and (err <= bound).all(), (err / bound).max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,k", [(1, 96), (3, 200), (17, 64), (2, 5000)])
+def test_add_rms_norm(kernels, dtype, rows, k) -> None:
+    """k = 5000 spans two blocks of the row loop (the second pass recomputes the sum)."""
+    tn, _, _ = kernels
+    g = _gen(rows * 7 + k)
+    x = (torch.randn(rows, k, generator=g) * 3).to(dtype)
+    delta = torch.randn(rows, 2 * k, generator=g).to(dtype)[:, ::2]  # strided rows and columns
+    w = (0.5 + torch.rand(k, generator=g)).to(dtype)
+    s, y = tn.add_rms_norm(x, delta.contiguous(), w, EPS)
+    s_ref = x + delta
+    if dtype == torch.bfloat16:
+        _ulp_close(s, s_ref, dtype)
+    else:
+        assert torch.equal(s, s_ref)
+    _ulp_close(y, norm_ref.rms_norm_f32(s.double(), w.double(), EPS), dtype, 1e-6)
+    # the dispatcher's torch path gives the same pair, the unfused add then norm
+    s2, y2 = norm_ref.add_rms_norm(x, delta, w, EPS, path="reference")
+    assert torch.equal(s2, s_ref)
+    assert torch.equal(y2, norm_ref.rms_norm(s_ref, w, EPS, path="reference"))
+
+
+def test_add_rms_norm_rejects_mismatched_delta(kernels) -> None:
+    tn, _, _ = kernels
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="delta must match x"):
+        tn.add_rms_norm(x, torch.randn(2, 9), torch.ones(8), EPS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,i", [((1, 1), 1376), ((3, 2), 100), ((5,), 2048)])
+def test_silu_mul(kernels, dtype, shape, i) -> None:
+    """i = 1376: a partial second block; rows strided (a slice of a wider output)."""
+    _, ta, _ = kernels
+    g = _gen(i)
+    wide = (torch.randn(*shape, 2 * i + 8, generator=g) * 4).to(dtype)
+    gate_up = wide[..., : 2 * i]
+    out = torch.full((wide[..., 0].numel(), i), float("nan"), dtype=dtype)
+    y = ta.silu_mul(gate_up, out=out)
+    assert y.shape == (*shape, i) and y.data_ptr() == out.data_ptr()
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    extra = {torch.float32: 2e-6, torch.bfloat16: torch.finfo(dtype).eps}.get(dtype, 0.0)
+    _ulp_close(y, want, dtype, extra)
+
+
+def test_silu_mul_reference_path() -> None:
+    """The dispatcher's torch path is torch's two ops on the two halves."""
+    from tpquant.kernels.activation import silu_mul
+
+    x = torch.randn(3, 10, generator=_gen(1))
+    want = torch.nn.functional.silu(x[:, :5]) * x[:, 5:]
+    assert torch.equal(silu_mul(x, path="reference"), want)
+    with pytest.raises(ValueError, match="even number"):
+        silu_mul(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("cache_dtype,src_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float32, torch.float32),
+], ids=str)
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (2, 5)])
+def test_kv_write(kernels, cache_dtype, src_dtype, B, T) -> None:
+    """Against KVCache.write's index_copy_ path: k and v as slices of one fused qkv row, pos
+    a strided view, rows 0..B-1 of a larger cache."""
+    _, _, tk = kernels
+    MB, S, Hkv, hd, H = 4, 12, 3, 16, 6
+    g = _gen(B * 10 + T)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * hd, generator=g).to(src_dtype)
+    k = qkv[..., H * hd: (H + Hkv) * hd].view(B, T, Hkv, hd)
+    v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd)
+    pos = torch.stack([torch.randperm(S, generator=g)[:T] for _ in range(B)])  # distinct per row
+    pos = torch.cat([pos, pos], dim=1)[:, ::2]  # strided
+    ref, got = (KVCache(MB, S, Hkv, hd, cache_dtype) for _ in range(2))
+    for c in (ref, got):
+        c.k.normal_(generator=_gen(5))
+        c.v.normal_(generator=_gen(6))
+    ref.write(pos, k, v)  # CPU: the index_copy_ path
+    tk.write_kv(got.k, got.v, pos, k, v)
+    assert torch.equal(got.k, ref.k) and torch.equal(got.v, ref.v)
+
+
+def test_kv_write_rejects_bad_shapes(kernels) -> None:
+    _, _, tk = kernels
+    c = KVCache(2, 8, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        tk.write_kv(c.k, c.v, torch.zeros(3, 1, dtype=torch.long), torch.randn(3, 1, 2, 16),
+                    torch.randn(3, 1, 2, 16))
