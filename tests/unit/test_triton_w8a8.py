@@ -247,3 +247,14 @@ def test_rms_norm_quantize(kernels, dtype, static) -> None:
         q_ref, scale_ref = ref.rms_norm_quantize(x, w, EPS, static_scale, path="reference")
         assert scale.shape == scale_ref.shape
         _assert_codes_near(q, scale.expand(m, 1), y_ref, q_ref, scale_ref.expand(m, 1))
+
+
+def test_gemm_config_by_shape(kernels) -> None:
+    """Decode tile up to M = 16, the medium tile up to 256, then the large TMA tile unless
+    its tiles would fill less than half of the SMs."""
+    tw, _ = kernels
+    assert tw.gemm_config(8, 4096, 4096, 132).block_m == 16
+    assert tw.gemm_config(200, 4096, 4096, 132) == tw.MEDIUM_CONFIG
+    assert tw.gemm_config(1024, 4096, 4096, 132) == tw.LARGE_CONFIG  # 128 tiles
+    assert tw.gemm_config(512, 2048, 4096, 132) == tw.LARGE_NARROW_CONFIG  # 32 tiles
+    assert tw.LARGE_CONFIG.tma and tw.LARGE_NARROW_CONFIG.tma

@@ -229,8 +229,10 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = DEFAULT_SMS) -> GemmConfi
         return GemmConfig(16, block_n, DECODE_BLOCK_K, 1, 4, 4)
     if m <= MEDIUM_MAX_M:
         return MEDIUM_CONFIG
+    # The large tile even at one wave of tiles or a little less: at M = 1024 on a 4096 x 4096
+    # weight (128 tiles, 132 SMs) it measured 1.50x bf16 against 1.25x for the narrow one.
     tiles = triton.cdiv(m, LARGE_CONFIG.block_m) * triton.cdiv(n, LARGE_CONFIG.block_n)
-    return LARGE_CONFIG if tiles >= num_sms else LARGE_NARROW_CONFIG
+    return LARGE_CONFIG if 2 * tiles >= num_sms else LARGE_NARROW_CONFIG
 
 
 @triton.jit
