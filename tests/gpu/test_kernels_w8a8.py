@@ -108,6 +108,24 @@ def test_quantize_static(device, dtype, m, with_smoother) -> None:
     assert (expected == 127).any()
 
 
+@pytest.mark.parametrize("k", [11008, 16390])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_kernels_on_long_rows(device, dtype, k) -> None:
+    """Rows of a rank's whole Llama-2-7B intermediate size and longer, several 4096-wide
+    blocks: per-token quantization exact; the fused RMSNorm + quantize within its allowed
+    difference."""
+    x = _activation(33, k, dtype, k, device)
+    smoother = (0.5 + 4 * torch.rand(k, generator=_gen(3))).to(device)
+    q, s = triton_w8a8.quantize_rows(x, smoother)
+    q_ref, s_ref = w8a8.quantize_per_token(x, smoother, path="reference")
+    w = (0.5 + torch.rand(k, generator=_gen(4))).to(device=device, dtype=dtype)
+    qn, sn = triton_norm.rms_norm_quantize(x, w, EPS)
+    qn_ref, sn_ref = w8a8.rms_norm_quantize(x, w, EPS, path="reference")
+    torch.cuda.synchronize()
+    assert _same(q, q_ref) and _same(s, s_ref)
+    _assert_codes_near(qn, sn, norm_ops.rms_norm_f32(x, w, EPS), qn_ref, sn_ref)
+
+
 # -- GEMM ------------------------------------------------------------------------------------------
 
 

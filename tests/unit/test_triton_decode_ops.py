@@ -54,9 +54,9 @@ def _ulp_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, extra:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows,k", [(1, 96), (3, 200), (17, 64), (2, 5000)])
+@pytest.mark.parametrize("rows,k", [(1, 96), (3, 200), (17, 64), (2, 17000)])
 def test_add_rms_norm(kernels, dtype, rows, k) -> None:
-    """k = 5000 spans two blocks of the row loop (the second pass recomputes the sum)."""
+    """k = 17000 spans five blocks of the row loop (the second pass recomputes the sum)."""
     tn, _, _ = kernels
     g = _gen(rows * 7 + k)
     x = (torch.randn(rows, k, generator=g) * 3).to(dtype)

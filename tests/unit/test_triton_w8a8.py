@@ -83,14 +83,29 @@ def test_quantize_per_token_exact(kernels, dtype, m, with_smoother) -> None:
     assert torch.equal(q, q_ref)
 
 
-def test_quantize_long_rows_and_leading_dims(kernels) -> None:
-    # K above one 4096-wide block: the amax and quantize loops take two trips.
+@pytest.mark.parametrize("k", [4100, 16390])
+def test_quantize_long_rows_and_leading_dims(kernels, k) -> None:
+    # K above one 4096-wide block: the amax and quantize loops take two (4100) or five
+    # (16390, above a rank's whole Llama intermediate size) trips.
     tw, _ = kernels
-    x = _activation(6, 4100, torch.bfloat16, seed=3).reshape(2, 3, 4100)
+    assert tw.row_block(k)[0] == 4096
+    x = _activation(6, k, torch.bfloat16, seed=3).reshape(2, 3, k)
     q, scale = tw.quantize_rows(x)
     q_ref, scale_ref = ref.quantize_per_token(x, path="reference")
-    assert q.shape == (2, 3, 4100) and scale.shape == (2, 3, 1)
+    assert q.shape == (2, 3, k) and scale.shape == (2, 3, 1)
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+
+
+def test_rms_norm_quantize_long_rows(kernels) -> None:
+    """A long row (16390): every pass (squares, amax, codes) takes five 4096-wide trips."""
+    _, tn = kernels
+    k = 16390
+    x = _activation(2, k, torch.float32, seed=8)
+    w = 0.5 + torch.rand(k, generator=_gen(9))
+    y_ref = norm_ref.rms_norm_f32(x, w, EPS)
+    q, scale = tn.rms_norm_quantize(x, w, EPS)
+    q_ref, scale_ref = ref.rms_norm_quantize(x, w, EPS, path="reference")
+    _assert_codes_near(q, scale, y_ref, q_ref, scale_ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
