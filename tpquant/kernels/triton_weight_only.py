@@ -23,9 +23,10 @@ gemv leaves each code at its bit position p in the word (mantissa u * 2^p under 
 23 - p is the float 2^(23-p) + u: one AND-OR), subtracts 2^(23-p) + zp (exact for integer zp),
 applies group scale and zero with one FMA, accumulates x * w elementwise in float32 and
 reduces over K once at the end.
-dot interleaves int4 nibbles back into k order (x is read contiguously) and feeds the half
-forms to tl.dot still carrying their offset B (for small M with swapped operands, W x^T, so
-that the weight tile is the large operand); each K block subtracts
+dot interleaves int4 nibbles back into k order (x is read contiguously), or (SPLIT_X, an
+autotuning choice) meets the low and high nibbles with x's even and odd columns in two dots,
+and feeds the half forms to tl.dot still carrying their offset B (for small M with swapped
+operands, W x^T, so that the weight tile is the large operand); each K block subtracts
 (B + zp) * sum_k x[m, k] from its product (exact algebra, O(M N) per block instead of O(N K)
 per-element subtractions; per-block partials are small, so it cancels only a few bits of
 float32), then takes its group scale. Per-channel scales multiply once at the end. A K block
