@@ -126,6 +126,12 @@ def time_graph(calls: list[Callable[[], object]], reps: int, replays: int) -> fl
     return statistics.median(times)
 
 
+def time_calls(calls: list[Callable[[], object]], replays: int, max_reps: int = 50) -> float:
+    """`time_graph` with as many calls per replay (3 to max_reps) as fill ~REPLAY_SECONDS."""
+    reps = min(max_reps, max(3, math.ceil(REPLAY_SECONDS / estimate_seconds(calls[0]))))
+    return time_graph(calls, reps, replays)
+
+
 def estimate_seconds(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
@@ -278,9 +284,7 @@ def run(args: argparse.Namespace) -> dict:
                         _set_wo_path(variant.path, env_path)
                     wsets = None if variant.scheme == "bf16" else weight_sets[variant.scheme]
                     calls = make_call(variant, x, qx, wsets, bf16_copies)
-                    est = estimate_seconds(calls[0])
-                    reps = min(max_reps, max(3, math.ceil(REPLAY_SECONDS / est)))
-                    seconds = time_graph(calls, reps, replays)
+                    seconds = time_calls(calls, replays, max_reps)
                     w_bytes = 2 * shape.n * shape.k if wsets is None else nbytes(wsets[0][1])
                     x_bytes = m * shape.k * (1 if variant.scheme == "w8a8_gemm" else 2)
                     total = w_bytes + x_bytes + 2 * m * shape.n

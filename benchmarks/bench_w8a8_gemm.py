@@ -7,7 +7,7 @@ schemes end to end). For each Llama linear shape (Llama-2-7B at TP 1; --shapes 7
 Llama-2-70B at TP 4) and M: torch's bf16 matmul, then the int8 GEMM with its fused
 per-token x per-channel epilogue (bf16 out) under each candidate config (pointer loads or
 TMA descriptors), and the chosen config with the per-token activation quantization included.
-Median of CUDA-graph replays (bench_gemm.time_graph), the same run's bf16 as the baseline.
+Median of CUDA-graph replays (bench_gemm.time_calls), the same run's bf16 as the baseline.
 Output: a table on stdout and $OUT/bench_w8a8_gemm.json ($OUT defaults to /tmp/out).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -24,12 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gemm import MODELS, copies, estimate_seconds, linear_shapes, time_graph  # noqa: E402
+from bench_gemm import MODELS, copies, linear_shapes, time_calls  # noqa: E402
 
 from tpquant.kernels import triton_w8a8 as tw  # noqa: E402
 from tpquant.kernels import w8a8  # noqa: E402
 
 G = tw.GemmConfig
+REPLAYS = 5  # CUDA-graph replays per median
 CANDIDATES = {  # name: config (block_m, block_n, block_k, group_m, warps, stages, tma)
     "ptr 128x256x128 s3": G(128, 256, 128, 8, 8, 3),
     "ptr 128x128x128 s4": G(128, 128, 128, 8, 8, 4),
@@ -40,11 +40,6 @@ CANDIDATES = {  # name: config (block_m, block_n, block_k, group_m, warps, stage
     "tma 256x128x128 s3": G(256, 128, 128, 8, 8, 3, True),
     "tma 128x256x64 s5": G(128, 256, 64, 8, 8, 5, True),
 }
-
-
-def median_seconds(calls, replays: int = 5) -> float:
-    reps = min(50, max(3, math.ceil(2e-3 / estimate_seconds(calls[0]))))
-    return time_graph(calls, reps, replays)
 
 
 def main() -> int:
@@ -72,19 +67,19 @@ def main() -> int:
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, shape.k, generator=gen, device=device, dtype=torch.bfloat16)
             qx, sx = w8a8.quantize_per_token(x)
-            base = median_seconds([lambda b=b: x @ b.t() for b in bf16_sets])
+            base = time_calls([lambda b=b: x @ b.t() for b in bf16_sets], REPLAYS)
             timed = {"bf16": base}
             for name, cfg in CANDIDATES.items():
                 try:
-                    timed[name] = median_seconds([
+                    timed[name] = time_calls([
                         lambda q=q, cfg=cfg: tw.w8a8_gemm(qx, sx, q, sw, None, torch.bfloat16,
-                                                          config=cfg) for q in q_sets])
+                                                          config=cfg) for q in q_sets], REPLAYS)
                 except Exception as exc:  # noqa: BLE001 - report, go on
                     torch.cuda.synchronize()
                     print(f"# {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-            timed["auto + per-token quantization"] = median_seconds([
+            timed["auto + per-token quantization"] = time_calls([
                 lambda q=q: tw.w8a8_gemm(*w8a8.quantize_per_token(x), q, sw, None, torch.bfloat16)
-                for q in q_sets])
+                for q in q_sets], REPLAYS)
             for name, sec in timed.items():
                 row = dict(model=shape.model, tp=shape.tp, layer=shape.layer, n=shape.n,
                            k=shape.k, m=m, variant=name, us=sec * 1e6,

@@ -14,7 +14,7 @@ Then sweeps (unless --no-sweep): the CUDA GEMV's split-K at M = 1, 4, 16 (--swee
 cuda, the default), or explicit Triton gemv / dot configs x split-K (--sweep-paths gemv,dot),
 to show what the heuristics leave on the table.
 
-Timing: bench_gemm's time_graph (CUDA graph of R calls cycling through weight copies that
+Timing: bench_gemm's time_calls (CUDA graph of R calls cycling through weight copies that
 together exceed twice the L2, median over replays). GB/s counts weight + x + y bytes; %copy
 is that over the device copy bandwidth (read + write, 1 GiB copies).
 Output: table on stdout, $OUT/bench_wo_kernels.json (rewritten after every shape, so a run
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gemm import copies, copy_bandwidth, estimate_seconds, nbytes, time_graph  # noqa: E402
+from bench_gemm import copies, copy_bandwidth, nbytes, time_calls  # noqa: E402
 
 from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
 from tpquant.kernels import triton_weight_only as tw  # noqa: E402
@@ -61,7 +60,6 @@ SCHEMES = {
 }
 PATHS = ("auto", "cuda", "gemv", "dot", "dequant", "tinygemm")
 TINYGEMM_GROUP = 128
-REPLAY_SECONDS = 1e-3
 
 
 # -- torch's tinygemm int4 kernel, fed from the stored layouts ------------------------------------
@@ -134,12 +132,6 @@ def reference(scheme_name: str, t: dict, x: torch.Tensor) -> torch.Tensor:
     return x.float() @ w.t()
 
 
-def measure(calls: list[Callable], replays: int) -> float:
-    est = estimate_seconds(calls[0])
-    reps = min(50, max(3, math.ceil(REPLAY_SECONDS / est)))
-    return time_graph(calls, reps, replays)
-
-
 def rel_err(y: torch.Tensor, expected: torch.Tensor) -> float:
     return ((y.float() - expected).abs().max() / expected.abs().max()).item()
 
@@ -184,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
         qsets = {name: copies(s.quantize(weight), l2) for name, s in SCHEMES.items()}
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
-            base = measure([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
+            base = time_calls([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
             rows = [("bf16", base, 2 * n * k, 0.0, "")]
             for scheme_name, sets in qsets.items():
                 expected = reference(scheme_name, sets[0], x)
@@ -197,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
                     try:
                         calls = make_calls(scheme_name, path, x, sets)
                         err = rel_err(calls[0](), expected)
-                        sec = measure(calls, args.replays)
+                        sec = time_calls(calls, args.replays)
                         rows.append((label, sec, nbytes(sets[0]), err, best_config(path)))
                     except Exception as exc:  # noqa: BLE001 - report, go on
                         torch.cuda.synchronize()
@@ -250,7 +242,7 @@ def sweep(args, result, gen, l2, copy_bw, started) -> None:
                     print("# sweep budget spent")
                     return
                 x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
-                base = measure([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
+                base = time_calls([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
                 paths = args.sweep_paths.split(",")
                 tries = [("cuda", rows) for rows in CUDA_ROWS] if "cuda" in paths else []
                 if "gemv" in paths and m <= 1:
@@ -268,7 +260,7 @@ def sweep(args, result, gen, l2, copy_bw, started) -> None:
                                 calls = cuda_calls(scheme_name, x, sets, cfg, split)
                             else:
                                 calls = make_calls(scheme_name, path, x, sets, cfg, split)
-                            sec = measure(calls, 3)
+                            sec = time_calls(calls, 3)
                         except Exception as exc:  # noqa: BLE001
                             torch.cuda.synchronize()
                             print(f"# sweep {path} {cfg} {split}: {type(exc).__name__}")

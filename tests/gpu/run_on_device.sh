@@ -4,7 +4,6 @@
 #
 #   bash tests/gpu/run_on_device.sh STAGE...   with STAGE among
 #     kernels     the kernel tests (1 GPU)
-#     kernels_new the tests of what changed this session (TMA GEMM, decode ops, CUDA GEMV)
 #     wo          the CUDA weight-only GEMV's tests (1 GPU)
 #     wo_sweep    bench_wo_kernels: every path, then the CUDA GEMV's sweep (1 GPU)
 #     wo_table    bench_wo_kernels' table only: the dispatch against bf16 (1 GPU)
@@ -65,11 +64,6 @@ case $stage in
 kernels)
   step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py tests/gpu/test_decode_ops_gpu.py
   step kernels_wo pyt tests/gpu/test_kernels_weight_only.py
-  ;;
-kernels_new)
-  # what changed in this session's kernels: TMA GEMM, decode ops, the CUDA GEMV's long K
-  step kernels_new pyt tests/gpu/test_kernels_w8a8.py tests/gpu/test_decode_ops_gpu.py \
-    tests/gpu/test_kernels_weight_only.py -k "tma or silu or norm or kv or cuda_path"
   ;;
 wo)
   # the CUDA weight-only GEMV's tests, the dispatch and a CUDA graph

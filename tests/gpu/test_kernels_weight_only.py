@@ -164,11 +164,13 @@ def test_dot_variants(device, name: str, dtype: torch.dtype, m: int, variant: st
 
 
 def _tunable(name: str) -> list[int]:
-    """Indices of the DOT_CONFIGS the autotuner keeps for a scheme (tw._fits' scheme rules)."""
+    """Indices of the DOT_CONFIGS the autotuner keeps for a scheme at M = 2 BLOCK_M - 1
+    (the autotuner's own pruning rule, `tw._fits`, with a split-K chunk every BLOCK_K divides)."""
     scheme = SCHEMES[name][0]
     group, bits = getattr(scheme, "group_size", 0), getattr(scheme, "bits", 4)
     return [i for i, c in enumerate(tw.DOT_CONFIGS)
-            if not (group % c.kwargs["BLOCK_K"] or (c.kwargs.get("SPLIT_X") and bits != 4))]
+            if tw._fits(c.kwargs, None, tw.m_bucket(2 * c.kwargs["BLOCK_M"] - 1), group,
+                        tw.K_ALIGN, 32 // bits, bits)]
 
 
 @pytest.mark.parametrize("name,index", [
