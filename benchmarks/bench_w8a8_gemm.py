@@ -1,12 +1,14 @@
 """The W8A8 GEMM's tile configurations at large M, with and without TMA, against bf16.
 
-    python benchmarks/bench_w8a8_gemm.py [--ms 1024,4096] [--shapes 7b]
+    python benchmarks/bench_w8a8_gemm.py [--ms 1,4,1024,4096] [--shapes 7b,7b-tp2]
 
 A micro-benchmark for tpquant.kernels.triton_w8a8.gemm_config (bench_gemm.py measures the
-schemes end to end). For each Llama linear shape (Llama-2-7B at TP 1; --shapes 70b adds
-Llama-2-70B at TP 4) and M: torch's bf16 matmul, then the int8 GEMM with its fused
-per-token x per-channel epilogue (bf16 out) under each candidate config (pointer loads or
-TMA descriptors), and the chosen config with the per-token activation quantization included.
+schemes end to end). For each Llama linear shape (Llama-2-7B at TP 1 and / or 2, Llama-2-70B
+at TP 4) and M: torch's bf16 matmul, then the int8 GEMM with its fused per-token x
+per-channel epilogue (bf16 out) as the dispatch configures it ("auto") and, for M > 256,
+under each candidate config (pointer loads or TMA descriptors); the per-token activation
+quantization alone, in row chunks of at most 4096 and 16384; and the chosen config with the
+quantization included.
 Median of CUDA-graph replays (bench_gemm.time_calls), the same run's bf16 as the baseline.
 Output: a table on stdout and $OUT/bench_w8a8_gemm.json ($OUT defaults to /tmp/out).
 """
@@ -45,14 +47,17 @@ CANDIDATES = {  # name: config (block_m, block_n, block_k, group_m, warps, stage
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1024,4096")
-    p.add_argument("--shapes", default="7b", help="7b, or 7b,70b")
+    p.add_argument("--shapes", default="7b", help="any of 7b, 7b-tp2, 70b (comma-separated)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_w8a8_gemm needs a CUDA device")
     device = torch.device("cuda", torch.cuda.current_device())
     l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
-    shapes = linear_shapes(MODELS[0], 1)
-    if "70b" in args.shapes:
+    chosen = args.shapes.split(",")
+    shapes = linear_shapes(MODELS[0], 1) if "7b" in chosen else []
+    if "7b-tp2" in chosen:
+        shapes += linear_shapes(MODELS[0], 2)
+    if "70b" in chosen:
         shapes += linear_shapes(MODELS[2], 4)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
@@ -69,7 +74,12 @@ def main() -> int:
             qx, sx = w8a8.quantize_per_token(x)
             base = time_calls([lambda b=b: x @ b.t() for b in bf16_sets], REPLAYS)
             timed = {"bf16": base}
-            for name, cfg in CANDIDATES.items():
+            # Small M: the dispatch's decode tile only; large M: every candidate tile.
+            candidates = CANDIDATES if m > tw.MEDIUM_MAX_M else {}
+            timed["auto"] = time_calls([
+                lambda q=q: tw.w8a8_gemm(qx, sx, q, sw, None, torch.bfloat16) for q in q_sets],
+                REPLAYS)
+            for name, cfg in candidates.items():
                 try:
                     timed[name] = time_calls([
                         lambda q=q, cfg=cfg: tw.w8a8_gemm(qx, sx, q, sw, None, torch.bfloat16,
@@ -77,6 +87,11 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001 - report, go on
                     torch.cuda.synchronize()
                     print(f"# {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            for cap in (4096, 16384):  # the per-token quantization alone, by row chunk
+                tw.ROW_BLOCK_MAX, saved = cap, tw.ROW_BLOCK_MAX
+                timed[f"quantize only, chunks <= {cap}"] = time_calls(
+                    [lambda: w8a8.quantize_per_token(x)] * len(q_sets), REPLAYS)
+                tw.ROW_BLOCK_MAX = saved
             timed["auto + per-token quantization"] = time_calls([
                 lambda q=q: tw.w8a8_gemm(*w8a8.quantize_per_token(x), q, sw, None, torch.bfloat16)
                 for q in q_sets], REPLAYS)

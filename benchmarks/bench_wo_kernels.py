@@ -6,12 +6,14 @@
 A micro-benchmark for tuning tpquant.kernels.triton_weight_only (bench_gemm.py measures the
 schemes end to end). For each shape [N, K] (Llama-2-7B TP 1/2, Llama-2-70B TP 4) and M: bf16
 `x @ W.T`, then int4_wo, int4_gw (g128, zeros) and int8_wo through every path: auto (the
-dispatch), cuda (M <= 16), gemv, dot, dequant, and for int4 torch's tinygemm (`torch._weight_int4pack_mm`,
-bfloat16; the weight converted once to its layout, scale/zero as [K/g, N, 2] bfloat16, per
-channel as groups of 128 sharing a scale). Each result's max |y - ref| / max |ref| against
-float32 math on the torch reference's dequantized weight is reported ("err").
+dispatch), cuda (M <= 32; cuda-fma / cuda-mma force one of its two kernels), gemv, dot,
+dequant, and for int4 torch's tinygemm (`torch._weight_int4pack_mm`, bfloat16; the weight
+converted once to its layout, scale/zero as [K/g, N, 2] bfloat16, per channel as groups of
+128 sharing a scale). Each result's max |y - ref| / max |ref| against float32 math on the
+torch reference's dequantized weight is reported ("err").
 Then sweeps (unless --no-sweep): the CUDA GEMV's split-K at M = 1, 4, 16 (--sweep-paths
-cuda, the default), or explicit Triton gemv / dot configs x split-K (--sweep-paths gemv,dot),
+cuda, the default: the fma kernel's rows per warp; cuda-mma: the mma kernel), or explicit
+Triton gemv / dot configs x split-K (--sweep-paths gemv,dot),
 to show what the heuristics leave on the table.
 
 Timing: bench_gemm's time_calls (CUDA graph of R calls cycling through weight copies that
@@ -58,7 +60,7 @@ SCHEMES = {
     "int4_gw": Groupwise(group_size=128, zeros=True, dtype=DTYPE),
     "int8_wo": WeightOnly(bits=8, dtype=DTYPE),
 }
-PATHS = ("auto", "cuda", "gemv", "dot", "dequant", "tinygemm")
+PATHS = ("auto", "cuda", "cuda-fma", "cuda-mma", "gemv", "dot", "dequant", "tinygemm")
 TINYGEMM_GROUP = 128
 
 
@@ -96,6 +98,8 @@ def tinygemm_weights(scheme, t: dict[str, torch.Tensor], inner_k_tiles: int = 8)
 def make_calls(scheme_name: str, path: str, x: torch.Tensor, sets: list[dict],
                config: dict | None = None, split_k: int | None = None) -> list[Callable]:
     scheme = SCHEMES[scheme_name]
+    if path.startswith("cuda-"):  # cuda-fma / cuda-mma: one CUDA kernel, forced
+        return cuda_calls(scheme_name, x, sets, None, split_k, path.removeprefix("cuda-"))
     if path == "tinygemm":
         tiny = [tinygemm_weights(scheme, t) for t in sets]
         return [lambda w=w, sz=sz, g=g: torch._weight_int4pack_mm(x, w, g, sz)
@@ -109,9 +113,10 @@ def make_calls(scheme_name: str, path: str, x: torch.Tensor, sets: list[dict],
             for t in sets]
 
 
-def cuda_calls(scheme_name: str, x: torch.Tensor, sets: list[dict], rows: int,
-               split: int | None) -> list[Callable]:
-    """The CUDA GEMV with forced rows per warp and split-K (None: the heuristic's)."""
+def cuda_calls(scheme_name: str, x: torch.Tensor, sets: list[dict], rows: int | None,
+               split: int | None, kernel: str | None = None) -> list[Callable]:
+    """The CUDA GEMV with forced rows per warp (fma), split-K and kernel (None: the
+    heuristics')."""
     scheme = SCHEMES[scheme_name]
     n = sets[0]["qweight"].shape[0]
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
@@ -120,7 +125,8 @@ def cuda_calls(scheme_name: str, x: torch.Tensor, sets: list[dict], rows: int,
     else:
         args = [(t["qweight"], t["scales"], t.get("zeros"), t.get("pre_quant_scale"), 4,
                  scheme.group_size) for t in sets]
-    return [lambda a=a: cw.gemv(x, *a, None, out, splits=split, rows=rows) for a in args]
+    return [lambda a=a: cw.gemv(x, *a, None, out, splits=split, rows=rows, kernel=kernel)
+            for a in args]
 
 
 def reference(scheme_name: str, t: dict, x: torch.Tensor) -> torch.Tensor:
@@ -183,8 +189,13 @@ def run(args: argparse.Namespace) -> dict:
                 for path in args.paths.split(","):
                     if path == "tinygemm" and scheme_name == "int8_wo":
                         continue
-                    if path in ("gemv", "cuda") and m > cw.MAX_M:
+                    if path in ("gemv", "cuda-fma") and m > cw.M_TILES[-1] or (
+                            path in ("cuda", "cuda-mma") and m > cw.MAX_M):
                         continue  # CUDA-core FMAs: hopeless past a few rows
+                    if path == "cuda-mma" and not cw.mma_takes(
+                            getattr(SCHEMES[scheme_name], "bits", 4),
+                            getattr(SCHEMES[scheme_name], "group_size", 0)):
+                        continue
                     label = f"{scheme_name}[{path}]"
                     try:
                         calls = make_calls(scheme_name, path, x, sets)
@@ -244,7 +255,10 @@ def sweep(args, result, gen, l2, copy_bw, started) -> None:
                 x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
                 base = time_calls([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
                 paths = args.sweep_paths.split(",")
-                tries = [("cuda", rows) for rows in CUDA_ROWS] if "cuda" in paths else []
+                tries = [("cuda", rows) for rows in CUDA_ROWS
+                         if "cuda" in paths and m <= cw.M_TILES[-1]]
+                if "cuda-mma" in paths and m <= cw.MAX_M:
+                    tries.append(("cuda-mma", None))
                 if "gemv" in paths and m <= 1:
                     tries += [("gemv", dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st))
                               for bn, bk, w, st in SWEEP_GEMV]
@@ -254,10 +268,12 @@ def sweep(args, result, gen, l2, copy_bw, started) -> None:
                               for bn, bk, w, st, sw in SWEEP_DOT]
                 found = []
                 for path, cfg in tries:
-                    for split in ((None, *SPLITS) if path == "cuda" else SPLITS):
+                    for split in ((None, *SPLITS) if path.startswith("cuda") else SPLITS):
                         try:
                             if path == "cuda":
-                                calls = cuda_calls(scheme_name, x, sets, cfg, split)
+                                calls = cuda_calls(scheme_name, x, sets, cfg, split, "fma")
+                            elif path == "cuda-mma":
+                                calls = cuda_calls(scheme_name, x, sets, None, split, "mma")
                             else:
                                 calls = make_calls(scheme_name, path, x, sets, cfg, split)
                             sec = time_calls(calls, 3)
@@ -285,15 +301,16 @@ def summarize_cuda_sweep(result: dict) -> None:
     with the heuristic's split ("auto") and with the best split of each case."""
     cases: dict[tuple, dict] = {}
     for r in result["sweeps"]:
-        if r["path"] != "cuda":
+        if not r["path"].startswith("cuda"):
             continue
-        key = (r["m"], r["config"])
+        key = (r["m"], f"fma rows={r['config']}" if r["path"] == "cuda" else "mma")
         case = cases.setdefault(key, {})
         slot = case.setdefault((r["shape"], r["scheme"]), {})
         slot[r["split"]] = r["speedup"]
     if not cases:
         return
-    print("# CUDA GEMV rows per warp: geomean x bf16 over shapes x schemes (auto split | best)")
+    print("# CUDA GEMV, fma rows per warp or mma: geomean x bf16 over shapes x schemes "
+          "(auto split | best)")
     table = []
     for (m, rows), case in sorted(cases.items()):
         auto = [v[None] for v in case.values() if None in v]
@@ -301,7 +318,7 @@ def summarize_cuda_sweep(result: dict) -> None:
         row = dict(m=m, rows=rows, auto=statistics.geometric_mean(auto) if auto else None,
                    best=statistics.geometric_mean(best), cases=len(best))
         table.append(row)
-        print(f"M={m:<3} rows={rows}  auto {row['auto'] or 0:5.2f}  "
+        print(f"M={m:<3} {rows:<10}  auto {row['auto'] or 0:5.2f}  "
               f"best {row['best']:5.2f}  ({len(best)} cases)")
     result["cuda_rows"] = table
 
@@ -334,7 +351,7 @@ def main() -> None:
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--sweep-shapes", default="7b-qkv-tp1,7b-down-tp2")
     p.add_argument("--sweep-schemes", default="int4_wo,int8_wo,int4_gw")
-    p.add_argument("--sweep-paths", default="cuda", help="cuda, gemv, dot (comma-separated)")
+    p.add_argument("--sweep-paths", default="cuda", help="cuda, cuda-mma, gemv, dot (comma-separated)")
     p.add_argument("--sweep-ms", default="1,4,16")
     p.add_argument("--sweep-budget", type=float, default=80)
     args = p.parse_args()

@@ -315,6 +315,215 @@ __device__ __forceinline__ void wo_gemv_body(
   }
 }
 
+// ---- the tensor-core GEMV (M up to 32) --------------------------------------------------------
+//
+// The FMA GEMV above spends 8 instructions per weight word on every row of x it multiplies,
+// so it stops keeping up with the memory from M = 2 on. This one hands the products to the
+// tensor cores (mma.sync m16n8k16, float32 accumulation): per weight word the cost is the
+// dequantization and one mma per 16 x 16 block, whatever M is up to 8 (NT 8-token tiles).
+//
+// Work split: a warp owns 16 consecutive rows. Lane l = 4 g + j holds rows g and g + 8 of
+// them (the mma's A fragment rows) and, in each "step" of 4 chunks, reads chunk j (16 bytes)
+// of both rows: a quad of lanes covers 4 consecutive chunks (128 int4 / 64 int8 features).
+// The mma's k order is the lanes' own: for weight word i of the chunks, the A registers are
+// code pairs (p, p + ELEMS/2) of rows g and g + 8 (code_pair), and lane l as the B fragment
+// holds token g's x values at the same features (x_pair), so both sides agree on which
+// feature each of the 16 k slots is without moving data between lanes. The outputs come
+// out in the C fragment (rows g, g + 8; tokens 2 j, 2 j + 1), one store each, no reduction.
+// Groupwise: a step lies in one group (the host checks group % (4 chunks) == 0); its mma
+// sums start from zero and take the group's scale (and zero, through the step's sum of x,
+// as above) in float32.
+#define MMA_STEP_CHUNKS 4  // chunks per step, one per lane of a quad
+
+template <int DT>
+__device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                         u32 b1) {
+  if (DT == 0) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// One step: the chunk this lane read of rows g and g + 8 (wv), at chunk index c (ok: inside
+// K), against tokens 8 t + g; adds to acc[t] = C fragments (per channel), or to d, then
+// scaled into acc (groupwise).
+template <int DT, int MODE, bool PQS, int NT>
+__device__ __forceinline__ void mma_step(
+    const uint4 (&wv)[2], int c, bool ok, int step, const unsigned short* __restrict__ x, int M,
+    int K, const float* __restrict__ scale, const float* __restrict__ zeros,
+    const float* __restrict__ pqs, int N, int n0, int n1, int group, int g, int j, u32 inv2,
+    u32 shift2, float (&acc)[NT][4]) {
+  typedef Mode<MODE> Md;
+  constexpr int CHUNK_ELEMS = WO_CHUNK_WORDS * Md::ELEMS;
+  constexpr int XW = CHUNK_ELEMS / 2;  // x words (two values each) per chunk
+  u32 xw[NT][XW];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int m = 8 * t + g;
+    if (ok && m < M) {
+      const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)m * K + (size_t)c * CHUNK_ELEMS);
+#pragma unroll
+      for (int v = 0; v < XW / 4; ++v) {
+        const uint4 q = __ldg(src + v);
+        xw[t][4 * v] = q.x; xw[t][4 * v + 1] = q.y; xw[t][4 * v + 2] = q.z; xw[t][4 * v + 3] = q.w;
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < XW; ++v) xw[t][v] = 0u;  // past K or M: contributes nothing
+    }
+  }
+  if constexpr (PQS) {
+    if (ok) {
+      const float4* p4 = reinterpret_cast<const float4*>(pqs + (size_t)c * CHUNK_ELEMS);
+#pragma unroll
+      for (int v = 0; v < XW / 2; ++v) {
+        const float4 f = __ldg(p4 + v);
+        const u32 lo = pack2<DT>(f.x, f.y), hi = pack2<DT>(f.z, f.w);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          xw[t][2 * v] = mul2<DT>(xw[t][2 * v], lo);
+          xw[t][2 * v + 1] = mul2<DT>(xw[t][2 * v + 1], hi);
+        }
+      }
+    }
+  }
+
+  float d[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d[t][e] = Md::GROUPED ? 0.f : acc[t][e];
+#pragma unroll
+  for (int i = 0; i < WO_CHUNK_WORDS; ++i) {
+    const u32 w0 = word(wv[0], i) ^ Md::FLIP, w1 = word(wv[1], i) ^ Md::FLIP;
+#pragma unroll
+    for (int p = 0; p < Md::PAIRS; p += 2) {
+      const u32 a0 = code_pair<DT, MODE>(w0, p, inv2, shift2);
+      const u32 a1 = code_pair<DT, MODE>(w1, p, inv2, shift2);
+      const u32 a2 = code_pair<DT, MODE>(w0, p + 1, inv2, shift2);
+      const u32 a3 = code_pair<DT, MODE>(w1, p + 1, inv2, shift2);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const u32* xi = xw[t] + i * Md::PAIRS;  // the x words of weight word i
+        mma16816<DT>(d[t], a0, a1, a2, a3, x_pair<MODE>(xi, p), x_pair<MODE>(xi, p + 1));
+      }
+    }
+  }
+  if constexpr (!Md::GROUPED) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][e] = d[t][e];
+  } else {
+    // sum x (u - z) s = OFF s (sum x q/OFF + (OFF - z)/OFF sum x); symmetric: z = OFF.
+    const int gi = step * MMA_STEP_CHUNKS * CHUNK_ELEMS / group;
+    const float s0 = __ldg(scale + (size_t)gi * N + n0) * Md::OFF;
+    const float s1 = __ldg(scale + (size_t)gi * N + n1) * Md::OFF;
+    float z0 = 0.f, z1 = 0.f;
+    if constexpr (Md::ZEROS) {
+      z0 = (Md::OFF - __ldg(zeros + (size_t)gi * N + n0)) / Md::OFF;
+      z1 = (Md::OFF - __ldg(zeros + (size_t)gi * N + n1)) / Md::OFF;
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      float xa = 0.f, xb = 0.f;  // the step's sum of x for tokens 8 t + 2 j and 8 t + 2 j + 1
+      if constexpr (Md::ZEROS) {
+        float xs = 0.f;  // token 8 t + g, this lane's chunk; then the quad's 4 chunks
+#pragma unroll
+        for (int v = 0; v < XW; ++v) xs += hsum<DT>(xw[t][v]);
+        xs += __shfl_xor_sync(0xffffffffu, xs, 1);
+        xs += __shfl_xor_sync(0xffffffffu, xs, 2);
+        xa = __shfl_sync(0xffffffffu, xs, 8 * j);
+        xb = __shfl_sync(0xffffffffu, xs, 8 * j + 4);
+      }
+      acc[t][0] = fmaf(s0, fmaf(z0, xa, d[t][0]), acc[t][0]);
+      acc[t][1] = fmaf(s0, fmaf(z0, xb, d[t][1]), acc[t][1]);
+      acc[t][2] = fmaf(s1, fmaf(z1, xa, d[t][2]), acc[t][2]);
+      acc[t][3] = fmaf(s1, fmaf(z1, xb, d[t][3]), acc[t][3]);
+    }
+  }
+}
+
+// NT: 8-token tiles (M <= 8 NT); U: steps whose weight loads are issued together.
+template <int DT, int MODE, bool PQS, int NT, int U>
+__device__ __forceinline__ void wo_mma_body(
+    const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
+    const float* __restrict__ scale, const float* __restrict__ zeros,
+    const float* __restrict__ pqs, const float* __restrict__ bias, void* __restrict__ out,
+    int M, int N, int K, int group, int steps_per_split, int write_partial) {
+  typedef Mode<MODE> Md;
+  constexpr int CHUNK_ELEMS = WO_CHUNK_WORDS * Md::ELEMS;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, j = lane & 3;
+  const int row0 = (blockIdx.x * WO_WARPS + warp) * 16;
+  const int n0 = min(row0 + g, N - 1), n1 = min(row0 + g + 8, N - 1);
+  const int chunks = K / CHUNK_ELEMS;
+  const int steps = (chunks + MMA_STEP_CHUNKS - 1) / MMA_STEP_CHUNKS;
+  const int split = blockIdx.y;
+  const int s_begin = split * steps_per_split;
+  const int s_end = min(s_begin + steps_per_split, steps);
+  const size_t row_bytes = (size_t)K * Md::BITS / 8;
+  const unsigned char* w0 = w + (size_t)n0 * row_bytes;
+  const unsigned char* w1 = w + (size_t)n1 * row_bytes;
+
+  const float magic_f = DT == 0 ? 1024.f : 128.f;
+  const u32 inv2 = pack2<DT>(1.f / Md::OFF, 1.f / Md::OFF);
+  const u32 shift2 = pack2<DT>(-(magic_f + Md::OFF) / Md::OFF, -(magic_f + Md::OFF) / Md::OFF);
+
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+
+  for (int s0 = s_begin; s0 < s_end; s0 += U) {
+    uint4 wv[U][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
+      if (s0 + u < s_end && c < chunks) {
+        wv[u][0] = load_weight(w0 + (size_t)c * 16);
+        wv[u][1] = load_weight(w1 + (size_t)c * 16);
+      } else {
+        wv[u][0] = wv[u][1] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (s0 + u < s_end) {  // the same for every lane: the shuffles inside stay converged
+        const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
+        mma_step<DT, MODE, PQS, NT>(wv[u], c, c < chunks, s0 + u, x, M, K, scale, zeros, pqs,
+                                    N, n0, n1, group, g, j, inv2, shift2, acc);
+      }
+    }
+  }
+
+  // C fragment: acc[t][e] is row g (e < 2) or g + 8 (e >= 2), token 8 t + 2 j + (e & 1).
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int n = row0 + g + (e >= 2 ? 8 : 0), m = 8 * t + 2 * j + (e & 1);
+      if (m < M && n < N) {
+        float v = acc[t][e];
+        if constexpr (!Md::GROUPED) v *= __ldg(scale + n) * Md::OFF;
+        if (write_partial) {
+          reinterpret_cast<float*>(out)[((size_t)split * M + m) * N + n] = v;
+        } else {
+          if (bias) v += bias[n];
+          reinterpret_cast<unsigned short*>(out)[(size_t)m * N + n] = from_float<DT>(v);
+        }
+      }
+    }
+}
+
 // Sum the float32 partials [splits, M, N] in split order, add the bias, cast to x's dtype.
 template <int DT>
 __device__ __forceinline__ void wo_reduce_body(const float* __restrict__ partial,
@@ -338,6 +547,15 @@ wo_gemv(const unsigned short* x, const unsigned char* w, const float* scale, con
         int chunks_per_split, int write_partial) {
   wo_gemv_body<DT, MODE, PQS, MT, ROWS>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
                                         chunks_per_split, write_partial);
+}
+
+template <int DT, int MODE, bool PQS, int NT, int U>
+__global__ void __launch_bounds__(WO_WARPS * 32)
+wo_mma(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
+       const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
+       int steps_per_split, int write_partial) {
+  wo_mma_body<DT, MODE, PQS, NT, U>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
+                                    steps_per_split, write_partial);
 }
 
 template <int DT>

@@ -8,7 +8,11 @@
 #     wo_sweep    bench_wo_kernels: every path, then the CUDA GEMV's sweep (1 GPU)
 #     wo_table    bench_wo_kernels' table only: the dispatch against bf16 (1 GPU)
 #     wo_m        bench_wo_kernels: dot vs dequant + cuBLAS vs the dispatch, M = 8 to 1024
-#     w8a8_tma    bench_w8a8_gemm: the W8A8 GEMM's large-M tiles, with and without TMA
+#     w8a8_tma    bench_w8a8_gemm: the W8A8 GEMM's tiles by M (TP 1 and 2 shapes), with and
+#                 without TMA, and the per-token quantization by row chunk
+#     mma_tests   the CUDA GEMVs' tests (fma and mma kernels, dispatch, graphs) and the W8A8 tests
+#     mma_bench   bench_wo_kernels: the CUDA fma and mma kernels against dot and bf16, M = 1 to
+#                 32, then the mma kernel's split-K sweep
 #     allreduce   NCCL and custom all-reduce tests, and the layers over them (2 and 4 ranks)
 #     allreduce_blocks  custom all-reduce latency at 36, 48, 64 blocks per launch (2 ranks)
 #     failures    a rank that raises or is killed while others sit in NCCL / custom all-reduce
@@ -90,9 +94,20 @@ wo_m)
     --paths auto,dot,dequant --budget 240 --no-sweep
   ;;
 w8a8_tma)
-  # the W8A8 GEMM's large-M configs, pointer loads against TMA descriptors
-  STEP_TIMEOUT=200 TAIL=60 step bench_w8a8_gemm python3 benchmarks/bench_w8a8_gemm.py \
-    --ms 1024,4096 --shapes 7b
+  # the W8A8 GEMM's configs by M, pointer loads against TMA descriptors
+  STEP_TIMEOUT=240 TAIL=60 step bench_w8a8_gemm python3 benchmarks/bench_w8a8_gemm.py \
+    --ms 1,4,16,1024,4096 --shapes 7b,7b-tp2
+  ;;
+mma_tests)
+  step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
+  step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
+  ;;
+mma_bench)
+  STEP_TIMEOUT=500 TAIL=70 step bench_wo_mma python3 benchmarks/bench_wo_kernels.py \
+    --shapes 7b-qkv-tp1,7b-o-tp1,7b-gate_up-tp1,7b-down-tp1,7b-down-tp2,70b-gate_up-tp4 \
+    --ms 1,2,4,8,16,32 --paths auto,cuda-fma,cuda-mma,dot --budget 260 --sweep-budget 150 \
+    --sweep-paths cuda-mma --sweep-shapes 7b-qkv-tp1,7b-o-tp1,7b-down-tp2 --sweep-ms 1,4,16 \
+    --sweep-schemes int4_wo,int8_wo
   ;;
 allreduce)
   for n in 2 4; do

@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("triton", reason="the fast weight-only kernels are Triton kernels")
 
+from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
 from tpquant.kernels import triton_weight_only as tw  # noqa: E402
 from tpquant.kernels import weight_only as ref  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
@@ -214,12 +215,48 @@ def test_cuda_path(device, name: str, dtype: torch.dtype, m: int, splits: int) -
     _check(y, _reference(name, t, x, bias), dtype, ("cuda", name, m, splits))
 
 
-@pytest.mark.parametrize("m", [1, 2, 4])
+def _forced_cases() -> list[tuple[str, str, int]]:
+    """(scheme, kernel, M) for each M tile of each kernel that takes the scheme."""
+    cases = []
+    for name, (scheme, _, _) in SCHEMES.items():
+        bits, group = getattr(scheme, "bits", 4), getattr(scheme, "group_size", 0)
+        cases += [(name, "fma", m) for m in (1, 2, 3, 8, 9, 16)]
+        if cw.mma_takes(bits, group):
+            cases += [(name, "mma", m) for m in (1, 2, 3, 8, 9, 16, 17, 24, 32)]
+    return cases
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,kernel,m", _forced_cases())
+def test_cuda_kernels_forced(device, name: str, kernel: str, m: int, dtype: torch.dtype,
+                             splits: int) -> None:
+    """Each CUDA GEMV kernel at every M tile it has (the mma kernel: 1, 2 and 4 tiles of 8
+    tokens, M not a multiple of 8), N = 203 (a partial 16-row warp), K with a partial last
+    step, split-K of 3."""
+    pytest.importorskip("cupy", reason="the CUDA GEMV is compiled and launched through CuPy")
+    scheme = SCHEMES[name][0]
+    bits, group = getattr(scheme, "bits", 4), getattr(scheme, "group_size", 0)
+    k, seed = CUDA_K[name], _seed("cuda-forced", name, dtype, kernel, m, splits)
+    t = _tensors(name, device, seed, (CUDA_N, k))
+    g = torch.Generator().manual_seed(seed + 1)
+    x = (torch.randn(m, k, generator=g) * 100).to(device=device, dtype=dtype)
+    bias = torch.randn(CUDA_N, generator=g).to(device) if dtype == torch.bfloat16 else None
+    out = torch.full((m, CUDA_N), float("nan"), dtype=dtype, device=device)
+    if isinstance(scheme, WeightOnly):
+        args = (t["qweight"], t["scale"], None, None, bits, 0)
+    else:
+        args = (t["qweight"], t["scales"], t.get("zeros"), t.get("pre_quant_scale"), 4, group)
+    cw.gemv(x, *args, bias, out, splits=splits, kernel=kernel)
+    _check(out, _reference(name, t, x, bias), dtype, ("cuda", kernel, name, m, splits))
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 32])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_cuda_path_long_k(device, name: str, dtype: torch.dtype, m: int) -> None:
     """K = 4096: every lane sums several chunks (int4: 4, int8: 8) before the lanes meet,
-    at the row-per-warp counts the dispatch uses (2 at M = 1, 4 at M = 2 and 4)."""
+    with the kernel, rows per warp and split-K the dispatch chooses."""
     pytest.importorskip("cupy", reason="the CUDA GEMV is compiled and launched through CuPy")
     n, k, seed = 96, 4096, _seed("cuda-long", name, dtype, m)
     t = _tensors(name, device, seed, (n, k))

@@ -10,16 +10,35 @@ import pytest
 from tpquant.kernels import cuda_weight_only as cw
 
 
-@pytest.mark.parametrize("m", range(1, cw.MAX_M + 1))
-def test_m_tile_is_the_smallest_compiled_tile_that_holds_m(m: int) -> None:
-    tile = cw.m_tile(m)
-    assert tile in cw.M_TILES and tile >= m
-    assert all(t < m for t in cw.M_TILES if t < tile)
+@pytest.mark.parametrize("kernel, tiles", [(cw.FMA, cw.M_TILES), (cw.MMA, cw.MMA_TILES)])
+def test_m_tile_is_the_smallest_compiled_tile_that_holds_m(kernel: str, tiles) -> None:
+    for m in range(1, tiles[-1] + 1):
+        tile = cw.m_tile(m, kernel)
+        assert tile in tiles and tile >= m
+        assert all(t < m for t in tiles if t < tile)
 
 
 def test_m_past_the_largest_tile_is_refused() -> None:
-    with pytest.raises(ValueError, match="M <= 16"):
-        cw.m_tile(cw.MAX_M + 1)
+    with pytest.raises(ValueError, match="fma GEMV takes M <= 16"):
+        cw.m_tile(17, cw.FMA)
+    with pytest.raises(ValueError, match="mma GEMV takes M <= 32"):
+        cw.m_tile(cw.MAX_M + 1, cw.MMA)
+
+
+@pytest.mark.parametrize(
+    "m, bits, group, kernel",
+    [
+        (1, 4, 0, "fma"),
+        (2, 4, 0, "mma"),
+        (2, 8, 0, "mma"),
+        (16, 4, 128, "mma"),
+        (16, 4, 64, "fma"),  # a 4-chunk step (128 codes) would straddle two groups
+        (32, 4, 256, "mma"),
+    ],
+)
+def test_kernel_for(m: int, bits: int, group: int, kernel: str) -> None:
+    assert cw.MMA_MIN_M == 2  # the thresholds this table is written for
+    assert cw.kernel_for(m, bits, group) == kernel
 
 
 @pytest.mark.parametrize(
@@ -27,7 +46,10 @@ def test_m_past_the_largest_tile_is_refused() -> None:
     [
         (1, 4096, 4, 0, True),
         (16, 4096, 8, 0, True),
-        (17, 4096, 4, 0, False),  # M past the tiles
+        (32, 4096, 4, 0, True),  # the mma kernel's tiles
+        (17, 4096, 4, 128, True),
+        (17, 4096, 4, 64, False),  # past the fma tiles, and groups too small for mma
+        (33, 4096, 4, 0, False),  # M past every tile
         (1, 4080, 4, 0, False),  # K not a whole number of 32-code chunks
         (1, 4080, 8, 0, True),  # int8 chunks are 16 codes
         (1, 4104, 8, 0, False),
@@ -61,3 +83,23 @@ def test_split_k_covers_k_with_a_chunk_per_lane(n: int, k: int, bits: int, tile:
 def test_mode_names_the_kernel_variant() -> None:
     assert [cw.mode(8, 0, False), cw.mode(4, 0, False), cw.mode(4, 128, True),
             cw.mode(4, 128, False)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("n", [64, 4096, 22016])
+@pytest.mark.parametrize("k", [1024, 4096, 11008, 28672])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [2, 16, 32])
+def test_mma_split_k_covers_k_within_its_caps(n: int, k: int, bits: int, m: int) -> None:
+    """Every step is in exactly one split; the partials' traffic stays within half the
+    weight's; splitting stops once the SMs have MMA_WARPS_PER_SM warps each."""
+    steps = -(-k // (cw.STEP_CHUNKS * cw.chunk_elems(bits)))
+    splits, per_split = cw.mma_split_k(m, n, k, bits, sm_count=132)
+    assert 1 <= splits <= cw.MAX_SPLITS
+    assert (splits - 1) * per_split < steps <= splits * per_split
+    if splits > 1:
+        assert 8 * splits * m <= k * bits / 8 / 2
+        assert per_split >= cw.MMA_UNROLL[cw.m_tile(m, cw.MMA)]
+    # One step fewer per split would pass a cap, unless the SMs are already full.
+    caps = (cw.MAX_SPLITS, k * bits // (128 * m), steps // cw.MMA_UNROLL[cw.m_tile(m, cw.MMA)])
+    if per_split > 1 and -(-steps // (per_split - 1)) <= min(caps):
+        assert -(-n // cw.MMA_ROWS) * splits >= cw.MMA_WARPS_PER_SM * 132

@@ -83,12 +83,16 @@ def test_quantize_per_token_exact(kernels, dtype, m, with_smoother) -> None:
     assert torch.equal(q, q_ref)
 
 
-@pytest.mark.parametrize("k", [4100, 16390])
-def test_quantize_long_rows_and_leading_dims(kernels, k) -> None:
-    # K above one 4096-wide block: the amax and quantize loops take two (4100) or five
-    # (16390, above a rank's whole Llama intermediate size) trips.
+@pytest.mark.parametrize("k, cap, trips", [(4100, 4096, 2), (4100, None, 1), (16390, None, 2)])
+def test_quantize_long_rows_and_leading_dims(kernels, monkeypatch, k, cap, trips) -> None:
+    # Rows longer than one block: the amax and quantize loops take several trips (a 4096
+    # cap forces two at 4100; the default cap of 16384 takes 16390, above a rank's whole
+    # Llama intermediate size, in two).
     tw, _ = kernels
-    assert tw.row_block(k)[0] == 4096
+    if cap:
+        monkeypatch.setattr(tw, "ROW_BLOCK_MAX", cap)
+    block = tw.row_block(k)[0]
+    assert -(-k // block) == trips
     x = _activation(6, k, torch.bfloat16, seed=3).reshape(2, 3, k)
     q, scale = tw.quantize_rows(x)
     q_ref, scale_ref = ref.quantize_per_token(x, path="reference")
@@ -96,10 +100,13 @@ def test_quantize_long_rows_and_leading_dims(kernels, k) -> None:
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
 
 
-def test_rms_norm_quantize_long_rows(kernels) -> None:
-    """A long row (16390): every pass (squares, amax, codes) takes five 4096-wide trips."""
-    _, tn = kernels
+def test_rms_norm_quantize_long_rows(kernels, monkeypatch) -> None:
+    """A long row (16390) in 4096-wide chunks: every pass (squares, amax, codes) takes five
+    trips."""
+    tw, tn = kernels
+    monkeypatch.setattr(tw, "ROW_BLOCK_MAX", 4096)
     k = 16390
+    assert -(-k // tn.row_block(k)[0]) == 5
     x = _activation(2, k, torch.float32, seed=8)
     w = 0.5 + torch.rand(k, generator=_gen(9))
     y_ref = norm_ref.rms_norm_f32(x, w, EPS)
@@ -265,11 +272,15 @@ def test_rms_norm_quantize(kernels, dtype, static) -> None:
 
 
 def test_gemm_config_by_shape(kernels) -> None:
-    """Decode tile up to M = 16, the medium tile up to 256, then the large TMA tile unless
-    its tiles would fill less than half of the SMs."""
+    """Decode tile up to M = 16, the medium tile up to 256, then the large or narrow TMA tile,
+    whichever takes less time in whole waves."""
     tw, _ = kernels
     assert tw.gemm_config(8, 4096, 4096, 132).block_m == 16
     assert tw.gemm_config(200, 4096, 4096, 132) == tw.MEDIUM_CONFIG
-    assert tw.gemm_config(1024, 4096, 4096, 132) == tw.LARGE_CONFIG  # 128 tiles
+    assert tw.gemm_config(1024, 4096, 4096, 132) == tw.LARGE_CONFIG  # 128 tiles: 1 wave
     assert tw.gemm_config(512, 2048, 4096, 132) == tw.LARGE_NARROW_CONFIG  # 32 tiles
+    # 192 large tiles: 2 waves, the second under half full; 384 narrow tiles: 3 cheaper waves.
+    assert tw.gemm_config(1024, 6144, 4096, 132) == tw.LARGE_NARROW_CONFIG
+    for n in (11008, 12288, 22016):  # the large tiles' last wave is mostly busy
+        assert tw.gemm_config(1024, n, 4096, 132) == tw.LARGE_CONFIG
     assert tw.LARGE_CONFIG.tma and tw.LARGE_NARROW_CONFIG.tma

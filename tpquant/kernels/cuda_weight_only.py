@@ -1,19 +1,24 @@
-"""The weight-only GEMV for small M in CUDA C++ (cpp/weight_only_gemv.cu), launched through CuPy.
+"""The weight-only GEMVs for small M in CUDA C++ (cpp/weight_only_gemv.cu), launched through CuPy.
 
 y[M, N] = x[M, K] @ W^T (+ bias) for int8 / int4 per channel and groupwise int4 (zeros or
 symmetric, optional pre-quant scale), float16 / bfloat16 x, M <= MAX_M, in the stored layouts
-of `tpquant.kernels.weight_only` (no repacking). The .cu file's header explains the numerics:
-codes become paired half-precision values with one mask and one fma per pair (no int->float
-conversion), which is what keeps the kernel at the memory's speed where the Triton gemv spent
-its time unpacking.
+of `tpquant.kernels.weight_only` (no repacking). Two kernels, the .cu file's header explains
+the numerics of both:
 
-The source compiles at first use, one module per (dtype, scheme, pre-quant scale) holding
-every M tile; kernels run on torch's current stream (CUDA-graph capturable; the only
-allocation is the split-K partial buffer, through torch).
+    fma  codes become paired half-precision values with one mask and one fma per pair, and
+         paired FMAs multiply them with x: memory-bound at M = 1, but its FMAs grow with M.
+    mma  the same dequantization feeding the tensor cores (mma.sync m16n8k16, float32 sums):
+         one mma per 16 x 16 block for up to 8 tokens, so M costs little up to MMA_TILES[-1].
+
+`kernel_for` picks one by M (thresholds measured, below). The source compiles at first use,
+one module per (dtype, scheme, pre-quant scale) holding every M tile of both; kernels run on
+torch's current stream (CUDA-graph capturable; the only allocation is the split-K partial
+buffer, through torch).
 
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
-group size a multiple of 32. Alignment rules (`aligned`): 16-byte aligned, contiguous tensors.
-`tpquant.kernels.triton_weight_only` dispatches here (path "cuda").
+group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma). Alignment rules
+(`aligned`): 16-byte aligned, contiguous tensors. `tpquant.kernels.triton_weight_only`
+dispatches here (path "cuda").
 """
 
 from __future__ import annotations
@@ -29,21 +34,34 @@ import torch
 from tpquant.kernels.cupy_launch import launch
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "weight_only_gemv.cu"
-M_TILES = (1, 2, 4, 8, 16)  # compiled M sizes; M is rounded up to one of them
-MAX_M = M_TILES[-1]
+FMA, MMA = "fma", "mma"
+M_TILES = (1, 2, 4, 8, 16)  # the fma kernel's compiled M sizes; M is rounded up to one of them
+MMA_TILES = (8, 16, 32)  # the mma kernel's: 1, 2 or 4 tiles of 8 tokens
+MAX_M = MMA_TILES[-1]
+# M from which the mma kernel runs (where the shape allows it); below it, the fma kernel.
+MMA_MIN_M = 2
+# Weight loads a lane issues together in the mma kernel (steps), by its M tile: more bytes in
+# flight, as long as the registers last (32 tokens hold 4 x the x values).
+MMA_UNROLL = {8: 4, 16: 4, 32: 2}
 WARPS = 4  # WO_WARPS in the .cu
 CHUNK_BYTES = 16  # weight bytes a lane reads per row per step
 MIN_GROUP = 32  # a chunk (32 int4 codes) must lie in one group
+STEP_CHUNKS = 4  # MMA_STEP_CHUNKS in the .cu: the chunks one mma step covers
+MMA_ROWS = 16  # output rows per warp in the mma kernel
 # Split-K only where the rows alone leave the SMs nearly idle (fewer than WARPS_PER_SM warps
 # each): at every Llama shape measured one split was the fastest or within 2% of it (the
 # partials' write and the second kernel cost more than the extra warps gain), at most
 # MAX_SPLITS splits, each with at least one chunk per lane.
 WARPS_PER_SM = 4
 MAX_SPLITS = 16
+# The mma kernel's warps each stream 16 rows, so it needs split-K on most shapes to fill the
+# SMs; it splits up to MMA_WARPS_PER_SM warps per SM, keeping the float32 partials' traffic
+# (8 * splits * M bytes per row) within half the weight's.
+MMA_WARPS_PER_SM = 8
 _REDUCE_THREADS = 256
 _DT = {torch.float16: 0, torch.bfloat16: 1}
 
-_MODULES: dict[tuple, tuple[dict[int, Any], Any]] = {}
+_MODULES: dict[tuple, tuple[dict[tuple[str, int], Any], Any]] = {}
 
 
 @functools.cache
@@ -63,24 +81,39 @@ def chunk_elems(bits: int) -> int:
     return CHUNK_BYTES * 8 // bits
 
 
-def m_tile(m: int) -> int:
-    """The compiled M size that runs m rows (the smallest tile >= m)."""
-    for tile in M_TILES:
+def mma_takes(bits: int, group: int) -> bool:
+    """Whether the mma kernel takes this scheme: a step (4 chunks) must lie in one group."""
+    return group % (STEP_CHUNKS * chunk_elems(bits)) == 0
+
+
+def kernel_for(m: int, bits: int, group: int) -> str:
+    """The kernel that runs m rows: mma from MMA_MIN_M where the scheme allows, else fma."""
+    if m > M_TILES[-1] or (m >= MMA_MIN_M and mma_takes(bits, group)):
+        return MMA  # (past the fma tiles, `supports` has checked that mma takes the scheme)
+    return FMA
+
+
+def m_tile(m: int, kernel: str = FMA) -> int:
+    """The compiled M size of `kernel` that runs m rows (the smallest tile >= m)."""
+    for tile in MMA_TILES if kernel == MMA else M_TILES:
         if m <= tile:
             return tile
-    raise ValueError(f"the CUDA GEMV takes M <= {MAX_M}, got {m}")
+    tiles = MMA_TILES if kernel == MMA else M_TILES
+    raise ValueError(f"the CUDA {kernel} GEMV takes M <= {tiles[-1]}, got {m}")
 
 
 def rows_per_warp(tile: int) -> int:
-    """Output rows per warp. Measured (sweep of 1, 2, 4 rows): at M = 1, 2 rows (more warps in
-    flight) beat 4 by 10%; at M = 2 and 4, 4 rows (each x load shared by more rows) beat 2 by
-    7-15%. Tiles of 8 and 16 take 2 to stay in registers."""
+    """Output rows per warp of the fma kernel. Measured (sweep of 1, 2, 4 rows): at M = 1,
+    2 rows (more warps in flight) beat 4 by 10%; at M = 2 and 4, 4 rows (each x load shared
+    by more rows) beat 2 by 7-15%. Tiles of 8 and 16 take 2 to stay in registers."""
     return 2 if tile == 1 or tile >= 8 else 4
 
 
 def supports(m: int, k: int, bits: int, group: int) -> bool:
-    """Whether the kernel takes this shape (pure; alignment is `aligned`'s business)."""
-    return 1 <= m <= MAX_M and k % chunk_elems(bits) == 0 and group % MIN_GROUP == 0
+    """Whether a kernel takes this shape (pure; alignment is `aligned`'s business)."""
+    if not (1 <= m <= MAX_M and k % chunk_elems(bits) == 0 and group % MIN_GROUP == 0):
+        return False
+    return m <= M_TILES[-1] or mma_takes(bits, group)
 
 
 def aligned(*tensors: torch.Tensor | None) -> bool:
@@ -90,13 +123,27 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
 
 def split_k(n: int, k: int, bits: int, tile: int, sm_count: int,
             rows: int | None = None) -> tuple[int, int]:
-    """(splits, chunks per split) for an [N, K] weight: enough warps for the SMs."""
+    """(splits, chunks per split) of the fma kernel for an [N, K] weight: enough warps for
+    the SMs."""
     chunks = k // chunk_elems(bits)
     row_warps = -(-n // (rows or rows_per_warp(tile)))
     want = -(-WARPS_PER_SM * sm_count // row_warps)
     splits = max(1, min(want, MAX_SPLITS, chunks // 32))
     per_split = -(-chunks // splits)
     return -(-chunks // per_split), per_split
+
+
+def mma_split_k(m: int, n: int, k: int, bits: int, sm_count: int) -> tuple[int, int]:
+    """(splits, steps per split) of the mma kernel: up to MMA_WARPS_PER_SM warps per SM, the
+    partials' traffic within half the weight's, at least one unrolled load round per split."""
+    steps = -(-k // (STEP_CHUNKS * chunk_elems(bits)))
+    row_warps = -(-n // MMA_ROWS)
+    want = -(-MMA_WARPS_PER_SM * sm_count // row_warps)
+    traffic_cap = k * bits // (128 * m)  # 8 * splits * m <= (k * bits / 8) / 2
+    unroll = MMA_UNROLL[m_tile(m, MMA)]
+    splits = max(1, min(want, MAX_SPLITS, traffic_cap, steps // unroll))
+    per_split = -(-steps // splits)
+    return -(-steps // per_split), per_split
 
 
 def gemv(
@@ -112,26 +159,39 @@ def gemv(
     *,
     splits: int | None = None,
     rows: int | None = None,
+    kernel: str | None = None,
 ) -> None:
     """out[M, N] = x2[M, K] @ W^T (+ bias); the caller has checked shapes, `supports` and
-    `aligned`. splits: force the number of K splits; rows: force the output rows per warp
-    (1, 2 or 4; benchmarks)."""
+    `aligned`. Benchmarks may force: splits (the number of K splits), rows (the fma kernel's
+    output rows per warp: 1, 2 or 4), kernel ("fma" or "mma")."""
     m, k = x2.shape
     n = qweight.shape[0]
-    tile = m_tile(m)
+    kernel = kernel or kernel_for(m, bits, group)
+    if kernel == MMA and not mma_takes(bits, group):
+        raise ValueError(f"the mma GEMV needs groups of a multiple of "
+                         f"{STEP_CHUNKS * chunk_elems(bits)} features, got {group}")
+    tile = m_tile(m, kernel)
     functions, reduce = _kernels(x2.device, x2.dtype, mode(bits, group, zeros is not None),
                                  pqs is not None, rows)
-    rows = rows or rows_per_warp(tile)
-    if splits is None:
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-        splits, per_split = split_k(n, k, bits, tile, sms, rows)
+    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+    if kernel == MMA:
+        units = -(-k // (STEP_CHUNKS * chunk_elems(bits)))  # steps
+        auto = lambda: mma_split_k(m, n, k, bits, sms)  # noqa: E731
+        grid_x = -(-n // (WARPS * MMA_ROWS))
     else:
-        chunks = k // chunk_elems(bits)
-        per_split = -(-chunks // max(1, min(splits, chunks)))
-        splits = -(-chunks // per_split)
+        rows = rows or rows_per_warp(tile)
+        units = k // chunk_elems(bits)  # chunks
+        auto = lambda: split_k(n, k, bits, tile, sms, rows)  # noqa: E731
+        grid_x = -(-n // (WARPS * rows))
+    if splits is None:
+        splits, per_split = auto()
+    else:
+        per_split = -(-units // max(1, min(splits, units)))
+        splits = -(-units // per_split)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()  # added in float32, before the output's rounding
-    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if splits > 1 else None
+    partial = (torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
+               if splits > 1 else None)
     target = out if partial is None else partial
     ptr = _ptr
     args = (
@@ -140,8 +200,7 @@ def gemv(
         np.int32(m), np.int32(n), np.int32(k), np.int32(group or 1), np.int32(per_split),
         np.int32(partial is not None),
     )
-    grid = (-(-n // (WARPS * rows)), splits)
-    launch(functions[tile], grid, (WARPS * 32,), args, x2.device)
+    launch(functions[kernel, tile], (grid_x, splits), (WARPS * 32,), args, x2.device)
     if partial is not None:
         blocks = min(-(-m * n // _REDUCE_THREADS), 1024)
         launch(reduce, (blocks,), (_REDUCE_THREADS,),
@@ -155,7 +214,8 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
 
 def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
              rows: int | None = None):
-    """({M tile: kernel}, split-K reduce kernel) of one module, compiled at first use."""
+    """({(kernel, M tile): function}, split-K reduce kernel) of one module, compiled at first
+    use."""
     key = (device.index, _DT[dtype], mode_, pqs, rows)
     if key not in _MODULES:
         import cupy
@@ -165,18 +225,17 @@ def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
                 f"{SOURCE} not found: tpquant's CUDA sources come with a source checkout "
                 "(pip install -e .)"
             )
-        dt = _DT[dtype]
-        def name(tile: int) -> str:
-            r = rows or rows_per_warp(tile)
-            return f"wo_gemv<{dt}, {mode_}, {str(pqs).lower()}, {tile}, {r}>"
-
-        names = {tile: name(tile) for tile in M_TILES}
+        dt, flag = _DT[dtype], str(pqs).lower()
+        names = {(FMA, t): f"wo_gemv<{dt}, {mode_}, {flag}, {t}, {rows or rows_per_warp(t)}>"
+                 for t in M_TILES}
+        names.update({(MMA, tile): f"wo_mma<{dt}, {mode_}, {flag}, {tile // 8}, {MMA_UNROLL[tile]}>"
+                      for tile in MMA_TILES})
         reduce_name = f"wo_reduce<{dt}>"
         with cupy.cuda.Device(device.index):
             module = cupy.RawModule(
                 code=SOURCE.read_text(), options=("-std=c++17",),
                 name_expressions=[*names.values(), reduce_name],
             )
-            functions = {tile: module.get_function(name) for tile, name in names.items()}
+            functions = {key_: module.get_function(name) for key_, name in names.items()}
             _MODULES[key] = (functions, module.get_function(reduce_name))
     return _MODULES[key]

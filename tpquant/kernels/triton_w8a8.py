@@ -105,10 +105,16 @@ def _quantize_rows_kernel(
         tl.store(q_row + offs, quantize_int8(v, scale), mask=mask)
 
 
-def row_block(k: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for a row kernel over k features: the row in chunks of at most 4096."""
-    block = min(triton.next_power_of_2(max(k, 16)), 4096)
-    return block, 4 if block <= 1024 else 8
+# The longest chunk a row kernel loads at once. Rows up to it take one trip per pass, the
+# later passes finding the row in cache; longer rows loop over chunks of it.
+ROW_BLOCK_MAX = 16384
+
+
+def row_block(k: int, max_block: int | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a row kernel over k features: the row in chunks of at most
+    max_block (default ROW_BLOCK_MAX), 32 values per thread at most."""
+    block = min(triton.next_power_of_2(max(k, 16)), max_block or ROW_BLOCK_MAX)
+    return block, 4 if block <= 1024 else max(8, block // 1024)
 
 
 def as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -222,6 +228,12 @@ LARGE_NARROW_CONFIG = GemmConfig(128, 128, 128, 8, 8, 4, tma=True)
 MEDIUM_CONFIG = GemmConfig(64, 128, 128, 8, 4, 4)
 
 
+# Time of one 128 x 128 tile relative to one 128 x 256 tile, both TMA in 4 stages: 0.5 for
+# the area over the narrow tile's lower throughput (bench_w8a8_gemm.py, H200, M = 4096, many
+# waves: 1.29x bf16 against 1.57x).
+NARROW_TILE_COST = 0.5 * 1.57 / 1.29
+
+
 def gemm_config(m: int, n: int, k: int, num_sms: int = DEFAULT_SMS) -> GemmConfig:
     """The tile configuration for an [m, k] x [k, n] int8 GEMM (pure; thresholds above)."""
     if m <= DECODE_MAX_M:
@@ -229,10 +241,15 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = DEFAULT_SMS) -> GemmConfi
         return GemmConfig(16, block_n, DECODE_BLOCK_K, 1, 4, 4)
     if m <= MEDIUM_MAX_M:
         return MEDIUM_CONFIG
-    # The large tile even at one wave of tiles or a little less: at M = 1024 on a 4096 x 4096
-    # weight (128 tiles, 132 SMs) it measured 1.50x bf16 against 1.25x for the narrow one.
-    tiles = triton.cdiv(m, LARGE_CONFIG.block_m) * triton.cdiv(n, LARGE_CONFIG.block_n)
-    return LARGE_CONFIG if 2 * tiles >= num_sms else LARGE_NARROW_CONFIG
+    # Large M: whichever tile finishes first counting whole waves (one tile per SM): the
+    # large tile even at one wave or a little less (4096 x 4096 at M = 1024: 128 tiles, 1.50x
+    # bf16 against 1.25x narrow), the narrow one where the large tiles' last wave is mostly
+    # idle (6144 x 4096 at M = 1024: 192 large tiles are 2 waves, 384 narrow ones 3).
+    def waves(cfg: GemmConfig) -> int:
+        return -(-triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) // num_sms)
+
+    narrow = waves(LARGE_NARROW_CONFIG) * NARROW_TILE_COST
+    return LARGE_NARROW_CONFIG if narrow < waves(LARGE_CONFIG) else LARGE_CONFIG
 
 
 @triton.jit
@@ -274,7 +291,7 @@ def _store_tile(acc, c_ptr, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, M, N, stri
         tl.store(c_ptrs, acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M = 1 specialized measured slower than M = 4
 def _w8a8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K,
     stride_am, stride_bn, stride_cm,

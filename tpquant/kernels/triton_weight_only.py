@@ -6,8 +6,9 @@ group scales / zeros [K/g, N], pre_quant_scale [K]. y[M, N] = x[M, K] @ W^T (+ b
 
 Four paths; `choose_path` picks one from (M, N, K, bits, group) and the thresholds below:
 
-    cuda     the CUDA C++ GEMV of `tpquant.kernels.cuda_weight_only` (cpp/weight_only_gemv.cu):
-             paired half-precision dequantization, for small M (needs CuPy).
+    cuda     the CUDA C++ GEMVs of `tpquant.kernels.cuda_weight_only` (cpp/weight_only_gemv.cu):
+             paired half-precision dequantization into FMAs (M = 1) or tensor-core mma
+             (M up to 32), for small M (needs CuPy).
     gemv     split-K, CUDA-core FMAs in float32; for the smallest M.
     dot      tl.dot with the dequantization fused in the K loop; split-K for small M so that
              enough programs fill the SMs, one pass over K for large M.
@@ -75,7 +76,7 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
 # From M = 32 dot falls behind bf16 (0.6-0.9x) but stays ahead of dequant + cuBLAS up to
 # M = 64 (int4) and 128 (int8: 0.60x against 0.43x); dequant + cuBLAS from there
 # (bench_wo_kernels.py, stage wo_m, 2026-11-30: docs/benchmarks.md).
-CUDA_MAX_M = 4  # M <= this: the CUDA GEMV, where it takes the shape
+CUDA_MAX_M = 32  # M <= this: the CUDA GEMVs (fma at M = 1, mma above), where they take the shape
 GEMV_MAX_M = 1  # M <= this: gemv
 DOT_MAX_M = {4: 64, 8: 128}  # by bits: GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
 # Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
