@@ -7,8 +7,7 @@ schemes end to end). For each Llama linear shape (Llama-2-7B at TP 1 and / or 2,
 at TP 4) and M: torch's bf16 matmul, then the int8 GEMM with its fused per-token x
 per-channel epilogue (bf16 out) as the dispatch configures it ("auto") and, for M > 256,
 under each candidate config (pointer loads or TMA descriptors); the per-token activation
-quantization alone, in row chunks of at most 4096 and 16384; and the chosen config with the
-quantization included.
+quantization alone; and the chosen config with the quantization included.
 Median of CUDA-graph replays (bench_gemm.time_calls), the same run's bf16 as the baseline.
 Output: a table on stdout and $OUT/bench_w8a8_gemm.json ($OUT defaults to /tmp/out).
 """
@@ -87,11 +86,8 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001 - report, go on
                     torch.cuda.synchronize()
                     print(f"# {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-            for cap in (4096, 16384):  # the per-token quantization alone, by row chunk
-                tw.ROW_BLOCK_MAX, saved = cap, tw.ROW_BLOCK_MAX
-                timed[f"quantize only, chunks <= {cap}"] = time_calls(
-                    [lambda: w8a8.quantize_per_token(x)] * len(q_sets), REPLAYS)
-                tw.ROW_BLOCK_MAX = saved
+            timed["per-token quantization only"] = time_calls(
+                [lambda: w8a8.quantize_per_token(x)] * len(q_sets), REPLAYS)
             timed["auto + per-token quantization"] = time_calls([
                 lambda q=q: tw.w8a8_gemm(*w8a8.quantize_per_token(x), q, sw, None, torch.bfloat16)
                 for q in q_sets], REPLAYS)

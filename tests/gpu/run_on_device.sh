@@ -9,7 +9,7 @@
 #     wo_table    bench_wo_kernels' table only: the dispatch against bf16 (1 GPU)
 #     wo_m        bench_wo_kernels: dot vs dequant + cuBLAS vs the dispatch, M = 8 to 1024
 #     w8a8_tma    bench_w8a8_gemm: the W8A8 GEMM's tiles by M (TP 1 and 2 shapes), with and
-#                 without TMA, and the per-token quantization by row chunk
+#                 without TMA, and the per-token quantization alone
 #     mma_tests   the CUDA GEMVs' tests (fma and mma kernels, dispatch, graphs) and the W8A8 tests
 #     mma_bench   bench_wo_kernels: the CUDA fma and mma kernels against dot and bf16, M = 1 to
 #                 32, then the mma kernel's split-K sweep
@@ -103,9 +103,9 @@ mma_tests)
   step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
   ;;
 mma_bench)
-  STEP_TIMEOUT=500 TAIL=70 step bench_wo_mma python3 benchmarks/bench_wo_kernels.py \
+  STEP_TIMEOUT=450 TAIL=75 step bench_wo_mma python3 benchmarks/bench_wo_kernels.py \
     --shapes 7b-qkv-tp1,7b-o-tp1,7b-gate_up-tp1,7b-down-tp1,7b-down-tp2,70b-gate_up-tp4 \
-    --ms 1,2,4,8,16,32 --paths auto,cuda-fma,cuda-mma,dot --budget 260 --sweep-budget 150 \
+    --ms 1,2,4,8,16,32 --paths auto,cuda-fma,cuda-mma,dot --budget 240 --sweep-budget 120 \
     --sweep-paths cuda-mma --sweep-shapes 7b-qkv-tp1,7b-o-tp1,7b-down-tp2 --sweep-ms 1,4,16 \
     --sweep-schemes int4_wo,int8_wo
   ;;

@@ -111,9 +111,9 @@ def test_quantize_static(device, dtype, m, with_smoother) -> None:
 @pytest.mark.parametrize("k", [11008, 16390])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_kernels_on_long_rows(device, dtype, k) -> None:
-    """Rows of a rank's whole Llama-2-7B intermediate size (one trip of a 16384-wide block)
-    and longer (two trips): per-token quantization exact; the fused RMSNorm + quantize within
-    its allowed difference."""
+    """Rows of a rank's whole Llama-2-7B intermediate size and longer, several 4096-wide
+    blocks: per-token quantization exact; the fused RMSNorm + quantize within its allowed
+    difference."""
     x = _activation(33, k, dtype, k, device)
     smoother = (0.5 + 4 * torch.rand(k, generator=_gen(3))).to(device)
     q, s = triton_w8a8.quantize_rows(x, smoother)

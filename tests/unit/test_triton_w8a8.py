@@ -83,16 +83,12 @@ def test_quantize_per_token_exact(kernels, dtype, m, with_smoother) -> None:
     assert torch.equal(q, q_ref)
 
 
-@pytest.mark.parametrize("k, cap, trips", [(4100, 4096, 2), (4100, None, 1), (16390, None, 2)])
-def test_quantize_long_rows_and_leading_dims(kernels, monkeypatch, k, cap, trips) -> None:
-    # Rows longer than one block: the amax and quantize loops take several trips (a 4096
-    # cap forces two at 4100; the default cap of 16384 takes 16390, above a rank's whole
-    # Llama intermediate size, in two).
+@pytest.mark.parametrize("k", [4100, 16390])
+def test_quantize_long_rows_and_leading_dims(kernels, k) -> None:
+    # K above one 4096-wide block: the amax and quantize loops take two (4100) or five
+    # (16390, above a rank's whole Llama intermediate size) trips.
     tw, _ = kernels
-    if cap:
-        monkeypatch.setattr(tw, "ROW_BLOCK_MAX", cap)
-    block = tw.row_block(k)[0]
-    assert -(-k // block) == trips
+    assert tw.row_block(k)[0] == 4096
     x = _activation(6, k, torch.bfloat16, seed=3).reshape(2, 3, k)
     q, scale = tw.quantize_rows(x)
     q_ref, scale_ref = ref.quantize_per_token(x, path="reference")
@@ -100,13 +96,10 @@ def test_quantize_long_rows_and_leading_dims(kernels, monkeypatch, k, cap, trips
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
 
 
-def test_rms_norm_quantize_long_rows(kernels, monkeypatch) -> None:
-    """A long row (16390) in 4096-wide chunks: every pass (squares, amax, codes) takes five
-    trips."""
-    tw, tn = kernels
-    monkeypatch.setattr(tw, "ROW_BLOCK_MAX", 4096)
+def test_rms_norm_quantize_long_rows(kernels) -> None:
+    """A long row (16390): every pass (squares, amax, codes) takes five 4096-wide trips."""
+    _, tn = kernels
     k = 16390
-    assert -(-k // tn.row_block(k)[0]) == 5
     x = _activation(2, k, torch.float32, seed=8)
     w = 0.5 + torch.rand(k, generator=_gen(9))
     y_ref = norm_ref.rms_norm_f32(x, w, EPS)

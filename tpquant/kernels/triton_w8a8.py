@@ -105,16 +105,12 @@ def _quantize_rows_kernel(
         tl.store(q_row + offs, quantize_int8(v, scale), mask=mask)
 
 
-# The longest chunk a row kernel loads at once. Rows up to it take one trip per pass, the
-# later passes finding the row in cache; longer rows loop over chunks of it.
-ROW_BLOCK_MAX = 16384
-
-
-def row_block(k: int, max_block: int | None = None) -> tuple[int, int]:
-    """(BLOCK, num_warps) for a row kernel over k features: the row in chunks of at most
-    max_block (default ROW_BLOCK_MAX), 32 values per thread at most."""
-    block = min(triton.next_power_of_2(max(k, 16)), max_block or ROW_BLOCK_MAX)
-    return block, 4 if block <= 1024 else max(8, block // 1024)
+def row_block(k: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a row kernel over k features: the row in chunks of at most 4096.
+    (Chunks of up to 16384 with 16 warps, one trip per pass for a rank's Llama-2-7B
+    intermediate size, measured 5-10% slower at M = 1024 / 4096: docs/benchmarks.md.)"""
+    block = min(triton.next_power_of_2(max(k, 16)), 4096)
+    return block, 4 if block <= 1024 else 8
 
 
 def as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
