@@ -125,8 +125,11 @@ def cuda_calls(scheme_name: str, x: torch.Tensor, sets: list[dict], rows: int | 
     else:
         args = [(t["qweight"], t["scales"], t.get("zeros"), t.get("pre_quant_scale"), 4,
                  scheme.group_size) for t in sets]
-    return [lambda a=a: cw.gemv(x, *a, None, out, splits=split, rows=rows, kernel=kernel)
-            for a in args]
+    def call(a: tuple) -> torch.Tensor:
+        cw.gemv(x, *a, None, out, splits=split, rows=rows, kernel=kernel)
+        return out
+
+    return [lambda a=a: call(a) for a in args]
 
 
 def reference(scheme_name: str, t: dict, x: torch.Tensor) -> torch.Tensor:

@@ -395,11 +395,16 @@ __device__ __forceinline__ void mma_step(
     }
   }
 
-  float d[NT][4];
+  // Two accumulator chains (even and odd weight words): back-to-back mmas on one
+  // accumulator wait for each other.
+  float d[NT][4], d2[NT][4];
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) d[t][e] = Md::GROUPED ? 0.f : acc[t][e];
+    for (int e = 0; e < 4; ++e) {
+      d[t][e] = Md::GROUPED ? 0.f : acc[t][e];
+      d2[t][e] = 0.f;
+    }
 #pragma unroll
   for (int i = 0; i < WO_CHUNK_WORDS; ++i) {
     const u32 w0 = word(wv[0], i) ^ Md::FLIP, w1 = word(wv[1], i) ^ Md::FLIP;
@@ -412,10 +417,15 @@ __device__ __forceinline__ void mma_step(
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         const u32* xi = xw[t] + i * Md::PAIRS;  // the x words of weight word i
-        mma16816<DT>(d[t], a0, a1, a2, a3, x_pair<MODE>(xi, p), x_pair<MODE>(xi, p + 1));
+        mma16816<DT>(i & 1 ? d2[t] : d[t], a0, a1, a2, a3, x_pair<MODE>(xi, p),
+                     x_pair<MODE>(xi, p + 1));
       }
     }
   }
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d[t][e] += d2[t][e];
   if constexpr (!Md::GROUPED) {
 #pragma unroll
     for (int t = 0; t < NT; ++t)
