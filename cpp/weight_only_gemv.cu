@@ -322,9 +322,10 @@ __device__ __forceinline__ void wo_gemv_body(
 // tensor cores (mma.sync m16n8k16, float32 accumulation): per weight word the cost is the
 // dequantization and one mma per 16 x 16 block, whatever M is up to 8 (NT 8-token tiles).
 //
-// Work split: a warp owns 16 consecutive rows. Lane l = 4 g + j holds rows g and g + 8 of
-// them (the mma's A fragment rows) and, in each "step" of 4 chunks, reads chunk j (16 bytes)
-// of both rows: a quad of lanes covers 4 consecutive chunks (128 int4 / 64 int8 features).
+// Work split: a warp owns RT tiles of 16 consecutive rows. Lane l = 4 g + j holds rows g and
+// g + 8 of each tile (the mma's A fragment rows) and, in each "step" of 4 chunks, reads chunk
+// j (16 bytes) of those rows: a quad of lanes covers 4 consecutive chunks (128 int4 / 64
+// int8 features). The tiles share the step's x loads and pairs.
 // The mma's k order is the lanes' own: for weight word i of the chunks, the A registers are
 // code pairs (p, p + ELEMS/2) of rows g and g + 8 (code_pair), and lane l as the B fragment
 // holds token g's x values at the same features (x_pair), so both sides agree on which
@@ -351,24 +352,29 @@ __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, 
   }
 }
 
-// One step: the chunk this lane read of rows g and g + 8 (wv), at chunk index c (ok: inside
-// K), against tokens 8 t + g; adds to acc[t] = C fragments (per channel), or to d, then
-// scaled into acc (groupwise).
-template <int DT, int MODE, bool PQS, int NT>
+// One step: the chunk this lane read of rows g and g + 8 of each of the warp's RT row tiles
+// (wv), at chunk index c (ok: inside K), against tokens 8 t + g; adds to acc[r][t] = C
+// fragments (per channel), or to d, then scaled into acc (groupwise). rows[r]: the rows
+// g and g + 8 of tile r, clamped to N - 1.
+template <int DT, int MODE, bool PQS, int NT, int RT>
 __device__ __forceinline__ void mma_step(
-    const uint4 (&wv)[2], int c, bool ok, int step, const unsigned short* __restrict__ x, int M,
-    int K, const float* __restrict__ scale, const float* __restrict__ zeros,
-    const float* __restrict__ pqs, int N, int n0, int n1, int group, int g, int j, u32 inv2,
-    u32 shift2, float (&acc)[NT][4]) {
+    const uint4 (&wv)[RT][2], int c, bool ok, int step, const unsigned short* __restrict__ x,
+    int M, int K, const float* __restrict__ scale, const float* __restrict__ zeros,
+    const float* __restrict__ pqs, int N, const int (&rows)[RT][2], int group, int g, int j,
+    u32 inv2, u32 shift2, float (&acc)[RT][NT][4]) {
   typedef Mode<MODE> Md;
   constexpr int CHUNK_ELEMS = WO_CHUNK_WORDS * Md::ELEMS;
   constexpr int XW = CHUNK_ELEMS / 2;  // x words (two values each) per chunk
+  // Accumulator chains: back-to-back mmas on one accumulator wait for each other, so one
+  // row tile alternates two (even and odd weight words); several tiles are chains already.
+  constexpr int CH = RT == 1 ? 2 : 1;
   u32 xw[NT][XW];
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
     const int m = 8 * t + g;
     if (ok && m < M) {
-      const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)m * K + (size_t)c * CHUNK_ELEMS);
+      const uint4* src =
+          reinterpret_cast<const uint4*>(x + (size_t)m * K + (size_t)c * CHUNK_ELEMS);
 #pragma unroll
       for (int v = 0; v < XW / 4; ++v) {
         const uint4 q = __ldg(src + v);
@@ -395,74 +401,95 @@ __device__ __forceinline__ void mma_step(
     }
   }
 
-  // Two accumulator chains (even and odd weight words): back-to-back mmas on one
-  // accumulator wait for each other.
-  float d[NT][4], d2[NT][4];
+  float d[CH][RT][NT][4];
 #pragma unroll
-  for (int t = 0; t < NT; ++t)
+  for (int h = 0; h < CH; ++h)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      d[t][e] = Md::GROUPED ? 0.f : acc[t][e];
-      d2[t][e] = 0.f;
-    }
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) d[h][r][t][e] = Md::GROUPED || h ? 0.f : acc[r][t][e];
 #pragma unroll
   for (int i = 0; i < WO_CHUNK_WORDS; ++i) {
-    const u32 w0 = word(wv[0], i) ^ Md::FLIP, w1 = word(wv[1], i) ^ Md::FLIP;
 #pragma unroll
     for (int p = 0; p < Md::PAIRS; p += 2) {
-      const u32 a0 = code_pair<DT, MODE>(w0, p, inv2, shift2);
-      const u32 a1 = code_pair<DT, MODE>(w1, p, inv2, shift2);
-      const u32 a2 = code_pair<DT, MODE>(w0, p + 1, inv2, shift2);
-      const u32 a3 = code_pair<DT, MODE>(w1, p + 1, inv2, shift2);
+      u32 b[NT][2];  // the x pairs of code pairs p and p + 1, shared by the row tiles
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         const u32* xi = xw[t] + i * Md::PAIRS;  // the x words of weight word i
-        mma16816<DT>(i & 1 ? d2[t] : d[t], a0, a1, a2, a3, x_pair<MODE>(xi, p),
-                     x_pair<MODE>(xi, p + 1));
+        b[t][0] = x_pair<MODE>(xi, p);
+        b[t][1] = x_pair<MODE>(xi, p + 1);
+      }
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const u32 w0 = word(wv[r][0], i) ^ Md::FLIP, w1 = word(wv[r][1], i) ^ Md::FLIP;
+        const u32 a0 = code_pair<DT, MODE>(w0, p, inv2, shift2);
+        const u32 a1 = code_pair<DT, MODE>(w1, p, inv2, shift2);
+        const u32 a2 = code_pair<DT, MODE>(w0, p + 1, inv2, shift2);
+        const u32 a3 = code_pair<DT, MODE>(w1, p + 1, inv2, shift2);
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+          mma16816<DT>(d[i % CH][r][t], a0, a1, a2, a3, b[t][0], b[t][1]);
       }
     }
   }
+  if constexpr (CH == 2) {
 #pragma unroll
-  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < RT; ++r)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) d[t][e] += d2[t][e];
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) d[0][r][t][e] += d[1][r][t][e];
+  }
   if constexpr (!Md::GROUPED) {
 #pragma unroll
-    for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < RT; ++r)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[t][e] = d[t][e];
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[r][t][e] = d[0][r][t][e];
   } else {
     // sum x (u - z) s = OFF s (sum x q/OFF + (OFF - z)/OFF sum x); symmetric: z = OFF.
     const int gi = step * MMA_STEP_CHUNKS * CHUNK_ELEMS / group;
-    const float s0 = __ldg(scale + (size_t)gi * N + n0) * Md::OFF;
-    const float s1 = __ldg(scale + (size_t)gi * N + n1) * Md::OFF;
-    float z0 = 0.f, z1 = 0.f;
-    if constexpr (Md::ZEROS) {
-      z0 = (Md::OFF - __ldg(zeros + (size_t)gi * N + n0)) / Md::OFF;
-      z1 = (Md::OFF - __ldg(zeros + (size_t)gi * N + n1)) / Md::OFF;
-    }
+    float xa[NT], xb[NT];  // the step's sum of x for tokens 8 t + 2 j and 8 t + 2 j + 1
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      float xa = 0.f, xb = 0.f;  // the step's sum of x for tokens 8 t + 2 j and 8 t + 2 j + 1
+      xa[t] = xb[t] = 0.f;
       if constexpr (Md::ZEROS) {
         float xs = 0.f;  // token 8 t + g, this lane's chunk; then the quad's 4 chunks
 #pragma unroll
         for (int v = 0; v < XW; ++v) xs += hsum<DT>(xw[t][v]);
         xs += __shfl_xor_sync(0xffffffffu, xs, 1);
         xs += __shfl_xor_sync(0xffffffffu, xs, 2);
-        xa = __shfl_sync(0xffffffffu, xs, 8 * j);
-        xb = __shfl_sync(0xffffffffu, xs, 8 * j + 4);
+        xa[t] = __shfl_sync(0xffffffffu, xs, 8 * j);
+        xb[t] = __shfl_sync(0xffffffffu, xs, 8 * j + 4);
       }
-      acc[t][0] = fmaf(s0, fmaf(z0, xa, d[t][0]), acc[t][0]);
-      acc[t][1] = fmaf(s0, fmaf(z0, xb, d[t][1]), acc[t][1]);
-      acc[t][2] = fmaf(s1, fmaf(z1, xa, d[t][2]), acc[t][2]);
-      acc[t][3] = fmaf(s1, fmaf(z1, xb, d[t][3]), acc[t][3]);
+    }
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const float s0 = __ldg(scale + (size_t)gi * N + rows[r][0]) * Md::OFF;
+      const float s1 = __ldg(scale + (size_t)gi * N + rows[r][1]) * Md::OFF;
+      float z0 = 0.f, z1 = 0.f;
+      if constexpr (Md::ZEROS) {
+        z0 = (Md::OFF - __ldg(zeros + (size_t)gi * N + rows[r][0])) / Md::OFF;
+        z1 = (Md::OFF - __ldg(zeros + (size_t)gi * N + rows[r][1])) / Md::OFF;
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const float(&dd)[4] = d[0][r][t];
+        acc[r][t][0] = fmaf(s0, fmaf(z0, xa[t], dd[0]), acc[r][t][0]);
+        acc[r][t][1] = fmaf(s0, fmaf(z0, xb[t], dd[1]), acc[r][t][1]);
+        acc[r][t][2] = fmaf(s1, fmaf(z1, xa[t], dd[2]), acc[r][t][2]);
+        acc[r][t][3] = fmaf(s1, fmaf(z1, xb[t], dd[3]), acc[r][t][3]);
+      }
     }
   }
 }
 
-// NT: 8-token tiles (M <= 8 NT); U: steps whose weight loads are issued together.
-template <int DT, int MODE, bool PQS, int NT, int U>
+// NT: 8-token tiles (M <= 8 NT); U: steps whose weight loads are issued together; RT:
+// 16-row tiles per warp (more rows share each x load and pair).
+template <int DT, int MODE, bool PQS, int NT, int U, int RT>
 __device__ __forceinline__ void wo_mma_body(
     const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
     const float* __restrict__ scale, const float* __restrict__ zeros,
@@ -472,66 +499,76 @@ __device__ __forceinline__ void wo_mma_body(
   constexpr int CHUNK_ELEMS = WO_CHUNK_WORDS * Md::ELEMS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, j = lane & 3;
-  const int row0 = (blockIdx.x * WO_WARPS + warp) * 16;
-  const int n0 = min(row0 + g, N - 1), n1 = min(row0 + g + 8, N - 1);
+  const int row0 = (blockIdx.x * WO_WARPS + warp) * 16 * RT;
   const int chunks = K / CHUNK_ELEMS;
   const int steps = (chunks + MMA_STEP_CHUNKS - 1) / MMA_STEP_CHUNKS;
   const int split = blockIdx.y;
   const int s_begin = split * steps_per_split;
   const int s_end = min(s_begin + steps_per_split, steps);
   const size_t row_bytes = (size_t)K * Md::BITS / 8;
-  const unsigned char* w0 = w + (size_t)n0 * row_bytes;
-  const unsigned char* w1 = w + (size_t)n1 * row_bytes;
+  int rows[RT][2];
+  const unsigned char* wr[RT][2];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      rows[r][h] = min(row0 + 16 * r + g + 8 * h, N - 1);
+      wr[r][h] = w + (size_t)rows[r][h] * row_bytes;
+    }
 
   const float magic_f = DT == 0 ? 1024.f : 128.f;
   const u32 inv2 = pack2<DT>(1.f / Md::OFF, 1.f / Md::OFF);
   const u32 shift2 = pack2<DT>(-(magic_f + Md::OFF) / Md::OFF, -(magic_f + Md::OFF) / Md::OFF);
 
-  float acc[NT][4];
+  float acc[RT][NT][4];
 #pragma unroll
-  for (int t = 0; t < NT; ++t)
+  for (int r = 0; r < RT; ++r)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][t][e] = 0.f;
 
   for (int s0 = s_begin; s0 < s_end; s0 += U) {
-    uint4 wv[U][2];
+    uint4 wv[U][RT][2];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
-      if (s0 + u < s_end && c < chunks) {
-        wv[u][0] = load_weight(w0 + (size_t)c * 16);
-        wv[u][1] = load_weight(w1 + (size_t)c * 16);
-      } else {
-        wv[u][0] = wv[u][1] = make_uint4(0u, 0u, 0u, 0u);
-      }
+      const bool in = s0 + u < s_end && c < chunks;
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          wv[u][r][h] = in ? load_weight(wr[r][h] + (size_t)c * 16) : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (s0 + u < s_end) {  // the same for every lane: the shuffles inside stay converged
         const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
-        mma_step<DT, MODE, PQS, NT>(wv[u], c, c < chunks, s0 + u, x, M, K, scale, zeros, pqs,
-                                    N, n0, n1, group, g, j, inv2, shift2, acc);
+        mma_step<DT, MODE, PQS, NT, RT>(wv[u], c, c < chunks, s0 + u, x, M, K, scale, zeros,
+                                        pqs, N, rows, group, g, j, inv2, shift2, acc);
       }
     }
   }
 
-  // C fragment: acc[t][e] is row g (e < 2) or g + 8 (e >= 2), token 8 t + 2 j + (e & 1).
+  // C fragment: acc[r][t][e] is row 16 r + g (e < 2) or + 8 (e >= 2), token 8 t + 2 j + (e & 1).
 #pragma unroll
-  for (int t = 0; t < NT; ++t)
+  for (int r = 0; r < RT; ++r)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int n = row0 + g + (e >= 2 ? 8 : 0), m = 8 * t + 2 * j + (e & 1);
-      if (m < M && n < N) {
-        float v = acc[t][e];
-        if constexpr (!Md::GROUPED) v *= __ldg(scale + n) * Md::OFF;
-        if (write_partial) {
-          reinterpret_cast<float*>(out)[((size_t)split * M + m) * N + n] = v;
-        } else {
-          if (bias) v += bias[n];
-          reinterpret_cast<unsigned short*>(out)[(size_t)m * N + n] = from_float<DT>(v);
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = row0 + 16 * r + g + (e >= 2 ? 8 : 0), m = 8 * t + 2 * j + (e & 1);
+        if (m < M && n < N) {
+          float v = acc[r][t][e];
+          if constexpr (!Md::GROUPED) v *= __ldg(scale + n) * Md::OFF;
+          if (write_partial) {
+            reinterpret_cast<float*>(out)[((size_t)split * M + m) * N + n] = v;
+          } else {
+            if (bias) v += bias[n];
+            reinterpret_cast<unsigned short*>(out)[(size_t)m * N + n] = from_float<DT>(v);
+          }
         }
       }
-    }
 }
 
 // Sum the float32 partials [splits, M, N] in split order, add the bias, cast to x's dtype.
@@ -559,13 +596,13 @@ wo_gemv(const unsigned short* x, const unsigned char* w, const float* scale, con
                                         chunks_per_split, write_partial);
 }
 
-template <int DT, int MODE, bool PQS, int NT, int U>
+template <int DT, int MODE, bool PQS, int NT, int U, int RT>
 __global__ void __launch_bounds__(WO_WARPS * 32)
 wo_mma(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
        const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
        int steps_per_split, int write_partial) {
-  wo_mma_body<DT, MODE, PQS, NT, U>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
-                                    steps_per_split, write_partial);
+  wo_mma_body<DT, MODE, PQS, NT, U, RT>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
+                                        steps_per_split, write_partial);
 }
 
 template <int DT>

@@ -12,7 +12,7 @@
 #                 without TMA, and the per-token quantization alone
 #     mma_tests   the CUDA GEMVs' tests (fma and mma kernels, dispatch, graphs) and the W8A8 tests
 #     mma_bench   bench_wo_kernels: the CUDA fma and mma kernels against dot and bf16, M = 1 to
-#                 32, then the mma kernel's split-K sweep
+#                 32 (mma_sweep: then the mma kernel's split-K sweep)
 #     allreduce   NCCL and custom all-reduce tests, and the layers over them (2 and 4 ranks)
 #     allreduce_blocks  custom all-reduce latency at 36, 48, 64 blocks per launch (2 ranks)
 #     failures    a rank that raises or is killed while others sit in NCCL / custom all-reduce
@@ -102,12 +102,13 @@ mma_tests)
   step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
   step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
   ;;
-mma_bench)
-  STEP_TIMEOUT=450 TAIL=75 step bench_wo_mma python3 benchmarks/bench_wo_kernels.py \
+mma_bench|mma_sweep)
+  sweep=(--no-sweep)
+  [ "$stage" = mma_sweep ] && sweep=(--sweep-budget 120 --sweep-paths cuda-mma --sweep-ms 1,4,16 \
+    --sweep-shapes 7b-qkv-tp1,7b-o-tp1,7b-down-tp2 --sweep-schemes int4_wo,int8_wo)
+  STEP_TIMEOUT=450 TAIL=20 step bench_wo_mma python3 benchmarks/bench_wo_kernels.py \
     --shapes 7b-qkv-tp1,7b-o-tp1,7b-gate_up-tp1,7b-down-tp1,7b-down-tp2,70b-gate_up-tp4 \
-    --ms 1,2,4,8,16,32 --paths auto,cuda-fma,cuda-mma,dot --budget 240 --sweep-budget 120 \
-    --sweep-paths cuda-mma --sweep-shapes 7b-qkv-tp1,7b-o-tp1,7b-down-tp2 --sweep-ms 1,4,16 \
-    --sweep-schemes int4_wo,int8_wo
+    --ms 1,2,4,8,16,32 --paths auto,cuda-fma,cuda-mma,dot --budget 200 "${sweep[@]}"
   ;;
 allreduce)
   for n in 2 4; do

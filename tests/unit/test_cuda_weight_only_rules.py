@@ -28,16 +28,18 @@ def test_m_past_the_largest_tile_is_refused() -> None:
 @pytest.mark.parametrize(
     "m, bits, group, kernel",
     [
-        (1, 4, 0, "fma"),
-        (2, 4, 0, "mma"),
+        (1, 8, 0, "fma"),
         (2, 8, 0, "mma"),
+        (2, 4, 0, "fma"),  # int4 per channel: fma still ahead at M = 2
+        (3, 4, 0, "mma"),
+        (2, 4, 128, "mma"),
         (16, 4, 128, "mma"),
         (16, 4, 64, "fma"),  # a 4-chunk step (128 codes) would straddle two groups
         (32, 4, 256, "mma"),
     ],
 )
 def test_kernel_for(m: int, bits: int, group: int, kernel: str) -> None:
-    assert cw.MMA_MIN_M == 2  # the thresholds this table is written for
+    assert cw.MMA_MIN_M == {0: 2, 1: 3, 2: 2, 3: 2}  # the thresholds this table is written for
     assert cw.kernel_for(m, bits, group) == kernel
 
 
@@ -94,12 +96,13 @@ def test_mma_split_k_covers_k_within_its_caps(n: int, k: int, bits: int, m: int)
     weight's; splitting stops once the SMs have MMA_WARPS_PER_SM warps each."""
     steps = -(-k // (cw.STEP_CHUNKS * cw.chunk_elems(bits)))
     splits, per_split = cw.mma_split_k(m, n, k, bits, sm_count=132)
+    unroll, row_tiles = cw.MMA_SHAPE[cw.m_tile(m, cw.MMA)]
     assert 1 <= splits <= cw.MAX_SPLITS
     assert (splits - 1) * per_split < steps <= splits * per_split
     if splits > 1:
         assert 8 * splits * m <= k * bits / 8 / 2
-        assert per_split >= cw.MMA_UNROLL[cw.m_tile(m, cw.MMA)]
+        assert per_split >= unroll
     # One step fewer per split would pass a cap, unless the SMs are already full.
-    caps = (cw.MAX_SPLITS, k * bits // (128 * m), steps // cw.MMA_UNROLL[cw.m_tile(m, cw.MMA)])
+    caps = (cw.MAX_SPLITS, k * bits // (128 * m), steps // unroll)
     if per_split > 1 and -(-steps // (per_split - 1)) <= min(caps):
-        assert -(-n // cw.MMA_ROWS) * splits >= cw.MMA_WARPS_PER_SM * 132
+        assert -(-n // (16 * row_tiles)) * splits >= cw.MMA_WARPS_PER_SM * 132

@@ -38,16 +38,19 @@ FMA, MMA = "fma", "mma"
 M_TILES = (1, 2, 4, 8, 16)  # the fma kernel's compiled M sizes; M is rounded up to one of them
 MMA_TILES = (8, 16, 32)  # the mma kernel's: 1, 2 or 4 tiles of 8 tokens
 MAX_M = MMA_TILES[-1]
-# M from which the mma kernel runs (where the shape allows it); below it, the fma kernel.
-MMA_MIN_M = 2
-# Weight loads a lane issues together in the mma kernel (steps), by its M tile: more bytes in
-# flight, as long as the registers last (32 tokens hold 4 x the x values).
-MMA_UNROLL = {8: 4, 16: 4, 32: 2}
+# M from which the mma kernel runs (where the shape allows it), by `mode`; below it, the fma
+# kernel. bench_wo_kernels.py, H200, six Llama shapes, geomean over bf16 at M = 1 / 2:
+# int4 per channel fma 2.24 / 1.77, mma 1.75 / 1.67; int8 fma 1.65 / 1.12, mma 1.38 / 1.28;
+# groupwise int4 (zeros) fma 1.81 / 1.36, mma 1.52 / 1.47.
+MMA_MIN_M = {0: 2, 1: 3, 2: 2, 3: 2}
+# The mma kernel's shape by its M tile: (steps whose weight loads a lane issues together,
+# 16-row tiles per warp). More loads in flight while the registers last; two row tiles from
+# 16 tokens on, where each x load and pair would otherwise serve one tile's 16 rows only.
+MMA_SHAPE = {8: (4, 1), 16: (2, 2), 32: (2, 2)}
 WARPS = 4  # WO_WARPS in the .cu
 CHUNK_BYTES = 16  # weight bytes a lane reads per row per step
 MIN_GROUP = 32  # a chunk (32 int4 codes) must lie in one group
 STEP_CHUNKS = 4  # MMA_STEP_CHUNKS in the .cu: the chunks one mma step covers
-MMA_ROWS = 16  # output rows per warp in the mma kernel
 # Split-K only where the rows alone leave the SMs nearly idle (fewer than WARPS_PER_SM warps
 # each): at every Llama shape measured one split was the fastest or within 2% of it (the
 # partials' write and the second kernel cost more than the extra warps gain), at most
@@ -88,9 +91,10 @@ def mma_takes(bits: int, group: int) -> bool:
     return group % (STEP_CHUNKS * chunk_elems(bits)) == 0
 
 
-def kernel_for(m: int, bits: int, group: int) -> str:
+def kernel_for(m: int, bits: int, group: int, has_zeros: bool = True) -> str:
     """The kernel that runs m rows: mma from MMA_MIN_M where the scheme allows, else fma."""
-    if m > M_TILES[-1] or (m >= MMA_MIN_M and mma_takes(bits, group)):
+    if m > M_TILES[-1] or (m >= MMA_MIN_M[mode(bits, group, has_zeros)]
+                           and mma_takes(bits, group)):
         return MMA  # (past the fma tiles, `supports` has checked that mma takes the scheme)
     return FMA
 
@@ -139,10 +143,10 @@ def mma_split_k(m: int, n: int, k: int, bits: int, sm_count: int) -> tuple[int, 
     """(splits, steps per split) of the mma kernel: up to MMA_WARPS_PER_SM warps per SM, the
     partials' traffic within half the weight's, at least one unrolled load round per split."""
     steps = -(-k // (STEP_CHUNKS * chunk_elems(bits)))
-    row_warps = -(-n // MMA_ROWS)
+    unroll, row_tiles = MMA_SHAPE[m_tile(m, MMA)]
+    row_warps = -(-n // (16 * row_tiles))
     want = -(-MMA_WARPS_PER_SM * sm_count // row_warps)
     traffic_cap = k * bits // (128 * m)  # 8 * splits * m <= (k * bits / 8) / 2
-    unroll = MMA_UNROLL[m_tile(m, MMA)]
     splits = max(1, min(want, MAX_SPLITS, traffic_cap, steps // unroll))
     per_split = -(-steps // splits)
     return -(-steps // per_split), per_split
@@ -168,7 +172,7 @@ def gemv(
     output rows per warp: 1, 2 or 4), kernel ("fma" or "mma")."""
     m, k = x2.shape
     n = qweight.shape[0]
-    kernel = kernel or kernel_for(m, bits, group)
+    kernel = kernel or kernel_for(m, bits, group, zeros is not None)
     if kernel == MMA and not mma_takes(bits, group):
         raise ValueError(f"the mma GEMV needs groups of a multiple of "
                          f"{STEP_CHUNKS * chunk_elems(bits)} features, got {group}")
@@ -179,7 +183,7 @@ def gemv(
     if kernel == MMA:
         units = -(-k // (STEP_CHUNKS * chunk_elems(bits)))  # steps
         auto = lambda: mma_split_k(m, n, k, bits, sms)  # noqa: E731
-        grid_x = -(-n // (WARPS * MMA_ROWS))
+        grid_x = -(-n // (WARPS * 16 * MMA_SHAPE[tile][1]))
     else:
         rows = rows or rows_per_warp(tile)
         units = k // chunk_elems(bits)  # chunks
@@ -230,8 +234,8 @@ def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
         dt, flag = _DT[dtype], str(pqs).lower()
         names = {(FMA, t): f"wo_gemv<{dt}, {mode_}, {flag}, {t}, {rows or rows_per_warp(t)}>"
                  for t in M_TILES}
-        names.update({(MMA, tile): f"wo_mma<{dt}, {mode_}, {flag}, {tile // 8}, {MMA_UNROLL[tile]}>"
-                      for tile in MMA_TILES})
+        names.update({(MMA, t): f"wo_mma<{dt}, {mode_}, {flag}, {t // 8}, {u}, {r}>"
+                      for t, (u, r) in MMA_SHAPE.items()})
         reduce_name = f"wo_reduce<{dt}>"
         with cupy.cuda.Device(device.index):
             module = cupy.RawModule(

@@ -69,14 +69,15 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
 # int8 and groupwise: dot 0.98x vs gemv 0.90x),
 # dot (swapped operands, split-K) from M = 2 to 64, dequant + cuBLAS from M = 256 (int4 at
 # M = 256: 0.54x vs dot 0.31x; at M = 64: dot 0.56x vs 0.47x).
-# The CUDA GEMV (bench_wo_kernels.py, 2 x H200 machine, 2026-11-29; speed-up over bf16 on
-# Llama-2-7B/70B shapes): M = 1 int4 1.3-2.3x, int8 1.0-1.6x (dot: 0.7-1.15x); M = 4 int4
-# 0.8-1.3x, a little ahead of dot's 0.74-1.13x; M = 16 0.2-0.3x (its CUDA-core FMAs and x
-# reads per row grow with M) against dot's 0.8-1.16x.
+# The CUDA GEMVs (bench_wo_kernels.py, H200, six Llama-2-7B/70B shapes, geomean over bf16,
+# 2026-11-30): M = 1 the fma kernel, int4 2.24x, int8 1.65x (dot: 1.14x, 0.98x); M = 2-8 the
+# tensor-core mma kernel, int4 1.5-1.67x, int8 1.22-1.28x (dot 1.11-1.13x, 0.94-0.96x;
+# the fma kernel falls to 0.5x at M = 8); M = 16 mma and dot about even (1.12x / 1.15x int4,
+# 1.01x / 0.99x int8 with one row tile per warp); M = 32 dot ahead (0.82x against 0.68x).
 # From M = 32 dot falls behind bf16 (0.6-0.9x) but stays ahead of dequant + cuBLAS up to
 # M = 64 (int4) and 128 (int8: 0.60x against 0.43x); dequant + cuBLAS from there
 # (bench_wo_kernels.py, stage wo_m, 2026-11-30: docs/benchmarks.md).
-CUDA_MAX_M = 32  # M <= this: the CUDA GEMVs (fma at M = 1, mma above), where they take the shape
+CUDA_MAX_M = 16  # M <= this: the CUDA GEMVs (fma at M = 1, mma above), where they take the shape
 GEMV_MAX_M = 1  # M <= this: gemv
 DOT_MAX_M = {4: 64, 8: 128}  # by bits: GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
 # Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
