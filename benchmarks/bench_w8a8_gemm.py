@@ -1,12 +1,13 @@
-"""The W8A8 GEMM's tile configurations at large M, with and without TMA, against bf16.
+"""The W8A8 GEMM's tile configurations by M (decode and large tiles), against bf16.
 
     python benchmarks/bench_w8a8_gemm.py [--ms 1,4,1024,4096] [--shapes 7b,7b-tp2]
 
 A micro-benchmark for tpquant.kernels.triton_w8a8.gemm_config (bench_gemm.py measures the
 schemes end to end). For each Llama linear shape (Llama-2-7B at TP 1 and / or 2, Llama-2-70B
 at TP 4) and M: torch's bf16 matmul, then the int8 GEMM with its fused per-token x
-per-channel epilogue (bf16 out) as the dispatch configures it ("auto") and, for M > 256,
-under each candidate config (pointer loads or TMA descriptors); the per-token activation
+per-channel epilogue (bf16 out) as the dispatch configures it ("auto") and under each
+candidate config: for M > 256 pointer loads or TMA descriptors, for M <= 16 decode tiles
+(and "auto" on the same tokens given twice, 2 M rows); the per-token activation
 quantization alone; and the chosen config with the quantization included.
 Median of CUDA-graph replays (bench_gemm.time_calls), the same run's bf16 as the baseline.
 Output: a table on stdout and $OUT/bench_w8a8_gemm.json ($OUT defaults to /tmp/out).
@@ -42,6 +43,12 @@ CANDIDATES = {  # name: config (block_m, block_n, block_k, group_m, warps, stage
     "tma 128x256x64 s5": G(128, 256, 64, 8, 8, 5, True),
 }
 
+# Decode tiles (M <= 16): BLOCK_M 16, BLOCK_N x BLOCK_K, 4 warps, stages.
+DECODE_CANDIDATES = {
+    f"decode 16x{bn}x{bk} s{st}": G(16, bn, bk, 1, 4, st)
+    for bn in (16, 32, 64) for bk in (256, 512) for st in (3, 5)
+}
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,8 +80,15 @@ def main() -> int:
             qx, sx = w8a8.quantize_per_token(x)
             base = time_calls([lambda b=b: x @ b.t() for b in bf16_sets], REPLAYS)
             timed = {"bf16": base}
-            # Small M: the dispatch's decode tile only; large M: every candidate tile.
-            candidates = CANDIDATES if m > tw.MEDIUM_MAX_M else {}
+            # Large M: every candidate tile; decode M: the decode tiles, and the dispatch's
+            # tile on the same tokens given twice (M = 2 m: is small M itself slow?).
+            candidates = (CANDIDATES if m > tw.MEDIUM_MAX_M
+                          else DECODE_CANDIDATES if m <= tw.DECODE_MAX_M else {})
+            if m <= tw.DECODE_MAX_M:
+                qx2, sx2 = qx.repeat(2, 1), sx.repeat(2, 1)
+                timed["auto, the rows twice"] = time_calls([
+                    lambda q=q: tw.w8a8_gemm(qx2, sx2, q, sw, None, torch.bfloat16)
+                    for q in q_sets], REPLAYS)
             timed["auto"] = time_calls([
                 lambda q=q: tw.w8a8_gemm(qx, sx, q, sw, None, torch.bfloat16) for q in q_sets],
                 REPLAYS)

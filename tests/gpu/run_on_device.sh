@@ -10,6 +10,7 @@
 #     wo_m        bench_wo_kernels: dot vs dequant + cuBLAS vs the dispatch, M = 8 to 1024
 #     w8a8_tma    bench_w8a8_gemm: the W8A8 GEMM's tiles by M (TP 1 and 2 shapes), with and
 #                 without TMA, and the per-token quantization alone
+#     w8a8_decode bench_w8a8_gemm: the W8A8 GEMM's decode tiles at M = 1 and 4
 #     mma_tests   the CUDA GEMVs' tests (fma and mma kernels, dispatch, graphs) and the W8A8 tests
 #     mma_bench   bench_wo_kernels: the CUDA fma and mma kernels against dot and bf16, M = 1 to
 #                 32 (mma_sweep: then the mma kernel's split-K sweep)
@@ -97,6 +98,11 @@ w8a8_tma)
   # the W8A8 GEMM's configs by M, pointer loads against TMA descriptors
   STEP_TIMEOUT=240 TAIL=60 step bench_w8a8_gemm python3 benchmarks/bench_w8a8_gemm.py \
     --ms 1,4,16,1024,4096 --shapes 7b,7b-tp2
+  ;;
+w8a8_decode)
+  # the W8A8 GEMM's decode tiles at M = 1 and 4, and M = 1 given as two rows
+  STEP_TIMEOUT=240 TAIL=40 step bench_w8a8_decode python3 benchmarks/bench_w8a8_gemm.py \
+    --ms 1,4 --shapes 7b,7b-tp2
   ;;
 mma_tests)
   step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
