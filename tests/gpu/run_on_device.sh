@@ -11,6 +11,7 @@
 #     w8a8_tma    bench_w8a8_gemm: the W8A8 GEMM's tiles by M (TP 1 and 2 shapes), with and
 #                 without TMA, and the per-token quantization alone
 #     w8a8_decode bench_w8a8_gemm: the W8A8 GEMM's decode tiles at M = 1 and 4
+#     final_check the W8A8 tests, the weight-only dispatch tests, W8A8 decode tiles, gemm_quick
 #     mma_tests   the CUDA GEMVs' tests (fma and mma kernels, dispatch, graphs) and the W8A8 tests
 #     mma_bench   bench_wo_kernels: the CUDA fma and mma kernels against dot and bf16, M = 1 to
 #                 32 (mma_sweep: then the mma kernel's split-K sweep)
@@ -103,6 +104,15 @@ w8a8_decode)
   # the W8A8 GEMM's decode tiles at M = 1 and 4, and M = 1 given as two rows
   STEP_TIMEOUT=240 TAIL=40 step bench_w8a8_decode python3 benchmarks/bench_w8a8_gemm.py \
     --ms 1,4 --shapes 7b,7b-tp2
+  ;;
+final_check)
+  # after the decode tile and dispatch changes: W8A8 tests, the weight-only dispatch, the
+  # W8A8 decode tiles at M = 1, 4, 16, then bench_gemm --quick
+  step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
+  step kernels_wo_dispatch pyt tests/gpu/test_kernels_weight_only.py -k "automatic or graph"
+  STEP_TIMEOUT=120 TAIL=40 step bench_w8a8_decode python3 benchmarks/bench_w8a8_gemm.py \
+    --ms 1,4,16 --shapes 7b,7b-tp2
+  STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
   ;;
 mma_tests)
   step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"

@@ -185,14 +185,14 @@ def test_group_size_not_multiple_of_min_block_goes_to_dequant(tw) -> None:
 # ---- dispatch rules (pure functions of the real module) ------------------------------------
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 64, 65, 128, 129, 1024, 4096])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 32, 33, 64, 65, 128, 129, 1024, 4096])
 @pytest.mark.parametrize("cuda", [True, False])
 def test_choose_path_follows_thresholds(m: int, cuda: bool) -> None:
     """The CUDA GEMV up to CUDA_MAX_M when it may be used; else gemv only for per-channel
     int4 (bits 4, group 0); dot, then dequant, by M."""
     for bits, group in ((4, 0), (8, 0), (4, 128)):
         got = real.choose_path(m, 4096, 4096, bits, group, cuda=cuda)
-        if cuda and m <= real.CUDA_MAX_M:
+        if cuda and m <= real.CUDA_MAX_M[bits]:
             assert got == real.CUDA
         elif m <= real.GEMV_MAX_M and (bits, group) == (4, 0):
             assert got == real.GEMV

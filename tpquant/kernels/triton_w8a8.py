@@ -212,13 +212,18 @@ class GemmConfig(NamedTuple):
 
 
 # Tile shapes by M (tokens). Decode (M <= 16) is a weight-streaming GEMV: the smallest tensor
-# core tile on M and narrow N tiles, so that N / block_n programs keep every SM loading;
-# large M uses the 128 x 256 x 128 tile Hopper's int8 wgmma runs best with, its operands
-# fetched by TMA in 4 stages (benchmarks/bench_w8a8_gemm.py, H200, Llama-2-7B shapes at
-# M = 1024 / 4096: 1.51x / 1.55x bf16, against 1.32x for pointer loads in 3 stages).
+# core tile on M, and what counts is the weight bytes in flight, so wide K blocks in a deep
+# pipeline (benchmarks/bench_w8a8_gemm.py, H200, Llama-2-7B TP 1 and 2 shapes, 12 decode
+# tiles: 16 x 64 x 512 in 5 stages 1.46x / 1.52x bf16 at M = 1 / 4, the fastest or within
+# 10% of it on every shape, against 0.90x / 1.33x for 16 x 32 x 256 in 4 stages).
+# Large M uses the 128 x 256 x 128 tile Hopper's int8 wgmma runs best with, its operands
+# fetched by TMA in 4 stages (same benchmark at M = 1024 / 4096: 1.51x / 1.55x bf16 on TP 1
+# shapes, against 1.32x for pointer loads in 3 stages).
 DECODE_MAX_M = 16
 MEDIUM_MAX_M = 256
-DECODE_BLOCK_K = 256
+DECODE_CONFIG = GemmConfig(16, 64, 512, 1, 4, 5)
+# Shared memory assumed where no CUDA device is at hand: an H100/H200's 227 KiB per block.
+DEFAULT_SMEM = 232448
 LARGE_CONFIG = GemmConfig(128, 256, 128, 8, 8, 4, tma=True)
 LARGE_NARROW_CONFIG = GemmConfig(128, 128, 128, 8, 8, 4, tma=True)
 MEDIUM_CONFIG = GemmConfig(64, 128, 128, 8, 4, 4)
@@ -230,11 +235,14 @@ MEDIUM_CONFIG = GemmConfig(64, 128, 128, 8, 4, 4)
 NARROW_TILE_COST = 0.5 * 1.57 / 1.29
 
 
-def gemm_config(m: int, n: int, k: int, num_sms: int = DEFAULT_SMS) -> GemmConfig:
-    """The tile configuration for an [m, k] x [k, n] int8 GEMM (pure; thresholds above)."""
+def gemm_config(m: int, n: int, k: int, num_sms: int = DEFAULT_SMS,
+                smem: int = DEFAULT_SMEM) -> GemmConfig:
+    """The tile configuration for an [m, k] x [k, n] int8 GEMM (pure; thresholds above).
+    smem: the device's shared memory per block, which bounds the decode pipeline's depth."""
     if m <= DECODE_MAX_M:
-        block_n = 32 if triton.cdiv(n, 32) >= num_sms else 16
-        return GemmConfig(16, block_n, DECODE_BLOCK_K, 1, 4, 4)
+        cfg = DECODE_CONFIG
+        stage = (cfg.block_m + cfg.block_n) * cfg.block_k  # int8 A and B blocks
+        return cfg._replace(num_stages=max(2, min(cfg.num_stages, smem // stage)))
     if m <= MEDIUM_MAX_M:
         return MEDIUM_CONFIG
     # Large M: whichever tile finishes first counting whole waves (one tile per SM): the
@@ -287,7 +295,7 @@ def _store_tile(acc, c_ptr, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, M, N, stri
         tl.store(c_ptrs, acc, mask=mask)
 
 
-@triton.jit(do_not_specialize=["M"])  # M = 1 specialized measured slower than M = 4
+@triton.jit
 def _w8a8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K,
     stride_am, stride_bn, stride_cm,
@@ -348,6 +356,13 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _smem(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SMEM
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", DEFAULT_SMEM)
+
+
 def _int8_operands(qx: torch.Tensor, qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if qx.dtype != torch.int8 or qweight.dtype != torch.int8:
         raise TypeError(f"the W8A8 GEMM needs int8 operands, got {qx.dtype} and {qweight.dtype}")
@@ -401,7 +416,7 @@ def w8a8_gemm(
         bias = check_vector(bias, n, a, "bias")
     c = output(out, (m, n), out_dtype, a, "out")
     if m and n:
-        cfg = config or gemm_config(m, n, k, _num_sms(a.device))
+        cfg = config or gemm_config(m, n, k, _num_sms(a.device), _smem(a.device))
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         meta = dict(
             X_PER_TOKEN=not raw and sx.numel() == m and m > 1,

@@ -67,17 +67,20 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
 # Dispatch thresholds, from benchmarks/bench_wo_kernels.py on an H200 (every path forced):
 # gemv wins only at M = 1 for int4 per channel (1.08-1.31x bf16 vs dot 1.08-1.16x over runs;
 # int8 and groupwise: dot 0.98x vs gemv 0.90x),
-# dot (swapped operands, split-K) from M = 2 to 64, dequant + cuBLAS from M = 256 (int4 at
+# dot (swapped operands, split-K) up to M = 64, dequant + cuBLAS from M = 256 (int4 at
 # M = 256: 0.54x vs dot 0.31x; at M = 64: dot 0.56x vs 0.47x).
 # The CUDA GEMVs (bench_wo_kernels.py, H200, six Llama-2-7B/70B shapes, geomean over bf16,
 # 2026-11-30): M = 1 the fma kernel, int4 2.24x, int8 1.65x (dot: 1.14x, 0.98x); M = 2-8 the
 # tensor-core mma kernel, int4 1.5-1.67x, int8 1.22-1.28x (dot 1.11-1.13x, 0.94-0.96x;
 # the fma kernel falls to 0.5x at M = 8); M = 16 mma and dot about even (1.12x / 1.15x int4,
-# 1.01x / 0.99x int8 with one row tile per warp); M = 32 dot ahead (0.82x against 0.68x).
+# 1.01x / 0.99x int8 with one row tile per warp; with two, on five of the shapes: 1.25x /
+# 1.09x int4, 1.09x / 1.00x int8); M = 32 mma with two row tiles ahead for int4 (0.89x /
+# 0.82x), dot for int8 (0.88x against 0.83x).
 # From M = 32 dot falls behind bf16 (0.6-0.9x) but stays ahead of dequant + cuBLAS up to
 # M = 64 (int4) and 128 (int8: 0.60x against 0.43x); dequant + cuBLAS from there
 # (bench_wo_kernels.py, stage wo_m, 2026-11-30: docs/benchmarks.md).
-CUDA_MAX_M = 16  # M <= this: the CUDA GEMVs (fma at M = 1, mma above), where they take the shape
+# By bits: M <= this: the CUDA GEMVs (fma, then mma), where they take the shape.
+CUDA_MAX_M = {4: 32, 8: 16}
 GEMV_MAX_M = 1  # M <= this: gemv
 DOT_MAX_M = {4: 64, 8: 128}  # by bits: GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
 # Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
@@ -105,7 +108,7 @@ def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool =
     Pure: a function of the shape and the scheme only, thresholds from the constants above.
     cuda=False leaves the CUDA GEMV out (no CuPy, or tensors it cannot read).
     """
-    if cuda and m <= CUDA_MAX_M and cuda_weight_only.supports(m, k, bits, group_size):
+    if cuda and m <= CUDA_MAX_M[bits] and cuda_weight_only.supports(m, k, bits, group_size):
         return CUDA
     if group_size and group_size % MIN_BLOCK_K:
         return DEQUANT  # the fused kernels need whole BLOCK_Ks per group
