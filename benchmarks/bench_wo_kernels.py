@@ -354,7 +354,8 @@ def main() -> None:
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--sweep-shapes", default="7b-qkv-tp1,7b-down-tp2")
     p.add_argument("--sweep-schemes", default="int4_wo,int8_wo,int4_gw")
-    p.add_argument("--sweep-paths", default="cuda", help="cuda, cuda-mma, gemv, dot (comma-separated)")
+    p.add_argument("--sweep-paths", default="cuda",
+                   help="cuda, cuda-mma, gemv, dot (comma-separated)")
     p.add_argument("--sweep-ms", default="1,4,16")
     p.add_argument("--sweep-budget", type=float, default=80)
     args = p.parse_args()

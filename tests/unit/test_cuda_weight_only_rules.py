@@ -106,3 +106,52 @@ def test_mma_split_k_covers_k_within_its_caps(n: int, k: int, bits: int, m: int)
     caps = (cw.MAX_SPLITS, k * bits // (128 * m), steps // unroll)
     if per_split > 1 and -(-steps // (per_split - 1)) <= min(caps):
         assert -(-n // (16 * row_tiles)) * splits >= cw.MMA_WARPS_PER_SM * 132
+
+
+@pytest.mark.parametrize(
+    "m, bits, splits, kernel, tile",
+    [(1, 4, None, "fma", 1), (2, 4, None, "fma", 2), (3, 4, None, "mma", 8),
+     (8, 8, 3, "mma", 8), (16, 4, None, "mma", 16), (32, 4, 5, "mma", 32), (4, 8, 3, "mma", 8)],
+)
+def test_gemv_launch_geometry(monkeypatch, m: int, bits: int, splits, kernel: str,
+                              tile: int) -> None:
+    """What `gemv` launches, with the kernels and the device stubbed out (CPU tensors): the
+    kernel and M tile `kernel_for` names, one warp per 2 (fma) or 16 * row tiles (mma) rows,
+    the split heuristic's splits (or the forced ones, made even), and the reduce kernel
+    exactly when there is more than one split."""
+    import torch
+
+    launches = []
+    monkeypatch.setattr(cw, "_kernels", lambda *a: ({key: key for key in (
+        [(cw.FMA, t) for t in cw.M_TILES] + [(cw.MMA, t) for t in cw.MMA_TILES])}, "reduce"))
+    monkeypatch.setattr(cw, "launch", lambda fn, grid, block, args, dev: launches.append(
+        (fn, grid, block, args)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: type("P", (), {"multi_processor_count": 132})())
+    n, k = 4096, 4096
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    qweight = torch.zeros(n, k * bits // 8, dtype=torch.uint8 if bits == 4 else torch.int8)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    cw.gemv(x, qweight, torch.ones(n), None, None, bits, 0, None, out, splits=splits)
+
+    fn, grid, block, args = launches[0]
+    assert fn == (kernel, tile) and block == (cw.WARPS * 32,)
+    if kernel == cw.MMA:
+        units = -(-k // (cw.STEP_CHUNKS * cw.chunk_elems(bits)))
+        rows_per_warp = 16 * cw.MMA_SHAPE[tile][1]
+        auto = cw.mma_split_k(m, n, k, bits, 132)
+    else:
+        units = k // cw.chunk_elems(bits)
+        rows_per_warp = cw.rows_per_warp(tile)
+        auto = cw.split_k(n, k, bits, tile, 132)
+    if splits is None:
+        want_splits, per_split = auto
+    else:
+        per_split = -(-units // splits)
+        want_splits = -(-units // per_split)
+    assert grid == (-(-n // (cw.WARPS * rows_per_warp)), want_splits)
+    assert int(args[-2]) == per_split and (want_splits - 1) * per_split < units
+    assert int(args[-1]) == (want_splits > 1)  # write_partial
+    assert len(launches) == (2 if want_splits > 1 else 1)
+    if want_splits > 1:
+        assert launches[1][0] == "reduce"

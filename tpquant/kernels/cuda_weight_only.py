@@ -59,9 +59,9 @@ WARPS_PER_SM = 4
 MAX_SPLITS = 16
 # The mma kernel's warps each stream 16 rows, so it needs split-K on most shapes to fill the
 # SMs; it splits up to MMA_WARPS_PER_SM warps per SM, keeping the float32 partials' traffic
-# (8 * splits * M bytes per row) within half the weight's. (Sweep of 2-16 splits, H200:
-# 8 splits, 16-64 warps per SM on Llama-2-7B shapes, was the fastest or within 3% nearly
-# everywhere; 8 warps per SM left 5-15% on the table.)
+# (8 * splits * M bytes per row) within half the weight's. (Sweep of 2-16 splits, H200,
+# Llama-2-7B shapes: 8 splits, 16-47 warps per SM, was the fastest or within 3% nearly
+# everywhere; aiming at 8 warps per SM left 5-15% on the table.)
 MMA_WARPS_PER_SM = 24
 _REDUCE_THREADS = 256
 _DT = {torch.float16: 0, torch.bfloat16: 1}
@@ -182,18 +182,17 @@ def gemv(
     sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
     if kernel == MMA:
         units = -(-k // (STEP_CHUNKS * chunk_elems(bits)))  # steps
-        auto = lambda: mma_split_k(m, n, k, bits, sms)  # noqa: E731
         grid_x = -(-n // (WARPS * 16 * MMA_SHAPE[tile][1]))
+        chosen = mma_split_k(m, n, k, bits, sms) if splits is None else None
     else:
         rows = rows or rows_per_warp(tile)
         units = k // chunk_elems(bits)  # chunks
-        auto = lambda: split_k(n, k, bits, tile, sms, rows)  # noqa: E731
         grid_x = -(-n // (WARPS * rows))
-    if splits is None:
-        splits, per_split = auto()
-    else:
+        chosen = split_k(n, k, bits, tile, sms, rows) if splits is None else None
+    if chosen is None:  # forced: as even as whole units allow
         per_split = -(-units // max(1, min(splits, units)))
-        splits = -(-units // per_split)
+        chosen = -(-units // per_split), per_split
+    splits, per_split = chosen
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()  # added in float32, before the output's rounding
     partial = (torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
