@@ -136,6 +136,22 @@ __device__ __forceinline__ u32 word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
+// One output of either kernel: its float32 sum v times the channel scale (per channel), then
+// y = v + bias rounded to x's dtype, or (split-K) the float32 partial of this split.
+template <int DT, int MODE>
+__device__ __forceinline__ void store_output(float v, int m, int n, int M, int N, int split,
+                                             const float* __restrict__ scale,
+                                             const float* __restrict__ bias,
+                                             void* __restrict__ out, int write_partial) {
+  if constexpr (!Mode<MODE>::GROUPED) v *= __ldg(scale + n) * Mode<MODE>::OFF;
+  if (write_partial) {
+    reinterpret_cast<float*>(out)[((size_t)split * M + m) * N + n] = v;
+  } else {
+    if (bias) v += bias[n];
+    reinterpret_cast<unsigned short*>(out)[(size_t)m * N + n] = from_float<DT>(v);
+  }
+}
+
 // ---- the GEMV ------------------------------------------------------------------------------
 
 // Adds one chunk (16 weight bytes of each of the warp's ROWS rows, at input feature k0) to
@@ -302,15 +318,8 @@ __device__ __forceinline__ void wo_gemv_body(
 #pragma unroll 8
       for (int l = 0; l < 32; ++l) t += red[warp][l][v];
       const int r = v / MT, m = v % MT, n = row0 + r;
-      if (m < M && n < N) {
-        if constexpr (!Md::GROUPED) t *= __ldg(scale + n) * Md::OFF;
-        if (write_partial) {
-          reinterpret_cast<float*>(out)[((size_t)split * M + m) * N + n] = t;
-        } else {
-          if (bias) t += bias[n];
-          reinterpret_cast<unsigned short*>(out)[(size_t)m * N + n] = from_float<DT>(t);
-        }
-      }
+      if (m < M && n < N)
+        store_output<DT, MODE>(t, m, n, M, N, split, scale, bias, out, write_partial);
     }
   }
 }
@@ -558,16 +567,9 @@ __device__ __forceinline__ void wo_mma_body(
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int n = row0 + 16 * r + g + (e >= 2 ? 8 : 0), m = 8 * t + 2 * j + (e & 1);
-        if (m < M && n < N) {
-          float v = acc[r][t][e];
-          if constexpr (!Md::GROUPED) v *= __ldg(scale + n) * Md::OFF;
-          if (write_partial) {
-            reinterpret_cast<float*>(out)[((size_t)split * M + m) * N + n] = v;
-          } else {
-            if (bias) v += bias[n];
-            reinterpret_cast<unsigned short*>(out)[(size_t)m * N + n] = from_float<DT>(v);
-          }
-        }
+        if (m < M && n < N)
+          store_output<DT, MODE>(acc[r][t][e], m, n, M, N, split, scale, bias, out,
+                                 write_partial);
       }
 }
 

@@ -7,8 +7,8 @@ group scales / zeros [K/g, N], pre_quant_scale [K]. y[M, N] = x[M, K] @ W^T (+ b
 Four paths; `choose_path` picks one from (M, N, K, bits, group) and the thresholds below:
 
     cuda     the CUDA C++ GEMVs of `tpquant.kernels.cuda_weight_only` (cpp/weight_only_gemv.cu):
-             paired half-precision dequantization into FMAs (M = 1) or tensor-core mma
-             (M up to 32), for small M (needs CuPy).
+             paired half-precision dequantization into FMAs (the smallest M) or
+             tensor-core mma (up to M = 32), for small M (needs CuPy).
     gemv     split-K, CUDA-core FMAs in float32; for the smallest M.
     dot      tl.dot with the dequantization fused in the K loop; split-K for small M so that
              enough programs fill the SMs, one pass over K for large M.
@@ -71,7 +71,7 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
 # M = 256: 0.54x vs dot 0.31x; at M = 64: dot 0.56x vs 0.47x).
 # The CUDA GEMVs (bench_wo_kernels.py, H200, six Llama-2-7B/70B shapes, geomean over bf16,
 # 2026-11-30): M = 1 the fma kernel, int4 2.24x, int8 1.65x (dot: 1.14x, 0.98x); M = 2-8 the
-# tensor-core mma kernel, int4 1.5-1.67x, int8 1.22-1.28x (dot 1.11-1.13x, 0.94-0.96x;
+# tensor-core mma kernel, int4 1.53-1.67x, int8 1.22-1.28x (dot 1.11-1.13x, 0.94-0.96x;
 # the fma kernel falls to 0.5x at M = 8); M = 16 mma and dot about even (1.12x / 1.15x int4,
 # 1.01x / 0.99x int8 with one row tile per warp; with two, on five of the shapes: 1.25x /
 # 1.09x int4, 1.09x / 1.00x int8); M = 32 mma with two row tiles ahead for int4 (0.89x /
