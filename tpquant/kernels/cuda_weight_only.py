@@ -86,9 +86,14 @@ def chunk_elems(bits: int) -> int:
     return CHUNK_BYTES * 8 // bits
 
 
+def mma_group(bits: int) -> int:
+    """The features of one mma step (4 chunks), which must lie in one group."""
+    return STEP_CHUNKS * chunk_elems(bits)
+
+
 def mma_takes(bits: int, group: int) -> bool:
-    """Whether the mma kernel takes this scheme: a step (4 chunks) must lie in one group."""
-    return group % (STEP_CHUNKS * chunk_elems(bits)) == 0
+    """Whether the mma kernel takes this scheme: a step must lie in one group."""
+    return group % mma_group(bits) == 0
 
 
 def kernel_for(m: int, bits: int, group: int, has_zeros: bool = True) -> str:
@@ -142,7 +147,7 @@ def split_k(n: int, k: int, bits: int, tile: int, sm_count: int,
 def mma_split_k(m: int, n: int, k: int, bits: int, sm_count: int) -> tuple[int, int]:
     """(splits, steps per split) of the mma kernel: up to MMA_WARPS_PER_SM warps per SM, the
     partials' traffic within half the weight's, at least one unrolled load round per split."""
-    steps = -(-k // (STEP_CHUNKS * chunk_elems(bits)))
+    steps = -(-k // mma_group(bits))
     unroll, row_tiles = MMA_SHAPE[m_tile(m, MMA)]
     row_warps = -(-n // (16 * row_tiles))
     want = -(-MMA_WARPS_PER_SM * sm_count // row_warps)
@@ -174,14 +179,14 @@ def gemv(
     n = qweight.shape[0]
     kernel = kernel or kernel_for(m, bits, group, zeros is not None)
     if kernel == MMA and not mma_takes(bits, group):
-        raise ValueError(f"the mma GEMV needs groups of a multiple of "
-                         f"{STEP_CHUNKS * chunk_elems(bits)} features, got {group}")
+        raise ValueError(f"the mma GEMV needs groups of a multiple of {mma_group(bits)} "
+                         f"features, got {group}")
     tile = m_tile(m, kernel)
     functions, reduce = _kernels(x2.device, x2.dtype, mode(bits, group, zeros is not None),
                                  pqs is not None, rows)
     sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
     if kernel == MMA:
-        units = -(-k // (STEP_CHUNKS * chunk_elems(bits)))  # steps
+        units = -(-k // mma_group(bits))  # steps
         grid_x = -(-n // (WARPS * 16 * MMA_SHAPE[tile][1]))
         chosen = mma_split_k(m, n, k, bits, sms) if splits is None else None
     else:
