@@ -215,13 +215,18 @@ def test_cuda_path(device, name: str, dtype: torch.dtype, m: int, splits: int) -
     _check(y, _reference(name, t, x, bias), dtype, ("cuda", name, m, splits))
 
 
+def _bits_group(name: str) -> tuple[int, int]:
+    """(bits, group size; 0 = per channel) of a SCHEMES entry."""
+    scheme = SCHEMES[name][0]
+    return getattr(scheme, "bits", 4), getattr(scheme, "group_size", 0)
+
+
 def _forced_cases() -> list[tuple[str, str, int]]:
     """(scheme, kernel, M) for each M tile of each kernel that takes the scheme."""
     cases = []
-    for name, (scheme, _, _) in SCHEMES.items():
-        bits, group = getattr(scheme, "bits", 4), getattr(scheme, "group_size", 0)
+    for name in SCHEMES:
         cases += [(name, "fma", m) for m in (1, 2, 3, 8, 9, 16)]
-        if cw.mma_takes(bits, group):
+        if cw.mma_takes(*_bits_group(name)):
             cases += [(name, "mma", m) for m in (1, 2, 3, 8, 9, 16, 17, 24, 32)]
     return cases
 
@@ -236,7 +241,7 @@ def test_cuda_kernels_forced(device, name: str, kernel: str, m: int, dtype: torc
     step, split-K of 3."""
     pytest.importorskip("cupy", reason="the CUDA GEMV is compiled and launched through CuPy")
     scheme = SCHEMES[name][0]
-    bits, group = getattr(scheme, "bits", 4), getattr(scheme, "group_size", 0)
+    bits, group = _bits_group(name)
     k, seed = CUDA_K[name], _seed("cuda-forced", name, dtype, kernel, m, splits)
     t = _tensors(name, device, seed, (CUDA_N, k))
     g = torch.Generator().manual_seed(seed + 1)
@@ -253,8 +258,8 @@ def test_cuda_kernels_forced(device, name: str, kernel: str, m: int, dtype: torc
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,m", [
-    (name, m) for name, (scheme, _, _) in SCHEMES.items() for m in (1, 2, 4, 8, 16, 32)
-    if cw.supports(m, 4096, getattr(scheme, "bits", 4), getattr(scheme, "group_size", 0))
+    (name, m) for name in SCHEMES for m in (1, 2, 4, 8, 16, 32)
+    if cw.supports(m, 4096, *_bits_group(name))
 ])
 def test_cuda_path_long_k(device, name: str, dtype: torch.dtype, m: int) -> None:
     """K = 4096: every lane sums several chunks (int4: 4, int8: 8) before the lanes meet,

@@ -188,16 +188,17 @@ def gemv(
     if kernel == MMA:
         units = -(-k // mma_group(bits))  # steps
         grid_x = -(-n // (WARPS * 16 * MMA_SHAPE[tile][1]))
-        chosen = mma_split_k(m, n, k, bits, sms) if splits is None else None
     else:
         rows = rows or rows_per_warp(tile)
         units = k // chunk_elems(bits)  # chunks
         grid_x = -(-n // (WARPS * rows))
-        chosen = split_k(n, k, bits, tile, sms, rows) if splits is None else None
-    if chosen is None:  # forced: as even as whole units allow
+    if splits is not None:  # forced: as even as whole units allow
         per_split = -(-units // max(1, min(splits, units)))
-        chosen = -(-units // per_split), per_split
-    splits, per_split = chosen
+        splits = -(-units // per_split)
+    elif kernel == MMA:
+        splits, per_split = mma_split_k(m, n, k, bits, sms)
+    else:
+        splits, per_split = split_k(n, k, bits, tile, sms, rows)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()  # added in float32, before the output's rounding
     partial = (torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
