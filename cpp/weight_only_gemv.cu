@@ -124,12 +124,42 @@ template <int MODE> __device__ __forceinline__ u32 x_pair(const u32* xw, int p) 
   return __byte_perm(xw[p >> 1], xw[(p >> 1) + half], (p & 1) ? 0x7632u : 0x5410u);
 }
 
-// 16 bytes of the weight, kept out of L1 (read once; L1 holds x).
+// ---- the weight stream: asynchronous copies into a per-warp ring --------------------------
+//
+// Both kernels stream the weight through shared memory with cp.async: a lane copies its own
+// 16-byte chunks into its own slots of its warp's ring, S loop iterations ahead, and reads
+// them back itself after cp.async.wait_group. The copies bypass the registers, so many bytes
+// are in flight without costing occupancy (Nsight Compute, H200: loading into registers
+// left the GEMVs at 30-40% of DRAM bandwidth, stalled on the loads' latency with the issue
+// slots half idle). No barrier is needed: no lane reads another's slot.
+
+__device__ __forceinline__ u32 shared_address(const void* p) {
+  u32 a;
+  asm("{.reg .u64 t;\n\tcvta.to.shared.u64 t, %1;\n\tcvt.u32.u64 %0, t;}" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// 16 bytes global -> shared, cached in L2 only (read once); zero-filled where !in (the address
+// must still be a valid one). The L2 fetches 256 bytes around it: the rest of the row's
+// chunks come next.
+__device__ __forceinline__ void copy_async(uint4* dst, const void* src, bool in) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
+               :: "r"(shared_address(dst)), "l"(src), "r"(in ? 16 : 0) : "memory");
+}
+
+// 16 bytes of the weight into registers, kept out of L1 (read once; L1 holds x).
 __device__ __forceinline__ uint4 load_weight(const void* p) {
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
+}
+
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Wait until at most N of this thread's newest copy groups are still in flight.
+template <int N> __device__ __forceinline__ void copy_wait() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 }
 
 __device__ __forceinline__ u32 word(const uint4& v, int j) {
@@ -260,7 +290,8 @@ __device__ __forceinline__ void accumulate_chunk(
 }
 
 // MT: M rounded up (1, 2, 4, 8, 16); rows of x past M repeat row M - 1 and are not stored.
-template <int DT, int MODE, bool PQS, int MT, int ROWS>
+// S: the weight's ring slots (chunks in flight per lane and row: S - 1); 0: no ring.
+template <int DT, int MODE, bool PQS, int MT, int ROWS, int S>
 __device__ __forceinline__ void wo_gemv_body(
     const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
     const float* __restrict__ scale, const float* __restrict__ zeros,
@@ -294,14 +325,38 @@ __device__ __forceinline__ void wo_gemv_body(
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
-  // (Loading 2 or 4 chunks per lane before computing, for more bytes in flight, measured no
-  // faster: bench_wo_kernels.py's sweep, docs/benchmarks.md 2026-11-29.)
-  for (int c = c_begin + lane; c < c_end; c += 32) {
-    uint4 wv[ROWS];
+  if constexpr (S == 0) {  // straight into registers, one chunk per row at a time
+    for (int c = c_begin + lane; c < c_end; c += 32) {
+      uint4 wv[ROWS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) wv[r] = load_weight(wrow[r] + (size_t)c * 16);
-    accumulate_chunk<DT, MODE, PQS, MT, ROWS>(wv, c * CHUNK_ELEMS, x, M, K, scale, zeros, pqs,
-                                              N, row0, group, inv2, shift2, acc);
+      for (int r = 0; r < ROWS; ++r) wv[r] = load_weight(wrow[r] + (size_t)c * 16);
+      accumulate_chunk<DT, MODE, PQS, MT, ROWS>(wv, c * CHUNK_ELEMS, x, M, K, scale, zeros,
+                                                pqs, N, row0, group, inv2, shift2, acc);
+    }
+  } else {  // the lane's chunks c_begin + lane + 32 i through its ring slots, S - 1 ahead
+    __shared__ uint4 ring[WO_WARPS][S > 0 ? S : 1][ROWS][32];
+    const int iters = (c_end - c_begin - lane + 31) / 32;
+    auto issue = [&](int i) {
+      if (i < iters) {
+        const size_t c = c_begin + lane + 32 * i;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+          copy_async(&ring[warp][i % S][r][lane], wrow[r] + c * 16, true);
+      }
+      copy_commit();  // (empty past the end: every iteration then waits for the same count)
+    };
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) issue(i);
+    for (int i = 0; i < iters; ++i) {
+      issue(i + S - 1);  // into the slot iteration i - 1 read (its values are in registers)
+      copy_wait<S - 1>();
+      uint4 wv[ROWS];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) wv[r] = ring[warp][i % S][r][lane];
+      const int c = c_begin + lane + 32 * i;
+      accumulate_chunk<DT, MODE, PQS, MT, ROWS>(wv, c * CHUNK_ELEMS, x, M, K, scale, zeros,
+                                                pqs, N, row0, group, inv2, shift2, acc);
+    }
   }
 
   // Sum the lanes: every lane stores its V sums, then lane l adds up value l (and l + 32).
@@ -496,9 +551,10 @@ __device__ __forceinline__ void mma_step(
   }
 }
 
-// NT: 8-token tiles (M <= 8 NT); U: steps whose weight loads are issued together; RT:
-// 16-row tiles per warp (more rows share each x load and pair).
-template <int DT, int MODE, bool PQS, int NT, int U, int RT>
+// NT: 8-token tiles (M <= 8 NT); S: the weight's ring slots (steps in flight: S - 1), 0: no
+// ring (4 / RT steps loaded into registers at a time); RT: 16-row tiles per warp (more rows
+// share each x load and pair).
+template <int DT, int MODE, bool PQS, int NT, int S, int RT>
 __device__ __forceinline__ void wo_mma_body(
     const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
     const float* __restrict__ scale, const float* __restrict__ zeros,
@@ -537,25 +593,57 @@ __device__ __forceinline__ void wo_mma_body(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[r][t][e] = 0.f;
 
-  for (int s0 = s_begin; s0 < s_end; s0 += U) {
-    uint4 wv[U][RT][2];
+  if constexpr (S == 0) {  // into registers, U steps' loads issued together
+    constexpr int U = 4 / RT;
+    for (int s0 = s_begin; s0 < s_end; s0 += U) {
+      uint4 wv[U][RT][2];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
-      const bool in = s0 + u < s_end && c < chunks;
+      for (int u = 0; u < U; ++u) {
+        const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
+        const bool in = s0 + u < s_end && c < chunks;
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            wv[u][r][h] = in ? load_weight(wr[r][h] + (size_t)c * 16) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (s0 + u < s_end) {  // the same for every lane: the shuffles inside stay converged
+          const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
+          mma_step<DT, MODE, PQS, NT, RT>(wv[u], c, c < chunks, s0 + u, x, M, K, scale, zeros,
+                                          pqs, N, rows, group, g, j, inv2, shift2, acc);
+        }
+      }
+    }
+  } else {  // step s's chunk of each of the lane's 2 RT rows through the ring, S - 1 ahead
+    __shared__ uint4 ring[WO_WARPS][S > 0 ? S : 1][RT * 2][32];
+    auto issue = [&](int s) {
+      if (s < s_end) {
+        const int c = s * MMA_STEP_CHUNKS + j;
+        const bool in = c < chunks;  // past K: zeros (the row's start stands in as the address)
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            copy_async(&ring[warp][(s - s_begin) % S][2 * r + h][lane],
+                       wr[r][h] + (in ? (size_t)c * 16 : 0), in);
+      }
+      copy_commit();  // (empty past the end: every step then waits for the same count)
+    };
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) issue(s_begin + i);
+    for (int s = s_begin; s < s_end; ++s) {  // the same for every lane: shuffles stay converged
+      issue(s + S - 1);  // into the slot step s - 1 read (its values are in registers)
+      copy_wait<S - 1>();
+      uint4 wv[RT][2];
 #pragma unroll
       for (int r = 0; r < RT; ++r)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          wv[u][r][h] = in ? load_weight(wr[r][h] + (size_t)c * 16) : make_uint4(0u, 0u, 0u, 0u);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (s0 + u < s_end) {  // the same for every lane: the shuffles inside stay converged
-        const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
-        mma_step<DT, MODE, PQS, NT, RT>(wv[u], c, c < chunks, s0 + u, x, M, K, scale, zeros,
-                                        pqs, N, rows, group, g, j, inv2, shift2, acc);
-      }
+        for (int h = 0; h < 2; ++h) wv[r][h] = ring[warp][(s - s_begin) % S][2 * r + h][lane];
+      const int c = s * MMA_STEP_CHUNKS + j;
+      mma_step<DT, MODE, PQS, NT, RT>(wv, c, c < chunks, s, x, M, K, scale, zeros, pqs, N,
+                                      rows, group, g, j, inv2, shift2, acc);
     }
   }
 
@@ -589,21 +677,21 @@ __device__ __forceinline__ void wo_reduce_body(const float* __restrict__ partial
   }
 }
 
-template <int DT, int MODE, bool PQS, int MT, int ROWS>
+template <int DT, int MODE, bool PQS, int MT, int ROWS, int S>
 __global__ void __launch_bounds__(WO_WARPS * 32)
 wo_gemv(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
         const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
         int chunks_per_split, int write_partial) {
-  wo_gemv_body<DT, MODE, PQS, MT, ROWS>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
+  wo_gemv_body<DT, MODE, PQS, MT, ROWS, S>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
                                         chunks_per_split, write_partial);
 }
 
-template <int DT, int MODE, bool PQS, int NT, int U, int RT>
+template <int DT, int MODE, bool PQS, int NT, int S, int RT>
 __global__ void __launch_bounds__(WO_WARPS * 32)
 wo_mma(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
        const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
        int steps_per_split, int write_partial) {
-  wo_mma_body<DT, MODE, PQS, NT, U, RT>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
+  wo_mma_body<DT, MODE, PQS, NT, S, RT>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
                                         steps_per_split, write_partial);
 }
 

@@ -13,6 +13,7 @@
 #     w8a8_decode bench_w8a8_gemm: the W8A8 GEMM's decode tiles at M = 1 and 4
 #     final_check the W8A8 tests, the weight-only dispatch tests, W8A8 decode tiles, gemm_quick
 #     mma_tests   the CUDA GEMVs' tests (fma and mma kernels, dispatch, graphs) and the W8A8 tests
+#     ring        bench_wo_kernels' ring-slot sweep of the CUDA GEMVs (1 GPU)
 #     mma_bench   bench_wo_kernels: the CUDA fma and mma kernels against dot and bf16, M = 1 to
 #                 32 (mma_sweep: then the mma kernel's split-K sweep)
 #     allreduce   NCCL and custom all-reduce tests, and the layers over them (2 and 4 ranks)
@@ -21,6 +22,8 @@
 #     model       the model tests (1, 2, 3 and 4 ranks, as many as there are GPUs)
 #     decode      bench_decode --quick at TP 1 and 2
 #     profile     profile_decode: a decode step's kernel time by kind (1 GPU)
+#     ncu_wo      ncu_wo_kernels under Nsight Compute: the weight-only GEMVs' and bf16's
+#                 counters (NCU_SHAPES, NCU_CASES; 1 GPU)
 #     gemm_quick  bench_gemm --quick (1 GPU)
 #     bench       bench_gemm, bench_allreduce (TP 2, 4), bench_decode (TP 1, 2, 4)
 #     quick       the same benchmarks in their --quick forms
@@ -118,6 +121,13 @@ mma_tests)
   step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
   step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
   ;;
+ring)
+  # the CUDA GEMVs' ring slots (0: none) x split-K, M = 1, 4, 16 (errors checked)
+  STEP_TIMEOUT=420 TAIL=40 step bench_wo_ring python3 benchmarks/bench_wo_kernels.py \
+    --shapes 7b-qkv-tp1 --ms 1 --paths auto --budget 10 \
+    --sweep-budget 330 --sweep-paths cuda-stages --sweep-ms 1,4,16 \
+    --sweep-shapes 7b-qkv-tp1,7b-down-tp2 --sweep-schemes int4_wo,int8_wo,int4_gw
+  ;;
 mma_bench|mma_sweep)
   sweep=(--no-sweep)
   [ "$stage" = mma_sweep ] && sweep=(--sweep-budget 120 --sweep-paths cuda-mma --sweep-ms 1,4,16 \
@@ -158,6 +168,17 @@ model)
   ;;
 profile)
   TAIL=40 step profile_decode python3 benchmarks/profile_decode.py
+  ;;
+ncu_wo)
+  # Nsight Compute's counters for the weight-only GEMVs and bf16 (${NCU_SHAPES}, default qkv)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  for shape in ${NCU_SHAPES:-7b-qkv-tp1}; do
+    STEP_TIMEOUT=400 TAIL=2 step "ncu_$shape" "$NCU" --clock-control none --nvtx \
+      --nvtx-include "prof/" --section SpeedOfLight --section LaunchStats --section Occupancy \
+      --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+      --metrics "dram__bytes_read.sum,smsp__inst_executed.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      python3 benchmarks/ncu_wo_kernels.py --shape "$shape" ${NCU_CASES:+--cases "$NCU_CASES"}
+  done
   ;;
 gemm_quick)
   STEP_TIMEOUT=330 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick

@@ -96,14 +96,15 @@ def test_mma_split_k_covers_k_within_its_caps(n: int, k: int, bits: int, m: int)
     weight's; splitting stops once the SMs have MMA_WARPS_PER_SM warps each."""
     steps = -(-k // (cw.STEP_CHUNKS * cw.chunk_elems(bits)))
     splits, per_split = cw.mma_split_k(m, n, k, bits, sm_count=132)
-    unroll, row_tiles = cw.MMA_SHAPE[cw.m_tile(m, cw.MMA)]
+    stages, row_tiles = cw.MMA_SHAPE[cw.m_tile(m, cw.MMA)]
+    stages = stages or 4 // row_tiles
     assert 1 <= splits <= cw.MAX_SPLITS
     assert (splits - 1) * per_split < steps <= splits * per_split
     if splits > 1:
         assert 8 * splits * m <= k * bits / 8 / 2
-        assert per_split >= unroll
+        assert per_split >= stages
     # One step fewer per split would pass a cap, unless the SMs are already full.
-    caps = (cw.MAX_SPLITS, k * bits // (128 * m), steps // unroll)
+    caps = (cw.MAX_SPLITS, k * bits // (128 * m), steps // stages)
     if per_split > 1 and -(-steps // (per_split - 1)) <= min(caps):
         assert -(-n // (16 * row_tiles)) * splits >= cw.MMA_WARPS_PER_SM * 132
 

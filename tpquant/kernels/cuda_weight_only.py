@@ -43,10 +43,14 @@ MAX_M = MMA_TILES[-1]
 # int4 per channel fma 2.24 / 1.77, mma 1.75 / 1.67; int8 fma 1.65 / 1.12, mma 1.38 / 1.28;
 # groupwise int4 (zeros) fma 1.81 / 1.36, mma 1.52 / 1.47.
 MMA_MIN_M = {0: 2, 1: 3, 2: 2, 3: 2}
-# The mma kernel's shape by its M tile: (steps whose weight loads a lane issues together,
-# 16-row tiles per warp). More loads in flight while the registers last; two row tiles from
-# 16 tokens on, where each x load and pair would otherwise serve one tile's 16 rows only.
-MMA_SHAPE = {8: (4, 1), 16: (2, 2), 32: (2, 2)}
+# The mma kernel's shape by its M tile: (ring slots S, 16-row tiles per warp). S > 0: the
+# weight streams through a per-warp shared-memory ring, S - 1 steps in flight per lane;
+# S = 0: 4 / tiles steps are loaded into registers at a time. Two row tiles from 16 tokens
+# on, where each x load and pair would otherwise serve one tile's 16 rows only.
+MMA_SHAPE = {8: (0, 1), 16: (0, 2), 32: (0, 2)}
+# The fma kernel's ring slots (chunks in flight per lane and row: FMA_STAGES - 1; 0: none).
+FMA_STAGES = 0
+SMEM_LIMIT = 48 * 1024  # static shared memory per block
 WARPS = 4  # WO_WARPS in the .cu
 CHUNK_BYTES = 16  # weight bytes a lane reads per row per step
 MIN_GROUP = 32  # a chunk (32 int4 codes) must lie in one group
@@ -120,6 +124,15 @@ def rows_per_warp(tile: int) -> int:
     return 2 if tile == 1 or tile >= 8 else 4
 
 
+def smem_bytes(kernel: str, tile: int, stages: int) -> int:
+    """Static shared memory of one block of `kernel` at M tile `tile` with `stages` ring slots:
+    the rings (16-byte chunks, one per lane, row and slot) and the fma kernel's lane sums."""
+    if kernel == MMA:
+        return WARPS * stages * 2 * MMA_SHAPE[tile][1] * 32 * CHUNK_BYTES
+    rows = rows_per_warp(tile)
+    return WARPS * 32 * (stages * rows * CHUNK_BYTES + (rows * tile + 1) * 4)
+
+
 def supports(m: int, k: int, bits: int, group: int) -> bool:
     """Whether a kernel takes this shape (pure; alignment is `aligned`'s business)."""
     if not (1 <= m <= MAX_M and k % chunk_elems(bits) == 0 and group % MIN_GROUP == 0):
@@ -146,13 +159,14 @@ def split_k(n: int, k: int, bits: int, tile: int, sm_count: int,
 
 def mma_split_k(m: int, n: int, k: int, bits: int, sm_count: int) -> tuple[int, int]:
     """(splits, steps per split) of the mma kernel: up to MMA_WARPS_PER_SM warps per SM, the
-    partials' traffic within half the weight's, at least one unrolled load round per split."""
+    partials' traffic within half the weight's, at least a ring's worth of steps per split."""
     steps = -(-k // mma_group(bits))
-    unroll, row_tiles = MMA_SHAPE[m_tile(m, MMA)]
+    stages, row_tiles = MMA_SHAPE[m_tile(m, MMA)]
+    stages = stages or 4 // row_tiles  # (the steps loaded at a time without a ring)
     row_warps = -(-n // (16 * row_tiles))
     want = -(-MMA_WARPS_PER_SM * sm_count // row_warps)
     traffic_cap = k * bits // (128 * m)  # 8 * splits * m <= (k * bits / 8) / 2
-    splits = max(1, min(want, MAX_SPLITS, traffic_cap, steps // unroll))
+    splits = max(1, min(want, MAX_SPLITS, traffic_cap, steps // stages))
     per_split = -(-steps // splits)
     return -(-steps // per_split), per_split
 
@@ -237,10 +251,10 @@ def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
                 "(pip install -e .)"
             )
         dt, flag = _DT[dtype], str(pqs).lower()
-        names = {(FMA, t): f"wo_gemv<{dt}, {mode_}, {flag}, {t}, {rows or rows_per_warp(t)}>"
-                 for t in M_TILES}
-        names.update({(MMA, t): f"wo_mma<{dt}, {mode_}, {flag}, {t // 8}, {u}, {r}>"
-                      for t, (u, r) in MMA_SHAPE.items()})
+        names = {(FMA, t): f"wo_gemv<{dt}, {mode_}, {flag}, {t}, {rows or rows_per_warp(t)}, "
+                           f"{FMA_STAGES}>" for t in M_TILES}
+        names.update({(MMA, t): f"wo_mma<{dt}, {mode_}, {flag}, {t // 8}, {s}, {r}>"
+                      for t, (s, r) in MMA_SHAPE.items()})
         reduce_name = f"wo_reduce<{dt}>"
         with cupy.cuda.Device(device.index):
             module = cupy.RawModule(
