@@ -12,9 +12,8 @@ converted once to its layout, scale/zero as [K/g, N, 2] bfloat16, per channel as
 128 sharing a scale). Each result's max |y - ref| / max |ref| against float32 math on the
 torch reference's dequantized weight is reported ("err").
 Then sweeps (unless --no-sweep): the CUDA GEMV's split-K at M = 1, 4, 16 (--sweep-paths
-cuda, the default: the fma kernel's rows per warp; cuda-mma: the mma kernel; cuda-stages:
-the ring slots of the kernel the dispatch picks), or explicit Triton gemv / dot configs x
-split-K (--sweep-paths gemv,dot),
+cuda, the default: the fma kernel's rows per warp; cuda-mma: the mma kernel), or explicit
+Triton gemv / dot configs x split-K (--sweep-paths gemv,dot),
 to show what the heuristics leave on the table.
 
 Timing: bench_gemm's time_calls (CUDA graph of R calls cycling through weight copies that
@@ -27,7 +26,6 @@ cut short keeps what it measured); $OUT defaults to /tmp/out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -242,32 +240,6 @@ SWEEP_DOT = [  # BLOCK_N, BLOCK_K, warps, stages, swap
 ]
 SPLITS = (1, 2, 4, 8, 16)
 CUDA_ROWS = (1, 2, 4)
-# Ring slots tried by --sweep-paths cuda-stages, per kernel (mma: up to what 48 KiB of static
-# shared memory holds at the tile's row tiles).
-STAGES = {"fma": (0, 3, 4), "mma": (0, 4, 6, 8, 12)}
-STAGE_SPLITS = (None, 1, 4, 8)
-
-
-@contextlib.contextmanager
-def ring_slots(kernel: str, tile: int, stages: int):
-    """The CUDA GEMVs compiled with `stages` ring slots for `kernel` (restored after)."""
-    saved = cw.FMA_STAGES, dict(cw.MMA_SHAPE)
-    if kernel == "fma":
-        cw.FMA_STAGES = stages
-    else:
-        cw.MMA_SHAPE[tile] = (stages, cw.MMA_SHAPE[tile][1])
-    cw._MODULES.clear()
-    try:
-        yield
-    finally:
-        cw.FMA_STAGES, cw.MMA_SHAPE = saved
-        cw._MODULES.clear()
-
-
-def stage_fits(kernel: str, tile: int, stages: int) -> bool:
-    """Whether what ring_slots changes fits static shared memory (fma: every M tile)."""
-    tiles = (tile,) if kernel == cw.MMA else cw.M_TILES
-    return all(cw.smem_bytes(kernel, t, stages) <= cw.SMEM_LIMIT for t in tiles)
 
 
 def sweep(args, result, gen, l2, copy_bw, started) -> None:
@@ -291,11 +263,6 @@ def sweep(args, result, gen, l2, copy_bw, started) -> None:
                          if "cuda" in paths and m <= cw.M_TILES[-1]]
                 if "cuda-mma" in paths and m <= cw.MAX_M:
                     tries.append(("cuda-mma", None))
-                if "cuda-stages" in paths and m <= cw.MAX_M:
-                    bits = getattr(SCHEMES[scheme_name], "bits", 4)
-                    kernel = cw.kernel_for(m, bits, getattr(SCHEMES[scheme_name], "group_size", 0))
-                    tries += [(f"cuda-stages-{kernel}", st) for st in STAGES[kernel]
-                              if stage_fits(kernel, cw.m_tile(m, kernel), st)]
                 if "gemv" in paths and m <= 1:
                     tries += [("gemv", dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st))
                               for bn, bk, w, st in SWEEP_GEMV]
@@ -305,32 +272,25 @@ def sweep(args, result, gen, l2, copy_bw, started) -> None:
                               for bn, bk, w, st, sw in SWEEP_DOT]
                 found = []
                 for path, cfg in tries:
-                    stage_kernel = path.removeprefix("cuda-stages-")
-                    with (ring_slots(stage_kernel, cw.m_tile(m, stage_kernel), cfg)
-                          if path.startswith("cuda-stages") else contextlib.nullcontext()):
-                        for split in (STAGE_SPLITS if path.startswith("cuda-stages") else
-                                      (None, *SPLITS) if path.startswith("cuda") else SPLITS):
-                            try:
-                                if path.startswith("cuda-stages"):
-                                    calls = cuda_calls(scheme_name, x, sets, None, split,
-                                                       stage_kernel)
-                                elif path == "cuda":
-                                    calls = cuda_calls(scheme_name, x, sets, cfg, split, "fma")
-                                elif path == "cuda-mma":
-                                    calls = cuda_calls(scheme_name, x, sets, None, split, "mma")
-                                else:
-                                    calls = make_calls(scheme_name, path, x, sets, cfg, split)
-                                err = rel_err(calls[0](), expected)
-                                sec = time_calls(calls, 3)
-                            except Exception as exc:  # noqa: BLE001
-                                torch.cuda.synchronize()
-                                print(f"# sweep {path} {cfg} {split}: {type(exc).__name__}")
-                                continue
-                            total = nbytes(sets[0]) + 2 * m * (k + n)
-                            found.append(dict(shape=shape_name, scheme=scheme_name, m=m, path=path,
-                                              config=cfg, split=split, us=sec * 1e6,
-                                              speedup=base / sec, err=err,
-                                              pct_copy=100 * total / sec / copy_bw))
+                    for split in ((None, *SPLITS) if path.startswith("cuda") else SPLITS):
+                        try:
+                            if path == "cuda":
+                                calls = cuda_calls(scheme_name, x, sets, cfg, split, "fma")
+                            elif path == "cuda-mma":
+                                calls = cuda_calls(scheme_name, x, sets, None, split, "mma")
+                            else:
+                                calls = make_calls(scheme_name, path, x, sets, cfg, split)
+                            err = rel_err(calls[0](), expected)
+                            sec = time_calls(calls, 3)
+                        except Exception as exc:  # noqa: BLE001
+                            torch.cuda.synchronize()
+                            print(f"# sweep {path} {cfg} {split}: {type(exc).__name__}")
+                            continue
+                        total = nbytes(sets[0]) + 2 * m * (k + n)
+                        found.append(dict(shape=shape_name, scheme=scheme_name, m=m, path=path,
+                                          config=cfg, split=split, us=sec * 1e6,
+                                          speedup=base / sec, err=err,
+                                          pct_copy=100 * total / sec / copy_bw))
                 found.sort(key=lambda r: r["us"])
                 result["sweeps"] += found
                 for r in found[:4]:
@@ -348,8 +308,7 @@ def summarize_cuda_sweep(result: dict) -> None:
     for r in result["sweeps"]:
         if not r["path"].startswith("cuda"):
             continue
-        key = (r["m"], f"fma rows={r['config']}" if r["path"] == "cuda" else
-               "mma" if r["path"] == "cuda-mma" else f"{r['path'][12:]} S={r['config']}")
+        key = (r["m"], f"fma rows={r['config']}" if r["path"] == "cuda" else "mma")
         case = cases.setdefault(key, {})
         slot = case.setdefault((r["shape"], r["scheme"]), {})
         slot[r["split"]] = r["speedup"]
@@ -398,7 +357,7 @@ def main() -> None:
     p.add_argument("--sweep-shapes", default="7b-qkv-tp1,7b-down-tp2")
     p.add_argument("--sweep-schemes", default="int4_wo,int8_wo,int4_gw")
     p.add_argument("--sweep-paths", default="cuda",
-                   help="cuda, cuda-mma, cuda-stages, gemv, dot (comma-separated)")
+                   help="cuda, cuda-mma, gemv, dot (comma-separated)")
     p.add_argument("--sweep-ms", default="1,4,16")
     p.add_argument("--sweep-budget", type=float, default=80)
     args = p.parse_args()

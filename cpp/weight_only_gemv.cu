@@ -13,8 +13,8 @@
 // the K range of the warp's split in 16-byte "chunks" of each weight row (32 int4 or 16 int8
 // codes), lane l taking chunks l, l + 32, ... Each chunk lies in one group (the host checks
 // that the group size is a multiple of 32). grid = (row groups, K splits); with one split the
-// kernel writes y, with several it writes float32 partials [split, M, N] that wo_reduce sums
-// in split order (deterministic, no atomics).
+// kernel writes y, with several each block writes float32 partials [split, M, N] and the
+// last block of a row group to finish sums them (finish_splits).
 //
 // Numerics. Codes become numbers without an int->float instruction: OR-ing a code u into the
 // mantissa of a "magic" value gives exactly MAGIC + u (float16 1024 + u; bfloat16 128 + u for
@@ -124,30 +124,7 @@ template <int MODE> __device__ __forceinline__ u32 x_pair(const u32* xw, int p) 
   return __byte_perm(xw[p >> 1], xw[(p >> 1) + half], (p & 1) ? 0x7632u : 0x5410u);
 }
 
-// ---- the weight stream: asynchronous copies into a per-warp ring --------------------------
-//
-// Both kernels stream the weight through shared memory with cp.async: a lane copies its own
-// 16-byte chunks into its own slots of its warp's ring, S loop iterations ahead, and reads
-// them back itself after cp.async.wait_group. The copies bypass the registers, so many bytes
-// are in flight without costing occupancy (Nsight Compute, H200: loading into registers
-// left the GEMVs at 30-40% of DRAM bandwidth, stalled on the loads' latency with the issue
-// slots half idle). No barrier is needed: no lane reads another's slot.
-
-__device__ __forceinline__ u32 shared_address(const void* p) {
-  u32 a;
-  asm("{.reg .u64 t;\n\tcvta.to.shared.u64 t, %1;\n\tcvt.u32.u64 %0, t;}" : "=r"(a) : "l"(p));
-  return a;
-}
-
-// 16 bytes global -> shared, cached in L2 only (read once); zero-filled where !in (the address
-// must still be a valid one). The L2 fetches 256 bytes around it: the rest of the row's
-// chunks come next.
-__device__ __forceinline__ void copy_async(uint4* dst, const void* src, bool in) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
-               :: "r"(shared_address(dst)), "l"(src), "r"(in ? 16 : 0) : "memory");
-}
-
-// 16 bytes of the weight into registers, kept out of L1 (read once; L1 holds x).
+// 16 bytes of the weight, kept out of L1 (read once; L1 holds x).
 __device__ __forceinline__ uint4 load_weight(const void* p) {
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -155,31 +132,58 @@ __device__ __forceinline__ uint4 load_weight(const void* p) {
   return v;
 }
 
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Wait until at most N of this thread's newest copy groups are still in flight.
-template <int N> __device__ __forceinline__ void copy_wait() {
-  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
-}
-
 __device__ __forceinline__ u32 word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
 // One output of either kernel: its float32 sum v times the channel scale (per channel), then
-// y = v + bias rounded to x's dtype, or (split-K) the float32 partial of this split.
+// y = v + bias rounded to x's dtype, or (split-K: partial) the float32 partial of this split.
 template <int DT, int MODE>
-__device__ __forceinline__ void store_output(float v, int m, int n, int M, int N, int split,
+__device__ __forceinline__ void store_output(float v, int m, int n, int M, int N,
                                              const float* __restrict__ scale,
                                              const float* __restrict__ bias,
-                                             void* __restrict__ out, int write_partial) {
+                                             unsigned short* __restrict__ out,
+                                             float* __restrict__ partial) {
   if constexpr (!Mode<MODE>::GROUPED) v *= __ldg(scale + n) * Mode<MODE>::OFF;
-  if (write_partial) {
-    reinterpret_cast<float*>(out)[((size_t)split * M + m) * N + n] = v;
+  if (partial) {
+    partial[((size_t)blockIdx.y * M + m) * N + n] = v;
   } else {
     if (bias) v += bias[n];
-    reinterpret_cast<unsigned short*>(out)[(size_t)m * N + n] = from_float<DT>(v);
+    out[(size_t)m * N + n] = from_float<DT>(v);
   }
+}
+
+// Split-K without a second kernel. Every block writes its partials, then counts itself in
+// its row group's counter; the last block of the group sums the group's partials in split
+// order (the same sum whichever block arrives last: deterministic), adds the bias, writes y
+// and puts the counter back to zero for the next launch. The fence before the count makes
+// a block's partials visible to whichever block turns out last (CUDA programming guide,
+// "memory fence functions": the threadFenceReduction pattern).
+template <int DT>
+__device__ __forceinline__ void finish_splits(const float* __restrict__ partial,
+                                              const float* __restrict__ bias,
+                                              unsigned short* __restrict__ out,
+                                              int* __restrict__ counters, int M, int N,
+                                              int row0, int rows) {
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == (int)gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const size_t mn = (size_t)M * N;
+  for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+    const int m = i / rows, n = row0 + i % rows;  // neighbouring threads: neighbouring rows
+    if (n >= N) continue;
+    float t = 0.f;
+#pragma unroll 4
+    for (int split = 0; split < (int)gridDim.y; ++split)
+      t += __ldcg(partial + split * mn + (size_t)m * N + n);  // L2: other blocks wrote them
+    if (bias) t += bias[n];
+    out[(size_t)m * N + n] = from_float<DT>(t);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
 // ---- the GEMV ------------------------------------------------------------------------------
@@ -290,14 +294,13 @@ __device__ __forceinline__ void accumulate_chunk(
 }
 
 // MT: M rounded up (1, 2, 4, 8, 16); rows of x past M repeat row M - 1 and are not stored.
-// S: the weight's ring slots (chunks in flight per lane and row: S - 1); 0: no ring.
-template <int DT, int MODE, bool PQS, int MT, int ROWS, int S>
+template <int DT, int MODE, bool PQS, int MT, int ROWS>
 __device__ __forceinline__ void wo_gemv_body(
     const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
     const float* __restrict__ scale, const float* __restrict__ zeros,
     const float* __restrict__ pqs, const float* __restrict__ bias,
-    void* __restrict__ out, int M, int N, int K, int group, int chunks_per_split,
-    int write_partial) {
+    unsigned short* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
+    int M, int N, int K, int group, int chunks_per_split) {
   typedef Mode<MODE> Md;
   constexpr int CHUNK_ELEMS = WO_CHUNK_WORDS * Md::ELEMS;
   constexpr int V = ROWS * MT;
@@ -325,38 +328,14 @@ __device__ __forceinline__ void wo_gemv_body(
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
-  if constexpr (S == 0) {  // straight into registers, one chunk per row at a time
-    for (int c = c_begin + lane; c < c_end; c += 32) {
-      uint4 wv[ROWS];
+  // (Loading 2 or 4 chunks per lane before computing, for more bytes in flight, measured no
+  // faster: bench_wo_kernels.py's sweep, docs/benchmarks.md 2026-11-29.)
+  for (int c = c_begin + lane; c < c_end; c += 32) {
+    uint4 wv[ROWS];
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) wv[r] = load_weight(wrow[r] + (size_t)c * 16);
-      accumulate_chunk<DT, MODE, PQS, MT, ROWS>(wv, c * CHUNK_ELEMS, x, M, K, scale, zeros,
-                                                pqs, N, row0, group, inv2, shift2, acc);
-    }
-  } else {  // the lane's chunks c_begin + lane + 32 i through its ring slots, S - 1 ahead
-    __shared__ uint4 ring[WO_WARPS][S > 0 ? S : 1][ROWS][32];
-    const int iters = (c_end - c_begin - lane + 31) / 32;
-    auto issue = [&](int i) {
-      if (i < iters) {
-        const size_t c = c_begin + lane + 32 * i;
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r)
-          copy_async(&ring[warp][i % S][r][lane], wrow[r] + c * 16, true);
-      }
-      copy_commit();  // (empty past the end: every iteration then waits for the same count)
-    };
-#pragma unroll
-    for (int i = 0; i < S - 1; ++i) issue(i);
-    for (int i = 0; i < iters; ++i) {
-      issue(i + S - 1);  // into the slot iteration i - 1 read (its values are in registers)
-      copy_wait<S - 1>();
-      uint4 wv[ROWS];
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) wv[r] = ring[warp][i % S][r][lane];
-      const int c = c_begin + lane + 32 * i;
-      accumulate_chunk<DT, MODE, PQS, MT, ROWS>(wv, c * CHUNK_ELEMS, x, M, K, scale, zeros,
-                                                pqs, N, row0, group, inv2, shift2, acc);
-    }
+    for (int r = 0; r < ROWS; ++r) wv[r] = load_weight(wrow[r] + (size_t)c * 16);
+    accumulate_chunk<DT, MODE, PQS, MT, ROWS>(wv, c * CHUNK_ELEMS, x, M, K, scale, zeros, pqs,
+                                              N, row0, group, inv2, shift2, acc);
   }
 
   // Sum the lanes: every lane stores its V sums, then lane l adds up value l (and l + 32).
@@ -374,9 +353,12 @@ __device__ __forceinline__ void wo_gemv_body(
       for (int l = 0; l < 32; ++l) t += red[warp][l][v];
       const int r = v / MT, m = v % MT, n = row0 + r;
       if (m < M && n < N)
-        store_output<DT, MODE>(t, m, n, M, N, split, scale, bias, out, write_partial);
+        store_output<DT, MODE>(t, m, n, M, N, scale, bias, out, partial);
     }
   }
+  if (partial)
+    finish_splits<DT>(partial, bias, out, counters, M, N, blockIdx.x * WO_WARPS * ROWS,
+                      WO_WARPS * ROWS);
 }
 
 // ---- the tensor-core GEMV (M up to 32) --------------------------------------------------------
@@ -551,15 +533,15 @@ __device__ __forceinline__ void mma_step(
   }
 }
 
-// NT: 8-token tiles (M <= 8 NT); S: the weight's ring slots (steps in flight: S - 1), 0: no
-// ring (4 / RT steps loaded into registers at a time); RT: 16-row tiles per warp (more rows
-// share each x load and pair).
-template <int DT, int MODE, bool PQS, int NT, int S, int RT>
+// NT: 8-token tiles (M <= 8 NT); U: steps whose weight loads are issued together; RT:
+// 16-row tiles per warp (more rows share each x load and pair).
+template <int DT, int MODE, bool PQS, int NT, int U, int RT>
 __device__ __forceinline__ void wo_mma_body(
     const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
     const float* __restrict__ scale, const float* __restrict__ zeros,
-    const float* __restrict__ pqs, const float* __restrict__ bias, void* __restrict__ out,
-    int M, int N, int K, int group, int steps_per_split, int write_partial) {
+    const float* __restrict__ pqs, const float* __restrict__ bias,
+    unsigned short* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
+    int M, int N, int K, int group, int steps_per_split) {
   typedef Mode<MODE> Md;
   constexpr int CHUNK_ELEMS = WO_CHUNK_WORDS * Md::ELEMS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -593,57 +575,25 @@ __device__ __forceinline__ void wo_mma_body(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[r][t][e] = 0.f;
 
-  if constexpr (S == 0) {  // into registers, U steps' loads issued together
-    constexpr int U = 4 / RT;
-    for (int s0 = s_begin; s0 < s_end; s0 += U) {
-      uint4 wv[U][RT][2];
+  for (int s0 = s_begin; s0 < s_end; s0 += U) {
+    uint4 wv[U][RT][2];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
-        const bool in = s0 + u < s_end && c < chunks;
-#pragma unroll
-        for (int r = 0; r < RT; ++r)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            wv[u][r][h] = in ? load_weight(wr[r][h] + (size_t)c * 16) : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (s0 + u < s_end) {  // the same for every lane: the shuffles inside stay converged
-          const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
-          mma_step<DT, MODE, PQS, NT, RT>(wv[u], c, c < chunks, s0 + u, x, M, K, scale, zeros,
-                                          pqs, N, rows, group, g, j, inv2, shift2, acc);
-        }
-      }
-    }
-  } else {  // step s's chunk of each of the lane's 2 RT rows through the ring, S - 1 ahead
-    __shared__ uint4 ring[WO_WARPS][S > 0 ? S : 1][RT * 2][32];
-    auto issue = [&](int s) {
-      if (s < s_end) {
-        const int c = s * MMA_STEP_CHUNKS + j;
-        const bool in = c < chunks;  // past K: zeros (the row's start stands in as the address)
-#pragma unroll
-        for (int r = 0; r < RT; ++r)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            copy_async(&ring[warp][(s - s_begin) % S][2 * r + h][lane],
-                       wr[r][h] + (in ? (size_t)c * 16 : 0), in);
-      }
-      copy_commit();  // (empty past the end: every step then waits for the same count)
-    };
-#pragma unroll
-    for (int i = 0; i < S - 1; ++i) issue(s_begin + i);
-    for (int s = s_begin; s < s_end; ++s) {  // the same for every lane: shuffles stay converged
-      issue(s + S - 1);  // into the slot step s - 1 read (its values are in registers)
-      copy_wait<S - 1>();
-      uint4 wv[RT][2];
+    for (int u = 0; u < U; ++u) {
+      const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
+      const bool in = s0 + u < s_end && c < chunks;
 #pragma unroll
       for (int r = 0; r < RT; ++r)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) wv[r][h] = ring[warp][(s - s_begin) % S][2 * r + h][lane];
-      const int c = s * MMA_STEP_CHUNKS + j;
-      mma_step<DT, MODE, PQS, NT, RT>(wv, c, c < chunks, s, x, M, K, scale, zeros, pqs, N,
-                                      rows, group, g, j, inv2, shift2, acc);
+        for (int h = 0; h < 2; ++h)
+          wv[u][r][h] = in ? load_weight(wr[r][h] + (size_t)c * 16) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (s0 + u < s_end) {  // the same for every lane: the shuffles inside stay converged
+        const int c = (s0 + u) * MMA_STEP_CHUNKS + j;
+        mma_step<DT, MODE, PQS, NT, RT>(wv[u], c, c < chunks, s0 + u, x, M, K, scale, zeros,
+                                        pqs, N, rows, group, g, j, inv2, shift2, acc);
+      }
     }
   }
 
@@ -656,49 +606,29 @@ __device__ __forceinline__ void wo_mma_body(
       for (int e = 0; e < 4; ++e) {
         const int n = row0 + 16 * r + g + (e >= 2 ? 8 : 0), m = 8 * t + 2 * j + (e & 1);
         if (m < M && n < N)
-          store_output<DT, MODE>(acc[r][t][e], m, n, M, N, split, scale, bias, out,
-                                 write_partial);
+          store_output<DT, MODE>(acc[r][t][e], m, n, M, N, scale, bias, out, partial);
       }
+  if (partial)
+    finish_splits<DT>(partial, bias, out, counters, M, N, blockIdx.x * WO_WARPS * 16 * RT,
+                      WO_WARPS * 16 * RT);
 }
 
-// Sum the float32 partials [splits, M, N] in split order, add the bias, cast to x's dtype.
-template <int DT>
-__device__ __forceinline__ void wo_reduce_body(const float* __restrict__ partial,
-                                               const float* __restrict__ bias,
-                                               unsigned short* __restrict__ out, int M, int N,
-                                               int splits) {
-  const size_t mn = (size_t)M * N;
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < mn;
-       i += (size_t)gridDim.x * blockDim.x) {
-    float t = 0.f;
-    for (int s = 0; s < splits; ++s) t += partial[s * mn + i];
-    if (bias) t += bias[i % N];
-    out[i] = from_float<DT>(t);
-  }
-}
-
-template <int DT, int MODE, bool PQS, int MT, int ROWS, int S>
+template <int DT, int MODE, bool PQS, int MT, int ROWS>
 __global__ void __launch_bounds__(WO_WARPS * 32)
 wo_gemv(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
-        const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
-        int chunks_per_split, int write_partial) {
-  wo_gemv_body<DT, MODE, PQS, MT, ROWS, S>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
-                                        chunks_per_split, write_partial);
+        const float* pqs, const float* bias, unsigned short* out, float* partial, int* counters,
+        int M, int N, int K, int group, int chunks_per_split) {
+  wo_gemv_body<DT, MODE, PQS, MT, ROWS>(x, w, scale, zeros, pqs, bias, out, partial, counters,
+                                        M, N, K, group, chunks_per_split);
 }
 
-template <int DT, int MODE, bool PQS, int NT, int S, int RT>
+template <int DT, int MODE, bool PQS, int NT, int U, int RT>
 __global__ void __launch_bounds__(WO_WARPS * 32)
 wo_mma(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
-       const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
-       int steps_per_split, int write_partial) {
-  wo_mma_body<DT, MODE, PQS, NT, S, RT>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
-                                        steps_per_split, write_partial);
-}
-
-template <int DT>
-__global__ void wo_reduce(const float* partial, const float* bias, unsigned short* out,
-                          int M, int N, int splits) {
-  wo_reduce_body<DT>(partial, bias, out, M, N, splits);
+       const float* pqs, const float* bias, unsigned short* out, float* partial, int* counters,
+       int M, int N, int K, int group, int steps_per_split) {
+  wo_mma_body<DT, MODE, PQS, NT, U, RT>(x, w, scale, zeros, pqs, bias, out, partial, counters,
+                                        M, N, K, group, steps_per_split);
 }
 
 // Launch geometry the host reads once: warps per block, 16-byte chunk words.

@@ -256,6 +256,26 @@ def test_cuda_kernels_forced(device, name: str, kernel: str, m: int, dtype: torc
     _check(out, _reference(name, t, x, bias), dtype, ("cuda", kernel, name, m, splits))
 
 
+@pytest.mark.parametrize("kernel,m", [("fma", 1), ("mma", 8)])
+def test_cuda_split_k_is_deterministic(device, kernel: str, m: int) -> None:
+    """Split-K's sum by the last block of each row group: bitwise the same over repeated
+    launches (whichever block arrives last), right, and every counter back at zero after."""
+    pytest.importorskip("cupy", reason="the CUDA GEMV is compiled and launched through CuPy")
+    n, k, seed = 4096, 4096, _seed("cuda-split", kernel, m)
+    t = _tensors("wo4", device, seed, (n, k))
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g).to(device=device, dtype=torch.bfloat16)
+    outs = [torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+            for _ in range(20)]
+    for out in outs:
+        cw.gemv(x, t["qweight"], t["scale"], None, None, 4, 0, None, out, splits=7,
+                kernel=kernel)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    assert int(cw._COUNTERS[device.index].count_nonzero()) == 0
+    _check(outs[0], _reference("wo4", t, x, None), torch.bfloat16, ("cuda split", kernel))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,m", [
     (name, m) for name in SCHEMES for m in (1, 2, 4, 8, 16, 32)

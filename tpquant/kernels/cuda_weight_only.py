@@ -13,7 +13,9 @@ the numerics of both:
 `kernel_for` picks one by M (thresholds measured, below). The source compiles at first use,
 one module per (dtype, scheme, pre-quant scale) holding every M tile of both; kernels run on
 torch's current stream (CUDA-graph capturable; the only allocation is the split-K partial
-buffer, through torch).
+buffer, through torch). Split-K takes one launch: the last block of each row group sums the
+partials, counting arrivals in a per-device buffer of counters that each launch leaves at
+zero (so GEMVs with splits must not run concurrently on two streams of one device).
 
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
 group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma). Alignment rules
@@ -43,14 +45,10 @@ MAX_M = MMA_TILES[-1]
 # int4 per channel fma 2.24 / 1.77, mma 1.75 / 1.67; int8 fma 1.65 / 1.12, mma 1.38 / 1.28;
 # groupwise int4 (zeros) fma 1.81 / 1.36, mma 1.52 / 1.47.
 MMA_MIN_M = {0: 2, 1: 3, 2: 2, 3: 2}
-# The mma kernel's shape by its M tile: (ring slots S, 16-row tiles per warp). S > 0: the
-# weight streams through a per-warp shared-memory ring, S - 1 steps in flight per lane;
-# S = 0: 4 / tiles steps are loaded into registers at a time. Two row tiles from 16 tokens
-# on, where each x load and pair would otherwise serve one tile's 16 rows only.
-MMA_SHAPE = {8: (0, 1), 16: (0, 2), 32: (0, 2)}
-# The fma kernel's ring slots (chunks in flight per lane and row: FMA_STAGES - 1; 0: none).
-FMA_STAGES = 0
-SMEM_LIMIT = 48 * 1024  # static shared memory per block
+# The mma kernel's shape by its M tile: (steps whose weight loads a lane issues together,
+# 16-row tiles per warp). More loads in flight while the registers last; two row tiles from
+# 16 tokens on, where each x load and pair would otherwise serve one tile's 16 rows only.
+MMA_SHAPE = {8: (4, 1), 16: (2, 2), 32: (2, 2)}
 WARPS = 4  # WO_WARPS in the .cu
 CHUNK_BYTES = 16  # weight bytes a lane reads per row per step
 MIN_GROUP = 32  # a chunk (32 int4 codes) must lie in one group
@@ -67,10 +65,11 @@ MAX_SPLITS = 16
 # Llama-2-7B shapes: 8 splits, 16-47 warps per SM, was the fastest or within 3% nearly
 # everywhere; aiming at 8 warps per SM left 5-15% on the table.)
 MMA_WARPS_PER_SM = 24
-_REDUCE_THREADS = 256
+MAX_ROW_GROUPS = 1 << 16  # split-K counters per device: one per block of rows
 _DT = {torch.float16: 0, torch.bfloat16: 1}
 
-_MODULES: dict[tuple, tuple[dict[tuple[str, int], Any], Any]] = {}
+_MODULES: dict[tuple, dict[tuple[str, int], Any]] = {}
+_COUNTERS: dict[int, torch.Tensor] = {}
 
 
 @functools.cache
@@ -124,15 +123,6 @@ def rows_per_warp(tile: int) -> int:
     return 2 if tile == 1 or tile >= 8 else 4
 
 
-def smem_bytes(kernel: str, tile: int, stages: int) -> int:
-    """Static shared memory of one block of `kernel` at M tile `tile` with `stages` ring slots:
-    the rings (16-byte chunks, one per lane, row and slot) and the fma kernel's lane sums."""
-    if kernel == MMA:
-        return WARPS * stages * 2 * MMA_SHAPE[tile][1] * 32 * CHUNK_BYTES
-    rows = rows_per_warp(tile)
-    return WARPS * 32 * (stages * rows * CHUNK_BYTES + (rows * tile + 1) * 4)
-
-
 def supports(m: int, k: int, bits: int, group: int) -> bool:
     """Whether a kernel takes this shape (pure; alignment is `aligned`'s business)."""
     if not (1 <= m <= MAX_M and k % chunk_elems(bits) == 0 and group % MIN_GROUP == 0):
@@ -159,14 +149,13 @@ def split_k(n: int, k: int, bits: int, tile: int, sm_count: int,
 
 def mma_split_k(m: int, n: int, k: int, bits: int, sm_count: int) -> tuple[int, int]:
     """(splits, steps per split) of the mma kernel: up to MMA_WARPS_PER_SM warps per SM, the
-    partials' traffic within half the weight's, at least a ring's worth of steps per split."""
+    partials' traffic within half the weight's, at least one unrolled load round per split."""
     steps = -(-k // mma_group(bits))
-    stages, row_tiles = MMA_SHAPE[m_tile(m, MMA)]
-    stages = stages or 4 // row_tiles  # (the steps loaded at a time without a ring)
+    unroll, row_tiles = MMA_SHAPE[m_tile(m, MMA)]
     row_warps = -(-n // (16 * row_tiles))
     want = -(-MMA_WARPS_PER_SM * sm_count // row_warps)
     traffic_cap = k * bits // (128 * m)  # 8 * splits * m <= (k * bits / 8) / 2
-    splits = max(1, min(want, MAX_SPLITS, traffic_cap, steps // stages))
+    splits = max(1, min(want, MAX_SPLITS, traffic_cap, steps // unroll))
     per_split = -(-steps // splits)
     return -(-steps // per_split), per_split
 
@@ -196,7 +185,7 @@ def gemv(
         raise ValueError(f"the mma GEMV needs groups of a multiple of {mma_group(bits)} "
                          f"features, got {group}")
     tile = m_tile(m, kernel)
-    functions, reduce = _kernels(x2.device, x2.dtype, mode(bits, group, zeros is not None),
+    functions = _kernels(x2.device, x2.dtype, mode(bits, group, zeros is not None),
                                  pqs is not None, rows)
     sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
     if kernel == MMA:
@@ -215,22 +204,34 @@ def gemv(
         splits, per_split = split_k(n, k, bits, tile, sms, rows)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()  # added in float32, before the output's rounding
-    partial = (torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
-               if splits > 1 else None)
-    target = out if partial is None else partial
+    partial = counters = None
+    if splits > 1:
+        if grid_x > MAX_ROW_GROUPS:
+            raise ValueError(f"split-K over {grid_x} row groups: more than the {MAX_ROW_GROUPS} "
+                             "counters")
+        partial = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
+        counters = _counters(x2.device)
     ptr = _ptr
     args = (
-        ptr(x2), ptr(qweight), ptr(scale), ptr(zeros), ptr(pqs),
-        ptr(bias if partial is None else None), ptr(target),
+        ptr(x2), ptr(qweight), ptr(scale), ptr(zeros), ptr(pqs), ptr(bias), ptr(out),
+        ptr(partial), ptr(counters),
         np.int32(m), np.int32(n), np.int32(k), np.int32(group or 1), np.int32(per_split),
-        np.int32(partial is not None),
     )
     launch(functions[kernel, tile], (grid_x, splits), (WARPS * 32,), args, x2.device)
-    if partial is not None:
-        blocks = min(-(-m * n // _REDUCE_THREADS), 1024)
-        launch(reduce, (blocks,), (_REDUCE_THREADS,),
-               (ptr(partial), ptr(bias), ptr(out), np.int32(m), np.int32(n), np.int32(splits)),
-               x2.device)
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """The device's split-K arrival counters (zeros; every launch leaves them so). Made at
+    the first split GEMV, which must not be inside a CUDA graph capture (its memset would
+    belong to the graph)."""
+    counters = _COUNTERS.get(device.index)
+    if counters is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("run a split-K weight-only GEMV once before capturing a CUDA "
+                               "graph: its counters are made at the first call")
+        counters = torch.zeros(MAX_ROW_GROUPS, dtype=torch.int32, device=device)
+        _COUNTERS[device.index] = counters
+    return counters
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:
@@ -238,9 +239,8 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
 
 
 def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
-             rows: int | None = None):
-    """({(kernel, M tile): function}, split-K reduce kernel) of one module, compiled at first
-    use."""
+             rows: int | None = None) -> dict[tuple[str, int], Any]:
+    """{(kernel, M tile): function} of one module, compiled at first use."""
     key = (device.index, _DT[dtype], mode_, pqs, rows)
     if key not in _MODULES:
         import cupy
@@ -251,16 +251,14 @@ def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
                 "(pip install -e .)"
             )
         dt, flag = _DT[dtype], str(pqs).lower()
-        names = {(FMA, t): f"wo_gemv<{dt}, {mode_}, {flag}, {t}, {rows or rows_per_warp(t)}, "
-                           f"{FMA_STAGES}>" for t in M_TILES}
-        names.update({(MMA, t): f"wo_mma<{dt}, {mode_}, {flag}, {t // 8}, {s}, {r}>"
-                      for t, (s, r) in MMA_SHAPE.items()})
-        reduce_name = f"wo_reduce<{dt}>"
+        names = {(FMA, t): f"wo_gemv<{dt}, {mode_}, {flag}, {t}, {rows or rows_per_warp(t)}>"
+                 for t in M_TILES}
+        names.update({(MMA, t): f"wo_mma<{dt}, {mode_}, {flag}, {t // 8}, {u}, {r}>"
+                      for t, (u, r) in MMA_SHAPE.items()})
         with cupy.cuda.Device(device.index):
             module = cupy.RawModule(
                 code=SOURCE.read_text(), options=("-std=c++17",),
-                name_expressions=[*names.values(), reduce_name],
+                name_expressions=list(names.values()),
             )
-            functions = {key_: module.get_function(name) for key_, name in names.items()}
-            _MODULES[key] = (functions, module.get_function(reduce_name))
+            _MODULES[key] = {key_: module.get_function(name) for key_, name in names.items()}
     return _MODULES[key]
