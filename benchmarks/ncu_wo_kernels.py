@@ -2,7 +2,7 @@
 
     ncu --clock-control none --nvtx --nvtx-include "prof/" --section SpeedOfLight ... \
         python benchmarks/ncu_wo_kernels.py [--shape 7b-qkv-tp1] [--cases int4_wo:fma:1,...]
-    python benchmarks/ncu_wo_kernels.py --summarize LOG...   # ncu's reports -> table + JSON
+    python benchmarks/ncu_wo_kernels.py --summarize LOG...   # ncu's reports (or .gz) -> table + JSON
 
 (tests/gpu/run_on_device.sh's ncu_wo stage runs the first with the sections and metrics the
 summary reads.)
@@ -16,6 +16,7 @@ cannot: DRAM throughput against its peak, instructions issued, warps resident, s
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -43,7 +44,9 @@ STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.r
 def summarize(path: Path) -> list[dict]:
     """One row per profiled kernel: its case, the FIELDS, instructions, DRAM bytes read and
     the three largest stall reasons (cycles per issued instruction)."""
-    text = path.read_text().splitlines()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        text = f.read().splitlines()
     cases, case = [], None  # the case of each profiled kernel, in profiling order
     for line in text:
         if line.startswith("### case"):
@@ -81,7 +84,7 @@ def print_summary(logs: list[str]) -> None:
     result = {}
     for log in logs:
         rows = summarize(Path(log))
-        result[Path(log).stem] = rows
+        result[Path(log).name.split(".")[0]] = rows
         print(f"# {log}")
         print(f"{'case':<16} {'kernel':<28} {'us':>6} {'DRAM%':>6} {'regs':>4} {'warps':>9} "
               f"{'issue':>5} {'Minst':>6}  top stalls (cycles per issued instruction)")

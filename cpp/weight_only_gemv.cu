@@ -13,8 +13,8 @@
 // the K range of the warp's split in 16-byte "chunks" of each weight row (32 int4 or 16 int8
 // codes), lane l taking chunks l, l + 32, ... Each chunk lies in one group (the host checks
 // that the group size is a multiple of 32). grid = (row groups, K splits); with one split the
-// kernel writes y, with several each block writes float32 partials [split, M, N] and the
-// last block of a row group to finish sums them (finish_splits).
+// kernel writes y, with several it writes float32 partials [split, M, N] that wo_reduce sums
+// in split order (deterministic, no atomics).
 //
 // Numerics. Codes become numbers without an int->float instruction: OR-ing a code u into the
 // mantissa of a "magic" value gives exactly MAGIC + u (float16 1024 + u; bfloat16 128 + u for
@@ -99,8 +99,20 @@ template <int DT> __device__ __forceinline__ unsigned short from_float(float f) 
 
 // ---- codes -> value pairs ------------------------------------------------------------------
 
-// Pair p of a weight word (already XOR-ed to unsigned codes u = q + OFF) as q / OFF in the
-// paired type. inv2 / shift2: the pairs (1/OFF, 1/OFF) and (-(MAGIC + OFF)/OFF, same).
+// The code masks (int8, int4), read from constant memory rather than written as literals: a
+// literal mask gets re-created in a register before nearly every mask instruction (the
+// compiler reuses the register), a value from memory stays in one (SASS of the int4 fma loop:
+// 219 -> 188 instructions per iteration).
+__constant__ u32 kCodeMask[2] = {Mode<0>::MASK, Mode<1>::MASK};
+
+// The XOR a stored weight word takes before code_pair: only bfloat16 int8 needs its bytes as
+// u = q + OFF; every other code_pair folds the flip into its one mask instruction.
+template <int DT, int MODE> __device__ __forceinline__ u32 word_flip() {
+  return DT == 1 && MODE == 0 ? Mode<MODE>::FLIP : 0u;
+}
+
+// Pair p of a weight word (XOR-ed with word_flip) as q / OFF in the paired type. inv2 /
+// shift2: the pairs (1/OFF, 1/OFF) and (-(MAGIC + OFF)/OFF, same).
 template <int DT, int MODE>
 __device__ __forceinline__ u32 code_pair(u32 w, int p, u32 inv2, u32 shift2) {
   typedef Mode<MODE> Md;
@@ -111,8 +123,10 @@ __device__ __forceinline__ u32 code_pair(u32 w, int p, u32 inv2, u32 shift2) {
     const float hi = __uint_as_float(__byte_perm(w, 0x4B000000u, (u32)(p + 2) | 0x7440u));
     return pack2<1>(fmaf(lo, 0.0078125f, -65537.0f), fmaf(hi, 0.0078125f, -65537.0f));
   } else {
+    // The pair's codes, flipped to u and OR-ed into the magic's mantissa: the magic's bits
+    // lie outside the mask, so one XOR with (magic | flip) does both (one LOP3).
     constexpr u32 magic = DT == 0 ? 0x64006400u : 0x43004300u;  // 1024 / 128 in both halves
-    const u32 v = ((w >> (p * Md::BITS)) & Md::MASK) | magic;
+    const u32 v = ((w >> (p * Md::BITS)) & kCodeMask[Md::BITS == 4]) ^ (magic | (Md::FLIP & Md::MASK));
     return fma2<DT>(v, inv2, shift2);  // (MAGIC + u) / OFF - (MAGIC + OFF) / OFF, exact
   }
 }
@@ -137,53 +151,19 @@ __device__ __forceinline__ u32 word(const uint4& v, int j) {
 }
 
 // One output of either kernel: its float32 sum v times the channel scale (per channel), then
-// y = v + bias rounded to x's dtype, or (split-K: partial) the float32 partial of this split.
+// y = v + bias rounded to x's dtype, or (split-K) the float32 partial of this split.
 template <int DT, int MODE>
-__device__ __forceinline__ void store_output(float v, int m, int n, int M, int N,
+__device__ __forceinline__ void store_output(float v, int m, int n, int M, int N, int split,
                                              const float* __restrict__ scale,
                                              const float* __restrict__ bias,
-                                             unsigned short* __restrict__ out,
-                                             float* __restrict__ partial) {
+                                             void* __restrict__ out, int write_partial) {
   if constexpr (!Mode<MODE>::GROUPED) v *= __ldg(scale + n) * Mode<MODE>::OFF;
-  if (partial) {
-    partial[((size_t)blockIdx.y * M + m) * N + n] = v;
+  if (write_partial) {
+    reinterpret_cast<float*>(out)[((size_t)split * M + m) * N + n] = v;
   } else {
     if (bias) v += bias[n];
-    out[(size_t)m * N + n] = from_float<DT>(v);
+    reinterpret_cast<unsigned short*>(out)[(size_t)m * N + n] = from_float<DT>(v);
   }
-}
-
-// Split-K without a second kernel. Every block writes its partials, then counts itself in
-// its row group's counter; the last block of the group sums the group's partials in split
-// order (the same sum whichever block arrives last: deterministic), adds the bias, writes y
-// and puts the counter back to zero for the next launch. The fence before the count makes
-// a block's partials visible to whichever block turns out last (CUDA programming guide,
-// "memory fence functions": the threadFenceReduction pattern).
-template <int DT>
-__device__ __forceinline__ void finish_splits(const float* __restrict__ partial,
-                                              const float* __restrict__ bias,
-                                              unsigned short* __restrict__ out,
-                                              int* __restrict__ counters, int M, int N,
-                                              int row0, int rows) {
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == (int)gridDim.y - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const size_t mn = (size_t)M * N;
-  for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
-    const int m = i / rows, n = row0 + i % rows;  // neighbouring threads: neighbouring rows
-    if (n >= N) continue;
-    float t = 0.f;
-#pragma unroll 4
-    for (int split = 0; split < (int)gridDim.y; ++split)
-      t += __ldcg(partial + split * mn + (size_t)m * N + n);  // L2: other blocks wrote them
-    if (bias) t += bias[n];
-    out[(size_t)m * N + n] = from_float<DT>(t);
-  }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
 // ---- the GEMV ------------------------------------------------------------------------------
@@ -232,7 +212,7 @@ __device__ __forceinline__ void accumulate_chunk(
     u32 cp[ROWS][Md::PAIRS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      const u32 code_word = word(wv[r], j) ^ Md::FLIP;
+      const u32 code_word = word(wv[r], j) ^ word_flip<DT, MODE>();
 #pragma unroll
       for (int p = 0; p < Md::PAIRS; ++p)
         cp[r][p] = code_pair<DT, MODE>(code_word, p, inv2, shift2);
@@ -299,8 +279,8 @@ __device__ __forceinline__ void wo_gemv_body(
     const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
     const float* __restrict__ scale, const float* __restrict__ zeros,
     const float* __restrict__ pqs, const float* __restrict__ bias,
-    unsigned short* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
-    int M, int N, int K, int group, int chunks_per_split) {
+    void* __restrict__ out, int M, int N, int K, int group, int chunks_per_split,
+    int write_partial) {
   typedef Mode<MODE> Md;
   constexpr int CHUNK_ELEMS = WO_CHUNK_WORDS * Md::ELEMS;
   constexpr int V = ROWS * MT;
@@ -353,12 +333,9 @@ __device__ __forceinline__ void wo_gemv_body(
       for (int l = 0; l < 32; ++l) t += red[warp][l][v];
       const int r = v / MT, m = v % MT, n = row0 + r;
       if (m < M && n < N)
-        store_output<DT, MODE>(t, m, n, M, N, scale, bias, out, partial);
+        store_output<DT, MODE>(t, m, n, M, N, split, scale, bias, out, write_partial);
     }
   }
-  if (partial)
-    finish_splits<DT>(partial, bias, out, counters, M, N, blockIdx.x * WO_WARPS * ROWS,
-                      WO_WARPS * ROWS);
 }
 
 // ---- the tensor-core GEMV (M up to 32) --------------------------------------------------------
@@ -469,7 +446,8 @@ __device__ __forceinline__ void mma_step(
       }
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
-        const u32 w0 = word(wv[r][0], i) ^ Md::FLIP, w1 = word(wv[r][1], i) ^ Md::FLIP;
+        const u32 w0 = word(wv[r][0], i) ^ word_flip<DT, MODE>();
+        const u32 w1 = word(wv[r][1], i) ^ word_flip<DT, MODE>();
         const u32 a0 = code_pair<DT, MODE>(w0, p, inv2, shift2);
         const u32 a1 = code_pair<DT, MODE>(w1, p, inv2, shift2);
         const u32 a2 = code_pair<DT, MODE>(w0, p + 1, inv2, shift2);
@@ -539,9 +517,8 @@ template <int DT, int MODE, bool PQS, int NT, int U, int RT>
 __device__ __forceinline__ void wo_mma_body(
     const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
     const float* __restrict__ scale, const float* __restrict__ zeros,
-    const float* __restrict__ pqs, const float* __restrict__ bias,
-    unsigned short* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
-    int M, int N, int K, int group, int steps_per_split) {
+    const float* __restrict__ pqs, const float* __restrict__ bias, void* __restrict__ out,
+    int M, int N, int K, int group, int steps_per_split, int write_partial) {
   typedef Mode<MODE> Md;
   constexpr int CHUNK_ELEMS = WO_CHUNK_WORDS * Md::ELEMS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -606,29 +583,55 @@ __device__ __forceinline__ void wo_mma_body(
       for (int e = 0; e < 4; ++e) {
         const int n = row0 + 16 * r + g + (e >= 2 ? 8 : 0), m = 8 * t + 2 * j + (e & 1);
         if (m < M && n < N)
-          store_output<DT, MODE>(acc[r][t][e], m, n, M, N, scale, bias, out, partial);
+          store_output<DT, MODE>(acc[r][t][e], m, n, M, N, split, scale, bias, out,
+                                 write_partial);
       }
-  if (partial)
-    finish_splits<DT>(partial, bias, out, counters, M, N, blockIdx.x * WO_WARPS * 16 * RT,
-                      WO_WARPS * 16 * RT);
+}
+
+// Sum the float32 partials [splits, M, N] in split order, add the bias, cast to x's dtype.
+template <int DT>
+__device__ __forceinline__ void wo_reduce_body(const float* __restrict__ partial,
+                                               const float* __restrict__ bias,
+                                               unsigned short* __restrict__ out, int M, int N,
+                                               int splits) {
+  const size_t mn = (size_t)M * N;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < mn;
+       i += (size_t)gridDim.x * blockDim.x) {
+    float t = 0.f;
+    for (int s0 = 0; s0 < splits; s0 += 8) {  // 8 loads in flight, then their sum in order
+      float p[8];
+#pragma unroll
+      for (int s = 0; s < 8; ++s) p[s] = s0 + s < splits ? partial[(s0 + s) * mn + i] : 0.f;
+#pragma unroll
+      for (int s = 0; s < 8; ++s) t += p[s];
+    }
+    if (bias) t += bias[i % N];
+    out[i] = from_float<DT>(t);
+  }
 }
 
 template <int DT, int MODE, bool PQS, int MT, int ROWS>
 __global__ void __launch_bounds__(WO_WARPS * 32)
 wo_gemv(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
-        const float* pqs, const float* bias, unsigned short* out, float* partial, int* counters,
-        int M, int N, int K, int group, int chunks_per_split) {
-  wo_gemv_body<DT, MODE, PQS, MT, ROWS>(x, w, scale, zeros, pqs, bias, out, partial, counters,
-                                        M, N, K, group, chunks_per_split);
+        const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
+        int chunks_per_split, int write_partial) {
+  wo_gemv_body<DT, MODE, PQS, MT, ROWS>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
+                                        chunks_per_split, write_partial);
 }
 
 template <int DT, int MODE, bool PQS, int NT, int U, int RT>
 __global__ void __launch_bounds__(WO_WARPS * 32)
 wo_mma(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
-       const float* pqs, const float* bias, unsigned short* out, float* partial, int* counters,
-       int M, int N, int K, int group, int steps_per_split) {
-  wo_mma_body<DT, MODE, PQS, NT, U, RT>(x, w, scale, zeros, pqs, bias, out, partial, counters,
-                                        M, N, K, group, steps_per_split);
+       const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
+       int steps_per_split, int write_partial) {
+  wo_mma_body<DT, MODE, PQS, NT, U, RT>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
+                                        steps_per_split, write_partial);
+}
+
+template <int DT>
+__global__ void wo_reduce(const float* partial, const float* bias, unsigned short* out,
+                          int M, int N, int splits) {
+  wo_reduce_body<DT>(partial, bias, out, M, N, splits);
 }
 
 // Launch geometry the host reads once: warps per block, 16-byte chunk words.

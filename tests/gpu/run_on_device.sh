@@ -13,7 +13,7 @@
 #     w8a8_decode bench_w8a8_gemm: the W8A8 GEMM's decode tiles at M = 1 and 4
 #     final_check the W8A8 tests, the weight-only dispatch tests, W8A8 decode tiles, gemm_quick
 #     mma_tests   the CUDA GEMVs' tests (fma and mma kernels, dispatch, graphs) and the W8A8 tests
-#     splitk      the CUDA GEMVs' tests, the dispatch's table and both kernels' split-K sweeps
+#     wo_check    the CUDA GEMVs' tests, then the dispatch's table against bf16 (1 GPU)
 #     mma_bench   bench_wo_kernels: the CUDA fma and mma kernels against dot and bf16, M = 1 to
 #                 32 (mma_sweep: then the mma kernel's split-K sweep)
 #     allreduce   NCCL and custom all-reduce tests, and the layers over them (2 and 4 ranks)
@@ -121,14 +121,12 @@ mma_tests)
   step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
   step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
   ;;
-splitk)
-  # the CUDA GEMVs' tests, the dispatch against bf16 (M = 1 to 32, six shapes), then split-K
-  # sweeps of both kernels
+wo_check)
+  # the CUDA GEMVs' tests, then the dispatch against bf16 (M = 1 to 32, six shapes)
   step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
-  STEP_TIMEOUT=400 TAIL=45 step bench_wo_splitk python3 benchmarks/bench_wo_kernels.py \
+  STEP_TIMEOUT=300 TAIL=8 step bench_wo_check python3 benchmarks/bench_wo_kernels.py \
     --shapes 7b-qkv-tp1,7b-o-tp1,7b-gate_up-tp1,7b-down-tp1,7b-down-tp2,70b-gate_up-tp4 \
-    --ms 1,2,4,8,16,32 --paths auto --budget 120 --sweep-budget 150 --sweep-paths cuda,cuda-mma \
-    --sweep-ms 1,4,16 --sweep-shapes 7b-qkv-tp1,7b-o-tp1,7b-down-tp2 --sweep-schemes int4_wo,int8_wo
+    --ms 1,2,4,8,16,32 --paths auto --budget 200 --no-sweep
   ;;
 mma_bench|mma_sweep)
   sweep=(--no-sweep)

@@ -258,8 +258,8 @@ def test_cuda_kernels_forced(device, name: str, kernel: str, m: int, dtype: torc
 
 @pytest.mark.parametrize("kernel,m", [("fma", 1), ("mma", 8)])
 def test_cuda_split_k_is_deterministic(device, kernel: str, m: int) -> None:
-    """Split-K's sum by the last block of each row group: bitwise the same over repeated
-    launches (whichever block arrives last), right, and every counter back at zero after."""
+    """Split-K's partials summed in split order: bitwise the same over repeated launches,
+    and right."""
     pytest.importorskip("cupy", reason="the CUDA GEMV is compiled and launched through CuPy")
     n, k, seed = 4096, 4096, _seed("cuda-split", kernel, m)
     t = _tensors("wo4", device, seed, (n, k))
@@ -272,7 +272,6 @@ def test_cuda_split_k_is_deterministic(device, kernel: str, m: int) -> None:
                 kernel=kernel)
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
-    assert int(cw._COUNTERS[device.index].count_nonzero()) == 0
     _check(outs[0], _reference("wo4", t, x, None), torch.bfloat16, ("cuda split", kernel))
 
 

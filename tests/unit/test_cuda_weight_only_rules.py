@@ -117,15 +117,13 @@ def test_gemv_launch_geometry(monkeypatch, m: int, bits: int, splits, kernel: st
                               tile: int) -> None:
     """What `gemv` launches, with the kernels and the device stubbed out (CPU tensors): the
     kernel and M tile `kernel_for` names, one warp per 2 (fma) or 16 * row tiles (mma) rows,
-    the split heuristic's splits (or the forced ones, made even), one launch, given float32
-    partials [splits, M, N] and the counters exactly when there is more than one split."""
+    the split heuristic's splits (or the forced ones, made even), and the reduce kernel
+    exactly when there is more than one split."""
     import torch
 
-    launches, partials = [], []
-    monkeypatch.setattr(cw, "_kernels", lambda *a: {key: key for key in (
-        [(cw.FMA, t) for t in cw.M_TILES] + [(cw.MMA, t) for t in cw.MMA_TILES])})
-    counters = torch.zeros(cw.MAX_ROW_GROUPS, dtype=torch.int32)
-    monkeypatch.setattr(cw, "_counters", lambda dev: counters)
+    launches = []
+    monkeypatch.setattr(cw, "_kernels", lambda *a: ({key: key for key in (
+        [(cw.FMA, t) for t in cw.M_TILES] + [(cw.MMA, t) for t in cw.MMA_TILES])}, "reduce"))
     monkeypatch.setattr(cw, "launch", lambda fn, grid, block, args, dev: launches.append(
         (fn, grid, block, args)))
     monkeypatch.setattr(torch.cuda, "get_device_properties",
@@ -134,9 +132,6 @@ def test_gemv_launch_geometry(monkeypatch, m: int, bits: int, splits, kernel: st
     x = torch.zeros(m, k, dtype=torch.bfloat16)
     qweight = torch.zeros(n, k * bits // 8, dtype=torch.uint8 if bits == 4 else torch.int8)
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: partials.append(real_empty(*a, **kw))
-                        or partials[-1])
     cw.gemv(x, qweight, torch.ones(n), None, None, bits, 0, None, out, splits=splits)
 
     fn, grid, block, args = launches[0]
@@ -155,27 +150,8 @@ def test_gemv_launch_geometry(monkeypatch, m: int, bits: int, splits, kernel: st
         per_split = -(-units // splits)
         want_splits = -(-units // per_split)
     assert grid == (-(-n // (cw.WARPS * rows_per_warp)), want_splits)
-    assert int(args[-1]) == per_split and (want_splits - 1) * per_split < units
-    assert len(launches) == 1 and int(args[6]) == out.data_ptr()
-    if want_splits > 1:  # partial, counters
-        assert len(partials) == 1 and partials[0].shape == (want_splits, m, n)
-        assert partials[0].dtype == torch.float32
-        assert (int(args[7]), int(args[8])) == (partials[0].data_ptr(), counters.data_ptr())
-    else:
-        assert not partials and int(args[7]) == int(args[8]) == 0
-
-
-def test_gemv_refuses_more_row_groups_than_counters(monkeypatch) -> None:
-    """Split-K needs a counter per row group: past MAX_ROW_GROUPS, a clear error, no launch."""
-    import torch
-
-    monkeypatch.setattr(cw, "_kernels", lambda *a: {(cw.MMA, 8): "mma"})
-    monkeypatch.setattr(cw, "launch", lambda *a: pytest.fail("launched"))
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda dev: type("P", (), {"multi_processor_count": 132})())
-    monkeypatch.setattr(cw, "MAX_ROW_GROUPS", 4)
-    n, k = 4096, 4096
-    x = torch.zeros(8, k, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="row groups"):
-        cw.gemv(x, torch.zeros(n, k // 2, dtype=torch.uint8), torch.ones(n), None, None, 4, 0,
-                None, torch.empty(8, n, dtype=torch.bfloat16), splits=2)
+    assert int(args[-2]) == per_split and (want_splits - 1) * per_split < units
+    assert int(args[-1]) == (want_splits > 1)  # write_partial
+    assert len(launches) == (2 if want_splits > 1 else 1)
+    if want_splits > 1:
+        assert launches[1][0] == "reduce"

@@ -13,9 +13,7 @@ the numerics of both:
 `kernel_for` picks one by M (thresholds measured, below). The source compiles at first use,
 one module per (dtype, scheme, pre-quant scale) holding every M tile of both; kernels run on
 torch's current stream (CUDA-graph capturable; the only allocation is the split-K partial
-buffer, through torch). Split-K takes one launch: the last block of each row group sums the
-partials, counting arrivals in a per-device buffer of counters that each launch leaves at
-zero (so GEMVs with splits must not run concurrently on two streams of one device).
+buffer, through torch).
 
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
 group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma). Alignment rules
@@ -65,11 +63,10 @@ MAX_SPLITS = 16
 # Llama-2-7B shapes: 8 splits, 16-47 warps per SM, was the fastest or within 3% nearly
 # everywhere; aiming at 8 warps per SM left 5-15% on the table.)
 MMA_WARPS_PER_SM = 24
-MAX_ROW_GROUPS = 1 << 16  # split-K counters per device: one per block of rows
+_REDUCE_THREADS = 256
 _DT = {torch.float16: 0, torch.bfloat16: 1}
 
-_MODULES: dict[tuple, dict[tuple[str, int], Any]] = {}
-_COUNTERS: dict[int, torch.Tensor] = {}
+_MODULES: dict[tuple, tuple[dict[tuple[str, int], Any], Any]] = {}
 
 
 @functools.cache
@@ -185,7 +182,7 @@ def gemv(
         raise ValueError(f"the mma GEMV needs groups of a multiple of {mma_group(bits)} "
                          f"features, got {group}")
     tile = m_tile(m, kernel)
-    functions = _kernels(x2.device, x2.dtype, mode(bits, group, zeros is not None),
+    functions, reduce = _kernels(x2.device, x2.dtype, mode(bits, group, zeros is not None),
                                  pqs is not None, rows)
     sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
     if kernel == MMA:
@@ -204,34 +201,22 @@ def gemv(
         splits, per_split = split_k(n, k, bits, tile, sms, rows)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()  # added in float32, before the output's rounding
-    partial = counters = None
-    if splits > 1:
-        if grid_x > MAX_ROW_GROUPS:
-            raise ValueError(f"split-K over {grid_x} row groups: more than the {MAX_ROW_GROUPS} "
-                             "counters")
-        partial = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
-        counters = _counters(x2.device)
+    partial = (torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
+               if splits > 1 else None)
+    target = out if partial is None else partial
     ptr = _ptr
     args = (
-        ptr(x2), ptr(qweight), ptr(scale), ptr(zeros), ptr(pqs), ptr(bias), ptr(out),
-        ptr(partial), ptr(counters),
+        ptr(x2), ptr(qweight), ptr(scale), ptr(zeros), ptr(pqs),
+        ptr(bias if partial is None else None), ptr(target),
         np.int32(m), np.int32(n), np.int32(k), np.int32(group or 1), np.int32(per_split),
+        np.int32(partial is not None),
     )
     launch(functions[kernel, tile], (grid_x, splits), (WARPS * 32,), args, x2.device)
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    """The device's split-K arrival counters (zeros; every launch leaves them so). Made at
-    the first split GEMV, which must not be inside a CUDA graph capture (its memset would
-    belong to the graph)."""
-    counters = _COUNTERS.get(device.index)
-    if counters is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("run a split-K weight-only GEMV once before capturing a CUDA "
-                               "graph: its counters are made at the first call")
-        counters = torch.zeros(MAX_ROW_GROUPS, dtype=torch.int32, device=device)
-        _COUNTERS[device.index] = counters
-    return counters
+    if partial is not None:
+        blocks = min(-(-m * n // _REDUCE_THREADS), 1024)
+        launch(reduce, (blocks,), (_REDUCE_THREADS,),
+               (ptr(partial), ptr(bias), ptr(out), np.int32(m), np.int32(n), np.int32(splits)),
+               x2.device)
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:
@@ -239,8 +224,9 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
 
 
 def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
-             rows: int | None = None) -> dict[tuple[str, int], Any]:
-    """{(kernel, M tile): function} of one module, compiled at first use."""
+             rows: int | None = None):
+    """({(kernel, M tile): function}, split-K reduce kernel) of one module, compiled at first
+    use."""
     key = (device.index, _DT[dtype], mode_, pqs, rows)
     if key not in _MODULES:
         import cupy
@@ -255,10 +241,12 @@ def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
                  for t in M_TILES}
         names.update({(MMA, t): f"wo_mma<{dt}, {mode_}, {flag}, {t // 8}, {u}, {r}>"
                       for t, (u, r) in MMA_SHAPE.items()})
+        reduce_name = f"wo_reduce<{dt}>"
         with cupy.cuda.Device(device.index):
             module = cupy.RawModule(
                 code=SOURCE.read_text(), options=("-std=c++17",),
-                name_expressions=list(names.values()),
+                name_expressions=[*names.values(), reduce_name],
             )
-            _MODULES[key] = {key_: module.get_function(name) for key_, name in names.items()}
+            functions = {key_: module.get_function(name) for key_, name in names.items()}
+            _MODULES[key] = (functions, module.get_function(reduce_name))
     return _MODULES[key]
