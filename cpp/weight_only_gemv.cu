@@ -308,8 +308,9 @@ __device__ __forceinline__ void wo_gemv_body(
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
-  // (Loading 2 or 4 chunks per lane before computing, for more bytes in flight, measured no
-  // faster: bench_wo_kernels.py's sweep, docs/benchmarks.md 2026-11-29.)
+  // (More bytes in flight measured no faster: loading 2 or 4 chunks per lane before
+  // computing, docs/benchmarks.md 2026-11-29, or a cp.async ring in shared memory, 2026-11-30
+  // third session; the loop's instructions are the limit, design note 21.)
   for (int c = c_begin + lane; c < c_end; c += 32) {
     uint4 wv[ROWS];
 #pragma unroll
