@@ -146,13 +146,6 @@ __device__ __forceinline__ uint4 load_weight(const void* p) {
   return v;
 }
 
-// One 32-bit weight word, kept out of L1 like load_weight.
-__device__ __forceinline__ u32 load_weight_word(const void* p) {
-  u32 v;
-  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ u32 word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
@@ -164,8 +157,7 @@ __device__ __forceinline__ void store_output(float v, int m, int n, int M, int N
                                              const float* __restrict__ scale,
                                              const float* __restrict__ bias,
                                              void* __restrict__ out, int write_partial) {
-  // (groupwise: the kernels' sums carry the group scales already)
-  v *= (Mode<MODE>::GROUPED ? 1.f : __ldg(scale + n)) * Mode<MODE>::OFF;
+  if constexpr (!Mode<MODE>::GROUPED) v *= __ldg(scale + n) * Mode<MODE>::OFF;
   if (write_partial) {
     reinterpret_cast<float*>(out)[((size_t)split * M + m) * N + n] = v;
   } else {
@@ -176,72 +168,73 @@ __device__ __forceinline__ void store_output(float v, int m, int n, int M, int N
 
 // ---- the GEMV ------------------------------------------------------------------------------
 
-// Adds the lane's WO_CHUNK_WORDS weight words of one stripe to its sums acc[row][m]: wv[r][j]
-// is word j of row r, at input feature k0 + j * 32 * ELEMS; FULL: all of them inside the
-// split, else the first `valid` (the stripe at the split's end).
-template <int DT, int MODE, bool PQS, int MT, int ROWS, bool FULL>
-__device__ __forceinline__ void accumulate_stripe(
-    const u32 (&wv)[ROWS][WO_CHUNK_WORDS], int k0, int valid,
-    const unsigned short* __restrict__ x, int M, int K, const float* __restrict__ scale,
-    const float* __restrict__ zeros, const float* __restrict__ pqs, int N, int row0,
-    int group_shift, u32 inv2, u32 shift2, float (&acc)[ROWS][MT]) {
+// Adds one chunk (16 weight bytes of each of the warp's ROWS rows, at input feature k0) to
+// the lane's sums acc[row][m].
+template <int DT, int MODE, bool PQS, int MT, int ROWS>
+__device__ __forceinline__ void accumulate_chunk(
+    const uint4 (&wv)[ROWS], int k0, const unsigned short* __restrict__ x, int M, int K,
+    const float* __restrict__ scale, const float* __restrict__ zeros,
+    const float* __restrict__ pqs, int N, int row0, int group, u32 inv2, u32 shift2,
+    float (&acc)[ROWS][MT]) {
   typedef Mode<MODE> Md;
   constexpr int X_WORDS = Md::PAIRS;  // x words (2 values each) per weight word
-  // Words summed in the paired type before float32: float16 the stripe, bfloat16 one word;
-  // groupwise one word (each word may lie in its own group).
-  constexpr int FLUSH = DT == 0 && !Md::GROUPED ? WO_CHUNK_WORDS : 1;
-  constexpr int ZM = Md::ZEROS ? MT : 1;
+  constexpr int FLUSH = DT == 0 ? WO_CHUNK_WORDS : 1;  // words summed in the paired type
+  constexpr int GR = Md::GROUPED ? ROWS : 1, GM = Md::GROUPED ? MT : 1, ZM = Md::ZEROS ? MT : 1;
+  constexpr int PQ = PQS ? WO_CHUNK_WORDS * X_WORDS : 1;
 
-  u32 hacc[ROWS][MT];  // paired partial sums
+  u32 pq[PQ];  // the pre-quant scale of this chunk's x values, paired in k order like x
+  if constexpr (PQS) {
+    const float4* p4 = reinterpret_cast<const float4*>(pqs + k0);
+#pragma unroll
+    for (int i = 0; i < PQ / 2; ++i) {
+      const float4 f = __ldg(p4 + i);
+      pq[2 * i] = pack2<DT>(f.x, f.y);
+      pq[2 * i + 1] = pack2<DT>(f.z, f.w);
+    }
+  }
+
+  u32 hacc[ROWS][MT];  // paired partial sums (float16: the chunk; bfloat16: one word)
+  float dacc[GR][GM];  // groupwise: this chunk's float32 sums, before its scale
+  float xsum[ZM];      // zeros: sum of x over the chunk, in float32
 #pragma unroll
   for (int r = 0; r < ROWS; ++r)
 #pragma unroll
     for (int m = 0; m < MT; ++m) hacc[r][m] = 0u;
+#pragma unroll
+  for (int r = 0; r < GR; ++r)
+#pragma unroll
+    for (int m = 0; m < GM; ++m) dacc[r][m] = 0.f;
+#pragma unroll
+  for (int m = 0; m < ZM; ++m) xsum[m] = 0.f;
 
 #pragma unroll
   for (int j = 0; j < WO_CHUNK_WORDS; ++j) {
-    const bool in = FULL || j < valid;
-    constexpr int WORD_STRIDE = 32 * Md::ELEMS;  // features between a lane's words
-    const int kj = k0 + j * WORD_STRIDE;  // (pointers below add j * WORD_STRIDE to k0's: the
-                                          // compiler folds it into the loads' offsets)
     u32 cp[ROWS][Md::PAIRS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      const u32 code_word = wv[r][j] ^ word_flip<DT, MODE>();
+      const u32 code_word = word(wv[r], j) ^ word_flip<DT, MODE>();
 #pragma unroll
       for (int p = 0; p < Md::PAIRS; ++p)
         cp[r][p] = code_pair<DT, MODE>(code_word, p, inv2, shift2);
     }
-    u32 pq[PQS ? X_WORDS : 1];  // the pre-quant scale of the word's x values, paired like x
-    if constexpr (PQS) {
-      const float4* p4 = reinterpret_cast<const float4*>(in ? pqs + k0 + j * WORD_STRIDE : pqs);
-#pragma unroll
-      for (int i = 0; i < X_WORDS / 2; ++i) {
-        const float4 f = __ldg(p4 + i);
-        pq[2 * i] = pack2<DT>(f.x, f.y);
-        pq[2 * i + 1] = pack2<DT>(f.z, f.w);
-      }
-    }
-    float xsum[ZM];  // zeros: sum of x over the word, in float32
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      u32 xw[X_WORDS];  // zeros past the split: the word adds nothing
-      const unsigned short* xrow = x + (size_t)min(m, M - 1) * K + k0 + j * WORD_STRIDE;
+      const unsigned short* xrow = x + (size_t)min(m, M - 1) * K + k0 + j * Md::ELEMS;
+      u32 xw[X_WORDS];
       if constexpr (X_WORDS == 4) {
-        const uint4 t = in ? __ldg(reinterpret_cast<const uint4*>(xrow)) : make_uint4(0, 0, 0, 0);
+        const uint4 t = __ldg(reinterpret_cast<const uint4*>(xrow));
         xw[0] = t.x; xw[1] = t.y; xw[2] = t.z; xw[3] = t.w;
       } else {
-        const uint2 t = in ? __ldg(reinterpret_cast<const uint2*>(xrow)) : make_uint2(0, 0);
+        const uint2 t = __ldg(reinterpret_cast<const uint2*>(xrow));
         xw[0] = t.x; xw[1] = t.y;
       }
       if constexpr (PQS) {
 #pragma unroll
-        for (int i = 0; i < X_WORDS; ++i) xw[i] = mul2<DT>(xw[i], pq[i]);
+        for (int i = 0; i < X_WORDS; ++i) xw[i] = mul2<DT>(xw[i], pq[j * X_WORDS + i]);
       }
       if constexpr (Md::ZEROS) {
-        xsum[m % ZM] = 0.f;
 #pragma unroll
-        for (int i = 0; i < X_WORDS; ++i) xsum[m % ZM] += hsum<DT>(xw[i]);
+        for (int i = 0; i < X_WORDS; ++i) xsum[m] += hsum<DT>(xw[i]);
       }
 #pragma unroll
       for (int p = 0; p < Md::PAIRS; ++p) {
@@ -251,25 +244,30 @@ __device__ __forceinline__ void accumulate_stripe(
       }
     }
     if ((j + 1) % FLUSH == 0) {
-      // groupwise: sum x (u - z) s = OFF s (sum x q/OFF + (1 - z/OFF) sum x) (the factor
-      // OFF is applied to the output, store_output); symmetric: z = OFF. The word's group (a
-      // power of two of at least 32 features): its features lie in one.
-      const size_t gn = Md::GROUPED ? (size_t)((in ? kj : 0) >> group_shift) * N : 0;
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        float s = 1.f, zt = 0.f;
-        if constexpr (Md::GROUPED) {
-          const int n = min(row0 + r, N - 1);
-          s = __ldg(scale + gn + n);
-          if constexpr (Md::ZEROS) zt = fmaf(__ldg(zeros + gn + n), -1.f / Md::OFF, 1.f);
-        }
+      for (int r = 0; r < ROWS; ++r)
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          float d = hsum<DT>(hacc[r][m]);
+          const float s = hsum<DT>(hacc[r][m]);
+          if constexpr (Md::GROUPED) dacc[r][m] += s; else acc[r][m] += s;
           hacc[r][m] = 0u;
-          if constexpr (Md::ZEROS) d = fmaf(zt, xsum[m % ZM], d);
-          acc[r][m] = Md::GROUPED ? fmaf(s, d, acc[r][m]) : acc[r][m] + d;
         }
+    }
+  }
+  if constexpr (Md::GROUPED) {
+    // sum x (u - z) s = OFF s (sum x q/OFF + (OFF - z)/OFF sum x); symmetric: z = OFF.
+    const int g = k0 / group;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int n = min(row0 + r, N - 1);
+      const float s = __ldg(scale + (size_t)g * N + n) * Md::OFF;
+      float zt = 0.f;
+      if constexpr (Md::ZEROS) zt = (Md::OFF - __ldg(zeros + (size_t)g * N + n)) / Md::OFF;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        float d = dacc[r][m];
+        if constexpr (Md::ZEROS) d = fmaf(zt, xsum[m], d);
+        acc[r][m] = fmaf(s, d, acc[r][m]);
       }
     }
   }
@@ -310,38 +308,15 @@ __device__ __forceinline__ void wo_gemv_body(
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
-  // Stripes: the warp reads 32 * WO_CHUNK_WORDS consecutive weight words of each row, lane l
-  // taking words l, l + 32, l + 64, l + 96: each load instruction (weight words, and the x
-  // values that go with them) is one contiguous run across the lanes. (Lane l taking 16
-  // consecutive bytes instead left the x loads strided by 64 bytes across the lanes: four
-  // times the L1 wavefronts, the L1 the busiest unit at 79%, Nsight Compute.)
-  constexpr int STRIPE = 32 * WO_CHUNK_WORDS;
-  const int group_shift = __ffs(group) - 1;  // log2: the host passes powers of two
-  const int w_begin = c_begin * WO_CHUNK_WORDS, w_end = c_end * WO_CHUNK_WORDS;
-  int w0 = w_begin;
-  for (; w0 + STRIPE <= w_end; w0 += STRIPE) {
-    u32 wv[ROWS][WO_CHUNK_WORDS];
+  // (Measured no faster, design note 21: more bytes in flight, by loading 2 or 4 chunks per
+  // lane before computing or through a cp.async ring in shared memory; lanes reading 4-byte
+  // words in warp-wide stripes, which makes the x loads contiguous across the lanes.)
+  for (int c = c_begin + lane; c < c_end; c += 32) {
+    uint4 wv[ROWS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-      for (int j = 0; j < WO_CHUNK_WORDS; ++j)
-        wv[r][j] = load_weight_word(wrow[r] + (size_t)(w0 + lane) * 4 + 128 * j);
-    accumulate_stripe<DT, MODE, PQS, MT, ROWS, true>(wv, (w0 + lane) * Md::ELEMS,
-                                                     WO_CHUNK_WORDS, x, M, K, scale, zeros,
-                                                     pqs, N, row0, group_shift, inv2, shift2,
-                                                     acc);
-  }
-  if (w0 < w_end) {  // the split's last, partial stripe
-    const int valid = (w_end - w0 - lane + 31) / 32;  // this lane's words inside the split
-    u32 wv[ROWS][WO_CHUNK_WORDS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-      for (int j = 0; j < WO_CHUNK_WORDS; ++j)
-        wv[r][j] = j < valid ? load_weight_word(wrow[r] + (size_t)(w0 + lane) * 4 + 128 * j) : 0u;
-    accumulate_stripe<DT, MODE, PQS, MT, ROWS, false>(wv, (w0 + lane) * Md::ELEMS, valid, x,
-                                                      M, K, scale, zeros, pqs, N, row0,
-                                                      group_shift, inv2, shift2, acc);
+    for (int r = 0; r < ROWS; ++r) wv[r] = load_weight(wrow[r] + (size_t)c * 16);
+    accumulate_chunk<DT, MODE, PQS, MT, ROWS>(wv, c * CHUNK_ELEMS, x, M, K, scale, zeros, pqs,
+                                              N, row0, group, inv2, shift2, acc);
   }
 
   // Sum the lanes: every lane stores its V sums, then lane l adds up value l (and l + 32).
@@ -518,8 +493,8 @@ __device__ __forceinline__ void mma_step(
     }
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
-      const float s0 = __ldg(scale + (size_t)gi * N + rows[r][0]);  // (OFF: store_output)
-      const float s1 = __ldg(scale + (size_t)gi * N + rows[r][1]);
+      const float s0 = __ldg(scale + (size_t)gi * N + rows[r][0]) * Md::OFF;
+      const float s1 = __ldg(scale + (size_t)gi * N + rows[r][1]) * Md::OFF;
       float z0 = 0.f, z1 = 0.f;
       if constexpr (Md::ZEROS) {
         z0 = (Md::OFF - __ldg(zeros + (size_t)gi * N + rows[r][0])) / Md::OFF;

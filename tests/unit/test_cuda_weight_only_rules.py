@@ -58,8 +58,6 @@ def test_kernel_for(m: int, bits: int, group: int, kernel: str) -> None:
         (4, 4096, 4, 128, True),
         (4, 4096, 4, 32, True),
         (4, 4096, 4, 48, False),  # a chunk would straddle two groups
-        (1, 4096, 4, 96, False),  # not a power of two (the fma kernel shifts by log2 group)
-        (4, 4096, 4, 384, False),
     ],
 )
 def test_supports(m: int, k: int, bits: int, group: int, ok: bool) -> None:

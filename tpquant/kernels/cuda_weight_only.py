@@ -16,7 +16,7 @@ torch's current stream (CUDA-graph capturable; the only allocation is the split-
 buffer, through torch).
 
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
-group size a power of two and a multiple of 32 (fma) or of a 4-chunk step, 128 (mma). Alignment rules
+group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma). Alignment rules
 (`aligned`): 16-byte aligned, contiguous tensors. `tpquant.kernels.triton_weight_only`
 dispatches here (path "cuda").
 """
@@ -122,8 +122,7 @@ def rows_per_warp(tile: int) -> int:
 
 def supports(m: int, k: int, bits: int, group: int) -> bool:
     """Whether a kernel takes this shape (pure; alignment is `aligned`'s business)."""
-    if not (1 <= m <= MAX_M and k % chunk_elems(bits) == 0 and group % MIN_GROUP == 0
-            and group & (group - 1) == 0):  # (the fma kernel finds a group with a shift)
+    if not (1 <= m <= MAX_M and k % chunk_elems(bits) == 0 and group % MIN_GROUP == 0):
         return False
     return m <= M_TILES[-1] or mma_takes(bits, group)
 

@@ -713,7 +713,7 @@ def _matmul(
         if not (cuda_ok and cuda_weight_only.supports(m, k, wt.bits, wt.group)):
             raise ValueError(
                 f"path 'cuda' takes M <= {cuda_weight_only.MAX_M}, K a multiple of "
-                f"{cuda_weight_only.chunk_elems(wt.bits)}, groups a power of two, a multiple of "
+                f"{cuda_weight_only.chunk_elems(wt.bits)}, groups a multiple of "
                 f"{cuda_weight_only.MIN_GROUP} (of {cuda_weight_only.mma_group(wt.bits)}"
                 f" past M = {cuda_weight_only.M_TILES[-1]}), float32 scales and 16-byte "
                 f"aligned CUDA tensors (and CuPy); got M={m}, K={k}, group={wt.group}"
