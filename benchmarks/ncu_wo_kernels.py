@@ -2,7 +2,7 @@
 
     ncu --clock-control none --nvtx --nvtx-include "prof/" --section SpeedOfLight ... \
         python benchmarks/ncu_wo_kernels.py [--shape 7b-qkv-tp1] [--cases int4_wo:fma:1,...]
-    python benchmarks/ncu_wo_kernels.py --summarize LOG...   # ncu's reports (or .gz) -> table + JSON
+    python benchmarks/ncu_wo_kernels.py --summarize LOG...  # ncu reports (or .gz): table, JSON
 
 (tests/gpu/run_on_device.sh's ncu_wo stage runs the first with the sections and metrics the
 summary reads.)
@@ -38,7 +38,8 @@ FIELDS = (("Duration", "us"), ("DRAM Throughput", "dram_pct"), ("Registers Per T
           ("Theoretical Active Warps per SM", "warps_max"),
           ("Issued Warp Per Scheduler", "issue"),
           ("Warp Cycles Per Issued Instruction", "cycles_per_issue"), ("Grid Size", "grid"))
-STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio\s+\S+\s+([\d.]+)")
+STALL = re.compile(
+    r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio\s+\S+\s+([\d.]+)")
 
 
 def summarize(path: Path) -> list[dict]:
@@ -93,7 +94,8 @@ def print_summary(logs: list[str]) -> None:
             print(f"{r['case']:<16} {r['kernel'][:28]:<28} {r.get('us', 0):>6.1f} "
                   f"{r.get('dram_pct', 0):>6.1f} {r.get('regs', 0):>4.0f} "
                   f"{r.get('warps', 0):>4.1f}/{r.get('warps_max', 0):<4.0f} "
-                  f"{r.get('issue', 0):>5.2f} {r.get('warp_instructions', 0) / 1e6:>6.2f}  {stalls}")
+                  f"{r.get('issue', 0):>5.2f} "
+                  f"{r.get('warp_instructions', 0) / 1e6:>6.2f}  {stalls}")
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ncu_wo_kernels.json").write_text(json.dumps(result, indent=1))

@@ -126,7 +126,8 @@ __device__ __forceinline__ u32 code_pair(u32 w, int p, u32 inv2, u32 shift2) {
     // The pair's codes, flipped to u and OR-ed into the magic's mantissa: the magic's bits
     // lie outside the mask, so one XOR with (magic | flip) does both (one LOP3).
     constexpr u32 magic = DT == 0 ? 0x64006400u : 0x43004300u;  // 1024 / 128 in both halves
-    const u32 v = ((w >> (p * Md::BITS)) & kCodeMask[Md::BITS == 4]) ^ (magic | (Md::FLIP & Md::MASK));
+    const u32 v =
+        ((w >> (p * Md::BITS)) & kCodeMask[Md::BITS == 4]) ^ (magic | (Md::FLIP & Md::MASK));
     return fma2<DT>(v, inv2, shift2);  // (MAGIC + u) / OFF - (MAGIC + OFF) / OFF, exact
   }
 }
