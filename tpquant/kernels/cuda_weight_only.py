@@ -106,10 +106,10 @@ def kernel_for(m: int, bits: int, group: int, has_zeros: bool = True) -> str:
 
 def m_tile(m: int, kernel: str = FMA) -> int:
     """The compiled M size of `kernel` that runs m rows (the smallest tile >= m)."""
-    for tile in MMA_TILES if kernel == MMA else M_TILES:
+    tiles = MMA_TILES if kernel == MMA else M_TILES
+    for tile in tiles:
         if m <= tile:
             return tile
-    tiles = MMA_TILES if kernel == MMA else M_TILES
     raise ValueError(f"the CUDA {kernel} GEMV takes M <= {tiles[-1]}, got {m}")
 
 

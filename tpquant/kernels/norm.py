@@ -1,7 +1,8 @@
 """RMSNorm reference: float32 math whatever the input type, as the fused kernels do.
 
-`rms_norm` and `add_rms_norm` take the Triton kernel (tpquant.kernels.triton_norm) on CUDA tensors in
-float16/bfloat16/float32, the reference otherwise; `path` forces one ("reference" or "triton").
+`rms_norm` and `add_rms_norm` take the Triton kernel (tpquant.kernels.triton_norm) on CUDA
+tensors in float16/bfloat16/float32, the reference otherwise; `path` forces one ("reference" or
+"triton").
 """
 
 from __future__ import annotations
