@@ -14,6 +14,7 @@ where ref is float64 math on the weight tpquant.kernels.weight_only dequantizes.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import pytest
@@ -291,6 +292,32 @@ def test_cuda_path_long_k(device, name: str, dtype: torch.dtype, m: int) -> None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     y = _launch(name, t, x, None, path="cuda", out=out)
     _check(y, _reference(name, t, x, None), dtype, ("cuda long K", name, m))
+
+
+def test_cuda_gemv_runs_on_torchs_current_stream(device) -> None:
+    """tpquant.kernels.cupy_launch: on a side stream the GEMV waits for the torch work queued
+    before it there (x written after a 20 ms sleep, no synchronisation in between; on any
+    other stream it would read the NaNs x held before), and CuPy is not asked for anything it
+    has deprecated."""
+    pytest.importorskip("cupy", reason="the CUDA GEMV is compiled and launched through CuPy")
+    n, k, seed = 4096, 4096, _seed("cuda-stream")
+    t = _tensors("wo4", device, seed, (n, k))
+    g = torch.Generator().manual_seed(seed + 1)
+    fresh = torch.randn(1, k, generator=g).to(device=device, dtype=torch.bfloat16)
+    x = torch.full_like(fresh, float("nan"))
+    out = torch.empty(1, n, dtype=torch.bfloat16, device=device)
+    cw.gemv(fresh, t["qweight"], t["scale"], None, None, 4, 0, None, out)  # compile first
+    out.fill_(float("nan"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(40_000_000)  # ~20 ms at H200 clocks
+            x.copy_(fresh)
+            cw.gemv(x, t["qweight"], t["scale"], None, None, 4, 0, None, out)
+    torch.cuda.synchronize()
+    _check(out, _reference("wo4", t, fresh, None), torch.bfloat16, ("cuda stream",))
 
 
 def test_cuda_path_refuses_what_it_cannot_take(device) -> None:

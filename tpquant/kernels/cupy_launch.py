@@ -21,10 +21,19 @@ def launch(
     """kernel<<<grid, block>>>(*args) on torch's current stream of `device`."""
     import cupy
 
-    handle = torch.cuda.current_stream(device).cuda_stream
-    stream = _STREAMS.get((device.index, handle))
+    current = torch.cuda.current_stream(device)
+    key = (device.index, current.cuda_stream)
+    stream = _STREAMS.get(key)
     if stream is None:
-        stream = cupy.cuda.ExternalStream(handle, device.index)
-        _STREAMS[(device.index, handle)] = stream
+        stream = _STREAMS[key] = _wrap(cupy, current, device)
     with cupy.cuda.Device(device.index), stream:
         kernel(grid, block, args)
+
+
+def _wrap(cupy: Any, stream: torch.cuda.Stream, device: torch.device) -> Any:
+    """A CuPy stream for torch's `stream`: through the CUDA stream protocol (which torch's
+    streams implement) where CuPy has it (14 on), else ExternalStream (deprecated in 14)."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, device.index)
