@@ -347,15 +347,17 @@ __device__ __forceinline__ void wo_gemv_body(
 // tensor cores (mma.sync m16n8k16, float32 accumulation): per weight word the cost is the
 // dequantization and one mma per 16 x 16 block, whatever M is up to 8 (NT 8-token tiles).
 //
-// Work split: a warp owns RT tiles of 16 consecutive rows. Lane l = 4 g + j holds rows g and
-// g + 8 of each tile (the mma's A fragment rows) and, in each "step" of 4 chunks, reads chunk
-// j (16 bytes) of those rows: a quad of lanes covers 4 consecutive chunks (128 int4 / 64
-// int8 features). The tiles share the step's x loads and pairs.
+// Work split: KW warps of a block own RT tiles of 16 consecutive rows and take turns of U
+// steps along K; their sums meet in shared memory at the end, in warp order (with KW = 4 the
+// rows alone fill the SMs on more shapes, without split-K's partials). Lane l = 4 g + j
+// holds rows g and g + 8 of each tile (the mma's A fragment rows) and, in each "step" of 4
+// chunks, reads chunk j (16 bytes) of those rows: a quad of lanes covers 4 consecutive
+// chunks (128 int4 / 64 int8 features). The tiles share the step's x loads and pairs.
 // The mma's k order is the lanes' own: for weight word i of the chunks, the A registers are
 // code pairs (p, p + ELEMS/2) of rows g and g + 8 (code_pair), and lane l as the B fragment
 // holds token g's x values at the same features (x_pair), so both sides agree on which
 // feature each of the 16 k slots is without moving data between lanes. The outputs come
-// out in the C fragment (rows g, g + 8; tokens 2 j, 2 j + 1), one store each, no reduction.
+// out in the C fragment (rows g, g + 8; tokens 2 j, 2 j + 1), no reduction across lanes.
 // Groupwise: a step lies in one group (the host checks group % (4 chunks) == 0); its mma
 // sums start from zero and take the group's scale (and zero, through the step's sum of x,
 // as above) in float32.
@@ -514,8 +516,8 @@ __device__ __forceinline__ void mma_step(
 }
 
 // NT: 8-token tiles (M <= 8 NT); U: steps whose weight loads are issued together; RT:
-// 16-row tiles per warp (more rows share each x load and pair).
-template <int DT, int MODE, bool PQS, int NT, int U, int RT>
+// 16-row tiles per warp (more rows share each x load and pair); KW: warps sharing rows.
+template <int DT, int MODE, bool PQS, int NT, int U, int RT, int KW>
 __device__ __forceinline__ void wo_mma_body(
     const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
     const float* __restrict__ scale, const float* __restrict__ zeros,
@@ -525,7 +527,8 @@ __device__ __forceinline__ void wo_mma_body(
   constexpr int CHUNK_ELEMS = WO_CHUNK_WORDS * Md::ELEMS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, j = lane & 3;
-  const int row0 = (blockIdx.x * WO_WARPS + warp) * 16 * RT;
+  const int kw = warp % KW;  // this warp's turn among those sharing its rows
+  const int row0 = (blockIdx.x * (WO_WARPS / KW) + warp / KW) * 16 * RT;
   const int chunks = K / CHUNK_ELEMS;
   const int steps = (chunks + MMA_STEP_CHUNKS - 1) / MMA_STEP_CHUNKS;
   const int split = blockIdx.y;
@@ -554,7 +557,7 @@ __device__ __forceinline__ void wo_mma_body(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[r][t][e] = 0.f;
 
-  for (int s0 = s_begin; s0 < s_end; s0 += U) {
+  for (int s0 = s_begin + kw * U; s0 < s_end; s0 += KW * U) {
     uint4 wv[U][RT][2];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -574,6 +577,22 @@ __device__ __forceinline__ void wo_mma_body(
                                         pqs, N, rows, group, g, j, inv2, shift2, acc);
       }
     }
+  }
+
+  if constexpr (KW > 1) {  // the first warp of each KW adds the others' sums, in warp order
+    constexpr int V = RT * NT * 4;
+    __shared__ float red[WO_WARPS][V][32];
+    float* mine = &acc[0][0][0];
+    if (kw > 0) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) red[warp][v][lane] = mine[v];
+    }
+    __syncthreads();
+    if (kw > 0) return;
+#pragma unroll
+    for (int o = 1; o < KW; ++o)
+#pragma unroll
+      for (int v = 0; v < V; ++v) mine[v] += red[warp + o][v][lane];
   }
 
   // C fragment: acc[r][t][e] is row 16 r + g (e < 2) or + 8 (e >= 2), token 8 t + 2 j + (e & 1).
@@ -621,12 +640,12 @@ wo_gemv(const unsigned short* x, const unsigned char* w, const float* scale, con
                                         chunks_per_split, write_partial);
 }
 
-template <int DT, int MODE, bool PQS, int NT, int U, int RT>
+template <int DT, int MODE, bool PQS, int NT, int U, int RT, int KW>
 __global__ void __launch_bounds__(WO_WARPS * 32)
 wo_mma(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
        const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
        int steps_per_split, int write_partial) {
-  wo_mma_body<DT, MODE, PQS, NT, U, RT>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
+  wo_mma_body<DT, MODE, PQS, NT, U, RT, KW>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
                                         steps_per_split, write_partial);
 }
 

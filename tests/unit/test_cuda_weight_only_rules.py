@@ -93,19 +93,23 @@ def test_mode_names_the_kernel_variant() -> None:
 @pytest.mark.parametrize("m", [2, 16, 32])
 def test_mma_split_k_covers_k_within_its_caps(n: int, k: int, bits: int, m: int) -> None:
     """Every step is in exactly one split; the partials' traffic stays within half the
-    weight's; splitting stops once the SMs have MMA_WARPS_PER_SM warps each."""
+    weight's; each warp of a split has a load round; the SMs get the split count nearest
+    MMA_WARPS_PER_SM warps each (or fewer, where whole steps per split round it down)."""
     steps = -(-k // (cw.STEP_CHUNKS * cw.chunk_elems(bits)))
     splits, per_split = cw.mma_split_k(m, n, k, bits, sm_count=132)
-    unroll, row_tiles = cw.MMA_SHAPE[cw.m_tile(m, cw.MMA)]
+    unroll, row_tiles, k_warps = cw.MMA_SHAPE[cw.m_tile(m, cw.MMA)]
     assert 1 <= splits <= cw.MAX_SPLITS
     assert (splits - 1) * per_split < steps <= splits * per_split
+    warps = -(-n // (cw.WARPS // k_warps * 16 * row_tiles)) * cw.WARPS
+    want = round(cw.MMA_WARPS_PER_SM * 132 / warps)
+    assert splits <= max(1, want)
     if splits > 1:
         assert 8 * splits * m <= k * bits / 8 / 2
-        assert per_split >= unroll
-    # One step fewer per split would pass a cap, unless the SMs are already full.
-    caps = (cw.MAX_SPLITS, k * bits // (128 * m), steps // unroll)
-    if per_split > 1 and -(-steps // (per_split - 1)) <= min(caps):
-        assert -(-n // (16 * row_tiles)) * splits >= cw.MMA_WARPS_PER_SM * 132
+        assert per_split >= unroll * k_warps
+    # One step fewer per split would pass a cap or the wanted count.
+    caps = (cw.MAX_SPLITS, k * bits // (128 * m), steps // (unroll * k_warps), want)
+    if per_split > 1:
+        assert -(-steps // (per_split - 1)) > min(caps)
 
 
 @pytest.mark.parametrize(
@@ -116,9 +120,9 @@ def test_mma_split_k_covers_k_within_its_caps(n: int, k: int, bits: int, m: int)
 def test_gemv_launch_geometry(monkeypatch, m: int, bits: int, splits, kernel: str,
                               tile: int) -> None:
     """What `gemv` launches, with the kernels and the device stubbed out (CPU tensors): the
-    kernel and M tile `kernel_for` names, one warp per 2 (fma) or 16 * row tiles (mma) rows,
-    the split heuristic's splits (or the forced ones, made even), and the reduce kernel
-    exactly when there is more than one split."""
+    kernel and M tile `kernel_for` names, one warp per 2 rows (fma) or k_warps warps per
+    16 * row tiles rows (mma), the split heuristic's splits (or the forced ones, made even),
+    and the reduce kernel exactly when there is more than one split."""
     import torch
 
     launches = []
@@ -138,7 +142,8 @@ def test_gemv_launch_geometry(monkeypatch, m: int, bits: int, splits, kernel: st
     assert fn == (kernel, tile) and block == (cw.WARPS * 32,)
     if kernel == cw.MMA:
         units = -(-k // (cw.STEP_CHUNKS * cw.chunk_elems(bits)))
-        rows_per_warp = 16 * cw.MMA_SHAPE[tile][1]
+        _, row_tiles, k_warps = cw.MMA_SHAPE[tile]
+        rows_per_warp = 16 * row_tiles / k_warps  # k_warps warps share each row tile
         auto = cw.mma_split_k(m, n, k, bits, 132)
     else:
         units = k // cw.chunk_elems(bits)

@@ -44,9 +44,11 @@ MAX_M = MMA_TILES[-1]
 # groupwise int4 (zeros) fma 1.81 / 1.36, mma 1.52 / 1.47.
 MMA_MIN_M = {0: 2, 1: 3, 2: 2, 3: 2}
 # The mma kernel's shape by its M tile: (steps whose weight loads a lane issues together,
-# 16-row tiles per warp). More loads in flight while the registers last; two row tiles from
-# 16 tokens on, where each x load and pair would otherwise serve one tile's 16 rows only.
-MMA_SHAPE = {8: (4, 1), 16: (2, 2), 32: (2, 2)}
+# 16-row tiles per warp, warps of a block that share those rows and split K). More loads in
+# flight while the registers last; two row tiles from 16 tokens on, where each x load and
+# pair would otherwise serve one tile's 16 rows only; the block's 4 warps on the same rows,
+# so that the rows alone fill the SMs on more shapes without split-K's partials.
+MMA_SHAPE = {8: (4, 1, 4), 16: (2, 2, 4), 32: (2, 2, 4)}
 WARPS = 4  # WO_WARPS in the .cu
 CHUNK_BYTES = 16  # weight bytes a lane reads per row per step
 MIN_GROUP = 32  # a chunk (32 int4 codes) must lie in one group
@@ -57,12 +59,14 @@ STEP_CHUNKS = 4  # MMA_STEP_CHUNKS in the .cu: the chunks one mma step covers
 # MAX_SPLITS splits, each with at least one chunk per lane.
 WARPS_PER_SM = 4
 MAX_SPLITS = 16
-# The mma kernel's warps each stream 16 rows, so it needs split-K on most shapes to fill the
-# SMs; it splits up to MMA_WARPS_PER_SM warps per SM, keeping the float32 partials' traffic
-# (8 * splits * M bytes per row) within half the weight's. (Sweep of 2-16 splits, H200,
-# Llama-2-7B shapes: 8 splits, 16-47 warps per SM, was the fastest or within 3% nearly
-# everywhere; aiming at 8 warps per SM left 5-15% on the table.)
-MMA_WARPS_PER_SM = 24
+# Split-K of the mma kernel: the split count nearest MMA_WARPS_PER_SM warps per SM, keeping
+# the float32 partials' traffic (8 * splits * M bytes per row) within half the weight's.
+# bench_wo_kernels.py, H200, six Llama shapes, M = 2 to 16, with a block's 4 warps sharing
+# rows: 16 warps per SM beat 24 (int4 1.78 / 1.71 / 1.50 / 1.31x bf16 against 1.73 / 1.67 /
+# 1.48 / 1.14x at M = 2 / 4 / 8 / 16). Sweep of 1-16 splits: 7b qkv (23 warps per SM from
+# its rows) ran fastest unsplit at M = 2 to 16, 7b o (8 warps per SM) unsplit at M = 2 and 4
+# but with 4 splits at M = 16.
+MMA_WARPS_PER_SM = 16
 _REDUCE_THREADS = 256
 _DT = {torch.float16: 0, torch.bfloat16: 1}
 
@@ -145,16 +149,23 @@ def split_k(n: int, k: int, bits: int, tile: int, sm_count: int,
 
 
 def mma_split_k(m: int, n: int, k: int, bits: int, sm_count: int) -> tuple[int, int]:
-    """(splits, steps per split) of the mma kernel: up to MMA_WARPS_PER_SM warps per SM, the
-    partials' traffic within half the weight's, at least one unrolled load round per split."""
+    """(splits, steps per split) of the mma kernel: the count nearest MMA_WARPS_PER_SM warps
+    per SM, the partials' traffic within half the weight's, at least one unrolled load round
+    per warp of a split."""
     steps = -(-k // mma_group(bits))
-    unroll, row_tiles = MMA_SHAPE[m_tile(m, MMA)]
-    row_warps = -(-n // (16 * row_tiles))
-    want = -(-MMA_WARPS_PER_SM * sm_count // row_warps)
+    unroll, _, k_warps = MMA_SHAPE[m_tile(m, MMA)]
+    row_warps = mma_grid_x(n, m) * WARPS
+    want = round(MMA_WARPS_PER_SM * sm_count / row_warps)
     traffic_cap = k * bits // (128 * m)  # 8 * splits * m <= (k * bits / 8) / 2
-    splits = max(1, min(want, MAX_SPLITS, traffic_cap, steps // unroll))
+    splits = max(1, min(want, MAX_SPLITS, traffic_cap, steps // (unroll * k_warps)))
     per_split = -(-steps // splits)
     return -(-steps // per_split), per_split
+
+
+def mma_grid_x(n: int, m: int) -> int:
+    """Blocks of the mma kernel along N: each holds WARPS / k_warps groups of row tiles."""
+    _, row_tiles, k_warps = MMA_SHAPE[m_tile(m, MMA)]
+    return -(-n // (WARPS // k_warps * 16 * row_tiles))
 
 
 def gemv(
@@ -187,7 +198,7 @@ def gemv(
     sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
     if kernel == MMA:
         units = -(-k // mma_group(bits))  # steps
-        grid_x = -(-n // (WARPS * 16 * MMA_SHAPE[tile][1]))
+        grid_x = mma_grid_x(n, m)
     else:
         rows = rows or rows_per_warp(tile)
         units = k // chunk_elems(bits)  # chunks
@@ -239,8 +250,8 @@ def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
         dt, flag = _DT[dtype], str(pqs).lower()
         names = {(FMA, t): f"wo_gemv<{dt}, {mode_}, {flag}, {t}, {rows or rows_per_warp(t)}>"
                  for t in M_TILES}
-        names.update({(MMA, t): f"wo_mma<{dt}, {mode_}, {flag}, {t // 8}, {u}, {r}>"
-                      for t, (u, r) in MMA_SHAPE.items()})
+        names.update({(MMA, t): f"wo_mma<{dt}, {mode_}, {flag}, {t // 8}, {u}, {r}, {kw}>"
+                      for t, (u, r, kw) in MMA_SHAPE.items()})
         reduce_name = f"wo_reduce<{dt}>"
         with cupy.cuda.Device(device.index):
             module = cupy.RawModule(
