@@ -77,12 +77,13 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
 # 1.09x int4, 1.09x / 1.00x int8); M = 32 mma with two row tiles ahead for int4 (0.89x /
 # 0.82x), dot for int8 (0.88x against 0.83x).
 # From M = 32 dot falls behind bf16 (0.6-0.9x) but stays ahead of dequant + cuBLAS up to
-# M = 64 (int4) and 128 (int8: 0.60x against 0.43x); dequant + cuBLAS from there
-# (bench_wo_kernels.py, stage wo_m, 2026-11-30: docs/benchmarks.md).
+# M = 128 (int8: 0.60x against 0.43x; int4 since its per-channel dots share one accumulator,
+# 7b qkv / 70b gate-up at M = 128: 55.9 / 105 us against 68.6 / 151); dequant + cuBLAS
+# from there (bench_wo_kernels.py, 2026-11-30: docs/benchmarks.md).
 # By bits: M <= this: the CUDA GEMVs (fma, then mma), where they take the shape.
 CUDA_MAX_M = {4: 32, 8: 16}
 GEMV_MAX_M = 1  # M <= this: gemv
-DOT_MAX_M = {4: 64, 8: 128}  # by bits: GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
+DOT_MAX_M = {4: 128, 8: 128}  # by bits: GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
 # Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
 # MIN_K_PER_SPLIT input features each.
 PROGRAMS_PER_SM = 4
@@ -318,17 +319,20 @@ def _wo_gemv_kernel(
 
 
 @triton.jit
-def _dot(w, xv, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
-    """x w^T as [BLOCK_M, BLOCK_N], or (SWAP) w x^T as [BLOCK_N, BLOCK_M], in float32."""
+def _dot(w, xv, acc, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + x w^T as [BLOCK_M, BLOCK_N], or (SWAP) acc + w x^T as [BLOCK_N, BLOCK_M], in
+    float32."""
     if DOT_F32:  # only under the interpreter, whose tl.dot mishandles bfloat16
         if SWAP:
-            part = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)), input_precision="ieee")
+            part = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)), acc,
+                          input_precision="ieee")
         else:
-            part = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            part = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                          input_precision="ieee")
     elif SWAP:
-        part = tl.dot(w, tl.trans(xv))
+        part = tl.dot(w, tl.trans(xv), acc)
     else:
-        part = tl.dot(xv, tl.trans(w))
+        part = tl.dot(xv, tl.trans(w), acc)
     return part
 
 
@@ -347,9 +351,11 @@ def _wo_dot_kernel(
 
     The weight operand is u + OFFSET in x's dtype (see `_operand`); int4 nibbles are either
     interleaved back into k order, or (SPLIT_X) kept apart and met by x's even and odd
-    columns in two dots. Each block subtracts (OFFSET + zp) * sum_k x from its product, then
-    takes its group scale. SWAP computes y^T = W x^T instead (the weight is the first tl.dot
-    operand, the tiny x^T the second), for small M.
+    columns in two dots. Per channel the dots accumulate into one float32 tile (so the
+    tensor cores can work on the next block while this one is dequantized) and (OFFSET + zp)
+    * sum_k x is subtracted once at the end; groupwise, each block's product starts from
+    zero and takes its zero and scale. SWAP computes y^T = W x^T instead (the weight is the
+    first tl.dot operand, the tiny x^T the second), for small M.
     """
     X_TYPE: tl.constexpr = x_ptr.dtype.element_ty
     PACK: tl.constexpr = 2 if BITS == 4 else 1
@@ -366,6 +372,7 @@ def _wo_dot_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xsum_all = tl.zeros((BLOCK_M,), dtype=tl.float32)  # per channel: sum_k x of the split
     for cw0 in range(cw_start, cw_start + KW_PER_SPLIT, KW):
         if EVEN_K:
             wb = tl.load(w_ptrs)
@@ -381,9 +388,13 @@ def _wo_dot_kernel(
                 pv = tl.load(p_ptrs, mask=valid_k, other=0.0)
                 xv = xv.to(tl.float32) * pv.to(tl.float32)[None, :]
         xv = xv.to(X_TYPE)
+        if GROUP == 0:
+            part = acc
+        else:
+            part = tl.zeros_like(acc)
         if BITS == 8:
             u = wb.to(tl.uint8, bitcast=True) ^ 0x80  # q + 128
-            part = _dot(_operand(u, OPERAND, OFFSET, X_TYPE), xv, SWAP, DOT_F32)
+            part = _dot(_operand(u, OPERAND, OFFSET, X_TYPE), xv, part, SWAP, DOT_F32)
         else:
             if not HAS_ZEROS:
                 wb = wb ^ 0x88  # both signed nibbles -> q + 8
@@ -391,40 +402,36 @@ def _wo_dot_kernel(
                 # even k (low nibbles) and odd k (high) as two dots against x's even and odd
                 # columns: the small x tile is split instead of the weight tile interleaved
                 x_even, x_odd = tl.split(tl.reshape(xv, (BLOCK_M, KW, 2)))
-                part = _dot(_operand(wb & 0xF, OPERAND, OFFSET, X_TYPE), x_even, SWAP, DOT_F32)
-                part += _dot(_operand(wb >> 4, OPERAND, OFFSET, X_TYPE), x_odd, SWAP, DOT_F32)
+                part = _dot(_operand(wb & 0xF, OPERAND, OFFSET, X_TYPE), x_even, part, SWAP,
+                            DOT_F32)
+                part = _dot(_operand(wb >> 4, OPERAND, OFFSET, X_TYPE), x_odd, part, SWAP,
+                            DOT_F32)
             else:
                 u = tl.interleave(wb & 0xF, wb >> 4)  # [BLOCK_N, BLOCK_K]: k = 2j (low), 2j + 1
-                part = _dot(_operand(u, OPERAND, OFFSET, X_TYPE), xv, SWAP, DOT_F32)
+                part = _dot(_operand(u, OPERAND, OFFSET, X_TYPE), xv, part, SWAP, DOT_F32)
 
         # part = sum_k x (u + OFFSET); the block's value is sum_k x (u - zp).
         if HAS_ZEROS or CORR != 0:
             xsum = tl.sum(xv.to(tl.float32), axis=1)
-        if GROUP > 0:
-            g_row = _group_row(cw0, K, N, rn, PACK, GROUP, EVEN_K)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + g_row).to(tl.float32) + OFFSET
-            if SWAP:
-                part -= zero[:, None] * xsum[None, :]
-            else:
-                part -= xsum[:, None] * zero[None, :]
-        elif CORR != 0:
-            if SWAP:
-                part -= xsum[None, :] * CORR
-            else:
-                part -= xsum[:, None] * CORR
-        if GROUP > 0:
-            gs = tl.load(s_ptr + g_row).to(tl.float32)
-            if SWAP:
-                part *= gs[:, None]
-            else:
-                part *= gs[None, :]
-        acc += part
+        else:
+            xsum = xsum_all  # (unused: no offset to take out)
+        if GROUP == 0:
+            acc = part
+            if CORR != 0:
+                xsum_all += xsum
+        else:
+            acc += _group_part(part, xsum, z_ptr, s_ptr, cw0, K, N, rn, PACK, GROUP, EVEN_K,
+                               HAS_ZEROS, OFFSET, CORR, SWAP)
         w_ptrs += KW
         x_ptrs += BLOCK_K
         p_ptrs += BLOCK_K
 
     if GROUP == 0:
+        if CORR != 0:
+            if SWAP:
+                acc -= xsum_all[None, :] * CORR
+            else:
+                acc -= xsum_all[:, None] * CORR
         s = tl.load(s_ptr + rn).to(tl.float32)
         if SWAP:
             acc *= s[:, None]
@@ -435,6 +442,32 @@ def _wo_dot_kernel(
     else:
         y = acc
     _store(y, out_ptr, b_ptr, offs_m, offs_n, rn, M, N, stride_split, HAS_BIAS, WRITE_PARTIAL)
+
+
+@triton.jit
+def _group_part(part, xsum, z_ptr, s_ptr, cw0, K, N, rn, PACK: tl.constexpr,
+                GROUP: tl.constexpr, EVEN_K: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                OFFSET: tl.constexpr, CORR: tl.constexpr, SWAP: tl.constexpr):
+    """A groupwise block's sum_k x (u + OFFSET) -> sum_k x (u - zero) times its group scale
+    (symmetric: zero = zp, CORR = OFFSET + zp)."""
+    g_row = _group_row(cw0, K, N, rn, PACK, GROUP, EVEN_K)
+    if HAS_ZEROS:
+        zero = tl.load(z_ptr + g_row).to(tl.float32) + OFFSET
+        if SWAP:
+            part -= zero[:, None] * xsum[None, :]
+        else:
+            part -= xsum[:, None] * zero[None, :]
+    elif CORR != 0:
+        if SWAP:
+            part -= xsum[None, :] * CORR
+        else:
+            part -= xsum[:, None] * CORR
+    gs = tl.load(s_ptr + g_row).to(tl.float32)
+    if SWAP:
+        part *= gs[:, None]
+    else:
+        part *= gs[None, :]
+    return part
 
 
 def _even_k(a: Mapping) -> bool:
