@@ -428,15 +428,8 @@ def _wo_dot_kernel(
 
     if GROUP == 0:
         if CORR != 0:
-            if SWAP:
-                acc -= xsum_all[None, :] * CORR
-            else:
-                acc -= xsum_all[:, None] * CORR
-        s = tl.load(s_ptr + rn).to(tl.float32)
-        if SWAP:
-            acc *= s[:, None]
-        else:
-            acc *= s[None, :]
+            acc -= _per_m(xsum_all, SWAP) * CORR
+        acc *= _per_n(tl.load(s_ptr + rn).to(tl.float32), SWAP)
     if SWAP:
         y = tl.trans(acc)
     else:
@@ -453,21 +446,30 @@ def _group_part(part, xsum, z_ptr, s_ptr, cw0, K, N, rn, PACK: tl.constexpr,
     g_row = _group_row(cw0, K, N, rn, PACK, GROUP, EVEN_K)
     if HAS_ZEROS:
         zero = tl.load(z_ptr + g_row).to(tl.float32) + OFFSET
-        if SWAP:
-            part -= zero[:, None] * xsum[None, :]
-        else:
-            part -= xsum[:, None] * zero[None, :]
+        part -= _per_m(xsum, SWAP) * _per_n(zero, SWAP)
     elif CORR != 0:
-        if SWAP:
-            part -= xsum[None, :] * CORR
-        else:
-            part -= xsum[:, None] * CORR
-    gs = tl.load(s_ptr + g_row).to(tl.float32)
+        part -= _per_m(xsum, SWAP) * CORR
+    return part * _per_n(tl.load(s_ptr + g_row).to(tl.float32), SWAP)
+
+
+@triton.jit
+def _per_m(v, SWAP: tl.constexpr):
+    """A vector over the tile's rows of x, broadcast along N (the tile is [N, M] when SWAP)."""
     if SWAP:
-        part *= gs[:, None]
+        out = v[None, :]
     else:
-        part *= gs[None, :]
-    return part
+        out = v[:, None]
+    return out
+
+
+@triton.jit
+def _per_n(v, SWAP: tl.constexpr):
+    """A vector over the tile's weight rows (outputs), broadcast along M."""
+    if SWAP:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
 
 
 def _even_k(a: Mapping) -> bool:
