@@ -645,8 +645,8 @@ __global__ void __launch_bounds__(WO_WARPS * 32)
 wo_mma(const unsigned short* x, const unsigned char* w, const float* scale, const float* zeros,
        const float* pqs, const float* bias, void* out, int M, int N, int K, int group,
        int steps_per_split, int write_partial) {
-  wo_mma_body<DT, MODE, PQS, NT, U, RT, KW>(x, w, scale, zeros, pqs, bias, out, M, N, K, group,
-                                        steps_per_split, write_partial);
+  wo_mma_body<DT, MODE, PQS, NT, U, RT, KW>(x, w, scale, zeros, pqs, bias, out, M, N, K,
+                                            group, steps_per_split, write_partial);
 }
 
 template <int DT>
