@@ -132,6 +132,15 @@ __device__ __forceinline__ u32 code_pair(u32 w, int p, u32 inv2, u32 shift2) {
   }
 }
 
+// code_pair's fma operands for one kernel: inv2 = (1/OFF, 1/OFF), shift2 = (-(MAGIC + OFF)
+// / OFF, same), MAGIC being the float16 / bfloat16 value of code_pair's magic.
+template <int DT, int MODE> __device__ __forceinline__ void code_pair_operands(u32& inv2,
+                                                                               u32& shift2) {
+  constexpr float off = Mode<MODE>::OFF, magic = DT == 0 ? 1024.f : 128.f;
+  inv2 = pack2<DT>(1.f / off, 1.f / off);
+  shift2 = pack2<DT>(-(magic + off) / off, -(magic + off) / off);
+}
+
 // x word pair matching code pair p: the x words of one weight word hold its ELEMS values in
 // k order, two per word; code pair p is values (p, p + ELEMS/2).
 template <int MODE> __device__ __forceinline__ u32 x_pair(const u32* xw, int p) {
@@ -295,9 +304,8 @@ __device__ __forceinline__ void wo_gemv_body(
   const int c_end = min(c_begin + chunks_per_split, K / CHUNK_ELEMS);
   const size_t row_bytes = (size_t)K * Md::BITS / 8;
 
-  const float magic_f = DT == 0 ? 1024.f : 128.f;
-  const u32 inv2 = pack2<DT>(1.f / Md::OFF, 1.f / Md::OFF);
-  const u32 shift2 = pack2<DT>(-(magic_f + Md::OFF) / Md::OFF, -(magic_f + Md::OFF) / Md::OFF);
+  u32 inv2, shift2;
+  code_pair_operands<DT, MODE>(inv2, shift2);
 
   const unsigned char* wrow[ROWS];
 #pragma unroll
@@ -545,9 +553,8 @@ __device__ __forceinline__ void wo_mma_body(
       wr[r][h] = w + (size_t)rows[r][h] * row_bytes;
     }
 
-  const float magic_f = DT == 0 ? 1024.f : 128.f;
-  const u32 inv2 = pack2<DT>(1.f / Md::OFF, 1.f / Md::OFF);
-  const u32 shift2 = pack2<DT>(-(magic_f + Md::OFF) / Md::OFF, -(magic_f + Md::OFF) / Md::OFF);
+  u32 inv2, shift2;
+  code_pair_operands<DT, MODE>(inv2, shift2);
 
   float acc[RT][NT][4];
 #pragma unroll
