@@ -74,9 +74,15 @@ kernels)
   step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py tests/gpu/test_decode_ops_gpu.py
   step kernels_wo pyt tests/gpu/test_kernels_weight_only.py
   ;;
-wo)
-  # the CUDA weight-only GEMV's tests, the dispatch and a CUDA graph
+wo|mma_tests|wo_check)
+  # the CUDA weight-only GEMVs' tests, the dispatch and a CUDA graph; mma_tests: then the
+  # W8A8 tests; wo_check: then the dispatch against bf16 (M = 1 to 32, six shapes)
   step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
+  [ "$stage" = mma_tests ] && step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
+  [ "$stage" = wo_check ] && STEP_TIMEOUT=300 TAIL=8 step bench_wo_check \
+    python3 benchmarks/bench_wo_kernels.py \
+    --shapes 7b-qkv-tp1,7b-o-tp1,7b-gate_up-tp1,7b-down-tp1,7b-down-tp2,70b-gate_up-tp4 \
+    --ms 1,2,4,8,16,32 --paths auto --budget 200 --no-sweep
   ;;
 wo_sweep)
   # every path against bf16, then the CUDA GEMV's rows-per-warp x split-K sweep
@@ -116,17 +122,6 @@ final_check)
   STEP_TIMEOUT=120 TAIL=40 step bench_w8a8_decode python3 benchmarks/bench_w8a8_gemm.py \
     --ms 1,4,16 --shapes 7b,7b-tp2
   STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
-  ;;
-mma_tests)
-  step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
-  step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
-  ;;
-wo_check)
-  # the CUDA GEMVs' tests, then the dispatch against bf16 (M = 1 to 32, six shapes)
-  step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
-  STEP_TIMEOUT=300 TAIL=8 step bench_wo_check python3 benchmarks/bench_wo_kernels.py \
-    --shapes 7b-qkv-tp1,7b-o-tp1,7b-gate_up-tp1,7b-down-tp1,7b-down-tp2,70b-gate_up-tp4 \
-    --ms 1,2,4,8,16,32 --paths auto --budget 200 --no-sweep
   ;;
 mma_bench|mma_sweep)
   sweep=(--no-sweep)
