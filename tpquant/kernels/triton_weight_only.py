@@ -67,8 +67,8 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
 # Dispatch thresholds, from benchmarks/bench_wo_kernels.py on an H200 (every path forced):
 # gemv wins only at M = 1 for int4 per channel (1.08-1.31x bf16 vs dot 1.08-1.16x over runs;
 # int8 and groupwise: dot 0.98x vs gemv 0.90x),
-# dot (swapped operands, split-K) up to M = 64, dequant + cuBLAS from M = 256 (int4 at
-# M = 256: 0.54x vs dot 0.31x; at M = 64: dot 0.56x vs 0.47x).
+# dot (swapped operands, split-K) for small M, dequant + cuBLAS from M = 256 (int4 at
+# M = 256: 0.54x vs dot 0.31x; at M = 64: dot 0.56x vs 0.47x; the bound by bits below).
 # The CUDA GEMVs (bench_wo_kernels.py, H200, six Llama-2-7B/70B shapes, geomean over bf16,
 # 2026-11-30): M = 1 the fma kernel, int4 2.24x, int8 1.65x (dot: 1.14x, 0.98x); M = 2-8 the
 # tensor-core mma kernel, int4 1.53-1.67x, int8 1.22-1.28x (dot 1.11-1.13x, 0.94-0.96x;
