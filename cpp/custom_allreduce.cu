@@ -390,13 +390,24 @@ __device__ __forceinline__ void two_shot(const Args& a) {
   end_call(c);
 }
 
+// Programmatic dependent launch (tpquant/kernels/pdl.py): wait for the kernel before this one
+// (the partial sums it wrote), then let the next one start. No-ops when launched without it.
+__device__ __forceinline__ void wait_then_signal() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #define TPQ_KERNELS(NAME, D)                                                          \
   extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_one_shot_##NAME(TPQ_PARAMS) { \
     TPQ_MAKE_ARGS                                                                     \
+    wait_then_signal();                                                               \
     one_shot<D>(a);                                                                   \
   }                                                                                   \
   extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_two_shot_##NAME(TPQ_PARAMS) { \
     TPQ_MAKE_ARGS                                                                     \
+    wait_then_signal();                                                               \
     two_shot<D>(a);                                                                   \
   }
 

@@ -156,6 +156,17 @@ __device__ __forceinline__ uint4 load_weight(const void* p) {
   return v;
 }
 
+// Programmatic dependent launch (tpquant/kernels/pdl.py): wait for the kernel before this one
+// (its writes visible), then let the next one start; every kernel here does so before it
+// touches memory. No-ops when launched without PDL. (Prefetching the first weight bytes into
+// L2 before the wait measured no faster: docs/design-notes.md, note 24.)
+__device__ __forceinline__ void wait_then_signal() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ u32 word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
@@ -310,6 +321,8 @@ __device__ __forceinline__ void wo_gemv_body(
   const unsigned char* wrow[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) wrow[r] = w + (size_t)min(row0 + r, N - 1) * row_bytes;
+
+  wait_then_signal();
 
   float acc[ROWS][MT];
 #pragma unroll
@@ -553,6 +566,8 @@ __device__ __forceinline__ void wo_mma_body(
       wr[r][h] = w + (size_t)rows[r][h] * row_bytes;
     }
 
+  wait_then_signal();
+
   u32 inv2, shift2;
   code_pair_operands<DT, MODE>(inv2, shift2);
 
@@ -622,6 +637,7 @@ __device__ __forceinline__ void wo_reduce_body(const float* __restrict__ partial
                                                const float* __restrict__ bias,
                                                unsigned short* __restrict__ out, int M, int N,
                                                int splits) {
+  wait_then_signal();
   const size_t mn = (size_t)M * N;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < mn;
        i += (size_t)gridDim.x * blockDim.x) {

@@ -21,7 +21,9 @@
 #     failures    a rank that raises or is killed while others sit in NCCL / custom all-reduce
 #     model       the model tests (1, 2, 3 and 4 ranks, as many as there are GPUs)
 #     decode      bench_decode --quick at TP 1 and 2
+#     decode_nopdl  the same with programmatic dependent launch off
 #     profile     profile_decode: a decode step's kernel time by kind (1 GPU)
+#     pdl         programmatic dependent launch: its tests, then profile_decode without and with
 #     ncu_wo      ncu_wo_kernels under Nsight Compute: the weight-only GEMVs' and bf16's
 #                 counters (NCU_SHAPES, NCU_CASES; 1 GPU)
 #     gemm_quick  bench_gemm --quick (1 GPU)
@@ -164,6 +166,16 @@ model)
 profile)
   TAIL=40 step profile_decode python3 benchmarks/profile_decode.py
   ;;
+pdl)
+  # programmatic dependent launch: its chain test, the decode ops and CUDA GEMVs with it on,
+  # then a decode step's profile with it off and on
+  step kernels_pdl pyt tests/gpu/test_pdl_gpu.py tests/gpu/test_decode_ops_gpu.py
+  step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
+  for v in 0 1; do
+    TAIL=30 step profile_decode_pdl$v env TPQUANT_PDL=$v OUT="$r/pdl$v" \
+      python3 benchmarks/profile_decode.py --schemes bf16 int4_wo int8_wo
+  done
+  ;;
 ncu_wo)
   # Nsight Compute's counters for the weight-only GEMVs and bf16 (${NCU_SHAPES}, default qkv)
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
@@ -182,6 +194,14 @@ decode)
   for n in 1 2; do
     [ "$n" -le "$ngpu" ] || continue
     TAIL=14 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py --quick
+  done
+  ;;
+decode_nopdl)
+  # bench_decode --quick at TP 1 and 2 with programmatic dependent launch off (TPQUANT_PDL=0)
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=14 step bench_decode_nopdl_tp$n env TPQUANT_PDL=0 bash -c \
+      "mpi -n $n -x TPQUANT_PDL python3 benchmarks/bench_decode.py --quick --out $r/nopdl"
   done
   ;;
 bench|quick)

@@ -128,8 +128,8 @@ def test_gemv_launch_geometry(monkeypatch, m: int, bits: int, splits, kernel: st
     launches = []
     monkeypatch.setattr(cw, "_kernels", lambda *a: ({key: key for key in (
         [(cw.FMA, t) for t in cw.M_TILES] + [(cw.MMA, t) for t in cw.MMA_TILES])}, "reduce"))
-    monkeypatch.setattr(cw, "launch", lambda fn, grid, block, args, dev: launches.append(
-        (fn, grid, block, args)))
+    monkeypatch.setattr(cw, "launch", lambda fn, grid, block, args, dev, pdl=False:
+                        launches.append((fn, grid, block, args, pdl)))
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda dev: type("P", (), {"multi_processor_count": 132})())
     n, k = 4096, 4096
@@ -138,8 +138,9 @@ def test_gemv_launch_geometry(monkeypatch, m: int, bits: int, splits, kernel: st
     out = torch.empty(m, n, dtype=torch.bfloat16)
     cw.gemv(x, qweight, torch.ones(n), None, None, bits, 0, None, out, splits=splits)
 
-    fn, grid, block, args = launches[0]
+    fn, grid, block, args, pdl = launches[0]
     assert fn == (kernel, tile) and block == (cw.WARPS * 32,)
+    assert not pdl  # no PDL off CUDA
     if kernel == cw.MMA:
         units = -(-k // (cw.STEP_CHUNKS * cw.chunk_elems(bits)))
         _, row_tiles, k_warps = cw.MMA_SHAPE[tile]
@@ -160,3 +161,25 @@ def test_gemv_launch_geometry(monkeypatch, m: int, bits: int, splits, kernel: st
     assert len(launches) == (2 if want_splits > 1 else 1)
     if want_splits > 1:
         assert launches[1][0] == "reduce"
+
+
+def test_gemv_with_pdl_launches_both_kernels_with_it(monkeypatch) -> None:
+    """With PDL on, the GEMV and its split-K reduce launch as programmatic dependent launches
+    (device stubbed, CPU tensors)."""
+    import torch
+
+    launches = []
+    monkeypatch.setattr(cw, "_kernels", lambda *a: ({(cw.FMA, 1): "gemv"}, "reduce"))
+    monkeypatch.setattr(cw, "launch", lambda fn, grid, block, args, dev, pdl=False:
+                        launches.append((fn, args, pdl)))
+    monkeypatch.setattr(cw.pdl, "enabled", lambda dev: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: type("P", (), {"multi_processor_count": 132})())
+    n, k = 4096, 4096
+    qweight = torch.zeros(n, k // 2, dtype=torch.uint8)
+    out = torch.empty(1, n, dtype=torch.bfloat16)
+    cw.gemv(torch.zeros(1, k, dtype=torch.bfloat16), qweight, torch.ones(n), None, None, 4, 0,
+            None, out, splits=2)
+    (fn, args, pdl), (reduce, _, reduce_pdl) = launches
+    assert (fn, reduce, pdl, reduce_pdl) == ("gemv", "reduce", True, True)
+    assert int(args[-2]) == 64 and int(args[-1]) == 1  # 2 splits of 64 chunks, partials

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpquant.kernels import pdl
 from tpquant.kernels.cupy_launch import launch
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "weight_only_gemv.cu"
@@ -215,6 +216,7 @@ def gemv(
     partial = (torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
                if splits > 1 else None)
     target = out if partial is None else partial
+    with_pdl = pdl.enabled(x2.device)
     ptr = _ptr
     args = (
         ptr(x2), ptr(qweight), ptr(scale), ptr(zeros), ptr(pqs),
@@ -222,12 +224,12 @@ def gemv(
         np.int32(m), np.int32(n), np.int32(k), np.int32(group or 1), np.int32(per_split),
         np.int32(partial is not None),
     )
-    launch(functions[kernel, tile], (grid_x, splits), (WARPS * 32,), args, x2.device)
+    launch(functions[kernel, tile], (grid_x, splits), (WARPS * 32,), args, x2.device, with_pdl)
     if partial is not None:
         blocks = min(-(-m * n // _REDUCE_THREADS), 1024)
         launch(reduce, (blocks,), (_REDUCE_THREADS,),
                (ptr(partial), ptr(bias), ptr(out), np.int32(m), np.int32(n), np.int32(splits)),
-               x2.device)
+               x2.device, with_pdl)
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:

@@ -3,12 +3,15 @@
 The CUDA sources in cpp/ compile at first use through CuPy's NVRTC (CuPy caches the binaries)
 and run on the stream torch is using, so they order with torch's work and can be captured in
 CUDA graphs. One place for that rule: the custom all-reduce and the weight-only GEMV use it.
+The GEMV may also launch with PDL (tpquant.kernels.pdl), through the driver's cuLaunchKernelEx.
 """
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
+import numpy as np
 import torch
 
 # CuPy wrappers of torch's streams, one per (device, stream handle); they hold no resources.
@@ -16,18 +19,70 @@ _STREAMS: dict[tuple[int, int], Any] = {}
 
 
 def launch(
-    kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device
+    kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
+    pdl: bool = False,
 ) -> None:
-    """kernel<<<grid, block>>>(*args) on torch's current stream of `device`."""
+    """kernel<<<grid, block>>>(*args) on torch's current stream of `device`; with pdl, as a
+    programmatic dependent launch (tpquant.kernels.pdl: the kernel must wait before it reads
+    what the kernel before it writes). args: numpy scalars (pointers as np.uint64)."""
     import cupy
 
     current = torch.cuda.current_stream(device)
+    if pdl:  # CuPy's launch takes no launch attributes: the driver's cuLaunchKernelEx
+        with cupy.cuda.Device(device.index):
+            function = getattr(kernel, "kernel", kernel)  # a RawKernel's loaded Function
+            _launch_ex(function.ptr, grid, block, args, current.cuda_stream)
+        return
     key = (device.index, current.cuda_stream)
     stream = _STREAMS.get(key)
     if stream is None:
         stream = _STREAMS[key] = _wrap(cupy, current, device)
     with cupy.cuda.Device(device.index), stream:
         kernel(grid, block, args)
+
+
+# -- cuLaunchKernelEx with the programmatic-stream-serialization attribute ------------------------
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+_CTYPES = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
+           np.dtype(np.int32): ctypes.c_int32, np.dtype(np.float32): ctypes.c_float}
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared_mem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_driver: Any = None
+
+
+def _launch_ex(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
+               stream: int) -> None:
+    global _driver
+    if _driver is None:
+        _driver = ctypes.CDLL("libcuda.so.1")
+        _driver.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                             ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1  # programmaticStreamSerializationAllowed
+    config = _LaunchConfig(grid=_dim3(grid), block=_dim3(block), shared_mem=0, stream=stream,
+                           attrs=ctypes.pointer(attr), num_attrs=1)
+    values = [_CTYPES[np.asarray(a).dtype](a.item()) for a in args]
+    params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+    err = _driver.cuLaunchKernelEx(ctypes.byref(config), function, params, None)
+    if err:
+        name = ctypes.c_char_p()
+        _driver.cuGetErrorName(err, ctypes.byref(name))
+        raise RuntimeError(f"cuLaunchKernelEx failed: {(name.value or b'error').decode()} ({err})")
+
+
+def _dim3(d: tuple[int, ...]) -> ctypes.Array:
+    return (ctypes.c_uint * 3)(*(tuple(d) + (1, 1, 1))[:3])
 
 
 def _wrap(cupy: Any, stream: torch.cuda.Stream, device: torch.device) -> Any:

@@ -11,12 +11,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from tpquant.kernels import pdl
 
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(GU, OUT, I, stride_gu, stride_out, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GU, OUT, I, stride_gu, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -41,6 +47,7 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
         raise ValueError(f"out must be a contiguous [{n}, {i}] {gate_up.dtype} tensor")
     if n:
         _silu_mul_kernel[(n, triton.cdiv(i, _BLOCK))](
-            rows, out, i, rows.stride(0), out.stride(0), BLOCK=_BLOCK, num_warps=4
+            rows, out, i, rows.stride(0), out.stride(0), BLOCK=_BLOCK, num_warps=4,
+            **pdl.triton_args(rows.device),
         )
     return out.reshape(*gate_up.shape[:-1], i)

@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from tpquant.kernels import pdl
 
 _BLOCK = 1024
 
@@ -23,7 +26,10 @@ _BLOCK = 1024
 @triton.jit
 def _kv_write_kernel(K, V, POS, KC, VC, T, max_seq, row,
                      stride_kb, stride_kt, stride_vb, stride_vt, stride_pb, stride_pt,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     tok = tl.program_id(0)
     b, t = tok // T, tok % T
     p = tl.load(POS + b * stride_pb + t * stride_pt).to(tl.int64)
@@ -54,5 +60,5 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
         _kv_write_kernel[(B * T, triton.cdiv(row, _BLOCK))](
             k, v, pos, k_cache, v_cache, T, S, row,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), pos.stride(0), pos.stride(1),
-            BLOCK=_BLOCK, num_warps=4,
+            BLOCK=_BLOCK, num_warps=4, **pdl.triton_args(k.device),
         )

@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from tpquant.kernels import pdl
 
 from tpquant.kernels.triton_w8a8 import (
     as_rows,
@@ -68,8 +71,11 @@ def _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, K, stride_x, stride_d, stride_y, k_float, eps,
-    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     # With a delta the second pass recomputes x + delta (same rounding) rather than reading
     # back s, which other threads of the program may have written.
     row = tl.program_id(0).to(tl.int64)
@@ -148,6 +154,7 @@ def _launch_norm(x2: torch.Tensor, d2: torch.Tensor | None, w: torch.Tensor, y: 
             x2, x2 if d2 is None else d2, w, y, y if s is None else s, k, x2.stride(0),
             x2.stride(0) if d2 is None else d2.stride(0), y.stride(0), float(k), float(eps),
             HAS_DELTA=d2 is not None, BLOCK=block, num_warps=warps,
+            **pdl.triton_args(x2.device),
         )
 
 

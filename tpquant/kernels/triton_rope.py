@@ -16,13 +16,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from tpquant.kernels import pdl
 
 _MAX_BLOCK_H = 16
 
 
 @triton.jit
 def _rope_kernel(X, COS, SIN, OUT, n_heads, stride_xr, stride_or,
-                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+                 PDL: tl.constexpr):
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)  # token (b, t)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, HALF_PAD)
@@ -63,5 +70,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     _rope_kernel[(B * T, triton.cdiv(NH, block_h))](
         x, cos, sin, out, NH, row_stride, NH * hd,
         HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_H=block_h,
+        **pdl.triton_args(x.device),
     )
     return out

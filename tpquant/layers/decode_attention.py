@@ -25,11 +25,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tpquant.kernels import pdl
 from tpquant.layers.kv_cache import KVCache
 
 try:  # Triton is optional: CPU installs may lack it, and the reference serves them
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
@@ -105,11 +107,12 @@ def decode_attention_triton(
         k_scale.stride(0), k_scale.stride(1),
         1.0 / math.sqrt(hd), splits,
         G=group, G_PAD=max(_MIN_ROWS, triton.next_power_of_2(group)), HD=hd, BLOCK_N=BLOCK_N,
-        INT8=cache.int8, IEEE=q.dtype == torch.float32,
+        INT8=cache.int8, IEEE=q.dtype == torch.float32, **pdl.triton_args(q.device),
     )
     out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
     _combine_kernel[(B * H,)](acc, m, l, out, splits, HD=hd,
-                              SPLITS_PAD=triton.next_power_of_2(splits))
+                              SPLITS_PAD=triton.next_power_of_2(splits),
+                              **pdl.triton_args(q.device))
     return out
 
 
@@ -123,8 +126,11 @@ if triton is not None:
         stride_sb, stride_ss,
         sm_scale, n_splits,
         G: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr,
-        INT8: tl.constexpr, IEEE: tl.constexpr,
+        INT8: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -181,10 +187,14 @@ if triton is not None:
         tl.store(ACC + row[:, None] * HD + d[None, :], acc, mask=keep[:, None])
 
     @triton.jit
-    def _combine_kernel(ACC, M, L, OUT, n_splits, HD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    def _combine_kernel(ACC, M, L, OUT, n_splits, HD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                        PDL: tl.constexpr):
         """One (row, head): the splits weighted by exp(m_s - max m), one launch instead of
         torch's seven. A split that saw no position has m = -inf and weight 0 (split 0 always
         sees position 0, so the max is finite)."""
+        if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+            gdc_wait()
+            gdc_launch_dependents()
         bh = tl.program_id(0)
         s = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, HD)

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from tpquant.kernels import pdl
 from tpquant.kernels.cupy_launch import launch
 
 Environ = collections.abc.Mapping  # Mapping[str, str]
@@ -451,8 +452,10 @@ class CustomAllReduce:
         ptrs += [0] * (MAX_RANKS - self.world_size)
         return tuple(np.uint64(p) for p in ptrs)
 
-    def _launch(self, kernel: Any, blocks: int, threads: int, args: tuple) -> None:
-        _cuda(f"launching {kernel.name}", launch, kernel, (blocks,), (threads,), args, self.device)
+    def _launch(self, kernel: Any, blocks: int, threads: int, args: tuple,
+                with_pdl: bool = False) -> None:
+        _cuda(f"launching {kernel.name}", launch, kernel, (blocks,), (threads,), args, self.device,
+              with_pdl)
 
     def all_reduce(self, t: torch.Tensor, algorithm: str = "oneshot") -> torch.Tensor:
         """Sum `t` over all ranks, in place, with "oneshot" or "twoshot"; returns `t`."""
@@ -479,7 +482,8 @@ class CustomAllReduce:
                                self._threads, self.max_blocks)
         ptr = np.uint64(t.data_ptr())
         args = (ptr, ptr, np.int64(t.numel()), *self._tail)  # in place: in = out
-        self._launch(self._kernels[(algorithm, t.dtype)], blocks, self._threads, args)
+        self._launch(self._kernels[(algorithm, t.dtype)], blocks, self._threads, args,
+                     pdl.enabled(self.device))
         return t
 
     def check(self) -> None:

@@ -1,0 +1,50 @@
+"""Programmatic dependent launch (PDL): the decode step's kernels overlap their neighbours.
+
+On Hopper and later, a kernel launched with PDL may start while the kernel before it in the
+stream is still running. Every kernel of ours launched that way keeps one rule: before it
+reads or writes memory it waits for the kernel before it to finish (`griddepcontrol.wait`;
+Triton's `gdc_wait`), and right after that wait it lets the next kernel start
+(`launch_dependents`). What overlaps is the launch of each kernel and its blocks' start with
+the end of the one before: a decode step runs ~360 short kernels back to back (Llama-2-7B
+int4, one H200: 2.30 -> 2.09 ms a step; docs/design-notes.md, note 24). Since every PDL
+kernel waits, the kernel before it has finished, and so has everything before that.
+Kernels without PDL (cuBLAS, NCCL, torch's) start after the kernel before them as always.
+
+`TPQUANT_PDL=0` in the environment, or `set_enabled(False)`, turns it off (benchmarks compare).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_enabled = os.environ.get("TPQUANT_PDL", "1") != "0"
+_capable: dict[int, bool] = {}  # device index -> compute capability >= 9.0
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL."""
+    if not _enabled or device.type != "cuda":
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _capable:
+        _capable[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _capable[index]
+
+
+def set_enabled(flag: bool) -> None:
+    global _enabled
+    _enabled = flag
+
+
+def triton_args(device: torch.device) -> dict:
+    """The keyword arguments of a Triton launch: the kernel's PDL constexpr and, with PDL,
+    Triton's launch option. A kernel taking PDL starts with
+
+        if PDL:  # (module docstring of tpquant.kernels.pdl)
+            gdc_wait()
+            gdc_launch_dependents()
+
+    (from triton.language.extra.cuda), before any load or store."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
