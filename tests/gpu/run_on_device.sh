@@ -22,6 +22,8 @@
 #     model       the model tests (1, 2, 3 and 4 ranks, as many as there are GPUs)
 #     decode      bench_decode --quick at TP 1 and 2
 #     decode_nopdl  the same with programmatic dependent launch off
+#     pdl_full    every kernel test with PDL on, then bench_decode (SmoothQuant, int4; batch 1,
+#                 8, 64) without and with it (1 GPU)
 #     profile     profile_decode: a decode step's kernel time by kind (1 GPU)
 #     pdl         programmatic dependent launch: its tests, then profile_decode without and with
 #     ncu_wo      ncu_wo_kernels under Nsight Compute: the weight-only GEMVs' and bf16's
@@ -194,6 +196,18 @@ decode)
   for n in 1 2; do
     [ "$n" -le "$ngpu" ] || continue
     TAIL=14 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py --quick
+  done
+  ;;
+pdl_full)
+  # PDL on across the kernel tests, then bench_decode (Llama-2-7B, SmoothQuant per token and
+  # int4, batch 1 / 8 / 64, TP 1) without and with it
+  STEP_TIMEOUT=240 step kernels_pdl_full pyt tests/gpu/test_pdl_gpu.py \
+    tests/gpu/test_decode_ops_gpu.py tests/gpu/test_kernels_w8a8.py
+  STEP_TIMEOUT=240 step kernels_wo_pdl_full pyt tests/gpu/test_kernels_weight_only.py \
+    -k "each_path or automatic or graph or split_k or cuda_path"
+  for v in 0 1; do
+    TAIL=8 step bench_decode_pdl$v env TPQUANT_PDL=$v python3 benchmarks/bench_decode.py \
+      --models llama2-7b --schemes w8a8_token int4_wo --out "$r/pdl$v"
   done
   ;;
 decode_nopdl)

@@ -92,8 +92,11 @@ def _rms_norm_kernel(
 @triton.jit
 def _rms_norm_quantize_kernel(
     x_ptr, w_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, k_float, eps,
-    PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+    PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     # Passes over the row (re-read from cache): sum of squares, amax of y (per token), codes.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -185,6 +188,7 @@ def rms_norm_quantize(
         _rms_norm_quantize_kernel[(rows,)](
             x2, w, q, scale, k, x2.stride(0), q.stride(0), float(k), float(eps),
             PER_TOKEN=static_scale is None, BLOCK=block, num_warps=warps,
+            **pdl.triton_args(x2.device),
         )
     q = q.reshape(x.shape)
     if static_scale is None:

@@ -25,7 +25,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from tpquant.kernels import pdl
 
 # Smallest normal float32 (2^-126): the floor numerics.symmetric_scale clamps amax to.
 TINY = tl.constexpr(1.1754943508222875e-38)
@@ -82,7 +85,11 @@ def _load_row(x_row, smoother_ptr, offs, mask, HAS_SMOOTHER: tl.constexpr):
 def _quantize_rows_kernel(
     x_ptr, smoother_ptr, scale_ptr, q_ptr, K, stride_x, stride_q,
     HAS_SMOOTHER: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     # One program per row: amax pass (per token), then the quantize pass; the row is re-read
     # from cache rather than held in registers, so any K fits.
     row = tl.program_id(0).to(tl.int64)
@@ -188,7 +195,7 @@ def quantize_rows(
         _quantize_rows_kernel[(rows,)](
             x2, x2 if smoother is None else smoother, scale, q, k, x2.stride(0), q.stride(0),
             HAS_SMOOTHER=smoother is not None, PER_TOKEN=static_scale is None, BLOCK=block,
-            num_warps=warps,
+            num_warps=warps, **pdl.triton_args(x2.device),
         )
     q = q.reshape(x.shape)
     if static_scale is None:
@@ -302,7 +309,11 @@ def _w8a8_gemm_kernel(
     X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     # C[M, N] = A[M, K] @ B[N, K]^T; A and B have unit stride along K (B is the weight as
     # stored, [out, in] row-major, which is the K-major layout int8 wgmma wants).
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -334,7 +345,11 @@ def _w8a8_gemm_tma_kernel(
     X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     # The same product with both operands fetched by the TMA unit (Hopper) through tensor
     # descriptors: no address arithmetic or masks in the loop (blocks past an edge read as
     # zeros), which leaves the warps to the int8 wgmma.
@@ -424,6 +439,7 @@ def w8a8_gemm(
             HAS_BIAS=bias is not None, EPILOGUE=not raw,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+            **pdl.triton_args(a.device),
         )
         if cfg.tma and _tma_ok(a, b):
             _w8a8_gemm_tma_kernel[grid](

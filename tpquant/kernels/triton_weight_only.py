@@ -57,8 +57,9 @@ from typing import Mapping
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from tpquant.kernels import cuda_weight_only
+from tpquant.kernels import cuda_weight_only, pdl
 
 PATH_ENV = "TPQUANT_WO_PATH"
 CUDA, GEMV, DOT, DEQUANT, REFERENCE, AUTO = "cuda", "gemv", "dot", "dequant", "reference", "auto"
@@ -246,6 +247,7 @@ def _wo_gemv_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PQS: tl.constexpr,
     HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, ZP: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """gemv: y tile [BLOCK_M, BLOCK_N] over one K split, CUDA-core FMAs in float32.
 
@@ -258,6 +260,9 @@ def _wo_gemv_kernel(
     cross-thread reduction in the loop). Groupwise: times the group scale, minus zero * scale
     (one FMA).
     """
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     PACK: tl.constexpr = 2 if BITS == 4 else 1
     PER: tl.constexpr = 32 // BITS  # values per word
     WW: tl.constexpr = BLOCK_K // PER  # words per block
@@ -345,7 +350,7 @@ def _wo_dot_kernel(
     HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, ZP: tl.constexpr,
     OPERAND: tl.constexpr, OFFSET: tl.constexpr, DOT_F32: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP: tl.constexpr = False, SPLIT_X: tl.constexpr = False,
+    SWAP: tl.constexpr = False, SPLIT_X: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """dot: y tile [BLOCK_M, BLOCK_N] over one K split with tl.dot on dequantized weights.
 
@@ -357,6 +362,9 @@ def _wo_dot_kernel(
     zero and takes its zero and scale. SWAP computes y^T = W x^T instead (the weight is the
     first tl.dot operand, the tiny x^T the second), for small M.
     """
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     X_TYPE: tl.constexpr = x_ptr.dtype.element_ty
     PACK: tl.constexpr = 2 if BITS == 4 else 1
     KW: tl.constexpr = BLOCK_K // PACK
@@ -483,8 +491,11 @@ _dot_even = triton.heuristics({"EVEN_K": _even_k})(_wo_dot_kernel)
 
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[i] = sum_s ws[s, i] (s in order) + bias[i % N], cast to out's dtype."""
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -499,9 +510,12 @@ def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLITS, HAS_BIAS: tl.co
 def _dequant_kernel(
     w_ptr, s_ptr, z_ptr, p_ptr, out_ptr, N, K, stride_wn,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PQS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[n, k] = (u - zp) * s (* pqs[k]) in out's dtype, for a [BLOCK_N, BLOCK_K] tile."""
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     PACK: tl.constexpr = 2 if BITS == 4 else 1
     KW: tl.constexpr = BLOCK_K // PACK
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -828,7 +842,7 @@ def _fused(
     meta = dict(
         BITS=wt.bits, GROUP=wt.group, HAS_ZEROS=wt.zeros is not None,
         HAS_PQS=wt.pqs is not None, HAS_BIAS=bias is not None, WRITE_PARTIAL=write_partial,
-        ZP=zp,
+        ZP=zp, **pdl.triton_args(x2.device),
     )
     if use_dot:
         operand, offset = _operand_kind(x2.dtype, wt.bits)
@@ -851,6 +865,7 @@ def _fused(
         _splitk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
             target, dummy if bias is None else bias, out, m * n, n, splits,
             HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK, num_warps=4,
+            **pdl.triton_args(x2.device),
         )
 
 
@@ -882,6 +897,7 @@ def _dequant_linear(
         w, n, k, wt.qweight.stride(0),
         BITS=wt.bits, GROUP=wt.group, HAS_ZEROS=wt.zeros is not None, HAS_PQS=wt.pqs is not None,
         BLOCK_N=_DEQUANT_BLOCK_N, BLOCK_K=_DEQUANT_BLOCK_K, num_warps=4,
+        **pdl.triton_args(x2.device),
     )
     if bias is None:
         torch.mm(x2, w.t(), out=out)
