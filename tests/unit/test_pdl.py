@@ -27,3 +27,37 @@ def test_on_by_capability_and_switch(monkeypatch) -> None:
     assert not pdl.enabled(hopper)
     pdl.set_enabled(True)
     assert pdl.enabled(hopper)
+
+
+def test_launch_structs_match_the_cuda_driver_layout() -> None:
+    """cupy_launch's ctypes mirrors of CUlaunchAttribute and CUlaunchConfig (cuda.h, CUDA 12
+    and 13): a wrong offset would hand cuLaunchKernelEx garbage without an error here."""
+    import ctypes
+
+    from tpquant.kernels import cupy_launch as cl
+
+    assert ctypes.sizeof(cl._LaunchAttribute) == 72  # id, 4 bytes padding, 64-byte union
+    assert cl._LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(cl._LaunchConfig) == 56
+    offsets = {name: getattr(cl._LaunchConfig, name).offset
+               for name in ("grid", "block", "shared_mem", "stream", "attrs", "num_attrs")}
+    assert offsets == {"grid": 0, "block": 12, "shared_mem": 24, "stream": 32, "attrs": 40,
+                       "num_attrs": 48}
+    assert list(cl._dim3((5, 2))) == [5, 2, 1]
+
+
+def test_kernel_params_keep_each_arguments_c_type() -> None:
+    import ctypes
+
+    import numpy as np
+    import pytest
+
+    from tpquant.kernels import cupy_launch as cl
+
+    args = (np.uint64(2**40 + 3), np.int32(-7), np.int64(2**33), np.float32(0.5))
+    values = cl.kernel_params(args)
+    assert [type(v) for v in values] == [ctypes.c_uint64, ctypes.c_int32, ctypes.c_int64,
+                                         ctypes.c_float]
+    assert [v.value for v in values] == [2**40 + 3, -7, 2**33, 0.5]
+    with pytest.raises(TypeError, match="numpy scalars"):
+        cl.kernel_params((np.int32(1), 5))  # a Python int: which C width?

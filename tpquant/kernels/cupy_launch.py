@@ -3,7 +3,7 @@
 The CUDA sources in cpp/ compile at first use through CuPy's NVRTC (CuPy caches the binaries)
 and run on the stream torch is using, so they order with torch's work and can be captured in
 CUDA graphs. One place for that rule: the custom all-reduce and the weight-only GEMV use it.
-The GEMV may also launch with PDL (tpquant.kernels.pdl), through the driver's cuLaunchKernelEx.
+Either may also launch with PDL (tpquant.kernels.pdl), through the driver's cuLaunchKernelEx.
 """
 
 from __future__ import annotations
@@ -72,13 +72,26 @@ def _launch_ex(function: int, grid: tuple[int, ...], block: tuple[int, ...], arg
     attr.value[0] = 1  # programmaticStreamSerializationAllowed
     config = _LaunchConfig(grid=_dim3(grid), block=_dim3(block), shared_mem=0, stream=stream,
                            attrs=ctypes.pointer(attr), num_attrs=1)
-    values = [_CTYPES[np.asarray(a).dtype](a.item()) for a in args]
+    values = kernel_params(args)
     params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
     err = _driver.cuLaunchKernelEx(ctypes.byref(config), function, params, None)
     if err:
         name = ctypes.c_char_p()
         _driver.cuGetErrorName(err, ctypes.byref(name))
         raise RuntimeError(f"cuLaunchKernelEx failed: {(name.value or b'error').decode()} ({err})")
+
+
+def kernel_params(args: tuple) -> list:
+    """The kernel's arguments as ctypes values of their exact C types (uint64 pointers, int32,
+    int64, float32), for cuLaunchKernelEx's array of pointers to them. Only numpy scalars:
+    a Python int has no C width to go by."""
+    values = []
+    for a in args:
+        kind = _CTYPES.get(a.dtype) if isinstance(a, np.generic) else None
+        if kind is None:
+            raise TypeError(f"kernel arguments must be numpy scalars of {list(_CTYPES)}, got {a!r}")
+        values.append(kind(a.item()))
+    return values
 
 
 def _dim3(d: tuple[int, ...]) -> ctypes.Array:
