@@ -24,7 +24,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from tpquant.kernels import pdl
-
 from tpquant.kernels.triton_w8a8 import (
     as_rows,
     check_scalar,
