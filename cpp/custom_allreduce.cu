@@ -390,6 +390,96 @@ __device__ __forceinline__ void two_shot(const Args& a) {
   end_call(c);
 }
 
+// The sum of v over the block's threads, in a fixed order (the same bits on every rank).
+// red: blockDim.x / 32 floats of shared memory, free again when this returns.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warps = blockDim.x >> 5;
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = red[0];
+  for (int w = 1; w < warps; ++w) total = add_rn(total, red[w]);
+  __syncthreads();  // every thread has read red before the next use overwrites it
+  return total;
+}
+
+// The residual add and RMSNorm after a row-parallel layer, fused into a one-shot all-reduce
+// (tpquant.layers.row.PartialSum): with d = the all-reduced partial sums `in` (rounded to D, as
+// the plain all-reduce returns them), s = residual + d rounded to D (as torch's add) goes to
+// s_out, and s * inv_rms(s) * weight to out, inv_rms in float32 as in
+// tpquant.kernels.norm.rms_norm_f32. A block owns whole rows (row r: block r % gridDim.x) in
+// every phase and on every rank, so its barrier orders exactly the copies it then reads, and
+// the row's sum of squares is one block's. Every pointer 16-byte aligned, hidden a whole
+// number of packs (the host checks).
+struct NormArgs {
+  const void* residual;
+  void* s_out;
+  const void* weight;
+  long long hidden;  // elements per row
+  float eps;
+};
+
+template <class D>
+__device__ __forceinline__ void one_shot_add_norm(const Args& a, const NormArgs& nrm) {
+  typedef typename D::Raw Raw;
+  constexpr int N = TPQ_WORLD;
+  constexpr int E = Pack<D>::kElems;
+  __shared__ int timed_out;
+  __shared__ float red[TPQ_THREADS / 32];
+  Call c;
+  if (!begin_call(a, c, &timed_out)) return;
+  const uint4* in = static_cast<const uint4*>(a.in);
+  const uint4* residual = static_cast<const uint4*>(nrm.residual);
+  const uint4* weight = static_cast<const uint4*>(nrm.weight);
+  uint4* s_out = static_cast<uint4*>(nrm.s_out);
+  uint4* out = static_cast<uint4*>(a.out);
+  const uint4* bufs[N];
+#pragma unroll
+  for (int r = 0; r < N; ++r) bufs[r] = reinterpret_cast<const uint4*>(a.ws[r] + c.offset);
+  uint4* mine = reinterpret_cast<uint4*>(pick(a, a.rank) + c.offset);
+  const long long row_packs = nrm.hidden / E, rows = a.n / nrm.hidden;
+
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x)
+    for (long long k = row * row_packs + threadIdx.x; k < (row + 1) * row_packs; k += blockDim.x)
+      mine[k] = in[k];
+  if (!barrier<N>(a, c, 0, &timed_out)) return;
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    float squares = 0.f;
+    for (long long k = row * row_packs + threadIdx.x; k < (row + 1) * row_packs; k += blockDim.x) {
+      float acc[E], v[E], s[E];
+      Pack<D>::unpack(bufs[0][k], acc);
+#pragma unroll
+      for (int r = 1; r < N; ++r) {
+        Pack<D>::unpack(bufs[r][k], v);
+#pragma unroll
+        for (int i = 0; i < E; ++i) acc[i] = add_rn(acc[i], v[i]);
+      }
+      Pack<D>::unpack(Pack<D>::pack(acc), acc);  // d as the all-reduce would return it
+      Pack<D>::unpack(residual[k], v);
+#pragma unroll
+      for (int i = 0; i < E; ++i) s[i] = add_rn(v[i], acc[i]);
+      const uint4 packed = Pack<D>::pack(s);
+      s_out[k] = packed;
+      Pack<D>::unpack(packed, s);
+#pragma unroll
+      for (int i = 0; i < E; ++i) squares = fmaf(s[i], s[i], squares);
+    }
+    const float mean = __fdiv_rn(block_sum(squares, red), float(nrm.hidden));
+    const float inv_rms = __fdiv_rn(1.f, __fsqrt_rn(add_rn(mean, nrm.eps)));
+    // Second pass: each thread reads back the s packs it wrote itself.
+    for (long long k = row * row_packs + threadIdx.x; k < (row + 1) * row_packs; k += blockDim.x) {
+      float s[E], w[E];
+      Pack<D>::unpack(s_out[k], s);
+      Pack<D>::unpack(weight[k - row * row_packs], w);
+#pragma unroll
+      for (int i = 0; i < E; ++i) s[i] = __fmul_rn(__fmul_rn(s[i], inv_rms), w[i]);
+      out[k] = Pack<D>::pack(s);
+    }
+  }
+  end_call(c);
+}
+
 // Programmatic dependent launch (tpquant/kernels/pdl.py): wait for the kernel before this one
 // (the partial sums it wrote), then let the next one start. No-ops when launched without it.
 __device__ __forceinline__ void wait_then_signal() {
@@ -409,6 +499,15 @@ __device__ __forceinline__ void wait_then_signal() {
     TPQ_MAKE_ARGS                                                                     \
     wait_then_signal();                                                               \
     two_shot<D>(a);                                                                   \
+  }                                                                                   \
+  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_add_norm_##NAME(      \
+      TPQ_PARAMS, u64 residual, u64 s_out, u64 weight, long long hidden, float eps) { \
+    TPQ_MAKE_ARGS                                                                     \
+    const NormArgs nrm = {reinterpret_cast<const void*>(residual),                    \
+                          reinterpret_cast<void*>(s_out),                             \
+                          reinterpret_cast<const void*>(weight), hidden, eps};        \
+    wait_then_signal();                                                               \
+    one_shot_add_norm<D>(a, nrm);                                                     \
   }
 
 TPQ_KERNELS(f32, F32)

@@ -29,6 +29,11 @@ Common rules (implemented once, in `Communicator`):
 - `check` raises if an earlier asynchronous collective failed (a custom
   all-reduce that timed out waiting for a rank); `synchronize` waits for this
   rank's queued GPU work, then checks. Both are no-ops on the CPU.
+- `all_reduce_add_rms_norm` is a row layer's all-reduce followed by the
+  residual add and RMSNorm of the block after it: all_reduce, then
+  `tpquant.kernels.norm.add_rms_norm`, except where `NcclCommunicator` runs
+  the three as one custom kernel (`fuses_norm`; ``$TPQUANT_ALLREDUCE_NORM=0``
+  turns that off, for benchmarks).
 """
 
 from __future__ import annotations
@@ -40,8 +45,15 @@ from typing import Any
 
 import torch
 
+from tpquant.kernels.norm import add_rms_norm
 from tpquant.parallel import custom_allreduce
-from tpquant.parallel.custom_allreduce import CustomAllReduce, all_reduce_mode, choose_all_reduce
+from tpquant.parallel.custom_allreduce import (
+    CustomAllReduce,
+    add_norm_fits,
+    add_norm_wanted,
+    all_reduce_mode,
+    choose_all_reduce,
+)
 from tpquant.parallel.mapping import Mapping
 
 _OPS = ("sum", "max")
@@ -96,6 +108,13 @@ class Communicator:
         if buf is not t:
             t.copy_(buf)
         return t
+
+    def all_reduce_add_rms_norm(
+        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, RMSNorm(s)) with s = residual + the sum of `partial` over all ranks: a row
+        layer's all-reduce, the residual add and the next norm. `partial` may be overwritten."""
+        return add_rms_norm(residual, self.all_reduce(partial), weight, eps)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's `t` stacked on a new leading dim: ``[world_size, *t.shape]``."""
@@ -282,6 +301,7 @@ class NcclCommunicator(Communicator):
         self.mpi_comm = mpi_comm
         self.rank, self.world_size = mpi_comm.Get_rank(), mpi_comm.Get_size()
         self.all_reduce_mode = all_reduce_mode(all_reduce, os.environ)
+        self.add_norm = add_norm_wanted(os.environ)
         device = torch.device(device)
         if device.type != "cuda":
             raise ValueError(f"NcclCommunicator needs a CUDA device, got {device}")
@@ -341,6 +361,21 @@ class NcclCommunicator(Communicator):
             custom_available=custom is not None,
             capacity_bytes=custom.capacity_bytes if custom is not None else 0,
         )
+
+    def fuses_norm(self, partial: torch.Tensor, residual: torch.Tensor,
+                   weight: torch.Tensor) -> bool:
+        """Whether all_reduce_add_rms_norm runs as one custom kernel: where all_reduce would
+        take the one-shot kernel and the tensors fit it (`add_norm_fits`)."""
+        return (self.add_norm and self.algorithm_for(partial) == "oneshot"
+                and add_norm_fits(partial, residual, weight))
+
+    def all_reduce_add_rms_norm(
+        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fuses_norm(partial, residual, weight):
+            self._stream(partial)
+            return self.custom.all_reduce_add_rms_norm(partial, residual, weight, eps)
+        return super().all_reduce_add_rms_norm(partial, residual, weight, eps)
 
     def _stream(self, t: torch.Tensor) -> int:
         if t.device != self.device:

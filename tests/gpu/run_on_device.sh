@@ -20,6 +20,9 @@
 #     allreduce_blocks  custom all-reduce latency at 36, 48, 64 blocks per launch (2 ranks)
 #     failures    a rank that raises or is killed while others sit in NCCL / custom all-reduce
 #     model       the model tests (1, 2, 3 and 4 ranks, as many as there are GPUs)
+#     norm        the fused all-reduce + add + RMSNorm's tests and the layers' (2 ranks)
+#     norm_bench  bench_allreduce_norm, then bench_decode --quick at TP 2 without and with the
+#                 fusion, and at TP 1
 #     decode      bench_decode --quick at TP 1 and 2
 #     decode_nopdl  the same with programmatic dependent launch off
 #     pdl_full    every kernel test with PDL on, then bench_decode (SmoothQuant, int4; batch 1,
@@ -191,6 +194,21 @@ ncu_wo)
   ;;
 gemm_quick)
   STEP_TIMEOUT=330 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  ;;
+norm)
+  # the fused all-reduce + residual add + RMSNorm: its tests and the layers' (2 ranks)
+  step allreduce_norm_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider -q \
+    --timeout 240 tests/gpu/test_custom_allreduce.py tests/mpi/test_layers.py
+  ;;
+norm_bench)
+  # its latency against the two kernels it replaces, then bench_decode --quick at TP 2
+  # without and with it (TPQUANT_ALLREDUCE_NORM), and at TP 1
+  TAIL=12 step bench_allreduce_norm mpi -n 2 python3 benchmarks/bench_allreduce_norm.py
+  for v in 0 1; do
+    TAIL=14 step bench_decode_norm$v env TPQUANT_ALLREDUCE_NORM=$v bash -c \
+      "mpi -n 2 -x TPQUANT_ALLREDUCE_NORM python3 benchmarks/bench_decode.py --quick --out $r/norm$v"
+  done
+  TAIL=14 step bench_decode_tp1 python3 benchmarks/bench_decode.py --quick
   ;;
 decode)
   for n in 1 2; do

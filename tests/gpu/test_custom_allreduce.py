@@ -21,6 +21,7 @@ from tpquant.parallel.custom_allreduce import (
     ALGORITHMS,
     DTYPES,
     MODE_ENV,
+    NORM_ENV,
     CustomAllReduce,
     CustomAllReduceError,
     thresholds_for,
@@ -285,6 +286,150 @@ def test_environment_variable_forces_a_path(mpi, ref, device, monkeypatch, force
     assert pick == forced
     assert (comm.custom is None) == (forced == "nccl")
     assert r["same_on_all_ranks"] and r["within_exact"] and r["within_nccl"], r
+
+
+# -- the fused all-reduce + residual add + RMSNorm ------------------------------------------
+
+# (rows, hidden): 130 rows are more than a launch's 64 blocks, so blocks take several rows
+NORM_SHAPES = [(1, 4096), (3, 576), (1, 8192), (8, 8), (64, 4096), (130, 1024)]
+NORM_EPS = 1e-5
+
+
+def norm_operands(rows: int, hidden: int, dtype: torch.dtype, seed: int, rank: int, device):
+    """This rank's partial sums; the residual and norm weight, the same on every rank."""
+    partial = rank_input(rows * hidden, dtype, seed, rank, device).view(rows, hidden)
+    g = torch.Generator(device=device).manual_seed(seed)
+    residual = torch.randn(rows, hidden, generator=g, device=device).to(dtype)
+    weight = (1 + 0.3 * torch.randn(hidden, generator=g, device=device)).to(dtype)
+    return partial, residual, weight
+
+
+def check_add_norm(custom, ref, partial, residual, weight, s, normed) -> dict[str, object]:
+    """The fused kernel's `s`, `normed` against the float64 reference and against the unfused
+    path (one-shot all-reduce, then the Triton add + norm). Collective; no asserts.
+
+    Bounds, e = the dtype's machine epsilon, N ranks, scale = sum over ranks of |partial|:
+    - s: the all-reduce's bound on d (check_sum) and one rounding of residual + d:
+      |s - s64| <= e * (|r| + |d64|) + N * eps32 * scale; bitwise equal to the unfused s.
+    - normed: s's error and two roundings, through the norm:
+      |normed - n64| <= 2 * e * ((|r| + |d64|) * inv_rms64 * |w| + |n64|); against the
+      unfused norm (the same s, its sum of squares in another order) one rounding step,
+      2 * e * |n|, for float16 / bfloat16, and 1e-5 * |n| for float32.
+    """
+    from tpquant.kernels.norm import add_rms_norm
+
+    d64 = ref.all_reduce(partial.double())
+    scale = ref.all_reduce(partial.double().abs())
+    r64, w64 = residual.double(), weight.double()
+    s64 = r64 + d64
+    inv64 = torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+    n64 = s64 * inv64 * w64
+    s_ref, n_ref = add_rms_norm(residual, custom.all_reduce(partial.clone(), "oneshot"), weight,
+                                NORM_EPS)
+    e = torch.finfo(partial.dtype).eps
+    n_rel = 1e-5 if partial.dtype == torch.float32 else 2 * e
+    spread = r64.abs() + d64.abs()
+    return {
+        "same_on_all_ranks": bool(same_on_all_ranks(ref, torch.cat([s, normed])).item()),
+        "s_bitwise_unfused": bool(torch.equal(s, s_ref)),
+        "s_within": bool(((s.double() - s64).abs()
+                          <= e * spread + ref.world_size * EPS32 * scale).all()),
+        "normed_within": bool(((normed.double() - n64).abs()
+                               <= 2 * e * (spread * inv64 * w64.abs() + n64.abs())).all()),
+        "normed_near_unfused": bool(((normed.double() - n_ref.double()).abs()
+                                     <= n_rel * n_ref.double().abs()).all()),
+        "max_err": (normed.double() - n64).abs().max().item(),
+    }
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_add_norm_matches_unfused_and_float64(custom, ref, device, dtype) -> None:
+    results = {}
+    for i, (rows, hidden) in enumerate(NORM_SHAPES):
+        partial, residual, weight = norm_operands(rows, hidden, dtype, 50 + i, custom.rank,
+                                                  device)
+        kept = partial.clone()
+        s, normed = custom.all_reduce_add_rms_norm(partial, residual, weight, NORM_EPS)
+        r = check_add_norm(custom, ref, kept, residual, weight, s, normed)
+        results[(rows, hidden)] = (torch.equal(partial, kept), r)
+    custom.synchronize()
+    for shape, (untouched, r) in results.items():
+        assert untouched, f"{shape}: the partial sums were overwritten"
+        assert all(v for k, v in r.items() if k != "max_err"), (shape, r)
+
+
+def test_add_norm_in_a_cuda_graph(custom, ref, device) -> None:
+    """Two fused calls and a plain all-reduce between them captured once, replayed 200 times
+    on changing inputs: every replay equals the eager result of the same inputs."""
+    ops = [norm_operands(1, 4096, torch.bfloat16, 60, custom.rank, device),
+           norm_operands(8, 576, torch.float16, 61, custom.rank, device)]
+    plain = torch.empty(1000, device=device)
+    outs = []
+
+    def run() -> None:
+        outs.clear()
+        for partial, residual, weight in ops:
+            outs.extend(custom.all_reduce_add_rms_norm(partial, residual, weight, NORM_EPS))
+        integer_input(plain, custom.rank, 0)
+        custom.all_reduce(plain, "oneshot")
+
+    def new_inputs(step: int) -> None:
+        for k, (partial, residual, _) in enumerate(ops):
+            partial.copy_(rank_input(partial.numel(), partial.dtype, 70 + step, custom.rank,
+                                     device).view_as(partial))
+            residual.mul_(-1 if (step + k) % 2 else 1)
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    captured = list(outs)
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    for step in range(200):
+        new_inputs(step)
+        for t in captured:
+            t.fill_(float("nan"))
+        graph.replay()
+        replayed = [t.clone() for t in captured]
+        run()  # eager, same inputs
+        wrong += sum((a != b).sum() for a, b in zip(replayed, outs))
+    want_plain = expected_integers(1000, custom.world_size, 0).to(device, torch.float32)
+    plain_ok = torch.equal(plain, want_plain)
+    custom.synchronize()
+    assert wrong.item() == 0, f"{wrong.item()} elements of replays differ from eager"
+    assert plain_ok
+
+
+def test_communicator_fuses_the_norm_where_it_fits(mpi, ref, device, monkeypatch) -> None:
+    comm = NcclCommunicator(mpi.mpi_comm, device)
+    partial, residual, weight = norm_operands(2, 4096, torch.bfloat16, 80, comm.rank, device)
+    odd = norm_operands(2, 4100, torch.bfloat16, 81, comm.rank, device)  # rows of 8200 bytes
+    picks = {"fits": comm.fuses_norm(partial, residual, weight), "odd": comm.fuses_norm(*odd)}
+    results = {}
+    for name, (p, r, w) in {"fits": (partial, residual, weight), "odd": odd}.items():
+        kept = p.clone()
+        s, normed = comm.all_reduce_add_rms_norm(p, r, w, NORM_EPS)
+        results[name] = check_add_norm(comm.custom, ref, kept, r, w, s, normed)
+    monkeypatch.setenv(NORM_ENV, "0")
+    off = NcclCommunicator(mpi.mpi_comm, device)
+    picks["off"] = off.fuses_norm(partial, residual, weight)
+    comm.synchronize()
+    assert picks == {"fits": True, "odd": False, "off": False}
+    for name, r in results.items():
+        assert all(v for k, v in r.items() if k != "max_err"), (name, r)
+
+
+def test_add_norm_refuses_what_it_cannot_do(custom, device) -> None:
+    p, r, w = norm_operands(2, 64, torch.bfloat16, 90, custom.rank, device)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        custom.all_reduce_add_rms_norm(p, r.float(), w, NORM_EPS)
+    shifted = torch.empty(p.numel() + 8, dtype=p.dtype, device=device)[1 : p.numel() + 1]
+    with pytest.raises(ValueError, match="16-byte aligned"):  # contiguous, 2 bytes off
+        custom.all_reduce_add_rms_norm(shifted.view_as(p), r, w, NORM_EPS)
 
 
 # Keep this test last: the workspace it breaks is its own, but a rank sits out a collective.

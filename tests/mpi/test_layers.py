@@ -15,6 +15,7 @@ import torch
 
 from tpquant.collectives import MpiCommunicator, NcclCommunicator, SingleProcessCommunicator
 from tpquant.layers import ColumnLinear, RowLinear
+from tpquant.layers.norm import RmsNorm
 from tpquant.parallel.mapping import Mapping
 from tpquant.quantization.schemes import Groupwise, Passthrough, SmoothQuant, WeightOnly
 
@@ -137,6 +138,43 @@ def test_row_equals_single_process(world, name, bias):
     else:
         ref = _run(RowLinear(IN, OUT, scheme, *_single(), bias=bias).load_full(w, b, **opts), x, device)
         _close(got, ref)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("name", ["fp32", "int4_wo", "w8a8_channel"])
+def test_row_into_the_next_norm_equals_single_process(world, name, bias):
+    """A row layer's PartialSum into the next RMSNorm's residual add: its all-reduce, the add
+    and the norm (one custom kernel on GPUs without a bias) equal the single-process layer
+    followed by add and norm, and s equals the float64 sum."""
+    scheme = SCHEMES[name]
+    mapping, comm, device = world
+    w, b, x, calib = _data(IN, OUT, seed=5)
+    opts = _quant_options(scheme, IN, calib, smoother=True)
+    b = b if bias else None
+    g = torch.Generator().manual_seed(6)
+    residual = torch.randn(TOKENS, OUT, generator=g)
+    norm = RmsNorm(OUT, 1e-5, F32)
+    norm.weight.copy_(1 + 0.3 * torch.randn(OUT, generator=g))
+    norm = norm.to(device)
+    x_local = x[:, _slice(IN, mapping.rank, mapping.tp_size)]
+
+    def run(layer, inputs, c):
+        partial = layer.load_full(w, b, **opts).to(device).partial_forward(inputs.to(device))
+        fused = (c.fuses_norm(partial.partial, residual.to(device), norm.weight)
+                 if isinstance(c, NcclCommunicator) else False)
+        s, normed = norm.add_forward(residual.to(device), partial)
+        return s.cpu(), normed.cpu(), fused
+
+    s, normed, fused = run(RowLinear(IN, OUT, scheme, mapping, comm, bias=bias), x_local, comm)
+    s1, normed1, _ = run(RowLinear(IN, OUT, scheme, *_single(), bias=bias), x, _single()[1])
+    exact = x.double() @ scheme.dequantize(scheme.quantize(w, **opts)).double().T
+    exact = residual.double() + (exact if b is None else exact + b.double())
+    assert fused == (device.type == "cuda" and mapping.tp_size > 1 and not bias)
+    _close(s, s1)
+    _close(normed, normed1)
+    if not isinstance(scheme, SmoothQuant):  # W8A8 quantizes x too: s1 is its reference
+        _close(s, exact)
 
 
 def _row_per_token_reference(scheme, w, b, x, opts, tp):

@@ -1,4 +1,5 @@
-"""The pure rules of the custom all-reduce: which path, which mode, which grid.
+"""The pure rules of the custom all-reduce: which path, which mode, which grid, and which
+tensors the fused all-reduce + RMSNorm takes.
 
 `choose_all_reduce` is the one place that decides between one-shot, two-shot and NCCL;
 these tests hold it to the thresholds table and to every reason for falling back to NCCL.
@@ -16,7 +17,10 @@ from tpquant.parallel.custom_allreduce import (
     MAX_RANKS,
     MODE_ENV,
     MODES,
+    NORM_ENV,
     THRESHOLDS,
+    add_norm_fits,
+    add_norm_wanted,
     all_reduce_mode,
     choose_all_reduce,
     launch_blocks,
@@ -132,3 +136,38 @@ def test_launch_grid_covers_the_work_within_the_block_limit(
     # No idle block unless the limit is reached; every pack has a thread when it is not.
     assert (blocks - 1) * threads < work or blocks == 1
     assert blocks == max_blocks or blocks * threads >= work
+
+
+def _norm_operands(rows: int = 3, hidden: int = 64, dtype=torch.bfloat16):
+    partial = torch.randn(rows, hidden).to(dtype)
+    return partial, torch.randn(rows, hidden).to(dtype), torch.randn(hidden).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_add_norm_takes_whole_packs_of_one_dtype(dtype) -> None:
+    pack = 16 // torch.tensor([], dtype=dtype).element_size()  # elements in 16 bytes
+    assert add_norm_fits(*_norm_operands(3, 64, dtype))
+    assert add_norm_fits(*_norm_operands(1, pack, dtype))
+    assert not add_norm_fits(*_norm_operands(2, pack * 3 // 2, dtype))  # rows of 24 bytes
+    assert not add_norm_fits(*_norm_operands(2, 2, dtype))
+
+
+def test_add_norm_refuses_what_its_kernel_cannot_read() -> None:
+    p, r, w = _norm_operands()
+    assert not add_norm_fits(p, r.float(), w)  # dtypes differ
+    assert not add_norm_fits(p, r, w.float())
+    assert not add_norm_fits(p.double(), r.double(), w.double())  # float64: no kernel
+    assert not add_norm_fits(p, r[:2], w)  # shapes differ
+    assert not add_norm_fits(p, r, w[:32])
+    wide = torch.randn(3, 128).bfloat16()
+    assert not add_norm_fits(wide[:, :64], r, w)  # not contiguous
+    flat = torch.randn(3 * 64 + 1).bfloat16()
+    assert not add_norm_fits(flat[1:].view(3, 64), r, w)  # 2 bytes past 16-byte alignment
+    assert not add_norm_fits(torch.randn(()).bfloat16(), torch.randn(()).bfloat16(), w)
+
+
+def test_add_norm_environment_switch() -> None:
+    assert add_norm_wanted({}) and add_norm_wanted({NORM_ENV: "1"})
+    assert not add_norm_wanted({NORM_ENV: "0"})
+    with pytest.raises(ValueError, match=NORM_ENV):
+        add_norm_wanted({NORM_ENV: "off"})

@@ -69,7 +69,9 @@ def _check(q: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> tuple[in
     return B, H, hd
 
 
-BLOCK_N = 32  # cache positions per inner step
+# Cache positions per inner step: 64 took Llama-2-7B's split kernel from 0.190 to 0.158 ms a
+# decode step against 32 (H200, int4, docs/benchmarks.md 2026-11-30; 128: 0.177 ms).
+BLOCK_N = 64
 _MIN_ROWS = 16  # tl.dot needs at least 16 rows: query groups are padded up to this
 _TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 (132 SMs) a few times over
 

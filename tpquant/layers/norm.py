@@ -7,6 +7,7 @@ from torch import nn
 
 from tpquant.kernels import w8a8
 from tpquant.kernels.norm import add_rms_norm, rms_norm
+from tpquant.layers.row import PartialSum
 
 
 class RmsNorm(nn.Module):
@@ -19,12 +20,18 @@ class RmsNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
     def add_forward(
-        self, x: torch.Tensor, delta: torch.Tensor | None
+        self, x: torch.Tensor, delta: torch.Tensor | PartialSum | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, norm(s)) with s = x + delta (x when delta is None): the residual add before a
-        pre-norm block, fused with the norm."""
+        pre-norm block, fused with the norm, and with a row layer's all-reduce when delta is
+        its PartialSum."""
         if delta is None:
             return x, self(x)
+        if isinstance(delta, PartialSum):
+            if delta.bias is None:
+                return delta.comm.all_reduce_add_rms_norm(delta.partial, x, self.weight,
+                                                          self.eps)
+            delta = delta.resolve()
         return add_rms_norm(x, delta, self.weight, self.eps)
 
 

@@ -15,9 +15,33 @@ global one would be; it differs from TP 1's global per-token scale by rounding o
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 
+from tpquant.collectives import Communicator
 from tpquant.layers.linear import ShardedLinear
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialSum:
+    """A row layer's output before its all-reduce: the sum of `partial` over `comm`'s ranks,
+    plus `bias`. Handed on as the residual stream's delta, it lets the RMSNorm after the layer
+    reduce, add and normalize in one kernel (`Communicator.all_reduce_add_rms_norm`)."""
+
+    partial: torch.Tensor
+    comm: Communicator
+    bias: torch.Tensor | None = None
+
+    def __getitem__(self, index: Any) -> PartialSum:
+        """The same rows of the output, still to be reduced (index the leading dims only)."""
+        return PartialSum(self.partial[index], self.comm, self.bias)
+
+    def resolve(self) -> torch.Tensor:
+        """The layer's output."""
+        y = self.comm.all_reduce(self.partial)
+        return y if self.bias is None else y + self.bias
 
 
 class RowLinear(ShardedLinear):
@@ -25,10 +49,9 @@ class RowLinear(ShardedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in / tp], this rank's slice of the input features."""
-        y = self.local_forward(x, None)  # partial sum, [..., out]
-        if self.mapping.tp_size > 1:
-            y = self.comm.all_reduce(y)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        return self.partial_forward(x).resolve()
+
+    def partial_forward(self, x: torch.Tensor) -> PartialSum:
+        """The output with its all-reduce (and bias) left to the consumer."""
+        return PartialSum(self.local_forward(x, None), self.comm, self.bias)
 

@@ -40,7 +40,7 @@ from tpquant.layers.column import ColumnLinear
 from tpquant.layers.decode_attention import decode_attention
 from tpquant.layers.kv_cache import KVCache
 from tpquant.layers.norm import RmsNorm
-from tpquant.layers.row import RowLinear
+from tpquant.layers.row import PartialSum, RowLinear
 from tpquant.models.config import Llama3RopeScaling, LlamaConfig
 from tpquant.parallel.heads import HeadLayout, plan_heads, qkv_part_sizes
 from tpquant.parallel.mapping import Mapping
@@ -217,8 +217,9 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """x [B, T, D] at positions pos [B, T]. Three ways to attend (see `Llama`):
+    ) -> PartialSum:
+        """x [B, T, D] at positions pos [B, T] -> o_proj's output [B, T, D], its all-reduce
+        left to the norm after it. Three ways to attend (see `Llama`):
 
         mask [B, 1, T, S]   any positions: SDPA over the cache's first S positions
         None, T > 1         prefill from position 0: causal SDPA over the new keys (flash)
@@ -237,7 +238,7 @@ class Attention(nn.Module):
         self.kv_cache.write(pos, k, v)
         if mask is None and T == 1:
             y = decode_attention(q[:, 0], self.kv_cache, pos[:, 0])  # [B, H, hd]
-            return self.o_proj(y.reshape(B, 1, H * hd))  # all-reduced: [B, 1, D]
+            return self.o_proj.partial_forward(y.reshape(B, 1, H * hd))  # [B, 1, D]
         if mask is not None:
             k, v = self.kv_cache.read(B, mask.shape[-1])  # [B, S, Hkv, hd]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
@@ -249,7 +250,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
         y = y.transpose(1, 2).reshape(B, T, H * hd)
-        return self.o_proj(y)  # all-reduced: [B, T, D]
+        return self.o_proj.partial_forward(y)  # [B, T, D]
 
 
 class MLP(nn.Module):
@@ -283,11 +284,12 @@ class MLP(nn.Module):
             self.register_buffer("down_hadamard", hadamard(self.down_rotation).to(
                 schemes.down.dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> PartialSum:
+        """x [B, T, D] -> down's output [B, T, D], its all-reduce left to the next norm."""
         h = silu_mul(self.gate_up(x))  # [B, T, I/tp]: the local [gate | up] halves
         if self.down_rotation:
             h = rotate_activation(h, self.down_hadamard)
-        return self.down(h)  # all-reduced: [B, T, D]
+        return self.down.partial_forward(h)
 
 
 class DecoderLayer(nn.Module):
@@ -295,6 +297,9 @@ class DecoderLayer(nn.Module):
 
     The residual stream comes in as (x, delta) and goes out as (h, mlp output), the last add
     left to the next block: each add runs fused with the norm after it (one kernel on CUDA).
+    The outputs of attention and MLP are row layers' PartialSums, so that norm also does
+    their all-reduce (one custom kernel on GPUs where it fits: `Communicator.
+    all_reduce_add_rms_norm`).
     """
 
     def __init__(
@@ -315,12 +320,12 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, T, D]
-        delta: torch.Tensor | None,  # [B, T, D] still to be added to x, or None
+        delta: PartialSum | None,  # [B, T, D] still to be added to x, or None
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, PartialSum]:
         x, normed = self.attention_norm.add_forward(x, delta)
         h, normed = self.ffn_norm.add_forward(x, self.attention(normed, pos, cos, sin, mask))
         return h, self.mlp(normed)
@@ -464,7 +469,7 @@ class Llama(nn.Module):
 
     def _layers(
         self, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, PartialSum | None]:
         """The residual stream after the last layer as (x, delta): x + delta, the add left
         to the final norm (see DecoderLayer)."""
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, T, hd/2]

@@ -12,6 +12,8 @@ described at the top of the .cu file.
   every rank's buffer itself (least latency: small messages).
 - two-shot: reduce-scatter (rank q sums slice q of every buffer), then all-gather of the
   reduced slices (each rank reads 2/N of the message from peers instead of all of it).
+- one-shot with the residual add and RMSNorm after it (`all_reduce_add_rms_norm`): a row
+  layer's output goes into the next norm without a kernel of its own (`add_norm_fits`).
 
 Sums run over ranks in rank order, in fp32, so every rank gets bitwise the same result.
 Every wait in a kernel is bounded by `timeout_s`: a rank that does not join makes the others
@@ -42,6 +44,7 @@ Environ = collections.abc.Mapping  # Mapping[str, str]
 ALGORITHMS = ("oneshot", "twoshot")
 MODES = ("auto", "nccl", *ALGORITHMS)
 MODE_ENV = "TPQUANT_ALLREDUCE"
+NORM_ENV = "TPQUANT_ALLREDUCE_NORM"  # "0": no fused all-reduce + RMSNorm (benchmarks compare)
 MAX_RANKS = 8  # TPQ_MAX_RANKS in the .cu; checked against the compiled layout at start-up
 DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -104,6 +107,15 @@ def all_reduce_mode(option: str | None, env: Environ[str, str]) -> str:
     return value.lower()
 
 
+def add_norm_wanted(env: Environ[str, str]) -> bool:
+    """``$TPQUANT_ALLREDUCE_NORM``: "1" (default) fuses a row layer's all-reduce with the
+    residual add and RMSNorm after it where it can, "0" never does."""
+    value = env.get(NORM_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{NORM_ENV}={value!r}: use 1 (fuse the norm, the default) or 0")
+    return value == "1"
+
+
 def choose_all_reduce(
     mode: str,
     *,
@@ -157,6 +169,23 @@ def launch_blocks(
     packs = -(-numel * itemsize // 16)
     work = packs if algorithm == "oneshot" else -(-packs // world_size)
     return max(1, min(max_blocks, -(-work // threads)))
+
+
+def add_norm_fits(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `CustomAllReduce.all_reduce_add_rms_norm` takes these tensors: one dtype of
+    DTYPES, residual shaped like partial, weight [hidden], all contiguous and 16-byte aligned,
+    and rows a whole number of 16-byte packs (the kernel moves whole packs)."""
+    hidden = partial.shape[-1] if partial.dim() > 0 else 0
+    tensors = (partial, residual, weight)
+    return (
+        partial.dtype in DTYPES
+        and residual.dtype == weight.dtype == partial.dtype
+        and residual.shape == partial.shape
+        and tuple(weight.shape) == (hidden,)
+        and hidden > 0
+        and hidden * partial.element_size() % 16 == 0
+        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+    )
 
 
 class CustomAllReduceError(RuntimeError):
@@ -274,6 +303,11 @@ class CustomAllReduce:
             for algo, prefix in (("oneshot", "tpq_one_shot_"), ("twoshot", "tpq_two_shot_"))
             for dtype, suffix in DTYPES.items()
             for name in [prefix + suffix]
+        }
+        self._add_norm_kernels = {
+            dtype: _cuda(f"loading {name}", module.get_function, name)
+            for dtype, suffix in DTYPES.items()
+            for name in ["tpq_add_norm_" + suffix]
         }
         self._probe_kernel = _cuda("loading tpq_probe", module.get_function, "tpq_probe")
         layout = torch.zeros(8, dtype=torch.int64, device=self.device)
@@ -417,20 +451,29 @@ class CustomAllReduce:
         self._release_collective()
 
     def _self_test(self) -> None:
-        """Run every kernel once on 5 elements (a partial pack): a sum that must be exact.
+        """Run every kernel once: all-reduces of 5 elements (a partial pack), sums that must be
+        exact, and the fused norm on one row.
 
         It also loads every kernel before any CUDA-graph capture can need it.
         """
         error = None
         try:
             want = self.world_size * (self.world_size + 1) // 2
-            got = []
+            got, norms = [], []
             for dtype in DTYPES:
                 for algo in ALGORITHMS:
                     t = torch.full((5,), float(self.rank + 1), dtype=dtype, device=self.device)
                     got.append(self.all_reduce(t, algo))
+                # the fused norm on one row, residual 1: s = want + 1 exactly, s / rms(s) ~ 1
+                row = torch.full((64,), float(self.rank + 1), dtype=dtype, device=self.device)
+                s, normed = self.all_reduce_add_rms_norm(row, torch.ones_like(row),
+                                                         torch.ones_like(row), 0.0)
+                got.append(s - 1)
+                norms.append(normed)
             self.synchronize()
             wrong = [(tuple(t.tolist()), t.dtype) for t in got if not bool((t == want).all())]
+            wrong += [(tuple(t.tolist()), t.dtype) for t in norms
+                      if not bool(((t.float() - 1).abs() < 1e-2).all())]
             if wrong:
                 error = RuntimeError(f"self-test sums are wrong, want {want}: {wrong}")
         except Exception as e:  # noqa: BLE001 - agreed on below
@@ -459,9 +502,56 @@ class CustomAllReduce:
 
     def all_reduce(self, t: torch.Tensor, algorithm: str = "oneshot") -> torch.Tensor:
         """Sum `t` over all ranks, in place, with "oneshot" or "twoshot"; returns `t`."""
-        self.check()
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        self._check_input(t)
+        if t.numel() == 0:
+            return t
+        blocks = launch_blocks(t.numel(), t.element_size(), self.world_size, algorithm,
+                               self._threads, self.max_blocks)
+        ptr = np.uint64(t.data_ptr())
+        args = (ptr, ptr, np.int64(t.numel()), *self._tail)  # in place: in = out
+        self._launch(self._kernels[(algorithm, t.dtype)], blocks, self._threads, args,
+                     pdl.enabled(self.device))
+        return t
+
+    def all_reduce_add_rms_norm(
+        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, RMSNorm(s) * weight) with s = residual + the sum of `partial` over all ranks: a
+        row layer's all-reduce, the residual add and the next norm in one one-shot kernel.
+
+        The same numbers as `all_reduce(partial, "oneshot")` followed by
+        `tpquant.kernels.norm.add_rms_norm` (s bitwise; the norm up to the order of its sum of
+        squares), and bitwise the same on every rank. `add_norm_fits` says which tensors it
+        takes; `partial` is left as it was.
+        """
+        self._check_input(partial)
+        if not add_norm_fits(partial, residual, weight):
+            raise ValueError(
+                "custom all-reduce + RMSNorm takes contiguous, 16-byte aligned tensors of one "
+                f"dtype, partial and residual alike, weight [hidden]; got partial "
+                f"{tuple(partial.shape)} {partial.dtype}, residual {tuple(residual.shape)} "
+                f"{residual.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+            )
+        if residual.device != self.device or weight.device != self.device:
+            raise ValueError(f"CustomAllReduce is on {self.device}, the tensors are not")
+        s, out = torch.empty_like(residual), torch.empty_like(residual)
+        if partial.numel() == 0:
+            return s, out
+        hidden = partial.shape[-1]
+        blocks = max(1, min(self.max_blocks, partial.numel() // hidden))  # whole rows a block
+        args = (np.uint64(partial.data_ptr()), np.uint64(out.data_ptr()),
+                np.int64(partial.numel()), *self._tail, np.uint64(residual.data_ptr()),
+                np.uint64(s.data_ptr()), np.uint64(weight.data_ptr()), np.int64(hidden),
+                np.float32(eps))
+        self._launch(self._add_norm_kernels[partial.dtype], blocks, self._threads, args,
+                     pdl.enabled(self.device))
+        return s, out
+
+    def _check_input(self, t: torch.Tensor) -> None:
+        """Raise unless this workspace can run and takes `t` (before any launch)."""
+        self.check()
         if not self.reachable or self._closed:
             why = "closed" if self.reachable else f"peers unreachable: {self.unreachable_reason}"
             raise RuntimeError(f"custom all-reduce on rank {self.rank} cannot run ({why})")
@@ -476,15 +566,6 @@ class CustomAllReduce:
             raise ValueError(
                 f"custom all-reduce: {nbytes} bytes exceed the workspace's {self.capacity_bytes}"
             )
-        if t.numel() == 0:
-            return t
-        blocks = launch_blocks(t.numel(), t.element_size(), self.world_size, algorithm,
-                               self._threads, self.max_blocks)
-        ptr = np.uint64(t.data_ptr())
-        args = (ptr, ptr, np.int64(t.numel()), *self._tail)  # in place: in = out
-        self._launch(self._kernels[(algorithm, t.dtype)], blocks, self._threads, args,
-                     pdl.enabled(self.device))
-        return t
 
     def check(self) -> None:
         """Raise CustomAllReduceError if a kernel of this workspace timed out (a cheap read)."""
