@@ -365,9 +365,12 @@ class NcclCommunicator(Communicator):
     def fuses_norm(self, partial: torch.Tensor, residual: torch.Tensor,
                    weight: torch.Tensor) -> bool:
         """Whether all_reduce_add_rms_norm runs as one custom kernel: where all_reduce would
-        take the one-shot kernel and the tensors fit it (`add_norm_fits`)."""
+        take the one-shot kernel, the tensors fit it (`add_norm_fits`) and there is a block
+        per row (decode batches; a block taking several rows works through them one after
+        the other: 512 rows measured up to 9% slower than unfused, docs/benchmarks.md)."""
         return (self.add_norm and self.algorithm_for(partial) == "oneshot"
-                and add_norm_fits(partial, residual, weight))
+                and add_norm_fits(partial, residual, weight)
+                and partial.numel() // partial.shape[-1] <= self.custom.max_blocks)
 
     def all_reduce_add_rms_norm(
         self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float

@@ -22,6 +22,7 @@ from tpquant.parallel.custom_allreduce import (
     DTYPES,
     MODE_ENV,
     NORM_ENV,
+    NORM_MAX_ROW_BYTES,
     CustomAllReduce,
     CustomAllReduceError,
     thresholds_for,
@@ -290,8 +291,9 @@ def test_environment_variable_forces_a_path(mpi, ref, device, monkeypatch, force
 
 # -- the fused all-reduce + residual add + RMSNorm ------------------------------------------
 
-# (rows, hidden): 130 rows are more than a launch's 64 blocks, so blocks take several rows
-NORM_SHAPES = [(1, 4096), (3, 576), (1, 8192), (8, 8), (64, 4096), (130, 1024)]
+# (rows, hidden): 130 rows are more than a launch's 64 blocks, so blocks take several rows;
+# rows of 1 to 4 packs per thread (8192 float32 / 16384 bfloat16 elements: the longest)
+NORM_SHAPES = [(1, 4096), (3, 576), (1, 8192), (8, 8), (64, 4096), (130, 1024), (2, 6144)]
 NORM_EPS = 1e-5
 
 
@@ -345,7 +347,8 @@ def check_add_norm(custom, ref, partial, residual, weight, s, normed) -> dict[st
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_add_norm_matches_unfused_and_float64(custom, ref, device, dtype) -> None:
     results = {}
-    for i, (rows, hidden) in enumerate(NORM_SHAPES):
+    longest = NORM_MAX_ROW_BYTES // torch.tensor([], dtype=dtype).element_size()
+    for i, (rows, hidden) in enumerate(NORM_SHAPES + [(1, longest)]):
         partial, residual, weight = norm_operands(rows, hidden, dtype, 50 + i, custom.rank,
                                                   device)
         kept = partial.clone()
@@ -408,7 +411,9 @@ def test_communicator_fuses_the_norm_where_it_fits(mpi, ref, device, monkeypatch
     comm = NcclCommunicator(mpi.mpi_comm, device)
     partial, residual, weight = norm_operands(2, 4096, torch.bfloat16, 80, comm.rank, device)
     odd = norm_operands(2, 4100, torch.bfloat16, 81, comm.rank, device)  # rows of 8200 bytes
-    picks = {"fits": comm.fuses_norm(partial, residual, weight), "odd": comm.fuses_norm(*odd)}
+    many = norm_operands(comm.custom.max_blocks + 1, 512, torch.bfloat16, 82, comm.rank, device)
+    picks = {"fits": comm.fuses_norm(partial, residual, weight), "odd": comm.fuses_norm(*odd),
+             "more_rows_than_blocks": comm.fuses_norm(*many)}
     results = {}
     for name, (p, r, w) in {"fits": (partial, residual, weight), "odd": odd}.items():
         kept = p.clone()
@@ -418,7 +423,7 @@ def test_communicator_fuses_the_norm_where_it_fits(mpi, ref, device, monkeypatch
     off = NcclCommunicator(mpi.mpi_comm, device)
     picks["off"] = off.fuses_norm(partial, residual, weight)
     comm.synchronize()
-    assert picks == {"fits": True, "odd": False, "off": False}
+    assert picks == {"fits": True, "odd": False, "more_rows_than_blocks": False, "off": False}
     for name, r in results.items():
         assert all(v for k, v in r.items() if k != "max_err"), (name, r)
 
@@ -430,6 +435,9 @@ def test_add_norm_refuses_what_it_cannot_do(custom, device) -> None:
     shifted = torch.empty(p.numel() + 8, dtype=p.dtype, device=device)[1 : p.numel() + 1]
     with pytest.raises(ValueError, match="16-byte aligned"):  # contiguous, 2 bytes off
         custom.all_reduce_add_rms_norm(shifted.view_as(p), r, w, NORM_EPS)
+    long = norm_operands(1, NORM_MAX_ROW_BYTES // 2 + 8, torch.bfloat16, 91, custom.rank, device)
+    with pytest.raises(ValueError, match="16-byte aligned"):  # a row over the longest
+        custom.all_reduce_add_rms_norm(*long, NORM_EPS)
 
 
 # Keep this test last: the workspace it breaks is its own, but a rank sits out a collective.

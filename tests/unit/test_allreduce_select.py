@@ -18,6 +18,7 @@ from tpquant.parallel.custom_allreduce import (
     MODE_ENV,
     MODES,
     NORM_ENV,
+    NORM_MAX_ROW_BYTES,
     THRESHOLDS,
     add_norm_fits,
     add_norm_wanted,
@@ -150,6 +151,9 @@ def test_add_norm_takes_whole_packs_of_one_dtype(dtype) -> None:
     assert add_norm_fits(*_norm_operands(1, pack, dtype))
     assert not add_norm_fits(*_norm_operands(2, pack * 3 // 2, dtype))  # rows of 24 bytes
     assert not add_norm_fits(*_norm_operands(2, 2, dtype))
+    longest = NORM_MAX_ROW_BYTES // (16 // pack)
+    assert add_norm_fits(*_norm_operands(1, longest, dtype))
+    assert not add_norm_fits(*_norm_operands(1, longest + pack, dtype))  # one pack too many
 
 
 def test_add_norm_refuses_what_its_kernel_cannot_read() -> None:

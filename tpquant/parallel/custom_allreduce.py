@@ -46,6 +46,8 @@ MODES = ("auto", "nccl", *ALGORITHMS)
 MODE_ENV = "TPQUANT_ALLREDUCE"
 NORM_ENV = "TPQUANT_ALLREDUCE_NORM"  # "0": no fused all-reduce + RMSNorm (benchmarks compare)
 MAX_RANKS = 8  # TPQ_MAX_RANKS in the .cu; checked against the compiled layout at start-up
+NORM_MAX_ROW_BYTES = 32 << 10  # the fused norm's longest row (TPQ_NORM_PACKS x 512 threads
+# x 16 bytes in the .cu; checked likewise): hidden 16384 in float16 / bfloat16
 DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 DEFAULT_CAPACITY_BYTES = 16 << 20  # largest message; the workspace holds two of these
@@ -174,7 +176,8 @@ def launch_blocks(
 def add_norm_fits(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `CustomAllReduce.all_reduce_add_rms_norm` takes these tensors: one dtype of
     DTYPES, residual shaped like partial, weight [hidden], all contiguous and 16-byte aligned,
-    and rows a whole number of 16-byte packs (the kernel moves whole packs)."""
+    and rows a whole number of 16-byte packs (the kernel moves whole packs) of at most
+    NORM_MAX_ROW_BYTES (a row lives in one block's registers)."""
     hidden = partial.shape[-1] if partial.dim() > 0 else 0
     tensors = (partial, residual, weight)
     return (
@@ -184,6 +187,7 @@ def add_norm_fits(partial: torch.Tensor, residual: torch.Tensor, weight: torch.T
         and tuple(weight.shape) == (hidden,)
         and hidden > 0
         and hidden * partial.element_size() % 16 == 0
+        and hidden * partial.element_size() <= NORM_MAX_ROW_BYTES
         and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
     )
 
@@ -314,9 +318,12 @@ class CustomAllReduce:
         kernel = _cuda("loading tpq_layout", module.get_function, "tpq_layout")
         self._launch(kernel, 1, 1, (np.uint64(layout.data_ptr()),))
         (self._ctrl_bytes, max_ranks, self._max_grid, self._threads, self._probe_off,
-         self._reached_off, self._seen_off, _) = layout.cpu().tolist()
+         self._reached_off, self._seen_off, norm_row_bytes) = layout.cpu().tolist()
         if max_ranks != MAX_RANKS:
             raise RuntimeError(f"{SOURCE.name} has TPQ_MAX_RANKS={max_ranks}, Python {MAX_RANKS}")
+        if norm_row_bytes != NORM_MAX_ROW_BYTES:
+            raise RuntimeError(f"{SOURCE.name}'s fused norm takes rows of {norm_row_bytes} "
+                               f"bytes, Python NORM_MAX_ROW_BYTES={NORM_MAX_ROW_BYTES}")
         self.max_blocks = min(self.max_blocks, self._max_grid)
 
     def _allocate(self) -> None:
@@ -530,7 +537,8 @@ class CustomAllReduce:
         if not add_norm_fits(partial, residual, weight):
             raise ValueError(
                 "custom all-reduce + RMSNorm takes contiguous, 16-byte aligned tensors of one "
-                f"dtype, partial and residual alike, weight [hidden]; got partial "
+                f"dtype, partial and residual alike, weight [hidden], rows of whole 16-byte "
+                f"packs up to {NORM_MAX_ROW_BYTES} bytes; got partial "
                 f"{tuple(partial.shape)} {partial.dtype}, residual {tuple(residual.shape)} "
                 f"{residual.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
             )
