@@ -50,6 +50,7 @@ from tpquant.parallel import custom_allreduce
 from tpquant.parallel.custom_allreduce import (
     CustomAllReduce,
     add_norm_fits,
+    add_norm_pays,
     add_norm_wanted,
     all_reduce_mode,
     choose_all_reduce,
@@ -365,12 +366,14 @@ class NcclCommunicator(Communicator):
     def fuses_norm(self, partial: torch.Tensor, residual: torch.Tensor,
                    weight: torch.Tensor) -> bool:
         """Whether all_reduce_add_rms_norm runs as one custom kernel: where all_reduce would
-        take the one-shot kernel, the tensors fit it (`add_norm_fits`) and there is a block
-        per row (decode batches; a block taking several rows works through them one after
-        the other: 512 rows measured up to 9% slower than unfused, docs/benchmarks.md)."""
-        return (self.add_norm and self.algorithm_for(partial) == "oneshot"
-                and add_norm_fits(partial, residual, weight)
-                and partial.numel() // partial.shape[-1] <= self.custom.max_blocks)
+        take the one-shot kernel, the tensors fit it (`add_norm_fits`) and it is the faster
+        (`add_norm_pays`: decode batches)."""
+        if not (self.add_norm and self.algorithm_for(partial) == "oneshot"
+                and add_norm_fits(partial, residual, weight)):
+            return False
+        row_bytes = partial.shape[-1] * partial.element_size()
+        return add_norm_pays(partial.numel() // partial.shape[-1], row_bytes, self.world_size,
+                             self.custom.threads, self.custom.max_blocks)
 
     def all_reduce_add_rms_norm(
         self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float

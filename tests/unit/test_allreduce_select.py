@@ -21,6 +21,7 @@ from tpquant.parallel.custom_allreduce import (
     NORM_MAX_ROW_BYTES,
     THRESHOLDS,
     add_norm_fits,
+    add_norm_pays,
     add_norm_wanted,
     all_reduce_mode,
     choose_all_reduce,
@@ -175,3 +176,25 @@ def test_add_norm_environment_switch() -> None:
     assert not add_norm_wanted({NORM_ENV: "0"})
     with pytest.raises(ValueError, match=NORM_ENV):
         add_norm_wanted({NORM_ENV: "off"})
+
+
+# (rows, row bytes) -> fused faster, as measured on 2 x H200 in bf16 (bench_allreduce_norm,
+# docs/benchmarks.md): 512 threads and at most 64 blocks a launch, as there.
+MEASURED_FUSED_WINS = {(1, 8192): True, (8, 8192): True, (64, 8192): True, (512, 8192): False,
+                       (1, 16384): False, (8, 16384): False, (64, 16384): True,
+                       (512, 16384): False}
+
+
+def test_add_norm_pays_where_it_was_measured_faster() -> None:
+    got = {k: add_norm_pays(*k, world_size=2, threads=512, max_blocks=64)
+           for k in MEASURED_FUSED_WINS}
+    assert got == MEASURED_FUSED_WINS
+
+
+@given(rows=st.integers(1, 4096), packs=st.integers(1, 2048), world=st.integers(2, 8))
+def test_add_norm_pays_with_a_block_per_row_of_one_pack_a_thread(rows, packs, world) -> None:
+    pays = add_norm_pays(rows, 16 * packs, world, threads=512, max_blocks=64)
+    if rows > 64:  # a block would take several rows
+        assert not pays
+    elif packs <= 512:  # one pack a thread: as many blocks as the one-shot's, or more
+        assert pays

@@ -192,6 +192,18 @@ def add_norm_fits(partial: torch.Tensor, residual: torch.Tensor, weight: torch.T
     )
 
 
+def add_norm_pays(rows: int, row_bytes: int, world_size: int, threads: int,
+                  max_blocks: int) -> bool:
+    """Whether the fused all-reduce + RMSNorm (a block per row) beats the one-shot all-reduce
+    followed by the norm kernel: where it launches at least as many blocks as that one-shot
+    would, which needs rows <= max_blocks. A block reads its peers' packs at a bounded rate,
+    so fewer blocks than the plain one-shot's lose (2 x H200, bf16: rows of 16 KiB took 7.1
+    against 6.4 us at 1 row, 7.3 against 7.0 at 8; 512 rows of 8 KiB 25.0 against 22.9 us),
+    and as many win (8 KiB rows 0.93-0.96x at 1-64 rows, 16 KiB 0.89x at 64; docs/benchmarks.md)."""
+    plain = launch_blocks(rows * row_bytes, 1, world_size, "oneshot", threads, max_blocks)
+    return plain <= rows <= max_blocks
+
+
 class CustomAllReduceError(RuntimeError):
     """A custom all-reduce timed out waiting for the ranks in `peers`."""
 
@@ -325,6 +337,7 @@ class CustomAllReduce:
             raise RuntimeError(f"{SOURCE.name}'s fused norm takes rows of {norm_row_bytes} "
                                f"bytes, Python NORM_MAX_ROW_BYTES={NORM_MAX_ROW_BYTES}")
         self.max_blocks = min(self.max_blocks, self._max_grid)
+        self.threads = self._threads  # per block, every kernel here
 
     def _allocate(self) -> None:
         rt = self._cupy.cuda.runtime
