@@ -12,6 +12,8 @@ over ranks). Paths, measured in the same run:
   step ran before the fusion, and runs with TPQUANT_ALLREDUCE_NORM=0);
 - fused: CustomAllReduce.all_reduce_add_rms_norm, one kernel.
 
+"picked": the path the layers take (`add_norm_pays`).
+
 A Llama decode step does two of these per layer. Table on rank 0;
 $OUT/bench_allreduce_norm_tp{N}.json (OUT defaults to /tmp/out).
 """
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tpquant.collectives import NcclCommunicator  # noqa: E402
 from tpquant.kernels.norm import add_rms_norm  # noqa: E402
-from tpquant.parallel.custom_allreduce import CustomAllReduce  # noqa: E402
+from tpquant.parallel.custom_allreduce import CustomAllReduce, add_norm_pays  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 
 PATHS = ("nccl+norm", "oneshot+norm", "fused")
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                 row[f"{path}_us"] = time_per_call(fns[path], partial, args.calls, args.replays,
                                                   world)
             row["fused_over_oneshot_norm"] = row["fused_us"] / row["oneshot+norm_us"]
+            row["fused_picked"] = add_norm_pays(rows, partial.nbytes // rows, n, custom.threads,
+                                                custom.max_blocks)  # what the layers get
             row["step_saving_us"] = 2 * args.layers * (row["oneshot+norm_us"] - row["fused_us"])
             rows_out.append(row)
     custom.synchronize()
@@ -94,14 +98,16 @@ def main(argv: list[str] | None = None) -> None:
 
     if rank == 0:
         head = (f"{'rows':>5} {'hidden':>6} {'nccl+norm':>10} {'oneshot+norm':>13} {'fused':>8}"
-                f" {'fused/unfused':>14} {'per step (' + str(args.layers) + ' layers)':>22}")
+                f" {'fused/unfused':>14} {'per step (' + str(args.layers) + ' layers)':>22}"
+                f" {'picked':>7}")
         print(f"all-reduce + add + RMSNorm, {n} ranks, {args.dtype}, us per op (median, max over "
               "ranks)")
         print(head)
         for r in rows_out:
             print(f"{r['rows']:>5} {r['hidden']:>6} {r['nccl+norm_us']:>10.2f} "
                   f"{r['oneshot+norm_us']:>13.2f} {r['fused_us']:>8.2f} "
-                  f"{r['fused_over_oneshot_norm']:>14.2f} {r['step_saving_us']:>19.1f} us")
+                  f"{r['fused_over_oneshot_norm']:>14.2f} {r['step_saving_us']:>19.1f} us"
+                  f" {'fused' if r['fused_picked'] else 'plain':>7}")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"bench_allreduce_norm_tp{n}.json"
