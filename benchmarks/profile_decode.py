@@ -40,6 +40,7 @@ KINDS = (
     ("_wo_", "weight-only (Triton)"),
     ("decode_attention", "decode attention"),
     ("_decode_split", "decode attention"),
+    ("_combine", "decode attention"),
     ("_kv_write", "KV-cache write"),
     ("_silu_mul", "SwiGLU activation"),
     ("_rope", "RoPE"),

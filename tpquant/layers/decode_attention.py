@@ -13,11 +13,9 @@ Two implementations, chosen by device:
   path and the test oracle.
 - `decode_attention_triton`: split-K ("flash-decoding"). Program (b, kv head, split) reads only
   its share of positions 0 .. positions[b], for every query head of the group at once (one
-  tl.dot, the group padded to 16 rows), keeping a running max and sum; the last split of
-  (b, kv head) to finish, counted in the cache's `split_counts`, combines them with their
-  log-sum-exp weights (no second kernel) and puts the count back to zero for the next call.
-  An INT8 cache is dequantized in registers with the same per-(position, head) scales as
-  `KVCache.read`.
+  tl.dot, the group padded to 16 rows), keeping a running max and sum; a second kernel then
+  combines the splits with their log-sum-exp weights. An INT8 cache is dequantized in registers with the
+  same per-(position, head) scales as `KVCache.read`.
 """
 
 from __future__ import annotations
@@ -104,9 +102,8 @@ def decode_attention_triton(
     l = torch.empty_like(m)
     k_scale = cache.k_scale if cache.int8 else cache.k  # unused when not INT8
     v_scale = cache.v_scale if cache.int8 else cache.v
-    out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
     _decode_split_kernel[(B, Hkv, splits)](
-        q, cache.k, cache.v, k_scale, v_scale, positions, acc, m, l, cache.split_counts, out,
+        q, cache.k, cache.v, k_scale, v_scale, positions, acc, m, l,
         q.stride(0), q.stride(1), positions.stride(0),
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
         k_scale.stride(0), k_scale.stride(1),
@@ -114,6 +111,10 @@ def decode_attention_triton(
         G=group, G_PAD=max(_MIN_ROWS, triton.next_power_of_2(group)), HD=hd, BLOCK_N=BLOCK_N,
         INT8=cache.int8, IEEE=q.dtype == torch.float32, **pdl.triton_args(q.device),
     )
+    out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
+    _combine_kernel[(B * H,)](acc, m, l, out, splits, HD=hd,
+                              SPLITS_PAD=triton.next_power_of_2(splits),
+                              **pdl.triton_args(q.device))
     return out
 
 
@@ -121,7 +122,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, KS, VS, POS, ACC, M, L, COUNTS, OUT,
+        Q, K, V, KS, VS, POS, ACC, M, L,
         stride_qb, stride_qh, stride_pos,
         stride_kb, stride_ks, stride_kh,
         stride_sb, stride_ss,
@@ -152,7 +153,7 @@ if triton is not None:
         acc = tl.zeros([G_PAD, HD], tl.float32)
         base = b * stride_kb + kvh * stride_kh
         s0 = start
-        while s0 < end:  # a while loop: Triton's interpreter takes no loaded bound in range()
+        while s0 < end:  # a while loop: Triton's interpreter cannot take a loaded bound in range()
             pos = s0 + n
             valid = pos < end
             offs = base + pos[:, None] * stride_ks + d[None, :]
@@ -182,37 +183,28 @@ if triton is not None:
             s0 += BLOCK_N
 
         keep = g < G
-        row = (b * (tl.num_programs(1) * G) + heads) * n_splits  # [B, H, splits] index, split 0
-        tl.store(M + row + split, m_i, mask=keep)
-        tl.store(L + row + split, l_i, mask=keep)
-        tl.store(ACC + (row + split)[:, None] * HD + d[None, :], acc, mask=keep[:, None])
+        row = (b * (tl.num_programs(1) * G) + heads) * n_splits + split  # [B, H, splits] index
+        tl.store(M + row, m_i, mask=keep)
+        tl.store(L + row, l_i, mask=keep)
+        tl.store(ACC + row[:, None] * HD + d[None, :], acc, mask=keep[:, None])
 
-        # The last split of (b, kv head) to get here combines them all: every thread's stores
-        # above come before the count (the barrier, then the count's release), the count's
-        # acquire before the loads below (which skip L1, as a second line of defence).
-        tl.debug_barrier()
-        count = COUNTS + b * tl.num_programs(1) + kvh
-        if tl.atomic_add(count, 1, sem="acq_rel") == n_splits - 1:
-            # the splits weighted by exp(m_s - max m): a split that saw no position has m = -inf
-            # and weight 0 (split 0 always sees position 0, so the max is finite)
-            # (while loops, as above: the interpreter takes no scalar argument in range())
-            m_max = tl.full([G_PAD], float("-inf"), tl.float32)
-            t = 0
-            while t < n_splits:
-                m_max = tl.maximum(m_max, tl.load(M + row + t, mask=keep, other=0.0,
-                                                  cache_modifier=".cg"))
-                t += 1
-            num = tl.zeros([G_PAD, HD], tl.float32)
-            den = tl.zeros([G_PAD], tl.float32)
-            t = 0
-            while t < n_splits:
-                w = tl.exp(tl.load(M + row + t, mask=keep, other=0.0, cache_modifier=".cg")
-                           - m_max)
-                den += w * tl.load(L + row + t, mask=keep, other=0.0, cache_modifier=".cg")
-                num += w[:, None] * tl.load(ACC + (row + t)[:, None] * HD + d[None, :],
-                                            mask=keep[:, None], other=0.0, cache_modifier=".cg")
-                t += 1
-            out = num / den[:, None]
-            tl.store(OUT + (b * tl.num_programs(1) * G + heads)[:, None] * HD + d[None, :],
-                     out.to(OUT.dtype.element_ty), mask=keep[:, None])
-            tl.store(count, 0)  # ready for the next call (and every CUDA-graph replay)
+    @triton.jit
+    def _combine_kernel(ACC, M, L, OUT, n_splits, HD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                        PDL: tl.constexpr):
+        """One (row, head): the splits weighted by exp(m_s - max m), one launch instead of
+        torch's seven. A split that saw no position has m = -inf and weight 0 (split 0 always
+        sees position 0, so the max is finite)."""
+        if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+            gdc_wait()
+            gdc_launch_dependents()
+        bh = tl.program_id(0)
+        s = tl.arange(0, SPLITS_PAD)
+        d = tl.arange(0, HD)
+        valid = s < n_splits
+        m = tl.load(M + bh * n_splits + s, mask=valid, other=float("-inf"))
+        l = tl.load(L + bh * n_splits + s, mask=valid, other=0.0)
+        w = tl.where(valid, tl.exp(m - tl.max(m, 0)), 0.0)
+        acc = tl.load(ACC + (bh * n_splits + s)[:, None] * HD + d[None, :],
+                      mask=valid[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(OUT + bh * HD + d, out.to(OUT.dtype.element_ty))

@@ -54,9 +54,6 @@ class KVCache(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=store, device=device), persistent=False)
             scale = torch.ones(shape[:3], device=device) if int8 else None
             self.register_buffer(name + "_scale", scale, persistent=False)
-        # decode attention's count of finished splits per (row, KV head), zero between calls
-        self.register_buffer("split_counts", torch.zeros(max_batch * n_kv_heads, dtype=torch.int32,
-                                                         device=device), persistent=False)
 
     @property
     def max_batch(self) -> int:
@@ -100,7 +97,7 @@ class KVCache(nn.Module):
         return self.read(k.shape[0], kv_len)
 
     def nbytes(self) -> int:
-        """Device memory held by this cache (values, scales and split counts)."""
+        """Device memory held by this cache (values and scales)."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def extra_repr(self) -> str:
