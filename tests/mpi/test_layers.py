@@ -160,7 +160,7 @@ def test_row_into_the_next_norm_equals_single_process(world, name, bias):
     x_local = x[:, _slice(IN, mapping.rank, mapping.tp_size)]
 
     def run(layer, inputs, c):
-        partial = layer.load_full(w, b, **opts).to(device).partial_forward(inputs.to(device))
+        partial = layer.load_full(w, b, **opts).to(device)(inputs.to(device), reduce=False)
         fused = (isinstance(c, NcclCommunicator) and partial.bias is None  # else resolved
                  and c.fuses_norm(partial.partial, residual.to(device), norm.weight))
         s, normed = norm.add_forward(residual.to(device), partial)

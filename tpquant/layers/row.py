@@ -47,11 +47,9 @@ class PartialSum:
 class RowLinear(ShardedLinear):
     style = "row"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in / tp], this rank's slice of the input features."""
-        return self.partial_forward(x).resolve()
-
-    def partial_forward(self, x: torch.Tensor) -> PartialSum:
-        """The output with its all-reduce (and bias) left to the consumer."""
-        return PartialSum(self.local_forward(x, None), self.comm, self.bias)
+    def forward(self, x: torch.Tensor, *, reduce: bool = True) -> torch.Tensor | PartialSum:
+        """x: [..., in / tp], this rank's slice of the input features. reduce=False returns
+        the PartialSum, its all-reduce and bias left to the consumer (the next RMSNorm)."""
+        partial = PartialSum(self.local_forward(x, None), self.comm, self.bias)
+        return partial.resolve() if reduce else partial
 

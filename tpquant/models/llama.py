@@ -238,7 +238,7 @@ class Attention(nn.Module):
         self.kv_cache.write(pos, k, v)
         if mask is None and T == 1:
             y = decode_attention(q[:, 0], self.kv_cache, pos[:, 0])  # [B, H, hd]
-            return self.o_proj.partial_forward(y.reshape(B, 1, H * hd))  # [B, 1, D]
+            return self.o_proj(y.reshape(B, 1, H * hd), reduce=False)  # [B, 1, D]
         if mask is not None:
             k, v = self.kv_cache.read(B, mask.shape[-1])  # [B, S, Hkv, hd]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
@@ -250,7 +250,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
         y = y.transpose(1, 2).reshape(B, T, H * hd)
-        return self.o_proj.partial_forward(y)  # [B, T, D]
+        return self.o_proj(y, reduce=False)  # [B, T, D]
 
 
 class MLP(nn.Module):
@@ -289,7 +289,7 @@ class MLP(nn.Module):
         h = silu_mul(self.gate_up(x))  # [B, T, I/tp]: the local [gate | up] halves
         if self.down_rotation:
             h = rotate_activation(h, self.down_hadamard)
-        return self.down.partial_forward(h)
+        return self.down(h, reduce=False)
 
 
 class DecoderLayer(nn.Module):
