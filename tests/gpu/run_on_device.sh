@@ -32,7 +32,8 @@
 #     ncu_wo      ncu_wo_kernels under Nsight Compute: the weight-only GEMVs' and bf16's
 #                 counters (NCU_SHAPES, NCU_CASES; 1 GPU)
 #     gemm_quick  bench_gemm --quick (1 GPU)
-#     bench       bench_gemm, bench_allreduce (TP 2, 4), bench_decode (TP 1, 2, 4)
+#     bench       bench_gemm, bench_allreduce and bench_allreduce_norm (TP 2, 4), bench_decode
+#                 (TP 1, 2, 4)
 #     quick       the same benchmarks in their --quick forms
 #
 # SmolLM2's GGUF (94 MB) is too large to travel in one call: the model tests look for it at
@@ -242,6 +243,7 @@ bench|quick)
   for n in 2 4; do
     [ "$n" -le "$ngpu" ] || continue
     TAIL=20 step bench_allreduce_tp$n mpi -n $n python3 benchmarks/bench_allreduce.py
+    TAIL=12 step bench_allreduce_norm_tp$n mpi -n $n python3 benchmarks/bench_allreduce_norm.py
   done
   for n in 1 2 4; do
     [ "$n" -le "$ngpu" ] || continue
