@@ -414,11 +414,10 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 // every phase and on every rank, so its barrier orders exactly the copies it then reads, and
 // the row's sum of squares is one block's. A thread holds at most TPQ_NORM_PACKS packs of a
 // row in registers: all its loads go out at once (a decode step has one row per block, and
-// its latency is the point), the residual's and weight's before the barrier, and nothing is
-// stored before the sum of squares (a store could alias a later load, which would then wait
-// for it: rows of 8192 took 6.9 us against 6.4 us unfused that way). Every pointer
-// 16-byte aligned, hidden a whole number of packs, at most TPQ_NORM_PACKS per thread (the
-// host checks).
+// its latency is the point), the residual's and weight's before the barrier. One block reads
+// a row's peer packs at a bounded rate, so where the plain one-shot would spread a row over
+// more blocks, the host does not fuse (add_norm_pays). Every pointer 16-byte aligned, hidden
+// a whole number of packs, at most TPQ_NORM_PACKS per thread (the host checks).
 
 struct NormArgs {
   const void* residual;

@@ -204,6 +204,19 @@ def test_ten_thousand_calls_in_a_row(custom, ref, device) -> None:
     assert same.item()
 
 
+def captured_graph(run, device) -> torch.cuda.CUDAGraph:
+    """`run` once on a side stream (first calls outside the capture), then captured."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
+
+
 def test_cuda_graph_replayed_a_thousand_times(custom, ref, device) -> None:
     """Three all-reduces captured once (one-shot fp32, two-shot bf16, one-shot fp16),
     replayed on changing inputs, then an eager call: the step counter lives on the device."""
@@ -224,14 +237,7 @@ def test_cuda_graph_replayed_a_thousand_times(custom, ref, device) -> None:
             custom.all_reduce(out, algo)
 
     step_inputs(0)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    graph = captured_graph(run, device)
 
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     for i in range(1000):
@@ -382,14 +388,7 @@ def test_add_norm_in_a_cuda_graph(custom, ref, device) -> None:
                                      device).view_as(partial))
             residual.mul_(-1 if (step + k) % 2 else 1)
 
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    graph = captured_graph(run, device)
     captured = list(outs)
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     for step in range(200):
