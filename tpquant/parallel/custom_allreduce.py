@@ -198,8 +198,8 @@ def add_norm_pays(rows: int, row_bytes: int, world_size: int, threads: int,
     followed by the norm kernel: where it launches at least as many blocks as that one-shot
     would, which needs rows <= max_blocks. A block reads its peers' packs at a bounded rate,
     so fewer blocks than the plain one-shot's lose (2 x H200, bf16: rows of 16 KiB took 7.1
-    against 6.4 us at 1 row, 7.3 against 7.0 at 8; 512 rows of 8 KiB 25.0 against 22.9 us),
-    and as many win (8 KiB rows 0.93-0.96x at 1-64 rows, 16 KiB 0.89x at 64; docs/benchmarks.md)."""
+    against 6.5 us at 1 row, 7.3 against 6.9 at 8; 512 rows of 8 KiB 25.0 against 23.1 us),
+    and as many win (8 KiB rows 0.94-0.97x at 1-64 rows, 16 KiB 0.90x at 64; docs/benchmarks.md)."""
     plain = launch_blocks(rows * row_bytes, 1, world_size, "oneshot", threads, max_blocks)
     return plain <= rows <= max_blocks
 
@@ -329,7 +329,8 @@ class CustomAllReduce:
         layout = torch.zeros(8, dtype=torch.int64, device=self.device)
         kernel = _cuda("loading tpq_layout", module.get_function, "tpq_layout")
         self._launch(kernel, 1, 1, (np.uint64(layout.data_ptr()),))
-        (self._ctrl_bytes, max_ranks, self._max_grid, self._threads, self._probe_off,
+        # self.threads: per block, every kernel here
+        (self._ctrl_bytes, max_ranks, self._max_grid, self.threads, self._probe_off,
          self._reached_off, self._seen_off, norm_row_bytes) = layout.cpu().tolist()
         if max_ranks != MAX_RANKS:
             raise RuntimeError(f"{SOURCE.name} has TPQ_MAX_RANKS={max_ranks}, Python {MAX_RANKS}")
@@ -337,7 +338,6 @@ class CustomAllReduce:
             raise RuntimeError(f"{SOURCE.name}'s fused norm takes rows of {norm_row_bytes} "
                                f"bytes, Python NORM_MAX_ROW_BYTES={NORM_MAX_ROW_BYTES}")
         self.max_blocks = min(self.max_blocks, self._max_grid)
-        self.threads = self._threads  # per block, every kernel here
 
     def _allocate(self) -> None:
         rt = self._cupy.cuda.runtime
@@ -528,10 +528,10 @@ class CustomAllReduce:
         if t.numel() == 0:
             return t
         blocks = launch_blocks(t.numel(), t.element_size(), self.world_size, algorithm,
-                               self._threads, self.max_blocks)
+                               self.threads, self.max_blocks)
         ptr = np.uint64(t.data_ptr())
         args = (ptr, ptr, np.int64(t.numel()), *self._tail)  # in place: in = out
-        self._launch(self._kernels[(algorithm, t.dtype)], blocks, self._threads, args,
+        self._launch(self._kernels[(algorithm, t.dtype)], blocks, self.threads, args,
                      pdl.enabled(self.device))
         return t
 
@@ -566,7 +566,7 @@ class CustomAllReduce:
                 np.int64(partial.numel()), *self._tail, np.uint64(residual.data_ptr()),
                 np.uint64(s.data_ptr()), np.uint64(weight.data_ptr()), np.int64(hidden),
                 np.float32(eps))
-        self._launch(self._add_norm_kernels[partial.dtype], blocks, self._threads, args,
+        self._launch(self._add_norm_kernels[partial.dtype], blocks, self.threads, args,
                      pdl.enabled(self.device))
         return s, out
 
