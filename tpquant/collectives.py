@@ -378,8 +378,7 @@ class NcclCommunicator(Communicator):
     def all_reduce_add_rms_norm(
         self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fuses_norm(partial, residual, weight):
-            self._stream(partial)
+        if self.fuses_norm(partial, residual, weight):  # the custom kernel checks the device
             return self.custom.all_reduce_add_rms_norm(partial, residual, weight, eps)
         return super().all_reduce_add_rms_norm(partial, residual, weight, eps)
 
