@@ -6,7 +6,9 @@
 
 Shapes: per rank, fused q/k/v and gate/up (column-parallel: out / TP), o and down (row-parallel:
 in / TP), tokens M in {1, 4, 16, 64, 256, 1024, 4096}. Schemes, each through Scheme.forward on
-CUDA with bfloat16 activations: int8_wo, int4_wo, int4_gw (g128, zeros), w8a8_gemm (per-token
+CUDA with bfloat16 activations, on the tensors a layer keeps (`Scheme.pack`: int4_wo in the
+tiled layout, whose forced paths other than cuda and dequant untile it first): int8_wo,
+int4_wo, int4_gw (g128, zeros), w8a8_gemm (per-token
 x per-channel W8A8 with the input already int8, as after the SmoothQuant RMSNorm) and w8a8
 (the same with the per-token activation quantization included), against bf16 = `x @ W.T` in
 the same run. Random weights are generated and quantized on the GPU.
@@ -165,7 +167,7 @@ def quantized(weight: torch.Tensor) -> dict[str, tuple[object, dict[str, torch.T
     }
     for name, make in makers.items():
         scheme = make()
-        out[name] = (scheme, scheme.quantize(weight))
+        out[name] = (scheme, scheme.pack(scheme.quantize(weight)))  # as a layer keeps them
     out["w8a8_gemm"] = out["w8a8"]
     return out
 

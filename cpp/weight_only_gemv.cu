@@ -5,9 +5,10 @@
 // current stream (so it can be captured in CUDA graphs). NVRTC compatible on purpose: no
 // #include (half / bfloat16 arithmetic is inline PTX on 32-bit registers holding two values).
 //
-// Layouts: those of tpquant.kernels.weight_only, unchanged. qweight int8 [N, K] or packed uint8
-// [N, K/2] (low nibble = even k), per-channel scale float32 [N], group scales / zeros float32
-// [K/g, N], pre-quant scale float32 [K], bias float32 [N].
+// Layouts: those of tpquant.kernels.weight_only (the fma and mma kernels): qweight int8 [N, K] or
+// packed uint8 [N, K/2] (low nibble = even k), per-channel scale float32 [N], group scales /
+// zeros float32 [K/g, N], pre-quant scale float32 [K], bias float32 [N]; and (the tiled kernel,
+// at the end of this file) int4 per channel in tpquant.kernels.int4_tiles' layout.
 //
 // Work split: a warp owns ROWS consecutive output rows and all M rows of x; its lanes walk
 // the K range of the warp's split in 16-byte "chunks" of each weight row (32 int4 or 16 int8
@@ -676,6 +677,247 @@ template <int DT>
 __global__ void wo_reduce(const float* partial, const float* bias, unsigned short* out,
                           int M, int N, int splits) {
   wo_reduce_body<DT>(partial, bias, out, M, N, splits);
+}
+
+// ---- the tiled int4 GEMV (pre-packed weight, M up to 32) -----------------------------------
+//
+// The fma and mma kernels above read the stored [N, K/2] layout and spend most of their
+// instructions rearranging codes and x into matching pairs (design note 21). This kernel reads
+// int4 per-channel weights pre-packed by tpquant/kernels/int4_tiles.py ("tiles16x64"): a
+// 16-row x 64-feature tile is 512 contiguous bytes, lane l's 16 bytes of it holding exactly the
+// mma A fragments it needs for the tile's four k16 steps. Lane l = 4 g + t, weight word s (one
+// step) of its chunk: nibbles 0 / 4 are row g at features 16 t + 4 s + 0 / 1, nibbles 1 / 5 row
+// g + 8 at the same features, nibbles 2 / 6 and 3 / 7 the same rows at + 2 / + 3. So each A
+// register is one shift and one LOP3 away from the word (the mask puts nibbles j and j + 4 into
+// a value pair), and the step's B fragment, token g's x at those four features, is an 8-byte
+// piece of the lane's 32-byte x load: no byte permutes, no shuffles.
+// Numerics: a code becomes MAGIC + u = MAGIC + 8 + q (u = q + 8, one LOP3, exact) and the
+// tensor cores sum x (MAGIC + 8 + q) in float32; a second mma with an all-ones A sums x itself
+// over the same features, and (MAGIC + 8) times that sum is taken off at the end, before the
+// channel scale. The products are exact in float32; the cancellation costs about log2((MAGIC +
+// 8) / 8) bits of the float32 sums (5 for bfloat16, 7 for float16), far below the output's
+// rounding.
+// Work split: a block's KW warps own RT row tiles and take turns of U k-tiles along K; their
+// sums meet in shared memory in warp order. No split-K.
+#define TILE_K 64  // features per tile
+
+template <int RT, int U>
+__device__ __forceinline__ void tiles_load_weight(int T0, int tiles_k,
+                                                  const uint4* const (&wt)[RT],
+                                                  uint4 (&wv)[U][RT]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+      wv[u][r] = T0 + u < tiles_k ? load_weight(wt[r] + (size_t)(T0 + u) * 32)
+                                  : make_uint4(0u, 0u, 0u, 0u);
+}
+
+template <int NT, int U>
+__device__ __forceinline__ void tiles_load_x(int T0, int tiles_k,
+                                             const unsigned short* const (&xr)[NT],
+                                             const bool (&xin)[NT], uint4 (&xv)[U][NT][2]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      if (T0 + u < tiles_k && xin[n]) {
+        const uint4* src = reinterpret_cast<const uint4*>(xr[n] + (size_t)(T0 + u) * TILE_K);
+        xv[u][n][0] = __ldg(src);
+        xv[u][n][1] = __ldg(src + 1);
+      } else {
+        xv[u][n][0] = xv[u][n][1] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+}
+
+// U k-tiles from T0 on: the lane's 16 weight bytes of each row tile and its 32 bytes of x for
+// each token tile; zeros past K or M (the tile then adds nothing).
+template <int NT, int RT, int U>
+__device__ __forceinline__ void tiles_load(int T0, int tiles_k, const uint4* const (&wt)[RT],
+                                           const unsigned short* const (&xr)[NT],
+                                           const bool (&xin)[NT], uint4 (&wv)[U][RT],
+                                           uint4 (&xv)[U][NT][2]) {
+  tiles_load_weight<RT, U>(T0, tiles_k, wt, wv);
+  tiles_load_x<NT, U>(T0, tiles_k, xr, xin, xv);
+}
+
+// The four k16 steps of each loaded tile: sum x (MAGIC + u) into acc, sum x into sx.
+template <int DT, int NT, int RT, int U>
+__device__ __forceinline__ void tiles_compute(const uint4 (&wv)[U][RT],
+                                              const uint4 (&xv)[U][NT][2], u32 mask,
+                                              float (&acc)[2][RT][NT][4],
+                                              float (&sx)[2][NT][4]) {
+  constexpr u32 magic = DT == 0 ? 0x64006400u : 0x43004300u;  // 1024 / 128 in both halves
+  constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;   // 1.0 in both halves
+  constexpr u32 flip = magic | 0x00080008u;  // OR the magic, XOR 8: u = q + 8 (one LOP3)
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      u32 b[NT][2];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        b[n][0] = word(xv[u][n][s >> 1], 2 * (s & 1));
+        b[n][1] = word(xv[u][n][s >> 1], 2 * (s & 1) + 1);
+        mma16816<DT>(sx[s & 1][n], ones, ones, ones, ones, b[n][0], b[n][1]);
+      }
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const u32 q = word(wv[u][r], s);
+        const u32 a0 = (q & mask) ^ flip, a1 = ((q >> 4) & mask) ^ flip;
+        const u32 a2 = ((q >> 8) & mask) ^ flip, a3 = ((q >> 12) & mask) ^ flip;
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+          mma16816<DT>(acc[s & 1][r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
+      }
+    }
+}
+
+template <int DT, int NT, int RT, int KW, int U>
+__global__ void __launch_bounds__(KW * 32)
+wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
+         const float* __restrict__ scale, const float* __restrict__ bias,
+         unsigned short* __restrict__ out, int M, int N, int K) {
+  constexpr float offset = (DT == 0 ? 1024.f : 128.f) + 8.f;  // MAGIC + 8
+  constexpr int V = RT * NT * 4 + NT * 2;  // sums a lane hands to the block's first warp
+  __shared__ float red[KW][V][32];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tiles_k = K / TILE_K, row_tiles = N / 16;
+  const int rt0 = blockIdx.x * RT;
+  const uint4* wt[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) wt[r] = w + (size_t)min(rt0 + r, row_tiles - 1) * tiles_k * 32 + lane;
+  const unsigned short* xr[NT];
+  bool xin[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int m = 8 * n + g;
+    xin[n] = m < M;
+    xr[n] = x + (size_t)min(m, M - 1) * K + 16 * t;
+  }
+
+  // The first weight loads go out before the wait for the kernel before this one (PDL): no
+  // kernel writes the weights, and their latency then overlaps that kernel's end.
+  uint4 wa[U][RT], xa[U][NT][2], wb[U][RT], xb[U][NT][2];
+  tiles_load_weight<RT, U>(warp * U, tiles_k, wt, wa);
+  wait_then_signal();
+  tiles_load_x<NT, U>(warp * U, tiles_k, xr, xin, xa);
+
+  const u32 mask = kCodeMask[1];
+  float acc[2][RT][NT][4], sx[2][NT][4];  // two accumulator chains each (even / odd steps)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sx[h][n][e] = 0.f;
+#pragma unroll
+        for (int r = 0; r < RT; ++r) acc[h][r][n][e] = 0.f;
+      }
+  }
+
+  // Two register sets, A and B, take turns: a round's loads are issued before the round
+  // before it is multiplied, so each warp keeps U tiles in flight while it computes.
+  for (int T0 = warp * U; T0 < tiles_k; T0 += 2 * KW * U) {
+    tiles_load<NT, RT, U>(T0 + KW * U, tiles_k, wt, xr, xin, wb, xb);
+    tiles_compute<DT, NT, RT, U>(wa, xa, mask, acc, sx);
+    if (T0 + KW * U >= tiles_k) break;
+    tiles_load<NT, RT, U>(T0 + 2 * KW * U, tiles_k, wt, xr, xin, wa, xa);
+    tiles_compute<DT, NT, RT, U>(wb, xb, mask, acc, sx);
+  }
+
+  // The lane's sums: acc (rows g, g + 8 of each tile; tokens 8 n + 2 t, + 1), then sum x for
+  // those two tokens (every row of the ones-mma's C fragment holds it).
+  float v[V];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[(r * NT + n) * 4 + e] = acc[0][r][n][e] + acc[1][r][n][e];
+    v[RT * NT * 4 + 2 * n] = sx[0][n][0] + sx[1][n][0];
+    v[RT * NT * 4 + 2 * n + 1] = sx[0][n][1] + sx[1][n][1];
+  }
+  if constexpr (KW > 1) {  // warp 0 adds the others' sums, in warp order
+    if (warp > 0) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) red[warp][i][lane] = v[i];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+#pragma unroll
+    for (int o = 1; o < KW; ++o)
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] += red[o][i][lane];
+  }
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    if (rt0 + r >= row_tiles) break;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = 16 * (rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
+        if (m < M) {
+          float y = (v[(r * NT + n) * 4 + e] - offset * v[RT * NT * 4 + 2 * n + (e & 1)]) *
+                    __ldg(scale + row);
+          if (bias) y += bias[row];
+          out[(size_t)m * N + row] = from_float<DT>(y);
+        }
+      }
+  }
+}
+
+// W[N, K] = q * scale[row] in x's dtype from the tiled layout, for the larger M that go to
+// cuBLAS. A warp dequantizes one tile: lane (g, t) holds features 16 t .. 16 t + 15 of rows g
+// and g + 8 (its four words), writes them into the warp's tile in shared memory (rows padded
+// to 72 values, so that neither side's 16-byte accesses meet in a bank), and the warp then
+// writes the tile's 16 rows of 128 bytes whole. grid: row tiles x k-tiles / 4 (4 warps a block).
+#define DEQ_ROW 72  // padded row of a tile in shared memory, in 16-bit values
+
+template <int DT>
+__global__ void __launch_bounds__(128)
+wo_tiles_dequant(const uint4* __restrict__ w, const float* __restrict__ scale,
+                 unsigned short* __restrict__ out, int N, int K) {
+  __shared__ __align__(16) unsigned short tile[4][16 * DEQ_ROW];
+  wait_then_signal();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int tiles_k = K / TILE_K;
+  const int T = blockIdx.y * 4 + warp, R = blockIdx.x;
+  if (T >= tiles_k) return;  // (a whole warp: no barrier below but __syncwarp)
+  const uint4 v = load_weight(w + ((size_t)R * tiles_k + T) * 32 + lane);
+  unsigned short* mine = tile[warp];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float s = __ldg(scale + 16 * R + g + 8 * h);
+    u32 pairs[8];  // features 16 t + 2 i, + 1 of row g + 8 h
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+      const u32 q = word(v, st);
+      float f[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {  // nibble j = 4 (c & 1) + 2 (c >> 1) + h: feature + c
+        const int j = 4 * (c & 1) + 2 * (c >> 1) + h;
+        f[c] = (float)((int)(((q >> (4 * j)) & 0xFu) ^ 8u) - 8) * s;
+      }
+      pairs[2 * st] = pack2<DT>(f[0], f[1]);
+      pairs[2 * st + 1] = pack2<DT>(f[2], f[3]);
+    }
+    uint4* dst = reinterpret_cast<uint4*>(mine + (g + 8 * h) * DEQ_ROW + 16 * t);
+    dst[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+    dst[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // 128 chunks of 16 bytes: row c / 8, features 8 (c % 8)
+    const int c = lane + 32 * i, row = c >> 3, col = 8 * (c & 7);
+    *reinterpret_cast<uint4*>(out + (size_t)(16 * R + row) * K + (size_t)T * TILE_K + col) =
+        *reinterpret_cast<const uint4*>(mine + row * DEQ_ROW + col);
+  }
 }
 
 // Launch geometry the host reads once: warps per block, 16-byte chunk words.

@@ -6,6 +6,10 @@
 #     kernels     the kernel tests (1 GPU)
 #     wo          the CUDA weight-only GEMV's tests (1 GPU)
 #     wo_sweep    bench_wo_kernels: every path, then the CUDA GEMV's sweep (1 GPU)
+#     tiles       the tiled int4 GEMV's tests, bench_int4_tiles, bench_decode --quick TP 1
+#     tiles_sweep bench_int4_tiles with the tiled GEMV's shape sweep (1 GPU)
+#     tiles_final the tiled GEMV's and PDL's tests, the layers on 2 GPUs, bench_int4_tiles,
+#                 bench_decode --quick at TP 1 and 2, bench_gemm --quick
 #     wo_table    bench_wo_kernels' table only: the dispatch against bf16 (1 GPU)
 #     wo_m        bench_wo_kernels: dot vs dequant + cuBLAS vs the dispatch, M = 8 to 1024
 #     w8a8_tma    bench_w8a8_gemm: the W8A8 GEMM's tiles by M (TP 1 and 2 shapes), with and
@@ -98,6 +102,34 @@ wo_sweep)
     --shapes 7b-qkv-tp1,7b-o-tp1,7b-gate_up-tp1,7b-down-tp1,7b-down-tp2,70b-gate_up-tp4 \
     --ms 1,2,4 --paths auto,cuda,dot,tinygemm --budget 150 --sweep-budget 220 \
     --sweep-shapes 7b-qkv-tp1,7b-o-tp1,7b-down-tp2 --sweep-ms 1,2,4
+  ;;
+tiles|tiles_sweep)
+  # the tiled int4 GEMV (pre-packed weight): its tests and the other weight-only kernels', then
+  # against the dispatch on the stored layout and bf16 (M = 1 to 256), then bench_decode --quick
+  # at TP 1; tiles_sweep: the benchmark alone, with the GEMV's shape sweep (M <= 32)
+  if [ "$stage" = tiles ]; then
+    step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py
+    step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
+    STEP_TIMEOUT=300 TAIL=60 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
+      --no-sweep --ms 1,2,4,8,16,32,48,64,128,256
+    TAIL=14 step bench_decode_tp1 python3 benchmarks/bench_decode.py --quick
+  else
+    STEP_TIMEOUT=450 TAIL=100 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py
+  fi
+  ;;
+tiles_final)
+  # the tiled GEMV's tests, PDL's, the layers on 2 GPUs (int4 tiled in bfloat16 among them),
+  # then bench_int4_tiles, bench_decode --quick at TP 1 and 2, bench_gemm --quick
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py tests/gpu/test_pdl_gpu.py
+  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
+    -q --timeout 240 tests/mpi/test_layers.py
+  STEP_TIMEOUT=150 TAIL=14 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
+    --no-sweep --ms 1,2,4,8,16,32,64,256
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py --quick
+  done
+  STEP_TIMEOUT=240 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
   ;;
 wo_table)
   # the dispatch (auto) and the CUDA GEMV against bf16 and torch's tinygemm, no sweep

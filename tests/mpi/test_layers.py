@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tpquant.collectives import MpiCommunicator, NcclCommunicator, SingleProcessCommunicator
+from tpquant.kernels.int4_tiles import can_tile
 from tpquant.layers import ColumnLinear, RowLinear
 from tpquant.layers.norm import RmsNorm
 from tpquant.parallel.mapping import Mapping
@@ -228,7 +229,7 @@ def test_per_rank_bytes_are_full_over_tp(world, name, style):
     mapping, comm, device = world
     w, _, _, calib = _data(IN, OUT)
     opts = _quant_options(scheme, IN, calib, smoother=style == "row")
-    full = scheme.quantize(w, **opts)
+    full = scheme.pack(scheme.quantize(w, **opts))  # in the layout a layer keeps
     cls = ColumnLinear if style == "column" else RowLinear
     layer = cls(IN, OUT, scheme, mapping, comm).load_full(w, **opts).to(device)
     for tname, t in layer.tensors.items():
@@ -240,3 +241,34 @@ def test_per_rank_bytes_are_full_over_tp(world, name, style):
     local = sum(t.nbytes for n, t in layer.tensors.items() if n not in _REPLICATED[style] and full[n].dim())
     total = comm.all_reduce(torch.tensor([local], dtype=torch.int64, device=device)).item()
     assert total == sum(t.nbytes for n, t in full.items() if n not in _REPLICATED[style] and t.dim())
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("tokens", [1, 5, 40, 100])
+@pytest.mark.parametrize("style", ["column", "row"])
+def test_int4_tiled_layers_in_bfloat16(world, style, tokens):
+    """int4 per channel in bfloat16: the layers keep tiled weights (`WeightOnly.pack`), which on
+    CUDA run the tiled GEMV (M <= 64) or dequantize from the tiles (above); the rank's output
+    equals float64 math on the full weight's dequantized codes, and the single-process layer's,
+    to bfloat16's bound (1e-2 of the largest output: outputs and, row-parallel, partial sums
+    round to bfloat16)."""
+    scheme = WeightOnly(4, torch.bfloat16)
+    mapping, comm, device = world
+    w, b, _, _ = _data(IN, OUT, seed=3)
+    x = torch.randn(tokens, IN, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    exact = x.double() @ scheme.dequantize(scheme.quantize(w)).double().T + b.double()
+    rank, tp = mapping.rank, mapping.tp_size
+    if style == "column":
+        layer = ColumnLinear(IN, OUT, scheme, mapping, comm, bias=True, gather_output=False)
+        single = ColumnLinear(IN, OUT, scheme, *_single(), bias=True)
+        x_rank, cols = x, _slice(OUT, rank, tp)
+    else:
+        layer = RowLinear(IN, OUT, scheme, mapping, comm, bias=True)
+        single = RowLinear(IN, OUT, scheme, *_single(), bias=True)
+        x_rank, cols = x[:, _slice(IN, rank, tp)], slice(None)
+    layer.load_full(w, b)
+    local = (OUT // tp, IN) if style == "column" else (OUT, IN // tp)
+    assert ("qweight_tiles" in layer.tensors) == can_tile(*local)  # all but row TP 4's 96
+    got = _run(layer, x_rank, device)
+    _close(got, exact[:, cols], rel=1e-2)
+    _close(got, _run(single.load_full(w, b), x, device)[:, cols], rel=1e-2)

@@ -1,24 +1,28 @@
 """The weight-only GEMVs for small M in CUDA C++ (cpp/weight_only_gemv.cu), launched through CuPy.
 
 y[M, N] = x[M, K] @ W^T (+ bias) for int8 / int4 per channel and groupwise int4 (zeros or
-symmetric, optional pre-quant scale), float16 / bfloat16 x, M <= MAX_M, in the stored layouts
-of `tpquant.kernels.weight_only` (no repacking). Two kernels, the .cu file's header explains
-the numerics of both:
+symmetric, optional pre-quant scale), float16 / bfloat16 x. Three kernels, the .cu file's
+header explains the numerics of each:
 
-    fma  codes become paired half-precision values with one mask and one fma per pair, and
-         paired FMAs multiply them with x: memory-bound at M = 1, but its FMAs grow with M.
-    mma  the same dequantization feeding the tensor cores (mma.sync m16n8k16, float32 sums):
-         one mma per 16 x 16 block for up to 8 tokens, so M costs little up to MMA_TILES[-1].
+    fma    (stored layout) codes become paired half-precision values with one mask and one
+           fma per pair, and paired FMAs multiply them with x: fine at M = 1, but its FMAs
+           grow with M.
+    mma    (stored layout) the same dequantization feeding the tensor cores (mma.sync
+           m16n8k16, float32 sums): one mma per 16 x 16 block for up to 8 tokens.
+    tiles  int4 per channel pre-packed in `tpquant.kernels.int4_tiles`' layout (what
+           `WeightOnly.pack` keeps): each lane's 16 bytes are its mma A fragments, one shift
+           and one LOP3 per register; pipelined loads; M up to TILES_GEMV_MAX_M.
+           `tiles_dequantize` unpacks the layout into x.dtype for cuBLAS at larger M.
 
-`kernel_for` picks one by M (thresholds measured, below). The source compiles at first use,
-one module per (dtype, scheme, pre-quant scale) holding every M tile of both; kernels run on
-torch's current stream (CUDA-graph capturable; the only allocation is the split-K partial
-buffer, through torch).
+`kernel_for` picks fma or mma by M for the stored layout (thresholds measured, below); the
+tiled layout always takes the tiles kernel, its shape chosen by `tiles_shape`. The source
+compiles at first use (CuPy caches the binaries); kernels run on torch's current stream
+(CUDA-graph capturable; the only allocation is the split-K partial buffer, through torch).
 
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
-group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma). Alignment rules
-(`aligned`): 16-byte aligned, contiguous tensors. `tpquant.kernels.triton_weight_only`
-dispatches here (path "cuda").
+group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma); the tiles take N % 16 and
+K % 64 (`int4_tiles.can_tile`). Alignment rules (`aligned`): 16-byte aligned, contiguous
+tensors. `tpquant.kernels.triton_weight_only` dispatches here (path "cuda").
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 
 from tpquant.kernels import pdl
-from tpquant.kernels.cupy_launch import launch
+from tpquant.kernels.cupy_launch import launch, occupancy
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "weight_only_gemv.cu"
 FMA, MMA = "fma", "mma"
@@ -232,6 +236,134 @@ def gemv(
                x2.device, with_pdl)
 
 
+# ---- the tiled kernel (wo_tiles) for int4 per-channel weights in `int4_tiles`' layout --------
+# Its M tiles (8-token tiles NT per launch) and the shapes it chooses from: (16-row tiles per
+# block, warps of a block splitting K, k-tiles each warp loads per round). `tiles_shape` picks
+# one per (M tile, N) from the device's occupancy, as bench_int4_tiles.py's sweep on an H200
+# found the fastest shapes (15 shapes x 7 Llama-2-7B / 70B weights): those whose blocks all fit
+# on the SMs at once, with the most k-tile loads in flight across the GPU (then the fuller
+# wave, then the smaller unroll); where none fits, the fewest waves. That rule picked the
+# sweep's best or came within 5% of it on 19 of the 21 (weight, M tile) cases.
+TILES_NT = (1, 2, 4)
+TILES_CANDIDATES = tuple((rt, kw, u) for rt in (1, 2) for kw in (4, 8) for u in (1, 2, 4)
+                         if rt * u <= 4)  # two row tiles unrolled 4 times: over 200 registers
+TILES_MAX_M = 8 * TILES_NT[-1]  # one launch
+TILES_GEMV_MAX_M = 2 * TILES_MAX_M  # in launches of TILES_MAX_M rows; above: dequantize + cuBLAS
+TILES_SHARED_BYTES = 48 << 10  # a block's static shared memory: its warps' sums
+_TILES: dict[tuple, Any] = {}
+_TILES_CHOSEN: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def tiles_shared_bytes(nt: int, rt: int, kw: int) -> int:
+    """Shared memory of a wo_tiles block: KW x (its RT x NT C fragments and NT x 2 sums of x)
+    floats per lane."""
+    return kw * (rt * nt * 4 + nt * 2) * 32 * 4
+
+
+def tiles_nt(m: int) -> int:
+    """The 8-token tiles of the launch that runs m <= TILES_MAX_M rows."""
+    return next(t for t in TILES_NT if 8 * t >= m)
+
+
+def pick_tiles_shape(n: int, sm_count: int,
+                     resident: dict[tuple[int, int, int], int]) -> tuple[int, int, int]:
+    """The rule above (pure): `resident` gives, for each candidate shape that compiled without
+    spills and fits in shared memory, the blocks one SM holds at once."""
+    def score(shape: tuple[int, int, int]):
+        rt, kw, u = shape
+        blocks = -(-n // (16 * rt))
+        capacity = resident[shape] * sm_count
+        if blocks <= capacity:
+            return (1, blocks * kw * rt * u, blocks / capacity, -u)
+        return (0, -blocks / capacity, 0, -u)
+    return max(resident, key=score)
+
+
+def tiles_shape(m: int, n: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(NT, row tiles, K warps, unroll) of the tiled kernel for m <= TILES_MAX_M rows of an
+    [n, K] weight on `device`, chosen by `pick_tiles_shape` once per (device, dtype, NT, n)."""
+    nt = tiles_nt(m)
+    key = (device.index, dtype, nt, n)
+    if key not in _TILES_CHOSEN:
+        shapes = [c for c in TILES_CANDIDATES
+                  if tiles_shared_bytes(nt, c[0], c[1]) <= TILES_SHARED_BYTES]
+        functions = _tiles_functions(device, dtype, [_tiles_name(nt, *c) for c in shapes])
+        resident = {c: occupancy(f, c[1] * 32, device) for c, f in zip(shapes, functions)
+                    if f.local_size_bytes == 0}
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, sms, resident))
+    return _TILES_CHOSEN[key]
+
+
+def _tiles_name(nt: int, rt: int, kw: int, u: int) -> str:
+    return f"wo_tiles<{{dt}}, {nt}, {rt}, {kw}, {u}>"
+
+
+def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None, out: torch.Tensor, *,
+               shape: tuple[int, int, int] | None = None) -> None:
+    """out[M, N] = x2[M, K] @ W^T (+ bias) for int4 per-channel W in the tiled layout
+    (`tpquant.kernels.int4_tiles`), M <= TILES_GEMV_MAX_M (launches of TILES_MAX_M rows); the
+    caller has checked shapes and `aligned`. Benchmarks may force `shape` (row tiles, K
+    warps, unroll)."""
+    m, k = x2.shape
+    n = tiled.shape[0]
+    if m > TILES_GEMV_MAX_M:
+        raise ValueError(f"the tiled GEMV takes M <= {TILES_GEMV_MAX_M}, got {m}")
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()  # added in float32, before the output's rounding
+    with_pdl = pdl.enabled(x2.device)
+    for m0 in range(0, m, TILES_MAX_M):
+        rows = min(TILES_MAX_M, m - m0)
+        if shape is None:
+            nt, rt, kw, u = tiles_shape(rows, n, x2.device, x2.dtype)
+        else:
+            nt, (rt, kw, u) = tiles_nt(rows), shape
+            if tiles_shared_bytes(nt, rt, kw) > TILES_SHARED_BYTES:
+                raise ValueError(f"tiled GEMV shape {shape} at M = {rows} needs more than "
+                                 f"{TILES_SHARED_BYTES} bytes of shared memory")
+        function = _tiles_functions(x2.device, x2.dtype, [_tiles_name(nt, rt, kw, u)])[0]
+        args = (_ptr(x2[m0:]), _ptr(tiled), _ptr(scale), _ptr(bias), _ptr(out[m0:]),
+                np.int32(rows), np.int32(n), np.int32(k))
+        launch(function, (-(-n // (16 * rt)),), (kw * 32,), args, x2.device, with_pdl)
+
+
+def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W[N, K] = q * scale[:, None] in dtype (float16 / bfloat16) from the tiled layout."""
+    n, k = tiled.shape[0], 2 * tiled.shape[1]
+    w = torch.empty((n, k), dtype=dtype, device=tiled.device)
+    function = _tiles_functions(tiled.device, dtype, ["wo_tiles_dequant<{dt}>"])[0]
+    launch(function, (n // 16, -(-k // 256)), (128,),
+           (_ptr(tiled), _ptr(scale), _ptr(w), np.int32(n), np.int32(k)), tiled.device,
+           pdl.enabled(tiled.device))
+    return w
+
+
+def _tiles_functions(device: torch.device, dtype: torch.dtype, names: list[str]) -> list[Any]:
+    """The named tiled-layout kernels ({dt}: the dtype's code), compiling missing ones together."""
+    keys = [(device.index, name.format(dt=_DT[dtype])) for name in names]
+    missing = sorted({key for key in keys if key not in _TILES})
+    if missing:
+        import cupy
+
+        with cupy.cuda.Device(device.index):
+            module = cupy.RawModule(code=_source(), options=("-std=c++17",),
+                                    name_expressions=[name for _, name in missing])
+            for key in missing:
+                _TILES[key] = module.get_function(key[1])
+    return [_TILES[key] for key in keys]
+
+
+def _source() -> str:
+    if not SOURCE.is_file():
+        raise FileNotFoundError(
+            f"{SOURCE} not found: tpquant's CUDA sources come with a source checkout "
+            "(pip install -e .)"
+        )
+    return SOURCE.read_text()
+
+
 def _ptr(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
@@ -244,11 +376,6 @@ def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
     if key not in _MODULES:
         import cupy
 
-        if not SOURCE.is_file():
-            raise FileNotFoundError(
-                f"{SOURCE} not found: tpquant's CUDA sources come with a source checkout "
-                "(pip install -e .)"
-            )
         dt, flag = _DT[dtype], str(pqs).lower()
         names = {(FMA, t): f"wo_gemv<{dt}, {mode_}, {flag}, {t}, {rows or rows_per_warp(t)}>"
                  for t in M_TILES}
@@ -257,7 +384,7 @@ def _kernels(device: torch.device, dtype: torch.dtype, mode_: int, pqs: bool,
         reduce_name = f"wo_reduce<{dt}>"
         with cupy.cuda.Device(device.index):
             module = cupy.RawModule(
-                code=SOURCE.read_text(), options=("-std=c++17",),
+                code=_source(), options=("-std=c++17",),
                 name_expressions=[*names.values(), reduce_name],
             )
             functions = {key_: module.get_function(name) for key_, name in names.items()}

@@ -61,24 +61,47 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 _driver: Any = None
 
 
-def _launch_ex(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
-               stream: int) -> None:
+def _cuda_driver() -> Any:
     global _driver
     if _driver is None:
         _driver = ctypes.CDLL("libcuda.so.1")
         _driver.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
                                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        _driver.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [
+            ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    return _driver
+
+
+def _check(err: int, what: str) -> None:
+    if err:
+        name = ctypes.c_char_p()
+        _cuda_driver().cuGetErrorName(err, ctypes.byref(name))
+        raise RuntimeError(f"{what} failed: {(name.value or b'error').decode()} ({err})")
+
+
+def occupancy(kernel: Any, threads: int, device: torch.device) -> int:
+    """Blocks of `threads` threads of a compiled kernel that one SM holds at once (the driver's
+    occupancy calculator: registers, shared memory, warps)."""
+    import cupy
+
+    blocks = ctypes.c_int()
+    with cupy.cuda.Device(device.index):
+        function = getattr(kernel, "kernel", kernel)
+        _check(_cuda_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(blocks), function.ptr, threads, 0), "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+    return blocks.value
+
+
+def _launch_ex(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
+               stream: int) -> None:
     attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value[0] = 1  # programmaticStreamSerializationAllowed
     config = _LaunchConfig(grid=_dim3(grid), block=_dim3(block), shared_mem=0, stream=stream,
                            attrs=ctypes.pointer(attr), num_attrs=1)
     values = kernel_params(args)
     params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-    err = _driver.cuLaunchKernelEx(ctypes.byref(config), function, params, None)
-    if err:
-        name = ctypes.c_char_p()
-        _driver.cuGetErrorName(err, ctypes.byref(name))
-        raise RuntimeError(f"cuLaunchKernelEx failed: {(name.value or b'error').decode()} ({err})")
+    _check(_cuda_driver().cuLaunchKernelEx(ctypes.byref(config), function, params, None),
+           "cuLaunchKernelEx")
 
 
 def kernel_params(args: tuple) -> list:

@@ -51,7 +51,7 @@ as the interpreter cannot autotune).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -60,6 +60,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from tpquant.kernels import cuda_weight_only, pdl
+from tpquant.kernels.int4_tiles import untile_int4
 
 PATH_ENV = "TPQUANT_WO_PATH"
 CUDA, GEMV, DOT, DEQUANT, REFERENCE, AUTO = "cuda", "gemv", "dot", "dequant", "reference", "auto"
@@ -669,6 +670,7 @@ class _Weights:
     pqs: torch.Tensor | None  # [K] or None
     bits: int
     group: int  # 0 = per channel
+    tiled: bool = False  # int4 per channel in `int4_tiles`' layout
 
     @property
     def n(self) -> int:
@@ -690,16 +692,20 @@ def weight_only_matmul(
     config: Mapping[str, int] | None = None,
     split_k: int | None = None,
     out: torch.Tensor | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ (q * scale[:, None])^T + bias, in x.dtype (float16 / bfloat16).
 
     path: "gemv", "dot", "dequant", or None/"auto" (then $TPQUANT_WO_PATH, then choose_path).
+    tiled: int4 qweight in the layout of `tpquant.kernels.int4_tiles`, read by the tiled CUDA
+    GEMV (paths auto / cuda, M <= its TILES_GEMV_MAX_M) or dequantized from it (dequant, and
+    auto above that M); without CuPy, and for the other paths, it is untiled first.
     config: BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps, num_stages) instead of autotuning;
     split_k: the number of K splits instead of the heuristic (gemv and dot);
     out: a contiguous [M, N] x.dtype tensor to write (M = x.numel() / K) instead of a new one.
     Shapes are checked by the caller (tpquant.kernels.weight_only).
     """
-    weights = _Weights(_contiguous(qweight), _contiguous(scale), None, None, bits, 0)
+    weights = _Weights(_contiguous(qweight), _contiguous(scale), None, None, bits, 0, tiled)
     return _matmul(x, weights, bias, path, config, split_k, out)
 
 
@@ -756,6 +762,11 @@ def _matmul(
         return out.reshape(*x.shape[:-1], n)
     chosen = forced_path(path)
     cuda_ok = _cuda_takes(x2, wt, bias)
+    if wt.tiled:
+        if cuda_ok and chosen in (AUTO, REFERENCE, CUDA, DEQUANT):
+            _tiled(x2, wt, None if bias is None else _contiguous(bias), out, chosen)
+            return out.reshape(*x.shape[:-1], n)
+        wt = replace(wt, qweight=untile_int4(wt.qweight), tiled=False)  # what the others read
     if chosen in (AUTO, REFERENCE):  # REFERENCE is the caller's business; here it means auto
         chosen = choose_path(m, n, k, wt.bits, wt.group, cuda=cuda_ok)
     if chosen == CUDA:
@@ -882,6 +893,19 @@ def _operand_kind(dtype: torch.dtype, bits: int) -> tuple[int, int]:
     return 0, -128
 
 
+def _tiled(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch.Tensor,
+           chosen: str) -> None:
+    """A tiled int4 weight: the tiled GEMV up to its M, else dequantized from the tiles into
+    x.dtype and one torch matmul."""
+    m = x2.shape[0]
+    if chosen in (AUTO, REFERENCE):
+        chosen = CUDA if m <= cuda_weight_only.TILES_GEMV_MAX_M else DEQUANT
+    if chosen == CUDA:
+        cuda_weight_only.tiles_gemv(x2, wt.qweight, wt.scale, bias, out)
+    else:
+        _mm(x2, cuda_weight_only.tiles_dequantize(wt.qweight, wt.scale, x2.dtype), bias, out)
+
+
 def _dequant_linear(
     x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch.Tensor
 ) -> None:
@@ -899,6 +923,11 @@ def _dequant_linear(
         BLOCK_N=_DEQUANT_BLOCK_N, BLOCK_K=_DEQUANT_BLOCK_K, num_warps=4,
         **pdl.triton_args(x2.device),
     )
+    _mm(x2, w, bias, out)
+
+
+def _mm(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = x2 @ w^T (+ bias), cuBLAS in x.dtype."""
     if bias is None:
         torch.mm(x2, w.t(), out=out)
     else:

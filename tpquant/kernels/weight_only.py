@@ -13,6 +13,9 @@ index, see tpquant.quantization.packing):
 All math is float32 whatever x's dtype; the result is cast back to x.dtype. Row-parallel
 shards pass through unchanged: sizes are read from the tensors, not from a config.
 
+int4 per channel may also be held in the tiled layout of `tpquant.kernels.int4_tiles` (tiled=True:
+the same codes reordered for the tiled GEMV); the reference untiles it.
+
 Fast paths: float16 / bfloat16 x on CUDA goes to the Triton kernels of
 `tpquant.kernels.triton_weight_only` (its docstring lists the paths); everything else, and
 any call with path="reference" (or $TPQUANT_WO_PATH=reference), runs the reference here.
@@ -23,11 +26,18 @@ from __future__ import annotations
 import torch
 
 from tpquant.kernels import has_triton
+from tpquant.kernels.int4_tiles import TILE_K, TILE_N, can_tile, untile_int4
 from tpquant.quantization.packing import unpack_int4
 
 
-def dequantize_weight_only(qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Float32 W[out, in] = q * scale[:, None] for per-channel symmetric int8 / int4."""
+def dequantize_weight_only(qweight: torch.Tensor, scale: torch.Tensor, bits: int,
+                           tiled: bool = False) -> torch.Tensor:
+    """Float32 W[out, in] = q * scale[:, None] for per-channel symmetric int8 / int4 (tiled:
+    int4 in the layout of `tpquant.kernels.int4_tiles`)."""
+    if tiled:
+        if bits != 4:
+            raise ValueError(f"the tiled layout holds int4 codes, got bits={bits}")
+        qweight = untile_int4(qweight)
     if bits == 8:
         q = qweight
     elif bits == 4:
@@ -78,17 +88,20 @@ def weight_only_matmul(
     bias: torch.Tensor | None = None,
     *,
     path: str | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """y[..., out] = x[..., in] @ (q * scale)^T + bias; math in float32, result in x.dtype.
 
     path: None/"auto" (then $TPQUANT_WO_PATH), "reference", or a Triton kernel path.
+    tiled: int4 qweight in the layout of `tpquant.kernels.int4_tiles`.
     """
     if _use_triton(x, path):
         from tpquant.kernels import triton_weight_only
 
-        _check_weight_only(qweight, scale, bits, x.shape[-1], bias)
-        return triton_weight_only.weight_only_matmul(x, qweight, scale, bits, bias, path=path)
-    w = dequantize_weight_only(qweight, scale, bits)
+        _check_weight_only(qweight, scale, bits, x.shape[-1], bias, tiled)
+        return triton_weight_only.weight_only_matmul(x, qweight, scale, bits, bias, path=path,
+                                                     tiled=tiled)
+    w = dequantize_weight_only(qweight, scale, bits, tiled)
     return _linear_f32(x, w, bias)
 
 
@@ -149,7 +162,7 @@ def _use_triton(x: torch.Tensor, path: str | None) -> bool:
 
 def _check_weight_only(
     qweight: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int,
-    bias: torch.Tensor | None,
+    bias: torch.Tensor | None, tiled: bool = False,
 ) -> None:
     """The reference's shape rules, checked from shapes only (no device sync)."""
     expected = {8: torch.int8, 4: torch.uint8}
@@ -163,6 +176,9 @@ def _check_weight_only(
     if scale.shape != (qweight.shape[0],):
         raise ValueError(f"scale must be [out]={qweight.shape[0]}, got {tuple(scale.shape)}")
     k = qweight.shape[1] * (2 if bits == 4 else 1)
+    if tiled and not (bits == 4 and can_tile(qweight.shape[0], k)):
+        raise ValueError(f"a tiled weight holds int4 [N, K] with N % {TILE_N} == 0 and "
+                         f"K % {TILE_K} == 0, got bits={bits}, N={qweight.shape[0]}, K={k}")
     _check_common(in_features, k, qweight.shape[0], bias, qweight.device)
 
 

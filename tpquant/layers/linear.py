@@ -67,7 +67,7 @@ class ShardedLinear(nn.Module):
         shards = shard_tensors(full, self.scheme.specs(full), self.style, rank, tp, parts)
         if bias is not None:
             bias = shard_tensor(bias, _BIAS_SPEC, self.style, rank, tp, parts)
-        return self.load_shards(shards, bias)
+        return self.load_shards(self.scheme.pack(shards), bias)
 
     def load_shard(
         self,
@@ -97,7 +97,8 @@ class ShardedLinear(nn.Module):
             raise ValueError(
                 f"{type(self.scheme).__name__} quantizes full weights only: use load_full"
             )
-        return self.load_shards(self.scheme.quantize(weight, statistics=statistics), bias)
+        tensors = self.scheme.quantize(weight, statistics=statistics)
+        return self.load_shards(self.scheme.pack(tensors), bias)
 
     def load_shards(
         self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None

@@ -94,6 +94,11 @@ class Scheme(ABC):
         so those of slices combine into the full weight's by an elementwise max."""
         raise NotImplementedError(f"{type(self).__name__} quantizes full weights only")
 
+    def pack(self, tensors: Tensors) -> dict[str, torch.Tensor]:
+        """One rank's tensors (after sharding) in the layout its kernels read; `specs`,
+        `dequantize` and `forward` take either form. The default keeps them as they are."""
+        return dict(tensors)
+
     @abstractmethod
     def dequantize(self, tensors: Tensors) -> torch.Tensor:
         """The float32 weight [out, in] that `forward` effectively multiplies by."""

@@ -7,6 +7,11 @@ the maxima of the full rows (base module docstring). Scales are stored in float3
 `dtype` is: they are tiny ([out]) and float16 would add up to 2^-11 relative error to every
 weight of a row.
 `dtype` is the activation dtype the model runs in; the stored tensors do not depend on it.
+
+int4 weights are kept in the tiled layout of `tpquant.kernels.int4_tiles` (the order the tiled
+GEMV reads, tensor "qweight_tiles" instead of "qweight") where `tiles` is set and the rank's
+shape divides into tiles: `pack`, after sharding, since a tile does not split along K. Engines
+store what the layer keeps, so the tensor's name says which layout a file holds.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tpquant.kernels.int4_tiles import can_tile, tile_int4
 from tpquant.kernels.weight_only import dequantize_weight_only, weight_only_matmul
 from tpquant.quantization import numerics
 from tpquant.quantization.mode import QuantMode
@@ -22,12 +28,17 @@ from tpquant.quantization.packing import pack_int4
 from tpquant.quantization.schemes.base import Scheme, Tensors, TensorSpec
 
 
+TILED = "qweight_tiles"  # the tensor's name in the tiled layout
+
+
 @dataclass(frozen=True)
 class WeightOnly(Scheme):
-    """qweight: int8 [out, in] (bits=8) or int4 packed uint8 [out, in/2] (bits=4); scale: float32 [out]."""
+    """qweight: int8 [out, in] (bits=8) or int4 packed uint8 [out, in/2] (bits=4), or (int4,
+    `pack`) qweight_tiles: the same bytes tiled; scale: float32 [out]."""
 
     bits: int = 8
     dtype: torch.dtype = torch.float16
+    tiles: bool = True  # int4: `pack` tiles qweight where the shape allows
 
     def __post_init__(self) -> None:
         if self.bits not in (8, 4):
@@ -42,8 +53,9 @@ class WeightOnly(Scheme):
         return numerics.INT8_MAX if self.bits == 8 else numerics.INT4_MAX
 
     def specs(self, tensors: Tensors | None = None) -> dict[str, TensorSpec]:
+        name = TILED if tensors is not None and TILED in tensors else "qweight"
         return {
-            "qweight": TensorSpec(out_dim=0, in_dim=1, in_per_index=2 if self.bits == 4 else 1),
+            name: TensorSpec(out_dim=0, in_dim=1, in_per_index=2 if self.bits == 4 else 1),
             "scale": TensorSpec(out_dim=0),
         }
 
@@ -71,13 +83,25 @@ class WeightOnly(Scheme):
         q = numerics.quantize_symmetric(w, scale[:, None], self.qmax)  # int8 [out, in]
         return {"qweight": pack_int4(q) if self.bits == 4 else q, "scale": scale}
 
+    def pack(self, tensors: Tensors) -> dict[str, torch.Tensor]:
+        """int4 with `tiles`: qweight tiled (as "qweight_tiles") if [out, in] divides into tiles."""
+        q = tensors.get("qweight")
+        if not (self.bits == 4 and self.tiles and q is not None
+                and can_tile(q.shape[0], 2 * q.shape[1])):
+            return dict(tensors)
+        return {TILED: tile_int4(q), "scale": tensors["scale"]}
+
     def dequantize(self, tensors: Tensors) -> torch.Tensor:
-        return dequantize_weight_only(tensors["qweight"], tensors["scale"], self.bits)
+        tiled = TILED in tensors
+        return dequantize_weight_only(tensors[TILED if tiled else "qweight"], tensors["scale"],
+                                      self.bits, tiled)
 
     def forward(
         self, x: torch.Tensor, tensors: Tensors, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return weight_only_matmul(x, tensors["qweight"], tensors["scale"], self.bits, bias)
+        tiled = TILED in tensors
+        return weight_only_matmul(x, tensors[TILED if tiled else "qweight"], tensors["scale"],
+                                  self.bits, bias, tiled=tiled)
 
 
 def _check_2d(weight: torch.Tensor) -> None:

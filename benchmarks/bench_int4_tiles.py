@@ -1,0 +1,154 @@
+"""The tiled int4 GEMV (pre-packed weight, `tpquant.kernels.int4_tiles`) against the dispatch on
+the stored layout and torch's bf16 matmul, on one GPU.
+
+    python benchmarks/bench_int4_tiles.py                 # 7 shapes x M = 1..32, shape sweep
+    python benchmarks/bench_int4_tiles.py --ms 1,4 --no-sweep
+
+For each shape [N, K] (bench_wo_kernels' Llama-2-7B / 70B shapes) and M: bf16 `x @ W.T`, int4
+per channel on the stored layout through the dispatch (`auto`: the CUDA fma / mma GEMVs, Triton,
+dequantize + cuBLAS), the same on the tiled layout (the tiled GEMV at its chosen shape to
+M = 64, dequantize-from-tiles + cuBLAS above), and (unless --no-sweep, M <= 32) the tiled GEMV
+at every candidate shape (row tiles, K warps, unroll). Each result's max |y - ref| / max |ref| against float32 math on the
+dequantized weight ("err"); a tiled result over ERR_BOUND fails the run.
+Timing: bench_gemm's time_calls (CUDA graph, weight copies past twice the L2, median).
+Output: table, per-M geomeans over bf16, $OUT/bench_int4_tiles.json ($OUT defaults to
+/tmp/out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gemm import copies, copy_bandwidth, nbytes, time_calls  # noqa: E402
+from bench_wo_kernels import SHAPES  # noqa: E402
+
+from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
+from tpquant.kernels.int4_tiles import tile_int4  # noqa: E402
+from tpquant.kernels.weight_only import dequantize_weight_only, weight_only_matmul  # noqa: E402
+from tpquant.quantization.schemes import WeightOnly  # noqa: E402
+
+DTYPE = torch.bfloat16
+ERR_BOUND = 1e-2  # bf16 output: a few roundings of 2^-9
+def candidates(m: int) -> list[tuple[int, int, int]]:
+    """The tiled GEMV's candidate shapes (row tiles, K warps, unroll) that fit at M = m."""
+    nt = cw.tiles_nt(m)
+    return [c for c in cw.TILES_CANDIDATES
+            if cw.tiles_shared_bytes(nt, c[0], c[1]) <= cw.TILES_SHARED_BYTES]
+
+
+def tiles_call(x, sets, shape=None):
+    """Calls on each copy of the tiled weight: the public op (shape None: the dispatch, which
+    dequantizes past the GEMV's M), or the GEMV at a forced shape."""
+    def make(t):
+        def call():
+            if shape is None:
+                return weight_only_matmul(x, t["qweight"], t["scale"], 4, tiled=True)
+            out = torch.empty(x.shape[0], t["qweight"].shape[0], dtype=x.dtype, device=x.device)
+            cw.tiles_gemv(x, t["qweight"], t["scale"], None, out, shape=shape)
+            return out
+        return call
+    return [make(t) for t in sets]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--ms", default="1,2,4,8,16,32")
+    ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--no-sweep", dest="sweep", action="store_false")
+    args = ap.parse_args()
+    device = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(device)
+    l2 = int(getattr(props, "L2_cache_size", 50 << 20))
+    copy_bw = copy_bandwidth(device, 5)
+    out_dir = Path(os.environ.get("OUT", "/tmp/out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    result = {"device": props.name, "copy_bandwidth_GBps": copy_bw / 1e9, "rows": []}
+    print(f"# {props.name}, copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    print(f"{'shape':<16} {'M':>3} {'bf16 us':>8} {'auto us':>8} {'x':>5} {'tiles us':>8} "
+          f"{'x':>5} {'%copy':>6} {'err':>8}  best shape")
+    failed = False
+    scheme = WeightOnly(bits=4, dtype=DTYPE)
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        weight = torch.randn(n, k, generator=gen, device=device, dtype=DTYPE) * 0.02
+        stored = scheme.quantize(weight)
+        bf16_sets = [t["w"] for t in copies({"w": weight}, l2)]
+        stored_sets = copies(stored, l2)
+        tiled_sets = copies({"qweight": tile_int4(stored["qweight"]), "scale": stored["scale"]},
+                            l2)
+        w_ref = dequantize_weight_only(stored["qweight"], stored["scale"], 4)
+        for m in [int(v) for v in args.ms.split(",")]:
+            x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
+            ref = x.float() @ w_ref.t()
+            bf16 = time_calls([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
+            auto = time_calls([lambda t=t: weight_only_matmul(x, t["qweight"], t["scale"], 4)
+                               for t in stored_sets], args.replays)
+            shapes = [None] + (candidates(m) if args.sweep and m <= cw.TILES_MAX_M else [])
+            timed = []
+            for shape in shapes:
+                try:
+                    calls = tiles_call(x, tiled_sets, shape)
+                    y = calls[0]().float()
+                    err = ((y - ref).abs().max() / ref.abs().max()).item()
+                    sec = time_calls(calls, args.replays)
+                except Exception as exc:  # noqa: BLE001 - report, go on
+                    torch.cuda.synchronize()
+                    print(f"# {name} M={m} {shape}: {type(exc).__name__}: {str(exc)[:120]}")
+                    continue
+                failed |= not err <= ERR_BOUND
+                timed.append((sec, shape, err))
+                result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="tiles",
+                                           tiles_shape=shape, us=sec * 1e6, err=err,
+                                           speedup=bf16 / sec))
+            result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="bf16", us=bf16 * 1e6))
+            result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="auto", us=auto * 1e6,
+                                       speedup=bf16 / auto))
+            default = timed[0] if timed and timed[0][1] is None else None
+            chosen = (cw.tiles_shape(m, n, device, DTYPE)[1:] if m <= cw.TILES_MAX_M
+                      else "dequantize + cuBLAS" if m > cw.TILES_GEMV_MAX_M else "2 launches")
+            best = min(timed, key=lambda row: row[0]) if timed else None
+            wbytes = nbytes(tiled_sets[0])
+            for label, row in (("default", default), ("best", best)):
+                if row is None:
+                    continue
+                sec, shape, err = row
+                pct = 100 * (wbytes + 2 * m * (n + k)) / sec / copy_bw
+                print(f"{name:<16} {m:>3} {bf16 * 1e6:>8.1f} {auto * 1e6:>8.1f} "
+                      f"{bf16 / auto:>5.2f} {sec * 1e6:>8.1f} {bf16 / sec:>5.2f} {pct:>6.1f} "
+                      f"{err:>8.1e}  {label} {shape or chosen}")
+            (out_dir / "bench_int4_tiles.json").write_text(json.dumps(result, indent=1))
+        del bf16_sets, stored_sets, tiled_sets
+        torch.cuda.empty_cache()
+
+    print("# geomean over bf16 by M: auto / tiles default / tiles best")
+    summary = {}
+    for m in sorted({r["m"] for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["m"] == m]
+        auto = [r["speedup"] for r in rows if r["variant"] == "auto"]
+        default = [r["speedup"] for r in rows if r["variant"] == "tiles" and r["tiles_shape"] is None]
+        best = {}
+        for r in rows:
+            if r["variant"] == "tiles":
+                best[r["shape"]] = max(best.get(r["shape"], 0), r["speedup"])
+        g = [math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
+             for v in (auto, default, list(best.values()))]
+        summary[m] = g
+        print(f"M={m:>3}  {g[0]:.2f} / {g[1]:.2f} / {g[2]:.2f}")
+    result["summary"] = summary
+    (out_dir / "bench_int4_tiles.json").write_text(json.dumps(result, indent=1))
+    print("ERRORS OVER BOUND" if failed else "# all errors within bound")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""The tiled int4 GEMV and its dequantization (cpp/weight_only_gemv.cu: wo_tiles,
+wo_tiles_dequant) against float64 references built from the stored (untiled) layout.
+
+One command (one GPU is enough):
+    python3 -m pytest -q tests/gpu/test_kernels_int4_tiles.py
+
+int4 per channel, float16 and bfloat16, N and K multiples of the tile (16, 64) but not of 128,
+M from 1 to 300 through the dispatch (the tiled GEMV to M = 64, in launches of 32 rows;
+dequantize + cuBLAS above), every candidate kernel shape, a CUDA-graph capture.
+Outputs are poisoned with NaN first. Tolerance: max |y - ref| <= TOL[dtype] * max |ref|, ref
+being float64 math on the weight `tpquant.kernels.weight_only` dequantizes from the stored
+layout (the tiles are not involved in the reference).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("cupy", reason="the tiled GEMV is compiled and launched through CuPy")
+
+from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
+from tpquant.kernels import weight_only as ref  # noqa: E402
+from tpquant.kernels.int4_tiles import tile_int4  # noqa: E402
+from tpquant.parallel.mapping import Mapping  # noqa: E402
+from tpquant.quantization.schemes import WeightOnly  # noqa: E402
+
+# float16 / bfloat16 outputs round once (2^-11, 2^-8 relative); the dequant path also rounds W.
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float16, torch.bfloat16]
+SHAPES = [(208, 320), (960, 576), (4096, 1024)]  # (N, K)
+MS = [1, 2, 3, 8, 9, 16, 17, 32, 33, 64, 65, 300]
+
+
+@pytest.fixture(scope="module")
+def device() -> torch.device:
+    dev = Mapping.from_env().device()
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def _weights(n: int, k: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """Stored int4 per-channel tensors of a random weight, plus its tiles."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
+    t = {key: v.to(device) for key, v in WeightOnly(4).quantize(w).items()}
+    t["tiles"] = tile_int4(t["qweight"])
+    return t
+
+
+def _inputs(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    bias = torch.randn(n, generator=g).to(device=device, dtype=dtype)
+    return x, bias
+
+
+def _reference(t: dict[str, torch.Tensor], x: torch.Tensor, bias) -> torch.Tensor:
+    w = ref.dequantize_weight_only(t["qweight"], t["scale"], 4).double()
+    y = x.double() @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+def _check(y: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what) -> None:
+    assert y.dtype == dtype and y.shape == expected.shape, what
+    assert torch.isfinite(y).all(), f"{what}: an output element was never written"
+    err = (y.double() - expected).abs().max().item()
+    bound = TOL[dtype] * expected.abs().max().item()
+    assert err <= bound, f"{what}: max |diff| {err:.3g} > {bound:.3g}"
+
+
+def _poison(shape, dtype, device) -> None:
+    """Leave a NaN-filled block of this size in the caching allocator for the next output."""
+    torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_dispatch_on_tiles(device, n: int, k: int, dtype: torch.dtype, m: int) -> None:
+    """Through the public op, as WeightOnly.forward calls it, with and without bias."""
+    t = _weights(n, k, device, seed=n + k)
+    x, bias = _inputs(m, k, n, dtype, device, seed=m)
+    for b in (None, bias):
+        _poison((m, n), dtype, device)
+        y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, b, tiled=True)
+        _check(y, _reference(t, x, b), dtype, (n, k, m, b is not None))
+
+
+def _shape_cases() -> list[tuple[int, tuple[int, int, int]]]:
+    """(M, kernel shape) pairs whose block fits in shared memory."""
+    return [(m, shape) for m in (1, 5, 16, 27) for shape in cw.TILES_CANDIDATES
+            if cw.tiles_shared_bytes(cw.tiles_nt(m), shape[0], shape[1]) <= cw.TILES_SHARED_BYTES]
+
+
+@pytest.mark.parametrize("m,shape", _shape_cases(), ids=str)
+def test_every_kernel_shape(device, m: int, shape: tuple[int, int, int]) -> None:
+    n, k = 4096, 1024
+    t = _weights(n, k, device, seed=7)
+    x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=11)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+    cw.tiles_gemv(x, t["tiles"], t["scale"], bias, out, shape=shape)
+    _check(out, _reference(t, x, bias), torch.bfloat16, (m, shape))
+
+
+def test_refuses_a_shape_past_shared_memory(device) -> None:
+    t = _weights(208, 320, device, seed=1)
+    x, _ = _inputs(27, 320, 208, torch.bfloat16, device, seed=1)
+    out = torch.empty(27, 208, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="shared memory"):
+        cw.tiles_gemv(x, t["tiles"], t["scale"], None, out, shape=(2, 16, 1))
+
+
+def test_chosen_shape_is_a_candidate_that_fits(device) -> None:
+    for m in (1, 9, 17, 32):
+        for n in (208, 4096, 22016):
+            nt, *shape = cw.tiles_shape(m, n, device, torch.bfloat16)
+            assert nt == cw.tiles_nt(m) and tuple(shape) in cw.TILES_CANDIDATES
+            assert cw.tiles_shared_bytes(nt, shape[0], shape[1]) <= cw.TILES_SHARED_BYTES
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_from_tiles_is_exact(device, dtype: torch.dtype) -> None:
+    """W = q * scale rounded once to dtype, element for element as torch rounds it."""
+    t = _weights(208, 320, device, seed=3)
+    _poison((208, 320), dtype, device)
+    w = cw.tiles_dequantize(t["tiles"], t["scale"], dtype)
+    expected = ref.dequantize_weight_only(t["qweight"], t["scale"], 4).to(dtype)
+    assert torch.equal(w, expected)
+
+
+def test_long_k(device) -> None:
+    """K = 11008 (Llama-2-7B down_proj): 172 k-tiles shared out unevenly among the warps."""
+    t = _weights(64, 11008, device, seed=5)
+    for m in (1, 20):
+        x, bias = _inputs(m, 11008, 64, torch.bfloat16, device, seed=m)
+        y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, tiled=True)
+        _check(y, _reference(t, x, bias), torch.bfloat16, m)
+
+
+def test_scheme_packs_and_runs_tiles(device) -> None:
+    """WeightOnly(4).pack tiles a weight that divides into tiles; forward runs on them."""
+    scheme = WeightOnly(4, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(9)
+    stored = {k_: v.to(device) for k_, v in scheme.quantize(torch.randn(96, 192, generator=g)).items()}
+    packed = scheme.pack(stored)
+    assert set(packed) == {"qweight_tiles", "scale"}
+    x, bias = _inputs(3, 192, 96, torch.bfloat16, device, seed=2)
+    y = scheme.forward(x, packed, bias)
+    _check(y, _reference(stored, x, bias), torch.bfloat16, "scheme")
+
+
+@pytest.mark.parametrize("m", [1, 17, 40])
+def test_cuda_graph_capture_and_replay(device, m: int) -> None:
+    """Capture the tiled path in a CUDA graph, replay it on new inputs."""
+    n, k = 960, 576
+    t = _weights(n, k, device, seed=21)
+    x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=23)
+
+    def call():
+        return ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, tiled=True)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = call()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_static, eager)
+    for seed in (31, 32):
+        fresh, _ = _inputs(m, k, n, torch.bfloat16, device, seed)
+        x.copy_(fresh)
+        y_static.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(y_static, _reference(t, x, bias), torch.bfloat16, ("graph", m, seed))
+
+
+def test_tiled_gemv_refuses_large_m(device) -> None:
+    t = _weights(208, 320, device, seed=1)
+    x, _ = _inputs(cw.TILES_GEMV_MAX_M + 1, 320, 208, torch.bfloat16, device, seed=1)
+    out = torch.empty(x.shape[0], 208, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="tiled GEMV takes M"):
+        cw.tiles_gemv(x, t["tiles"], t["scale"], None, out)

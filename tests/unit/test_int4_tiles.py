@@ -1,0 +1,141 @@
+"""The tiled int4 layout (`tpquant.kernels.int4_tiles`) and WeightOnly's use of it, on CPU.
+
+The layout is checked nibble by nibble against the formula its docstring (and the kernel's
+header) states, the inverse against the original bytes, and the scheme's tiled tensors against
+float64 math on the untiled weight (tolerance: float32 math, 1e-5 relative).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tpquant.collectives import SingleProcessCommunicator
+from tpquant.kernels.int4_tiles import can_tile, tile_int4, untile_int4
+from tpquant.kernels.weight_only import dequantize_weight_only, weight_only_matmul
+from tpquant.layers.column import ColumnLinear
+from tpquant.layers.row import RowLinear
+from tpquant.parallel.mapping import Mapping
+from tpquant.quantization.schemes import WeightOnly
+
+
+def _bytes(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 320), (208, 576)])
+def test_untile_inverts_tile(n: int, k: int) -> None:
+    packed = _bytes(n, k, seed=n + k)
+    tiled = tile_int4(packed)
+    assert tiled.shape == packed.shape and tiled.dtype == torch.uint8
+    assert not torch.equal(tiled, packed)  # it does reorder
+    assert torch.equal(untile_int4(tiled), packed)
+
+
+def test_every_nibble_where_the_layout_says() -> None:
+    n, k = 32, 128
+    packed = _bytes(n, k, seed=1)
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(n, k)  # [N, K], k order
+    flat = tile_int4(packed).flatten()
+    for big_r, big_t, lane, s, j in itertools.product(range(n // 16), range(k // 64), range(32),
+                                                      range(4), range(8)):
+        g, t = lane >> 2, lane & 3
+        byte = (big_r * (k // 64) + big_t) * 512 + 16 * lane + 4 * s + j // 2
+        nibble = (int(flat[byte]) >> (4 * (j & 1))) & 0xF
+        row = 16 * big_r + g + 8 * (j & 1)
+        feature = 64 * big_t + 16 * t + 4 * s + 2 * ((j >> 1) & 1) + (j >> 2)
+        assert nibble == int(codes[row, feature]), (big_r, big_t, lane, s, j)
+
+
+@pytest.mark.parametrize("shape,error", [
+    ((24, 32), ValueError),     # N not a multiple of 16
+    ((16, 48), ValueError),     # K = 96 not a multiple of 64
+])
+def test_refuses_what_does_not_tile(shape, error) -> None:
+    with pytest.raises(error, match="N % 16 == 0 and K % 64 == 0"):
+        tile_int4(torch.zeros(shape, dtype=torch.uint8))
+    assert not can_tile(shape[0], 2 * shape[1])
+
+
+def test_refuses_other_dtypes() -> None:
+    with pytest.raises(TypeError, match="packed uint8"):
+        tile_int4(torch.zeros(16, 32, dtype=torch.int8))
+
+
+def _weight(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
+
+
+def test_scheme_packs_tiles_and_reads_them() -> None:
+    scheme = WeightOnly(4, dtype=torch.float32)
+    stored = scheme.quantize(_weight(48, 192, seed=2))
+    packed = scheme.pack(stored)
+    assert set(packed) == {"qweight_tiles", "scale"}
+    assert set(scheme.specs(packed)) == {"qweight_tiles", "scale"}
+    assert torch.equal(scheme.dequantize(packed), scheme.dequantize(stored))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 192, generator=g)
+    bias = torch.randn(48, generator=g)
+    expected = x.double() @ dequantize_weight_only(stored["qweight"], stored["scale"], 4).double().t()
+    expected += bias.double()
+    y = scheme.forward(x, packed, bias)
+    assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("scheme,shape", [
+    (WeightOnly(4, tiles=False), (48, 192)),  # tiles off
+    (WeightOnly(8), (48, 192)),               # int8: no tiled layout
+    (WeightOnly(4), (40, 192)),               # N % 16
+    (WeightOnly(4), (48, 160)),               # K % 64
+])
+def test_scheme_keeps_rows_where_tiles_do_not_apply(scheme, shape) -> None:
+    stored = scheme.quantize(_weight(*shape, seed=4))
+    packed = scheme.pack(stored)
+    assert set(packed) == set(stored)
+    assert all(torch.equal(packed[k], stored[k]) for k in stored)
+
+
+def test_tiled_flag_on_a_weight_that_does_not_tile_is_refused_on_cuda_shapes() -> None:
+    """The reference checks the tiled bytes' shape as tile_int4 does."""
+    with pytest.raises(ValueError, match="N % 16 == 0 and K % 64 == 0"):
+        weight_only_matmul(torch.randn(1, 96), torch.zeros(16, 48, dtype=torch.uint8),
+                           torch.ones(16), 4, tiled=True)
+
+
+@pytest.mark.parametrize("style", ["column", "row"])
+def test_sharded_linear_tiles_each_ranks_shard(style: str) -> None:
+    """Tiles are made after sharding: each rank's tiled shard equals the tiles of its stored
+    shard, and the rank's output equals float64 math on its slice of the weight."""
+    tp, out_f, in_f = 2, 64, 256
+    w = _weight(out_f, in_f, seed=5)
+    layer_type = ColumnLinear if style == "column" else RowLinear
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, in_f if style == "column" else in_f // tp, generator=g)
+    for rank in range(tp):
+        mapping = Mapping(world_size=tp, rank=rank, tp_size=tp)
+        args = (in_f, out_f, WeightOnly(4, dtype=torch.float32), mapping, SingleProcessCommunicator())
+        tiled = layer_type(*args).load_full(w)
+        rows = layer_type(in_f, out_f, WeightOnly(4, dtype=torch.float32, tiles=False), mapping,
+                          SingleProcessCommunicator()).load_full(w)
+        assert torch.equal(tiled.tensors["qweight_tiles"], tile_int4(rows.tensors["qweight"]))
+        y = tiled.scheme.forward(x, tiled.tensors)
+        expected = x.double() @ rows.scheme.dequantize(rows.tensors).double().t()
+        assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_shape_rule_prefers_one_wave_with_most_loads_in_flight() -> None:
+    from tpquant.kernels.cuda_weight_only import pick_tiles_shape
+
+    # 4096 rows: 256 single-row-tile blocks or 128 double ones, on 132 SMs.
+    resident = {(1, 4, 1): 8, (1, 8, 2): 2, (2, 8, 2): 2, (1, 8, 4): 1}
+    # (1, 8, 4) holds 132 blocks at once: two waves; of the rest, (1, 8, 2) and (2, 8, 2) keep
+    # 4096 k-tile loads in flight, (1, 4, 1) 1024; the tie goes to the fuller wave.
+    assert pick_tiles_shape(4096, 132, resident) == (1, 8, 2)
+    # Nothing fits in one wave: the fewest waves.
+    assert pick_tiles_shape(65536, 132, {(1, 4, 1): 8, (2, 4, 1): 6}) == (2, 4, 1)
+    # Equal loads in flight and equal waves: the smaller unroll.
+    assert pick_tiles_shape(2048, 132, {(1, 4, 2): 2, (1, 8, 1): 2}) == (1, 8, 1)
