@@ -7,8 +7,8 @@ the stored layout and torch's bf16 matmul, on one GPU.
 For each shape [N, K] (bench_wo_kernels' Llama-2-7B / 70B shapes) and M: bf16 `x @ W.T`, int4
 per channel on the stored layout through the dispatch (`auto`: the CUDA fma / mma GEMVs, Triton,
 dequantize + cuBLAS), the same on the tiled layout (the tiled GEMV at its chosen shape to
-M = 64, dequantize-from-tiles + cuBLAS above), and (unless --no-sweep, M <= 32) the tiled GEMV
-at every candidate shape (row tiles, K warps, unroll). Each result's max |y - ref| / max |ref| against float32 math on the
+M = 64 in launches of 32 rows, dequantize-from-tiles + cuBLAS above), and (unless --no-sweep,
+M <= 32) the tiled GEMV at every candidate shape (row tiles, K warps, unroll). Each result's max |y - ref| / max |ref| against float32 math on the
 dequantized weight ("err"); a tiled result over ERR_BOUND fails the run.
 Timing: bench_gemm's time_calls (CUDA graph, weight copies past twice the L2, median).
 Output: table, per-M geomeans over bf16, $OUT/bench_int4_tiles.json ($OUT defaults to

@@ -8,6 +8,8 @@
 #     wo_sweep    bench_wo_kernels: every path, then the CUDA GEMV's sweep (1 GPU)
 #     tiles       the tiled int4 GEMV's tests, bench_int4_tiles, bench_decode --quick TP 1
 #     tiles_sweep bench_int4_tiles with the tiled GEMV's shape sweep (1 GPU)
+#     tiles_decode the tiled layout's dispatch tests, bench_int4_tiles to M = 128, bench_decode
+#                 bf16 / int8 / int4 / int4 groupwise (batch 1 / 8 / 64) at TP 1 and 2
 #     tiles_final the tiled GEMV's and PDL's tests, the layers on 2 GPUs, bench_int4_tiles,
 #                 bench_decode --quick at TP 1 and 2, bench_gemm --quick
 #     wo_table    bench_wo_kernels' table only: the dispatch against bf16 (1 GPU)
@@ -116,6 +118,18 @@ tiles|tiles_sweep)
   else
     STEP_TIMEOUT=450 TAIL=100 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py
   fi
+  ;;
+tiles_decode)
+  # the tiled layout's dispatch and forced paths, bench_int4_tiles to M = 128, bench_decode
+  # (Llama-2-7B bf16, int8, int4, int4 groupwise; batch 1 / 8 / 64) at TP 1 and 2
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py -k "dispatch or forced"
+  STEP_TIMEOUT=150 TAIL=10 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
+    --no-sweep --ms 1,16,32,64,128
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py \
+      --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw
+  done
   ;;
 tiles_final)
   # the tiled GEMV's tests, PDL's, the layers on 2 GPUs (int4 tiled in bfloat16 among them),

@@ -1,4 +1,4 @@
-"""The tiled int4 GEMV and its dequantization (cpp/weight_only_gemv.cu: wo_tiles,
+"""The kernels that read the tiled int4 layout (cpp/weight_only_gemv.cu: wo_tiles,
 wo_tiles_dequant) against float64 references built from the stored (untiled) layout.
 
 One command (one GPU is enough):
@@ -6,7 +6,8 @@ One command (one GPU is enough):
 
 int4 per channel, float16 and bfloat16, N and K multiples of the tile (16, 64) but not of 128,
 M from 1 to 300 through the dispatch (the tiled GEMV to M = 64, in launches of 32 rows;
-dequantize + cuBLAS above), every candidate kernel shape, a CUDA-graph capture.
+dequantize + cuBLAS above) and each path forced (dot untiles first), every candidate shape of
+the GEMV, a CUDA-graph capture.
 Outputs are poisoned with NaN first. Tolerance: max |y - ref| <= TOL[dtype] * max |ref|, ref
 being float64 math on the weight `tpquant.kernels.weight_only` dequantizes from the stored
 layout (the tiles are not involved in the reference).
@@ -95,6 +96,19 @@ def _shape_cases() -> list[tuple[int, tuple[int, int, int]]]:
     """(M, kernel shape) pairs whose block fits in shared memory."""
     return [(m, shape) for m in (1, 5, 16, 27) for shape in cw.TILES_CANDIDATES
             if cw.tiles_shared_bytes(cw.tiles_nt(m), shape[0], shape[1]) <= cw.TILES_SHARED_BYTES]
+
+
+@pytest.mark.parametrize("path", ["cuda", "dot", "dequant"])
+@pytest.mark.parametrize("m", [1, 17, 64])
+def test_each_path_forced(device, path: str, m: int) -> None:
+    """Each path on the tiles: the GEMV (to M = 64 in launches of 32 rows), dot (on the
+    untiled weight), dequant."""
+    n, k = 960, 576
+    t = _weights(n, k, device, seed=13)
+    x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m + 1)
+    _poison((m, n), torch.bfloat16, device)
+    y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, path=path, tiled=True)
+    _check(y, _reference(t, x, bias), torch.bfloat16, (path, m))
 
 
 @pytest.mark.parametrize("m,shape", _shape_cases(), ids=str)

@@ -39,6 +39,9 @@ CUDA graphs: no host synchronisation and only torch.empty allocations in a call.
 runs at the first call for each (M bucket, N, K, scheme): warm every shape up (call it once)
 before capturing a graph or timing.
 
+Tiled int4 weights (`tpquant.kernels.int4_tiles`, what `WeightOnly.pack` keeps): the tiled CUDA
+GEMV for small M, dequant from the tiles above; see `weight_only_matmul`.
+
 Forcing a path: the `path` argument of the launchers below, or the environment variable
 TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant, read at every call (the benchmark
 sets it between timings); "reference" is handled by `tpquant.kernels.weight_only`.
@@ -697,9 +700,10 @@ def weight_only_matmul(
     """y[..., N] = x[..., K] @ (q * scale[:, None])^T + bias, in x.dtype (float16 / bfloat16).
 
     path: "gemv", "dot", "dequant", or None/"auto" (then $TPQUANT_WO_PATH, then choose_path).
-    tiled: int4 qweight in the layout of `tpquant.kernels.int4_tiles`, read by the tiled CUDA
-    GEMV (paths auto / cuda, M <= its TILES_GEMV_MAX_M) or dequantized from it (dequant, and
-    auto above that M); without CuPy, and for the other paths, it is untiled first.
+    tiled: int4 qweight in the layout of `tpquant.kernels.int4_tiles`: auto takes the tiled
+    CUDA GEMV to its TILES_GEMV_MAX_M (in launches of TILES_MAX_M rows), dequant (from the
+    tiles) above; cuda and dequant may be forced; gemv and dot, and auto without CuPy, untile
+    it first.
     config: BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps, num_stages) instead of autotuning;
     split_k: the number of K splits instead of the heuristic (gemv and dot);
     out: a contiguous [M, N] x.dtype tensor to write (M = x.numel() / K) instead of a new one.
