@@ -159,8 +159,9 @@ __device__ __forceinline__ uint4 load_weight(const void* p) {
 
 // Programmatic dependent launch (tpquant/kernels/pdl.py): wait for the kernel before this one
 // (its writes visible), then let the next one start; every kernel here does so before it
-// touches memory. No-ops when launched without PDL. (Prefetching the first weight bytes into
-// L2 before the wait measured no faster: docs/design-notes.md, note 24.)
+// touches memory that a kernel may write (the tiled GEMV loads its first weights before it).
+// No-ops when launched without PDL. (Prefetching the first weight bytes into L2 before the
+// wait measured no faster for the fma / mma GEMVs: docs/design-notes.md, note 24.)
 __device__ __forceinline__ void wait_then_signal() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
