@@ -30,8 +30,8 @@ from tpquant.kernels.int4_tiles import tile_int4  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 from tpquant.quantization.schemes import WeightOnly  # noqa: E402
 
-# float16 / bfloat16 outputs round once (2^-11, 2^-8 relative); the dequant path also rounds W.
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+from .weight_only_checks import check, poison  # noqa: E402
+
 DTYPES = [torch.float16, torch.bfloat16]
 SHAPES = [(208, 320), (960, 576), (4096, 1024)]  # (N, K)
 MS = [1, 2, 3, 8, 9, 16, 17, 32, 33, 64, 65, 300]
@@ -66,19 +66,6 @@ def _reference(t: dict[str, torch.Tensor], x: torch.Tensor, bias) -> torch.Tenso
     return y if bias is None else y + bias.double()
 
 
-def _check(y: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what) -> None:
-    assert y.dtype == dtype and y.shape == expected.shape, what
-    assert torch.isfinite(y).all(), f"{what}: an output element was never written"
-    err = (y.double() - expected).abs().max().item()
-    bound = TOL[dtype] * expected.abs().max().item()
-    assert err <= bound, f"{what}: max |diff| {err:.3g} > {bound:.3g}"
-
-
-def _poison(shape, dtype, device) -> None:
-    """Leave a NaN-filled block of this size in the caching allocator for the next output."""
-    torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,k", SHAPES)
@@ -87,9 +74,9 @@ def test_dispatch_on_tiles(device, n: int, k: int, dtype: torch.dtype, m: int) -
     t = _weights(n, k, device, seed=n + k)
     x, bias = _inputs(m, k, n, dtype, device, seed=m)
     for b in (None, bias):
-        _poison((m, n), dtype, device)
+        poison((m, n), dtype, device)
         y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, b, tiled=True)
-        _check(y, _reference(t, x, b), dtype, (n, k, m, b is not None))
+        check(y, _reference(t, x, b), dtype, (n, k, m, b is not None))
 
 
 def _shape_cases() -> list[tuple[int, tuple[int, int, int]]]:
@@ -106,9 +93,9 @@ def test_each_path_forced(device, path: str, m: int) -> None:
     n, k = 960, 576
     t = _weights(n, k, device, seed=13)
     x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m + 1)
-    _poison((m, n), torch.bfloat16, device)
+    poison((m, n), torch.bfloat16, device)
     y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, path=path, tiled=True)
-    _check(y, _reference(t, x, bias), torch.bfloat16, (path, m))
+    check(y, _reference(t, x, bias), torch.bfloat16, (path, m))
 
 
 @pytest.mark.parametrize("m,shape", _shape_cases(), ids=str)
@@ -118,7 +105,7 @@ def test_every_kernel_shape(device, m: int, shape: tuple[int, int, int]) -> None
     x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=11)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
     cw.tiles_gemv(x, t["tiles"], t["scale"], bias, out, shape=shape)
-    _check(out, _reference(t, x, bias), torch.bfloat16, (m, shape))
+    check(out, _reference(t, x, bias), torch.bfloat16, (m, shape))
 
 
 def test_refuses_a_shape_past_shared_memory(device) -> None:
@@ -141,7 +128,7 @@ def test_chosen_shape_is_a_candidate_that_fits(device) -> None:
 def test_dequantize_from_tiles_is_exact(device, dtype: torch.dtype) -> None:
     """W = q * scale rounded once to dtype, element for element as torch rounds it."""
     t = _weights(208, 320, device, seed=3)
-    _poison((208, 320), dtype, device)
+    poison((208, 320), dtype, device)
     w = cw.tiles_dequantize(t["tiles"], t["scale"], dtype)
     expected = ref.dequantize_weight_only(t["qweight"], t["scale"], 4).to(dtype)
     assert torch.equal(w, expected)
@@ -153,7 +140,7 @@ def test_long_k(device) -> None:
     for m in (1, 20):
         x, bias = _inputs(m, 11008, 64, torch.bfloat16, device, seed=m)
         y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, tiled=True)
-        _check(y, _reference(t, x, bias), torch.bfloat16, m)
+        check(y, _reference(t, x, bias), torch.bfloat16, m)
 
 
 def test_scheme_packs_and_runs_tiles(device) -> None:
@@ -165,7 +152,7 @@ def test_scheme_packs_and_runs_tiles(device) -> None:
     assert set(packed) == {"qweight_tiles", "scale"}
     x, bias = _inputs(3, 192, 96, torch.bfloat16, device, seed=2)
     y = scheme.forward(x, packed, bias)
-    _check(y, _reference(stored, x, bias), torch.bfloat16, "scheme")
+    check(y, _reference(stored, x, bias), torch.bfloat16, "scheme")
 
 
 @pytest.mark.parametrize("m", [1, 17, 40])
@@ -195,7 +182,7 @@ def test_cuda_graph_capture_and_replay(device, m: int) -> None:
         y_static.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        _check(y_static, _reference(t, x, bias), torch.bfloat16, ("graph", m, seed))
+        check(y_static, _reference(t, x, bias), torch.bfloat16, ("graph", m, seed))
 
 
 def test_tiled_gemv_refuses_large_m(device) -> None:

@@ -32,8 +32,8 @@ from tpquant.kernels import weight_only as ref  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
 
-# float16 / bfloat16 outputs round once (2^-11, 2^-8 relative); the dequant path also rounds W.
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+from .weight_only_checks import check, poison  # noqa: E402
+
 DTYPES = [torch.float16, torch.bfloat16]
 SCHEMES = {
     # name: (scheme, N, K); N and K are not multiples of 128 where the group size allows.
@@ -122,20 +122,6 @@ def _public(name, t, x, bias, **kw) -> torch.Tensor:
     )
 
 
-def _check(y: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what) -> None:
-    assert y.dtype == dtype and y.shape == expected.shape, what
-    assert torch.isfinite(y).all(), f"{what}: an output element was never written"
-    err = (y.double() - expected).abs().max().item()
-    bound = TOL[dtype] * expected.abs().max().item()
-    assert err <= bound, f"{what}: max |diff| {err:.3g} > {bound:.3g}"
-
-
-def _poison_allocator(shape, dtype, device) -> None:
-    """Leave a NaN-filled block of this size in the caching allocator: the next torch.empty of
-    the same size (the op's output) reuses it, so an element the kernel misses stays NaN."""
-    torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("path", ["gemv", "dot", "dequant"])
@@ -147,7 +133,7 @@ def test_each_path(device, name: str, path: str, dtype: torch.dtype, m: int) -> 
     config = {"gemv": GEMV_CONFIG, "dot": _dot_config(m), "dequant": None}[path]
     out = torch.full((m, SCHEMES[name][1]), float("nan"), dtype=dtype, device=device)
     y = _launch(name, t, x, bias, path=path, config=config, out=out)
-    _check(y, _reference(name, t, x, bias), dtype, (name, path, m))
+    check(y, _reference(name, t, x, bias), dtype, (name, path, m))
 
 
 @pytest.mark.parametrize("variant", ["SWAP", "SPLIT_X", "SWAP+SPLIT_X"])
@@ -162,7 +148,7 @@ def test_dot_variants(device, name: str, dtype: torch.dtype, m: int, variant: st
     config = dict(_dot_config(m), **{flag: True for flag in variant.split("+")})
     out = torch.full((m, SCHEMES[name][1]), float("nan"), dtype=dtype, device=device)
     y = _launch(name, t, x, bias, path="dot", config=config, out=out)
-    _check(y, _reference(name, t, x, bias), dtype, (name, variant, m))
+    check(y, _reference(name, t, x, bias), dtype, (name, variant, m))
 
 
 def _tunable(name: str) -> list[int]:
@@ -189,7 +175,7 @@ def test_every_autotuned_dot_config(device, name: str, index: int) -> None:
     x, bias = _inputs(name, m, torch.bfloat16, device, seed + 1)
     config = dict(meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y = _launch(name, t, x, bias, path="dot", config=config)
-    _check(y, _reference(name, t, x, bias), torch.bfloat16, (name, meta, m))
+    check(y, _reference(name, t, x, bias), torch.bfloat16, (name, meta, m))
 
 
 # The CUDA GEMV takes K in whole 16-byte chunks (32 int4 / 16 int8 codes); N = 203 leaves a
@@ -213,7 +199,7 @@ def test_cuda_path(device, name: str, dtype: torch.dtype, m: int, splits: int) -
     bias = torch.randn(CUDA_N, generator=g).to(device) if dtype == torch.bfloat16 else None
     out = torch.full((m, CUDA_N), float("nan"), dtype=dtype, device=device)
     y = _launch(name, t, x, bias, path="cuda", split_k=splits, out=out)
-    _check(y, _reference(name, t, x, bias), dtype, ("cuda", name, m, splits))
+    check(y, _reference(name, t, x, bias), dtype, ("cuda", name, m, splits))
 
 
 def _bits_group(name: str) -> tuple[int, int]:
@@ -254,7 +240,7 @@ def test_cuda_kernels_forced(device, name: str, kernel: str, m: int, dtype: torc
     else:
         args = (t["qweight"], t["scales"], t.get("zeros"), t.get("pre_quant_scale"), 4, group)
     cw.gemv(x, *args, bias, out, splits=splits, kernel=kernel)
-    _check(out, _reference(name, t, x, bias), dtype, ("cuda", kernel, name, m, splits))
+    check(out, _reference(name, t, x, bias), dtype, ("cuda", kernel, name, m, splits))
 
 
 @pytest.mark.parametrize("kernel,m", [("fma", 1), ("mma", 8)])
@@ -273,7 +259,7 @@ def test_cuda_split_k_is_deterministic(device, kernel: str, m: int) -> None:
                 kernel=kernel)
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
-    _check(outs[0], _reference("wo4", t, x, None), torch.bfloat16, ("cuda split", kernel))
+    check(outs[0], _reference("wo4", t, x, None), torch.bfloat16, ("cuda split", kernel))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -291,7 +277,7 @@ def test_cuda_path_long_k(device, name: str, dtype: torch.dtype, m: int) -> None
     x = (torch.randn(m, k, generator=g) + 1).to(device=device, dtype=dtype)  # a mean, as after SiLU
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     y = _launch(name, t, x, None, path="cuda", out=out)
-    _check(y, _reference(name, t, x, None), dtype, ("cuda long K", name, m))
+    check(y, _reference(name, t, x, None), dtype, ("cuda long K", name, m))
 
 
 def test_cuda_gemv_runs_on_torchs_current_stream(device) -> None:
@@ -317,7 +303,7 @@ def test_cuda_gemv_runs_on_torchs_current_stream(device) -> None:
             x.copy_(fresh)
             cw.gemv(x, t["qweight"], t["scale"], None, None, 4, 0, None, out)
     torch.cuda.synchronize()
-    _check(out, _reference("wo4", t, fresh, None), torch.bfloat16, ("cuda stream",))
+    check(out, _reference("wo4", t, fresh, None), torch.bfloat16, ("cuda stream",))
 
 
 def test_cuda_path_refuses_what_it_cannot_take(device) -> None:
@@ -342,7 +328,7 @@ def test_split_k_and_tail(device, path: str, split_k: int) -> None:
         x, t["qweight"], t["scale"], 4, path=path, config=config, split_k=split_k, out=out
     )
     expected = x.double() @ scheme.dequantize(t).double().t()
-    _check(y, expected, torch.bfloat16, (path, split_k))
+    check(y, expected, torch.bfloat16, (path, split_k))
 
 
 @pytest.mark.parametrize("m", [1, 17, 4096])
@@ -362,9 +348,9 @@ def test_automatic_dispatch(device, monkeypatch, name: str, m: int) -> None:
     t = {key: v.to(device) for key, v in t.items()}
     x = torch.randn(m, k, generator=g).to(device=device, dtype=torch.bfloat16)
     bias = torch.randn(n, generator=g).to(device)
-    _poison_allocator((m, n), torch.bfloat16, device)
+    poison((m, n), torch.bfloat16, device)
     y = _public(name, t, x, bias)
-    _check(y, _reference(name, t, x, bias), torch.bfloat16, (name, m))
+    check(y, _reference(name, t, x, bias), torch.bfloat16, (name, m))
 
 
 def test_reference_override_and_float32(device, monkeypatch) -> None:
@@ -405,4 +391,4 @@ def test_cuda_graph_capture_and_replay(device, monkeypatch, m: int) -> None:
         torch.cuda.synchronize()
         results.append((y_static.clone(), _reference(name, t, x, bias)))
     for y, expected in results:
-        _check(y, expected, torch.bfloat16, ("graph", m))
+        check(y, expected, torch.bfloat16, ("graph", m))
