@@ -790,7 +790,8 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   const int rt0 = blockIdx.x * RT;
   const uint4* wt[RT];
 #pragma unroll
-  for (int r = 0; r < RT; ++r) wt[r] = w + (size_t)min(rt0 + r, row_tiles - 1) * tiles_k * 32 + lane;
+  for (int r = 0; r < RT; ++r)
+    wt[r] = w + (size_t)min(rt0 + r, row_tiles - 1) * tiles_k * 32 + lane;
   const unsigned short* xr[NT];
   bool xin[NT];
 #pragma unroll

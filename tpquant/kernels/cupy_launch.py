@@ -87,8 +87,9 @@ def occupancy(kernel: Any, threads: int, device: torch.device) -> int:
     blocks = ctypes.c_int()
     with cupy.cuda.Device(device.index):
         function = getattr(kernel, "kernel", kernel)
-        _check(_cuda_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-            ctypes.byref(blocks), function.ptr, threads, 0), "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+        err = _cuda_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(blocks), function.ptr, threads, 0)
+    _check(err, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
     return blocks.value
 
 
