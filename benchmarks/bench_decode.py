@@ -171,7 +171,7 @@ def random_model(config: LlamaConfig, scheme: str, mapping: Mapping, comm: Commu
         out_f, in_f = module.out_features, module.in_features
         shape = (out_f // tp, in_f) if module.style == "column" else (out_f, in_f // tp)
         w = torch.randn(shape, generator=g, device=device) / in_f**0.5
-        module.load_shards(module.scheme.pack(module.scheme.quantize(w)))
+        module.load_shards(module.scheme.quantize(w))
         del w
     torch.cuda.empty_cache()
     return model.eval()

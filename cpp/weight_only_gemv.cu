@@ -100,6 +100,13 @@ template <int DT> __device__ __forceinline__ unsigned short from_float(float f) 
 
 // ---- codes -> value pairs ------------------------------------------------------------------
 
+// The "magic" value codes are OR-ed into (its unit in the last place is 1): float16 1024,
+// bfloat16 128; PAIR is it in both halves of a 32-bit register.
+template <int DT> struct Magic {
+  static constexpr u32 PAIR = DT == 0 ? 0x64006400u : 0x43004300u;
+  static constexpr float VALUE = DT == 0 ? 1024.f : 128.f;
+};
+
 // The code masks (int8, int4), read from constant memory rather than written as literals: a
 // literal mask gets re-created in a register before nearly every mask instruction (the
 // compiler reuses the register), a value from memory stays in one (SASS of the int4 fma loop:
@@ -126,9 +133,8 @@ __device__ __forceinline__ u32 code_pair(u32 w, int p, u32 inv2, u32 shift2) {
   } else {
     // The pair's codes, flipped to u and OR-ed into the magic's mantissa: the magic's bits
     // lie outside the mask, so one XOR with (magic | flip) does both (one LOP3).
-    constexpr u32 magic = DT == 0 ? 0x64006400u : 0x43004300u;  // 1024 / 128 in both halves
-    const u32 v =
-        ((w >> (p * Md::BITS)) & kCodeMask[Md::BITS == 4]) ^ (magic | (Md::FLIP & Md::MASK));
+    const u32 v = ((w >> (p * Md::BITS)) & kCodeMask[Md::BITS == 4]) ^
+                  (Magic<DT>::PAIR | (Md::FLIP & Md::MASK));
     return fma2<DT>(v, inv2, shift2);  // (MAGIC + u) / OFF - (MAGIC + OFF) / OFF, exact
   }
 }
@@ -137,7 +143,7 @@ __device__ __forceinline__ u32 code_pair(u32 w, int p, u32 inv2, u32 shift2) {
 // / OFF, same), MAGIC being the float16 / bfloat16 value of code_pair's magic.
 template <int DT, int MODE> __device__ __forceinline__ void code_pair_operands(u32& inv2,
                                                                                u32& shift2) {
-  constexpr float off = Mode<MODE>::OFF, magic = DT == 0 ? 1024.f : 128.f;
+  constexpr float off = Mode<MODE>::OFF, magic = Magic<DT>::VALUE;
   inv2 = pack2<DT>(1.f / off, 1.f / off);
   shift2 = pack2<DT>(-(magic + off) / off, -(magic + off) / off);
 }
@@ -696,8 +702,8 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // tensor cores sum x (MAGIC + 8 + q) in float32; a second mma with an all-ones A sums x itself
 // over the same features, and (MAGIC + 8) times that sum is taken off at the end, before the
 // channel scale. The products are exact in float32; the cancellation costs about log2((MAGIC +
-// 8) / 8) bits of the float32 sums (5 for bfloat16, 7 for float16), far below the output's
-// rounding.
+// 8) / 8) bits of the float32 sums (4 for bfloat16, 7 for float16), leaving ~17-20 bits against
+// the output's 8 / 11.
 // Work split: a block's KW warps own RT row tiles and take turns of U k-tiles along K; their
 // sums meet in shared memory in warp order. No split-K.
 #define TILE_K 64  // features per tile
@@ -749,9 +755,9 @@ __device__ __forceinline__ void tiles_compute(const uint4 (&wv)[U][RT],
                                               const uint4 (&xv)[U][NT][2], u32 mask,
                                               float (&acc)[2][RT][NT][4],
                                               float (&sx)[2][NT][4]) {
-  constexpr u32 magic = DT == 0 ? 0x64006400u : 0x43004300u;  // 1024 / 128 in both halves
-  constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;   // 1.0 in both halves
-  constexpr u32 flip = magic | 0x00080008u;  // OR the magic, XOR 8: u = q + 8 (one LOP3)
+  constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;  // 1.0 in both halves
+  // OR the magic, XOR 8 (int4 per channel's flip to u = q + 8): one LOP3 with the mask
+  constexpr u32 flip = Magic<DT>::PAIR | (Mode<1>::FLIP & Mode<1>::MASK);
 #pragma unroll
   for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -780,7 +786,7 @@ __global__ void __launch_bounds__(KW * 32)
 wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
          const float* __restrict__ scale, const float* __restrict__ bias,
          unsigned short* __restrict__ out, int M, int N, int K) {
-  constexpr float offset = (DT == 0 ? 1024.f : 128.f) + 8.f;  // MAGIC + 8
+  constexpr float offset = Magic<DT>::VALUE + Mode<1>::OFF;  // what a code adds over q
   constexpr int V = RT * NT * 4 + NT * 2;  // sums a lane hands to the block's first warp
   __shared__ float red[KW][V][32];
 

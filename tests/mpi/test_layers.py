@@ -229,16 +229,18 @@ def test_per_rank_bytes_are_full_over_tp(world, name, style):
     mapping, comm, device = world
     w, _, _, calib = _data(IN, OUT)
     opts = _quant_options(scheme, IN, calib, smoother=style == "row")
-    full = scheme.pack(scheme.quantize(w, **opts))  # in the layout a layer keeps
+    full = scheme.quantize(w, **opts)
     cls = ColumnLinear if style == "column" else RowLinear
     layer = cls(IN, OUT, scheme, mapping, comm).load_full(w, **opts).to(device)
-    for tname, t in layer.tensors.items():
+    # by the stored tensors' names (a tiled tensor has the bytes of the "qweight" it tiles)
+    kept = {{"qweight_tiles": "qweight"}.get(n, n): t for n, t in layer.tensors.items()}
+    for tname, t in kept.items():
         replicated = tname in _REPLICATED[style] or full[tname].dim() == 0
         expected = full[tname].nbytes if replicated else full[tname].nbytes // mapping.tp_size
         assert t.nbytes == expected, (tname, t.shape, full[tname].shape)
         assert t.untyped_storage().nbytes() == t.nbytes, f"{tname} keeps more memory than its shard"
     # and the pieces of the split tensors add up to the whole across ranks
-    local = sum(t.nbytes for n, t in layer.tensors.items() if n not in _REPLICATED[style] and full[n].dim())
+    local = sum(t.nbytes for n, t in kept.items() if n not in _REPLICATED[style] and full[n].dim())
     total = comm.all_reduce(torch.tensor([local], dtype=torch.int64, device=device)).item()
     assert total == sum(t.nbytes for n, t in full.items() if n not in _REPLICATED[style] and t.dim())
 

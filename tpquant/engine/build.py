@@ -31,6 +31,7 @@ from tpquant.engine.format import (
     write_engine_config,
     write_rank_file,
 )
+from tpquant.kernels import int4_tiles
 from tpquant.models.llama import LlamaSchemes, default_down_rotation
 from tpquant.models.loader import (
     AllReduceStatistics,
@@ -43,6 +44,7 @@ from tpquant.parallel.mapping import Mapping
 from tpquant.quantization.calibrate import calibrate, calibrate_hessians, text_token_batches
 from tpquant.quantization.gptq import GptqPlan
 from tpquant.quantization.mode import QuantMode
+from tpquant.quantization.schemes.weight_only import TILED
 from tpquant.quantization.smoothquant import SmoothQuantPlan
 
 DEFAULT_CALIB_TEXT = "/usr/share/common-licenses/LGPL-2.1"
@@ -195,8 +197,11 @@ def save_tokenizer(checkpoint: Any, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def _layout(t: torch.Tensor) -> str:
-    # The packing each kernel reads (README: int4 two per byte, even index in the low nibble).
+def _layout(name: str, t: torch.Tensor) -> str:
+    # The packing each kernel reads (README: int4 two per byte, even index in the low nibble;
+    # int4 per channel in tiles, tpquant.kernels.int4_tiles).
+    if name.endswith(TILED):
+        return int4_tiles.LAYOUT
     if t.dtype == torch.uint8:
         return "int4_packed_lo_even"
     if t.dtype == torch.int8:
@@ -265,7 +270,7 @@ def build_rank(checkpoint: Any, spec: BuildSpec, rank: int, key: str, source: st
         rank=rank,
         source_checksum=source,
         build_key=key,
-        layouts={name: _layout(t) for name, t in tensors.items()},
+        layouts={name: _layout(name, t) for name, t in tensors.items()},
         extra={"dtype": spec.dtype, "head_layout": dataclasses.asdict(model.layout)},
     )
     return write_rank_file(out_dir, meta, tensors)

@@ -17,7 +17,8 @@ header explains the numerics of each:
 `kernel_for` picks fma or mma by M for the stored layout (thresholds measured, below); the
 tiled layout always takes the tiles kernel, its shape chosen by `tiles_shape`. The source
 compiles at first use (CuPy caches the binaries); kernels run on torch's current stream
-(CUDA-graph capturable; the only allocation is the split-K partial buffer, through torch).
+(CUDA-graph capturable; allocations, all through torch: the split-K partials, a float32 copy
+of a bias, `tiles_dequantize`'s weight).
 
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
 group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma); the tiles take N % 16 and
@@ -200,7 +201,7 @@ def gemv(
     tile = m_tile(m, kernel)
     functions, reduce = _kernels(x2.device, x2.dtype, mode(bits, group, zeros is not None),
                                  pqs is not None, rows)
-    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+    sms = _sm_count(x2.device)
     if kernel == MMA:
         units = -(-k // mma_group(bits))  # steps
         grid_x = mma_grid_x(n, m)
@@ -215,8 +216,7 @@ def gemv(
         splits, per_split = mma_split_k(m, n, k, bits, sms)
     else:
         splits, per_split = split_k(n, k, bits, tile, sms, rows)
-    if bias is not None and bias.dtype != torch.float32:
-        bias = bias.float()  # added in float32, before the output's rounding
+    bias = _float32(bias)
     partial = (torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
                if splits > 1 else None)
     target = out if partial is None else partial
@@ -240,10 +240,11 @@ def gemv(
 # Its M tiles (8-token tiles NT per launch) and the shapes it chooses from: (16-row tiles per
 # block, warps of a block splitting K, k-tiles each warp loads per round). `tiles_shape` picks
 # one per (M tile, N) from the device's occupancy, as bench_int4_tiles.py's sweep on an H200
-# found the fastest shapes (15 shapes x 7 Llama-2-7B / 70B weights): those whose blocks all fit
-# on the SMs at once, with the most k-tile loads in flight across the GPU (then the fuller
-# wave, then the smaller unroll); where none fits, the fewest waves. That rule picked the
-# sweep's best or came within 5% of it on 19 of the 21 (weight, M tile) cases.
+# found the fastest shapes (7 Llama-2-7B / 70B weights): those whose blocks all fit on the SMs
+# at once, with the most k-tile loads in flight across the GPU (then the fuller wave, then the
+# smaller unroll); where none fits, the fewest waves. On the sweep it was drawn from, the
+# rule's shapes came within 1.3% of each (weight, M tile)'s best in geomean (worst 17%); in a
+# second, independent sweep it chose the fastest shape for all seven weights at M = 1.
 TILES_NT = (1, 2, 4)
 TILES_CANDIDATES = tuple((rt, kw, u) for rt in (1, 2) for kw in (4, 8) for u in (1, 2, 4)
                          if rt * u <= 4)  # two row tiles unrolled 4 times: over 200 registers
@@ -267,9 +268,9 @@ def tiles_nt(m: int) -> int:
 
 def pick_tiles_shape(n: int, sm_count: int,
                      resident: dict[tuple[int, int, int], int]) -> tuple[int, int, int]:
-    """The rule above (pure): `resident` gives, for each candidate shape that compiled without
-    spills and fits in shared memory, the blocks one SM holds at once."""
-    def score(shape: tuple[int, int, int]):
+    """The rule above (pure): `resident` gives, for each candidate shape that fits in shared
+    memory, the blocks one SM holds at once (at least one)."""
+    def score(shape: tuple[int, int, int]) -> tuple:
         rt, kw, u = shape
         blocks = -(-n // (16 * rt))
         capacity = resident[shape] * sm_count
@@ -289,10 +290,11 @@ def tiles_shape(m: int, n: int, device: torch.device,
         shapes = [c for c in TILES_CANDIDATES
                   if tiles_shared_bytes(nt, c[0], c[1]) <= TILES_SHARED_BYTES]
         functions = _tiles_functions(device, dtype, [_tiles_name(nt, *c) for c in shapes])
-        resident = {c: occupancy(f, c[1] * 32, device) for c, f in zip(shapes, functions)
-                    if f.local_size_bytes == 0}
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, sms, resident))
+        resident = {c: occupancy(f, c[1] * 32, device) for c, f in zip(shapes, functions)}
+        unspilled = {c: r for (c, r), f in zip(resident.items(), functions)
+                     if r > 0 and f.local_size_bytes == 0}  # spills: a compiler's choice
+        choices = unspilled or {c: r for c, r in resident.items() if r > 0}
+        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, _sm_count(device), choices))
     return _TILES_CHOSEN[key]
 
 
@@ -311,8 +313,7 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
     n = tiled.shape[0]
     if m > TILES_GEMV_MAX_M:
         raise ValueError(f"the tiled GEMV takes M <= {TILES_GEMV_MAX_M}, got {m}")
-    if bias is not None and bias.dtype != torch.float32:
-        bias = bias.float()  # added in float32, before the output's rounding
+    bias = _float32(bias)
     with_pdl = pdl.enabled(x2.device)
     for m0 in range(0, m, TILES_MAX_M):
         rows = min(TILES_MAX_M, m - m0)
@@ -362,6 +363,15 @@ def _source() -> str:
             "(pip install -e .)"
         )
     return SOURCE.read_text()
+
+
+def _float32(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias as the kernels add it: in float32, before the output's rounding."""
+    return bias if bias is None or bias.dtype == torch.float32 else bias.float()
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:

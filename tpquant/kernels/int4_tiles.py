@@ -27,14 +27,19 @@ def can_tile(n: int, k: int) -> bool:
     return n > 0 and k > 0 and n % TILE_N == 0 and k % TILE_K == 0
 
 
+def check_tileable(n: int, k: int) -> None:
+    """ValueError unless an [n, k] weight divides into tiles."""
+    if not can_tile(n, k):
+        raise ValueError(f"int4 tiles need N % {TILE_N} == 0 and K % {TILE_K} == 0, "
+                         f"got N={n}, K={k}")
+
+
 def _check(packed: torch.Tensor) -> tuple[int, int]:
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise TypeError(f"int4 tiles take packed uint8 [N, K/2], got {packed.dtype} "
                         f"{tuple(packed.shape)}")
     n, k = packed.shape[0], 2 * packed.shape[1]
-    if not can_tile(n, k):
-        raise ValueError(f"int4 tiles need N % {TILE_N} == 0 and K % {TILE_K} == 0, "
-                         f"got N={n}, K={k}")
+    check_tileable(n, k)
     return n, k
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from tpquant.kernels import has_triton
-from tpquant.kernels.int4_tiles import TILE_K, TILE_N, can_tile, untile_int4
+from tpquant.kernels.int4_tiles import check_tileable, untile_int4
 from tpquant.quantization.packing import unpack_int4
 
 
@@ -35,8 +35,7 @@ def dequantize_weight_only(qweight: torch.Tensor, scale: torch.Tensor, bits: int
     """Float32 W[out, in] = q * scale[:, None] for per-channel symmetric int8 / int4 (tiled:
     int4 in the layout of `tpquant.kernels.int4_tiles`)."""
     if tiled:
-        if bits != 4:
-            raise ValueError(f"the tiled layout holds int4 codes, got bits={bits}")
+        _check_tiled_bits(bits)
         qweight = untile_int4(qweight)
     if bits == 8:
         q = qweight
@@ -176,10 +175,15 @@ def _check_weight_only(
     if scale.shape != (qweight.shape[0],):
         raise ValueError(f"scale must be [out]={qweight.shape[0]}, got {tuple(scale.shape)}")
     k = qweight.shape[1] * (2 if bits == 4 else 1)
-    if tiled and not (bits == 4 and can_tile(qweight.shape[0], k)):
-        raise ValueError(f"a tiled weight holds int4 [N, K] with N % {TILE_N} == 0 and "
-                         f"K % {TILE_K} == 0, got bits={bits}, N={qweight.shape[0]}, K={k}")
+    if tiled:
+        _check_tiled_bits(bits)
+        check_tileable(qweight.shape[0], k)
     _check_common(in_features, k, qweight.shape[0], bias, qweight.device)
+
+
+def _check_tiled_bits(bits: int) -> None:
+    if bits != 4:
+        raise ValueError(f"the tiled layout holds int4 codes, got bits={bits}")
 
 
 def _check_groupwise(

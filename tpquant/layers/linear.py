@@ -67,7 +67,7 @@ class ShardedLinear(nn.Module):
         shards = shard_tensors(full, self.scheme.specs(full), self.style, rank, tp, parts)
         if bias is not None:
             bias = shard_tensor(bias, _BIAS_SPEC, self.style, rank, tp, parts)
-        return self.load_shards(self.scheme.pack(shards), bias)
+        return self.load_shards(shards, bias)
 
     def load_shard(
         self,
@@ -97,18 +97,20 @@ class ShardedLinear(nn.Module):
             raise ValueError(
                 f"{type(self.scheme).__name__} quantizes full weights only: use load_full"
             )
-        tensors = self.scheme.quantize(weight, statistics=statistics)
-        return self.load_shards(self.scheme.pack(tensors), bias)
+        return self.load_shards(self.scheme.quantize(weight, statistics=statistics), bias)
 
     def load_shards(
         self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
     ) -> ShardedLinear:
-        """Keep already-sharded tensors (from an engine file). Shapes are checked against the specs."""
+        """Keep already-sharded tensors (from an engine file, or `load_full` / `load_shard`), in
+        the layout the scheme's kernels read (`Scheme.pack`: after sharding, which cuts the
+        stored layout). Shapes are checked against the specs."""
         specs = self.scheme.specs(tensors)
         if set(tensors) != set(specs):
             raise ValueError(f"expected tensors {sorted(specs)}, got {sorted(tensors)}")
         for name, t in tensors.items():
             self._check_shard_shape(name, t, specs[name])
+        tensors = self.scheme.pack(tensors)
         if (bias is not None) != self.has_bias:
             raise ValueError(f"layer has bias={self.has_bias} but bias {'given' if bias is not None else 'missing'}")
         for name in self._names:

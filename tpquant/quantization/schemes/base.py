@@ -95,8 +95,9 @@ class Scheme(ABC):
         raise NotImplementedError(f"{type(self).__name__} quantizes full weights only")
 
     def pack(self, tensors: Tensors) -> dict[str, torch.Tensor]:
-        """One rank's tensors (after sharding) in the layout its kernels read; `specs`,
-        `dequantize` and `forward` take either form. The default keeps them as they are."""
+        """One rank's tensors (after sharding) in the layout its kernels read; idempotent.
+        `dequantize` and `forward` take either form, `specs` names either (for shape checks:
+        packed tensors are never sharded). The default keeps them as they are."""
         return dict(tensors)
 
     @abstractmethod

@@ -53,6 +53,8 @@ class WeightOnly(Scheme):
         return numerics.INT8_MAX if self.bits == 8 else numerics.INT4_MAX
 
     def specs(self, tensors: Tensors | None = None) -> dict[str, TensorSpec]:
+        # A tiled tensor's in_dim is its shape only: tiles are made after sharding, and a
+        # tile does not split along K (nothing shards or unshards "qweight_tiles").
         name = TILED if tensors is not None and TILED in tensors else "qweight"
         return {
             name: TensorSpec(out_dim=0, in_dim=1, in_per_index=2 if self.bits == 4 else 1),
@@ -84,12 +86,13 @@ class WeightOnly(Scheme):
         return {"qweight": pack_int4(q) if self.bits == 4 else q, "scale": scale}
 
     def pack(self, tensors: Tensors) -> dict[str, torch.Tensor]:
-        """int4 with `tiles`: qweight tiled (as "qweight_tiles") if [out, in] divides into tiles."""
-        q = tensors.get("qweight")
-        if not (self.bits == 4 and self.tiles and q is not None
-                and can_tile(q.shape[0], 2 * q.shape[1])):
-            return dict(tensors)
-        return {TILED: tile_int4(q), "scale": tensors["scale"]}
+        """int4 with `tiles`: qweight tiled (as "qweight_tiles") if [out, in] divides into tiles;
+        already tiled tensors stay as they are."""
+        out = dict(tensors)
+        q = out.get("qweight")
+        if self.bits == 4 and self.tiles and q is not None and can_tile(q.shape[0], 2 * q.shape[1]):
+            out[TILED] = tile_int4(out.pop("qweight"))
+        return out
 
     def dequantize(self, tensors: Tensors) -> torch.Tensor:
         tiled = TILED in tensors
