@@ -16,6 +16,8 @@ reference uses to read a tiled weight.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 LAYOUT = "tiles16x64"
@@ -43,29 +45,41 @@ def _check(packed: torch.Tensor) -> tuple[int, int]:
     return n, k
 
 
-# Codes [N, K] viewed as (R, h, g, T, t, s, c_hi, c_lo): row 16 R + 8 h + g, feature
-# 64 T + 16 t + 4 s + 2 c_hi + c_lo. The tiled order is (R, T, g, t, s, c_lo, c_hi, h), whose
-# last three dimensions are the nibble index j = 4 c_lo + 2 c_hi + h.
-_TO_TILES = (0, 3, 2, 4, 5, 7, 6, 1)
-_FROM_TILES = tuple(_TO_TILES.index(i) for i in range(8))
-
-
-def _view(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    return codes.reshape(n // 16, 2, 8, k // 64, 4, 4, 2, 2)
+@functools.cache
+def _positions() -> torch.Tensor:
+    """The layout as one permutation: entry 64 r + f is where, among a tile's 1024 codes in
+    memory order (byte b's low nibble at 2 b, its high nibble at 2 b + 1), the code of the
+    tile's row r and feature f lies (the module docstring's formula)."""
+    lane, s, j = torch.meshgrid(torch.arange(32), torch.arange(4), torch.arange(8),
+                                indexing="ij")
+    g, t = lane // 4, lane % 4
+    row = g + 8 * (j & 1)
+    feature = 16 * t + 4 * s + 2 * ((j >> 1) & 1) + (j >> 2)
+    positions = torch.empty(16 * 64, dtype=torch.long)
+    positions[(64 * row + feature).flatten()] = (32 * lane + 8 * s + j).flatten()
+    return positions
 
 
 def tile_int4(packed: torch.Tensor) -> torch.Tensor:
     """Stored packed int4 uint8 [N, K/2] -> the same codes in the tiled layout, uint8 [N, K/2]."""
     n, k = _check(packed)
-    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1)  # [N, K/2, 2]: k order
-    tiled = _view(codes, n, k).permute(_TO_TILES).reshape(-1, 2)  # nibbles j = 2b, 2b + 1
-    return (tiled[:, 0] | (tiled[:, 1] << 4)).reshape(n, k // 2)
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(n // 16, 16, k // 64, 64)
+    by_tile = codes.permute(0, 2, 1, 3).reshape(n // 16, k // 64, 1024)  # 64 r + f
+    ordered = torch.empty_like(by_tile)
+    ordered[..., _positions().to(packed.device)] = by_tile
+    return (ordered[..., 0::2] | (ordered[..., 1::2] << 4)).reshape(n, k // 2)
+
+
+def untile_codes(tiled: torch.Tensor) -> torch.Tensor:
+    """The tiled layout's 4-bit codes as uint8 [N, K] in k order (what `unpack_int4` of the
+    stored layout gives, unsigned), for the reference's dequantization."""
+    n, k = _check(tiled)
+    codes = torch.stack((tiled & 0xF, tiled >> 4), dim=-1).reshape(n // 16, k // 64, 1024)
+    by_tile = codes[..., _positions().to(tiled.device)]  # 64 r + f
+    return by_tile.reshape(n // 16, k // 64, 16, 64).permute(0, 2, 1, 3).reshape(n, k)
 
 
 def untile_int4(tiled: torch.Tensor) -> torch.Tensor:
     """Inverse of `tile_int4`: the tiled layout -> stored packed int4 uint8 [N, K/2]."""
-    n, k = _check(tiled)
-    codes = torch.stack((tiled & 0xF, tiled >> 4), dim=-1)  # nibble j = 2b, 2b + 1
-    shape = (n // 16, k // 64, 8, 4, 4, 2, 2, 2)  # (R, T, g, t, s, c_lo, c_hi, h)
-    ordered = codes.reshape(shape).permute(_FROM_TILES).reshape(n, k // 2, 2)
-    return ordered[..., 0] | (ordered[..., 1] << 4)
+    codes = untile_codes(tiled)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from tpquant.kernels import has_triton
-from tpquant.kernels.int4_tiles import check_tileable, untile_int4
+from tpquant.kernels.int4_tiles import check_tileable, untile_codes
 from tpquant.quantization.packing import unpack_int4
 
 
@@ -36,8 +36,8 @@ def dequantize_weight_only(qweight: torch.Tensor, scale: torch.Tensor, bits: int
     int4 in the layout of `tpquant.kernels.int4_tiles`)."""
     if tiled:
         _check_tiled_bits(bits)
-        qweight = untile_int4(qweight)
-    if bits == 8:
+        q = (untile_codes(qweight).to(torch.int8) ^ 8) - 8  # sign-extend bit 3
+    elif bits == 8:
         q = qweight
     elif bits == 4:
         q = unpack_int4(qweight, signed=True)
