@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gemm import copies, copy_bandwidth, nbytes, time_calls  # noqa: E402
+from bench_gemm import _geomean, copies, copy_bandwidth, nbytes, time_calls  # noqa: E402
 from bench_wo_kernels import SHAPES  # noqa: E402
 
 from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
@@ -140,8 +139,7 @@ def main() -> int:
         for r in rows:
             if r["variant"] == "tiles":
                 best[r["shape"]] = max(best.get(r["shape"], 0), r["speedup"])
-        g = [math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
-             for v in (auto, default, list(best.values()))]
+        g = [_geomean(v) for v in (auto, default, list(best.values()))]
         summary[m] = g
         print(f"M={m:>3}  {g[0]:.2f} / {g[1]:.2f} / {g[2]:.2f}")
     result["summary"] = summary
