@@ -1,15 +1,16 @@
 """The tiled int4 GEMV (pre-packed weight, `tpquant.kernels.int4_tiles`) against the dispatch on
 the stored layout and torch's bf16 matmul, on one GPU.
 
-    python benchmarks/bench_int4_tiles.py                 # 7 shapes x M = 1..32, shape sweep
+    python benchmarks/bench_int4_tiles.py                 # 7 shapes x M = 1..64, shape sweep
     python benchmarks/bench_int4_tiles.py --ms 1,4 --no-sweep
 
 For each shape [N, K] (bench_wo_kernels' Llama-2-7B / 70B shapes) and M: bf16 `x @ W.T`, int4
 per channel on the stored layout through the dispatch (`auto`: the CUDA fma / mma GEMVs, Triton,
 dequantize + cuBLAS), the same on the tiled layout (the tiled GEMV at its chosen shape to
-M = 64 in launches of 32 rows, dequantize-from-tiles + cuBLAS above), and (unless --no-sweep,
-M <= 32) the tiled GEMV at every candidate shape (row tiles, K warps, unroll). Each result's max |y - ref| / max |ref| against float32 math on the
-dequantized weight ("err"); a tiled result over ERR_BOUND fails the run.
+M = 64, dequantize-from-tiles + cuBLAS above), and (unless --no-sweep, M <= 64) the tiled GEMV
+at every candidate shape (row tiles, K warps, row warps, unroll), with the blocks an SM holds
+of each. Each result's max |y - ref| / max |ref| against float32 math on the dequantized
+weight ("err"); a tiled result over ERR_BOUND fails the run.
 Timing: bench_gemm's time_calls (CUDA graph, weight copies past twice the L2, median).
 Output: table, per-M geomeans over bf16, $OUT/bench_int4_tiles.json ($OUT defaults to
 /tmp/out).
@@ -36,11 +37,10 @@ from tpquant.quantization.schemes import WeightOnly  # noqa: E402
 
 DTYPE = torch.bfloat16
 ERR_BOUND = 1e-2  # bf16 output: a few roundings of 2^-9
-def candidates(m: int) -> list[tuple[int, int, int]]:
-    """The tiled GEMV's candidate shapes (row tiles, K warps, unroll) that fit at M = m."""
-    nt = cw.tiles_nt(m)
-    return [c for c in cw.TILES_CANDIDATES
-            if cw.tiles_shared_bytes(nt, c[0], c[1]) <= cw.TILES_SHARED_BYTES]
+def candidates(m: int, device: torch.device) -> list[tuple[int, int, int, int]]:
+    """The tiled GEMV's candidate shapes (row tiles, K warps, row warps, unroll) that
+    `tiles_shape` chooses from at M = m."""
+    return list(cw.tiles_resident(cw.tiles_nt(m), device, DTYPE))
 
 
 def tiles_call(x, sets, shape=None):
@@ -60,7 +60,7 @@ def tiles_call(x, sets, shape=None):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--ms", default="1,2,4,8,16,32")
+    ap.add_argument("--ms", default="1,2,4,8,16,32,64")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
     args = ap.parse_args()
@@ -92,7 +92,8 @@ def main() -> int:
             bf16 = time_calls([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
             auto = time_calls([lambda t=t: weight_only_matmul(x, t["qweight"], t["scale"], 4)
                                for t in stored_sets], args.replays)
-            shapes = [None] + (candidates(m) if args.sweep and m <= cw.TILES_MAX_M else [])
+            shapes = [None] + (candidates(m, device) if args.sweep and m <= cw.TILES_MAX_M
+                               else [])
             timed = []
             for shape in shapes:
                 try:
@@ -102,19 +103,21 @@ def main() -> int:
                     sec = time_calls(calls, args.replays)
                 except Exception as exc:  # noqa: BLE001 - report, go on
                     torch.cuda.synchronize()
-                    print(f"# {name} M={m} {shape}: {type(exc).__name__}: {str(exc)[:120]}")
+                    print(f"# {name} M={m} {shape}: {type(exc).__name__}: {str(exc)[:300]}")
                     continue
                 failed |= not err <= ERR_BOUND
                 timed.append((sec, shape, err))
+                resident = (cw.tiles_resident(cw.tiles_nt(m), device, DTYPE)[shape]
+                            if shape else None)
                 result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="tiles",
-                                           tiles_shape=shape, us=sec * 1e6, err=err,
-                                           speedup=bf16 / sec))
+                                           tiles_shape=shape, resident=resident,
+                                           us=sec * 1e6, err=err, speedup=bf16 / sec))
             result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="bf16", us=bf16 * 1e6))
             result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="auto", us=auto * 1e6,
                                        speedup=bf16 / auto))
             default = timed[0] if timed and timed[0][1] is None else None
             chosen = (cw.tiles_shape(m, n, device, DTYPE)[1:] if m <= cw.TILES_MAX_M
-                      else "dequantize + cuBLAS" if m > cw.TILES_GEMV_MAX_M else "2 launches")
+                      else "dequantize + cuBLAS")
             best = min(timed, key=lambda row: row[0]) if timed else None
             wbytes = nbytes(tiled_sets[0])
             for label, row in (("default", default), ("best", best)):

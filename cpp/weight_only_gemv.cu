@@ -686,7 +686,7 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
   wo_reduce_body<DT>(partial, bias, out, M, N, splits);
 }
 
-// ---- the tiled int4 GEMV (pre-packed weight, M up to 32) -----------------------------------
+// ---- the tiled int4 GEMV (pre-packed weight, M up to 64) -----------------------------------
 //
 // The fma and mma kernels above read the stored [N, K/2] layout and spend most of their
 // instructions rearranging codes and x into matching pairs (design note 21). This kernel reads
@@ -704,9 +704,25 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // channel scale. The products are exact in float32; the cancellation costs about log2((MAGIC +
 // 8) / 8) bits of the float32 sums (4 for bfloat16, 7 for float16), leaving ~17-20 bits against
 // the output's 8 / 11.
-// Work split: a block's KW warps own RT row tiles and take turns of U k-tiles along K; their
-// sums meet in shared memory in warp order. No split-K.
+// Work split: a block holds RW row warps x KW K warps. Each row warp owns RT row tiles; its KW
+// K warps take turns of U k-tiles along K, and their sums meet in shared memory in warp order.
+// The RW row warps step through K together and read the same x, so all but the first find it
+// in L1: per block, x costs L2 M x K x 2 bytes against the weight's 8 x RT x RW x K (with one
+// row warp of two tiles, x's traffic at M = 32 was 4x the weight's). Measured, sharing x gained
+// up to 12% at M = 16-32 on the largest N (design note 28). grid: row groups. No split-K (a
+// split range cost the kernels 2-24 registers, i.e. blocks per SM, for less than it gained).
 #define TILE_K 64  // features per tile
+
+// How the kernel spends registers on NT token tiles. Up to 4 (32 tokens): x is loaded a round
+// ahead with the weights, the sums alternate between two accumulator chains, and an all-ones mma
+// sums x for the codes' offset. At 8 tiles those registers run out ("wide"): x is loaded as each
+// k-tile is multiplied (from L1, above), one chain, and the offset comes off each A register
+// with one paired fma instead (1 x (MAGIC + u) - (MAGIC + 8) = q, exact).
+template <int NT> struct TilesPlan {
+  static constexpr bool WIDE = NT > 4;
+  static constexpr int CHAINS = WIDE ? 1 : 2;
+  static constexpr int SUMS_X = WIDE ? 0 : 2 * NT;  // sums of x a lane keeps: 2 tokens a tile
+};
 
 template <int RT, int U>
 __device__ __forceinline__ void tiles_load_weight(int T0, int tiles_k,
@@ -717,29 +733,38 @@ __device__ __forceinline__ void tiles_load_weight(int T0, int tiles_k,
 #pragma unroll
     for (int r = 0; r < RT; ++r)
       wv[u][r] = T0 + u < tiles_k ? load_weight(wt[r] + (size_t)(T0 + u) * 32)
-                                  : make_uint4(0u, 0u, 0u, 0u);
+                                : make_uint4(0u, 0u, 0u, 0u);
 }
 
+// The lane's 16 bytes of x (half h of its 32) of token tile n at k-tile T; zeros past M.
+template <int NT>
+__device__ __forceinline__ uint4 tiles_x(int T, int h, int n,
+                                         const unsigned short* const (&xr)[NT],
+                                         const bool (&xin)[NT]) {
+  return xin[n] ? __ldg(reinterpret_cast<const uint4*>(xr[n] + (size_t)T * TILE_K) + h)
+                : make_uint4(0u, 0u, 0u, 0u);
+}
+
+// The lane's 32 bytes of x of each token tile for U k-tiles from T0 (unless wide, which loads x
+// as it goes); zeros past the K range or M.
 template <int NT, int U>
 __device__ __forceinline__ void tiles_load_x(int T0, int tiles_k,
                                              const unsigned short* const (&xr)[NT],
                                              const bool (&xin)[NT], uint4 (&xv)[U][NT][2]) {
+  if constexpr (!TilesPlan<NT>::WIDE) {
 #pragma unroll
-  for (int u = 0; u < U; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      if (T0 + u < tiles_k && xin[n]) {
-        const uint4* src = reinterpret_cast<const uint4*>(xr[n] + (size_t)(T0 + u) * TILE_K);
-        xv[u][n][0] = __ldg(src);
-        xv[u][n][1] = __ldg(src + 1);
-      } else {
-        xv[u][n][0] = xv[u][n][1] = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          xv[u][n][h] = T0 + u < tiles_k ? tiles_x<NT>(T0 + u, h, n, xr, xin)
+                                       : make_uint4(0u, 0u, 0u, 0u);
+  }
 }
 
-// U k-tiles from T0 on: the lane's 16 weight bytes of each row tile and its 32 bytes of x for
-// each token tile; zeros past K or M (the tile then adds nothing).
+// U k-tiles from T0 on: the lane's 16 weight bytes of each row tile and its x; zeros past the
+// K range or M (the tile then adds nothing).
 template <int NT, int RT, int U>
 __device__ __forceinline__ void tiles_load(int T0, int tiles_k, const uint4* const (&wt)[RT],
                                            const unsigned short* const (&xr)[NT],
@@ -749,51 +774,79 @@ __device__ __forceinline__ void tiles_load(int T0, int tiles_k, const uint4* con
   tiles_load_x<NT, U>(T0, tiles_k, xr, xin, xv);
 }
 
-// The four k16 steps of each loaded tile: sum x (MAGIC + u) into acc, sum x into sx.
-template <int DT, int NT, int RT, int U>
-__device__ __forceinline__ void tiles_compute(const uint4 (&wv)[U][RT],
-                                              const uint4 (&xv)[U][NT][2], u32 mask,
-                                              float (&acc)[2][RT][NT][4],
-                                              float (&sx)[2][NT][4]) {
-  constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;  // 1.0 in both halves
+// One k16 step s of a k-tile for the warp's row tiles: A from the lane's weight word s of each,
+// B (b) the lane's x words of each token tile.
+template <int DT, int NT, int RT, int CH>
+__device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u32 (&b)[NT][2],
+                                           u32 mask, float (&acc)[CH][RT][NT][4]) {
   // OR the magic, XOR 8 (int4 per channel's flip to u = q + 8): one LOP3 with the mask
   constexpr u32 flip = Magic<DT>::PAIR | (Mode<1>::FLIP & Mode<1>::MASK);
+  constexpr u32 one = DT == 0 ? 0x3C003C00u : 0x3F803F80u;  // 1.0 in both halves
+  constexpr u32 minus = (Magic<DT>::PAIR | 0x00080008u) ^ 0x80008000u;  // -(MAGIC + 8), both
 #pragma unroll
-  for (int u = 0; u < U; ++u)
+  for (int r = 0; r < RT; ++r) {
+    const u32 q = word(wv[r], s);
+    u32 a[4];
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      u32 b[NT][2];
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        b[n][0] = word(xv[u][n][s >> 1], 2 * (s & 1));
-        b[n][1] = word(xv[u][n][s >> 1], 2 * (s & 1) + 1);
-        mma16816<DT>(sx[s & 1][n], ones, ones, ones, ones, b[n][0], b[n][1]);
-      }
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        const u32 q = word(wv[u][r], s);
-        const u32 a0 = (q & mask) ^ flip, a1 = ((q >> 4) & mask) ^ flip;
-        const u32 a2 = ((q >> 8) & mask) ^ flip, a3 = ((q >> 12) & mask) ^ flip;
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-          mma16816<DT>(acc[s & 1][r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
-      }
+    for (int j = 0; j < 4; ++j) {
+      a[j] = ((q >> (4 * j)) & mask) ^ flip;
+      if constexpr (TilesPlan<NT>::WIDE) a[j] = fma2<DT>(a[j], one, minus);
     }
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+      mma16816<DT>(acc[s % CH][r][n], a[0], a[1], a[2], a[3], b[n][0], b[n][1]);
+  }
 }
 
-template <int DT, int NT, int RT, int KW, int U>
-__global__ void __launch_bounds__(KW * 32)
+// The four k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if wide):
+// sum x (MAGIC + u) or x q into acc, and (unless wide) x into sx.
+template <int DT, int NT, int RT, int U, int CH>
+__device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (&wv)[U][RT],
+                                              const uint4 (&xv)[U][NT][2],
+                                              const unsigned short* const (&xr)[NT],
+                                              const bool (&xin)[NT], u32 mask,
+                                              float (&acc)[CH][RT][NT][4],
+                                              float (&sx)[CH][NT][4]) {
+  constexpr bool WIDE = TilesPlan<NT>::WIDE;
+  constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (WIDE && T0 + u >= tiles_k) break;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 xh[NT];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) xh[n] = WIDE ? tiles_x<NT>(T0 + u, h, n, xr, xin) : xv[u][n][h];
+#pragma unroll
+      for (int s = 2 * h; s < 2 * h + 2; ++s) {
+        u32 b[NT][2];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          b[n][0] = word(xh[n], 2 * (s & 1));
+          b[n][1] = word(xh[n], 2 * (s & 1) + 1);
+          if constexpr (!WIDE) mma16816<DT>(sx[s % CH][n], ones, ones, ones, ones, b[n][0], b[n][1]);
+        }
+        tiles_step<DT, NT, RT, CH>(s, wv[u], b, mask, acc);
+      }
+    }
+  }
+}
+
+template <int DT, int NT, int RT, int KW, int RW, int U>
+__global__ void __launch_bounds__(KW * RW * 32)
 wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
          const float* __restrict__ scale, const float* __restrict__ bias,
          unsigned short* __restrict__ out, int M, int N, int K) {
-  constexpr float offset = Magic<DT>::VALUE + Mode<1>::OFF;  // what a code adds over q
-  constexpr int V = RT * NT * 4 + NT * 2;  // sums a lane hands to the block's first warp
-  __shared__ float red[KW][V][32];
+  typedef TilesPlan<NT> Plan;
+  constexpr int CH = Plan::CHAINS, S = RT * NT * 4;
+  constexpr int V = S + Plan::SUMS_X;  // sums a lane hands to its row warp's first K warp
+  // what a code adds over q (the all-ones mma's sums of x take it off); none when wide
+  constexpr float offset = Plan::WIDE ? 0.f : Magic<DT>::VALUE + Mode<1>::OFF;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
+  const int kw = warp % KW, rw = warp / KW, g = lane >> 2, t = lane & 3;
   const int tiles_k = K / TILE_K, row_tiles = N / 16;
-  const int rt0 = blockIdx.x * RT;
+  const int rt0 = (blockIdx.x * RW + rw) * RT;
   const uint4* wt[RT];
 #pragma unroll
   for (int r = 0; r < RT; ++r)
@@ -809,58 +862,65 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
 
   // The first weight loads go out before the wait for the kernel before this one (PDL): no
   // kernel writes the weights, and their latency then overlaps that kernel's end.
-  uint4 wa[U][RT], xa[U][NT][2], wb[U][RT], xb[U][NT][2];
-  tiles_load_weight<RT, U>(warp * U, tiles_k, wt, wa);
+  const int step = KW * U;
+  uint4 wa[U][RT], xa[U][NT][2], wb[U][RT], xb[U][NT][2];  // (xa, xb unused when wide)
+  tiles_load_weight<RT, U>(kw * U, tiles_k, wt, wa);
   wait_then_signal();
-  tiles_load_x<NT, U>(warp * U, tiles_k, xr, xin, xa);
+  tiles_load_x<NT, U>(kw * U, tiles_k, xr, xin, xa);
 
   const u32 mask = kCodeMask[1];
-  float acc[2][RT][NT][4], sx[2][NT][4];  // two accumulator chains each (even / odd steps)
+  float acc[CH][RT][NT][4], sx[CH][NT][4];  // (sx unused when wide)
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
+  for (int c = 0; c < CH; ++c) {
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        sx[h][n][e] = 0.f;
+        sx[c][n][e] = 0.f;
 #pragma unroll
-        for (int r = 0; r < RT; ++r) acc[h][r][n][e] = 0.f;
+        for (int r = 0; r < RT; ++r) acc[c][r][n][e] = 0.f;
       }
   }
 
   // Two register sets, A and B, take turns: a round's loads are issued before the round
   // before it is multiplied, so each warp keeps U tiles in flight while it computes.
-  for (int T0 = warp * U; T0 < tiles_k; T0 += 2 * KW * U) {
-    tiles_load<NT, RT, U>(T0 + KW * U, tiles_k, wt, xr, xin, wb, xb);
-    tiles_compute<DT, NT, RT, U>(wa, xa, mask, acc, sx);
-    if (T0 + KW * U >= tiles_k) break;
-    tiles_load<NT, RT, U>(T0 + 2 * KW * U, tiles_k, wt, xr, xin, wa, xa);
-    tiles_compute<DT, NT, RT, U>(wb, xb, mask, acc, sx);
+  for (int T0 = kw * U; T0 < tiles_k; T0 += 2 * step) {
+    tiles_load<NT, RT, U>(T0 + step, tiles_k, wt, xr, xin, wb, xb);
+    tiles_compute<DT, NT, RT, U, CH>(T0, tiles_k, wa, xa, xr, xin, mask, acc, sx);
+    if (T0 + step >= tiles_k) break;
+    tiles_load<NT, RT, U>(T0 + 2 * step, tiles_k, wt, xr, xin, wa, xa);
+    tiles_compute<DT, NT, RT, U, CH>(T0 + step, tiles_k, wb, xb, xr, xin, mask, acc, sx);
   }
 
-  // The lane's sums: acc (rows g, g + 8 of each tile; tokens 8 n + 2 t, + 1), then sum x for
-  // those two tokens (every row of the ones-mma's C fragment holds it).
+  // The lane's sums: acc (rows g, g + 8 of each tile; tokens 8 n + 2 t, + 1), then (unless
+  // wide) sum x for those two tokens (every row of the ones-mma's C fragment holds it).
   float v[V];
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
 #pragma unroll
-    for (int r = 0; r < RT; ++r)
+    for (int i = 0; i < 4 * RT; ++i) {
+      const int r = i / 4, e = i % 4;
+      v[(r * NT + n) * 4 + e] = 0.f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) v[(r * NT + n) * 4 + e] = acc[0][r][n][e] + acc[1][r][n][e];
-    v[RT * NT * 4 + 2 * n] = sx[0][n][0] + sx[1][n][0];
-    v[RT * NT * 4 + 2 * n + 1] = sx[0][n][1] + sx[1][n][1];
+      for (int c = 0; c < CH; ++c) v[(r * NT + n) * 4 + e] += acc[c][r][n][e];
+    }
+    if constexpr (!Plan::WIDE) {
+      v[S + 2 * n] = sx[0][n][0] + sx[1][n][0];
+      v[S + 2 * n + 1] = sx[0][n][1] + sx[1][n][1];
+    }
   }
-  if constexpr (KW > 1) {  // warp 0 adds the others' sums, in warp order
-    if (warp > 0) {
+  if constexpr (KW > 1) {  // each row warp's first K warp adds the others' sums, in warp order
+    __shared__ float red[RW][KW - 1][V][32];
+    if (kw > 0) {
 #pragma unroll
-      for (int i = 0; i < V; ++i) red[warp][i][lane] = v[i];
+      for (int i = 0; i < V; ++i) red[rw][kw - 1][i][lane] = v[i];
     }
     __syncthreads();
-    if (warp > 0) return;
+    if (kw > 0) return;
 #pragma unroll
-    for (int o = 1; o < KW; ++o)
+    for (int o = 0; o < KW - 1; ++o)
 #pragma unroll
-      for (int i = 0; i < V; ++i) v[i] += red[o][i][lane];
+      for (int i = 0; i < V; ++i) v[i] += red[rw][o][i][lane];
   }
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
@@ -870,12 +930,12 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = 16 * (rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
-        if (m < M) {
-          float y = (v[(r * NT + n) * 4 + e] - offset * v[RT * NT * 4 + 2 * n + (e & 1)]) *
-                    __ldg(scale + row);
-          if (bias) y += bias[row];
-          out[(size_t)m * N + row] = from_float<DT>(y);
-        }
+        if (m >= M) continue;
+        float y = v[(r * NT + n) * 4 + e];
+        if constexpr (!Plan::WIDE) y -= offset * v[S + 2 * n + (e & 1)];
+        y *= __ldg(scale + row);
+        if (bias) y += bias[row];
+        out[(size_t)m * N + row] = from_float<DT>(y);
       }
   }
 }

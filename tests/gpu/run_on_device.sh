@@ -10,6 +10,9 @@
 #     tiles_sweep bench_int4_tiles with the tiled GEMV's shape sweep (1 GPU)
 #     tiles_decode the tiled layout's dispatch tests, bench_int4_tiles to M = 128, bench_decode
 #                 bf16 / int8 / int4 / int4 groupwise (batch 1 / 8 / 64) at TP 1 and 2
+#     rows_final  the tiled GEMV's and PDL's tests, bench_int4_tiles (M = 1 to 128), bench_decode
+#                 bf16 / int4 (batch 1 / 8 / 64) at TP 1 (1 GPU)
+#     rows_sweep  bench_int4_tiles' shape sweep, M = 1 to 64 (1 GPU)
 #     tiles_final the tiled GEMV's and PDL's tests, the layers on 2 GPUs, bench_int4_tiles,
 #                 bench_decode --quick at TP 1 and 2, bench_gemm --quick
 #     wo_table    bench_wo_kernels' table only: the dispatch against bf16 (1 GPU)
@@ -118,6 +121,17 @@ tiles|tiles_sweep)
   else
     STEP_TIMEOUT=450 TAIL=100 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py
   fi
+  ;;
+rows_final)
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py tests/gpu/test_pdl_gpu.py
+  STEP_TIMEOUT=150 TAIL=60 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
+    --no-sweep --ms 1,8,16,32,64,128
+  TAIL=8 step bench_decode_tp1 python3 benchmarks/bench_decode.py --models llama2-7b \
+    --schemes bf16 int4_wo
+  ;;
+rows_sweep)
+  STEP_TIMEOUT=560 TAIL=80 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
+    --ms 1,8,16,32,64,128 --replays 10
   ;;
 tiles_decode)
   # the tiled layout's dispatch and forced paths, bench_int4_tiles to M = 128, bench_decode

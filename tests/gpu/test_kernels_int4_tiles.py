@@ -5,9 +5,8 @@ One command (one GPU is enough):
     python3 -m pytest -q tests/gpu/test_kernels_int4_tiles.py
 
 int4 per channel, float16 and bfloat16, N and K multiples of the tile (16, 64) but not of 128,
-M from 1 to 300 through the dispatch (the tiled GEMV to M = 64, in launches of 32 rows;
-dequantize + cuBLAS above) and each path forced (dot untiles first), every candidate shape of
-the GEMV, a CUDA-graph capture.
+M from 1 to 300 through the dispatch (the tiled GEMV to M = 64; dequantize + cuBLAS above) and
+each path forced (dot untiles first), every candidate shape of the GEMV, a CUDA-graph capture.
 Outputs are poisoned with NaN first. Tolerance: max |y - ref| <= TOL[dtype] * max |ref|, ref
 being float64 math on the weight `tpquant.kernels.weight_only` dequantizes from the stored
 layout (the tiles are not involved in the reference).
@@ -34,7 +33,7 @@ from .weight_only_checks import check, poison  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16]
 SHAPES = [(208, 320), (960, 576), (4096, 1024)]  # (N, K)
-MS = [1, 2, 3, 8, 9, 16, 17, 32, 33, 64, 65, 300]
+MS = [1, 2, 3, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 300]
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +78,16 @@ def test_dispatch_on_tiles(device, n: int, k: int, dtype: torch.dtype, m: int) -
         check(y, _reference(t, x, b), dtype, (n, k, m, b is not None))
 
 
-def _shape_cases() -> list[tuple[int, tuple[int, int, int]]]:
-    """(M, kernel shape) pairs whose block fits in shared memory."""
-    return [(m, shape) for m in (1, 5, 16, 27) for shape in cw.TILES_CANDIDATES
-            if cw.tiles_shared_bytes(cw.tiles_nt(m), shape[0], shape[1]) <= cw.TILES_SHARED_BYTES]
+def _shape_cases() -> list[tuple[int, tuple[int, int, int, int]]]:
+    """(M, kernel shape): every candidate of each M tile, at a full and a partial tile."""
+    return [(m, shape) for m in (1, 5, 16, 9, 32, 27, 64, 40)
+            for shape in cw.TILES_CANDIDATES[cw.tiles_nt(m)]]
 
 
 @pytest.mark.parametrize("path", ["cuda", "dot", "dequant"])
 @pytest.mark.parametrize("m", [1, 17, 64])
 def test_each_path_forced(device, path: str, m: int) -> None:
-    """Each path on the tiles: the GEMV (to M = 64 in launches of 32 rows), dot (on the
-    untiled weight), dequant."""
+    """Each path on the tiles: the GEMV (to M = 64), dot (on the untiled weight), dequant."""
     n, k = 960, 576
     t = _weights(n, k, device, seed=13)
     x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m + 1)
@@ -99,7 +97,7 @@ def test_each_path_forced(device, path: str, m: int) -> None:
 
 
 @pytest.mark.parametrize("m,shape", _shape_cases(), ids=str)
-def test_every_kernel_shape(device, m: int, shape: tuple[int, int, int]) -> None:
+def test_every_kernel_shape(device, m: int, shape: tuple[int, int, int, int]) -> None:
     n, k = 4096, 1024
     t = _weights(n, k, device, seed=7)
     x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=11)
@@ -113,15 +111,15 @@ def test_refuses_a_shape_past_shared_memory(device) -> None:
     x, _ = _inputs(27, 320, 208, torch.bfloat16, device, seed=1)
     out = torch.empty(27, 208, dtype=torch.bfloat16, device=device)
     with pytest.raises(ValueError, match="shared memory"):
-        cw.tiles_gemv(x, t["tiles"], t["scale"], None, out, shape=(2, 16, 1))
+        cw.tiles_gemv(x, t["tiles"], t["scale"], None, out, shape=(2, 16, 1, 1))
 
 
 def test_chosen_shape_is_a_candidate_that_fits(device) -> None:
-    for m in (1, 9, 17, 32):
+    for m in (1, 9, 17, 32, 64):
         for n in (208, 4096, 22016):
             nt, *shape = cw.tiles_shape(m, n, device, torch.bfloat16)
-            assert nt == cw.tiles_nt(m) and tuple(shape) in cw.TILES_CANDIDATES
-            assert cw.tiles_shared_bytes(nt, shape[0], shape[1]) <= cw.TILES_SHARED_BYTES
+            assert nt == cw.tiles_nt(m) and tuple(shape) in cw.TILES_CANDIDATES[nt]
+            assert cw.tiles_shared_bytes(nt, *shape[:3]) <= cw.TILES_SHARED_BYTES
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -137,7 +135,7 @@ def test_dequantize_from_tiles_is_exact(device, dtype: torch.dtype) -> None:
 def test_long_k(device) -> None:
     """K = 11008 (Llama-2-7B down_proj): 172 k-tiles shared out unevenly among the warps."""
     t = _weights(64, 11008, device, seed=5)
-    for m in (1, 20):
+    for m in (1, 20, 50):
         x, bias = _inputs(m, 11008, 64, torch.bfloat16, device, seed=m)
         y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, tiled=True)
         check(y, _reference(t, x, bias), torch.bfloat16, m)
@@ -155,7 +153,7 @@ def test_scheme_packs_and_runs_tiles(device) -> None:
     check(y, _reference(stored, x, bias), torch.bfloat16, "scheme")
 
 
-@pytest.mark.parametrize("m", [1, 17, 40])
+@pytest.mark.parametrize("m", [1, 17, 40, 100])
 def test_cuda_graph_capture_and_replay(device, m: int) -> None:
     """Capture the tiled path in a CUDA graph, replay it on new inputs."""
     n, k = 960, 576
@@ -187,7 +185,7 @@ def test_cuda_graph_capture_and_replay(device, m: int) -> None:
 
 def test_tiled_gemv_refuses_large_m(device) -> None:
     t = _weights(208, 320, device, seed=1)
-    x, _ = _inputs(cw.TILES_GEMV_MAX_M + 1, 320, 208, torch.bfloat16, device, seed=1)
+    x, _ = _inputs(cw.TILES_MAX_M + 1, 320, 208, torch.bfloat16, device, seed=1)
     out = torch.empty(x.shape[0], 208, dtype=torch.bfloat16, device=device)
     with pytest.raises(ValueError, match="tiled GEMV takes M"):
         cw.tiles_gemv(x, t["tiles"], t["scale"], None, out)

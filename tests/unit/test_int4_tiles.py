@@ -131,11 +131,25 @@ def test_shape_rule_prefers_one_wave_with_most_loads_in_flight() -> None:
     from tpquant.kernels.cuda_weight_only import pick_tiles_shape
 
     # 4096 rows: 256 single-row-tile blocks or 128 double ones, on 132 SMs.
-    resident = {(1, 4, 1): 8, (1, 8, 2): 2, (2, 8, 2): 2, (1, 8, 4): 1}
-    # (1, 8, 4) holds 132 blocks at once: two waves; of the rest, (1, 8, 2) and (2, 8, 2) keep
-    # 4096 k-tile loads in flight, (1, 4, 1) 1024; the tie goes to the fuller wave.
-    assert pick_tiles_shape(4096, 132, resident) == (1, 8, 2)
+    resident = {(1, 4, 1, 1): 8, (1, 8, 1, 2): 2, (2, 8, 1, 2): 2, (1, 8, 1, 4): 1}
+    # (1, 8, 1, 4) holds 132 blocks at once: two waves; of the rest, (1, 8, 1, 2) and (2, 8, 1,
+    # 2) keep 4096 k-tile loads in flight, (1, 4, 1, 1) 1024; the tie goes to the fuller wave.
+    assert pick_tiles_shape(4096, 132, resident) == (1, 8, 1, 2)
     # Nothing fits in one wave: the fewest waves.
-    assert pick_tiles_shape(65536, 132, {(1, 4, 1): 8, (2, 4, 1): 6}) == (2, 4, 1)
+    assert pick_tiles_shape(65536, 132, {(1, 4, 1, 1): 8, (2, 4, 1, 1): 6}) == (2, 4, 1, 1)
     # Equal loads in flight and equal waves: the smaller unroll.
-    assert pick_tiles_shape(2048, 132, {(1, 4, 2): 2, (1, 8, 1): 2}) == (1, 8, 1)
+    assert pick_tiles_shape(2048, 132, {(1, 4, 1, 2): 2, (1, 8, 1, 1): 2}) == (1, 8, 1, 1)
+    # Row warps share a block: two of them need 128 blocks for 4096 rows, one wave at one
+    # block per SM, where one row warp's 256 blocks take two.
+    assert pick_tiles_shape(4096, 132, {(1, 4, 1, 1): 1, (1, 4, 2, 1): 1}) == (1, 4, 2, 1)
+
+
+def test_tiles_shared_bytes_counts_the_k_warps_that_hand_sums_over() -> None:
+    from tpquant.kernels.cuda_weight_only import tiles_shared_bytes
+
+    # NT = 4, RT = 2: 32 C-fragment values and 8 sums of x per lane; K warps 1..3 of each of
+    # 2 row warps hand them over (warp 0 keeps its own).
+    assert tiles_shared_bytes(4, 2, 4, 2) == 2 * 3 * (32 + 8) * 32 * 4
+    # The wide plan (NT = 8) keeps no sums of x; one K warp needs no shared memory.
+    assert tiles_shared_bytes(8, 1, 2, 4) == 4 * 1 * 32 * 32 * 4
+    assert tiles_shared_bytes(8, 2, 1, 4) == 0

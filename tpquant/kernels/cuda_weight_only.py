@@ -11,7 +11,7 @@ header explains the numerics of each:
            m16n8k16, float32 sums): one mma per 16 x 16 block for up to 8 tokens.
     tiles  int4 per channel pre-packed in `tpquant.kernels.int4_tiles`' layout (what
            `WeightOnly.pack` keeps): each lane's 16 bytes are its mma A fragments, one shift
-           and one LOP3 per register; pipelined loads; M up to TILES_GEMV_MAX_M.
+           and one LOP3 per register; pipelined loads; M up to TILES_MAX_M in one launch.
            `tiles_dequantize` unpacks the layout into x.dtype for cuBLAS at larger M.
 
 `kernel_for` picks fma or mma by M for the stored layout (thresholds measured, below); the
@@ -237,28 +237,38 @@ def gemv(
 
 
 # ---- the tiled kernel (wo_tiles) for int4 per-channel weights in `int4_tiles`' layout --------
-# Its M tiles (8-token tiles NT per launch) and the shapes it chooses from: (16-row tiles per
-# block, warps of a block splitting K, k-tiles each warp loads per round). `tiles_shape` picks
-# one per (M tile, N) from the device's occupancy, as bench_int4_tiles.py's sweep on an H200
-# found the fastest shapes (7 Llama-2-7B / 70B weights): those whose blocks all fit on the SMs
-# at once, with the most k-tile loads in flight across the GPU (then the fuller wave, then the
-# smaller unroll); where none fits, the fewest waves. On the sweep it was drawn from, the
-# rule's shapes came within 1.3% of each (weight, M tile)'s best in geomean (worst 17%); in a
-# second, independent sweep it chose the fastest shape for all seven weights at M = 1.
-TILES_NT = (1, 2, 4)
-TILES_CANDIDATES = tuple((rt, kw, u) for rt in (1, 2) for kw in (4, 8) for u in (1, 2, 4)
-                         if rt * u <= 4)  # two row tiles unrolled 4 times: over 200 registers
-TILES_MAX_M = 8 * TILES_NT[-1]  # one launch
-TILES_GEMV_MAX_M = 2 * TILES_MAX_M  # in launches of TILES_MAX_M rows; above: dequantize + cuBLAS
+# Its M tiles (8-token tiles NT per launch; from TILES_WIDE_NT on, the .cu's "wide" plan) and,
+# per NT, the shapes it chooses from: (16-row tiles per row warp, K warps of a row warp, row
+# warps of a block sharing x, k-tiles each warp loads per round). `tiles_shape` picks one per
+# (M tile, N) from the device's occupancy, as bench_int4_tiles.py's sweeps on an H200 found the
+# fastest shapes (7 Llama-2-7B / 70B weights): those whose blocks all fit on the SMs at once,
+# with the most k-tile loads in flight across the GPU (then the fuller wave, then the smaller
+# unroll); where none fits, the fewest waves. NT = 1 keeps the shapes of the first sweep (one
+# row warp: x is small); from NT = 2 on, the candidates are the shapes that came within 5% of
+# the best on some weight in the second sweep (design note 28), where the rule's choices came to
+# 1.92 / 1.16 / 0.71x bf16 in geomean at M = 16 / 32 / 64 against the best shapes' 1.95 / 1.17
+# / 0.74 (the best with K splits, which no longer exist: 0.74 at M = 64).
+TILES_NT = (1, 2, 4, 8)
+TILES_WIDE_NT = 8
+TILES_CANDIDATES = {
+    1: tuple((rt, kw, 1, u) for rt in (1, 2) for kw in (4, 8) for u in (1, 2, 4) if rt * u <= 4),
+    2: ((1, 4, 1, 2), (1, 8, 1, 1), (2, 2, 2, 1), (2, 2, 2, 2), (2, 2, 4, 2), (2, 4, 1, 1),
+        (2, 4, 2, 1), (2, 8, 1, 2)),
+    4: ((1, 1, 4, 2), (1, 2, 2, 1), (1, 4, 1, 1), (1, 4, 1, 2), (1, 4, 2, 2), (2, 2, 2, 1),
+        (2, 2, 4, 1), (2, 8, 1, 1)),
+    8: ((1, 8, 1, 1), (2, 2, 2, 1), (2, 2, 4, 1), (2, 4, 1, 1), (2, 4, 2, 1)),
+}
+TILES_MAX_M = 8 * TILES_NT[-1]  # one launch; above: dequantize + cuBLAS (two launches lost)
 TILES_SHARED_BYTES = 48 << 10  # a block's static shared memory: its warps' sums
 _TILES: dict[tuple, Any] = {}
-_TILES_CHOSEN: dict[tuple, tuple[int, int, int, int]] = {}
+_TILES_CHOSEN: dict[tuple, tuple[int, int, int, int, int]] = {}
 
 
-def tiles_shared_bytes(nt: int, rt: int, kw: int) -> int:
-    """Shared memory of a wo_tiles block: KW x (its RT x NT C fragments and NT x 2 sums of x)
-    floats per lane."""
-    return kw * (rt * nt * 4 + nt * 2) * 32 * 4
+def tiles_shared_bytes(nt: int, rt: int, kw: int, rw: int = 1) -> int:
+    """Shared memory of a wo_tiles block: for each row warp, KW - 1 K warps' C fragments (RT x
+    NT) and (below the wide plan) NT x 2 sums of x, floats per lane."""
+    sums = rt * nt * 4 + (0 if nt >= TILES_WIDE_NT else nt * 2)
+    return rw * (kw - 1) * sums * 32 * 4
 
 
 def tiles_nt(m: int) -> int:
@@ -266,68 +276,74 @@ def tiles_nt(m: int) -> int:
     return next(t for t in TILES_NT if 8 * t >= m)
 
 
-def pick_tiles_shape(n: int, sm_count: int,
-                     resident: dict[tuple[int, int, int], int]) -> tuple[int, int, int]:
-    """The rule above (pure): `resident` gives, for each candidate shape that fits in shared
-    memory, the blocks one SM holds at once (at least one)."""
-    def score(shape: tuple[int, int, int]) -> tuple:
-        rt, kw, u = shape
-        blocks = -(-n // (16 * rt))
+def pick_tiles_shape(n: int, sm_count: int, resident: dict[tuple[int, int, int, int], int]
+                     ) -> tuple[int, int, int, int]:
+    """The rule above (pure): `resident` gives, for each candidate shape (row tiles, K warps,
+    row warps, unroll) that fits in shared memory, the blocks one SM holds at once (at least
+    one)."""
+    def score(shape: tuple[int, int, int, int]) -> tuple:
+        rt, kw, rw, u = shape
+        blocks = -(-n // (16 * rt * rw))
         capacity = resident[shape] * sm_count
         if blocks <= capacity:
-            return (1, blocks * kw * rt * u, blocks / capacity, -u)
+            return (1, blocks * kw * rw * rt * u, blocks / capacity, -u)
         return (0, -blocks / capacity, 0, -u)
     return max(resident, key=score)
 
 
 def tiles_shape(m: int, n: int, device: torch.device,
-                dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(NT, row tiles, K warps, unroll) of the tiled kernel for m <= TILES_MAX_M rows of an
-    [n, K] weight on `device`, chosen by `pick_tiles_shape` once per (device, dtype, NT, n)."""
+                dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(NT, row tiles, K warps, row warps, unroll) of the tiled kernel for m <= TILES_MAX_M rows
+    of an [n, K] weight on `device`, chosen by `pick_tiles_shape` once per (device, dtype, NT,
+    n)."""
     nt = tiles_nt(m)
     key = (device.index, dtype, nt, n)
     if key not in _TILES_CHOSEN:
-        shapes = [c for c in TILES_CANDIDATES
-                  if tiles_shared_bytes(nt, c[0], c[1]) <= TILES_SHARED_BYTES]
-        functions = _tiles_functions(device, dtype, [_tiles_name(nt, *c) for c in shapes])
-        resident = {c: occupancy(f, c[1] * 32, device) for c, f in zip(shapes, functions)}
-        unspilled = {c: r for (c, r), f in zip(resident.items(), functions)
-                     if r > 0 and f.local_size_bytes == 0}  # spills: a compiler's choice
-        choices = unspilled or {c: r for c, r in resident.items() if r > 0}
-        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, _sm_count(device), choices))
+        resident = tiles_resident(nt, device, dtype)
+        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, _sm_count(device), resident))
     return _TILES_CHOSEN[key]
 
 
-def _tiles_name(nt: int, rt: int, kw: int, u: int) -> str:
-    return f"wo_tiles<{{dt}}, {nt}, {rt}, {kw}, {u}>"
+@functools.cache
+def tiles_resident(nt: int, device: torch.device,
+                   dtype: torch.dtype) -> dict[tuple[int, int, int, int], int]:
+    """{shape: blocks an SM holds} of NT's candidates that fit in shared memory, compile
+    without spills (a compiler's choice; any, if none does) and fit on an SM at all."""
+    shapes = [c for c in TILES_CANDIDATES[nt]
+              if tiles_shared_bytes(nt, *c[:3]) <= TILES_SHARED_BYTES]
+    functions = _tiles_functions(device, dtype, [_tiles_name(nt, *c) for c in shapes])
+    resident = {c: occupancy(f, c[1] * c[2] * 32, device) for c, f in zip(shapes, functions)}
+    unspilled = {c: r for (c, r), f in zip(resident.items(), functions)
+                 if r > 0 and f.local_size_bytes == 0}
+    return unspilled or {c: r for c, r in resident.items() if r > 0}
+
+
+def _tiles_name(nt: int, rt: int, kw: int, rw: int, u: int) -> str:
+    return f"wo_tiles<{{dt}}, {nt}, {rt}, {kw}, {rw}, {u}>"
 
 
 def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None, out: torch.Tensor, *,
-               shape: tuple[int, int, int] | None = None) -> None:
+               shape: tuple[int, int, int, int] | None = None) -> None:
     """out[M, N] = x2[M, K] @ W^T (+ bias) for int4 per-channel W in the tiled layout
-    (`tpquant.kernels.int4_tiles`), M <= TILES_GEMV_MAX_M (launches of TILES_MAX_M rows); the
-    caller has checked shapes and `aligned`. Benchmarks may force `shape` (row tiles, K
-    warps, unroll)."""
+    (`tpquant.kernels.int4_tiles`), M <= TILES_MAX_M; the caller has checked shapes and
+    `aligned`. Benchmarks may force `shape` (row tiles, K warps, row warps, unroll)."""
     m, k = x2.shape
     n = tiled.shape[0]
-    if m > TILES_GEMV_MAX_M:
-        raise ValueError(f"the tiled GEMV takes M <= {TILES_GEMV_MAX_M}, got {m}")
-    bias = _float32(bias)
-    with_pdl = pdl.enabled(x2.device)
-    for m0 in range(0, m, TILES_MAX_M):
-        rows = min(TILES_MAX_M, m - m0)
-        if shape is None:
-            nt, rt, kw, u = tiles_shape(rows, n, x2.device, x2.dtype)
-        else:
-            nt, (rt, kw, u) = tiles_nt(rows), shape
-            if tiles_shared_bytes(nt, rt, kw) > TILES_SHARED_BYTES:
-                raise ValueError(f"tiled GEMV shape {shape} at M = {rows} needs more than "
-                                 f"{TILES_SHARED_BYTES} bytes of shared memory")
-        function = _tiles_functions(x2.device, x2.dtype, [_tiles_name(nt, rt, kw, u)])[0]
-        args = (_ptr(x2[m0:]), _ptr(tiled), _ptr(scale), _ptr(bias), _ptr(out[m0:]),
-                np.int32(rows), np.int32(n), np.int32(k))
-        launch(function, (-(-n // (16 * rt)),), (kw * 32,), args, x2.device, with_pdl)
+    if m > TILES_MAX_M:
+        raise ValueError(f"the tiled GEMV takes M <= {TILES_MAX_M}, got {m}")
+    if shape is None:
+        nt, rt, kw, rw, u = tiles_shape(m, n, x2.device, x2.dtype)
+    else:
+        nt, (rt, kw, rw, u) = tiles_nt(m), shape
+        if tiles_shared_bytes(nt, rt, kw, rw) > TILES_SHARED_BYTES:
+            raise ValueError(f"tiled GEMV shape {shape} at M = {m} needs more than "
+                             f"{TILES_SHARED_BYTES} bytes of shared memory")
+    function = _tiles_functions(x2.device, x2.dtype, [_tiles_name(nt, rt, kw, rw, u)])[0]
+    args = (_ptr(x2), _ptr(tiled), _ptr(scale), _ptr(_float32(bias)), _ptr(out),
+            np.int32(m), np.int32(n), np.int32(k))
+    launch(function, (-(-n // (16 * rt * rw)),), (kw * rw * 32,), args, x2.device,
+           pdl.enabled(x2.device))
 
 
 def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -701,8 +701,8 @@ def weight_only_matmul(
 
     path: "gemv", "dot", "dequant", or None/"auto" (then $TPQUANT_WO_PATH, then choose_path).
     tiled: int4 qweight in the layout of `tpquant.kernels.int4_tiles`: auto takes the tiled
-    CUDA GEMV to its TILES_GEMV_MAX_M (in launches of TILES_MAX_M rows), dequant (from the
-    tiles) above; cuda and dequant may be forced; gemv and dot, and auto without CuPy, untile
+    CUDA GEMV to its TILES_MAX_M (one launch), dequant (from the tiles) above; cuda (to
+    TILES_MAX_M) and dequant may be forced; gemv and dot, and auto without CuPy, untile
     it first.
     config: BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps, num_stages) instead of autotuning;
     split_k: the number of K splits instead of the heuristic (gemv and dot);
@@ -903,7 +903,7 @@ def _tiled(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch
     x.dtype and one torch matmul."""
     m = x2.shape[0]
     if chosen in (AUTO, REFERENCE):
-        chosen = CUDA if m <= cuda_weight_only.TILES_GEMV_MAX_M else DEQUANT
+        chosen = CUDA if m <= cuda_weight_only.TILES_MAX_M else DEQUANT
     if chosen == CUDA:
         cuda_weight_only.tiles_gemv(x2, wt.qweight, wt.scale, bias, out)
     else:
