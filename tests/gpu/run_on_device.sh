@@ -12,6 +12,7 @@
 #                 bf16 / int8 / int4 / int4 groupwise (batch 1 / 8 / 64) at TP 1 and 2
 #     rows_final  the tiled GEMV's and PDL's tests, bench_int4_tiles (M = 1 to 128), bench_decode
 #                 bf16 / int4 (batch 1 / 8 / 64) at TP 1 (1 GPU)
+#     rows_x2     bench_gemm --quick, then bench_decode bf16 / int4 (batch 1 / 8 / 64) at TP 2
 #     rows_sweep  bench_int4_tiles' shape sweep, M = 1 to 64 (1 GPU)
 #     tiles_final the tiled GEMV's and PDL's tests, the layers on 2 GPUs, bench_int4_tiles,
 #                 bench_decode --quick at TP 1 and 2, bench_gemm --quick
@@ -128,6 +129,11 @@ rows_final)
     --no-sweep --ms 1,8,16,32,64,128
   TAIL=8 step bench_decode_tp1 python3 benchmarks/bench_decode.py --models llama2-7b \
     --schemes bf16 int4_wo
+  ;;
+rows_x2)
+  STEP_TIMEOUT=330 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  [ "$ngpu" -ge 2 ] && TAIL=8 step bench_decode_tp2 mpi -n 2 python3 benchmarks/bench_decode.py \
+    --models llama2-7b --schemes bf16 int4_wo
   ;;
 rows_sweep)
   STEP_TIMEOUT=560 TAIL=80 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
