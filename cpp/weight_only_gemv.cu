@@ -715,11 +715,13 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 
 // How the kernel spends registers on NT token tiles. Up to 4 (32 tokens): x is loaded a round
 // ahead with the weights, the sums alternate between two accumulator chains, and an all-ones mma
-// sums x for the codes' offset. At 8 tiles those registers run out ("wide"): x is loaded as each
-// k-tile is multiplied (from L1, above), one chain, and the offset comes off each A register
-// with one paired fma instead (1 x (MAGIC + u) - (MAGIC + 8) = q, exact).
-template <int NT> struct TilesPlan {
+// sums x for the codes' offset. At 8 tiles ("wide") one chain, and the offset comes off each A
+// register with one paired fma instead (1 x (MAGIC + u) - (MAGIC + 8) = q, exact); x is still
+// loaded a round ahead for one row tile unrolled once, and past that (the registers run out) as
+// each k-tile is multiplied (from L1, above).
+template <int NT, int RT, int U> struct TilesPlan {
   static constexpr bool WIDE = NT > 4;
+  static constexpr bool LATE_X = WIDE && RT * U > 1;
   static constexpr int CHAINS = WIDE ? 1 : 2;
   static constexpr int SUMS_X = WIDE ? 0 : 2 * NT;  // sums of x a lane keeps: 2 tokens a tile
 };
@@ -745,13 +747,13 @@ __device__ __forceinline__ uint4 tiles_x(int T, int h, int n,
                 : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// The lane's 32 bytes of x of each token tile for U k-tiles from T0 (unless wide, which loads x
-// as it goes); zeros past the K range or M.
-template <int NT, int U>
+// The lane's 32 bytes of x of each token tile for U k-tiles from T0 (unless x is loaded as it is
+// used); zeros past K or M.
+template <int NT, int RT, int U>
 __device__ __forceinline__ void tiles_load_x(int T0, int tiles_k,
                                              const unsigned short* const (&xr)[NT],
                                              const bool (&xin)[NT], uint4 (&xv)[U][NT][2]) {
-  if constexpr (!TilesPlan<NT>::WIDE) {
+  if constexpr (!TilesPlan<NT, RT, U>::LATE_X) {
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -771,7 +773,7 @@ __device__ __forceinline__ void tiles_load(int T0, int tiles_k, const uint4* con
                                            const bool (&xin)[NT], uint4 (&wv)[U][RT],
                                            uint4 (&xv)[U][NT][2]) {
   tiles_load_weight<RT, U>(T0, tiles_k, wt, wv);
-  tiles_load_x<NT, U>(T0, tiles_k, xr, xin, xv);
+  tiles_load_x<NT, RT, U>(T0, tiles_k, xr, xin, xv);
 }
 
 // One k16 step s of a k-tile for the warp's row tiles: A from the lane's weight word s of each,
@@ -790,7 +792,7 @@ __device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       a[j] = ((q >> (4 * j)) & mask) ^ flip;
-      if constexpr (TilesPlan<NT>::WIDE) a[j] = fma2<DT>(a[j], one, minus);
+      if constexpr (NT > 4) a[j] = fma2<DT>(a[j], one, minus);  // (TilesPlan's WIDE)
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -807,16 +809,16 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
                                               const bool (&xin)[NT], u32 mask,
                                               float (&acc)[CH][RT][NT][4],
                                               float (&sx)[CH][NT][4]) {
-  constexpr bool WIDE = TilesPlan<NT>::WIDE;
+  constexpr bool WIDE = TilesPlan<NT, RT, U>::WIDE, LATE_X = TilesPlan<NT, RT, U>::LATE_X;
   constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    if (WIDE && T0 + u >= tiles_k) break;
+    if (LATE_X && T0 + u >= tiles_k) break;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint4 xh[NT];
 #pragma unroll
-      for (int n = 0; n < NT; ++n) xh[n] = WIDE ? tiles_x<NT>(T0 + u, h, n, xr, xin) : xv[u][n][h];
+      for (int n = 0; n < NT; ++n) xh[n] = LATE_X ? tiles_x<NT>(T0 + u, h, n, xr, xin) : xv[u][n][h];
 #pragma unroll
       for (int s = 2 * h; s < 2 * h + 2; ++s) {
         u32 b[NT][2];
@@ -837,7 +839,7 @@ __global__ void __launch_bounds__(KW * RW * 32)
 wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
          const float* __restrict__ scale, const float* __restrict__ bias,
          unsigned short* __restrict__ out, int M, int N, int K) {
-  typedef TilesPlan<NT> Plan;
+  typedef TilesPlan<NT, RT, U> Plan;
   constexpr int CH = Plan::CHAINS, S = RT * NT * 4;
   constexpr int V = S + Plan::SUMS_X;  // sums a lane hands to its row warp's first K warp
   // what a code adds over q (the all-ones mma's sums of x take it off); none when wide
@@ -863,10 +865,10 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   // The first weight loads go out before the wait for the kernel before this one (PDL): no
   // kernel writes the weights, and their latency then overlaps that kernel's end.
   const int step = KW * U;
-  uint4 wa[U][RT], xa[U][NT][2], wb[U][RT], xb[U][NT][2];  // (xa, xb unused when wide)
+  uint4 wa[U][RT], xa[U][NT][2], wb[U][RT], xb[U][NT][2];  // (xa, xb unused if x is late)
   tiles_load_weight<RT, U>(kw * U, tiles_k, wt, wa);
   wait_then_signal();
-  tiles_load_x<NT, U>(kw * U, tiles_k, xr, xin, xa);
+  tiles_load_x<NT, RT, U>(kw * U, tiles_k, xr, xin, xa);
 
   const u32 mask = kCodeMask[1];
   float acc[CH][RT][NT][4], sx[CH][NT][4];  // (sx unused when wide)

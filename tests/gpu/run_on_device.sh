@@ -10,10 +10,11 @@
 #     tiles_sweep bench_int4_tiles with the tiled GEMV's shape sweep (1 GPU)
 #     tiles_decode the tiled layout's dispatch tests, bench_int4_tiles to M = 128, bench_decode
 #                 bf16 / int8 / int4 / int4 groupwise (batch 1 / 8 / 64) at TP 1 and 2
-#     rows_final  the tiled GEMV's and PDL's tests, bench_int4_tiles (M = 1 to 128), bench_decode
-#                 bf16 / int4 (batch 1 / 8 / 64) at TP 1 (1 GPU)
-#     rows_x2     bench_gemm --quick, then bench_decode bf16 / int4 (batch 1 / 8 / 64) at TP 2
-#     rows_sweep  bench_int4_tiles' shape sweep, M = 1 to 64 (1 GPU)
+#     rows_final  the tiled GEMV's and PDL's tests, the layers on 2 GPUs, bench_int4_tiles (M = 1
+#                 to 256), bench_decode bf16 / int8 / int4 / int4 groupwise (batch 1 / 8 / 64)
+#                 at TP 1 and 2
+#     rows_sweep  bench_int4_tiles' shape sweep, M = 1 to 128 (1 GPU)
+#     wide_sweep  the tiled GEMV's tests, then its shape sweep at M = 40 and 64 (1 GPU)
 #     tiles_final the tiled GEMV's and PDL's tests, the layers on 2 GPUs, bench_int4_tiles,
 #                 bench_decode --quick at TP 1 and 2, bench_gemm --quick
 #     wo_table    bench_wo_kernels' table only: the dispatch against bf16 (1 GPU)
@@ -125,19 +126,24 @@ tiles|tiles_sweep)
   ;;
 rows_final)
   step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py tests/gpu/test_pdl_gpu.py
-  STEP_TIMEOUT=150 TAIL=60 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
-    --no-sweep --ms 1,8,16,32,64,128
-  TAIL=8 step bench_decode_tp1 python3 benchmarks/bench_decode.py --models llama2-7b \
-    --schemes bf16 int4_wo
-  ;;
-rows_x2)
-  STEP_TIMEOUT=330 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
-  [ "$ngpu" -ge 2 ] && TAIL=8 step bench_decode_tp2 mpi -n 2 python3 benchmarks/bench_decode.py \
-    --models llama2-7b --schemes bf16 int4_wo
+  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
+    -q --timeout 240 tests/mpi/test_layers.py
+  STEP_TIMEOUT=150 TAIL=12 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
+    --no-sweep --ms 1,2,4,8,16,32,40,64,128,256
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py \
+      --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw
+  done
   ;;
 rows_sweep)
   STEP_TIMEOUT=560 TAIL=80 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
     --ms 1,8,16,32,64,128 --replays 10
+  ;;
+wide_sweep)
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py
+  STEP_TIMEOUT=300 TAIL=40 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
+    --ms 40,64 --replays 10
   ;;
 tiles_decode)
   # the tiled layout's dispatch and forced paths, bench_int4_tiles to M = 128, bench_decode

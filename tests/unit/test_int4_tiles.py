@@ -134,14 +134,19 @@ def test_shape_rule_prefers_one_wave_with_most_loads_in_flight() -> None:
     resident = {(1, 4, 1, 1): 8, (1, 8, 1, 2): 2, (2, 8, 1, 2): 2, (1, 8, 1, 4): 1}
     # (1, 8, 1, 4) holds 132 blocks at once: two waves; of the rest, (1, 8, 1, 2) and (2, 8, 1,
     # 2) keep 4096 k-tile loads in flight, (1, 4, 1, 1) 1024; the tie goes to the fuller wave.
-    assert pick_tiles_shape(4096, 132, resident) == (1, 8, 1, 2)
+    assert pick_tiles_shape(4096, 1, 132, resident) == (1, 8, 1, 2)
     # Nothing fits in one wave: the fewest waves.
-    assert pick_tiles_shape(65536, 132, {(1, 4, 1, 1): 8, (2, 4, 1, 1): 6}) == (2, 4, 1, 1)
+    assert pick_tiles_shape(65536, 1, 132, {(1, 4, 1, 1): 8, (2, 4, 1, 1): 6}) == (2, 4, 1, 1)
     # Equal loads in flight and equal waves: the smaller unroll.
-    assert pick_tiles_shape(2048, 132, {(1, 4, 1, 2): 2, (1, 8, 1, 1): 2}) == (1, 8, 1, 1)
+    assert pick_tiles_shape(2048, 1, 132, {(1, 4, 1, 2): 2, (1, 8, 1, 1): 2}) == (1, 8, 1, 1)
     # Row warps share a block: two of them need 128 blocks for 4096 rows, one wave at one
     # block per SM, where one row warp's 256 blocks take two.
-    assert pick_tiles_shape(4096, 132, {(1, 4, 1, 1): 1, (1, 4, 2, 1): 1}) == (1, 4, 2, 1)
+    assert pick_tiles_shape(4096, 1, 132, {(1, 4, 1, 1): 1, (1, 4, 2, 1): 1}) == (1, 4, 2, 1)
+    # At 8 token tiles, unrolling one row tile twice loads x as it goes: no more loads in
+    # flight than once, and the fuller wave (x a round ahead) wins; at 4 tiles the unroll counts.
+    wide = {(1, 4, 1, 1): 2, (1, 4, 1, 2): 3}
+    assert pick_tiles_shape(4096, 8, 132, wide) == (1, 4, 1, 1)
+    assert pick_tiles_shape(4096, 4, 132, wide) == (1, 4, 1, 2)
 
 
 def test_tiles_shared_bytes_counts_the_k_warps_that_hand_sums_over() -> None:

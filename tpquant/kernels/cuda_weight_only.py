@@ -243,11 +243,12 @@ def gemv(
 # (M tile, N) from the device's occupancy, as bench_int4_tiles.py's sweeps on an H200 found the
 # fastest shapes (7 Llama-2-7B / 70B weights): those whose blocks all fit on the SMs at once,
 # with the most k-tile loads in flight across the GPU (then the fuller wave, then the smaller
-# unroll); where none fits, the fewest waves. NT = 1 keeps the shapes of the first sweep (one
-# row warp: x is small); from NT = 2 on, the candidates are the shapes that came within 5% of
-# the best on some weight in the second sweep (design note 28), where the rule's choices came to
-# 1.92 / 1.16 / 0.71x bf16 in geomean at M = 16 / 32 / 64 against the best shapes' 1.95 / 1.17
-# / 0.74 (the best with K splits, which no longer exist: 0.74 at M = 64).
+# unroll); where none fits, the fewest waves. A warp that loads x as it goes (`tiles_late_x`)
+# waits for it every k-tile, so its unroll counts as one. NT = 1 keeps the shapes of the first
+# sweep (one row warp: x is small); from NT = 2 on, the candidates are the shapes that came
+# within 5% of the best on some weight in the later sweeps (design note 28), where the rule's
+# choices came to 1.92 / 1.16x bf16 in geomean at M = 16 / 32 against the best shapes' 1.95 /
+# 1.17, and were the best on all 7 weights at M = 40 and 64 (0.90 / 0.78x).
 TILES_NT = (1, 2, 4, 8)
 TILES_WIDE_NT = 8
 TILES_CANDIDATES = {
@@ -256,7 +257,7 @@ TILES_CANDIDATES = {
         (2, 4, 2, 1), (2, 8, 1, 2)),
     4: ((1, 1, 4, 2), (1, 2, 2, 1), (1, 4, 1, 1), (1, 4, 1, 2), (1, 4, 2, 2), (2, 2, 2, 1),
         (2, 2, 4, 1), (2, 8, 1, 1)),
-    8: ((1, 8, 1, 1), (2, 2, 2, 1), (2, 2, 4, 1), (2, 4, 1, 1), (2, 4, 2, 1)),
+    8: ((1, 4, 1, 1), (1, 4, 1, 2), (2, 2, 2, 1), (2, 2, 4, 1), (2, 4, 1, 1), (2, 4, 2, 1)),
 }
 TILES_MAX_M = 8 * TILES_NT[-1]  # one launch; above: dequantize + cuBLAS (two launches lost)
 TILES_SHARED_BYTES = 48 << 10  # a block's static shared memory: its warps' sums
@@ -276,17 +277,24 @@ def tiles_nt(m: int) -> int:
     return next(t for t in TILES_NT if 8 * t >= m)
 
 
-def pick_tiles_shape(n: int, sm_count: int, resident: dict[tuple[int, int, int, int], int]
-                     ) -> tuple[int, int, int, int]:
+def tiles_late_x(nt: int, rt: int, u: int) -> bool:
+    """Whether the kernel loads x as each k-tile is multiplied rather than a round ahead (the
+    .cu's TilesPlan: the wide plan, past one row tile unrolled once)."""
+    return nt >= TILES_WIDE_NT and rt * u > 1
+
+
+def pick_tiles_shape(n: int, nt: int, sm_count: int,
+                     resident: dict[tuple[int, int, int, int], int]) -> tuple[int, int, int, int]:
     """The rule above (pure): `resident` gives, for each candidate shape (row tiles, K warps,
-    row warps, unroll) that fits in shared memory, the blocks one SM holds at once (at least
-    one)."""
+    row warps, unroll) for NT token tiles that fits in shared memory, the blocks one SM holds
+    at once (at least one)."""
     def score(shape: tuple[int, int, int, int]) -> tuple:
         rt, kw, rw, u = shape
         blocks = -(-n // (16 * rt * rw))
         capacity = resident[shape] * sm_count
+        depth = 1 if tiles_late_x(nt, rt, u) else u
         if blocks <= capacity:
-            return (1, blocks * kw * rw * rt * u, blocks / capacity, -u)
+            return (1, blocks * kw * rw * rt * depth, blocks / capacity, -u)
         return (0, -blocks / capacity, 0, -u)
     return max(resident, key=score)
 
@@ -300,7 +308,7 @@ def tiles_shape(m: int, n: int, device: torch.device,
     key = (device.index, dtype, nt, n)
     if key not in _TILES_CHOSEN:
         resident = tiles_resident(nt, device, dtype)
-        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, _sm_count(device), resident))
+        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, nt, _sm_count(device), resident))
     return _TILES_CHOSEN[key]
 
 
