@@ -37,6 +37,8 @@ from tpquant.parallel.mapping import Mapping  # noqa: E402
 # kernel-name substrings -> kind (first match wins)
 KINDS = (
     ("wo_gemv", "weight-only GEMV (CUDA)"),
+    ("wo_tiles_dequant", "weight-only dequant (tiles)"),
+    ("wo_tiles", "weight-only GEMV (CUDA, tiled)"),
     ("_wo_", "weight-only (Triton)"),
     ("decode_attention", "decode attention"),
     ("_decode_split", "decode attention"),
@@ -47,6 +49,7 @@ KINDS = (
     ("gemv", "GEMM/GEMV (cuBLAS)"),
     ("gemm", "GEMM/GEMV (cuBLAS)"),
     ("cutlass", "GEMM/GEMV (cuBLAS)"),
+    ("nvjet", "GEMM/GEMV (cuBLAS)"),
     ("rms", "RMSNorm"),
     ("norm", "RMSNorm"),
     ("argmax", "argmax / reduce"),

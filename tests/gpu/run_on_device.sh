@@ -39,6 +39,7 @@
 #     pdl_full    every kernel test with PDL on, then bench_decode (SmoothQuant, int4; batch 1,
 #                 8, 64) without and with it (1 GPU)
 #     profile     profile_decode: a decode step's kernel time by kind (1 GPU)
+#     profile_b64 profile_decode, bf16 and int4, at batch 1 and at batch 64 (1 GPU)
 #     pdl         programmatic dependent launch: its tests, then profile_decode without and with
 #     ncu_wo      ncu_wo_kernels under Nsight Compute: the weight-only GEMVs' and bf16's
 #                 counters (NCU_SHAPES, NCU_CASES; 1 GPU)
@@ -243,6 +244,12 @@ model)
   ;;
 profile)
   TAIL=40 step profile_decode python3 benchmarks/profile_decode.py
+  ;;
+profile_b64)
+  for b in 1 64; do
+    TAIL=30 step profile_decode_b$b env OUT="$r/b$b" python3 benchmarks/profile_decode.py \
+      --schemes bf16 int4_wo --batch $b
+  done
   ;;
 pdl)
   # programmatic dependent launch: its chain test, the decode ops and CUDA GEMVs with it on,
