@@ -778,11 +778,12 @@ __device__ __forceinline__ void tiles_load(int T0, int tiles_k, const uint4* con
 
 // One k16 step s of a k-tile for the warp's row tiles: A from the lane's weight word s of each,
 // B (b) the lane's x words of each token tile.
-template <int DT, int NT, int RT, int CH>
+template <int DT, int MODE, int NT, int RT, int CH>
 __device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u32 (&b)[NT][2],
                                            u32 mask, float (&acc)[CH][RT][NT][4]) {
-  // OR the magic, XOR 8 (int4 per channel's flip to u = q + 8): one LOP3 with the mask
-  constexpr u32 flip = Magic<DT>::PAIR | (Mode<1>::FLIP & Mode<1>::MASK);
+  // OR the magic, XOR 8 (signed codes' flip to u = q + 8; zeros mode's codes are u already):
+  // one LOP3 with the mask
+  constexpr u32 flip = Magic<DT>::PAIR | (Mode<MODE>::FLIP & Mode<MODE>::MASK);
   constexpr u32 one = DT == 0 ? 0x3C003C00u : 0x3F803F80u;  // 1.0 in both halves
   constexpr u32 minus = (Magic<DT>::PAIR | 0x00080008u) ^ 0x80008000u;  // -(MAGIC + 8), both
 #pragma unroll
@@ -800,15 +801,57 @@ __device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u
   }
 }
 
+// Groupwise int4 (MODE 2 / 3): where the lane's rows find their group's scale and zero.
+template <int RT> struct TilesGroups {
+  const float* scale;  // [K/g, N]
+  const float* zeros;  // [K/g, N]; null without zeros (MODE 3)
+  int n, group;
+  int row[RT][2];  // rows g and g + 8 of each row tile
+};
+
+// Groupwise: a k-tile lies in one group, so its sums (acc, sx, fresh for each k-tile) fold
+// into the totals with the group's scale s and offset MAGIC + z (zeros) or MAGIC + 8
+// (symmetric): total += s (sum x (MAGIC + u) - (MAGIC + z) sum x) = s sum x (u - z).
+template <int DT, int MODE, int NT, int RT>
+__device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
+                                           float (&acc)[2][RT][NT][4], float (&sx)[2][NT][4],
+                                           float (&total)[RT][NT][4]) {
+  const size_t base = (size_t)(T * TILE_K / grp.group) * grp.n;
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float s = __ldg(grp.scale + base + grp.row[r][h]);
+      const float off = Magic<DT>::VALUE + (MODE == 2 ? __ldg(grp.zeros + base + grp.row[r][h])
+                                                      : (float)Mode<MODE>::OFF);
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int e = 2 * h + c;
+          total[r][n][e] += s * ((acc[0][r][n][e] + acc[1][r][n][e]) -
+                                 off * (sx[0][n][c] + sx[1][n][c]));
+          acc[0][r][n][e] = acc[1][r][n][e] = 0.f;
+        }
+    }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sx[0][n][e] = sx[1][n][e] = 0.f;
+}
+
 // The four k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if wide):
-// sum x (MAGIC + u) or x q into acc, and (unless wide) x into sx.
-template <int DT, int NT, int RT, int U, int CH>
+// sum x (MAGIC + u) or x q into acc, and (unless wide) x into sx; groupwise, fold each k-tile's
+// sums into total.
+template <int DT, int MODE, int NT, int RT, int U, int CH>
 __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (&wv)[U][RT],
                                               const uint4 (&xv)[U][NT][2],
                                               const unsigned short* const (&xr)[NT],
                                               const bool (&xin)[NT], u32 mask,
                                               float (&acc)[CH][RT][NT][4],
-                                              float (&sx)[CH][NT][4]) {
+                                              float (&sx)[CH][NT][4],
+                                              const TilesGroups<RT>& grp,
+                                              float (&total)[RT][NT][4]) {
   constexpr bool WIDE = TilesPlan<NT, RT, U>::WIDE, LATE_X = TilesPlan<NT, RT, U>::LATE_X;
   constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;
 #pragma unroll
@@ -828,31 +871,44 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
           b[n][1] = word(xh[n], 2 * (s & 1) + 1);
           if constexpr (!WIDE) mma16816<DT>(sx[s % CH][n], ones, ones, ones, ones, b[n][0], b[n][1]);
         }
-        tiles_step<DT, NT, RT, CH>(s, wv[u], b, mask, acc);
+        tiles_step<DT, MODE, NT, RT, CH>(s, wv[u], b, mask, acc);
       }
+    }
+    if constexpr (Mode<MODE>::GROUPED) {
+      if (T0 + u < tiles_k) tiles_fold<DT, MODE, NT, RT>(T0 + u, grp, acc, sx, total);
     }
   }
 }
 
-template <int DT, int NT, int RT, int KW, int RW, int U>
+template <int DT, int MODE, int NT, int RT, int KW, int RW, int U>
 __global__ void __launch_bounds__(KW * RW * 32)
 wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
-         const float* __restrict__ scale, const float* __restrict__ bias,
-         unsigned short* __restrict__ out, int M, int N, int K) {
+         const float* __restrict__ scale, const float* __restrict__ zeros,
+         const float* __restrict__ bias, unsigned short* __restrict__ out, int M, int N, int K,
+         int group) {
   typedef TilesPlan<NT, RT, U> Plan;
+  constexpr bool GROUPED = Mode<MODE>::GROUPED;
+  static_assert(!(GROUPED && Plan::WIDE), "groupwise tiles run the narrow plan (NT <= 4)");
   constexpr int CH = Plan::CHAINS, S = RT * NT * 4;
-  constexpr int V = S + Plan::SUMS_X;  // sums a lane hands to its row warp's first K warp
+  // sums a lane hands to its row warp's first K warp: its outputs' sums, and per channel
+  // (narrow plan) the sums of x for its two tokens of each token tile
+  constexpr int V = S + (GROUPED ? 0 : Plan::SUMS_X);
   // what a code adds over q (the all-ones mma's sums of x take it off); none when wide
-  constexpr float offset = Plan::WIDE ? 0.f : Magic<DT>::VALUE + Mode<1>::OFF;
+  constexpr float offset = Plan::WIDE ? 0.f : Magic<DT>::VALUE + Mode<MODE>::OFF;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kw = warp % KW, rw = warp / KW, g = lane >> 2, t = lane & 3;
   const int tiles_k = K / TILE_K, row_tiles = N / 16;
   const int rt0 = (blockIdx.x * RW + rw) * RT;
   const uint4* wt[RT];
+  TilesGroups<RT> grp{scale, zeros, N, group, {}};
 #pragma unroll
-  for (int r = 0; r < RT; ++r)
-    wt[r] = w + (size_t)min(rt0 + r, row_tiles - 1) * tiles_k * 32 + lane;
+  for (int r = 0; r < RT; ++r) {
+    const int tile = min(rt0 + r, row_tiles - 1);
+    wt[r] = w + (size_t)tile * tiles_k * 32 + lane;
+    grp.row[r][0] = 16 * tile + g;
+    grp.row[r][1] = 16 * tile + g + 8;
+  }
   const unsigned short* xr[NT];
   bool xin[NT];
 #pragma unroll
@@ -871,42 +927,50 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   tiles_load_x<NT, RT, U>(kw * U, tiles_k, xr, xin, xa);
 
   const u32 mask = kCodeMask[1];
-  float acc[CH][RT][NT][4], sx[CH][NT][4];  // (sx unused when wide)
+  // acc and sx: the sums (groupwise: of the current k-tile); total: groupwise, the folded sums
+  float acc[CH][RT][NT][4], sx[CH][NT][4], total[RT][NT][4];  // (sx unused when wide)
 #pragma unroll
-  for (int c = 0; c < CH; ++c) {
+  for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int e = 0; e < 4; ++e) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
+      for (int c = 0; c < CH; ++c) {
         sx[c][n][e] = 0.f;
 #pragma unroll
         for (int r = 0; r < RT; ++r) acc[c][r][n][e] = 0.f;
       }
-  }
+#pragma unroll
+      for (int r = 0; r < RT; ++r) total[r][n][e] = 0.f;
+    }
 
   // Two register sets, A and B, take turns: a round's loads are issued before the round
   // before it is multiplied, so each warp keeps U tiles in flight while it computes.
   for (int T0 = kw * U; T0 < tiles_k; T0 += 2 * step) {
     tiles_load<NT, RT, U>(T0 + step, tiles_k, wt, xr, xin, wb, xb);
-    tiles_compute<DT, NT, RT, U, CH>(T0, tiles_k, wa, xa, xr, xin, mask, acc, sx);
+    tiles_compute<DT, MODE, NT, RT, U, CH>(T0, tiles_k, wa, xa, xr, xin, mask, acc, sx, grp,
+                                           total);
     if (T0 + step >= tiles_k) break;
     tiles_load<NT, RT, U>(T0 + 2 * step, tiles_k, wt, xr, xin, wa, xa);
-    tiles_compute<DT, NT, RT, U, CH>(T0 + step, tiles_k, wb, xb, xr, xin, mask, acc, sx);
+    tiles_compute<DT, MODE, NT, RT, U, CH>(T0 + step, tiles_k, wb, xb, xr, xin, mask, acc, sx,
+                                           grp, total);
   }
 
-  // The lane's sums: acc (rows g, g + 8 of each tile; tokens 8 n + 2 t, + 1), then (unless
-  // wide) sum x for those two tokens (every row of the ones-mma's C fragment holds it).
+  // The lane's sums: acc or total (rows g, g + 8 of each tile; tokens 8 n + 2 t, + 1), then
+  // (per channel, narrow plan) sum x for those two tokens (every row of the ones-mma's C
+  // fragment holds it).
   float v[V];
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
 #pragma unroll
     for (int i = 0; i < 4 * RT; ++i) {
       const int r = i / 4, e = i % 4;
-      v[(r * NT + n) * 4 + e] = 0.f;
+      v[(r * NT + n) * 4 + e] = GROUPED ? total[r][n][e] : 0.f;
+      if constexpr (!GROUPED) {
 #pragma unroll
-      for (int c = 0; c < CH; ++c) v[(r * NT + n) * 4 + e] += acc[c][r][n][e];
+        for (int c = 0; c < CH; ++c) v[(r * NT + n) * 4 + e] += acc[c][r][n][e];
+      }
     }
-    if constexpr (!Plan::WIDE) {
+    if constexpr (V > S) {
       v[S + 2 * n] = sx[0][n][0] + sx[1][n][0];
       v[S + 2 * n + 1] = sx[0][n][1] + sx[1][n][1];
     }
@@ -934,25 +998,30 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
         const int row = 16 * (rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
         if (m >= M) continue;
         float y = v[(r * NT + n) * 4 + e];
-        if constexpr (!Plan::WIDE) y -= offset * v[S + 2 * n + (e & 1)];
-        y *= __ldg(scale + row);
+        if constexpr (!GROUPED) {
+          if constexpr (V > S) y -= offset * v[S + 2 * n + (e & 1)];
+          y *= __ldg(scale + row);
+        }
         if (bias) y += bias[row];
         out[(size_t)m * N + row] = from_float<DT>(y);
       }
   }
 }
 
-// W[N, K] = q * scale[row] in x's dtype from the tiled layout, for the larger M that go to
-// cuBLAS. A warp dequantizes one tile: lane (g, t) holds features 16 t .. 16 t + 15 of rows g
-// and g + 8 (its four words), writes them into the warp's tile in shared memory (rows padded
-// to 72 values, so that neither side's 16-byte accesses meet in a bank), and the warp then
-// writes the tile's 16 rows of 128 bytes whole. grid: row tiles x k-tiles / 4 (4 warps a block).
+// W[N, K] in x's dtype from the tiled layout, for the larger M that go to cuBLAS: q * scale[row]
+// per channel, (u - zero) * scale or q * scale of the tile's group groupwise (as
+// tpquant.kernels.weight_only computes them in float32, then one rounding). A warp dequantizes
+// one tile: lane (g, t) holds features 16 t .. 16 t + 15 of rows g and g + 8 (its four words),
+// writes them into the warp's tile in shared memory (rows padded to 72 values, so that neither
+// side's 16-byte accesses meet in a bank), and the warp then writes the tile's 16 rows of 128
+// bytes whole. grid: row tiles x k-tiles / 4 (4 warps a block).
 #define DEQ_ROW 72  // padded row of a tile in shared memory, in 16-bit values
 
-template <int DT>
+template <int DT, int MODE>
 __global__ void __launch_bounds__(128)
 wo_tiles_dequant(const uint4* __restrict__ w, const float* __restrict__ scale,
-                 unsigned short* __restrict__ out, int N, int K) {
+                 const float* __restrict__ zeros, unsigned short* __restrict__ out, int N, int K,
+                 int group) {
   __shared__ __align__(16) unsigned short tile[4][16 * DEQ_ROW];
   wait_then_signal();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -960,10 +1029,14 @@ wo_tiles_dequant(const uint4* __restrict__ w, const float* __restrict__ scale,
   const int T = blockIdx.y * 4 + warp, R = blockIdx.x;
   if (T >= tiles_k) return;  // (a whole warp: no barrier below but __syncwarp)
   const uint4 v = load_weight(w + ((size_t)R * tiles_k + T) * 32 + lane);
+  // per channel: scale[row]; groupwise: scales / zeros [K/g, N] at the tile's group
+  const size_t base = Mode<MODE>::GROUPED ? (size_t)(T * TILE_K / group) * N : 0;
   unsigned short* mine = tile[warp];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const float s = __ldg(scale + 16 * R + g + 8 * h);
+    const int row = 16 * R + g + 8 * h;
+    const float s = __ldg(scale + base + row);
+    const float z = MODE == 2 ? __ldg(zeros + base + row) : 0.f;
     u32 pairs[8];  // features 16 t + 2 i, + 1 of row g + 8 h
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
@@ -972,7 +1045,9 @@ wo_tiles_dequant(const uint4* __restrict__ w, const float* __restrict__ scale,
 #pragma unroll
       for (int c = 0; c < 4; ++c) {  // nibble j = 4 (c & 1) + 2 (c >> 1) + h: feature + c
         const int j = 4 * (c & 1) + 2 * (c >> 1) + h;
-        f[c] = (float)((int)(((q >> (4 * j)) & 0xFu) ^ 8u) - 8) * s;
+        const u32 code = (q >> (4 * j)) & 0xFu;
+        // zeros mode: u - z; signed codes: q (bit 3 sign-extended)
+        f[c] = (MODE == 2 ? (float)code - z : (float)((int)(code ^ 8u) - 8)) * s;
       }
       pairs[2 * st] = pack2<DT>(f[0], f[1]);
       pairs[2 * st + 1] = pack2<DT>(f[2], f[3]);

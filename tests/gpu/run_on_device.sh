@@ -13,6 +13,8 @@
 #     rows_final  the tiled GEMV's and PDL's tests, the layers on 2 GPUs, bench_int4_tiles (M = 1
 #                 to 256), bench_decode bf16 / int8 / int4 / int4 groupwise (batch 1 / 8 / 64)
 #                 at TP 1 and 2
+#     gw_final    the tiled GEMV's tests (per channel and groupwise), the layers on 2 GPUs,
+#                 bench_gemm --quick, bench_decode bf16 / int4 / int4 groupwise at TP 1 and 2
 #     rows_sweep  bench_int4_tiles' shape sweep, M = 1 to 128 (1 GPU)
 #     wide_sweep  the tiled GEMV's tests, then its shape sweep at M = 40 and 64 (1 GPU)
 #     tiles_final the tiled GEMV's and PDL's tests, the layers on 2 GPUs, bench_int4_tiles,
@@ -135,6 +137,17 @@ rows_final)
     [ "$n" -le "$ngpu" ] || continue
     TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py \
       --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw
+  done
+  ;;
+gw_final)
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py tests/gpu/test_pdl_gpu.py
+  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
+    -q --timeout 240 tests/mpi/test_layers.py
+  STEP_TIMEOUT=240 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py \
+      --models llama2-7b --schemes bf16 int4_wo int4_gw
   done
   ;;
 rows_sweep)

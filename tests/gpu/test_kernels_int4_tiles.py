@@ -1,12 +1,14 @@
 """The kernels that read the tiled int4 layout (cpp/weight_only_gemv.cu: wo_tiles,
-wo_tiles_dequant) against float64 references built from the stored (untiled) layout.
+wo_tiles_dequant), per channel and groupwise, against float64 references built from the stored
+(untiled) layout.
 
 One command (one GPU is enough):
     python3 -m pytest -q tests/gpu/test_kernels_int4_tiles.py
 
 int4 per channel, float16 and bfloat16, N and K multiples of the tile (16, 64) but not of 128,
 M from 1 to 300 through the dispatch (the tiled GEMV to M = 64; dequantize + cuBLAS above) and
-each path forced (dot untiles first), every candidate shape of the GEMV, a CUDA-graph capture.
+each path forced (dot untiles first), every candidate shape of the GEMV, a CUDA-graph capture;
+groupwise with and without zeros, groups of 64 and 128, M from 1 to 65 (launches of 32 rows).
 Outputs are poisoned with NaN first. Tolerance: max |y - ref| <= TOL[dtype] * max |ref|, ref
 being float64 math on the weight `tpquant.kernels.weight_only` dequantizes from the stored
 layout (the tiles are not involved in the reference).
@@ -27,7 +29,7 @@ from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
 from tpquant.kernels import weight_only as ref  # noqa: E402
 from tpquant.kernels.int4_tiles import tile_int4  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
-from tpquant.quantization.schemes import WeightOnly  # noqa: E402
+from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
 
 from .weight_only_checks import check, poison  # noqa: E402
 
@@ -189,3 +191,109 @@ def test_tiled_gemv_refuses_large_m(device) -> None:
     out = torch.empty(x.shape[0], 208, dtype=torch.bfloat16, device=device)
     with pytest.raises(ValueError, match="tiled GEMV takes M"):
         cw.tiles_gemv(x, t["tiles"], t["scale"], None, out)
+
+
+# ---- groupwise int4 on the tiles -----------------------------------------------------------
+
+GROUPWISE_SHAPES = [(208, 320, 64), (960, 576, 64), (4096, 1024, 128)]  # (N, K, group)
+
+
+def _gw_weights(n: int, k: int, group: int, zeros: bool, device: torch.device,
+                seed: int) -> dict[str, torch.Tensor]:
+    """Stored groupwise tensors of a random weight (as Groupwise.quantize makes them), plus the
+    tiles of its codes."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
+    t = {key: v.to(device) for key, v in Groupwise(group, zeros).quantize(w).items()}
+    t["tiles"] = tile_int4(t["qweight"])
+    return t
+
+
+def _gw_reference(t: dict[str, torch.Tensor], group: int, x: torch.Tensor, bias,
+                  pqs=None) -> torch.Tensor:
+    w = ref.dequantize_groupwise(t["qweight"], t["scales"], t.get("zeros"), group).double()
+    xd = x.double() if pqs is None else x.double() * pqs.double()
+    y = xd @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64, 65])
+@pytest.mark.parametrize("zeros", [True, False], ids=["zeros", "symmetric"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k,group", GROUPWISE_SHAPES)
+def test_groupwise_dispatch_on_tiles(device, n: int, k: int, group: int, dtype: torch.dtype,
+                                     zeros: bool, m: int) -> None:
+    """Through the public op, as Groupwise.forward calls it, with and without bias."""
+    t = _gw_weights(n, k, group, zeros, device, seed=n + group)
+    x, bias = _inputs(m, k, n, dtype, device, seed=m)
+    for b in (None, bias):
+        poison((m, n), dtype, device)
+        y = ref.groupwise_matmul(x, t["tiles"], t["scales"], t.get("zeros"), group, None, b,
+                                 tiled=True)
+        check(y, _gw_reference(t, group, x, b), dtype, (n, k, group, zeros, m, b is not None))
+
+
+def _gw_shape_cases() -> list[tuple[int, tuple[int, int, int, int]]]:
+    """(M, kernel shape): every groupwise candidate of each M tile that fits in shared memory."""
+    return [(m, shape) for m in (1, 16, 27) for shape in cw.TILES_CANDIDATES[cw.tiles_nt(m)]
+            if cw.tiles_shared_bytes(cw.tiles_nt(m), *shape[:3], grouped=True)
+            <= cw.TILES_SHARED_BYTES]
+
+
+@pytest.mark.parametrize("m,shape", _gw_shape_cases(), ids=str)
+def test_groupwise_every_kernel_shape(device, m: int, shape: tuple[int, int, int, int]) -> None:
+    n, k, group = 4096, 1024, 128
+    t = _gw_weights(n, k, group, True, device, seed=17)
+    x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=19)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+    cw.tiles_gemv(x, t["tiles"], t["scales"], bias, out, zeros=t["zeros"], group=group,
+                  shape=shape)
+    check(out, _gw_reference(t, group, x, bias), torch.bfloat16, (m, shape))
+
+
+@pytest.mark.parametrize("zeros", [True, False], ids=["zeros", "symmetric"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_groupwise_dequantize_from_tiles_is_exact(device, dtype: torch.dtype,
+                                                  zeros: bool) -> None:
+    """W = (u - zero) * scale or q * scale in float32, rounded once to dtype, as torch does."""
+    t = _gw_weights(208, 320, 64, zeros, device, seed=23)
+    poison((208, 320), dtype, device)
+    w = cw.tiles_dequantize(t["tiles"], t["scales"], dtype, zeros=t.get("zeros"), group=64)
+    expected = ref.dequantize_groupwise(t["qweight"], t["scales"], t.get("zeros"), 64).to(dtype)
+    assert torch.equal(w, expected)
+
+
+def test_groupwise_tiles_with_a_pre_quant_scale_are_untiled(device) -> None:
+    """The tiled GEMV does not multiply x by a pre-quant scale: such a weight runs untiled."""
+    n, k, group = 960, 576, 64
+    t = _gw_weights(n, k, group, True, device, seed=29)
+    x, bias = _inputs(5, k, n, torch.bfloat16, device, seed=31)
+    pqs = torch.rand(k, generator=torch.Generator().manual_seed(37)).add(0.5).to(device)
+    y = ref.groupwise_matmul(x, t["tiles"], t["scales"], t["zeros"], group, pqs, bias, tiled=True)
+    check(y, _gw_reference(t, group, x, bias, pqs), torch.bfloat16, "pqs")
+
+
+@pytest.mark.parametrize("m", [1, 40])
+def test_groupwise_scheme_and_cuda_graph(device, m: int) -> None:
+    """Groupwise.pack tiles; forward on the tiles captured in a CUDA graph, replayed on new x."""
+    n, k = 960, 576
+    scheme = Groupwise(64, zeros=True, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(41)
+    stored = {k_: v.to(device) for k_, v in scheme.quantize(torch.randn(n, k, generator=g)).items()}
+    packed = scheme.pack(stored)
+    assert "qweight_tiles" in packed and "qweight" not in packed
+    x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=43)
+    eager = scheme.forward(x, packed, bias)  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = scheme.forward(x, packed, bias)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_static, eager)
+    fresh, _ = _inputs(m, k, n, torch.bfloat16, device, seed=47)
+    x.copy_(fresh)
+    y_static.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(y_static, _gw_reference(stored, 64, x, bias), torch.bfloat16, ("graph", m))

@@ -248,14 +248,22 @@ def test_per_rank_bytes_are_full_over_tp(world, name, style):
 @pytest.mark.mpi
 @pytest.mark.parametrize("tokens", [1, 5, 40, 100])
 @pytest.mark.parametrize("style", ["column", "row"])
-def test_int4_tiled_layers_in_bfloat16(world, style, tokens):
-    """int4 per channel in bfloat16: the layers keep tiled weights (`WeightOnly.pack`), which on
-    CUDA run the tiled GEMV (M <= 64) or dequantize from the tiles (above); the rank's output
-    equals float64 math on the full weight's dequantized codes, and the single-process layer's,
-    to bfloat16's bound (1e-2 of the largest output: outputs and, row-parallel, partial sums
-    round to bfloat16)."""
-    scheme = WeightOnly(4, torch.bfloat16)
+@pytest.mark.parametrize("kind", ["per_channel", "groupwise"])
+def test_int4_tiled_layers_in_bfloat16(world, kind, style, tokens):
+    """int4 per channel and groupwise (zeros) in bfloat16: the layers keep tiled weights
+    (`WeightOnly.pack`, `Groupwise.pack`), which on CUDA run the tiled GEMV (M <= 64) or
+    dequantize from the tiles (above); the rank's output equals float64 math on the full
+    weight's dequantized codes, and the single-process layer's, to bfloat16's bound (1e-2 of
+    the largest output: outputs and, row-parallel, partial sums round to bfloat16). Groups of
+    64 (whole k-tiles), or 32 where a row-parallel shard holds no whole groups of 64 (TP 4:
+    then the rank keeps the stored layout)."""
     mapping, comm, device = world
+    tp = mapping.tp_size
+    if kind == "per_channel":
+        scheme, group = WeightOnly(4, torch.bfloat16), 0
+    else:
+        group = 64 if style == "column" or (IN // tp) % 64 == 0 else 32
+        scheme = Groupwise(group, True, False, torch.bfloat16)
     w, b, _, _ = _data(IN, OUT, seed=3)
     x = torch.randn(tokens, IN, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     exact = x.double() @ scheme.dequantize(scheme.quantize(w)).double().T + b.double()
@@ -270,7 +278,8 @@ def test_int4_tiled_layers_in_bfloat16(world, style, tokens):
         x_rank, cols = x[:, _slice(IN, rank, tp)], slice(None)
     layer.load_full(w, b)
     local = (OUT // tp, IN) if style == "column" else (OUT, IN // tp)
-    assert ("qweight_tiles" in layer.tensors) == can_tile(*local)  # all but row TP 4's 96
+    # all but row TP 4's 96 features (per channel: not a multiple of 64; groupwise: groups of 32)
+    assert ("qweight_tiles" in layer.tensors) == (can_tile(*local) and group % 64 == 0)
     got = _run(layer, x_rank, device)
     _close(got, exact[:, cols], rel=1e-2)
     _close(got, _run(single.load_full(w, b), x, device)[:, cols], rel=1e-2)

@@ -1,4 +1,5 @@
-"""The tiled int4 layout (`tpquant.kernels.int4_tiles`) and WeightOnly's use of it, on CPU.
+"""The tiled int4 layout (`tpquant.kernels.int4_tiles`) and WeightOnly's and Groupwise's use of
+it, on CPU.
 
 The layout is checked nibble by nibble against the formula its docstring (and the kernel's
 header) states, the inverse against the original bytes, and the scheme's tiled tensors against
@@ -14,11 +15,13 @@ import torch
 
 from tpquant.collectives import SingleProcessCommunicator
 from tpquant.kernels.int4_tiles import can_tile, tile_int4, untile_int4
-from tpquant.kernels.weight_only import dequantize_weight_only, weight_only_matmul
+from tpquant.kernels.weight_only import (
+    dequantize_groupwise, dequantize_weight_only, weight_only_matmul,
+)
 from tpquant.layers.column import ColumnLinear
 from tpquant.layers.row import RowLinear
 from tpquant.parallel.mapping import Mapping
-from tpquant.quantization.schemes import WeightOnly
+from tpquant.quantization.schemes import Groupwise, WeightOnly
 
 
 def _bytes(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -106,8 +109,43 @@ def test_tiled_flag_on_a_weight_that_does_not_tile_is_refused_on_cuda_shapes() -
                            torch.ones(16), 4, tiled=True)
 
 
+@pytest.mark.parametrize("zeros", [True, False])
+@pytest.mark.parametrize("group", [64, 128])
+def test_groupwise_scheme_packs_tiles_and_reads_them(zeros: bool, group: int) -> None:
+    scheme = Groupwise(group, zeros, dtype=torch.float32)
+    stored = scheme.quantize(_weight(48, 256, seed=7))
+    packed = scheme.pack(stored)
+    names = {"qweight_tiles", "scales"} | ({"zeros"} if zeros else set())
+    assert set(packed) == names and set(scheme.specs(packed)) == names
+    assert torch.equal(scheme.dequantize(packed), scheme.dequantize(stored))
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 256, generator=g)
+    bias = torch.randn(48, generator=g)
+    w = dequantize_groupwise(stored["qweight"], stored["scales"], stored.get("zeros"), group)
+    expected = x.double() @ w.double().t() + bias.double()
+    y = scheme.forward(x, packed, bias)
+    assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("scheme,shape", [
+    (Groupwise(128, tiles=False), (48, 256)),          # tiles off
+    (Groupwise(128, pre_quant_scale=True), (48, 256)),  # the tiled GEMV does not scale x
+    (Groupwise(32), (48, 256)),                         # groups smaller than a k-tile
+    (Groupwise(96), (48, 192)),                         # groups across k-tiles
+    (Groupwise(64), (40, 256)),                         # N % 16
+])
+def test_groupwise_keeps_rows_where_tiles_do_not_apply(scheme, shape) -> None:
+    stored = scheme.quantize(_weight(*shape, seed=9))
+    packed = scheme.pack(stored)
+    assert set(packed) == set(stored)
+    assert all(torch.equal(packed[k], stored[k]) for k in stored)
+
+
+@pytest.mark.parametrize("make", [lambda **kw: WeightOnly(4, **kw),
+                                  lambda **kw: Groupwise(64, zeros=True, **kw)],
+                         ids=["per_channel", "groupwise"])
 @pytest.mark.parametrize("style", ["column", "row"])
-def test_sharded_linear_tiles_each_ranks_shard(style: str) -> None:
+def test_sharded_linear_tiles_each_ranks_shard(style: str, make) -> None:
     """Tiles are made after sharding: each rank's tiled shard equals the tiles of its stored
     shard, and the rank's output equals float64 math on its slice of the weight."""
     tp, out_f, in_f = 2, 64, 256
@@ -117,9 +155,9 @@ def test_sharded_linear_tiles_each_ranks_shard(style: str) -> None:
     x = torch.randn(3, in_f if style == "column" else in_f // tp, generator=g)
     for rank in range(tp):
         mapping = Mapping(world_size=tp, rank=rank, tp_size=tp)
-        args = (in_f, out_f, WeightOnly(4, dtype=torch.float32), mapping, SingleProcessCommunicator())
+        args = (in_f, out_f, make(dtype=torch.float32), mapping, SingleProcessCommunicator())
         tiled = layer_type(*args).load_full(w)
-        rows = layer_type(in_f, out_f, WeightOnly(4, dtype=torch.float32, tiles=False), mapping,
+        rows = layer_type(in_f, out_f, make(dtype=torch.float32, tiles=False), mapping,
                           SingleProcessCommunicator()).load_full(w)
         assert torch.equal(tiled.tensors["qweight_tiles"], tile_int4(rows.tensors["qweight"]))
         y = tiled.scheme.forward(x, tiled.tensors)

@@ -236,7 +236,7 @@ def gemv(
                x2.device, with_pdl)
 
 
-# ---- the tiled kernel (wo_tiles) for int4 per-channel weights in `int4_tiles`' layout --------
+# ---- the tiled kernel (wo_tiles) for int4 weights in `int4_tiles`' layout ----------------------
 # Its M tiles (8-token tiles NT per launch; from TILES_WIDE_NT on, the .cu's "wide" plan) and,
 # per NT, the shapes it chooses from: (16-row tiles per row warp, K warps of a row warp, row
 # warps of a block sharing x, k-tiles each warp loads per round). `tiles_shape` picks one per
@@ -259,16 +259,30 @@ TILES_CANDIDATES = {
         (2, 2, 4, 1), (2, 8, 1, 1)),
     8: ((1, 4, 1, 1), (1, 4, 1, 2), (2, 2, 2, 1), (2, 2, 4, 1), (2, 4, 1, 1), (2, 4, 2, 1)),
 }
-TILES_MAX_M = 8 * TILES_NT[-1]  # one launch; above: dequantize + cuBLAS (two launches lost)
+TILES_MAX_M = 8 * TILES_NT[-1]  # the dispatch's limit; above: dequantize + cuBLAS
+# Groupwise int4 (modes 2 / 3) folds each k-tile's sums with its group's scale and zero, which
+# takes the narrow plan's sums of x: M tiles to 4 (32 rows a launch, two launches to 64), the
+# per-channel candidates (not swept for groupwise), groups of whole k-tiles.
+TILES_GROUPED_NT = TILES_NT[:3]
 TILES_SHARED_BYTES = 48 << 10  # a block's static shared memory: its warps' sums
 _TILES: dict[tuple, Any] = {}
 _TILES_CHOSEN: dict[tuple, tuple[int, int, int, int, int]] = {}
 
 
-def tiles_shared_bytes(nt: int, rt: int, kw: int, rw: int = 1) -> int:
+def tiles_takes_group(group: int) -> bool:
+    """Whether the tiled kernels take a group size (0: per channel): whole 64-feature k-tiles."""
+    return group % 64 == 0
+
+
+def tiles_launch_m(mode_: int) -> int:
+    """Rows of x one launch of the tiled GEMV runs, by .cu MODE (1 per channel, 2 / 3 groupwise)."""
+    return 8 * (TILES_NT if mode_ == 1 else TILES_GROUPED_NT)[-1]
+
+
+def tiles_shared_bytes(nt: int, rt: int, kw: int, rw: int = 1, grouped: bool = False) -> int:
     """Shared memory of a wo_tiles block: for each row warp, KW - 1 K warps' C fragments (RT x
-    NT) and (below the wide plan) NT x 2 sums of x, floats per lane."""
-    sums = rt * nt * 4 + (0 if nt >= TILES_WIDE_NT else nt * 2)
+    NT) and (per channel, below the wide plan) NT x 2 sums of x, floats per lane."""
+    sums = rt * nt * 4 + (0 if grouped or nt >= TILES_WIDE_NT else nt * 2)
     return rw * (kw - 1) * sums * 32 * 4
 
 
@@ -299,69 +313,81 @@ def pick_tiles_shape(n: int, nt: int, sm_count: int,
     return max(resident, key=score)
 
 
-def tiles_shape(m: int, n: int, device: torch.device,
-                dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(NT, row tiles, K warps, row warps, unroll) of the tiled kernel for m <= TILES_MAX_M rows
-    of an [n, K] weight on `device`, chosen by `pick_tiles_shape` once per (device, dtype, NT,
-    n)."""
+def tiles_shape(m: int, n: int, device: torch.device, dtype: torch.dtype,
+                mode_: int = 1) -> tuple[int, int, int, int, int]:
+    """(NT, row tiles, K warps, row warps, unroll) of the tiled kernel for m <= one launch's rows
+    of an [n, K] weight on `device`, chosen by `pick_tiles_shape` once per (device, dtype,
+    mode, NT, n)."""
     nt = tiles_nt(m)
-    key = (device.index, dtype, nt, n)
+    key = (device.index, dtype, mode_, nt, n)
     if key not in _TILES_CHOSEN:
-        resident = tiles_resident(nt, device, dtype)
+        resident = tiles_resident(nt, device, dtype, mode_)
         _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, nt, _sm_count(device), resident))
     return _TILES_CHOSEN[key]
 
 
 @functools.cache
-def tiles_resident(nt: int, device: torch.device,
-                   dtype: torch.dtype) -> dict[tuple[int, int, int, int], int]:
+def tiles_resident(nt: int, device: torch.device, dtype: torch.dtype,
+                   mode_: int = 1) -> dict[tuple[int, int, int, int], int]:
     """{shape: blocks an SM holds} of NT's candidates that fit in shared memory, compile
     without spills (a compiler's choice; any, if none does) and fit on an SM at all."""
+    grouped = mode_ != 1
     shapes = [c for c in TILES_CANDIDATES[nt]
-              if tiles_shared_bytes(nt, *c[:3]) <= TILES_SHARED_BYTES]
-    functions = _tiles_functions(device, dtype, [_tiles_name(nt, *c) for c in shapes])
+              if tiles_shared_bytes(nt, *c[:3], grouped=grouped) <= TILES_SHARED_BYTES]
+    functions = _tiles_functions(device, dtype, [_tiles_name(mode_, nt, *c) for c in shapes])
     resident = {c: occupancy(f, c[1] * c[2] * 32, device) for c, f in zip(shapes, functions)}
     unspilled = {c: r for (c, r), f in zip(resident.items(), functions)
                  if r > 0 and f.local_size_bytes == 0}
     return unspilled or {c: r for c, r in resident.items() if r > 0}
 
 
-def _tiles_name(nt: int, rt: int, kw: int, rw: int, u: int) -> str:
-    return f"wo_tiles<{{dt}}, {nt}, {rt}, {kw}, {rw}, {u}>"
+def _tiles_name(mode_: int, nt: int, rt: int, kw: int, rw: int, u: int) -> str:
+    return f"wo_tiles<{{dt}}, {mode_}, {nt}, {rt}, {kw}, {rw}, {u}>"
 
 
 def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None, out: torch.Tensor, *,
+               zeros: torch.Tensor | None = None, group: int = 0,
                shape: tuple[int, int, int, int] | None = None) -> None:
-    """out[M, N] = x2[M, K] @ W^T (+ bias) for int4 per-channel W in the tiled layout
-    (`tpquant.kernels.int4_tiles`), M <= TILES_MAX_M; the caller has checked shapes and
-    `aligned`. Benchmarks may force `shape` (row tiles, K warps, row warps, unroll)."""
+    """out[M, N] = x2[M, K] @ W^T (+ bias) for int4 W in the tiled layout
+    (`tpquant.kernels.int4_tiles`): per channel (group 0, scale [N]), or groupwise (scales
+    [K/g, N], zeros [K/g, N] or None for signed codes; no pre-quant scale), M <= TILES_MAX_M
+    in launches of `tiles_launch_m` rows. The caller has checked shapes, `tiles_takes_group`
+    and `aligned`. Benchmarks may force `shape` (row tiles, K warps, row warps, unroll)."""
     m, k = x2.shape
     n = tiled.shape[0]
     if m > TILES_MAX_M:
         raise ValueError(f"the tiled GEMV takes M <= {TILES_MAX_M}, got {m}")
-    if shape is None:
-        nt, rt, kw, rw, u = tiles_shape(m, n, x2.device, x2.dtype)
-    else:
-        nt, (rt, kw, rw, u) = tiles_nt(m), shape
-        if tiles_shared_bytes(nt, rt, kw, rw) > TILES_SHARED_BYTES:
-            raise ValueError(f"tiled GEMV shape {shape} at M = {m} needs more than "
-                             f"{TILES_SHARED_BYTES} bytes of shared memory")
-    function = _tiles_functions(x2.device, x2.dtype, [_tiles_name(nt, rt, kw, rw, u)])[0]
-    args = (_ptr(x2), _ptr(tiled), _ptr(scale), _ptr(_float32(bias)), _ptr(out),
-            np.int32(m), np.int32(n), np.int32(k))
-    launch(function, (-(-n // (16 * rt * rw)),), (kw * rw * 32,), args, x2.device,
-           pdl.enabled(x2.device))
+    mode_ = mode(4, group, zeros is not None)
+    bias = _float32(bias)
+    for m0 in range(0, m, tiles_launch_m(mode_)):
+        rows = min(tiles_launch_m(mode_), m - m0)
+        if shape is None:
+            nt, rt, kw, rw, u = tiles_shape(rows, n, x2.device, x2.dtype, mode_)
+        else:
+            nt, (rt, kw, rw, u) = tiles_nt(rows), shape
+            if tiles_shared_bytes(nt, rt, kw, rw, grouped=mode_ != 1) > TILES_SHARED_BYTES:
+                raise ValueError(f"tiled GEMV shape {shape} at M = {rows} needs more than "
+                                 f"{TILES_SHARED_BYTES} bytes of shared memory")
+        function = _tiles_functions(x2.device, x2.dtype,
+                                    [_tiles_name(mode_, nt, rt, kw, rw, u)])[0]
+        args = (_ptr(x2[m0:]), _ptr(tiled), _ptr(scale), _ptr(zeros), _ptr(bias),
+                _ptr(out[m0:]), np.int32(rows), np.int32(n), np.int32(k), np.int32(group or 1))
+        launch(function, (-(-n // (16 * rt * rw)),), (kw * rw * 32,), args, x2.device,
+               pdl.enabled(x2.device))
 
 
-def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W[N, K] = q * scale[:, None] in dtype (float16 / bfloat16) from the tiled layout."""
+def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *,
+                     zeros: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
+    """W[N, K] in dtype (float16 / bfloat16) from the tiled layout: q * scale[:, None] per
+    channel, (u - zero) * scale or q * scale of each group groupwise."""
     n, k = tiled.shape[0], 2 * tiled.shape[1]
     w = torch.empty((n, k), dtype=dtype, device=tiled.device)
-    function = _tiles_functions(tiled.device, dtype, ["wo_tiles_dequant<{dt}>"])[0]
+    name = f"wo_tiles_dequant<{{dt}}, {mode(4, group, zeros is not None)}>"
+    function = _tiles_functions(tiled.device, dtype, [name])[0]
     launch(function, (n // 16, -(-k // 256)), (128,),
-           (_ptr(tiled), _ptr(scale), _ptr(w), np.int32(n), np.int32(k)), tiled.device,
-           pdl.enabled(tiled.device))
+           (_ptr(tiled), _ptr(scale), _ptr(zeros), _ptr(w), np.int32(n), np.int32(k),
+            np.int32(group or 1)), tiled.device, pdl.enabled(tiled.device))
     return w
 
 

@@ -39,8 +39,8 @@ CUDA graphs: no host synchronisation and only torch.empty allocations in a call.
 runs at the first call for each (M bucket, N, K, scheme): warm every shape up (call it once)
 before capturing a graph or timing.
 
-Tiled int4 weights (`tpquant.kernels.int4_tiles`, what `WeightOnly.pack` keeps): the tiled CUDA
-GEMV for small M, dequant from the tiles above; see `weight_only_matmul`.
+Tiled int4 weights (`tpquant.kernels.int4_tiles`, what `WeightOnly.pack` and `Groupwise.pack`
+keep): the tiled CUDA GEMV for small M, dequant from the tiles above; see `weight_only_matmul`.
 
 Forcing a path: the `path` argument of the launchers below, or the environment variable
 TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant, read at every call (the benchmark
@@ -673,7 +673,7 @@ class _Weights:
     pqs: torch.Tensor | None  # [K] or None
     bits: int
     group: int  # 0 = per channel
-    tiled: bool = False  # int4 per channel in `int4_tiles`' layout
+    tiled: bool = False  # int4 in `int4_tiles`' layout
 
     @property
     def n(self) -> int:
@@ -726,8 +726,10 @@ def groupwise_matmul(
     config: Mapping[str, int] | None = None,
     split_k: int | None = None,
     out: torch.Tensor | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
-    """y[..., N] = (x * pqs) @ ((q - zero) * scale)^T + bias, in x.dtype; arguments as above."""
+    """y[..., N] = (x * pqs) @ ((q - zero) * scale)^T + bias, in x.dtype; arguments as above
+    (the tiled kernels take groups of whole k-tiles and no pqs: other weights are untiled)."""
     weights = _Weights(
         _contiguous(qweight_packed),
         _contiguous(scales),
@@ -735,6 +737,7 @@ def groupwise_matmul(
         None if pre_quant_scale is None else _contiguous(pre_quant_scale),
         4,
         group_size,
+        tiled,
     )
     return _matmul(x, weights, bias, path, config, split_k, out)
 
@@ -767,7 +770,9 @@ def _matmul(
     chosen = forced_path(path)
     cuda_ok = _cuda_takes(x2, wt, bias)
     if wt.tiled:
-        if cuda_ok and chosen in (AUTO, REFERENCE, CUDA, DEQUANT):
+        tiles_ok = (cuda_ok and wt.pqs is None
+                    and cuda_weight_only.tiles_takes_group(wt.group))
+        if tiles_ok and chosen in (AUTO, REFERENCE, CUDA, DEQUANT):
             _tiled(x2, wt, None if bias is None else _contiguous(bias), out, chosen)
             return out.reshape(*x.shape[:-1], n)
         wt = replace(wt, qweight=untile_int4(wt.qweight), tiled=False)  # what the others read
@@ -905,9 +910,12 @@ def _tiled(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch
     if chosen in (AUTO, REFERENCE):
         chosen = CUDA if m <= cuda_weight_only.TILES_MAX_M else DEQUANT
     if chosen == CUDA:
-        cuda_weight_only.tiles_gemv(x2, wt.qweight, wt.scale, bias, out)
+        cuda_weight_only.tiles_gemv(x2, wt.qweight, wt.scale, bias, out, zeros=wt.zeros,
+                                    group=wt.group)
     else:
-        _mm(x2, cuda_weight_only.tiles_dequantize(wt.qweight, wt.scale, x2.dtype), bias, out)
+        w = cuda_weight_only.tiles_dequantize(wt.qweight, wt.scale, x2.dtype, zeros=wt.zeros,
+                                              group=wt.group)
+        _mm(x2, w, bias, out)
 
 
 def _dequant_linear(

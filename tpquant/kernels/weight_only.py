@@ -13,8 +13,9 @@ index, see tpquant.quantization.packing):
 All math is float32 whatever x's dtype; the result is cast back to x.dtype. Row-parallel
 shards pass through unchanged: sizes are read from the tensors, not from a config.
 
-int4 per channel may also be held in the tiled layout of `tpquant.kernels.int4_tiles` (tiled=True:
-the same codes reordered for the tiled GEMV); the reference untiles it.
+int4 (per channel or groupwise) may also be held in the tiled layout of
+`tpquant.kernels.int4_tiles` (tiled=True: the same codes reordered for the tiled GEMV); the
+reference untiles it.
 
 Fast paths: float16 / bfloat16 x on CUDA goes to the Triton kernels of
 `tpquant.kernels.triton_weight_only` (its docstring lists the paths); everything else, and
@@ -36,7 +37,7 @@ def dequantize_weight_only(qweight: torch.Tensor, scale: torch.Tensor, bits: int
     int4 in the layout of `tpquant.kernels.int4_tiles`)."""
     if tiled:
         _check_tiled_bits(bits)
-        q = (untile_codes(qweight).to(torch.int8) ^ 8) - 8  # sign-extend bit 3
+        q = _tiled_codes(qweight, signed=True)
     elif bits == 8:
         q = qweight
     elif bits == 4:
@@ -54,12 +55,15 @@ def dequantize_groupwise(
     zeros: torch.Tensor | None,
     group_size: int,
     pre_quant_scale: torch.Tensor | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """Float32 effective W[out, in]: ((q - zero) * scale)[:, j], times pre_quant_scale[j] if given.
 
-    With zeros the codes are unsigned 0..15, without them signed -8..7.
+    With zeros the codes are unsigned 0..15, without them signed -8..7. tiled: qweight in the
+    layout of `tpquant.kernels.int4_tiles`.
     """
-    q = unpack_int4(qweight, signed=zeros is None)
+    q = (_tiled_codes(qweight, signed=zeros is None) if tiled
+         else unpack_int4(qweight, signed=zeros is None))
     out_features, in_features = q.shape
     if scales.shape != (in_features // group_size, out_features) or in_features % group_size:
         raise ValueError(
@@ -114,19 +118,22 @@ def groupwise_matmul(
     bias: torch.Tensor | None = None,
     *,
     path: str | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """y[..., out] = (x * pqs) @ ((q - zero) * scale)^T + bias; float32 math, result in x.dtype.
 
-    path: as for `weight_only_matmul`.
+    path, tiled: as for `weight_only_matmul`.
     """
     if _use_triton(x, path):
         from tpquant.kernels import triton_weight_only
 
-        _check_groupwise(qweight_packed, scales, zeros, group_size, pre_quant_scale, x, bias)
+        _check_groupwise(qweight_packed, scales, zeros, group_size, pre_quant_scale, x, bias,
+                         tiled)
         return triton_weight_only.groupwise_matmul(
-            x, qweight_packed, scales, zeros, group_size, pre_quant_scale, bias, path=path
+            x, qweight_packed, scales, zeros, group_size, pre_quant_scale, bias, path=path,
+            tiled=tiled,
         )
-    w = dequantize_groupwise(qweight_packed, scales, zeros, group_size)
+    w = dequantize_groupwise(qweight_packed, scales, zeros, group_size, tiled=tiled)
     xf = x.float()
     if pre_quant_scale is not None:
         # Scale the activation, as the fused kernels do, rather than folding pqs into W.
@@ -181,6 +188,12 @@ def _check_weight_only(
     _check_common(in_features, k, qweight.shape[0], bias, qweight.device)
 
 
+def _tiled_codes(tiled: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The codes of a tiled int4 weight in k order: int8 -8..7 (signed) or uint8 0..15."""
+    codes = untile_codes(tiled)
+    return (codes.to(torch.int8) ^ 8) - 8 if signed else codes  # signed: sign-extend bit 3
+
+
 def _check_tiled_bits(bits: int) -> None:
     if bits != 4:
         raise ValueError(f"the tiled layout holds int4 codes, got bits={bits}")
@@ -188,7 +201,7 @@ def _check_tiled_bits(bits: int) -> None:
 
 def _check_groupwise(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
-    pqs: torch.Tensor | None, x: torch.Tensor, bias: torch.Tensor | None,
+    pqs: torch.Tensor | None, x: torch.Tensor, bias: torch.Tensor | None, tiled: bool = False,
 ) -> None:
     if qweight.dim() != 2 or qweight.dtype != torch.uint8:
         raise ValueError(
@@ -206,6 +219,8 @@ def _check_groupwise(
         raise ValueError(f"zeros must match scales {tuple(scales.shape)}, got {tuple(zeros.shape)}")
     if pqs is not None:
         _check_pqs(pqs, in_features)
+    if tiled:
+        check_tileable(out_features, in_features)
     _check_common(x.shape[-1], in_features, out_features, bias, qweight.device)
 
 

@@ -13,6 +13,10 @@ caller passes p[in] to `quantize`, W / p is quantized, and forward computes
 Stored: qweight packed uint8 [out, in/2] (low nibble = even column), scales float32 [in/g, out],
 zeros float32 [in/g, out], pre_quant_scale float32 [in]. Scales and zeros are [in/g, out]
 (not [out, in/g]) as the GEMV kernels read them: one contiguous row of scales per group.
+As `WeightOnly` does for int4 per channel, `pack` keeps qweight in the tiled layout of
+`tpquant.kernels.int4_tiles` (tensor "qweight_tiles") where `tiles` is set, the scheme has no
+pre-quant scale (the tiled GEMV does not multiply x), groups hold whole 64-feature k-tiles and
+the rank's shape divides into tiles.
 `dtype` is the activation dtype the model runs in; the stored tensors do not depend on it.
 """
 
@@ -22,11 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
+from tpquant.kernels.int4_tiles import TILE_K, can_tile, tile_int4
 from tpquant.kernels.weight_only import dequantize_groupwise, groupwise_matmul
 from tpquant.quantization import numerics
 from tpquant.quantization.mode import QuantMode
 from tpquant.quantization.packing import pack_int4
 from tpquant.quantization.schemes.base import Scheme, Tensors, TensorSpec
+from tpquant.quantization.schemes.weight_only import TILED
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class Groupwise(Scheme):
     zeros: bool = True
     pre_quant_scale: bool = False
     dtype: torch.dtype = torch.float16
+    tiles: bool = True  # `pack` tiles qweight where the scheme and shape allow
 
     def __post_init__(self) -> None:
         if self.group_size <= 0:
@@ -46,7 +53,8 @@ class Groupwise(Scheme):
 
     def specs(self, tensors: Tensors | None = None) -> dict[str, TensorSpec]:
         group = TensorSpec(out_dim=1, in_dim=0, in_per_index=self.group_size)
-        specs = {"qweight": TensorSpec(out_dim=0, in_dim=1, in_per_index=2), "scales": group}
+        name = TILED if tensors is not None and TILED in tensors else "qweight"  # (WeightOnly's)
+        specs = {name: TensorSpec(out_dim=0, in_dim=1, in_per_index=2), "scales": group}
         if self.zeros:
             specs["zeros"] = group
         if self.pre_quant_scale:
@@ -118,26 +126,40 @@ class Groupwise(Scheme):
         tensors["scales"] = scale.t().contiguous()  # [out, in/g] -> [in/g, out]
         return {k: tensors[k] for k in self.specs()}
 
+    def pack(self, tensors: Tensors) -> dict[str, torch.Tensor]:
+        """qweight tiled (as "qweight_tiles") where `tiles` is set, there is no pre-quant scale,
+        groups hold whole k-tiles and [out, in] divides into tiles; tiled tensors stay."""
+        out = dict(tensors)
+        q = out.get("qweight")
+        if (self.tiles and not self.pre_quant_scale and self.group_size % TILE_K == 0
+                and q is not None and can_tile(q.shape[0], 2 * q.shape[1])):
+            out[TILED] = tile_int4(out.pop("qweight"))
+        return out
+
     def dequantize(self, tensors: Tensors) -> torch.Tensor:
+        tiled = TILED in tensors
         return dequantize_groupwise(
-            tensors["qweight"],
+            tensors[TILED if tiled else "qweight"],
             tensors["scales"],
             tensors["zeros"] if self.zeros else None,
             self.group_size,
             tensors["pre_quant_scale"] if self.pre_quant_scale else None,
+            tiled=tiled,
         )
 
     def forward(
         self, x: torch.Tensor, tensors: Tensors, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        tiled = TILED in tensors
         return groupwise_matmul(
             x,
-            tensors["qweight"],
+            tensors[TILED if tiled else "qweight"],
             tensors["scales"],
             tensors["zeros"] if self.zeros else None,
             self.group_size,
             tensors["pre_quant_scale"] if self.pre_quant_scale else None,
             bias,
+            tiled=tiled,
         )
 
 
