@@ -713,17 +713,21 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // split range cost the kernels 2-24 registers, i.e. blocks per SM, for less than it gained).
 #define TILE_K 64  // features per tile
 
-// How the kernel spends registers on NT token tiles. Up to 4 (32 tokens): x is loaded a round
-// ahead with the weights, the sums alternate between two accumulator chains, and an all-ones mma
-// sums x for the codes' offset. At 8 tiles ("wide") one chain, and the offset comes off each A
-// register with one paired fma instead (1 x (MAGIC + u) - (MAGIC + 8) = q, exact); x is still
-// loaded a round ahead for one row tile unrolled once, and past that (the registers run out) as
-// each k-tile is multiplied (from L1, above).
-template <int NT, int RT, int U> struct TilesPlan {
+// How the kernel spends registers on NT token tiles (MODE: per channel or groupwise). Up to 4
+// (32 tokens): x is loaded a round ahead with the weights, the sums alternate between two
+// accumulator chains, and an all-ones mma sums x for the codes' offset. At 8 tiles ("wide") one
+// chain; per channel, the offset comes off each A register with one paired fma instead (1 x
+// (MAGIC + u) - (MAGIC + 8) = q, exact), and x is still loaded a round ahead for one row tile
+// unrolled once; past that, and groupwise (whose zeros need the sums of x), x is loaded as each
+// k-tile is multiplied (from L1, above): the registers run out.
+template <int MODE, int NT, int RT, int U> struct TilesPlan {
+  static constexpr bool GROUPED = Mode<MODE>::GROUPED;
   static constexpr bool WIDE = NT > 4;
-  static constexpr bool LATE_X = WIDE && RT * U > 1;
+  static constexpr bool SUB_A = WIDE && !GROUPED;  // the offset off A, else the sums of x
+  static constexpr bool LATE_X = WIDE && (GROUPED || RT * U > 1);
   static constexpr int CHAINS = WIDE ? 1 : 2;
-  static constexpr int SUMS_X = WIDE ? 0 : 2 * NT;  // sums of x a lane keeps: 2 tokens a tile
+  // sums of x a lane hands over with its outputs' (2 tokens a tile): per channel, not SUB_A
+  static constexpr int SUMS_X = GROUPED || SUB_A ? 0 : 2 * NT;
 };
 
 template <int RT, int U>
@@ -749,11 +753,11 @@ __device__ __forceinline__ uint4 tiles_x(int T, int h, int n,
 
 // The lane's 32 bytes of x of each token tile for U k-tiles from T0 (unless x is loaded as it is
 // used); zeros past K or M.
-template <int NT, int RT, int U>
+template <int MODE, int NT, int RT, int U>
 __device__ __forceinline__ void tiles_load_x(int T0, int tiles_k,
                                              const unsigned short* const (&xr)[NT],
                                              const bool (&xin)[NT], uint4 (&xv)[U][NT][2]) {
-  if constexpr (!TilesPlan<NT, RT, U>::LATE_X) {
+  if constexpr (!TilesPlan<MODE, NT, RT, U>::LATE_X) {
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -767,13 +771,13 @@ __device__ __forceinline__ void tiles_load_x(int T0, int tiles_k,
 
 // U k-tiles from T0 on: the lane's 16 weight bytes of each row tile and its x; zeros past the
 // K range or M (the tile then adds nothing).
-template <int NT, int RT, int U>
+template <int MODE, int NT, int RT, int U>
 __device__ __forceinline__ void tiles_load(int T0, int tiles_k, const uint4* const (&wt)[RT],
                                            const unsigned short* const (&xr)[NT],
                                            const bool (&xin)[NT], uint4 (&wv)[U][RT],
                                            uint4 (&xv)[U][NT][2]) {
   tiles_load_weight<RT, U>(T0, tiles_k, wt, wv);
-  tiles_load_x<NT, RT, U>(T0, tiles_k, xr, xin, xv);
+  tiles_load_x<MODE, NT, RT, U>(T0, tiles_k, xr, xin, xv);
 }
 
 // One k16 step s of a k-tile for the warp's row tiles: A from the lane's weight word s of each,
@@ -793,7 +797,7 @@ __device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       a[j] = ((q >> (4 * j)) & mask) ^ flip;
-      if constexpr (NT > 4) a[j] = fma2<DT>(a[j], one, minus);  // (TilesPlan's WIDE)
+      if constexpr (TilesPlan<MODE, NT, RT, 1>::SUB_A) a[j] = fma2<DT>(a[j], one, minus);
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -809,12 +813,12 @@ template <int RT> struct TilesGroups {
   int row[RT][2];  // rows g and g + 8 of each row tile
 };
 
-// Groupwise: a k-tile lies in one group, so its sums (acc, sx, fresh for each k-tile) fold
-// into the totals with the group's scale s and offset MAGIC + z (zeros) or MAGIC + 8
-// (symmetric): total += s (sum x (MAGIC + u) - (MAGIC + z) sum x) = s sum x (u - z).
-template <int DT, int MODE, int NT, int RT>
+// Groupwise: a k-tile lies in one group, so its sums (acc, sx over CH chains, fresh for each
+// k-tile) fold into the totals with the group's scale s and offset MAGIC + z (zeros) or MAGIC +
+// 8 (symmetric): total += s (sum x (MAGIC + u) - (MAGIC + z) sum x) = s sum x (u - z).
+template <int DT, int MODE, int NT, int RT, int CH>
 __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
-                                           float (&acc)[2][RT][NT][4], float (&sx)[2][NT][4],
+                                           float (&acc)[CH][RT][NT][4], float (&sx)[CH][NT][4],
                                            float (&total)[RT][NT][4]) {
   const size_t base = (size_t)(T * TILE_K / grp.group) * grp.n;
 #pragma unroll
@@ -829,15 +833,22 @@ __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int e = 2 * h + c;
-          total[r][n][e] += s * ((acc[0][r][n][e] + acc[1][r][n][e]) -
-                                 off * (sx[0][n][c] + sx[1][n][c]));
-          acc[0][r][n][e] = acc[1][r][n][e] = 0.f;
+          float a = 0.f, sum = 0.f;
+#pragma unroll
+          for (int ch = 0; ch < CH; ++ch) {
+            a += acc[ch][r][n][e];
+            sum += sx[ch][n][c];
+            acc[ch][r][n][e] = 0.f;
+          }
+          total[r][n][e] += s * (a - off * sum);
         }
     }
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) sx[0][n][e] = sx[1][n][e] = 0.f;
+    for (int e = 0; e < 4; ++e)
+#pragma unroll
+      for (int ch = 0; ch < CH; ++ch) sx[ch][n][e] = 0.f;
 }
 
 // The four k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if wide):
@@ -852,7 +863,8 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
                                               float (&sx)[CH][NT][4],
                                               const TilesGroups<RT>& grp,
                                               float (&total)[RT][NT][4]) {
-  constexpr bool WIDE = TilesPlan<NT, RT, U>::WIDE, LATE_X = TilesPlan<NT, RT, U>::LATE_X;
+  typedef TilesPlan<MODE, NT, RT, U> Plan;
+  constexpr bool LATE_X = Plan::LATE_X, SUM_X = !Plan::SUB_A;
   constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -869,13 +881,13 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
         for (int n = 0; n < NT; ++n) {
           b[n][0] = word(xh[n], 2 * (s & 1));
           b[n][1] = word(xh[n], 2 * (s & 1) + 1);
-          if constexpr (!WIDE) mma16816<DT>(sx[s % CH][n], ones, ones, ones, ones, b[n][0], b[n][1]);
+          if constexpr (SUM_X) mma16816<DT>(sx[s % CH][n], ones, ones, ones, ones, b[n][0], b[n][1]);
         }
         tiles_step<DT, MODE, NT, RT, CH>(s, wv[u], b, mask, acc);
       }
     }
     if constexpr (Mode<MODE>::GROUPED) {
-      if (T0 + u < tiles_k) tiles_fold<DT, MODE, NT, RT>(T0 + u, grp, acc, sx, total);
+      if (T0 + u < tiles_k) tiles_fold<DT, MODE, NT, RT, CH>(T0 + u, grp, acc, sx, total);
     }
   }
 }
@@ -886,15 +898,14 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
          const float* __restrict__ scale, const float* __restrict__ zeros,
          const float* __restrict__ bias, unsigned short* __restrict__ out, int M, int N, int K,
          int group) {
-  typedef TilesPlan<NT, RT, U> Plan;
-  constexpr bool GROUPED = Mode<MODE>::GROUPED;
-  static_assert(!(GROUPED && Plan::WIDE), "groupwise tiles run the narrow plan (NT <= 4)");
+  typedef TilesPlan<MODE, NT, RT, U> Plan;
+  constexpr bool GROUPED = Plan::GROUPED;
   constexpr int CH = Plan::CHAINS, S = RT * NT * 4;
   // sums a lane hands to its row warp's first K warp: its outputs' sums, and per channel
-  // (narrow plan) the sums of x for its two tokens of each token tile
-  constexpr int V = S + (GROUPED ? 0 : Plan::SUMS_X);
-  // what a code adds over q (the all-ones mma's sums of x take it off); none when wide
-  constexpr float offset = Plan::WIDE ? 0.f : Magic<DT>::VALUE + Mode<MODE>::OFF;
+  // (unless SUB_A) the sums of x for its two tokens of each token tile
+  constexpr int V = S + Plan::SUMS_X;
+  // what a code adds over q (the all-ones mma's sums of x take it off); none if SUB_A
+  constexpr float offset = Plan::SUB_A ? 0.f : Magic<DT>::VALUE + Mode<MODE>::OFF;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kw = warp % KW, rw = warp / KW, g = lane >> 2, t = lane & 3;
@@ -924,7 +935,7 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   uint4 wa[U][RT], xa[U][NT][2], wb[U][RT], xb[U][NT][2];  // (xa, xb unused if x is late)
   tiles_load_weight<RT, U>(kw * U, tiles_k, wt, wa);
   wait_then_signal();
-  tiles_load_x<NT, RT, U>(kw * U, tiles_k, xr, xin, xa);
+  tiles_load_x<MODE, NT, RT, U>(kw * U, tiles_k, xr, xin, xa);
 
   const u32 mask = kCodeMask[1];
   // acc and sx: the sums (groupwise: of the current k-tile); total: groupwise, the folded sums
@@ -946,11 +957,11 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   // Two register sets, A and B, take turns: a round's loads are issued before the round
   // before it is multiplied, so each warp keeps U tiles in flight while it computes.
   for (int T0 = kw * U; T0 < tiles_k; T0 += 2 * step) {
-    tiles_load<NT, RT, U>(T0 + step, tiles_k, wt, xr, xin, wb, xb);
+    tiles_load<MODE, NT, RT, U>(T0 + step, tiles_k, wt, xr, xin, wb, xb);
     tiles_compute<DT, MODE, NT, RT, U, CH>(T0, tiles_k, wa, xa, xr, xin, mask, acc, sx, grp,
                                            total);
     if (T0 + step >= tiles_k) break;
-    tiles_load<NT, RT, U>(T0 + 2 * step, tiles_k, wt, xr, xin, wa, xa);
+    tiles_load<MODE, NT, RT, U>(T0 + 2 * step, tiles_k, wt, xr, xin, wa, xa);
     tiles_compute<DT, MODE, NT, RT, U, CH>(T0 + step, tiles_k, wb, xb, xr, xin, mask, acc, sx,
                                            grp, total);
   }

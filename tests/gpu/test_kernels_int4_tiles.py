@@ -8,7 +8,7 @@ One command (one GPU is enough):
 int4 per channel, float16 and bfloat16, N and K multiples of the tile (16, 64) but not of 128,
 M from 1 to 300 through the dispatch (the tiled GEMV to M = 64; dequantize + cuBLAS above) and
 each path forced (dot untiles first), every candidate shape of the GEMV, a CUDA-graph capture;
-groupwise with and without zeros, groups of 64 and 128, M from 1 to 65 (launches of 32 rows).
+groupwise with and without zeros, groups of 64 and 128, M from 1 to 65, every candidate shape.
 Outputs are poisoned with NaN first. Tolerance: max |y - ref| <= TOL[dtype] * max |ref|, ref
 being float64 math on the weight `tpquant.kernels.weight_only` dequantizes from the stored
 layout (the tiles are not involved in the reference).
@@ -235,7 +235,8 @@ def test_groupwise_dispatch_on_tiles(device, n: int, k: int, group: int, dtype: 
 
 def _gw_shape_cases() -> list[tuple[int, tuple[int, int, int, int]]]:
     """(M, kernel shape): every groupwise candidate of each M tile that fits in shared memory."""
-    return [(m, shape) for m in (1, 16, 27) for shape in cw.TILES_CANDIDATES[cw.tiles_nt(m)]
+    return [(m, shape) for m in (1, 16, 27, 40, 64)
+            for shape in cw.TILES_CANDIDATES[cw.tiles_nt(m)]
             if cw.tiles_shared_bytes(cw.tiles_nt(m), *shape[:3], grouped=True)
             <= cw.TILES_SHARED_BYTES]
 

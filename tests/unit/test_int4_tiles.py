@@ -187,6 +187,16 @@ def test_shape_rule_prefers_one_wave_with_most_loads_in_flight() -> None:
     assert pick_tiles_shape(4096, 4, 132, wide) == (1, 4, 1, 2)
 
 
+def test_late_x_follows_the_kernels_plan() -> None:
+    """x is loaded as it goes in the wide plan (8 token tiles) past one row tile unrolled once,
+    and always there groupwise (the .cu's TilesPlan)."""
+    from tpquant.kernels.cuda_weight_only import tiles_late_x
+
+    assert not tiles_late_x(8, 1, 1) and tiles_late_x(8, 1, 2) and tiles_late_x(8, 2, 1)
+    assert tiles_late_x(8, 1, 1, grouped=True)
+    assert not any(tiles_late_x(nt, 2, 2, grouped) for nt in (1, 2, 4) for grouped in (0, 1))
+
+
 def test_tiles_shared_bytes_counts_the_k_warps_that_hand_sums_over() -> None:
     from tpquant.kernels.cuda_weight_only import tiles_shared_bytes
 
@@ -196,3 +206,5 @@ def test_tiles_shared_bytes_counts_the_k_warps_that_hand_sums_over() -> None:
     # The wide plan (NT = 8) keeps no sums of x; one K warp needs no shared memory.
     assert tiles_shared_bytes(8, 1, 2, 4) == 4 * 1 * 32 * 32 * 4
     assert tiles_shared_bytes(8, 2, 1, 4) == 0
+    # Groupwise folds the sums of x in as it goes: only the outputs' sums are handed over.
+    assert tiles_shared_bytes(4, 2, 4, 2, grouped=True) == 2 * 3 * 32 * 32 * 4

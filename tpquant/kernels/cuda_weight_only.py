@@ -259,11 +259,10 @@ TILES_CANDIDATES = {
         (2, 2, 4, 1), (2, 8, 1, 1)),
     8: ((1, 4, 1, 1), (1, 4, 1, 2), (2, 2, 2, 1), (2, 2, 4, 1), (2, 4, 1, 1), (2, 4, 2, 1)),
 }
-TILES_MAX_M = 8 * TILES_NT[-1]  # the dispatch's limit; above: dequantize + cuBLAS
-# Groupwise int4 (modes 2 / 3) folds each k-tile's sums with its group's scale and zero, which
-# takes the narrow plan's sums of x: M tiles to 4 (32 rows a launch, two launches to 64), the
-# per-channel candidates (not swept for groupwise), groups of whole k-tiles.
-TILES_GROUPED_NT = TILES_NT[:3]
+TILES_MAX_M = 8 * TILES_NT[-1]  # one launch; above: dequantize + cuBLAS (two launches lost)
+# Groupwise int4 (modes 2 / 3) folds each k-tile's sums with its group's scale and zero: groups
+# of whole k-tiles, the per-channel candidates (not swept for groupwise), and in the wide plan
+# x loaded as it goes (the zeros need the sums of x, which take the registers).
 TILES_SHARED_BYTES = 48 << 10  # a block's static shared memory: its warps' sums
 _TILES: dict[tuple, Any] = {}
 _TILES_CHOSEN: dict[tuple, tuple[int, int, int, int, int]] = {}
@@ -272,11 +271,6 @@ _TILES_CHOSEN: dict[tuple, tuple[int, int, int, int, int]] = {}
 def tiles_takes_group(group: int) -> bool:
     """Whether the tiled kernels take a group size (0: per channel): whole 64-feature k-tiles."""
     return group % 64 == 0
-
-
-def tiles_launch_m(mode_: int) -> int:
-    """Rows of x one launch of the tiled GEMV runs, by .cu MODE (1 per channel, 2 / 3 groupwise)."""
-    return 8 * (TILES_NT if mode_ == 1 else TILES_GROUPED_NT)[-1]
 
 
 def tiles_shared_bytes(nt: int, rt: int, kw: int, rw: int = 1, grouped: bool = False) -> int:
@@ -291,22 +285,23 @@ def tiles_nt(m: int) -> int:
     return next(t for t in TILES_NT if 8 * t >= m)
 
 
-def tiles_late_x(nt: int, rt: int, u: int) -> bool:
+def tiles_late_x(nt: int, rt: int, u: int, grouped: bool = False) -> bool:
     """Whether the kernel loads x as each k-tile is multiplied rather than a round ahead (the
-    .cu's TilesPlan: the wide plan, past one row tile unrolled once)."""
-    return nt >= TILES_WIDE_NT and rt * u > 1
+    .cu's TilesPlan: the wide plan groupwise, or per channel past one row tile unrolled once)."""
+    return nt >= TILES_WIDE_NT and (grouped or rt * u > 1)
 
 
 def pick_tiles_shape(n: int, nt: int, sm_count: int,
-                     resident: dict[tuple[int, int, int, int], int]) -> tuple[int, int, int, int]:
+                     resident: dict[tuple[int, int, int, int], int],
+                     grouped: bool = False) -> tuple[int, int, int, int]:
     """The rule above (pure): `resident` gives, for each candidate shape (row tiles, K warps,
     row warps, unroll) for NT token tiles that fits in shared memory, the blocks one SM holds
-    at once (at least one)."""
+    at once (at least one); `grouped`: groupwise weights."""
     def score(shape: tuple[int, int, int, int]) -> tuple:
         rt, kw, rw, u = shape
         blocks = -(-n // (16 * rt * rw))
         capacity = resident[shape] * sm_count
-        depth = 1 if tiles_late_x(nt, rt, u) else u
+        depth = 1 if tiles_late_x(nt, rt, u, grouped) else u
         if blocks <= capacity:
             return (1, blocks * kw * rw * rt * depth, blocks / capacity, -u)
         return (0, -blocks / capacity, 0, -u)
@@ -315,14 +310,15 @@ def pick_tiles_shape(n: int, nt: int, sm_count: int,
 
 def tiles_shape(m: int, n: int, device: torch.device, dtype: torch.dtype,
                 mode_: int = 1) -> tuple[int, int, int, int, int]:
-    """(NT, row tiles, K warps, row warps, unroll) of the tiled kernel for m <= one launch's rows
-    of an [n, K] weight on `device`, chosen by `pick_tiles_shape` once per (device, dtype,
-    mode, NT, n)."""
+    """(NT, row tiles, K warps, row warps, unroll) of the tiled kernel for m <= TILES_MAX_M rows
+    of an [n, K] weight on `device` (mode: the .cu's MODE), chosen by `pick_tiles_shape` once
+    per (device, dtype, mode, NT, n)."""
     nt = tiles_nt(m)
     key = (device.index, dtype, mode_, nt, n)
     if key not in _TILES_CHOSEN:
         resident = tiles_resident(nt, device, dtype, mode_)
-        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, nt, _sm_count(device), resident))
+        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, nt, _sm_count(device), resident,
+                                                    grouped=mode_ != 1))
     return _TILES_CHOSEN[key]
 
 
@@ -351,30 +347,26 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
                shape: tuple[int, int, int, int] | None = None) -> None:
     """out[M, N] = x2[M, K] @ W^T (+ bias) for int4 W in the tiled layout
     (`tpquant.kernels.int4_tiles`): per channel (group 0, scale [N]), or groupwise (scales
-    [K/g, N], zeros [K/g, N] or None for signed codes; no pre-quant scale), M <= TILES_MAX_M
-    in launches of `tiles_launch_m` rows. The caller has checked shapes, `tiles_takes_group`
-    and `aligned`. Benchmarks may force `shape` (row tiles, K warps, row warps, unroll)."""
+    [K/g, N], zeros [K/g, N] or None for signed codes; no pre-quant scale), M <= TILES_MAX_M.
+    The caller has checked shapes, `tiles_takes_group` and `aligned`. Benchmarks may force
+    `shape` (row tiles, K warps, row warps, unroll)."""
     m, k = x2.shape
     n = tiled.shape[0]
     if m > TILES_MAX_M:
         raise ValueError(f"the tiled GEMV takes M <= {TILES_MAX_M}, got {m}")
     mode_ = mode(4, group, zeros is not None)
-    bias = _float32(bias)
-    for m0 in range(0, m, tiles_launch_m(mode_)):
-        rows = min(tiles_launch_m(mode_), m - m0)
-        if shape is None:
-            nt, rt, kw, rw, u = tiles_shape(rows, n, x2.device, x2.dtype, mode_)
-        else:
-            nt, (rt, kw, rw, u) = tiles_nt(rows), shape
-            if tiles_shared_bytes(nt, rt, kw, rw, grouped=mode_ != 1) > TILES_SHARED_BYTES:
-                raise ValueError(f"tiled GEMV shape {shape} at M = {rows} needs more than "
-                                 f"{TILES_SHARED_BYTES} bytes of shared memory")
-        function = _tiles_functions(x2.device, x2.dtype,
-                                    [_tiles_name(mode_, nt, rt, kw, rw, u)])[0]
-        args = (_ptr(x2[m0:]), _ptr(tiled), _ptr(scale), _ptr(zeros), _ptr(bias),
-                _ptr(out[m0:]), np.int32(rows), np.int32(n), np.int32(k), np.int32(group or 1))
-        launch(function, (-(-n // (16 * rt * rw)),), (kw * rw * 32,), args, x2.device,
-               pdl.enabled(x2.device))
+    if shape is None:
+        nt, rt, kw, rw, u = tiles_shape(m, n, x2.device, x2.dtype, mode_)
+    else:
+        nt, (rt, kw, rw, u) = tiles_nt(m), shape
+        if tiles_shared_bytes(nt, rt, kw, rw, grouped=mode_ != 1) > TILES_SHARED_BYTES:
+            raise ValueError(f"tiled GEMV shape {shape} at M = {m} needs more than "
+                             f"{TILES_SHARED_BYTES} bytes of shared memory")
+    function = _tiles_functions(x2.device, x2.dtype, [_tiles_name(mode_, nt, rt, kw, rw, u)])[0]
+    args = (_ptr(x2), _ptr(tiled), _ptr(scale), _ptr(zeros), _ptr(_float32(bias)), _ptr(out),
+            np.int32(m), np.int32(n), np.int32(k), np.int32(group or 1))
+    launch(function, (-(-n // (16 * rt * rw)),), (kw * rw * 32,), args, x2.device,
+           pdl.enabled(x2.device))
 
 
 def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *,
