@@ -690,7 +690,8 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 //
 // The fma and mma kernels above read the stored [N, K/2] layout and spend most of their
 // instructions rearranging codes and x into matching pairs (design note 21). This kernel reads
-// int4 per-channel weights pre-packed by tpquant/kernels/int4_tiles.py ("tiles16x64"): a
+// int4 weights, per channel (MODE 1) or groupwise (MODE 2 with zeros, 3 symmetric; design note
+// 29), pre-packed by tpquant/kernels/int4_tiles.py ("tiles16x64"): a
 // 16-row x 64-feature tile is 512 contiguous bytes, lane l's 16 bytes of it holding exactly the
 // mma A fragments it needs for the tile's four k16 steps. Lane l = 4 g + t, weight word s (one
 // step) of its chunk: nibbles 0 / 4 are row g at features 16 t + 4 s + 0 / 1, nibbles 1 / 5 row
@@ -703,7 +704,8 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // over the same features, and (MAGIC + 8) times that sum is taken off at the end, before the
 // channel scale. The products are exact in float32; the cancellation costs about log2((MAGIC +
 // 8) / 8) bits of the float32 sums (4 for bfloat16, 7 for float16), leaving ~17-20 bits against
-// the output's 8 / 11.
+// the output's 8 / 11. Groupwise, the same per k-tile with the group's offset (MAGIC + zero, or
+// MAGIC + 8), folded into the totals with the group's scale (tiles_fold).
 // Work split: a block holds RW row warps x KW K warps. Each row warp owns RT row tiles; its KW
 // K warps take turns of U k-tiles along K, and their sums meet in shared memory in warp order.
 // The RW row warps step through K together and read the same x, so all but the first find it

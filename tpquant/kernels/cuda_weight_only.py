@@ -9,9 +9,10 @@ header explains the numerics of each:
            grow with M.
     mma    (stored layout) the same dequantization feeding the tensor cores (mma.sync
            m16n8k16, float32 sums): one mma per 16 x 16 block for up to 8 tokens.
-    tiles  int4 per channel pre-packed in `tpquant.kernels.int4_tiles`' layout (what
-           `WeightOnly.pack` keeps): each lane's 16 bytes are its mma A fragments, one shift
-           and one LOP3 per register; pipelined loads; M up to TILES_MAX_M in one launch.
+    tiles  int4 per channel or groupwise (no pre-quant scale) pre-packed in
+           `tpquant.kernels.int4_tiles`' layout (what `WeightOnly.pack` and `Groupwise.pack`
+           keep): each lane's 16 bytes are its mma A fragments, one shift and one LOP3 per
+           register; pipelined loads; M up to TILES_MAX_M in one launch.
            `tiles_dequantize` unpacks the layout into x.dtype for cuBLAS at larger M.
 
 `kernel_for` picks fma or mma by M for the stored layout (thresholds measured, below); the
@@ -22,8 +23,9 @@ of a bias, `tiles_dequantize`'s weight).
 
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
 group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma); the tiles take N % 16 and
-K % 64 (`int4_tiles.can_tile`). Alignment rules (`aligned`): 16-byte aligned, contiguous
-tensors. `tpquant.kernels.triton_weight_only` dispatches here (path "cuda").
+K % 64 (`int4_tiles.can_tile`) and groups of whole k-tiles (`tiles_takes_group`). Alignment
+rules (`aligned`): 16-byte aligned, contiguous tensors. `tpquant.kernels.triton_weight_only`
+dispatches here (path "cuda").
 """
 
 from __future__ import annotations
