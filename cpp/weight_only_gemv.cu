@@ -853,9 +853,9 @@ __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
       for (int ch = 0; ch < CH; ++ch) sx[ch][n][e] = 0.f;
 }
 
-// The four k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if wide):
-// sum x (MAGIC + u) or x q into acc, and (unless wide) x into sx; groupwise, fold each k-tile's
-// sums into total.
+// The four k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if late):
+// sum x (MAGIC + u), or x q (SUB_A), into acc, and (unless SUB_A) x into sx; groupwise, fold
+// each k-tile's sums into total.
 template <int DT, int MODE, int NT, int RT, int U, int CH>
 __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (&wv)[U][RT],
                                               const uint4 (&xv)[U][NT][2],
@@ -941,7 +941,7 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
 
   const u32 mask = kCodeMask[1];
   // acc and sx: the sums (groupwise: of the current k-tile); total: groupwise, the folded sums
-  float acc[CH][RT][NT][4], sx[CH][NT][4], total[RT][NT][4];  // (sx unused when wide)
+  float acc[CH][RT][NT][4], sx[CH][NT][4], total[RT][NT][4];  // (sx unused if SUB_A)
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll

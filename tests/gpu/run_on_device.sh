@@ -88,6 +88,17 @@ step() {  # step NAME CMD...: run, log to $r/NAME.log, print the log's last line
 }
 mpi() { mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -x OUT -x NCCL_NVLS_ENABLE ${TPQUANT_SMOLLM2_GGUF:+-x TPQUANT_SMOLLM2_GGUF} "$@"; }
 pyt() { python3 -m pytest -p no:cacheprovider -q --timeout 240 "$@"; }
+tiles_tests() {  # the tiled GEMV's and PDL's tests, then the layers on 2 GPUs where there are 2
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py tests/gpu/test_pdl_gpu.py
+  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
+    -q --timeout 240 tests/mpi/test_layers.py
+}
+decode_tp12() {  # decode_tp12 ARGS...: bench_decode at TP 1 and (on 2 GPUs) 2
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py "$@"
+  done
+}
 
 for stage in "${@:-kernels}"; do
 export -f mpi pyt
@@ -128,27 +139,15 @@ tiles|tiles_sweep)
   fi
   ;;
 rows_final)
-  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py tests/gpu/test_pdl_gpu.py
-  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
-    -q --timeout 240 tests/mpi/test_layers.py
+  tiles_tests
   STEP_TIMEOUT=150 TAIL=12 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
     --no-sweep --ms 1,2,4,8,16,32,40,64,128,256
-  for n in 1 2; do
-    [ "$n" -le "$ngpu" ] || continue
-    TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py \
-      --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw
-  done
+  decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw
   ;;
 gw_final)
-  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py tests/gpu/test_pdl_gpu.py
-  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
-    -q --timeout 240 tests/mpi/test_layers.py
+  tiles_tests
   STEP_TIMEOUT=240 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
-  for n in 1 2; do
-    [ "$n" -le "$ngpu" ] || continue
-    TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py \
-      --models llama2-7b --schemes bf16 int4_wo int4_gw
-  done
+  decode_tp12 --models llama2-7b --schemes bf16 int4_wo int4_gw
   ;;
 rows_sweep)
   STEP_TIMEOUT=560 TAIL=80 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
@@ -165,24 +164,15 @@ tiles_decode)
   step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py -k "dispatch or forced"
   STEP_TIMEOUT=150 TAIL=10 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
     --no-sweep --ms 1,16,32,64,128
-  for n in 1 2; do
-    [ "$n" -le "$ngpu" ] || continue
-    TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py \
-      --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw
-  done
+  decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw
   ;;
 tiles_final)
   # the tiled GEMV's tests, PDL's, the layers on 2 GPUs (int4 tiled in bfloat16 among them),
   # then bench_int4_tiles, bench_decode --quick at TP 1 and 2, bench_gemm --quick
-  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py tests/gpu/test_pdl_gpu.py
-  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
-    -q --timeout 240 tests/mpi/test_layers.py
+  tiles_tests
   STEP_TIMEOUT=150 TAIL=14 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
     --no-sweep --ms 1,2,4,8,16,32,64,256
-  for n in 1 2; do
-    [ "$n" -le "$ngpu" ] || continue
-    TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py --quick
-  done
+  decode_tp12 --quick
   STEP_TIMEOUT=240 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
   ;;
 wo_table)

@@ -23,7 +23,7 @@ of a bias, `tiles_dequantize`'s weight).
 
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
 group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma); the tiles take N % 16 and
-K % 64 (`int4_tiles.can_tile`) and groups of whole k-tiles (`tiles_takes_group`). Alignment
+K % 64 (`int4_tiles.can_tile`) and groups of whole k-tiles (`int4_tiles.groups_tile`). Alignment
 rules (`aligned`): 16-byte aligned, contiguous tensors. `tpquant.kernels.triton_weight_only`
 dispatches here (path "cuda").
 """
@@ -270,11 +270,6 @@ _TILES: dict[tuple, Any] = {}
 _TILES_CHOSEN: dict[tuple, tuple[int, int, int, int, int]] = {}
 
 
-def tiles_takes_group(group: int) -> bool:
-    """Whether the tiled kernels take a group size (0: per channel): whole 64-feature k-tiles."""
-    return group % 64 == 0
-
-
 def tiles_shared_bytes(nt: int, rt: int, kw: int, rw: int = 1, grouped: bool = False) -> int:
     """Shared memory of a wo_tiles block: for each row warp, KW - 1 K warps' C fragments (RT x
     NT) and (per channel, below the wide plan) NT x 2 sums of x, floats per lane."""
@@ -350,7 +345,7 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
     """out[M, N] = x2[M, K] @ W^T (+ bias) for int4 W in the tiled layout
     (`tpquant.kernels.int4_tiles`): per channel (group 0, scale [N]), or groupwise (scales
     [K/g, N], zeros [K/g, N] or None for signed codes; no pre-quant scale), M <= TILES_MAX_M.
-    The caller has checked shapes, `tiles_takes_group` and `aligned`. Benchmarks may force
+    The caller has checked shapes, `int4_tiles.groups_tile` and `aligned`. Benchmarks may force
     `shape` (row tiles, K warps, row warps, unroll)."""
     m, k = x2.shape
     n = tiled.shape[0]

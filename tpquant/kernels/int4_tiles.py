@@ -29,6 +29,12 @@ def can_tile(n: int, k: int) -> bool:
     return n > 0 and k > 0 and n % TILE_N == 0 and k % TILE_K == 0
 
 
+def groups_tile(group: int) -> bool:
+    """Whether groups of `group` input features (0: per channel) hold whole tiles along K: the
+    tiled kernels take one group's scale and zero for each tile."""
+    return group % TILE_K == 0
+
+
 def check_tileable(n: int, k: int) -> None:
     """ValueError unless an [n, k] weight divides into tiles."""
     if not can_tile(n, k):

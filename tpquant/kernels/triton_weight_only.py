@@ -63,7 +63,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from tpquant.kernels import cuda_weight_only, pdl
-from tpquant.kernels.int4_tiles import untile_int4
+from tpquant.kernels.int4_tiles import groups_tile, untile_int4
 
 PATH_ENV = "TPQUANT_WO_PATH"
 CUDA, GEMV, DOT, DEQUANT, REFERENCE, AUTO = "cuda", "gemv", "dot", "dequant", "reference", "auto"
@@ -770,8 +770,7 @@ def _matmul(
     chosen = forced_path(path)
     cuda_ok = _cuda_takes(x2, wt, bias)
     if wt.tiled:
-        tiles_ok = (cuda_ok and wt.pqs is None
-                    and cuda_weight_only.tiles_takes_group(wt.group))
+        tiles_ok = cuda_ok and wt.pqs is None and groups_tile(wt.group)
         if tiles_ok and chosen in (AUTO, REFERENCE, CUDA, DEQUANT):
             _tiled(x2, wt, None if bias is None else _contiguous(bias), out, chosen)
             return out.reshape(*x.shape[:-1], n)

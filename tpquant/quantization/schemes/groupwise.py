@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tpquant.kernels.int4_tiles import TILE_K, can_tile, tile_int4
+from tpquant.kernels.int4_tiles import can_tile, groups_tile, tile_int4
 from tpquant.kernels.weight_only import dequantize_groupwise, groupwise_matmul
 from tpquant.quantization import numerics
 from tpquant.quantization.mode import QuantMode
@@ -131,7 +131,7 @@ class Groupwise(Scheme):
         groups hold whole k-tiles and [out, in] divides into tiles; tiled tensors stay."""
         out = dict(tensors)
         q = out.get("qweight")
-        if (self.tiles and not self.pre_quant_scale and self.group_size % TILE_K == 0
+        if (self.tiles and not self.pre_quant_scale and groups_tile(self.group_size)
                 and q is not None and can_tile(q.shape[0], 2 * q.shape[1])):
             out[TILED] = tile_int4(out.pop("qweight"))
         return out
