@@ -44,7 +44,7 @@ from tpquant.parallel.mapping import Mapping
 from tpquant.quantization.calibrate import calibrate, calibrate_hessians, text_token_batches
 from tpquant.quantization.gptq import GptqPlan
 from tpquant.quantization.mode import QuantMode
-from tpquant.quantization.schemes.weight_only import TILED
+from tpquant.quantization.schemes.int4_codes import TILED
 from tpquant.quantization.smoothquant import SmoothQuantPlan
 
 DEFAULT_CALIB_TEXT = "/usr/share/common-licenses/LGPL-2.1"
@@ -199,7 +199,7 @@ def save_tokenizer(checkpoint: Any, folder: Path) -> None:
 
 def _layout(name: str, t: torch.Tensor) -> str:
     # The packing each kernel reads (README: int4 two per byte, even index in the low nibble;
-    # int4 per channel in tiles, tpquant.kernels.int4_tiles).
+    # int4 in tiles, tpquant.kernels.int4_tiles).
     if name.endswith(TILED):
         return int4_tiles.LAYOUT
     if t.dtype == torch.uint8:

@@ -250,7 +250,10 @@ def gemv(
 # sweep (one row warp: x is small); from NT = 2 on, the candidates are the shapes that came
 # within 5% of the best on some weight in the later sweeps (design note 28), where the rule's
 # choices came to 1.92 / 1.16x bf16 in geomean at M = 16 / 32 against the best shapes' 1.95 /
-# 1.17, and were the best on all 7 weights at M = 40 and 64 (0.90 / 0.78x).
+# 1.17, and were the best on all 7 weights at M = 40 and 64 (0.90 / 0.78x). Groupwise int4
+# (modes 2 / 3; groups of whole k-tiles) takes the per-channel candidates (not swept for it)
+# and, in the wide plan, loads x as it goes (its zeros need the sums of x, which take the
+# registers).
 TILES_NT = (1, 2, 4, 8)
 TILES_WIDE_NT = 8
 TILES_CANDIDATES = {
@@ -262,9 +265,6 @@ TILES_CANDIDATES = {
     8: ((1, 4, 1, 1), (1, 4, 1, 2), (2, 2, 2, 1), (2, 2, 4, 1), (2, 4, 1, 1), (2, 4, 2, 1)),
 }
 TILES_MAX_M = 8 * TILES_NT[-1]  # one launch; above: dequantize + cuBLAS (two launches lost)
-# Groupwise int4 (modes 2 / 3) folds each k-tile's sums with its group's scale and zero: groups
-# of whole k-tiles, the per-channel candidates (not swept for groupwise), and in the wide plan
-# x loaded as it goes (the zeros need the sums of x, which take the registers).
 TILES_SHARED_BYTES = 48 << 10  # a block's static shared memory: its warps' sums
 _TILES: dict[tuple, Any] = {}
 _TILES_CHOSEN: dict[tuple, tuple[int, int, int, int, int]] = {}

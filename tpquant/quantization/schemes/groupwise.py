@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tpquant.kernels.int4_tiles import can_tile, groups_tile, tile_int4
+from tpquant.kernels.int4_tiles import groups_tile
 from tpquant.kernels.weight_only import dequantize_groupwise, groupwise_matmul
 from tpquant.quantization import numerics
 from tpquant.quantization.mode import QuantMode
 from tpquant.quantization.packing import pack_int4
 from tpquant.quantization.schemes.base import Scheme, Tensors, TensorSpec
-from tpquant.quantization.schemes.weight_only import TILED
+from tpquant.quantization.schemes.int4_codes import codes, codes_name, tile_codes
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class Groupwise(Scheme):
 
     def specs(self, tensors: Tensors | None = None) -> dict[str, TensorSpec]:
         group = TensorSpec(out_dim=1, in_dim=0, in_per_index=self.group_size)
-        name = TILED if tensors is not None and TILED in tensors else "qweight"  # (WeightOnly's)
-        specs = {name: TensorSpec(out_dim=0, in_dim=1, in_per_index=2), "scales": group}
+        specs = {codes_name(tensors): TensorSpec(out_dim=0, in_dim=1, in_per_index=2),
+                 "scales": group}
         if self.zeros:
             specs["zeros"] = group
         if self.pre_quant_scale:
@@ -129,17 +129,13 @@ class Groupwise(Scheme):
     def pack(self, tensors: Tensors) -> dict[str, torch.Tensor]:
         """qweight tiled (as "qweight_tiles") where `tiles` is set, there is no pre-quant scale,
         groups hold whole k-tiles and [out, in] divides into tiles; tiled tensors stay."""
-        out = dict(tensors)
-        q = out.get("qweight")
-        if (self.tiles and not self.pre_quant_scale and groups_tile(self.group_size)
-                and q is not None and can_tile(q.shape[0], 2 * q.shape[1])):
-            out[TILED] = tile_int4(out.pop("qweight"))
-        return out
+        return tile_codes(tensors, self.tiles and not self.pre_quant_scale
+                          and groups_tile(self.group_size))
 
     def dequantize(self, tensors: Tensors) -> torch.Tensor:
-        tiled = TILED in tensors
+        q, tiled = codes(tensors)
         return dequantize_groupwise(
-            tensors[TILED if tiled else "qweight"],
+            q,
             tensors["scales"],
             tensors["zeros"] if self.zeros else None,
             self.group_size,
@@ -150,10 +146,10 @@ class Groupwise(Scheme):
     def forward(
         self, x: torch.Tensor, tensors: Tensors, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        tiled = TILED in tensors
+        q, tiled = codes(tensors)
         return groupwise_matmul(
             x,
-            tensors[TILED if tiled else "qweight"],
+            q,
             tensors["scales"],
             tensors["zeros"] if self.zeros else None,
             self.group_size,

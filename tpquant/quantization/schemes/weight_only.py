@@ -10,8 +10,7 @@ weight of a row.
 
 int4 weights are kept in the tiled layout of `tpquant.kernels.int4_tiles` (the order the tiled
 GEMV reads, tensor "qweight_tiles" instead of "qweight") where `tiles` is set and the rank's
-shape divides into tiles: `pack`, after sharding, since a tile does not split along K. Engines
-store what the layer keeps, so the tensor's name says which layout a file holds.
+shape divides into tiles (`pack`; the rules in `int4_codes`).
 """
 
 from __future__ import annotations
@@ -20,15 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tpquant.kernels.int4_tiles import can_tile, tile_int4
 from tpquant.kernels.weight_only import dequantize_weight_only, weight_only_matmul
 from tpquant.quantization import numerics
 from tpquant.quantization.mode import QuantMode
 from tpquant.quantization.packing import pack_int4
 from tpquant.quantization.schemes.base import Scheme, Tensors, TensorSpec
-
-
-TILED = "qweight_tiles"  # the tensor's name in the tiled layout
+from tpquant.quantization.schemes.int4_codes import codes, codes_name, tile_codes
 
 
 @dataclass(frozen=True)
@@ -55,9 +51,8 @@ class WeightOnly(Scheme):
     def specs(self, tensors: Tensors | None = None) -> dict[str, TensorSpec]:
         # A tiled tensor's in_dim is its shape only: tiles are made after sharding, and a
         # tile does not split along K (nothing shards or unshards "qweight_tiles").
-        name = TILED if tensors is not None and TILED in tensors else "qweight"
         return {
-            name: TensorSpec(out_dim=0, in_dim=1, in_per_index=2 if self.bits == 4 else 1),
+            codes_name(tensors): TensorSpec(out_dim=0, in_dim=1, in_per_index=2 if self.bits == 4 else 1),
             "scale": TensorSpec(out_dim=0),
         }
 
@@ -88,23 +83,17 @@ class WeightOnly(Scheme):
     def pack(self, tensors: Tensors) -> dict[str, torch.Tensor]:
         """int4 with `tiles`: qweight tiled (as "qweight_tiles") if [out, in] divides into tiles;
         already tiled tensors stay as they are."""
-        out = dict(tensors)
-        q = out.get("qweight")
-        if self.bits == 4 and self.tiles and q is not None and can_tile(q.shape[0], 2 * q.shape[1]):
-            out[TILED] = tile_int4(out.pop("qweight"))
-        return out
+        return tile_codes(tensors, self.bits == 4 and self.tiles)
 
     def dequantize(self, tensors: Tensors) -> torch.Tensor:
-        tiled = TILED in tensors
-        return dequantize_weight_only(tensors[TILED if tiled else "qweight"], tensors["scale"],
-                                      self.bits, tiled)
+        q, tiled = codes(tensors)
+        return dequantize_weight_only(q, tensors["scale"], self.bits, tiled)
 
     def forward(
         self, x: torch.Tensor, tensors: Tensors, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        tiled = TILED in tensors
-        return weight_only_matmul(x, tensors[TILED if tiled else "qweight"], tensors["scale"],
-                                  self.bits, bias, tiled=tiled)
+        q, tiled = codes(tensors)
+        return weight_only_matmul(x, q, tensors["scale"], self.bits, bias, tiled=tiled)
 
 
 def _check_2d(weight: torch.Tensor) -> None:
