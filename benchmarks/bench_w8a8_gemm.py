@@ -1,13 +1,13 @@
 """The W8A8 GEMM's tile configurations by M (decode and large tiles), against bf16.
 
-    python benchmarks/bench_w8a8_gemm.py [--ms 1,4,1024,4096] [--shapes 7b,7b-tp2]
+    python benchmarks/bench_w8a8_gemm.py [--ms 1,4,64,1024,4096] [--shapes 7b,7b-tp2,70b]
 
 A micro-benchmark for tpquant.kernels.triton_w8a8.gemm_config (bench_gemm.py measures the
 schemes end to end). For each Llama linear shape (Llama-2-7B at TP 1 and / or 2, Llama-2-70B
 at TP 4) and M: torch's bf16 matmul, then the int8 GEMM with its fused per-token x
 per-channel epilogue (bf16 out) as the dispatch configures it ("auto") and under each
 candidate config: for M > 256 pointer loads or TMA descriptors, for M <= 16 decode tiles
-(and "auto" on the same tokens given twice, 2 M rows); the per-token activation
+(and "auto" on the same tokens given twice, 2 M rows), in between the medium and small tiles; the per-token activation
 quantization alone; and the chosen config with the quantization included.
 Median of CUDA-graph replays (bench_gemm.time_calls), the same run's bf16 as the baseline.
 Output: a table on stdout and $OUT/bench_w8a8_gemm.json ($OUT defaults to /tmp/out).
@@ -41,6 +41,12 @@ CANDIDATES = {  # name: config (block_m, block_n, block_k, group_m, warps, stage
     "tma 128x128x128 s5 w4": G(128, 128, 128, 8, 4, 5, True),
     "tma 256x128x128 s3": G(256, 128, 128, 8, 8, 3, True),
     "tma 128x256x64 s5": G(128, 256, 64, 8, 8, 5, True),
+}
+
+# Medium M (16 < M <= 256): the two tiles gemm_config chooses between.
+MEDIUM_CANDIDATES = {
+    "64x128x128 s4 (MEDIUM)": tw.MEDIUM_CONFIG,
+    "tma 64x64x256 s5 (SMALL_TILE)": tw.SMALL_TILE_CONFIG,
 }
 
 # Decode tiles (M <= 16): BLOCK_M 16, BLOCK_N x BLOCK_K, 4 warps, stages.
@@ -83,7 +89,7 @@ def main() -> int:
             # Large M: every candidate tile; decode M: the decode tiles, and the dispatch's
             # tile on the same tokens given twice (M = 2 m: is small M itself slow?).
             candidates = (CANDIDATES if m > tw.MEDIUM_MAX_M
-                          else DECODE_CANDIDATES if m <= tw.DECODE_MAX_M else {})
+                          else DECODE_CANDIDATES if m <= tw.DECODE_MAX_M else MEDIUM_CANDIDATES)
             if m <= tw.DECODE_MAX_M:
                 qx2, sx2 = qx.repeat(2, 1), sx.repeat(2, 1)
                 timed["auto, the rows twice"] = time_calls([

@@ -24,6 +24,10 @@
 #     w8a8_tma    bench_w8a8_gemm: the W8A8 GEMM's tiles by M (TP 1 and 2 shapes), with and
 #                 without TMA, and the per-token quantization alone
 #     w8a8_decode bench_w8a8_gemm: the W8A8 GEMM's decode tiles at M = 1 and 4
+#     w8a8_medium the W8A8 tests, its medium and small tiles at M = 32-256 (7B TP 1 / 2, 70B
+#                 TP 4 shapes), bench_gemm --quick, bench_decode bf16 / SmoothQuant (TP 1, 2)
+#     w8a8_quant  the W8A8 tests, per-token quantization in one pass against two
+#                 (sweep_gemm_variants), bench_gemm --quick, bench_decode bf16 / SmoothQuant
 #     final_check the W8A8 tests, the weight-only dispatch tests, W8A8 decode tiles, gemm_quick
 #     mma_tests   the CUDA GEMVs' tests (fma and mma kernels, dispatch, graphs) and the W8A8 tests
 #     wo_check    the CUDA GEMVs' tests, then the dispatch's table against bf16 (1 GPU)
@@ -197,6 +201,20 @@ w8a8_decode)
   # the W8A8 GEMM's decode tiles at M = 1 and 4, and M = 1 given as two rows
   STEP_TIMEOUT=240 TAIL=40 step bench_w8a8_decode python3 benchmarks/bench_w8a8_gemm.py \
     --ms 1,4 --shapes 7b,7b-tp2
+  ;;
+w8a8_medium)
+  step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
+  STEP_TIMEOUT=200 TAIL=30 step bench_w8a8_medium python3 benchmarks/bench_w8a8_gemm.py \
+    --ms 32,64,128,256 --shapes 7b,7b-tp2,70b
+  STEP_TIMEOUT=330 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  decode_tp12 --models llama2-7b --schemes bf16 w8a8_token
+  ;;
+w8a8_quant)
+  step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
+  STEP_TIMEOUT=120 TAIL=40 step sweep_quant python3 benchmarks/sweep_gemm_variants.py \
+    --parts quant --ms 1,16,64,256,1024,4096
+  STEP_TIMEOUT=330 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  decode_tp12 --models llama2-7b --schemes bf16 w8a8_token
   ;;
 final_check)
   # after the decode tile and dispatch changes: W8A8 tests, the weight-only dispatch, the

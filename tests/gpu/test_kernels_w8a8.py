@@ -156,6 +156,7 @@ TMA_CONFIGS = [  # the TMA kernel's tiles (K = 4000: the last K block is partly 
     triton_w8a8.GemmConfig(128, 256, 128, 8, 8, 3, True),
     triton_w8a8.GemmConfig(128, 128, 128, 8, 4, 5, True),
     triton_w8a8.GemmConfig(64, 128, 128, 8, 4, 4, True),
+    triton_w8a8.SMALL_TILE_CONFIG,
 ]
 
 

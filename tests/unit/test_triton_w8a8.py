@@ -83,17 +83,34 @@ def test_quantize_per_token_exact(kernels, dtype, m, with_smoother) -> None:
     assert torch.equal(q, q_ref)
 
 
-@pytest.mark.parametrize("k", [4100, 16390])
-def test_quantize_long_rows_and_leading_dims(kernels, k) -> None:
-    # K above one 4096-wide block: the amax and quantize loops take two (4100) or five
-    # (16390, above a rank's whole Llama intermediate size) trips.
+@pytest.mark.parametrize("k,one_pass", [(4100, True), (16390, False)])
+@pytest.mark.parametrize("static", [False, True])
+def test_quantize_long_rows_and_leading_dims(kernels, k, one_pass, static) -> None:
+    # 4100: one 8192-wide block, held in registers between the amax and the codes; 16390
+    # (above a rank's whole Llama-2-7B intermediate size): two passes of five 4096-wide trips.
     tw, _ = kernels
-    assert tw.row_block(k)[0] == 4096
+    block, _, single = tw.quantize_block(k)
+    assert single == one_pass and block == (8192 if one_pass else 4096)
     x = _activation(6, k, torch.bfloat16, seed=3).reshape(2, 3, k)
-    q, scale = tw.quantize_rows(x)
-    q_ref, scale_ref = ref.quantize_per_token(x, path="reference")
-    assert q.shape == (2, 3, k) and scale.shape == (2, 3, 1)
+    static_scale = x.float().abs().amax() / 200 if static else None  # some codes clamp
+    q, scale = tw.quantize_rows(x, static_scale=static_scale)
+    if static:
+        q_ref, scale_ref = ref.quantize_static(x, static_scale, path="reference"), static_scale
+    else:
+        q_ref, scale_ref = ref.quantize_per_token(x, path="reference")
+    assert q.shape == (2, 3, k) and scale.shape == scale_ref.shape
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+
+
+def test_quantize_block_by_k(kernels) -> None:
+    """One pass up to ONE_PASS_MAX_K features (warps growing with the block), then 4096-wide
+    chunks in two passes."""
+    tw, _ = kernels
+    assert tw.quantize_block(576) == (1024, 4, True)
+    assert tw.quantize_block(4096) == (4096, 8, True)
+    assert tw.quantize_block(5504) == (8192, 16, True)
+    assert tw.quantize_block(11008) == (4096, 8, False)
+    assert tw.quantize_block(tw.ONE_PASS_MAX_K + 1) == (4096, 8, False)
 
 
 def test_rms_norm_quantize_long_rows(kernels) -> None:
@@ -141,7 +158,7 @@ def _gemm_configs(tw) -> list:
     """Every configuration gemm_config can return (run here on small shapes)."""
     return [
         tw.gemm_config(1, 64, K), tw.gemm_config(1, 64, K, smem=100_000),
-        tw.MEDIUM_CONFIG, tw.LARGE_CONFIG, tw.LARGE_NARROW_CONFIG,
+        tw.SMALL_TILE_CONFIG, tw.MEDIUM_CONFIG, tw.LARGE_CONFIG, tw.LARGE_NARROW_CONFIG,
         # the TMA kernel: a large tile, and one whose K block leaves a tail at K = 96
         tw.LARGE_CONFIG._replace(tma=True), tw.GemmConfig(16, 32, 64, 1, 4, 2, tma=True),
     ]
@@ -264,12 +281,21 @@ def test_rms_norm_quantize(kernels, dtype, static) -> None:
 
 
 def test_gemm_config_by_shape(kernels) -> None:
-    """Decode tile up to M = 16, the medium tile up to 256, then the large or narrow TMA tile,
-    whichever takes less time in whole waves."""
+    """Decode tile up to M = 16; to 128 the small tile where the medium tiles number fewer
+    than the SMs; the medium tile up to 256; then the large or narrow TMA tile, whichever
+    takes less time in whole waves."""
     tw, _ = kernels
     assert tw.gemm_config(8, 4096, 4096, 132) == tw.DECODE_CONFIG
     # A device with less shared memory gets as many decode stages as fit (A100: 163 KiB).
     assert tw.gemm_config(1, 4096, 4096, 108, smem=166912).num_stages == 4
+    assert tw.gemm_config(17, 4096, 4096, 132) == tw.SMALL_TILE_CONFIG  # 32 medium tiles
+    assert tw.gemm_config(128, 4096, 11008, 132) == tw.SMALL_TILE_CONFIG  # 64
+    assert tw.gemm_config(128, 8192, 4096, 132) == tw.SMALL_TILE_CONFIG  # 128 < 132 SMs
+    assert tw.gemm_config(64, 22016, 4096, 132) == tw.MEDIUM_CONFIG  # 172 medium tiles
+    assert tw.gemm_config(128, 12288, 4096, 132) == tw.MEDIUM_CONFIG  # 192
+    assert tw.gemm_config(64, 4096, 4096, 108, smem=166912).num_stages == 5  # 160 KiB fits
+    assert tw.gemm_config(64, 4096, 4096, 132, smem=100_000).num_stages == 3
+    assert tw.gemm_config(129, 4096, 4096, 132) == tw.MEDIUM_CONFIG
     assert tw.gemm_config(200, 4096, 4096, 132) == tw.MEDIUM_CONFIG
     assert tw.gemm_config(1024, 4096, 4096, 132) == tw.LARGE_CONFIG  # 128 tiles: 1 wave
     assert tw.gemm_config(512, 2048, 4096, 132) == tw.LARGE_NARROW_CONFIG  # 32 tiles

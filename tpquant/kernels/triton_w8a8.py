@@ -85,31 +85,43 @@ def _load_row(x_row, smoother_ptr, offs, mask, HAS_SMOOTHER: tl.constexpr):
 def _quantize_rows_kernel(
     x_ptr, smoother_ptr, scale_ptr, q_ptr, K, stride_x, stride_q,
     HAS_SMOOTHER: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
+    ONE_PASS: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
         gdc_wait()
         gdc_launch_dependents()
-    # One program per row: amax pass (per token), then the quantize pass; the row is re-read
-    # from cache rather than held in registers, so any K fits.
+    # One program per row. ONE_PASS (the row fits one block): read once and held in registers
+    # between the amax and the quantization. Otherwise an amax pass (per token), then the
+    # quantize pass, the row re-read from cache, so any K fits.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
-    if PER_TOKEN:
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
-            v = _load_row(x_row, smoother_ptr, offs, offs < K, HAS_SMOOTHER)
-            amax = tl.maximum(amax, tl.abs(v))
-        scale = int8_scale(tl.max(amax, axis=0))
-        tl.store(scale_ptr + row, scale)
-    else:
-        scale = tl.load(scale_ptr).to(tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
+    if ONE_PASS:
+        offs = tl.arange(0, BLOCK)
         mask = offs < K
         v = _load_row(x_row, smoother_ptr, offs, mask, HAS_SMOOTHER)
+        if PER_TOKEN:
+            scale = int8_scale(tl.max(tl.abs(v), axis=0))
+            tl.store(scale_ptr + row, scale)
+        else:
+            scale = tl.load(scale_ptr).to(tl.float32)
         tl.store(q_row + offs, quantize_int8(v, scale), mask=mask)
+    else:
+        if PER_TOKEN:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                offs = k0 + tl.arange(0, BLOCK)
+                v = _load_row(x_row, smoother_ptr, offs, offs < K, HAS_SMOOTHER)
+                amax = tl.maximum(amax, tl.abs(v))
+            scale = int8_scale(tl.max(amax, axis=0))
+            tl.store(scale_ptr + row, scale)
+        else:
+            scale = tl.load(scale_ptr).to(tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            v = _load_row(x_row, smoother_ptr, offs, mask, HAS_SMOOTHER)
+            tl.store(q_row + offs, quantize_int8(v, scale), mask=mask)
 
 
 def row_block(k: int) -> tuple[int, int]:
@@ -118,6 +130,22 @@ def row_block(k: int) -> tuple[int, int]:
     intermediate size, measured 5-10% slower at M = 1024 / 4096: docs/benchmarks.md.)"""
     block = min(triton.next_power_of_2(max(k, 16)), 4096)
     return block, 4 if block <= 1024 else 8
+
+
+# Rows up to this many features are quantized in one pass, held in registers (at most 16
+# float32 values a thread). sweep_gemm_variants.py --parts quant (H200, 2026-11-30, with a
+# smoother): K = 4096-8192 1.06-1.72x faster than two passes of 4096-wide chunks at M = 1 to
+# 4096 (geomean 1.5x at M <= 64); a 16384-wide block with 16 warps (K = 11008, 14336) won at
+# M <= 64 but lost from M = 256 (0.55-0.90x).
+ONE_PASS_MAX_K = 8192
+
+
+def quantize_block(k: int) -> tuple[int, int, bool]:
+    """(BLOCK, num_warps, one pass) for `_quantize_rows_kernel` over rows of k features."""
+    block = triton.next_power_of_2(max(k, 16))
+    if block > ONE_PASS_MAX_K:
+        return *row_block(k), False
+    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16, True  # 16: 8192
 
 
 def as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -191,11 +219,11 @@ def quantize_rows(
     else:
         scale = check_scalar(static_scale, x2, "static_scale")
     if rows:
-        block, warps = row_block(k)
+        block, warps, one_pass = quantize_block(k)
         _quantize_rows_kernel[(rows,)](
             x2, x2 if smoother is None else smoother, scale, q, k, x2.stride(0), q.stride(0),
             HAS_SMOOTHER=smoother is not None, PER_TOKEN=static_scale is None, BLOCK=block,
-            num_warps=warps, **pdl.triton_args(x2.device),
+            ONE_PASS=one_pass, num_warps=warps, **pdl.triton_args(x2.device),
         )
     q = q.reshape(x.shape)
     if static_scale is None:
@@ -226,9 +254,17 @@ class GemmConfig(NamedTuple):
 # Large M uses the 128 x 256 x 128 tile Hopper's int8 wgmma runs best with, its operands
 # fetched by TMA in 4 stages (same benchmark at M = 1024 / 4096: 1.51x / 1.55x bf16 on TP 1
 # shapes, against 1.32x for pointer loads in 3 stages).
+# Medium M (17-256) is still weight-bound: 64 x 128 tiles leave SMs idle on narrow weights
+# (Llama-2-7B o / down: 32 tiles at M <= 64, 0.82-0.99x bf16), so up to SMALL_TILE_MAX_M a
+# 64 x 64 x 256 TMA tile in 5 stages takes over wherever the 64 x 128 tiles number fewer
+# than the SMs (benchmarks/sweep_gemm_variants.py, H200, 12 Llama-2-7B TP 1 / 2 and 70B TP 4
+# shapes, 2026-11-30: geomean 1.51x / 1.28x bf16 at M = 64 / 128 against 1.15x / 1.14x; at
+# M = 256 it lost, 0.96x against 1.20x).
 DECODE_MAX_M = 16
+SMALL_TILE_MAX_M = 128
 MEDIUM_MAX_M = 256
 DECODE_CONFIG = GemmConfig(16, 64, 512, 1, 4, 5)
+SMALL_TILE_CONFIG = GemmConfig(64, 64, 256, 8, 4, 5, tma=True)
 # Shared memory assumed where no CUDA device is at hand: an H100/H200's 227 KiB per block.
 DEFAULT_SMEM = 232448
 LARGE_CONFIG = GemmConfig(128, 256, 128, 8, 8, 4, tma=True)
@@ -245,11 +281,12 @@ NARROW_TILE_COST = 0.5 * 1.57 / 1.29
 def gemm_config(m: int, n: int, k: int, num_sms: int = DEFAULT_SMS,
                 smem: int = DEFAULT_SMEM) -> GemmConfig:
     """The tile configuration for an [m, k] x [k, n] int8 GEMM (pure; thresholds above).
-    smem: the device's shared memory per block, which bounds the decode pipeline's depth."""
+    smem: the device's shared memory per block, which bounds the deep pipelines' depth."""
     if m <= DECODE_MAX_M:
-        cfg = DECODE_CONFIG
-        stage = (cfg.block_m + cfg.block_n) * cfg.block_k  # int8 A and B blocks
-        return cfg._replace(num_stages=max(2, min(cfg.num_stages, smem // stage)))
+        return _fit_stages(DECODE_CONFIG, smem)
+    medium_tiles = triton.cdiv(m, MEDIUM_CONFIG.block_m) * triton.cdiv(n, MEDIUM_CONFIG.block_n)
+    if m <= SMALL_TILE_MAX_M and medium_tiles < num_sms:
+        return _fit_stages(SMALL_TILE_CONFIG, smem)
     if m <= MEDIUM_MAX_M:
         return MEDIUM_CONFIG
     # Large M: whichever tile finishes first counting whole waves (one tile per SM): the
@@ -261,6 +298,12 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = DEFAULT_SMS,
 
     narrow = waves(LARGE_NARROW_CONFIG) * NARROW_TILE_COST
     return LARGE_NARROW_CONFIG if narrow < waves(LARGE_CONFIG) else LARGE_CONFIG
+
+
+def _fit_stages(cfg: GemmConfig, smem: int) -> GemmConfig:
+    """cfg with as many of its pipeline stages (two at least) as `smem` bytes hold."""
+    stage = (cfg.block_m + cfg.block_n) * cfg.block_k  # int8 A and B blocks
+    return cfg._replace(num_stages=max(2, min(cfg.num_stages, smem // stage)))
 
 
 @triton.jit
