@@ -1,7 +1,7 @@
 """Experimental GEMM variants against bf16, before any of them joins the kernels.
 
     python benchmarks/sweep_gemm_variants.py [--ms 64,256,1024,4096] [--shapes 7b,7b-tp2,70b]
-                                             [--parts w8a8,persistent,wo8,quant]
+                                             [--parts w8a8,persistent,wo8,quant,norm]
 
 w8a8: the int8 GEMM with its fused per-token x per-channel epilogue as the dispatch runs it
 ("auto"), under medium-M tiles (M <= 256); torch._int_mm (cuBLASLt, raw int32 out, no
@@ -13,9 +13,10 @@ wo8: int8 weight-only with the weight converted to bf16 inside a TMA-fed tl.dot,
 as the first operand (SWAP: y^T = W x^T, so it can stay in registers) or the second, and
 the same kernel on a bf16 weight (the ceiling of the loop without conversion).
 quant: per-token quantization (with a smoother) as `quantize_rows` runs it, against the
-two-pass kernel with 4096-wide chunks, at each --ms for six K.
+two-pass kernel with 4096-wide chunks, at each --ms for six K. norm: add_rms_norm and
+rms_norm_quantize read once against their passes over 4096-wide chunks, K = 4096 and 8192.
 Median of CUDA-graph replays (bench_gemm.time_calls), bf16 cuBLAS of the same run as the
-baseline. Output: a table and $OUT/sweep_gemm_variants.json (quant: $OUT/sweep_quant.json).
+baseline. Output: a table and $OUT/sweep_gemm_variants.json (quant, norm: $OUT/sweep_quant.json, sweep_norm.json).
 """
 
 from __future__ import annotations
@@ -209,6 +210,46 @@ def quant_ab(ms: list[int]) -> list[dict]:
     return rows
 
 
+def norm_ab(ms: list[int]) -> list[dict]:
+    """add_rms_norm (decode's residual add + RMSNorm) and rms_norm_quantize (SmoothQuant's)
+    as their launchers run them, against the passes that re-read the row in 4096-wide chunks."""
+    from tpquant.kernels import triton_norm as tn
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    rows = []
+    for k in (4096, 8192):
+        w = torch.rand(k, device=device, dtype=torch.bfloat16) + 0.5
+        block, warps = tw.row_block(k)
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            d = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            y, s = torch.empty_like(x), torch.empty_like(x)
+            q = torch.empty(m, k, device=device, dtype=torch.int8)
+            sc = torch.empty(m, device=device)
+
+            def norm_chunks():
+                tn._rms_norm_kernel[(m,)](x, d, w, y, s, k, k, k, k, float(k), 1e-5,
+                                          HAS_DELTA=True, BLOCK=block, ONE_PASS=False,
+                                          num_warps=warps, PDL=False)
+
+            def quant_chunks():
+                tn._rms_norm_quantize_kernel[(m,)](x, w, q, sc, k, k, k, float(k), 1e-5,
+                                                   PER_TOKEN=True, BLOCK=block, ONE_PASS=False,
+                                                   num_warps=warps, PDL=False)
+
+            for name, new, old in (
+                ("add_rms_norm", lambda: tn.add_rms_norm(x, d, w, 1e-5), norm_chunks),
+                ("rms_norm_quantize", lambda: tn.rms_norm_quantize(x, w, 1e-5, out=q,
+                                                                   scale_out=sc), quant_chunks),
+            ):
+                t_new = time_calls([new], REPLAYS)
+                t_old = time_calls([old], REPLAYS)
+                rows.append(dict(kernel=name, k=k, m=m, new_us=t_new * 1e6, old_us=t_old * 1e6))
+                print(f"{name} K={k} M={m:>5}: one pass {t_new * 1e6:6.2f} us, chunks "
+                      f"{t_old * 1e6:6.2f} us, {t_old / t_new:5.2f}x", flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="64,256,1024,4096")
@@ -225,6 +266,11 @@ def main() -> int:
     if "70b" in chosen:
         shapes += linear_shapes(MODELS[2], 4)
     parts = args.parts.split(",")
+    if "norm" in parts:
+        norms = norm_ab([int(v) for v in args.ms.split(",")])
+        out_dir = Path(os.environ.get("OUT", "/tmp/out"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "sweep_norm.json").write_text(json.dumps(norms, indent=1))
     if "quant" in parts:
         quant = quant_ab([int(v) for v in args.ms.split(",")])
         out_dir = Path(os.environ.get("OUT", "/tmp/out"))

@@ -28,6 +28,8 @@
 #                 TP 4 shapes), bench_gemm --quick, bench_decode bf16 / SmoothQuant (TP 1, 2)
 #     w8a8_quant  the W8A8 tests, per-token quantization in one pass against two
 #                 (sweep_gemm_variants), bench_gemm --quick, bench_decode bf16 / SmoothQuant
+#     norm_one_pass the W8A8 and decode-op tests, RMSNorm kernels in one pass against chunks
+#                 (sweep_gemm_variants), bench_decode bf16 / int4 / SmoothQuant (TP 1, 2)
 #     final_check the W8A8 tests, the weight-only dispatch tests, W8A8 decode tiles, gemm_quick
 #     mma_tests   the CUDA GEMVs' tests (fma and mma kernels, dispatch, graphs) and the W8A8 tests
 #     wo_check    the CUDA GEMVs' tests, then the dispatch's table against bf16 (1 GPU)
@@ -215,6 +217,12 @@ w8a8_quant)
     --parts quant --ms 1,16,64,256,1024,4096
   STEP_TIMEOUT=330 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
   decode_tp12 --models llama2-7b --schemes bf16 w8a8_token
+  ;;
+norm_one_pass)
+  step kernels_norm pyt tests/gpu/test_kernels_w8a8.py tests/gpu/test_decode_ops_gpu.py
+  STEP_TIMEOUT=120 TAIL=30 step sweep_norm python3 benchmarks/sweep_gemm_variants.py \
+    --parts norm --ms 1,8,64,512,4096
+  decode_tp12 --models llama2-7b --schemes bf16 int4_wo w8a8_token
   ;;
 final_check)
   # after the decode tile and dispatch changes: W8A8 tests, the weight-only dispatch, the

@@ -89,7 +89,7 @@ def test_quantize_long_rows_and_leading_dims(kernels, k, one_pass, static) -> No
     # 4100: one 8192-wide block, held in registers between the amax and the codes; 16390
     # (above a rank's whole Llama-2-7B intermediate size): two passes of five 4096-wide trips.
     tw, _ = kernels
-    block, _, single = tw.quantize_block(k)
+    block, _, single = tw.row_plan(k)
     assert single == one_pass and block == (8192 if one_pass else 4096)
     x = _activation(6, k, torch.bfloat16, seed=3).reshape(2, 3, k)
     static_scale = x.float().abs().amax() / 200 if static else None  # some codes clamp
@@ -102,15 +102,45 @@ def test_quantize_long_rows_and_leading_dims(kernels, k, one_pass, static) -> No
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
 
 
-def test_quantize_block_by_k(kernels) -> None:
+def test_row_plan_by_k(kernels) -> None:
     """One pass up to ONE_PASS_MAX_K features (warps growing with the block), then 4096-wide
     chunks in two passes."""
     tw, _ = kernels
-    assert tw.quantize_block(576) == (1024, 4, True)
-    assert tw.quantize_block(4096) == (4096, 8, True)
-    assert tw.quantize_block(5504) == (8192, 16, True)
-    assert tw.quantize_block(11008) == (4096, 8, False)
-    assert tw.quantize_block(tw.ONE_PASS_MAX_K + 1) == (4096, 8, False)
+    assert tw.row_plan(576) == (1024, 4, True)
+    assert tw.row_plan(4096) == (4096, 8, True)
+    assert tw.row_plan(5504) == (8192, 16, True)
+    assert tw.row_plan(11008) == (4096, 8, False)
+    assert tw.row_plan(tw.ONE_PASS_MAX_K + 1) == (4096, 8, False)
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_row_kernels_one_pass_equal_chunks(kernels, with_delta) -> None:
+    """A row that fits one block is read once (row_plan); forced through the passes that
+    re-read it, in one chunk of the same width, the norm, the residual sum, the int8 codes and
+    their scales come out bit for bit the same (the same float32 sums in the same order)."""
+    tw, tn = kernels
+    k, rows = 3000, 3
+    block, _, one_pass = tw.row_plan(k)
+    assert one_pass
+    x = _activation(rows, k, torch.bfloat16, seed=7)
+    d = _activation(rows, k, torch.bfloat16, seed=8) if with_delta else x
+    w = (0.5 + torch.rand(k, generator=_gen(9))).to(torch.bfloat16)
+    if with_delta:
+        s_one, y_one = tn.add_rms_norm(x, d, w, EPS)
+    else:
+        y_one = tn.rms_norm(x, w, EPS)
+    q_one, scale_one = tn.rms_norm_quantize(x, w, EPS)
+    y, s = torch.empty_like(x), torch.empty_like(x)
+    q, scale = torch.empty(rows, k, dtype=torch.int8), torch.empty(rows)
+    tn._rms_norm_kernel[(rows,)](x, d, w, y, s, k, k, k, k, float(k), EPS,
+                                 HAS_DELTA=with_delta, BLOCK=block, ONE_PASS=False, PDL=False)
+    tn._rms_norm_quantize_kernel[(rows,)](x, w, q, scale, k, k, k, float(k), EPS,
+                                          PER_TOKEN=True, BLOCK=block, ONE_PASS=False,
+                                          PDL=False)
+    assert torch.equal(y, y_one) and torch.equal(q, q_one)
+    assert torch.equal(scale, scale_one.reshape(rows))
+    if with_delta:
+        assert torch.equal(s, s_one)
 
 
 def test_rms_norm_quantize_long_rows(kernels) -> None:

@@ -12,6 +12,9 @@ The residual form (`add_rms_norm`) writes s = x + delta rounded to x's dtype, ex
 add, and normalizes that rounded s: the same numbers as an add followed by `rms_norm`, in one
 kernel instead of two (a decode step has two per layer).
 
+A row of up to triton_w8a8.ONE_PASS_MAX_K features is read once and normalized in registers;
+longer rows are re-read from cache by each pass, in 4096-wide chunks (triton_w8a8.row_plan).
+
 Launchers take CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; no host sync, so every
 launch is CUDA-graph capturable.
 """
@@ -31,7 +34,7 @@ from tpquant.kernels.triton_w8a8 import (
     int8_scale,
     output,
     quantize_int8,
-    row_block,
+    row_plan,
 )
 
 
@@ -56,8 +59,13 @@ def _inv_rms(x_row, d_row, s_row, K, k_float, eps, HAS_DELTA: tl.constexpr,
         if HAS_DELTA:
             tl.store(s_row + offs, v.to(s_row.dtype.element_ty), mask=offs < K)
         acc += v * v
-    mean = tl.math.div_rn(tl.sum(acc, axis=0), k_float)
-    return tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))
+    return _inv_rms_of(tl.sum(acc, axis=0), k_float, eps)
+
+
+@triton.jit
+def _inv_rms_of(sum_sq, k_float, eps):
+    """1 / sqrt(sum_sq / k + eps), every step correctly rounded."""
+    return tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(sum_sq, k_float) + eps))
 
 
 @triton.jit
@@ -70,51 +78,76 @@ def _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, K, stride_x, stride_d, stride_y, k_float, eps,
-    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
         gdc_wait()
         gdc_launch_dependents()
-    # With a delta the second pass recomputes x + delta (same rounding) rather than reading
-    # back s, which other threads of the program may have written.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     d_row = d_ptr + row * stride_d
-    inv_rms = _inv_rms(x_row, d_row, s_ptr + row * stride_y, K, k_float, eps, HAS_DELTA, BLOCK)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
+    if ONE_PASS:  # the row in one block, read once (the sums of one chunk this wide)
+        offs = tl.arange(0, BLOCK)
         mask = offs < K
-        y = _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA)
+        v = _row(x_row, d_row, offs, mask, HAS_DELTA)
+        if HAS_DELTA:
+            tl.store(s_ptr + row * stride_y + offs, v.to(s_ptr.dtype.element_ty), mask=mask)
+        y = v * _inv_rms_of(tl.sum(v * v, axis=0), k_float, eps)
+        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # With a delta the second pass recomputes x + delta (same rounding) rather than
+        # reading back s, which other threads of the program may have written.
+        inv_rms = _inv_rms(x_row, d_row, s_ptr + row * stride_y, K, k_float, eps, HAS_DELTA,
+                           BLOCK)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            y = _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA)
+            tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rms_norm_quantize_kernel(
     x_ptr, w_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, k_float, eps,
-    PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
         gdc_wait()
         gdc_launch_dependents()
-    # Passes over the row (re-read from cache): sum of squares, amax of y (per token), codes.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
-    inv_rms = _inv_rms(x_row, x_row, x_row, K, k_float, eps, False, BLOCK)
-    if PER_TOKEN:
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
+    if ONE_PASS:  # the row in one block, read once and normalized in registers
+        offs = tl.arange(0, BLOCK)
+        mask = offs < K
+        v = _row(x_row, x_row, offs, mask, False)
+        y = v * _inv_rms_of(tl.sum(v * v, axis=0), k_float, eps)
+        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PER_TOKEN:
+            scale = int8_scale(tl.max(tl.abs(y), axis=0))
+            tl.store(scale_ptr + row, scale)
+        else:
+            scale = tl.load(scale_ptr).to(tl.float32)
+        tl.store(q_ptr + row * stride_q + offs, quantize_int8(y, scale), mask=mask)
+    else:
+        # Passes over the row (re-read from cache): sum of squares, amax of y (per token),
+        # codes.
+        inv_rms = _inv_rms(x_row, x_row, x_row, K, k_float, eps, False, BLOCK)
+        if PER_TOKEN:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                offs = k0 + tl.arange(0, BLOCK)
+                amax = tl.maximum(amax, tl.abs(_normed(x_row, x_row, w_ptr, offs, offs < K,
+                                                       inv_rms, False)))
+            scale = int8_scale(tl.max(amax, axis=0))
+            tl.store(scale_ptr + row, scale)
+        else:
+            scale = tl.load(scale_ptr).to(tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
-            amax = tl.maximum(amax, tl.abs(_normed(x_row, x_row, w_ptr, offs, offs < K, inv_rms,
-                                                   False)))
-        scale = int8_scale(tl.max(amax, axis=0))
-        tl.store(scale_ptr + row, scale)
-    else:
-        scale = tl.load(scale_ptr).to(tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        mask = offs < K
-        y = _normed(x_row, x_row, w_ptr, offs, mask, inv_rms, False)
-        tl.store(q_ptr + row * stride_q + offs, quantize_int8(y, scale), mask=mask)
+            mask = offs < K
+            y = _normed(x_row, x_row, w_ptr, offs, mask, inv_rms, False)
+            tl.store(q_ptr + row * stride_q + offs, quantize_int8(y, scale), mask=mask)
 
 
 def rms_norm(
@@ -151,11 +184,11 @@ def _launch_norm(x2: torch.Tensor, d2: torch.Tensor | None, w: torch.Tensor, y: 
                  s: torch.Tensor | None, eps: float) -> None:
     rows, k = x2.shape
     if rows:
-        block, warps = row_block(k)
+        block, warps, one_pass = row_plan(k)
         _rms_norm_kernel[(rows,)](
             x2, x2 if d2 is None else d2, w, y, y if s is None else s, k, x2.stride(0),
             x2.stride(0) if d2 is None else d2.stride(0), y.stride(0), float(k), float(eps),
-            HAS_DELTA=d2 is not None, BLOCK=block, num_warps=warps,
+            HAS_DELTA=d2 is not None, BLOCK=block, ONE_PASS=one_pass, num_warps=warps,
             **pdl.triton_args(x2.device),
         )
 
@@ -183,10 +216,10 @@ def rms_norm_quantize(
     else:
         scale = check_scalar(static_scale, x2, "static_scale")
     if rows:
-        block, warps = row_block(k)
+        block, warps, one_pass = row_plan(k)
         _rms_norm_quantize_kernel[(rows,)](
             x2, w, q, scale, k, x2.stride(0), q.stride(0), float(k), float(eps),
-            PER_TOKEN=static_scale is None, BLOCK=block, num_warps=warps,
+            PER_TOKEN=static_scale is None, BLOCK=block, ONE_PASS=one_pass, num_warps=warps,
             **pdl.triton_args(x2.device),
         )
     q = q.reshape(x.shape)

@@ -132,16 +132,18 @@ def row_block(k: int) -> tuple[int, int]:
     return block, 4 if block <= 1024 else 8
 
 
-# Rows up to this many features are quantized in one pass, held in registers (at most 16
-# float32 values a thread). sweep_gemm_variants.py --parts quant (H200, 2026-11-30, with a
+# Rows up to this many features are read once and held in registers (at most 16 float32
+# values a thread). sweep_gemm_variants.py --parts quant (H200, 2026-11-30, with a
 # smoother): K = 4096-8192 1.06-1.72x faster than two passes of 4096-wide chunks at M = 1 to
 # 4096 (geomean 1.5x at M <= 64); a 16384-wide block with 16 warps (K = 11008, 14336) won at
 # M <= 64 but lost from M = 256 (0.55-0.90x).
 ONE_PASS_MAX_K = 8192
 
 
-def quantize_block(k: int) -> tuple[int, int, bool]:
-    """(BLOCK, num_warps, one pass) for `_quantize_rows_kernel` over rows of k features."""
+def row_plan(k: int) -> tuple[int, int, bool]:
+    """(BLOCK, num_warps, one pass) for a row kernel over k features (quantization here,
+    RMSNorm in triton_norm): the whole row in one block held in registers, or `row_block`'s
+    chunks, re-read by each pass."""
     block = triton.next_power_of_2(max(k, 16))
     if block > ONE_PASS_MAX_K:
         return *row_block(k), False
@@ -219,7 +221,7 @@ def quantize_rows(
     else:
         scale = check_scalar(static_scale, x2, "static_scale")
     if rows:
-        block, warps, one_pass = quantize_block(k)
+        block, warps, one_pass = row_plan(k)
         _quantize_rows_kernel[(rows,)](
             x2, x2 if smoother is None else smoother, scale, q, k, x2.stride(0), q.stride(0),
             HAS_SMOOTHER=smoother is not None, PER_TOKEN=static_scale is None, BLOCK=block,
