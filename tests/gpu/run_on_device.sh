@@ -28,8 +28,8 @@
 #                 TP 4 shapes), bench_gemm --quick, bench_decode bf16 / SmoothQuant (TP 1, 2)
 #     w8a8_quant  the W8A8 tests, per-token quantization in one pass against two
 #                 (sweep_gemm_variants), bench_gemm --quick, bench_decode bf16 / SmoothQuant
-#     norm_one_pass the W8A8 and decode-op tests, RMSNorm kernels in one pass against chunks
-#                 (sweep_gemm_variants), bench_decode bf16 / int4 / SmoothQuant (TP 1, 2)
+#     norm_one_pass the W8A8 and decode-op tests, the SmoothQuant RMSNorm in one pass against
+#                 chunks (sweep_gemm_variants), bench_decode bf16 / int4 / SmoothQuant (TP 1, 2)
 #     final_check the W8A8 tests, the weight-only dispatch tests, W8A8 decode tiles, gemm_quick
 #     mma_tests   the CUDA GEMVs' tests (fma and mma kernels, dispatch, graphs) and the W8A8 tests
 #     wo_check    the CUDA GEMVs' tests, then the dispatch's table against bf16 (1 GPU)

@@ -113,34 +113,26 @@ def test_row_plan_by_k(kernels) -> None:
     assert tw.row_plan(tw.ONE_PASS_MAX_K + 1) == (4096, 8, False)
 
 
-@pytest.mark.parametrize("with_delta", [False, True])
-def test_row_kernels_one_pass_equal_chunks(kernels, with_delta) -> None:
+@pytest.mark.parametrize("static", [False, True])
+def test_rms_norm_quantize_one_pass_equals_chunks(kernels, static) -> None:
     """A row that fits one block is read once (row_plan); forced through the passes that
-    re-read it, in one chunk of the same width, the norm, the residual sum, the int8 codes and
-    their scales come out bit for bit the same (the same float32 sums in the same order)."""
+    re-read it, in one chunk of the same width, the int8 codes and their scale come out bit
+    for bit the same (the same float32 sums in the same order)."""
     tw, tn = kernels
     k, rows = 3000, 3
     block, _, one_pass = tw.row_plan(k)
     assert one_pass
     x = _activation(rows, k, torch.bfloat16, seed=7)
-    d = _activation(rows, k, torch.bfloat16, seed=8) if with_delta else x
     w = (0.5 + torch.rand(k, generator=_gen(9))).to(torch.bfloat16)
-    if with_delta:
-        s_one, y_one = tn.add_rms_norm(x, d, w, EPS)
-    else:
-        y_one = tn.rms_norm(x, w, EPS)
-    q_one, scale_one = tn.rms_norm_quantize(x, w, EPS)
-    y, s = torch.empty_like(x), torch.empty_like(x)
-    q, scale = torch.empty(rows, k, dtype=torch.int8), torch.empty(rows)
-    tn._rms_norm_kernel[(rows,)](x, d, w, y, s, k, k, k, k, float(k), EPS,
-                                 HAS_DELTA=with_delta, BLOCK=block, ONE_PASS=False, PDL=False)
+    static_scale = torch.tensor(0.02) if static else None  # outlier channels clamp
+    q_one, scale_one = tn.rms_norm_quantize(x, w, EPS, static_scale)
+    q = torch.empty(rows, k, dtype=torch.int8)
+    scale = torch.empty(rows) if static_scale is None else static_scale.reshape(1)
     tn._rms_norm_quantize_kernel[(rows,)](x, w, q, scale, k, k, k, float(k), EPS,
-                                          PER_TOKEN=True, BLOCK=block, ONE_PASS=False,
+                                          PER_TOKEN=not static, BLOCK=block, ONE_PASS=False,
                                           PDL=False)
-    assert torch.equal(y, y_one) and torch.equal(q, q_one)
-    assert torch.equal(scale, scale_one.reshape(rows))
-    if with_delta:
-        assert torch.equal(s, s_one)
+    assert torch.equal(q, q_one)
+    assert torch.equal(scale, scale_one.reshape(scale.shape))
 
 
 def test_rms_norm_quantize_long_rows(kernels) -> None:

@@ -12,8 +12,9 @@ The residual form (`add_rms_norm`) writes s = x + delta rounded to x's dtype, ex
 add, and normalizes that rounded s: the same numbers as an add followed by `rms_norm`, in one
 kernel instead of two (a decode step has two per layer).
 
-A row of up to triton_w8a8.ONE_PASS_MAX_K features is read once and normalized in registers;
-longer rows are re-read from cache by each pass, in 4096-wide chunks (triton_w8a8.row_plan).
+The SmoothQuant RMSNorm reads a row of up to triton_w8a8.ONE_PASS_MAX_K features once and
+normalizes it in registers (triton_w8a8.row_plan); longer rows, and the plain and residual
+RMSNorm, re-read the row from cache in each pass, in chunks of up to 4096.
 
 Launchers take CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; no host sync, so every
 launch is CUDA-graph capturable.
@@ -34,6 +35,7 @@ from tpquant.kernels.triton_w8a8 import (
     int8_scale,
     output,
     quantize_int8,
+    row_block,
     row_plan,
 )
 
@@ -78,33 +80,22 @@ def _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, K, stride_x, stride_d, stride_y, k_float, eps,
-    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
         gdc_wait()
         gdc_launch_dependents()
+    # With a delta the second pass recomputes x + delta (same rounding) rather than reading
+    # back s, which other threads of the program may have written.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     d_row = d_ptr + row * stride_d
-    if ONE_PASS:  # the row in one block, read once (the sums of one chunk this wide)
-        offs = tl.arange(0, BLOCK)
+    inv_rms = _inv_rms(x_row, d_row, s_ptr + row * stride_y, K, k_float, eps, HAS_DELTA, BLOCK)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
         mask = offs < K
-        v = _row(x_row, d_row, offs, mask, HAS_DELTA)
-        if HAS_DELTA:
-            tl.store(s_ptr + row * stride_y + offs, v.to(s_ptr.dtype.element_ty), mask=mask)
-        y = v * _inv_rms_of(tl.sum(v * v, axis=0), k_float, eps)
-        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA)
         tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        # With a delta the second pass recomputes x + delta (same rounding) rather than
-        # reading back s, which other threads of the program may have written.
-        inv_rms = _inv_rms(x_row, d_row, s_ptr + row * stride_y, K, k_float, eps, HAS_DELTA,
-                           BLOCK)
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
-            mask = offs < K
-            y = _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA)
-            tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -184,11 +175,14 @@ def _launch_norm(x2: torch.Tensor, d2: torch.Tensor | None, w: torch.Tensor, y: 
                  s: torch.Tensor | None, eps: float) -> None:
     rows, k = x2.shape
     if rows:
-        block, warps, one_pass = row_plan(k)
+        # Re-read in passes even when the row fits one block: read once, the residual
+        # RMSNorm was no faster at M = 1 (sweep_gemm_variants.py --parts norm, H200: 3.5
+        # against 3.2 us at K = 8192) and mixed above (0.86-1.28x).
+        block, warps = row_block(k)
         _rms_norm_kernel[(rows,)](
             x2, x2 if d2 is None else d2, w, y, y if s is None else s, k, x2.stride(0),
             x2.stride(0) if d2 is None else d2.stride(0), y.stride(0), float(k), float(eps),
-            HAS_DELTA=d2 is not None, BLOCK=block, ONE_PASS=one_pass, num_warps=warps,
+            HAS_DELTA=d2 is not None, BLOCK=block, num_warps=warps,
             **pdl.triton_args(x2.device),
         )
 
