@@ -32,11 +32,11 @@ from tpquant.kernels.triton_w8a8 import (
     as_rows,
     check_scalar,
     check_vector,
-    int8_scale,
     output,
     quantize_int8,
     row_block,
     row_plan,
+    row_scale,
 )
 
 
@@ -114,26 +114,19 @@ def _rms_norm_quantize_kernel(
         v = _row(x_row, x_row, offs, mask, False)
         y = v * _inv_rms_of(tl.sum(v * v, axis=0), k_float, eps)
         y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if PER_TOKEN:
-            scale = int8_scale(tl.max(tl.abs(y), axis=0))
-            tl.store(scale_ptr + row, scale)
-        else:
-            scale = tl.load(scale_ptr).to(tl.float32)
+        scale = row_scale(tl.abs(y), scale_ptr, row, PER_TOKEN)
         tl.store(q_ptr + row * stride_q + offs, quantize_int8(y, scale), mask=mask)
     else:
         # Passes over the row (re-read from cache): sum of squares, amax of y (per token),
         # codes.
         inv_rms = _inv_rms(x_row, x_row, x_row, K, k_float, eps, False, BLOCK)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
         if PER_TOKEN:
-            amax = tl.zeros([BLOCK], dtype=tl.float32)
             for k0 in range(0, K, BLOCK):
                 offs = k0 + tl.arange(0, BLOCK)
                 amax = tl.maximum(amax, tl.abs(_normed(x_row, x_row, w_ptr, offs, offs < K,
                                                        inv_rms, False)))
-            scale = int8_scale(tl.max(amax, axis=0))
-            tl.store(scale_ptr + row, scale)
-        else:
-            scale = tl.load(scale_ptr).to(tl.float32)
+        scale = row_scale(amax, scale_ptr, row, PER_TOKEN)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             mask = offs < K

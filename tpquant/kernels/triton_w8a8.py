@@ -69,6 +69,18 @@ def int8_scale(amax):
     return tl.math.div_rn(tl.maximum(amax, TINY), 127.0)
 
 
+@triton.jit
+def row_scale(amax, scale_ptr, row, PER_TOKEN: tl.constexpr):
+    """A row's float32 scale. Per token: from its |values| (or their running maxima) `amax`,
+    and stored to scale_ptr[row]; static: the one value at scale_ptr (amax unused)."""
+    if PER_TOKEN:
+        scale = int8_scale(tl.max(amax, axis=0))
+        tl.store(scale_ptr + row, scale)
+    else:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    return scale
+
+
 # -- activation quantization ------------------------------------------------------------------------
 
 
@@ -100,23 +112,16 @@ def _quantize_rows_kernel(
         offs = tl.arange(0, BLOCK)
         mask = offs < K
         v = _load_row(x_row, smoother_ptr, offs, mask, HAS_SMOOTHER)
-        if PER_TOKEN:
-            scale = int8_scale(tl.max(tl.abs(v), axis=0))
-            tl.store(scale_ptr + row, scale)
-        else:
-            scale = tl.load(scale_ptr).to(tl.float32)
+        scale = row_scale(tl.abs(v), scale_ptr, row, PER_TOKEN)
         tl.store(q_row + offs, quantize_int8(v, scale), mask=mask)
     else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
         if PER_TOKEN:
-            amax = tl.zeros([BLOCK], dtype=tl.float32)
             for k0 in range(0, K, BLOCK):
                 offs = k0 + tl.arange(0, BLOCK)
                 v = _load_row(x_row, smoother_ptr, offs, offs < K, HAS_SMOOTHER)
                 amax = tl.maximum(amax, tl.abs(v))
-            scale = int8_scale(tl.max(amax, axis=0))
-            tl.store(scale_ptr + row, scale)
-        else:
-            scale = tl.load(scale_ptr).to(tl.float32)
+        scale = row_scale(amax, scale_ptr, row, PER_TOKEN)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             mask = offs < K
@@ -135,8 +140,8 @@ def row_block(k: int) -> tuple[int, int]:
 # Rows up to this many features are read once and held in registers (at most 16 float32
 # values a thread). sweep_gemm_variants.py --parts quant (H200, 2026-11-30, with a
 # smoother): K = 4096-8192 1.06-1.72x faster than two passes of 4096-wide chunks at M = 1 to
-# 4096 (geomean 1.5x at M <= 64); a 16384-wide block with 16 warps (K = 11008, 14336) won at
-# M <= 64 but lost from M = 256 (0.55-0.90x).
+# 4096 (geomean 1.3x at M <= 256); a 16384-wide block with 16 warps (K = 11008, 14336) won at
+# M <= 64 but lost at M = 1024 / 4096 (0.55-0.85x; K = 11008 at M = 256 too, 0.90x).
 ONE_PASS_MAX_K = 8192
 
 
