@@ -146,9 +146,9 @@ ONE_PASS_MAX_K = 8192
 
 
 def row_plan(k: int) -> tuple[int, int, bool]:
-    """(BLOCK, num_warps, one pass) for a row kernel over k features (quantization here,
-    RMSNorm in triton_norm): the whole row in one block held in registers, or `row_block`'s
-    chunks, re-read by each pass."""
+    """(BLOCK, num_warps, one pass) for a row kernel over k features (the quantizer here, the
+    SmoothQuant RMSNorm in triton_norm): the whole row in one block held in registers, or
+    `row_block`'s chunks, re-read by each pass."""
     block = triton.next_power_of_2(max(k, 16))
     if block > ONE_PASS_MAX_K:
         return *row_block(k), False
