@@ -1,4 +1,4 @@
-"""The W8A8 GEMM's tile configurations by M (decode and large tiles), against bf16.
+"""The W8A8 GEMM's tile configurations by M (decode, medium and large tiles), against bf16.
 
     python benchmarks/bench_w8a8_gemm.py [--ms 1,4,64,1024,4096] [--shapes 7b,7b-tp2,70b]
 
@@ -7,8 +7,9 @@ schemes end to end). For each Llama linear shape (Llama-2-7B at TP 1 and / or 2,
 at TP 4) and M: torch's bf16 matmul, then the int8 GEMM with its fused per-token x
 per-channel epilogue (bf16 out) as the dispatch configures it ("auto") and under each
 candidate config: for M > 256 pointer loads or TMA descriptors, for M <= 16 decode tiles
-(and "auto" on the same tokens given twice, 2 M rows), in between the medium and small tiles; the per-token activation
-quantization alone; and the chosen config with the quantization included.
+(and "auto" on the same tokens given twice, 2 M rows), in between the medium and small
+tiles; the per-token activation quantization alone; and the chosen config with the
+quantization included.
 Median of CUDA-graph replays (bench_gemm.time_calls), the same run's bf16 as the baseline.
 Output: a table on stdout and $OUT/bench_w8a8_gemm.json ($OUT defaults to /tmp/out).
 """
@@ -86,8 +87,9 @@ def main() -> int:
             qx, sx = w8a8.quantize_per_token(x)
             base = time_calls([lambda b=b: x @ b.t() for b in bf16_sets], REPLAYS)
             timed = {"bf16": base}
-            # Large M: every candidate tile; decode M: the decode tiles, and the dispatch's
-            # tile on the same tokens given twice (M = 2 m: is small M itself slow?).
+            # Large M: every candidate tile; medium M: the medium and small tiles; decode M:
+            # the decode tiles, and the dispatch's tile on the same tokens given twice (M =
+            # 2 m: is small M itself slow?).
             candidates = (CANDIDATES if m > tw.MEDIUM_MAX_M
                           else DECODE_CANDIDATES if m <= tw.DECODE_MAX_M else MEDIUM_CANDIDATES)
             if m <= tw.DECODE_MAX_M:

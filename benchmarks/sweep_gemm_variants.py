@@ -7,8 +7,8 @@ w8a8: the int8 GEMM with its fused per-token x per-channel epilogue as the dispa
 ("auto"), under medium-M tiles (M <= 256); torch._int_mm (cuBLASLt, raw int32 out, no
 epilogue) for reference. persistent (with w8a8): a persistent TMA kernel (one program per SM
 walking the tiles; optionally the tile loop flattened). Warp-specialized loops
-(`tl.range(..., warp_specialize=True)`) were tried on the H200 and left out: that run
-printed nothing for ten minutes.
+(`tl.range(..., warp_specialize=True)`, measured in design note 25) are left out: the first
+run with them printed nothing in ten minutes and was killed (the cause was not isolated).
 wo8: int8 weight-only with the weight converted to bf16 inside a TMA-fed tl.dot, the weight
 as the first operand (SWAP: y^T = W x^T, so it can stay in registers) or the second, and
 the same kernel on a bf16 weight (the ceiling of the loop without conversion).
@@ -16,7 +16,8 @@ quant: per-token quantization (with a smoother) as `quantize_rows` runs it, agai
 two-pass kernel with 4096-wide chunks, at each --ms for six K. norm: rms_norm_quantize as
 its launcher runs it against its passes over 4096-wide chunks, K = 4096 and 8192.
 Median of CUDA-graph replays (bench_gemm.time_calls), bf16 cuBLAS of the same run as the
-baseline. Output: a table and $OUT/sweep_gemm_variants.json (quant, norm: $OUT/sweep_quant.json, sweep_norm.json).
+baseline. Output: a table and $OUT/sweep_gemm_variants.json (quant, norm: $OUT/sweep_quant.json,
+$OUT/sweep_norm.json).
 """
 
 from __future__ import annotations
@@ -64,15 +65,14 @@ MEDIUM = {
 @triton.jit
 def _persistent_w8a8(a_desc, b_desc, c_ptr, sx_ptr, sw_ptr, M, N, K, stride_cm,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
-                     WS: tl.constexpr):
+                     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
     in_group = GROUP_M * num_pid_n
-    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WS):
+    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
         first_m = (tile // in_group) * GROUP_M
         size = tl.minimum(num_pid_m - first_m, GROUP_M)
         pid_m = first_m + (tile % in_group) % size
@@ -92,22 +92,25 @@ def _persistent_w8a8(a_desc, b_desc, c_ptr, sx_ptr, sw_ptr, M, N, K, stride_cm,
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
-def persistent_w8a8(qx, sx, qw, sw, out, bm, bn, bk, warps, stages, flatten, ws, sms):
+def persistent_w8a8(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                    out: torch.Tensor, bm: int, bn: int, bk: int, warps: int, stages: int,
+                    flatten: bool, sms: int) -> torch.Tensor:
+    """out = (qx @ qw^T) * sx * sw in bf16: the persistent kernel, one program per SM."""
     m, k = qx.shape
     n = qw.shape[0]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     _persistent_w8a8[(min(sms, tiles),)](
         TensorDescriptor.from_tensor(qx, [bm, bk]), TensorDescriptor.from_tensor(qw, [bn, bk]),
         out, sx, sw, m, n, k, out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-        NUM_SMS=sms, FLATTEN=flatten, WS=ws, num_warps=warps, num_stages=stages)
+        NUM_SMS=sms, FLATTEN=flatten, num_warps=warps, num_stages=stages)
     return out
 
 
-PERSISTENT = {  # name: (bm, bn, bk, warps, stages, flatten, ws)
-    "persistent 128x256x128 s4": (128, 256, 128, 8, 4, False, False),
-    "persistent 128x256x128 s4 flat": (128, 256, 128, 8, 4, True, False),
-    "persistent 128x256x128 s3 flat": (128, 256, 128, 8, 3, True, False),
-    "persistent 128x128x128 s4 flat": (128, 128, 128, 8, 4, True, False),
+PERSISTENT = {  # name: (bm, bn, bk, warps, stages, flatten)
+    "persistent 128x256x128 s4": (128, 256, 128, 8, 4, False),
+    "persistent 128x256x128 s4 flat": (128, 256, 128, 8, 4, True),
+    "persistent 128x256x128 s3 flat": (128, 256, 128, 8, 3, True),
+    "persistent 128x128x128 s4 flat": (128, 128, 128, 8, 4, True),
 }
 
 
@@ -157,7 +160,9 @@ def _wo8_kernel(w_desc, x_desc, s_ptr, out_ptr, M, N, K, stride_om,
         tl.store(ptrs, y.to(tl.bfloat16), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def wo8(x, w, s, out, bn, bm, bk, warps, stages, swap, convert):
+def wo8(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, out: torch.Tensor, bn: int, bm: int,
+        bk: int, warps: int, stages: int, swap: bool, convert: int) -> torch.Tensor:
+    """out = x @ (w * s[:, None])^T in bf16 through `_wo8_kernel` (convert 2: w is bf16)."""
     m, k = x.shape
     n = w.shape[0]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
@@ -308,7 +313,7 @@ def main() -> int:
                 ref = (qx.double() @ qw.double().t() * sx.double() * sw.double()).float()
                 run("w8a8 auto", lambda: [lambda q=q: tw.w8a8_gemm(
                     qx, sx, q, sw, None, torch.bfloat16, out=out) for q in q_sets], ref)
-                if m <= 256:
+                if m <= tw.MEDIUM_MAX_M:
                     for name, cfg in MEDIUM.items():
                         run("w8a8 " + name, lambda cfg=cfg: [lambda q=q: tw.w8a8_gemm(
                             qx, sx, q, sw, None, torch.bfloat16, config=cfg, out=out)

@@ -108,10 +108,11 @@ def test_quantize_static(device, dtype, m, with_smoother) -> None:
     assert (expected == 127).any()
 
 
-@pytest.mark.parametrize("k", [11008, 16390])
+@pytest.mark.parametrize("k", [5504, 8192, 11008, 16390])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_kernels_on_long_rows(device, dtype, k) -> None:
-    """Rows of a rank's whole Llama-2-7B intermediate size and longer, several 4096-wide
+    """Rows read once in one 8192-wide block (5504: Llama-2-7B's intermediate size at TP 2;
+    8192), then a rank's whole Llama-2-7B intermediate size and longer in several 4096-wide
     blocks: per-token quantization exact; the fused RMSNorm + quantize within its allowed
     difference."""
     x = _activation(33, k, dtype, k, device)
@@ -152,19 +153,23 @@ def test_gemm_int32_product_exact(device, m, n) -> None:
     assert _same(acc, expected)
 
 
-TMA_CONFIGS = [  # the TMA kernel's tiles (K = 4000: the last K block is partly past the edge)
+TILE_CONFIGS = [  # TMA tiles, and the medium pointer tile that the dispatch takes at M = 129-256
+    # (K = 4000: the last K block is partly past the edge)
     triton_w8a8.GemmConfig(128, 256, 128, 8, 8, 3, True),
     triton_w8a8.GemmConfig(128, 128, 128, 8, 4, 5, True),
     triton_w8a8.GemmConfig(64, 128, 128, 8, 4, 4, True),
     triton_w8a8.SMALL_TILE_CONFIG,
+    triton_w8a8.MEDIUM_CONFIG,
 ]
 
 
-@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}x{c.block_k}")
+@pytest.mark.parametrize("cfg", TILE_CONFIGS,
+                         ids=lambda c: f"{c.block_m}x{c.block_n}x{c.block_k}{'-tma' * c.tma}")
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemm_tma_kernel(device, cfg, m, dtype) -> None:
-    """The TMA-descriptor kernel: int32 product exact, epilogue equal to the reference."""
+def test_gemm_tiles(device, cfg, m, dtype) -> None:
+    """Each tile, through TMA descriptors where it asks for them: int32 product exact,
+    epilogue equal to the reference."""
     n = NS[1]
     qx, qw, sx, sw, bias = _gemm_case(m, n, dtype, True, True, True, 11 * m, device)
     assert triton_w8a8._tma_ok(qx, qw)

@@ -72,7 +72,12 @@ def _inv_rms_of(sum_sq, k_float, eps):
 
 @triton.jit
 def _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA: tl.constexpr):
-    v = _row(x_row, d_row, offs, mask, HAS_DELTA)
+    return _weighted(_row(x_row, d_row, offs, mask, HAS_DELTA), w_ptr, offs, mask, inv_rms)
+
+
+@triton.jit
+def _weighted(v, w_ptr, offs, mask, inv_rms):
+    """The normalized row: v * inv_rms * weight, in that order (the reference's)."""
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return v * inv_rms * w
 
@@ -112,8 +117,7 @@ def _rms_norm_quantize_kernel(
         offs = tl.arange(0, BLOCK)
         mask = offs < K
         v = _row(x_row, x_row, offs, mask, False)
-        y = v * _inv_rms_of(tl.sum(v * v, axis=0), k_float, eps)
-        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _weighted(v, w_ptr, offs, mask, _inv_rms_of(tl.sum(v * v, axis=0), k_float, eps))
         scale = row_scale(tl.abs(y), scale_ptr, row, PER_TOKEN)
         tl.store(q_ptr + row * stride_q + offs, quantize_int8(y, scale), mask=mask)
     else:

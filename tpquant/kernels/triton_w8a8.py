@@ -139,9 +139,10 @@ def row_block(k: int) -> tuple[int, int]:
 
 # Rows up to this many features are read once and held in registers (at most 16 float32
 # values a thread). sweep_gemm_variants.py --parts quant (H200, 2026-11-30, with a
-# smoother): K = 4096-8192 1.06-1.72x faster than two passes of 4096-wide chunks at M = 1 to
-# 4096 (geomean 1.3x at M <= 256); a 16384-wide block with 16 warps (K = 11008, 14336) won at
-# M <= 64 but lost at M = 1024 / 4096 (0.55-0.85x; K = 11008 at M = 256 too, 0.90x).
+# smoother, K = 4096 / 5504 / 7168 / 8192): 1.06-1.74x faster than two passes of 4096-wide
+# chunks, geomean 1.51 / 1.60 / 1.56 / 1.46 / 1.21 / 1.15x at M = 1 / 16 / 64 / 256 / 1024 /
+# 4096. A 16384-wide block with 16 warps (K = 11008, 14336) won at M <= 64 but lost at M =
+# 1024 / 4096 (0.55-0.85x; K = 11008 at M = 256 too, 0.90x).
 ONE_PASS_MAX_K = 8192
 
 
@@ -152,7 +153,9 @@ def row_plan(k: int) -> tuple[int, int, bool]:
     block = triton.next_power_of_2(max(k, 16))
     if block > ONE_PASS_MAX_K:
         return *row_block(k), False
-    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16, True  # 16: 8192
+    if block > 4096:
+        return block, 16, True
+    return *row_block(k), True  # one chunk of row_block's is the whole row
 
 
 def as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -263,10 +266,12 @@ class GemmConfig(NamedTuple):
 # shapes, against 1.32x for pointer loads in 3 stages).
 # Medium M (17-256) is still weight-bound: 64 x 128 tiles leave SMs idle on narrow weights
 # (Llama-2-7B o / down: 32 tiles at M <= 64, 0.82-0.99x bf16), so up to SMALL_TILE_MAX_M a
-# 64 x 64 x 256 TMA tile in 5 stages takes over wherever the 64 x 128 tiles number fewer
-# than the SMs (benchmarks/sweep_gemm_variants.py, H200, 12 Llama-2-7B TP 1 / 2 and 70B TP 4
-# shapes, 2026-11-30: geomean 1.51x / 1.28x bf16 at M = 64 / 128 against 1.15x / 1.14x; at
-# M = 256 it lost, 0.96x against 1.20x).
+# 64 x 64 x 256 TMA tile in 5 stages takes over wherever its own tiles fit in one wave
+# (benchmarks/sweep_gemm_variants.py, H200, 12 Llama-2-7B TP 1 / 2 and 70B TP 4 shapes,
+# 2026-11-30, both tiles timed on every shape: this rule 1.43 / 1.51 / 1.40x bf16 at M = 32
+# / 64 / 128, the better tile per shape 1.43 / 1.51 / 1.40x, the medium tile alone 1.15 /
+# 1.15 / 1.14x; a second wave of small tiles lost to the medium tile, 70B gate_up at M = 32
+# 46.4 against 35.6 us; at M = 256 the small tile lost everywhere, 0.96x against 1.20x).
 DECODE_MAX_M = 16
 SMALL_TILE_MAX_M = 128
 MEDIUM_MAX_M = 256
@@ -291,9 +296,10 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = DEFAULT_SMS,
     smem: the device's shared memory per block, which bounds the deep pipelines' depth."""
     if m <= DECODE_MAX_M:
         return _fit_stages(DECODE_CONFIG, smem)
-    medium_tiles = triton.cdiv(m, MEDIUM_CONFIG.block_m) * triton.cdiv(n, MEDIUM_CONFIG.block_n)
-    if m <= SMALL_TILE_MAX_M and medium_tiles < num_sms:
-        return _fit_stages(SMALL_TILE_CONFIG, smem)
+    small = SMALL_TILE_CONFIG
+    small_tiles = triton.cdiv(m, small.block_m) * triton.cdiv(n, small.block_n)
+    if m <= SMALL_TILE_MAX_M and small_tiles <= num_sms:  # one wave
+        return _fit_stages(small, smem)
     if m <= MEDIUM_MAX_M:
         return MEDIUM_CONFIG
     # Large M: whichever tile finishes first counting whole waves (one tile per SM): the
