@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gemm import MODELS, copies, linear_shapes, time_calls  # noqa: E402
+from bench_gemm import MODELS, Shape, copies, linear_shapes, time_calls  # noqa: E402
 
 from tpquant.kernels import triton_w8a8 as tw  # noqa: E402
 from tpquant.kernels import w8a8  # noqa: E402
@@ -57,6 +57,30 @@ DECODE_CANDIDATES = {
 }
 
 
+def chosen_shapes(names: str) -> list[Shape]:
+    """The linear shapes of the comma-separated sets among 7b (Llama-2-7B at TP 1), 7b-tp2 and
+    70b (Llama-2-70B at TP 4)."""
+    chosen = names.split(",")
+    shapes = linear_shapes(MODELS[0], 1) if "7b" in chosen else []
+    if "7b-tp2" in chosen:
+        shapes += linear_shapes(MODELS[0], 2)
+    if "70b" in chosen:
+        shapes += linear_shapes(MODELS[2], 4)
+    return shapes
+
+
+def random_weights(shape: Shape, gen: torch.Generator, device: torch.device, l2: int
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """(copies of a random bf16 weight, copies of a random int8 one, per-channel scales) of
+    one shape: enough copies that cycling through them never finds one in L2."""
+    w = torch.randn(shape.n, shape.k, generator=gen, device=device, dtype=torch.bfloat16)
+    qw = torch.randint(-127, 128, (shape.n, shape.k), generator=gen, device=device,
+                       dtype=torch.int8)
+    sw = torch.rand(shape.n, generator=gen, device=device) * 1e-3
+    return ([t["w"] for t in copies({"w": w}, l2)], [t["w"] for t in copies({"w": qw}, l2)],
+            sw)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1024,4096")
@@ -66,22 +90,12 @@ def main() -> int:
         sys.exit("bench_w8a8_gemm needs a CUDA device")
     device = torch.device("cuda", torch.cuda.current_device())
     l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
-    chosen = args.shapes.split(",")
-    shapes = linear_shapes(MODELS[0], 1) if "7b" in chosen else []
-    if "7b-tp2" in chosen:
-        shapes += linear_shapes(MODELS[0], 2)
-    if "70b" in chosen:
-        shapes += linear_shapes(MODELS[2], 4)
+    shapes = chosen_shapes(args.shapes)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     print(f"{'shape':<22} {'M':>5} {'variant':<30} {'us':>9} {'TOP/s':>7} {'x bf16':>7}")
     for shape in shapes:
-        w = torch.randn(shape.n, shape.k, generator=gen, device=device, dtype=torch.bfloat16)
-        qw = torch.randint(-127, 128, (shape.n, shape.k), generator=gen, device=device,
-                           dtype=torch.int8)
-        sw = torch.rand(shape.n, generator=gen, device=device) * 1e-3
-        bf16_sets = [t["w"] for t in copies({"w": w}, l2)]
-        q_sets = [t["w"] for t in copies({"w": qw}, l2)]
+        bf16_sets, q_sets, sw = random_weights(shape, gen, device, l2)
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, shape.k, generator=gen, device=device, dtype=torch.bfloat16)
             qx, sx = w8a8.quantize_per_token(x)

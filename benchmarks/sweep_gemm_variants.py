@@ -35,7 +35,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gemm import MODELS, copies, linear_shapes, time_calls  # noqa: E402
+from bench_gemm import time_calls  # noqa: E402
+from bench_w8a8_gemm import chosen_shapes, random_weights  # noqa: E402
 
 from tpquant.kernels import triton_w8a8 as tw  # noqa: E402
 from tpquant.kernels import w8a8  # noqa: E402
@@ -255,23 +256,13 @@ def main() -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
-    chosen = args.shapes.split(",")
-    shapes = linear_shapes(MODELS[0], 1) if "7b" in chosen else []
-    if "7b-tp2" in chosen:
-        shapes += linear_shapes(MODELS[0], 2)
-    if "70b" in chosen:
-        shapes += linear_shapes(MODELS[2], 4)
+    shapes = chosen_shapes(args.shapes)
     parts = args.parts.split(",")
     if "norm" in parts:
-        norms = norm_ab([int(v) for v in args.ms.split(",")])
-        out_dir = Path(os.environ.get("OUT", "/tmp/out"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "sweep_norm.json").write_text(json.dumps(norms, indent=1))
+        _write("sweep_norm.json", norm_ab([int(v) for v in args.ms.split(",")]))
     if "quant" in parts:
         quant = quant_ab([int(v) for v in args.ms.split(",")])
-        out_dir = Path(os.environ.get("OUT", "/tmp/out"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "sweep_quant.json").write_text(json.dumps(quant, indent=1))
+        _write("sweep_quant.json", quant)
         print("# geomean two-pass / one-pass rule by M:", {
             m: round(statistics.geometric_mean([r["old_us"] / r["new_us"] for r in quant
                                                 if r["m"] == m]), 3)
@@ -282,12 +273,7 @@ def main() -> int:
     rows = []
     print(f"{'shape':<22} {'M':>5} {'variant':<36} {'us':>9} {'TOP/s':>7} {'x bf16':>7} {'err':>8}")
     for shape in shapes:
-        w = torch.randn(shape.n, shape.k, generator=gen, device=device, dtype=torch.bfloat16)
-        qw = torch.randint(-127, 128, (shape.n, shape.k), generator=gen, device=device,
-                           dtype=torch.int8)
-        sw = torch.rand(shape.n, generator=gen, device=device) * 1e-2
-        bf16_sets = [t["w"] for t in copies({"w": w}, l2)]
-        q_sets = [t["w"] for t in copies({"w": qw}, l2)]
+        bf16_sets, q_sets, sw = random_weights(shape, gen, device, l2)
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, shape.k, generator=gen, device=device, dtype=torch.bfloat16)
             qx, sx = w8a8.quantize_per_token(x)
@@ -310,7 +296,7 @@ def main() -> int:
                     print(f"# {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
 
             if "w8a8" in parts:
-                ref = (qx.double() @ qw.double().t() * sx.double() * sw.double()).float()
+                ref = (qx.double() @ q_sets[0].double().t() * sx.double() * sw.double()).float()
                 run("w8a8 auto", lambda: [lambda q=q: tw.w8a8_gemm(
                     qx, sx, q, sw, None, torch.bfloat16, out=out) for q in q_sets], ref)
                 if m <= tw.MEDIUM_MAX_M:
@@ -330,7 +316,7 @@ def main() -> int:
                     except Exception as exc:  # noqa: BLE001
                         print(f"# _int_mm: {type(exc).__name__}: {str(exc)[:120]}")
             if "wo8" in parts:
-                ref = (x.double() @ (qw.double() * sw.double()[:, None]).t()).float()
+                ref = (x.double() @ (q_sets[0].double() * sw.double()[:, None]).t()).float()
                 for name, (bn, bm, bk, warps, stages, swap) in WO8.items():
                     for conv in (0, 1):
                         run(f"wo8 {name} c{conv}", lambda a=(bn, bm, bk, warps, stages, swap,
@@ -360,11 +346,15 @@ def main() -> int:
            if len(s) == len(shapes)}
     for key, val in sorted(geo.items(), key=lambda kv: (int(kv[0].split("M=")[1]), -kv[1])):
         print(f"{key:<56} {val:6.2f}")
+    _write("sweep_gemm_variants.json",
+           {"device": torch.cuda.get_device_name(device), "rows": rows, "geomean": geo})
+    return 0
+
+
+def _write(name: str, data: object) -> None:
     out_dir = Path(os.environ.get("OUT", "/tmp/out"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep_gemm_variants.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(device), "rows": rows, "geomean": geo}, indent=1))
-    return 0
+    (out_dir / name).write_text(json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":
