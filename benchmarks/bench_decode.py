@@ -11,9 +11,10 @@ there by the scheme; no rank ever holds a full model.
 
 Per (model, scheme), on every rank in lockstep:
 - ttft_ms: prefill of a 512-token prompt (batch 1) to the first token's logits and argmax.
-- decode at batch 1, 8, 64: the generation loop's per-token work (CUDA-graph replay of the
-  decode step at context 512, argmax on rank 0, broadcast of the tokens, the host reading
-  them), 4 warm-up steps then 32 timed; step_ms is the median of 3 such runs / 32.
+- decode at batch 1, 8, 64: the runtime's generation loop (`session.generate`: CUDA-graph
+  replay of the decode step, argmax on rank 0, broadcast of the tokens, the host reading
+  them while the next step runs) after a 512-token prompt per row, so at context 512-544;
+  a 4-step warm-up run, then step_ms = the median of 3 runs of 32 steps / 32.
 - floor_ms = weight bytes a step reads on this rank / measured copy bandwidth
              + 2 x layers x measured all-reduce latency (a [batch, hidden] bf16 all-reduce,
              CUDA-graph replay); efficiency = floor_ms / step_ms. The floor ignores the KV
@@ -44,6 +45,9 @@ import torch
 from plotting import pyplot  # benchmarks/, on sys.path when run as a script
 
 from tpquant.collectives import Communicator, make_communicator
+from tpquant.engine.graphs import DecodeGraphs
+from tpquant.engine.sampling import SamplingParams
+from tpquant.engine.session import generate
 from tpquant.layers.linear import ShardedLinear
 from tpquant.models.config import LlamaConfig
 from tpquant.models.llama import Llama, LlamaSchemes, default_down_rotation, rope_inv_freq
@@ -207,31 +211,20 @@ def time_prefill(model: Llama, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def time_decode(model: Llama, comm: Communicator, device: torch.device, batch: int) -> float:
-    """Milliseconds per decode step: the generation loop's per-token work (see the docstring)."""
-    from tpquant.engine.graphs import DecodeGraphs
+def time_decode(model: Llama, comm: Communicator, batch: int,
+                graphs: DecodeGraphs | None = None) -> float:
+    """Milliseconds per decode step of the runtime's own loop (`session.generate`, greedy,
+    no stop tokens) from `batch` prompts of PROMPT tokens: decode_s of a run of DECODE_STEPS
+    steps / DECODE_STEPS, median of RUNS runs after a warm-up run."""
+    graphs = graphs or DecodeGraphs(model)
+    prompts = [[1] * PROMPT] * batch
 
-    graphs = DecodeGraphs(model)
-    graphs.prepare(batch)
-    token = torch.zeros(batch, dtype=torch.long, device=device)
-    pos = torch.full((batch,), PROMPT, dtype=torch.long, device=device)
+    def run(steps: int) -> float:  # steps graph replays after the prefill's token
+        g = generate(model, comm, prompts, steps + 1, SamplingParams(), graphs=graphs, stop_ids=())
+        return g.decode_s * 1e3 / steps
 
-    def steps(n: int):
-        for _ in range(n):
-            logits = graphs.step(token, pos)
-            if comm.rank == 0:
-                token.copy_(logits.argmax(-1))
-            comm.broadcast(token, root=0)
-            token.tolist()  # the host sync of every real step
-
-    steps(WARMUP_STEPS)
-    runs = []
-    for _ in range(RUNS):
-        torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        steps(DECODE_STEPS)
-        runs.append((time.perf_counter() - t) * 1e3 / DECODE_STEPS)
-    return statistics.median(runs)
+    run(WARMUP_STEPS)
+    return statistics.median(run(DECODE_STEPS) for _ in range(RUNS))
 
 
 def kv_read_bytes(config: LlamaConfig, model: Llama, batch: int) -> int:
@@ -260,7 +253,7 @@ def bench_config(name: str, scheme: str, plan: Plan, mapping: Mapping, comm: Com
     }
     row["weight_vs_total_over_tp"] = row["weight_bytes_rank_max"] / (row["weight_bytes_total"] / tp)
     for batch in plan.batches:
-        step = time_decode(model, comm, device, batch)
+        step = time_decode(model, comm, batch)
         floor = read / bw * 1e3 + 2 * config.num_layers * ar[batch] * 1e3
         row["decode"][str(batch)] = {
             "step_ms": step, "tokens_per_s": batch / step * 1e3, "floor_ms": floor,

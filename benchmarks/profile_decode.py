@@ -1,16 +1,21 @@
 """Where a decode step's time goes: GPU kernel time by kind, against the step as run.
 
     python benchmarks/profile_decode.py [--schemes bf16 int4_wo] [--batch 1]
+    mpirun -n 2 python benchmarks/profile_decode.py ...      (TP 2; rank 0 reports)
 
-One GPU, TP 1, a random Llama-2-7B-shaped model as in bench_decode.py (context 512). Per scheme:
+A random Llama-2-7B-shaped model as in bench_decode.py (context 512), TP = the number of
+ranks. Per scheme:
 - graph_ms: one CUDA-graph replay of the decode step (device time, CUDA events, median of 20);
-- loop_ms: bench_decode's per-token loop (replay, argmax, broadcast, the host reading the
-  token), median of 3 runs of 32 steps;
+- serial_ms: a loop that waits for each token before the next step (replay, argmax on
+  rank 0, broadcast, the host reading the token), median of 3 runs of 32 steps: what the
+  host's wait costs;
+- loop_ms: bench_decode's step, the runtime's loop (`session.generate`), which queues the
+  next step before reading the token;
 - kernels: torch.profiler over 5 eager decode steps; each kernel's device time per step,
   summed by kind (the weight-only GEMV, other GEMMs, attention, norms, elementwise, ...).
   kernel_sum_ms / graph_ms says whether the step is its kernels (graph replay has no launch
   gaps to speak of) or something between them.
-Table on stdout, $OUT/profile_decode.json (OUT defaults to /tmp/out).
+Table on stdout, $OUT/profile_decode_tp<N>.json (OUT defaults to /tmp/out).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,6 +42,9 @@ from tpquant.parallel.mapping import Mapping  # noqa: E402
 
 # kernel-name substrings -> kind (first match wins)
 KINDS = (
+    ("tpq_add_norm", "all-reduce + add + RMSNorm"),
+    ("tpq_", "all-reduce (custom)"),
+    ("nccl", "NCCL"),
     ("wo_gemv", "weight-only GEMV (CUDA)"),
     ("wo_tiles_dequant", "weight-only dequant (tiles)"),
     ("wo_tiles", "weight-only GEMV (CUDA, tiled)"),
@@ -70,6 +79,26 @@ def kind_of(name: str) -> str:
 
 
 @torch.no_grad()
+def time_serial_loop(graphs: DecodeGraphs, comm, token: torch.Tensor, pos: torch.Tensor,
+                     steps: int = 32, runs: int = 3) -> float:
+    """Milliseconds per step of a loop that reads each token on the host before it queues
+    the next step (the runtime's loop before it overlapped the two)."""
+    def run() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits = graphs.step(token, pos)
+            if comm.rank == 0:
+                token.copy_(logits.argmax(-1))
+            comm.broadcast(token, root=0)
+            token.tolist()
+        return (time.perf_counter() - t) * 1e3 / steps
+
+    run()
+    return statistics.median(run() for _ in range(runs))
+
+
+@torch.no_grad()
 def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device) -> dict:
     config = MODELS["llama2-7b"]
     model = random_model(config, scheme, mapping, comm, device, group_size_for(config, 1))
@@ -81,7 +110,8 @@ def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device) -> d
     graphs.step(token, pos)
     replay = graphs._graphs[graphs.rows_for(batch)].graph.replay
     graph_ms = statistics.median(_events_ms(replay, 20))
-    loop_ms = time_decode(model, comm, device, batch)
+    serial_ms = time_serial_loop(graphs, comm, token, pos)
+    loop_ms = time_decode(model, comm, batch, graphs)
 
     steps = 5
     for _ in range(2):
@@ -106,7 +136,7 @@ def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device) -> d
     del graphs, model
     torch.cuda.empty_cache()
     return dict(
-        scheme=scheme, batch=batch, graph_ms=graph_ms, loop_ms=loop_ms,
+        scheme=scheme, batch=batch, graph_ms=graph_ms, serial_ms=serial_ms, loop_ms=loop_ms,
         kernel_sum_ms=kernel_sum, kernels_per_step=sum(c for _, c in kinds.values()),
         kinds={k: {"ms": ms, "launches": n} for k, (ms, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
         top=[{"name": n[:120], "ms": ms, "launches": c / steps} for n, (ms, c) in top],
@@ -120,8 +150,8 @@ def main() -> None:
     args = p.parse_args()
     mapping = Mapping.from_env()
     device = mapping.device()
-    if device.type != "cuda" or mapping.tp_size != 1:
-        sys.exit("profile_decode runs on one GPU, one process")
+    if device.type != "cuda":
+        sys.exit("profile_decode runs on GPUs")
     torch.cuda.set_device(device)
     comm = make_communicator(mapping, device)
     out = Path(os.environ.get("OUT", "/tmp/out"))
@@ -130,15 +160,18 @@ def main() -> None:
     for scheme in args.schemes:
         r = profile_scheme(scheme, args.batch, mapping, comm, device)
         results.append(r)
-        print(f"# llama2-7b {scheme} batch {args.batch}: graph replay {r['graph_ms']:.2f} ms, "
-              f"loop step {r['loop_ms']:.2f} ms, kernels (eager, per step) "
+        if mapping.rank != 0:
+            continue
+        print(f"# llama2-7b TP {mapping.tp_size} {scheme} batch {args.batch}: graph replay {r['graph_ms']:.2f} ms, "
+              f"serial loop {r['serial_ms']:.2f} ms, loop step {r['loop_ms']:.2f} ms, kernels (eager, per step) "
               f"{r['kernel_sum_ms']:.2f} ms in {r['kernels_per_step']:.0f} launches")
         for kind, v in r["kinds"].items():
             print(f"  {kind:<28} {v['ms']:7.3f} ms  {v['launches']:6.0f} launches")
         for t in r["top"][:6]:
             print(f"    {t['ms']:7.3f} ms  x{t['launches']:<5.0f} {t['name'][:90]}")
-        (out / "profile_decode.json").write_text(json.dumps(
-            {"device": torch.cuda.get_device_name(device), "results": results}, indent=1))
+        (out / f"profile_decode_tp{mapping.tp_size}.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(device), "tp": mapping.tp_size,
+             "results": results}, indent=1))
 
 
 if __name__ == "__main__":

