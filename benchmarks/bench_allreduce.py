@@ -1,4 +1,4 @@
-"""All-reduce latency on GPUs: custom one-shot, custom two-shot, automatic, and NCCL.
+"""All-reduce latency on GPUs: custom one-shot, two-shot and push, automatic, and NCCL.
 
     launch/mpirun.sh -n 2 python benchmarks/bench_allreduce.py
     launch/mpirun.sh -n 4 python benchmarks/bench_allreduce.py
@@ -11,6 +11,7 @@ median replay time / calls, max over ranks. Paths:
 
 - nccl: NcclCommunicator(all_reduce="nccl"), the baseline measured in the same run;
 - oneshot, twoshot: CustomAllReduce with a --custom-capacity workspace (sizes above it: -);
+- push: the same workspace's push kernel (float16 / bfloat16 up to its push slot; -);
 - auto: NcclCommunicator(all_reduce="auto"), what the layers get (default workspace), with
   the path it chose.
 
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from tpquant.collectives import NcclCommunicator  # noqa: E402
 from tpquant.parallel.custom_allreduce import (  # noqa: E402
     ALGORITHMS,
+    PUSH_DTYPES,
     CustomAllReduce,
     Thresholds,
     thresholds_for,
@@ -49,7 +51,7 @@ from tpquant.parallel.custom_allreduce import (  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PATHS = ("nccl", "oneshot", "twoshot", "auto")
+PATHS = ("nccl", "oneshot", "twoshot", "push", "auto")
 TARGET_RANGE = (4 << 10, 512 << 10)  # auto <= TARGET_RATIO x NCCL for sizes in this range
 TARGET_RATIO, NEVER_SLOWER = 0.5, 1.05
 
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                      "auto_path": auto.algorithm_for(t)}
         for path in PATHS:
             fits = path not in ALGORITHMS or size <= custom.capacity_bytes
+            if path == "push":
+                fits = dtype in PUSH_DTYPES and size <= custom.push_bytes
             row[f"{path}_us"] = time_per_call(fns[path], t, calls, replays, world) if fits else None
         for path in PATHS:
             us = row[f"{path}_us"]
@@ -208,13 +212,15 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"all-reduce, {n} x {torch.cuda.get_device_name(device)}, {args.dtype}, "
           "us per call (median of CUDA-graph replays, max over ranks)")
-    head = (f"{'size':>9} {'nccl':>9} {'oneshot':>9} {'twoshot':>9} {'auto':>9} {'path':>8} "
+    head = (f"{'size':>9} {'nccl':>9} {'oneshot':>9} {'twoshot':>9} {'push':>9} {'auto':>9} "
+            f"{'path':>8} "
             f"{'auto/nccl':>9} {'busbw auto':>10} {'busbw nccl':>10}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{human(r['bytes']):>9} {fmt(r['nccl_us']):>9} {fmt(r['oneshot_us']):>9} "
-              f"{fmt(r['twoshot_us']):>9} {fmt(r['auto_us']):>9} {r['auto_path']:>8} "
+              f"{fmt(r['twoshot_us']):>9} {fmt(r['push_us']):>9} {fmt(r['auto_us']):>9} "
+              f"{r['auto_path']:>8} "
               f"{r['auto_over_nccl']:>9.2f} {r['auto_busbw_gbs']:>10.1f} "
               f"{r['nccl_busbw_gbs']:>10.1f}")
     for name, ok in targets.items():

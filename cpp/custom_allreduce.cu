@@ -8,6 +8,8 @@
 //   [0, TPQ_CTRL_BYTES)                     Ctrl: flags peers write into, the call counter
 //   [TPQ_CTRL_BYTES, + cap)                 data buffer of even calls
 //   [TPQ_CTRL_BYTES + cap, + 2 cap)         data buffer of odd calls
+//   [TPQ_CTRL_BYTES + 2 cap, + 2 N push)    push buffers: of even calls, then of odd calls,
+//                                           each a slot of TPQ_PUSH_BYTES per source rank
 //
 // Protocol of one call (DESIGN s4):
 // - The call counter lives on the device, so CUDA-graph replays advance it too. It is kept
@@ -26,6 +28,14 @@
 // - Sums run over ranks 0..N-1 in that order, in fp32, on every rank: bitwise-identical results.
 // - Element k of the message is handled by the same (block, thread) on every rank and in every
 //   phase, so the per-block barriers order exactly the writes and reads that meet.
+// - Push (16-bit types, messages up to TPQ_PUSH_BYTES; DESIGN s4): no barrier and no reads
+//   of peer memory. Every rank stores its packs straight into slot [rank] of every rank's push
+//   buffer of parity step & 1, and a pack's arrival is its own signal: the push buffers hold
+//   the sentinel 0x8000 (-0 in float16 and bfloat16) in every element between calls, and a
+//   pushed pack never does (-0 goes as +0: the same sum, but for the sign of a zero). A thread
+//   waits for exactly the packs it sums, then writes the sentinel back. A rank pushes into a
+//   peer's buffer of this parity again two calls later, which needs this rank's packs of the
+//   call in between: by then this rank has finished this call, sentinels included.
 // - Every wait is bounded: after timeout_ns the waiting thread marks the rank it waited for
 //   in the host-mapped error words, marks the workspace broken (later calls return at once)
 //   and the block leaves. The host reads the words before each launch and in check().
@@ -47,6 +57,8 @@ typedef unsigned short u16;
 #define TPQ_CTRL_BYTES 65536
 #define TPQ_ERR_ANY TPQ_MAX_RANKS  // host error word: some wait timed out
 #define TPQ_NORM_PACKS 4  // fused norm: 16-byte packs of a row per thread, at most
+#define TPQ_PUSH_BYTES (512 << 10)  // a push slot: the longest message the push kernels take
+#define TPQ_PUSH_EMPTY 0x80008000u  // two 16-bit sentinels: a push slot word with nothing in it
 
 struct Ctrl {
   u64 flags[2][2][TPQ_MAX_BLOCKS][TPQ_MAX_RANKS];  // [call parity][barrier][block][from rank]
@@ -74,6 +86,15 @@ extern "C" __global__ void tpq_layout(u64 out) {
   o[5] = reinterpret_cast<const char*>(&c->reached[0]) - base;
   o[6] = reinterpret_cast<const char*>(&c->seen[0]) - base;
   o[7] = TPQ_NORM_PACKS * TPQ_THREADS * 16;  // the fused norm's longest row, in bytes
+  o[8] = TPQ_PUSH_BYTES;
+}
+
+// Fill `words` 32-bit words at `ptr` with `value` (the push buffers' sentinels, at start-up).
+extern "C" __global__ void tpq_fill(u64 ptr, long long words, u32 value) {
+  u32* p = reinterpret_cast<u32*>(ptr);
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < words;
+       i += (long long)gridDim.x * blockDim.x)
+    p[i] = value;
 }
 
 __device__ __forceinline__ void store_release(u64* p, u64 v) {
@@ -281,6 +302,14 @@ __device__ __forceinline__ bool begin_call(const Args& a, Call& c, int* timed_ou
   return true;
 }
 
+// A wait for rank `peer` ran out: tell the host which rank, and break the workspace.
+__device__ __forceinline__ void mark_timeout(const Args& a, const Call& c, int peer) {
+  a.host_err[peer] = 1u;
+  a.host_err[TPQ_ERR_ANY] = 1u;
+  *reinterpret_cast<volatile u32*>(&c.self->broken) = 1u;
+  __threadfence_system();
+}
+
 // Block blockIdx.x of every rank meets here. Returns false (on every thread of the block)
 // when some rank did not arrive within the timeout.
 template <int N>
@@ -296,10 +325,7 @@ __device__ __forceinline__ bool barrier(const Args& a, const Call& c, int which,
       const u64 start = now_ns();
       while (load_acquire(mine) < value) {
         if (now_ns() - start > a.timeout_ns) {
-          a.host_err[peer] = 1u;
-          a.host_err[TPQ_ERR_ANY] = 1u;
-          *reinterpret_cast<volatile u32*>(&c.self->broken) = 1u;
-          __threadfence_system();
+          mark_timeout(a, c, peer);
           *timed_out = 1;
           break;
         }
@@ -392,6 +418,141 @@ __device__ __forceinline__ void two_shot(const Args& a) {
   end_call(c);
 }
 
+// ---- push (see the protocol at the top) ----------------------------------------------------
+
+__device__ __forceinline__ uint4 ld_volatile(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_volatile(uint4* p, const uint4& v) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};"
+               :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
+// A 32-bit word of two 16-bit elements with -0 (the sentinel) made +0.
+__device__ __forceinline__ u32 no_sentinel(u32 w) {
+  if ((w & 0xffffu) == 0x8000u) w &= 0xffff0000u;
+  if ((w >> 16) == 0x8000u) w &= 0x0000ffffu;
+  return w;
+}
+
+__device__ __forceinline__ uint4 pushable(const uint4& p) {
+  return make_uint4(no_sentinel(p.x), no_sentinel(p.y), no_sentinel(p.z), no_sentinel(p.w));
+}
+
+__device__ __forceinline__ bool has_sentinel(u32 w) {
+  return (w & 0xffffu) == 0x8000u || (w >> 16) == 0x8000u;
+}
+
+// Every element of the pack has arrived (an element is written whole, so a pack read while it
+// lands shows some sentinels, never a torn element).
+__device__ __forceinline__ bool arrived(const uint4& v) {
+  return !(has_sentinel(v.x) || has_sentinel(v.y) || has_sentinel(v.z) || has_sentinel(v.w));
+}
+
+// Slot `from` of the push buffer of `parity` in the workspace at `ws`.
+__device__ __forceinline__ uint4* push_slot(char* ws, long long cap, int parity, int from) {
+  return reinterpret_cast<uint4*>(ws + TPQ_CTRL_BYTES + 2 * cap +
+                                  (long long)(parity * TPQ_WORLD + from) * TPQ_PUSH_BYTES);
+}
+
+// Wait for the pack at `slot` (pushed by rank `from`), then put the sentinels back. False when
+// it did not come within the timeout (then v is zeros and the workspace is broken).
+__device__ __forceinline__ bool take(const Args& a, const Call& c, uint4* slot, int from,
+                                     uint4& v) {
+  v = ld_volatile(slot);
+  if (!arrived(v)) {
+    const u64 start = now_ns();
+    do {
+      if (now_ns() - start > a.timeout_ns) {
+        mark_timeout(a, c, from);
+        v = make_uint4(0u, 0u, 0u, 0u);
+        return false;
+      }
+      v = ld_volatile(slot);
+    } while (!arrived(v));
+  }
+  st_volatile(slot, make_uint4(TPQ_PUSH_EMPTY, TPQ_PUSH_EMPTY, TPQ_PUSH_EMPTY, TPQ_PUSH_EMPTY));
+  return true;
+}
+
+// Pack k of the n 16-bit elements at src, the elements past n as +0.
+__device__ __forceinline__ uint4 load_pack16(const u16* src, long long k, long long n,
+                                             bool aligned) {
+  if (aligned && (k + 1) * 8 <= n) return reinterpret_cast<const uint4*>(src)[k];
+  u32 w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const long long lo = k * 8 + 2 * i;
+    w[i] = (lo < n ? u32(src[lo]) : 0u) | ((lo + 1 < n ? u32(src[lo + 1]) : 0u) << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Store the elements of pack p that fall below n as pack k of dst.
+template <class D>
+__device__ __forceinline__ void store_pack(typename D::Raw* dst, long long k, long long n,
+                                           bool aligned, const uint4& p) {
+  constexpr int E = Pack<D>::kElems;
+  if (aligned && (k + 1) * E <= n) {
+    reinterpret_cast<uint4*>(dst)[k] = p;
+    return;
+  }
+  const typename D::Raw* e = reinterpret_cast<const typename D::Raw*>(&p);
+#pragma unroll
+  for (int i = 0; i < E; ++i)
+    if (k * E + i < n) dst[k * E + i] = e[i];
+}
+
+// Push one-shot: push every pack to every rank, then sum the packs pushed here in rank order.
+template <class D>
+__device__ __forceinline__ void push_one_shot(const Args& a) {
+  typedef typename D::Raw Raw;
+  static_assert(sizeof(Raw) == 2, "push: 16-bit types only (the sentinel is -0)");
+  constexpr int N = TPQ_WORLD;
+  constexpr int E = Pack<D>::kElems;
+  __shared__ int timed_out;
+  Call c;
+  if (!begin_call(a, c, &timed_out)) return;
+  const Raw* in = static_cast<const Raw*>(a.in);
+  Raw* out = static_cast<Raw*>(a.out);
+  uint4* to[N];  // this rank's slot at every rank
+#pragma unroll
+  for (int r = 0; r < N; ++r) to[r] = push_slot(a.ws[r], a.cap, c.parity, a.rank);
+  char* self = pick(a, a.rank);
+  const bool in_aligned = (reinterpret_cast<u64>(in) & 15ull) == 0;
+  const bool out_aligned = (reinterpret_cast<u64>(out) & 15ull) == 0;
+  const long long packs = (a.n + E - 1) / E;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+
+  for (long long k = first; k < packs; k += stride) {
+    const uint4 p = pushable(load_pack16(in, k, a.n, in_aligned));
+#pragma unroll
+    for (int r = 0; r < N; ++r) st_volatile(to[r] + k, p);
+  }
+  for (long long k = first; k < packs; k += stride) {
+    float acc[E], x[E];
+    uint4 v;
+#pragma unroll
+    for (int r = 0; r < N; ++r) {
+      if (!take(a, c, push_slot(self, a.cap, c.parity, r) + k, r, v)) return;
+      if (r == 0) {
+        Pack<D>::unpack(v, acc);
+      } else {
+        Pack<D>::unpack(v, x);
+#pragma unroll
+        for (int i = 0; i < E; ++i) acc[i] = add_rn(acc[i], x[i]);
+      }
+    }
+    store_pack<D>(out, k, a.n, out_aligned, Pack<D>::pack(acc));
+  }
+  end_call(c);
+}
+
 // The sum of v over the block's threads, in a fixed order (the same bits on every rank).
 // red: blockDim.x / 32 floats of shared memory, free again when this returns.
 __device__ __forceinline__ float block_sum(float v, float* red) {
@@ -442,7 +603,10 @@ __device__ __forceinline__ void load_row(const NormArgs& nrm, long long row, lon
   }
 }
 
-template <class D>
+// PUSH: the packs travel as in push_one_shot (16-bit types) instead of copy-in, barrier and
+// reads of peer memory. A wait that runs out leaves zeros and the block's flag set; the
+// block goes on to its block_sum (every thread must reach its syncs) and stores nothing.
+template <class D, bool PUSH>
 __device__ __forceinline__ void one_shot_add_norm(const Args& a, const NormArgs& nrm) {
   constexpr int N = TPQ_WORLD;
   constexpr int E = Pack<D>::kElems;
@@ -454,18 +618,38 @@ __device__ __forceinline__ void one_shot_add_norm(const Args& a, const NormArgs&
   const uint4* in = static_cast<const uint4*>(a.in);
   uint4* s_out = static_cast<uint4*>(nrm.s_out);
   uint4* out = static_cast<uint4*>(a.out);
-  const uint4* bufs[N];
+  uint4* bufs[N];  // barrier: every rank's data buffer; push: the slots pushed to this rank
+  uint4* to[N];    // push: this rank's slot at every rank
 #pragma unroll
-  for (int r = 0; r < N; ++r) bufs[r] = reinterpret_cast<const uint4*>(a.ws[r] + c.offset);
+  for (int r = 0; r < N; ++r) {
+    if constexpr (PUSH) {
+      bufs[r] = push_slot(pick(a, a.rank), a.cap, c.parity, r);
+      to[r] = push_slot(a.ws[r], a.cap, c.parity, a.rank);
+    } else {
+      bufs[r] = reinterpret_cast<uint4*>(a.ws[r] + c.offset);
+    }
+  }
   uint4* mine = reinterpret_cast<uint4*>(pick(a, a.rank) + c.offset);
   const long long row_packs = nrm.hidden / E, rows = a.n / nrm.hidden;
 
   for (long long row = blockIdx.x; row < rows; row += gridDim.x)
-    for (long long k = row * row_packs + threadIdx.x; k < (row + 1) * row_packs; k += blockDim.x)
-      mine[k] = in[k];
+    for (long long k = row * row_packs + threadIdx.x; k < (row + 1) * row_packs; k += blockDim.x) {
+      if constexpr (PUSH) {
+        const uint4 p = pushable(in[k]);
+#pragma unroll
+        for (int r = 0; r < N; ++r) st_volatile(to[r] + k, p);
+      } else {
+        mine[k] = in[k];
+      }
+    }
   uint4 res[P], wt[P];
   load_row(nrm, blockIdx.x, row_packs, res, wt);  // local: in flight during the barrier
-  if (!barrier<N>(a, c, 0, &timed_out)) return;
+  if constexpr (PUSH) {
+    __syncthreads();  // begin_call's reset of timed_out before any wait can set it
+  } else {
+    if (!barrier<N>(a, c, 0, &timed_out)) return;
+  }
+  bool ok = true;
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
     if (row != blockIdx.x) load_row(nrm, row, row_packs, res, wt);
     float s[P][E];
@@ -476,12 +660,25 @@ __device__ __forceinline__ void one_shot_add_norm(const Args& a, const NormArgs&
       if (j >= row_packs) continue;
       const long long k = row * row_packs + j;
       float acc[E], v[E];
-      Pack<D>::unpack(bufs[0][k], acc);
 #pragma unroll
-      for (int r = 1; r < N; ++r) {
-        Pack<D>::unpack(bufs[r][k], v);
+      for (int r = 0; r < N; ++r) {
+        uint4 packed;
+        if constexpr (PUSH) {
+          if (ok && !take(a, c, bufs[r] + k, r, packed)) {
+            ok = false;
+            timed_out = 1;
+          }
+          if (!ok) packed = make_uint4(0u, 0u, 0u, 0u);
+        } else {
+          packed = bufs[r][k];
+        }
+        if (r == 0) {
+          Pack<D>::unpack(packed, acc);
+        } else {
+          Pack<D>::unpack(packed, v);
 #pragma unroll
-        for (int i = 0; i < E; ++i) acc[i] = add_rn(acc[i], v[i]);
+          for (int i = 0; i < E; ++i) acc[i] = add_rn(acc[i], v[i]);
+        }
       }
       Pack<D>::unpack(Pack<D>::pack(acc), acc);  // d as the all-reduce would return it
       Pack<D>::unpack(res[p], v);
@@ -492,6 +689,7 @@ __device__ __forceinline__ void one_shot_add_norm(const Args& a, const NormArgs&
       for (int i = 0; i < E; ++i) squares = fmaf(s[p][i], s[p][i], squares);
     }
     const float mean = __fdiv_rn(block_sum(squares, red), float(nrm.hidden));
+    if (PUSH && timed_out) return;  // read after block_sum's syncs: the same on every thread
     const float inv_rms = __fdiv_rn(1.f, __fsqrt_rn(add_rn(mean, nrm.eps)));
 #pragma unroll
     for (int p = 0; p < P; ++p) {
@@ -535,12 +733,31 @@ __device__ __forceinline__ void wait_then_signal() {
                           reinterpret_cast<void*>(s_out),                             \
                           reinterpret_cast<const void*>(weight), hidden, eps};        \
     wait_then_signal();                                                               \
-    one_shot_add_norm<D>(a, nrm);                                                     \
+    one_shot_add_norm<D, false>(a, nrm);                                              \
+  }
+
+// The push kernels, for the 16-bit types.
+#define TPQ_PUSH_KERNELS(NAME, D)                                                     \
+  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_push_##NAME(TPQ_PARAMS) { \
+    TPQ_MAKE_ARGS                                                                     \
+    wait_then_signal();                                                               \
+    push_one_shot<D>(a);                                                              \
+  }                                                                                   \
+  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_push_add_norm_##NAME( \
+      TPQ_PARAMS, u64 residual, u64 s_out, u64 weight, long long hidden, float eps) { \
+    TPQ_MAKE_ARGS                                                                     \
+    const NormArgs nrm = {reinterpret_cast<const void*>(residual),                    \
+                          reinterpret_cast<void*>(s_out),                             \
+                          reinterpret_cast<const void*>(weight), hidden, eps};        \
+    wait_then_signal();                                                               \
+    one_shot_add_norm<D, true>(a, nrm);                                               \
   }
 
 TPQ_KERNELS(f32, F32)
 TPQ_KERNELS(f16, F16)
 TPQ_KERNELS(bf16, BF16)
+TPQ_PUSH_KERNELS(f16, F16)
+TPQ_PUSH_KERNELS(bf16, BF16)
 
 // Start-up check that peers really reach each other: thread r reads rank r's probe value
 // (into this rank's `seen`) and writes this rank's mark into rank r's `reached[rank]`.

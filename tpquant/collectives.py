@@ -288,7 +288,7 @@ class NcclCommunicator(Communicator):
     all_reduce sums of float32/float16/bfloat16 go through the custom IPC
     all-reduce (`custom`, fp32 accumulation in rank order, bitwise equal on all
     ranks) where `algorithm_for` says so: `all_reduce` ("auto", "nccl",
-    "oneshot", "twoshot"; default ``$TPQUANT_ALLREDUCE``, else "auto") and the
+    "oneshot", "twoshot", "push"; default ``$TPQUANT_ALLREDUCE``, else "auto") and the
     message size decide. Without peer access between the GPUs it is NCCL.
 
     mpi_comm (mpi4py) carries the NCCL id, broadcast_object and barrier.
@@ -350,7 +350,7 @@ class NcclCommunicator(Communicator):
         self.check()
 
     def algorithm_for(self, t: torch.Tensor, op: str = "sum") -> str:
-        """"oneshot", "twoshot" or "nccl": the path all_reduce takes for `t` and `op`."""
+        """"oneshot", "twoshot", "push" or "nccl": the path all_reduce takes for `t` and `op`."""
         custom = self.custom
         return choose_all_reduce(
             self.all_reduce_mode,
@@ -361,14 +361,15 @@ class NcclCommunicator(Communicator):
             contiguous=t.is_contiguous(),
             custom_available=custom is not None,
             capacity_bytes=custom.capacity_bytes if custom is not None else 0,
+            push_bytes=custom.push_bytes if custom is not None else 0,
         )
 
     def fuses_norm(self, partial: torch.Tensor, residual: torch.Tensor,
                    weight: torch.Tensor) -> bool:
         """Whether all_reduce_add_rms_norm runs as one custom kernel: where all_reduce would
-        take the one-shot kernel, the tensors fit it (`add_norm_fits`) and it is the faster
-        (`add_norm_pays`: decode batches)."""
-        if not (self.add_norm and self.algorithm_for(partial) == "oneshot"
+        take the one-shot or push kernel, the tensors fit it (`add_norm_fits`) and it is the
+        faster (`add_norm_pays`: decode batches)."""
+        if not (self.add_norm and self.algorithm_for(partial) in ("oneshot", "push")
                 and add_norm_fits(partial, residual, weight)):
             return False
         row_bytes = partial.shape[-1] * partial.element_size()
@@ -379,7 +380,8 @@ class NcclCommunicator(Communicator):
         self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fuses_norm(partial, residual, weight):  # the custom kernel checks the device
-            return self.custom.all_reduce_add_rms_norm(partial, residual, weight, eps)
+            return self.custom.all_reduce_add_rms_norm(partial, residual, weight, eps,
+                                                       self.algorithm_for(partial))
         return super().all_reduce_add_rms_norm(partial, residual, weight, eps)
 
     def _stream(self, t: torch.Tensor) -> int:
@@ -422,7 +424,7 @@ def make_communicator(
     tp_size 1: SingleProcessCommunicator (no MPI). Otherwise the group is
     ``mapping.tp_size`` consecutive ranks of mpi4py's COMM_WORLD: NCCL on a
     CUDA `device` (which becomes the current CUDA device), MPI on the CPU.
-    `all_reduce` ("auto", "nccl", "oneshot", "twoshot"; default
+    `all_reduce` ("auto", "nccl", "oneshot", "twoshot", "push"; default
     ``$TPQUANT_ALLREDUCE``, else "auto") picks the GPU all-reduce path; the
     CPU backend has one path and only checks the value.
     """

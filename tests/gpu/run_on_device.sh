@@ -37,6 +37,12 @@
 #                 32 (mma_sweep: then the mma kernel's split-K sweep)
 #     allreduce   NCCL and custom all-reduce tests, and the layers over them (2 and 4 ranks)
 #     allreduce_blocks  custom all-reduce latency at 36, 48, 64 blocks per launch (2 ranks)
+#     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
+#                 killed-rank tests
+#     push        the all-reduce tests and the layers' (2 ranks), the overlapped generate on a
+#                 random model at TP 2, bench_allreduce to 1 MiB, bench_allreduce_norm, then
+#                 bench_decode (bf16, int4) at TP 2 with the one-shot (TPQUANT_ALLREDUCE=oneshot)
+#                 and with push (auto)
 #     failures    a rank that raises or is killed while others sit in NCCL / custom all-reduce
 #     model       the model tests (1, 2, 3 and 4 ranks, as many as there are GPUs)
 #     norm        the fused all-reduce + add + RMSNorm's tests and the layers' (2 ranks)
@@ -251,6 +257,30 @@ allreduce)
     step allreduce_n$n mpi -n $n python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
       tests/gpu/test_custom_allreduce.py tests/gpu/test_nccl.py tests/mpi/test_layers.py
   done
+  ;;
+push)
+  step allreduce_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
+    tests/gpu/test_custom_allreduce.py tests/mpi/test_layers.py
+  step generate_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
+    tests/gpu/test_model_gpu.py -k "overlapped or decode_attention_kernel"
+  TAIL=26 step bench_allreduce_tp2 mpi -n 2 python3 benchmarks/bench_allreduce.py \
+    --max-bytes $((1 << 20))
+  TAIL=12 step bench_allreduce_norm_tp2 mpi -n 2 python3 benchmarks/bench_allreduce_norm.py
+  for v in oneshot auto; do
+    TAIL=8 step bench_decode_ar_$v env TPQUANT_ALLREDUCE=$v bash -c \
+      "mpi -n 2 -x TPQUANT_ALLREDUCE python3 benchmarks/bench_decode.py --models llama2-7b \
+       --schemes bf16 int4_wo int8_wo --out $r/ar_$v"
+  done
+  ;;
+push_bench)
+  # after push: the all-reduce tests again, bench_allreduce to 1 MiB, bench_allreduce_norm,
+  # and the killed-rank tests (push is what bf16 decode-sized all-reduces take now)
+  step allreduce_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
+    tests/gpu/test_custom_allreduce.py
+  TAIL=26 step bench_allreduce_tp2 mpi -n 2 python3 benchmarks/bench_allreduce.py \
+    --max-bytes $((1 << 20))
+  TAIL=12 step bench_allreduce_norm_tp2 mpi -n 2 python3 benchmarks/bench_allreduce_norm.py
+  TAIL=8 step failures pyt tests/gpu/test_failures_gpu.py
   ;;
 allreduce_bench)
   for n in 2 4; do

@@ -1,5 +1,6 @@
 """Custom IPC all-reduce on GPUs: against NCCL and a float64 reference, bitwise equal on all
-ranks, 10,000 calls in a row, 1,000 CUDA-graph replays, and a rank that stops.
+ranks, 10,000 calls in a row (and 3,000 with push among them), 1,000 CUDA-graph replays,
+negative zeros through push, and a rank that stops.
 
 Run one rank per GPU, at any world size from 2 to 8 (skipped at 1):
     launch/mpirun.sh -n 2 python -m pytest --with-mpi tests/gpu/test_custom_allreduce.py
@@ -23,6 +24,7 @@ from tpquant.parallel.custom_allreduce import (
     MODE_ENV,
     NORM_ENV,
     NORM_MAX_ROW_BYTES,
+    PUSH_DTYPES,
     CustomAllReduce,
     CustomAllReduceError,
     thresholds_for,
@@ -114,19 +116,23 @@ def sizes_for(dtype: torch.dtype, capacity: int) -> list[int]:
     """Element counts: 1, odd and small counts, 4 KB, odd counts past it, up to capacity."""
     item = torch.tensor([], dtype=dtype).element_size()
     kb = 1024 // item
-    return [1, 2, 3, 7, 9, 31, 257, 1023, 4 * kb, 4 * kb + 3, 64 * kb + 5, 1024 * kb - 1,
-            capacity // item]
+    sizes = [1, 2, 3, 7, 9, 31, 257, 1023, 4 * kb, 4 * kb + 3, 64 * kb + 5, 1024 * kb - 1]
+    return [n for n in sizes if n * item < capacity] + [capacity // item]
+
+
+# every (algorithm, dtype) the kernels take: push moves 16-bit types only
+RUNS = [(a, d) for a in ALGORITHMS for d in DTYPES if a != "push" or d in PUSH_DTYPES]
 
 
 def test_peers_reach_each_other(custom) -> None:
     assert custom.reachable and custom.unreachable_reason is None
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("algorithm,dtype", RUNS, ids=str)
 def test_matches_nccl_and_float64_at_every_size(custom, ref, device, dtype, algorithm) -> None:
     results = {}
-    for i, n in enumerate(sizes_for(dtype, custom.capacity_bytes)):
+    cap = custom.push_bytes if algorithm == "push" else custom.capacity_bytes
+    for i, n in enumerate(sizes_for(dtype, cap)):
         x = rank_input(n, dtype, seed=i, rank=custom.rank, device=device)
         got = x.clone()
         out = custom.all_reduce(got, algorithm)
@@ -139,8 +145,7 @@ def test_matches_nccl_and_float64_at_every_size(custom, ref, device, dtype, algo
         assert r["within_nccl"], f"{n} elements: further from NCCL than the tolerance"
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("algorithm,dtype", RUNS, ids=str)
 def test_unaligned_tensors(custom, ref, device, dtype, algorithm) -> None:
     """A view one element into its storage is not 16-byte aligned: the element-wise path."""
     results = {}
@@ -168,6 +173,30 @@ def test_refuses_what_it_cannot_do(custom, device) -> None:
         custom.all_reduce(torch.ones(4, device=device), "ring")
     with pytest.raises(ValueError, match="cuda"):
         custom.all_reduce(torch.ones(4))
+    with pytest.raises(ValueError, match="push all-reduce takes"):
+        custom.all_reduce(torch.ones(4, device=device), "push")  # float32
+    with pytest.raises(ValueError, match="push all-reduce takes"):
+        custom.all_reduce(torch.ones(custom.push_bytes // 2 + 1, dtype=torch.bfloat16,
+                                     device=device), "push")
+
+
+@pytest.mark.parametrize("dtype", PUSH_DTYPES, ids=str)
+def test_push_carries_negative_zeros(custom, ref, device, dtype) -> None:
+    """-0 is the push buffers' "nothing here": pushed inputs full of -0 (every rank's at some
+    elements, only one rank's at others) sum like any other zero, and the calls after them,
+    which reuse those slots, are right too."""
+    results = []
+    for i, n in enumerate((5, 4096, 100_003)):
+        x = rank_input(n, dtype, seed=200 + i, rank=custom.rank, device=device)
+        x[::3] = -0.0  # all ranks: the sum is a zero
+        x[custom.rank + 1 :: 7] = -0.0  # one rank's at some, several ranks' at others
+        for _ in range(3):  # three calls: both push buffers, and one of them twice
+            got = custom.all_reduce(x.clone(), "push")
+            results.append((n, check_sum(ref, x, got), bool((got[::3] == 0).all())))
+    custom.synchronize()
+    for n, r, zeros in results:
+        assert zeros, f"{n}: a sum of zeros is not zero"
+        assert r["same_on_all_ranks"] and r["within_exact"] and r["within_nccl"], (n, r)
 
 
 def expected_integers(n: int, n_ranks: int, step: int) -> torch.Tensor:
@@ -204,6 +233,26 @@ def test_ten_thousand_calls_in_a_row(custom, ref, device) -> None:
     assert same.item()
 
 
+def test_push_among_other_calls(custom, ref, device) -> None:
+    """3,000 bfloat16 calls, push in turn with one-shot and two-shot, at sizes of one and of
+    many blocks: push's buffers stay right however the calls in between use the workspace."""
+    rank, n_ranks = custom.rank, custom.world_size
+    sizes = [1, 3001, 100_003]
+    bufs = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in sizes]
+    wants = [expected_integers(n, n_ranks, 0).to(device, torch.bfloat16) for n in sizes]
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    order = ["push", "push", "oneshot", "push", "twoshot"]
+    for i in range(3000):
+        j, step = i % len(sizes), (i // 5) % 9
+        integer_input(bufs[j], rank, step)
+        custom.all_reduce(bufs[j], order[i % len(order)])
+        wrong += (bufs[j] != wants[j] + n_ranks * step).sum()
+    same = same_on_all_ranks(ref, torch.cat(bufs))
+    custom.synchronize()
+    assert wrong.item() == 0, f"{wrong.item()} wrong elements over 3000 calls"
+    assert same.item()
+
+
 def captured_graph(run, device) -> torch.cuda.CUDAGraph:
     """`run` once on a side stream (first calls outside the capture), then captured."""
     side = torch.cuda.Stream(device)
@@ -218,11 +267,13 @@ def captured_graph(run, device) -> torch.cuda.CUDAGraph:
 
 
 def test_cuda_graph_replayed_a_thousand_times(custom, ref, device) -> None:
-    """Three all-reduces captured once (one-shot fp32, two-shot bf16, one-shot fp16),
-    replayed on changing inputs, then an eager call: the step counter lives on the device."""
+    """Five all-reduces captured once (one-shot fp32, two-shot bf16, one-shot fp16, push bf16
+    and fp16), replayed on changing inputs, then an eager call: the step counter lives on the
+    device."""
     rank, n_ranks = custom.rank, custom.world_size
     specs = [(4099, torch.float32, "oneshot"), (300_001, torch.bfloat16, "twoshot"),
-             (77, torch.float16, "oneshot")]
+             (77, torch.float16, "oneshot"), (4096, torch.bfloat16, "push"),
+             (131_075, torch.float16, "push")]
     inps = [torch.empty(n, dtype=dt, device=device) for n, dt, _ in specs]
     outs = [torch.empty_like(t) for t in inps]
     wants = [expected_integers(n, n_ranks, 0).to(device, dt) for n, dt, _ in specs]
@@ -266,6 +317,7 @@ def test_communicator_auto_picks_by_size(mpi, ref, device) -> None:
     cap = comm.custom.capacity_bytes
     picks = {
         "small": comm.algorithm_for(small),
+        "small_f32": comm.algorithm_for(small.float()),
         "oneshot_edge": comm.algorithm_for(torch.empty(limits.oneshot_max_bytes // 2,
                                                        dtype=torch.bfloat16, device=device)),
         "over_capacity": comm.algorithm_for(torch.empty(cap // 4 + 1, device=device)),
@@ -275,9 +327,10 @@ def test_communicator_auto_picks_by_size(mpi, ref, device) -> None:
     got = comm.all_reduce(small.clone())
     r = check_sum(ref, small, got)
     comm.synchronize()
-    edge = "oneshot" if limits.oneshot_max_bytes <= cap else "nccl"
-    assert picks == {"small": "oneshot", "oneshot_edge": edge, "over_capacity": "nccl",
-                     "max": "nccl", "int": "nccl"}
+    edge = ("nccl" if limits.oneshot_max_bytes > cap else
+            "push" if limits.oneshot_max_bytes <= comm.custom.push_bytes else "oneshot")
+    assert picks == {"small": "push", "small_f32": "oneshot", "oneshot_edge": edge,
+                     "over_capacity": "nccl", "max": "nccl", "int": "nccl"}
     assert r["same_on_all_ranks"] and r["within_exact"] and r["within_nccl"], r
 
 
@@ -350,15 +403,16 @@ def check_add_norm(custom, ref, partial, residual, weight, s, normed) -> dict[st
     }
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_add_norm_matches_unfused_and_float64(custom, ref, device, dtype) -> None:
+@pytest.mark.parametrize("algorithm,dtype", [r for r in RUNS if r[0] != "twoshot"], ids=str)
+def test_add_norm_matches_unfused_and_float64(custom, ref, device, dtype, algorithm) -> None:
     results = {}
     longest = NORM_MAX_ROW_BYTES // torch.tensor([], dtype=dtype).element_size()
     for i, (rows, hidden) in enumerate(NORM_SHAPES + [(1, longest)]):
         partial, residual, weight = norm_operands(rows, hidden, dtype, 50 + i, custom.rank,
                                                   device)
         kept = partial.clone()
-        s, normed = custom.all_reduce_add_rms_norm(partial, residual, weight, NORM_EPS)
+        s, normed = custom.all_reduce_add_rms_norm(partial, residual, weight, NORM_EPS,
+                                                   algorithm)
         r = check_add_norm(custom, ref, kept, residual, weight, s, normed)
         results[(rows, hidden)] = (torch.equal(partial, kept), r)
     custom.synchronize()
@@ -368,17 +422,21 @@ def test_add_norm_matches_unfused_and_float64(custom, ref, device, dtype) -> Non
 
 
 def test_add_norm_in_a_cuda_graph(custom, ref, device) -> None:
-    """Two fused calls and a plain all-reduce between them captured once, replayed 200 times
-    on changing inputs: every replay equals the eager result of the same inputs."""
-    ops = [norm_operands(1, 4096, torch.bfloat16, 60, custom.rank, device),
-           norm_operands(8, 576, torch.float16, 61, custom.rank, device)]
+    """Four fused calls (one-shot and push) and a plain all-reduce among them captured once,
+    replayed 200 times on changing inputs: every replay equals the eager result of the same
+    inputs."""
+    ops = [norm_operands(rows, hidden, dtype, 60 + k, custom.rank, device)
+           for k, (rows, hidden, dtype) in enumerate([(1, 4096, torch.bfloat16),
+                                                      (8, 576, torch.float16)] * 2)]
+    algos = ["oneshot", "oneshot", "push", "push"]
     plain = torch.empty(1000, device=device)
     outs = []
 
     def run() -> None:
         outs.clear()
-        for partial, residual, weight in ops:
-            outs.extend(custom.all_reduce_add_rms_norm(partial, residual, weight, NORM_EPS))
+        for (partial, residual, weight), algo in zip(ops, algos):
+            outs.extend(custom.all_reduce_add_rms_norm(partial, residual, weight, NORM_EPS,
+                                                       algo))
         integer_input(plain, custom.rank, 0)
         custom.all_reduce(plain, "oneshot")
 
@@ -437,18 +495,23 @@ def test_add_norm_refuses_what_it_cannot_do(custom, device) -> None:
     long = norm_operands(1, NORM_MAX_ROW_BYTES // 2 + 8, torch.bfloat16, 91, custom.rank, device)
     with pytest.raises(ValueError, match="16-byte aligned"):  # a row over the longest
         custom.all_reduce_add_rms_norm(*long, NORM_EPS)
+    with pytest.raises(ValueError, match="push all-reduce takes"):
+        custom.all_reduce_add_rms_norm(p.float(), r.float(), w.float(), NORM_EPS, "push")
+    with pytest.raises(ValueError, match="'oneshot' or 'push'"):
+        custom.all_reduce_add_rms_norm(p, r, w, NORM_EPS, "twoshot")
 
 
 # Keep this test last: the workspace it breaks is its own, but a rank sits out a collective.
-def test_a_rank_that_stops_makes_the_others_raise_in_time(mpi, device) -> None:
+@pytest.mark.parametrize("algorithm", ["oneshot", "push"])
+def test_a_rank_that_stops_makes_the_others_raise_in_time(mpi, device, algorithm) -> None:
     timeout = 1.0
     short = CustomAllReduce(mpi.mpi_comm, device, capacity_bytes=1 << 16, timeout_s=timeout)
     idle = short.world_size - 1
-    t = torch.ones(1000, device=device)
+    t = torch.ones(1000, device=device, dtype=torch.bfloat16)
     waited, named, sticky, idle_clean = -1.0, [], False, True
     if short.rank != idle:
         start = time.monotonic()
-        short.all_reduce(t, "oneshot")
+        short.all_reduce(t, algorithm)
         try:
             short.synchronize()
         except CustomAllReduceError as e:

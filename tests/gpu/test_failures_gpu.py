@@ -37,13 +37,13 @@ FAULT_LINE = re.compile(
 REGION = "all-reduce test"
 
 
-def _worker(mode: str, numel: int) -> None:
+def _worker(mode: str, numel: int, dtype: str) -> None:
     """One rank of the job: warm the communicator up, then meet the fault (see module doc)."""
     from tpquant.engine.collective import collective_region, on_all_ranks
     from tpquant.engine.job import Job, run_job
 
     def main(job: Job) -> None:
-        x = torch.ones(numel, device=job.device)
+        x = torch.ones(numel, device=job.device, dtype=getattr(torch, dtype))
         job.comm.all_reduce(x)  # NCCL connects on first use: not inside the test
         torch.cuda.synchronize(job.device)
         job.comm.barrier()
@@ -62,7 +62,7 @@ def _worker(mode: str, numel: int) -> None:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], int(sys.argv[2]))
+    _worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])
     sys.exit(0)
 
 import pytest  # noqa: E402 - the worker above needs only torch and tpquant
@@ -83,13 +83,15 @@ RESULTS: dict[str, dict] = {}
 
 
 def _job(case: str, mode: str, fault: str, all_reduce: str) -> tuple[str, int, float]:
-    # NCCL: 16 MiB, beyond a custom all-reduce's workspace; auto: 16 KiB, the custom one-shot's
+    # NCCL: 16 MiB, beyond a custom all-reduce's workspace; auto: 16 KiB, the custom one-shot's;
+    # push: 8 KiB of bfloat16
     numel = 1 << 22 if all_reduce == "nccl" else 1 << 12
+    dtype = "bfloat16" if all_reduce == "push" else "float32"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TPQUANT_FAULT": fault,
            "TPQUANT_ALLREDUCE": all_reduce,
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     cmd = [str(ROOT / "launch" / "mpirun.sh"), "-n", "2", sys.executable, str(Path(__file__)), mode,
-           str(numel)]
+           str(numel), dtype]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     ended = time.time()
     output = result.stdout + result.stderr
@@ -103,6 +105,7 @@ def _job(case: str, mode: str, fault: str, all_reduce: str) -> tuple[str, int, f
     ("nccl_error", "region", "error", "nccl"),
     ("nccl_kill", "region", "kill", "nccl"),
     ("auto_raise", "region", "raise", "auto"),
+    ("push_raise", "region", "raise", "push"),
     ("nccl_async_error", "async", "error", "nccl"),
 ])
 def test_rank_fails_while_the_other_waits_in_an_all_reduce(case, mode, kind, all_reduce):

@@ -1,8 +1,9 @@
 """The pure rules of the custom all-reduce: which path, which mode, which grid, and which
 tensors the fused all-reduce + RMSNorm takes.
 
-`choose_all_reduce` is the one place that decides between one-shot, two-shot and NCCL;
-these tests hold it to the thresholds table and to every reason for falling back to NCCL.
+`choose_all_reduce` is the one place that decides between one-shot, two-shot, push and NCCL;
+these tests hold it to the thresholds table, to push's dtypes and size, and to every reason
+for falling back to NCCL.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tpquant.parallel.custom_allreduce import (
     MODES,
     NORM_ENV,
     NORM_MAX_ROW_BYTES,
+    PUSH_MAX_BYTES,
     THRESHOLDS,
     add_norm_fits,
     add_norm_pays,
@@ -55,11 +57,26 @@ def test_thresholds_table_is_ordered() -> None:
 @pytest.mark.parametrize("world", range(2, MAX_RANKS + 1))
 def test_auto_follows_the_thresholds_at_their_edges(world: int) -> None:
     t = thresholds_for(world)
-    assert choose(nbytes=1, world_size=world) == "oneshot"
-    assert choose(nbytes=t.oneshot_max_bytes, world_size=world) == "oneshot"
+    f32 = dict(world_size=world, dtype=torch.float32)  # no push: the one-shot's own edges
+    assert choose(nbytes=1, **f32) == "oneshot"
+    assert choose(nbytes=t.oneshot_max_bytes, **f32) == "oneshot"
     above = "twoshot" if t.custom_max_bytes > t.oneshot_max_bytes else "nccl"
-    assert choose(nbytes=t.oneshot_max_bytes + 1, world_size=world) == above
-    assert choose(nbytes=t.custom_max_bytes + 1, world_size=world) == "nccl"
+    assert choose(nbytes=t.oneshot_max_bytes + 1, **f32) == above
+    assert choose(nbytes=t.custom_max_bytes + 1, **f32) == "nccl"
+
+
+@pytest.mark.parametrize("world", range(2, MAX_RANKS + 1))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_auto_pushes_16_bit_one_shot_sizes_up_to_the_push_slot(world: int, dtype) -> None:
+    t = thresholds_for(world)
+    edge = min(PUSH_MAX_BYTES, t.oneshot_max_bytes)
+    assert choose(nbytes=1, world_size=world, dtype=dtype) == "push"
+    assert choose(nbytes=edge, world_size=world, dtype=dtype) == "push"
+    above = "oneshot" if edge < t.oneshot_max_bytes else (
+        "twoshot" if t.custom_max_bytes > t.oneshot_max_bytes else "nccl")
+    assert choose(nbytes=edge + 1, world_size=world, dtype=dtype) == above
+    # a smaller push slot (the workspace's own) moves the edge
+    assert choose(nbytes=1024, world_size=world, dtype=dtype, push_bytes=1023) == "oneshot"
 
 
 def test_thresholds_for_untabled_world_sizes_take_the_next_tabled_one() -> None:
@@ -69,7 +86,7 @@ def test_thresholds_for_untabled_world_sizes_take_the_next_tabled_one() -> None:
         assert thresholds_for(world) == THRESHOLDS[want]
 
 
-@pytest.mark.parametrize("mode", ["auto", "oneshot", "twoshot"])
+@pytest.mark.parametrize("mode", ["auto", *ALGORITHMS])
 @pytest.mark.parametrize(
     "why",
     [
@@ -88,11 +105,18 @@ def test_nccl_whenever_the_custom_kernels_cannot_run(mode: str, why: dict) -> No
     assert choose(mode, **why) == "nccl"
 
 
-@pytest.mark.parametrize("mode", ALGORITHMS)
+@pytest.mark.parametrize("mode", ["oneshot", "twoshot"])
 @pytest.mark.parametrize("nbytes", [1, 4096, CAPACITY])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_forced_algorithm_wins_at_any_size_that_fits(mode: str, nbytes: int, dtype) -> None:
     assert choose(mode, nbytes=nbytes, dtype=dtype) == mode
+
+
+@pytest.mark.parametrize("nbytes", [1, 4096, PUSH_MAX_BYTES, PUSH_MAX_BYTES + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forced_push_runs_where_it_fits_and_nccl_elsewhere(nbytes: int, dtype) -> None:
+    fits = dtype != torch.float32 and nbytes <= PUSH_MAX_BYTES
+    assert choose("push", nbytes=nbytes, dtype=dtype) == ("push" if fits else "nccl")
 
 
 def test_nccl_mode_never_takes_the_custom_kernels() -> None:
@@ -134,7 +158,7 @@ def test_launch_grid_covers_the_work_within_the_block_limit(
     blocks = launch_blocks(numel, itemsize, world, algorithm, threads, max_blocks)
     assert 1 <= blocks <= max_blocks
     packs = -(-numel * itemsize // 16)  # 16-byte packs, the last one maybe partial
-    work = packs if algorithm == "oneshot" else -(-packs // world)
+    work = -(-packs // world) if algorithm == "twoshot" else packs
     # No idle block unless the limit is reached; every pack has a thread when it is not.
     assert (blocks - 1) * threads < work or blocks == 1
     assert blocks == max_blocks or blocks * threads >= work

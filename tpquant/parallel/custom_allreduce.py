@@ -1,8 +1,9 @@
 """Custom all-reduce over CUDA IPC for the ranks of one node (DESIGN s4).
 
 `CustomAllReduce` owns one workspace per rank: a plain ``cudaMalloc`` (IPC handles fail on
-memory from torch's expandable segments or stream-ordered pools) holding a flag area and two
-data buffers of `capacity_bytes`, used by alternate calls. IPC handles are exchanged over MPI
+memory from torch's expandable segments or stream-ordered pools) holding a flag area, two
+data buffers of `capacity_bytes` used by alternate calls, and two push buffers (a slot of
+`push_bytes` per rank in each). IPC handles are exchanged over MPI
 once and every peer's workspace is mapped. The kernels are in ``cpp/custom_allreduce.cu``;
 they compile at first use through CuPy's NVRTC (cached by CuPy), one build per world size,
 and run on torch's current stream, so they can be captured in CUDA graphs. The protocol is
@@ -12,8 +13,13 @@ described at the top of the .cu file.
   every rank's buffer itself (least latency: small messages).
 - two-shot: reduce-scatter (rank q sums slice q of every buffer), then all-gather of the
   reduced slices (each rank reads 2/N of the message from peers instead of all of it).
-- one-shot with the residual add and RMSNorm after it (`all_reduce_add_rms_norm`): a row
-  layer's output goes into the next norm without a kernel of its own (`add_norm_fits`).
+- push: a one-shot without the barrier, for float16 / bfloat16 up to `push_bytes`: every
+  rank stores its message into every rank's push buffer, and the data's arrival is the
+  signal (the buffers hold -0 between calls, which is never pushed); no rank reads peer
+  memory, so a call costs one one-way trip over NVLink instead of the barrier's and the
+  reads' round trips.
+- one-shot or push with the residual add and RMSNorm after it (`all_reduce_add_rms_norm`): a
+  row layer's output goes into the next norm without a kernel of its own (`add_norm_fits`).
 
 Sums run over ranks in rank order, in fp32, so every rank gets bitwise the same result.
 Every wait in a kernel is bounded by `timeout_s`: a rank that does not join makes the others
@@ -41,7 +47,7 @@ from tpquant.kernels.cupy_launch import launch
 
 Environ = collections.abc.Mapping  # Mapping[str, str]
 
-ALGORITHMS = ("oneshot", "twoshot")
+ALGORITHMS = ("oneshot", "twoshot", "push")
 MODES = ("auto", "nccl", *ALGORITHMS)
 MODE_ENV = "TPQUANT_ALLREDUCE"
 NORM_ENV = "TPQUANT_ALLREDUCE_NORM"  # "0": no fused all-reduce + RMSNorm (benchmarks compare)
@@ -49,6 +55,8 @@ MAX_RANKS = 8  # TPQ_MAX_RANKS in the .cu; checked against the compiled layout a
 NORM_MAX_ROW_BYTES = 32 << 10  # the fused norm's longest row (TPQ_NORM_PACKS x 512 threads
 # x 16 bytes in the .cu; checked likewise): hidden 16384 in float16 / bfloat16
 DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+PUSH_DTYPES = (torch.float16, torch.bfloat16)  # the push kernels' sentinel is -0 in 16 bits
+PUSH_MAX_BYTES = 512 << 10  # TPQ_PUSH_BYTES in the .cu (checked): a decode batch of 64 x 4096
 
 DEFAULT_CAPACITY_BYTES = 16 << 20  # largest message; the workspace holds two of these
 DEFAULT_TIMEOUT_S = 30.0  # a peer late by more than this is taken for gone
@@ -128,14 +136,16 @@ def choose_all_reduce(
     contiguous: bool,
     custom_available: bool,
     capacity_bytes: int,
+    push_bytes: int = PUSH_MAX_BYTES,
 ) -> str:
-    """"oneshot", "twoshot" or "nccl" for one all-reduce: the one place for this rule.
+    """"oneshot", "twoshot", "push" or "nccl" for one all-reduce: the one place for this rule.
 
     NCCL whenever the custom kernels cannot run: no usable workspace (`custom_available`
     False: peers cannot reach each other, or mode "nccl"), op other than "sum", a dtype other
     than float32/float16/bfloat16, a non-contiguous tensor, more than `capacity_bytes`, or
-    more than MAX_RANKS ranks. Otherwise a forced mode wins, and "auto" compares `nbytes`
-    with `thresholds_for(world_size)`.
+    more than MAX_RANKS ranks. Otherwise a forced mode wins where it can run ("push": float16
+    / bfloat16 up to `push_bytes`; NCCL elsewhere), and "auto" compares `nbytes` with
+    `thresholds_for(world_size)`, taking push for the one-shot sizes push can run.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -150,11 +160,14 @@ def choose_all_reduce(
     )
     if not custom_ok:
         return "nccl"
+    push_ok = dtype in PUSH_DTYPES and nbytes <= push_bytes
+    if mode == "push":
+        return "push" if push_ok else "nccl"
     if mode in ALGORITHMS:
         return mode
     limits = thresholds_for(world_size)
     if nbytes <= limits.oneshot_max_bytes:
-        return "oneshot"
+        return "push" if push_ok else "oneshot"
     if nbytes <= limits.custom_max_bytes:
         return "twoshot"
     return "nccl"
@@ -169,7 +182,7 @@ def launch_blocks(
     depends only on arguments that are equal on all ranks.
     """
     packs = -(-numel * itemsize // 16)
-    work = packs if algorithm == "oneshot" else -(-packs // world_size)
+    work = -(-packs // world_size) if algorithm == "twoshot" else packs
     return max(1, min(max_blocks, -(-work // threads)))
 
 
@@ -320,30 +333,45 @@ class CustomAllReduce:
             for dtype, suffix in DTYPES.items()
             for name in [prefix + suffix]
         }
+        self._kernels.update({
+            ("push", dtype): _cuda(f"loading {name}", module.get_function, name)
+            for dtype in PUSH_DTYPES for name in ["tpq_push_" + DTYPES[dtype]]
+        })
         self._add_norm_kernels = {
-            dtype: _cuda(f"loading {name}", module.get_function, name)
-            for dtype, suffix in DTYPES.items()
-            for name in ["tpq_add_norm_" + suffix]
+            (algo, dtype): _cuda(f"loading {name}", module.get_function, name)
+            for algo, prefix in (("oneshot", "tpq_add_norm_"), ("push", "tpq_push_add_norm_"))
+            for dtype, suffix in DTYPES.items() if algo == "oneshot" or dtype in PUSH_DTYPES
+            for name in [prefix + suffix]
         }
+        self._fill_kernel = _cuda("loading tpq_fill", module.get_function, "tpq_fill")
         self._probe_kernel = _cuda("loading tpq_probe", module.get_function, "tpq_probe")
-        layout = torch.zeros(8, dtype=torch.int64, device=self.device)
+        layout = torch.zeros(9, dtype=torch.int64, device=self.device)
         kernel = _cuda("loading tpq_layout", module.get_function, "tpq_layout")
         self._launch(kernel, 1, 1, (np.uint64(layout.data_ptr()),))
         # self.threads: per block, every kernel here
         (self._ctrl_bytes, max_ranks, self._max_grid, self.threads, self._probe_off,
-         self._reached_off, self._seen_off, norm_row_bytes) = layout.cpu().tolist()
+         self._reached_off, self._seen_off, norm_row_bytes, push_bytes) = layout.cpu().tolist()
         if max_ranks != MAX_RANKS:
             raise RuntimeError(f"{SOURCE.name} has TPQ_MAX_RANKS={max_ranks}, Python {MAX_RANKS}")
         if norm_row_bytes != NORM_MAX_ROW_BYTES:
             raise RuntimeError(f"{SOURCE.name}'s fused norm takes rows of {norm_row_bytes} "
                                f"bytes, Python NORM_MAX_ROW_BYTES={NORM_MAX_ROW_BYTES}")
+        if push_bytes != PUSH_MAX_BYTES:
+            raise RuntimeError(f"{SOURCE.name} has push slots of {push_bytes} bytes, Python "
+                               f"PUSH_MAX_BYTES={PUSH_MAX_BYTES}")
+        self.push_bytes = push_bytes
         self.max_blocks = min(self.max_blocks, self._max_grid)
 
     def _allocate(self) -> None:
         rt = self._cupy.cuda.runtime
-        size = self._ctrl_bytes + 2 * self.capacity_bytes
-        self._ptr = _cuda("cudaMalloc of the workspace", rt.malloc, size)
+        push_at = self._ctrl_bytes + 2 * self.capacity_bytes
+        push_size = 2 * self.world_size * self.push_bytes
+        self._ptr = _cuda("cudaMalloc of the workspace", rt.malloc, push_at + push_size)
         _cuda("cudaMemset of the flag area", rt.memset, self._ptr, 0, self._ctrl_bytes)
+        # every push slot empty: the sentinel in every 16-bit element (TPQ_PUSH_EMPTY)
+        self._launch(self._fill_kernel, 64, 512, (np.uint64(self._ptr + push_at),
+                                                  np.int64(push_size // 4), np.uint32(0x80008000)))
+        _cuda("cudaDeviceSynchronize", rt.deviceSynchronize)
         words = MAX_RANKS + 1  # one per peer, then "some wait timed out"
         self._err_ptr = _cuda("cudaHostAlloc of the error words", rt.hostAlloc, 4 * words,
                               _HOST_ALLOC_PORTABLE_MAPPED)
@@ -481,15 +509,19 @@ class CustomAllReduce:
             want = self.world_size * (self.world_size + 1) // 2
             got, norms = [], []
             for dtype in DTYPES:
-                for algo in ALGORITHMS:
+                algos = [a for a in ALGORITHMS if a != "push" or dtype in PUSH_DTYPES]
+                for algo in algos:
                     t = torch.full((5,), float(self.rank + 1), dtype=dtype, device=self.device)
                     got.append(self.all_reduce(t, algo))
                 # the fused norm on one row, residual 1: s = want + 1 exactly, s / rms(s) ~ 1
-                row = torch.full((64,), float(self.rank + 1), dtype=dtype, device=self.device)
-                s, normed = self.all_reduce_add_rms_norm(row, torch.ones_like(row),
-                                                         torch.ones_like(row), 0.0)
-                got.append(s - 1)
-                norms.append(normed)
+                # a list, not a set: every rank must call them in the same order
+                for algo in [a for a in ("oneshot", "push") if a in algos]:
+                    row = torch.full((64,), float(self.rank + 1), dtype=dtype,
+                                     device=self.device)
+                    s, normed = self.all_reduce_add_rms_norm(row, torch.ones_like(row),
+                                                             torch.ones_like(row), 0.0, algo)
+                    got.append(s - 1)
+                    norms.append(normed)
             self.synchronize()
             wrong = [(tuple(t.tolist()), t.dtype) for t in got if not bool((t == want).all())]
             wrong += [(tuple(t.tolist()), t.dtype) for t in norms
@@ -521,10 +553,13 @@ class CustomAllReduce:
               with_pdl)
 
     def all_reduce(self, t: torch.Tensor, algorithm: str = "oneshot") -> torch.Tensor:
-        """Sum `t` over all ranks, in place, with "oneshot" or "twoshot"; returns `t`."""
+        """Sum `t` over all ranks, in place, with "oneshot", "twoshot" or "push" (float16 /
+        bfloat16 up to `push_bytes`); returns `t`."""
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         self._check_input(t)
+        if algorithm == "push":
+            self._check_push(t)
         if t.numel() == 0:
             return t
         blocks = launch_blocks(t.numel(), t.element_size(), self.world_size, algorithm,
@@ -536,17 +571,23 @@ class CustomAllReduce:
         return t
 
     def all_reduce_add_rms_norm(
-        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+        algorithm: str = "oneshot",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, RMSNorm(s) * weight) with s = residual + the sum of `partial` over all ranks: a
-        row layer's all-reduce, the residual add and the next norm in one one-shot kernel.
+        row layer's all-reduce, the residual add and the next norm in one kernel, its
+        all-reduce a "oneshot" or a "push" (float16 / bfloat16 up to `push_bytes`).
 
         The same numbers as `all_reduce(partial, "oneshot")` followed by
         `tpquant.kernels.norm.add_rms_norm` (s bitwise; the norm up to the order of its sum of
         squares), and bitwise the same on every rank. `add_norm_fits` says which tensors it
         takes; `partial` is left as it was.
         """
+        if algorithm not in ("oneshot", "push"):
+            raise ValueError(f"algorithm must be 'oneshot' or 'push', got {algorithm!r}")
         self._check_input(partial)
+        if algorithm == "push":
+            self._check_push(partial)
         if not add_norm_fits(partial, residual, weight):
             raise ValueError(
                 "custom all-reduce + RMSNorm takes contiguous, 16-byte aligned tensors of one "
@@ -566,8 +607,8 @@ class CustomAllReduce:
                 np.int64(partial.numel()), *self._tail, np.uint64(residual.data_ptr()),
                 np.uint64(s.data_ptr()), np.uint64(weight.data_ptr()), np.int64(hidden),
                 np.float32(eps))
-        self._launch(self._add_norm_kernels[partial.dtype], blocks, self.threads, args,
-                     pdl.enabled(self.device))
+        self._launch(self._add_norm_kernels[(algorithm, partial.dtype)], blocks, self.threads,
+                     args, pdl.enabled(self.device))
         return s, out
 
     def _check_input(self, t: torch.Tensor) -> None:
@@ -586,6 +627,14 @@ class CustomAllReduce:
         if nbytes > self.capacity_bytes:
             raise ValueError(
                 f"custom all-reduce: {nbytes} bytes exceed the workspace's {self.capacity_bytes}"
+            )
+
+    def _check_push(self, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if t.dtype not in PUSH_DTYPES or nbytes > self.push_bytes:
+            raise ValueError(
+                f"the push all-reduce takes float16 / bfloat16 up to {self.push_bytes} bytes, "
+                f"got {t.dtype}, {nbytes} bytes"
             )
 
     def check(self) -> None:
