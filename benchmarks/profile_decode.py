@@ -14,7 +14,9 @@ ranks. Per scheme:
 - kernels: torch.profiler over 5 eager decode steps; each kernel's device time per step,
   summed by kind (the weight-only GEMV, other GEMMs, attention, norms, elementwise, ...).
   kernel_sum_ms / graph_ms says whether the step is its kernels (graph replay has no launch
-  gaps to speak of) or something between them.
+  gaps to speak of) or something between them. At TP > 1 a rank's eager kernels also hold
+  its waits for the others (in the all-reduce kernels and, under programmatic dependent
+  launch, in kernels launched early), so the kinds can add up to far more than a step.
 Table on stdout, $OUT/profile_decode_tp<N>.json (OUT defaults to /tmp/out).
 """
 
