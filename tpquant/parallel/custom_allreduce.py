@@ -343,7 +343,8 @@ class CustomAllReduce:
             for dtype, suffix in DTYPES.items() if algo == "oneshot" or dtype in PUSH_DTYPES
             for name in [prefix + suffix]
         }
-        self._fill_kernel = _cuda("loading tpq_fill", module.get_function, "tpq_fill")
+        self._clear_kernel = _cuda("loading tpq_push_clear", module.get_function,
+                                   "tpq_push_clear")
         self._probe_kernel = _cuda("loading tpq_probe", module.get_function, "tpq_probe")
         layout = torch.zeros(9, dtype=torch.int64, device=self.device)
         kernel = _cuda("loading tpq_layout", module.get_function, "tpq_layout")
@@ -368,9 +369,9 @@ class CustomAllReduce:
         push_size = 2 * self.world_size * self.push_bytes
         self._ptr = _cuda("cudaMalloc of the workspace", rt.malloc, push_at + push_size)
         _cuda("cudaMemset of the flag area", rt.memset, self._ptr, 0, self._ctrl_bytes)
-        # every push slot empty: the sentinel in every 16-bit element (TPQ_PUSH_EMPTY)
-        self._launch(self._fill_kernel, 64, 512, (np.uint64(self._ptr + push_at),
-                                                  np.int64(push_size // 4), np.uint32(0x80008000)))
+        # every push slot empty before any peer can push (the barriers in _connect come later)
+        self._launch(self._clear_kernel, 64, 512, (np.uint64(self._ptr + push_at),
+                                                   np.int64(push_size // 4)))
         _cuda("cudaDeviceSynchronize", rt.deviceSynchronize)
         words = MAX_RANKS + 1  # one per peer, then "some wait timed out"
         self._err_ptr = _cuda("cudaHostAlloc of the error words", rt.hostAlloc, 4 * words,
