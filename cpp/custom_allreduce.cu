@@ -519,6 +519,7 @@ __device__ __forceinline__ void push_one_shot(const Args& a) {
   __shared__ int timed_out;
   Call c;
   if (!begin_call(a, c, &timed_out)) return;
+  __syncthreads();  // every thread has read the step before any end_call can advance it
   const Raw* in = static_cast<const Raw*>(a.in);
   Raw* out = static_cast<Raw*>(a.out);
   uint4* to[N];  // this rank's slot at every rank
@@ -647,7 +648,7 @@ __device__ __forceinline__ void one_shot_add_norm(const Args& a, const NormArgs&
   uint4 res[P], wt[P];
   load_row(nrm, blockIdx.x, row_packs, res, wt);  // local: in flight during the barrier
   if constexpr (PUSH) {
-    __syncthreads();  // begin_call's reset of timed_out before any wait can set it
+    __syncthreads();  // the step read and timed_out reset before any end_call or wait
   } else {
     if (!barrier<N>(a, c, 0, &timed_out)) return;
   }
@@ -704,6 +705,7 @@ __device__ __forceinline__ void one_shot_add_norm(const Args& a, const NormArgs&
       s_out[row * row_packs + j] = Pack<D>::pack(s[p]);
       out[row * row_packs + j] = Pack<D>::pack(w);
     }
+    if constexpr (PUSH) __syncthreads();  // all have read timed_out before the next waits
   }
   end_call(c);
 }

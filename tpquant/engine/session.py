@@ -155,13 +155,14 @@ class _HostTokens:
 
     def __init__(self, batch: int, device: torch.device) -> None:
         cuda = device.type == "cuda"
+        self._device = device
         self._host = torch.empty(batch, dtype=torch.long, pin_memory=cuda)
         self._done = torch.cuda.Event() if cuda else None
 
     def copy(self, tokens: torch.Tensor) -> None:
         self._host.copy_(tokens, non_blocking=self._done is not None)
-        if self._done is not None:
-            self._done.record()
+        if self._done is not None:  # on the stream the copy went to: the tokens' device's
+            self._done.record(torch.cuda.current_stream(self._device))
 
     def read(self) -> list[int]:
         if self._done is not None:

@@ -580,8 +580,8 @@ class CustomAllReduce:
         all-reduce a "oneshot" or a "push" (float16 / bfloat16 up to `push_bytes`).
 
         The same numbers as `all_reduce(partial, "oneshot")` followed by
-        `tpquant.kernels.norm.add_rms_norm` (s bitwise; the norm up to the order of its sum of
-        squares), and bitwise the same on every rank. `add_norm_fits` says which tensors it
+        `tpquant.kernels.norm.add_rms_norm` (s bitwise, but for the sign of a zero under push;
+        the norm up to the order of its sum of squares), and bitwise the same on every rank. `add_norm_fits` says which tensors it
         takes; `partial` is left as it was.
         """
         if algorithm not in ("oneshot", "push"):
