@@ -40,6 +40,7 @@ from bench_w8a8_gemm import chosen_shapes, random_weights  # noqa: E402
 
 from tpquant.kernels import triton_w8a8 as tw  # noqa: E402
 from tpquant.kernels import w8a8  # noqa: E402
+from tpquant.kernels.triton_w8a8 import _tile_ids  # noqa: E402
 
 REPLAYS = 5
 G = tw.GemmConfig
@@ -119,15 +120,9 @@ PERSISTENT = {  # name: (bm, bn, bk, warps, stages, flatten)
 def _wo8_kernel(w_desc, x_desc, s_ptr, out_ptr, M, N, K, stride_om,
                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_N: tl.constexpr, SWAP: tl.constexpr, CONVERT: tl.constexpr):
-    # Tiles in grouped order along N: GROUP_N weight tiles meet each x tile while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    in_group = GROUP_N * num_pid_m
-    first_n = (pid // in_group) * GROUP_N
-    size = tl.minimum(num_pid_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % in_group) % size
-    pid_m = (pid % in_group) // size
+    # Tiles in grouped order along N (the GEMM's order, axes swapped): GROUP_N weight tiles
+    # meet each x tile while it is in L2.
+    pid_n, pid_m = _tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
