@@ -366,22 +366,30 @@ class NcclCommunicator(Communicator):
 
     def fuses_norm(self, partial: torch.Tensor, residual: torch.Tensor,
                    weight: torch.Tensor) -> bool:
-        """Whether all_reduce_add_rms_norm runs as one custom kernel: where all_reduce would
-        take the one-shot or push kernel, the tensors fit it (`add_norm_fits`) and it is the
-        faster (`add_norm_pays`: decode batches)."""
-        if not (self.add_norm and self.algorithm_for(partial) in ("oneshot", "push")
-                and add_norm_fits(partial, residual, weight)):
-            return False
+        """Whether all_reduce_add_rms_norm runs as one custom kernel (`_fused_norm_path`)."""
+        return self._fused_norm_path(partial, residual, weight) is not None
+
+    def _fused_norm_path(self, partial: torch.Tensor, residual: torch.Tensor,
+                         weight: torch.Tensor) -> str | None:
+        """The all-reduce of the fused kernel, or None: where all_reduce would take the
+        one-shot or push kernel, the tensors fit it (`add_norm_fits`) and it is the faster
+        (`add_norm_pays`: decode batches)."""
+        if not self.add_norm:
+            return None
+        algorithm = self.algorithm_for(partial)
+        if algorithm not in ("oneshot", "push") or not add_norm_fits(partial, residual, weight):
+            return None
         row_bytes = partial.shape[-1] * partial.element_size()
-        return add_norm_pays(partial.numel() // partial.shape[-1], row_bytes, self.world_size,
+        pays = add_norm_pays(partial.numel() // partial.shape[-1], row_bytes, self.world_size,
                              self.custom.threads, self.custom.max_blocks)
+        return algorithm if pays else None
 
     def all_reduce_add_rms_norm(
         self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fuses_norm(partial, residual, weight):  # the custom kernel checks the device
-            return self.custom.all_reduce_add_rms_norm(partial, residual, weight, eps,
-                                                       self.algorithm_for(partial))
+        algorithm = self._fused_norm_path(partial, residual, weight)
+        if algorithm is not None:  # the custom kernel checks the device
+            return self.custom.all_reduce_add_rms_norm(partial, residual, weight, eps, algorithm)
         return super().all_reduce_add_rms_norm(partial, residual, weight, eps)
 
     def _stream(self, t: torch.Tensor) -> int:
