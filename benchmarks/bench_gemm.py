@@ -3,6 +3,7 @@
     python benchmarks/bench_gemm.py              # Llama-2-7B, Llama-3-8B, Llama-2-70B at TP 1, 2, 4
     python benchmarks/bench_gemm.py --quick      # Llama-2-7B at TP 1 and 2, fewer repetitions
     python benchmarks/bench_gemm.py --paths      # also every forced dispatch path of each scheme
+    python benchmarks/bench_gemm.py --quick --paths dequant,cutlass --ms 64,256   # some of them
 
 Shapes: per rank, fused q/k/v and gate/up (column-parallel: out / TP), o and down (row-parallel:
 in / TP), tokens M in {1, 4, 16, 64, 256, 1024, 4096}. Schemes, each through Scheme.forward on
@@ -194,9 +195,11 @@ class Variant:
         return self.scheme if self.path is None else f"{self.scheme}[{self.path}]"
 
 
-def variants(with_paths: bool) -> list[Variant]:
+def variants(paths: str | None) -> list[Variant]:
+    """bf16 and every scheme through its dispatch; with paths ("all" or a comma-separated
+    list of weight-only path names), also those paths forced (all: the W8A8 GEMM's too)."""
     out = [Variant("bf16")] + [Variant(s) for s in SCHEMES]
-    if not with_paths:
+    if not paths:
         return out
     try:
         from tpquant.kernels import triton_weight_only
@@ -205,9 +208,12 @@ def variants(with_paths: bool) -> list[Variant]:
     except Exception as exc:  # noqa: BLE001 - report and time what exists
         print(f"# weight-only paths unavailable ({exc!r}); timing them through dispatch only")
         wo_paths = ()
+    if paths != "all":
+        wo_paths = tuple(p for p in paths.split(",") if p in wo_paths)
     for scheme in ("int8_wo", "int4_wo", "int4_gw"):
         out += [Variant(scheme, p) for p in wo_paths]
-    out += [Variant("w8a8_gemm", p) for p in (w8a8_kernels.TRITON, w8a8_kernels.INT_MM)]
+    if paths == "all":
+        out += [Variant("w8a8_gemm", p) for p in (w8a8_kernels.TRITON, w8a8_kernels.INT_MM)]
     return out
 
 
@@ -271,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
             name: [(scheme, t) for t in copies(tensors, l2_bytes)]
             for name, (scheme, tensors) in schemes.items()
         }
-        for m in MS:
+        for m in args.ms:
             x = torch.randn(m, shape.k, generator=gen, device=device, dtype=DTYPE)
             qx = w8a8_kernels.QuantizedActivation(*w8a8_kernels.quantize_per_token(x))
             bf16_seconds = None
@@ -454,7 +460,11 @@ def _version(module: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="Llama-2-7B, TP 1 and 2, fewer reps")
-    parser.add_argument("--paths", action="store_true", help="also time every forced path")
+    parser.add_argument("--paths", nargs="?", const="all", default=None,
+                        help="also time forced paths: all, or weight-only paths such as "
+                             "dequant,cutlass")
+    parser.add_argument("--ms", type=lambda v: tuple(int(m) for m in v.split(",")), default=MS,
+                        help="comma-separated token counts (default: %(default)s)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gemm.py needs a CUDA GPU", file=sys.stderr)

@@ -37,12 +37,18 @@
 #                 32 (mma_sweep: then the mma kernel's split-K sweep)
 #     allreduce   NCCL and custom all-reduce tests, and the layers over them (2 and 4 ranks)
 #     allreduce_blocks  custom all-reduce latency at 36, 48, 64 blocks per launch (2 ranks)
+#     cutlass_decode the CUTLASS GEMMs' tests, the layers (2 ranks), bench_gemm --quick,
+#                 bench_decode for five schemes at TP 1 and 2
+#     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
+#                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
 #                 killed-rank tests
 #     push        the all-reduce tests and the layers' (2 ranks), the overlapped generate on a
 #                 random model at TP 2, bench_allreduce to 1 MiB, bench_allreduce_norm, then
 #                 bench_decode (bf16, int4) at TP 2 with the one-shot (TPQUANT_ALLREDUCE=oneshot)
 #                 and with push (auto)
+#     cutlass     the CUTLASS GEMMs (weight-only, W8A8): build (or find) their libraries, their
+#                 tests and the dispatch tests, bench_cutlass_gemm (each variant), bench_gemm --quick
 #     failures    a rank that raises or is killed while others sit in NCCL / custom all-reduce
 #     model       the model tests (1, 2, 3 and 4 ranks, as many as there are GPUs)
 #     norm        the fused all-reduce + add + RMSNorm's tests and the layers' (2 ranks)
@@ -102,7 +108,7 @@ step() {  # step NAME CMD...: run, log to $r/NAME.log, print the log's last line
   echo "   -> rc=$rc, $((SECONDS - t0)) s"
   [ $rc = 0 ] || status=1
 }
-mpi() { mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -x OUT -x NCCL_NVLS_ENABLE ${TPQUANT_SMOLLM2_GGUF:+-x TPQUANT_SMOLLM2_GGUF} "$@"; }
+mpi() { mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -x OUT -x NCCL_NVLS_ENABLE ${TPQUANT_SMOLLM2_GGUF:+-x TPQUANT_SMOLLM2_GGUF} ${TPQUANT_CACHE:+-x TPQUANT_CACHE -x PATH} "$@"; }
 pyt() { python3 -m pytest -p no:cacheprovider -q --timeout 240 "$@"; }
 tiles_tests() {  # the tiled GEMV's and PDL's tests, then the layers on 2 GPUs where there are 2
   step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py tests/gpu/test_pdl_gpu.py
@@ -239,6 +245,7 @@ final_check)
   # W8A8 decode tiles at M = 1, 4, 16, then bench_gemm --quick
   step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
   step kernels_wo_dispatch pyt tests/gpu/test_kernels_weight_only.py -k "automatic or graph"
+  step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
   STEP_TIMEOUT=120 TAIL=40 step bench_w8a8_decode python3 benchmarks/bench_w8a8_gemm.py \
     --ms 1,4,16 --shapes 7b,7b-tp2
   STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
@@ -258,6 +265,33 @@ allreduce)
       tests/gpu/test_custom_allreduce.py tests/gpu/test_nccl.py tests/mpi/test_layers.py
   done
   ;;
+cutlass)
+  # the CUTLASS GEMMs (weight-only, W8A8): their libraries (from the carried cache,
+  # .cutlass_cache/, or built here 8 at a time), their tests and the tests that reach them
+  # through the dispatch, then bench_cutlass_gemm (each variant against bf16 and the paths
+  # the dispatch took before) and bench_gemm --quick
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  nvcc --version | tail -2
+  TAIL=6 STEP_TIMEOUT=420 step cutlass_build python3 -m tpquant.kernels.cutlass_gemm --jobs 8
+  step kernels_cutlass pyt tests/gpu/test_kernels_cutlass.py
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py -k "dispatch or forced or graph"
+  step kernels_wo_dispatch pyt tests/gpu/test_kernels_weight_only.py -k "automatic or graph"
+  step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py -k "gemm or graph"
+  STEP_TIMEOUT=360 TAIL=30 step bench_cutlass_gemm python3 benchmarks/bench_cutlass_gemm.py
+  STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  ;;
+cutlass_decode)
+  # the CUTLASS GEMMs' tests, the layers on 2 GPUs, bench_gemm --quick, then bench_decode (five
+  # schemes, TP 1 and 2) with the CUTLASS GEMMs in prefill (from the carried cache)
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  step kernels_cutlass pyt tests/gpu/test_kernels_cutlass.py
+  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest \
+    --with-mpi -p no:cacheprovider -q --timeout 240 tests/mpi/test_layers.py
+  STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw w8a8_token
+  ;;
 push)
   step allreduce_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
     tests/gpu/test_custom_allreduce.py tests/mpi/test_layers.py
@@ -271,6 +305,14 @@ push)
       "mpi -n 2 -x TPQUANT_ALLREDUCE python3 benchmarks/bench_decode.py --models llama2-7b \
        --schemes bf16 int4_wo int8_wo --out $r/ar_$v"
   done
+  ;;
+push_check)
+  # the push all-reduce's and the overlapped generate's tests, the layers, the killed-rank tests
+  step allreduce_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
+    tests/gpu/test_custom_allreduce.py tests/gpu/test_nccl.py tests/mpi/test_layers.py
+  step generate_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
+    tests/gpu/test_model_gpu.py -k "overlapped or decode_attention_kernel"
+  TAIL=8 step failures pyt tests/gpu/test_failures_gpu.py
   ;;
 push_bench)
   # after push: the all-reduce tests again, bench_allreduce to 1 MiB, bench_allreduce_norm,

@@ -6,8 +6,9 @@ One command (one GPU is enough):
     python3 -m pytest -q tests/gpu/test_kernels_int4_tiles.py
 
 int4 per channel, float16 and bfloat16, N and K multiples of the tile (16, 64) but not of 128,
-M from 1 to 300 through the dispatch (the tiled GEMV to M = 64; dequantize + cuBLAS above) and
-each path forced (dot untiles first), every candidate shape of the GEMV, a CUDA-graph capture;
+M from 1 to 300 through the dispatch (the tiled GEMV to M = 64; above, the CUTLASS GEMM on
+Hopper with the build tools, else dequantize + cuBLAS) and each path forced (dot untiles
+first), every candidate shape of the GEMV, a CUDA-graph capture;
 groupwise with and without zeros, groups of 64 and 128, M from 1 to 65, every candidate shape.
 Outputs are poisoned with NaN first. Tolerance: max |y - ref| <= TOL[dtype] * max |ref|, ref
 being float64 math on the weight `tpquant.kernels.weight_only` dequantizes from the stored
@@ -26,6 +27,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("cupy", reason="the tiled GEMV is compiled and launched through CuPy")
 
 from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
+from tpquant.kernels import cutlass_gemm  # noqa: E402
 from tpquant.kernels import weight_only as ref  # noqa: E402
 from tpquant.kernels.int4_tiles import tile_int4  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
@@ -86,10 +88,13 @@ def _shape_cases() -> list[tuple[int, tuple[int, int, int, int]]]:
             for shape in cw.TILES_CANDIDATES[cw.tiles_nt(m)]]
 
 
-@pytest.mark.parametrize("path", ["cuda", "dot", "dequant"])
+@pytest.mark.parametrize("path", ["cuda", "dot", "dequant", "cutlass"])
 @pytest.mark.parametrize("m", [1, 17, 64])
 def test_each_path_forced(device, path: str, m: int) -> None:
-    """Each path on the tiles: the GEMV (to M = 64), dot (on the untiled weight), dequant."""
+    """Each path on the tiles: the GEMV (to M = 64), dot (on the untiled weight), dequant, the
+    CUTLASS GEMM (where it runs: compute capability 9.0, nvcc and CUTLASS headers)."""
+    if path == "cutlass" and not cutlass_gemm.available(device.index):
+        pytest.skip("the CUTLASS GEMM needs a compute capability 9.0 GPU, nvcc and headers")
     n, k = 960, 576
     t = _weights(n, k, device, seed=13)
     x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m + 1)

@@ -4,8 +4,9 @@
 
 Allowed differences (see tests/unit/test_triton_w8a8.py for the reasons):
 - per-token / static quantization (with or without smoother): none, codes and scales;
-- GEMM, Triton and torch._int_mm paths: none, int32 product and float16/bfloat16 output
-  (the Triton epilogue runs the reference's float32 ops in its order, without FMA);
+- GEMM, Triton, torch._int_mm and (on Hopper with nvcc and CUTLASS headers) CUTLASS paths:
+  none, int32 product and float16/bfloat16 output (the Triton and CUTLASS epilogues run the
+  reference's float32 ops in its order, without FMA);
 - RMSNorm: rtol = eps(dtype) + 1e-6; fused RMSNorm + quantize: scale rtol 1e-6, a code off by
   one only within 1e-3 of a rounding tie of the reference's y / scale.
 Inputs are fresh random numbers with outlier channels; every output is poisoned first: the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tpquant.kernels import cutlass_gemm
 from tpquant.kernels import norm as norm_ops
 from tpquant.kernels import w8a8
 from tpquant.parallel.mapping import Mapping
@@ -194,6 +196,7 @@ def test_gemm_paths_match_reference(device, dtype, m, per_token, per_channel, wi
     triton_w8a8.w8a8_gemm(qx, sx, qw, sw, bias, dtype, out=y)
     results = {"triton (out=)": y}
     paths = [None, "triton"] + (["int_mm"] if w8a8.int_mm_supported(m, n, K) else [])
+    paths += ["cutlass"] if cutlass_gemm.available(device.index) else []
     for path in paths:
         _poison_allocator((m, n), dtype, device)
         results[str(path)] = w8a8.w8a8_matmul(qx, sx, qw, sw, bias, dtype, path=path)

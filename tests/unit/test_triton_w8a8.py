@@ -332,3 +332,11 @@ def test_gemm_config_by_shape(kernels) -> None:
     for n in (11008, 12288, 22016):  # the large tiles' last wave is mostly busy
         assert tw.gemm_config(1024, n, 4096, 132) == tw.LARGE_CONFIG
     assert tw.LARGE_CONFIG.tma and tw.LARGE_NARROW_CONFIG.tma
+
+
+def test_gemm_path_takes_cutlass_from_its_m() -> None:
+    big = ref.CUTLASS_FROM_M
+    assert ref.gemm_path(big, 4096, 4096, True, cutlass=True) == ref.CUTLASS
+    assert ref.gemm_path(big - 1, 4096, 4096, True, cutlass=True) == ref.TRITON
+    assert ref.gemm_path(big, 4096, 4096, True, cutlass=False) == ref.TRITON
+    assert ref.gemm_path(big, 4096, 4096, False, cutlass=True) == ref.REFERENCE

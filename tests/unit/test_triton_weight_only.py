@@ -187,13 +187,17 @@ def test_group_size_not_multiple_of_min_block_goes_to_dequant(tw) -> None:
 
 @pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 32, 33, 64, 65, 128, 129, 1024, 4096])
 @pytest.mark.parametrize("cuda", [True, False])
-def test_choose_path_follows_thresholds(m: int, cuda: bool) -> None:
-    """The CUDA GEMV up to CUDA_MAX_M when it may be used; else gemv only for per-channel
-    int4 (bits 4, group 0); dot, then dequant, by M."""
+@pytest.mark.parametrize("cutlass", [True, False])
+def test_choose_path_follows_thresholds(m: int, cuda: bool, cutlass: bool) -> None:
+    """The CUDA GEMV up to CUDA_MAX_M when it may be used; int8 from CUTLASS_MIN_M the CUTLASS
+    GEMM when it may be used (untiled int4 never); else gemv only for per-channel int4 (bits
+    4, group 0); dot, then dequant, by M."""
     for bits, group in ((4, 0), (8, 0), (4, 128)):
-        got = real.choose_path(m, 4096, 4096, bits, group, cuda=cuda)
+        got = real.choose_path(m, 4096, 4096, bits, group, cuda=cuda, cutlass=cutlass)
         if cuda and m <= real.CUDA_MAX_M[bits]:
             assert got == real.CUDA
+        elif cutlass and bits == 8 and m >= real.CUTLASS_MIN_M:
+            assert got == real.CUTLASS  # int8: no upper bound
         elif m <= real.GEMV_MAX_M and (bits, group) == (4, 0):
             assert got == real.GEMV
         elif m <= real.DOT_MAX_M[bits]:
@@ -257,3 +261,14 @@ def test_split_k_partials_cost_at_most_the_weight(m: int, bits: int) -> None:
     splits, _ = real.split_k_for(-(-m // bm) * -(-n // bn), k, sms, 1024,
                                  real.partial_split_cap(m, k, bits))
     assert splits == 1 or 8 * splits * m * n <= n * k * bits / 8
+
+
+@pytest.mark.parametrize("m,int8,int4,grouped", [
+    (64, False, False, False), (65, True, True, True), (128, True, True, True),
+    (129, True, True, False), (1024, True, True, False), (1025, True, False, False),
+    (4096, True, False, False)])
+def test_cutlass_range_by_scheme(m: int, int8: bool, int4: bool, grouped: bool) -> None:
+    """From CUTLASS_MIN_M, to M = 128 groupwise, 1024 int4 per channel, any M int8."""
+    assert real.cutlass_range(m, 8, 0) == int8
+    assert real.cutlass_range(m, 4, 0) == int4
+    assert real.cutlass_range(m, 4, 128) == grouped

@@ -13,6 +13,9 @@ Four paths; `choose_path` picks one from (M, N, K, bits, group) and the threshol
     dot      tl.dot with the dequantization fused in the K loop; split-K for small M so that
              enough programs fill the SMs, one pass over K for large M.
     dequant  dequantize W once into x.dtype, then torch's matmul (cuBLAS), for large M.
+    cutlass  CUTLASS's Hopper mixed-input GEMM (`tpquant.kernels.cutlass_gemm`), the weight
+             dequantized in registers: tiled int4 above the tiled GEMV's M, int8 above the
+             CUDA GEMVs' (needs nvcc and CUTLASS headers; else dequant).
 
 Numerics. Every stored code is read as an unsigned integer u (int8 q as u = q + 128, signed
 int4 as u = nibble ^ 8 = q + 8, unsigned groupwise nibbles as they are), so W = (u - zp) * s
@@ -43,7 +46,7 @@ Tiled int4 weights (`tpquant.kernels.int4_tiles`, what `WeightOnly.pack` and `Gr
 keep): the tiled CUDA GEMV for small M, dequant from the tiles above; see `weight_only_matmul`.
 
 Forcing a path: the `path` argument of the launchers below, or the environment variable
-TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant, read at every call (the benchmark
+TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant | cutlass, read at every call (the benchmark
 sets it between timings); "reference" is handled by `tpquant.kernels.weight_only`.
 
 The launchers also take CPU tensors, so that the tests run these same kernels in Triton's
@@ -62,12 +65,13 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from tpquant.kernels import cuda_weight_only, pdl
+from tpquant.kernels import cuda_weight_only, cutlass_gemm, pdl
 from tpquant.kernels.int4_tiles import groups_tile, untile_int4
 
 PATH_ENV = "TPQUANT_WO_PATH"
-CUDA, GEMV, DOT, DEQUANT, REFERENCE, AUTO = "cuda", "gemv", "dot", "dequant", "reference", "auto"
-KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
+CUDA, GEMV, DOT, DEQUANT, CUTLASS = "cuda", "gemv", "dot", "dequant", "cutlass"
+REFERENCE, AUTO = "reference", "auto"
+KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT, CUTLASS)
 
 # Dispatch thresholds, from benchmarks/bench_wo_kernels.py on an H200 (every path forced):
 # gemv wins only at M = 1 for int4 per channel (1.08-1.31x bf16 vs dot 1.08-1.16x over runs;
@@ -87,6 +91,17 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT)
 # from there (bench_wo_kernels.py, 2026-11-30: docs/benchmarks.md).
 # By bits: M <= this: the CUDA GEMVs (fma, then mma), where they take the shape.
 CUDA_MAX_M = {4: 32, 8: 16}
+# The CUTLASS GEMM where it runs (`cutlass_gemm.usable`), from CUTLASS_MIN_M (int8 as stored;
+# tiled int4 above the tiled GEMV's M, the same 65) up to CUTLASS_MAX_M by (bits, groupwise);
+# dequantize + cuBLAS above. bench_cutlass_gemm, H200, seven Llama-2-7B / 70B shapes, geomean
+# over bf16 (docs/benchmarks.md, eleventh 2026-11-30 section), CUTLASS against what it
+# replaced: int8 at M = 32 / 64 0.65 / 0.64x against dot's 0.88 / 0.71, at M = 128 / 256 /
+# 1024 / 4096 0.75 / 0.70 / 0.95 / 0.93 against dot's 0.54 and dequant's 0.51 / 0.77 / 0.92;
+# int4 per channel at M = 128 / 256 / 1024 / 4096 0.74 / 0.70 / 0.84 / 0.84 against dequant's
+# 0.47 / 0.55 / 0.80 / 0.94; groupwise 0.53 / 0.48 / 0.75 / 0.79 against 0.47 / 0.54 / 0.79 /
+# 0.93 (its float32 scales and zeros make the in-register dequantization the bottleneck).
+CUTLASS_MIN_M = 65
+CUTLASS_MAX_M = {(8, False): None, (4, False): 1024, (4, True): 128}  # None: no bound
 GEMV_MAX_M = 1  # M <= this: gemv
 DOT_MAX_M = {4: 128, 8: 128}  # by bits: GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
 # Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
@@ -108,14 +123,20 @@ _HALF_TYPES = (torch.float16, torch.bfloat16)
 _INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
-def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool = True) -> str:
-    """The kernel path for an [m, k] x [n, k]^T product (group_size 0 = per channel).
+def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool = True,
+                cutlass: bool = False) -> str:
+    """The kernel path for an [m, k] x [n, k]^T product (group_size 0 = per channel) of an
+    untiled weight.
 
     Pure: a function of the shape and the scheme only, thresholds from the constants above.
-    cuda=False leaves the CUDA GEMV out (no CuPy, or tensors it cannot read).
+    cuda=False leaves the CUDA GEMV out (no CuPy, or tensors it cannot read); cutlass=True
+    lets int8 take the CUTLASS GEMM in its `cutlass_range` (untiled int4 never does).
     """
     if cuda and m <= CUDA_MAX_M[bits] and cuda_weight_only.supports(m, k, bits, group_size):
         return CUDA
+    if cutlass and bits == 8 and cutlass_range(m, bits, group_size) and cutlass_gemm.takes(
+            n, k, bits, 0):
+        return CUTLASS
     if group_size and group_size % MIN_BLOCK_K:
         return DEQUANT  # the fused kernels need whole BLOCK_Ks per group
     if m <= GEMV_MAX_M and bits == 4 and not group_size:
@@ -123,6 +144,12 @@ def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool =
     if m <= DOT_MAX_M[bits]:
         return DOT
     return DEQUANT
+
+
+def cutlass_range(m: int, bits: int, group_size: int) -> bool:
+    """Whether the automatic choice gives M rows of this scheme to the CUTLASS GEMM (pure)."""
+    top = CUTLASS_MAX_M[bits, bool(group_size)]
+    return m >= CUTLASS_MIN_M and (top is None or m <= top)
 
 
 def forced_path(path: str | None = None) -> str:
@@ -699,11 +726,12 @@ def weight_only_matmul(
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ (q * scale[:, None])^T + bias, in x.dtype (float16 / bfloat16).
 
-    path: "gemv", "dot", "dequant", or None/"auto" (then $TPQUANT_WO_PATH, then choose_path).
+    path: "cuda", "gemv", "dot", "dequant", "cutlass", or None/"auto" (then $TPQUANT_WO_PATH,
+    then choose_path).
     tiled: int4 qweight in the layout of `tpquant.kernels.int4_tiles`: auto takes the tiled
-    CUDA GEMV to its TILES_MAX_M (one launch), dequant (from the tiles) above; cuda (to
-    TILES_MAX_M) and dequant may be forced; gemv and dot, and auto without CuPy, untile
-    it first.
+    CUDA GEMV to its TILES_MAX_M (one launch), the CUTLASS GEMM above in its `cutlass_range`
+    (where `cutlass_gemm.usable`), else dequant from the tiles; cuda (to TILES_MAX_M), cutlass
+    and dequant may be forced; gemv and dot, and auto without CuPy, untile it first.
     config: BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps, num_stages) instead of autotuning;
     split_k: the number of K splits instead of the heuristic (gemv and dot);
     out: a contiguous [M, N] x.dtype tensor to write (M = x.numel() / K) instead of a new one.
@@ -769,14 +797,27 @@ def _matmul(
         return out.reshape(*x.shape[:-1], n)
     chosen = forced_path(path)
     cuda_ok = _cuda_takes(x2, wt, bias)
+    cutlass_ok = _cutlass_takes(x2, wt, bias, out)
+    if chosen == CUTLASS and not cutlass_ok:
+        raise ValueError(
+            "path 'cutlass' takes tiled int4 (per channel, or groups of a multiple of "
+            f"{cutlass_gemm.TILE_K}, no pre-quant scale) or int8 per channel, N a multiple of 8, "
+            f"K of {cutlass_gemm.TILE_K}, float32 scales, 16-byte aligned CUDA tensors, on a "
+            "compute capability 9.0 device with nvcc and CUTLASS headers; "
+            f"got bits={wt.bits}, tiled={wt.tiled}, group={wt.group}, N={n}, K={k}"
+        )
     if wt.tiled:
         tiles_ok = cuda_ok and wt.pqs is None and groups_tile(wt.group)
-        if tiles_ok and chosen in (AUTO, REFERENCE, CUDA, DEQUANT):
-            _tiled(x2, wt, None if bias is None else _contiguous(bias), out, chosen)
+        if chosen == CUTLASS or (tiles_ok and chosen in (AUTO, REFERENCE, CUDA, DEQUANT)):
+            _tiled(x2, wt, None if bias is None else _contiguous(bias), out, chosen, cutlass_ok)
             return out.reshape(*x.shape[:-1], n)
         wt = replace(wt, qweight=untile_int4(wt.qweight), tiled=False)  # what the others read
     if chosen in (AUTO, REFERENCE):  # REFERENCE is the caller's business; here it means auto
-        chosen = choose_path(m, n, k, wt.bits, wt.group, cuda=cuda_ok)
+        chosen = choose_path(m, n, k, wt.bits, wt.group, cuda=cuda_ok,
+                             cutlass=cutlass_ok and _cutlass_usable(x2, wt))
+    if chosen == CUTLASS:
+        cutlass_gemm.gemm(x2, wt.qweight, wt.scale, None, wt.bits, 0, bias, out)
+        return out.reshape(*x.shape[:-1], n)
     if chosen == CUDA:
         if not (cuda_ok and cuda_weight_only.supports(m, k, wt.bits, wt.group)):
             raise ValueError(
@@ -902,15 +943,23 @@ def _operand_kind(dtype: torch.dtype, bits: int) -> tuple[int, int]:
 
 
 def _tiled(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch.Tensor,
-           chosen: str) -> None:
-    """A tiled int4 weight: the tiled GEMV up to its M, else dequantized from the tiles into
-    x.dtype and one torch matmul."""
+           chosen: str, cutlass_ok: bool) -> None:
+    """A tiled int4 weight: the tiled GEMV up to its M; above, the CUTLASS GEMM on the tiles
+    where it runs and `cutlass_range` gives it M, else dequantized from the tiles into x.dtype
+    and one torch matmul."""
     m = x2.shape[0]
     if chosen in (AUTO, REFERENCE):
-        chosen = CUDA if m <= cuda_weight_only.TILES_MAX_M else DEQUANT
+        if m <= cuda_weight_only.TILES_MAX_M:
+            chosen = CUDA
+        elif cutlass_ok and cutlass_range(m, 4, wt.group) and _cutlass_usable(x2, wt):
+            chosen = CUTLASS
+        else:
+            chosen = DEQUANT
     if chosen == CUDA:
         cuda_weight_only.tiles_gemv(x2, wt.qweight, wt.scale, bias, out, zeros=wt.zeros,
                                     group=wt.group)
+    elif chosen == CUTLASS:
+        cutlass_gemm.gemm(x2, wt.qweight, wt.scale, wt.zeros, 4, wt.group, bias, out)
     else:
         w = cuda_weight_only.tiles_dequantize(wt.qweight, wt.scale, x2.dtype, zeros=wt.zeros,
                                               group=wt.group)
@@ -957,6 +1006,24 @@ def _cuda_takes(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None) -> bo
         and all(t.is_contiguous() for t in floats)
         and (bias is None or bias.is_cuda)
     )
+
+
+def _cutlass_takes(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None,
+                   out: torch.Tensor) -> bool:
+    """Whether the CUTLASS GEMM can read these tensors: tiled int4 or int8 per channel, its
+    shape rules, no pre-quant scale, float32 scales / zeros, 16-byte aligned weight and output
+    (x it copies where it must), a Hopper GPU with the build tools (`cutlass_gemm.available`)."""
+    floats = [t for t in (wt.scale, wt.zeros) if t is not None]
+    return (x2.is_cuda and wt.tiled == (wt.bits == 4) and wt.pqs is None
+            and cutlass_gemm.takes(wt.n, wt.k, wt.bits, wt.group)
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in floats)
+            and cuda_weight_only.aligned(wt.qweight, out) and (bias is None or bias.is_cuda)
+            and cutlass_gemm.available(x2.device.index))
+
+
+def _cutlass_usable(x2: torch.Tensor, wt: _Weights) -> bool:
+    return cutlass_gemm.usable(x2.shape[0], wt.bits, wt.group, wt.zeros is not None, x2.dtype,
+                               x2.device)
 
 
 def _word_aligned(qweight: torch.Tensor) -> bool:

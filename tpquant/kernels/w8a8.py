@@ -12,7 +12,9 @@ against. Scale and round/clamp rules come from `tpquant.quantization.numerics` o
 Fast paths (Triton, tpquant.kernels.triton_w8a8 / triton_norm): each public op takes
 `path=None` (choose: CUDA tensors in float16/bfloat16/float32 take the fast path, everything
 else the reference) or forces one of PATHS; `w8a8_matmul` also has "int_mm" (cuBLAS int8
-through torch._int_mm, then this file's epilogue). What the fast paths return equals the
+through torch._int_mm, then this file's epilogue) and "cutlass" (CUTLASS's int8 wgmma GEMM
+with this file's epilogue fused, `tpquant.kernels.cutlass_gemm`; Hopper, nvcc and CUTLASS
+headers), which the automatic choice takes from CUTLASS_FROM_M. What the fast paths return equals the
 reference bit for bit, except after an RMSNorm (a few float32 ulps; see triton_norm).
 """
 
@@ -25,9 +27,9 @@ import torch
 from tpquant.kernels.norm import rms_norm_f32
 from tpquant.quantization.numerics import INT8_MAX, quantize_symmetric, symmetric_scale
 
-REFERENCE, TRITON, INT_MM = "reference", "triton", "int_mm"
+REFERENCE, TRITON, INT_MM, CUTLASS = "reference", "triton", "int_mm", "cutlass"
 PATHS = (REFERENCE, TRITON)
-GEMM_PATHS = (REFERENCE, TRITON, INT_MM)
+GEMM_PATHS = (REFERENCE, TRITON, INT_MM, CUTLASS)
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # torch._int_mm (cuBLAS) accepts M > 16 and K, N multiples of 8 only.
 INT_MM_MIN_M = 17
@@ -36,6 +38,10 @@ INT_MM_ALIGN = 8
 # None: never. Its int32 output makes a round trip through memory that the fused epilogue
 # avoids; not yet measured: set it from `python benchmarks/bench_gemm.py --paths` on the GPU.
 INT_MM_FROM_M: int | None = None
+# From this M up the automatic choice takes the CUTLASS GEMM where it runs (`_cutlass_ok`).
+# bench_cutlass_gemm, H200, seven Llama-2-7B / 70B shapes, geomean over bf16, Triton against
+# CUTLASS: M = 128 1.45 / 1.16x, 256 1.16 / 1.30x, 1024 1.52 / 1.82x, 4096 1.53 / 1.89x.
+CUTLASS_FROM_M = 256
 
 # int8 x int8 products are at most 128 * 128 = 2^14 in magnitude, so an int32 accumulator holds
 # any K up to 2^31 / 2^14 = 2^17 without overflow (float64 would stay exact far beyond that).
@@ -146,9 +152,10 @@ def w8a8_matmul(
         and x_scale.numel() in (1, m) and weight_scale.numel() in (1, n)
     )
     tensors = (qx, qweight, x_scale, weight_scale) + (() if bias is None else (bias,))
+    on_device = fast_ok and all(t.is_cuda for t in tensors) and m > 0
     if path is None:
-        on_device = fast_ok and all(t.is_cuda for t in tensors) and m > 0
-        path = gemm_path(m, n, k, on_device)
+        path = gemm_path(m, n, k, on_device, cutlass=on_device and m >= CUTLASS_FROM_M
+                         and _cutlass_ok(m, n, k, out_dtype, qx.device))
     elif path not in GEMM_PATHS:
         raise ValueError(f"w8a8_matmul path must be one of {GEMM_PATHS} or None, got {path!r}")
     elif path != REFERENCE and not fast_ok:
@@ -156,8 +163,21 @@ def w8a8_matmul(
             f"w8a8_matmul path {path!r} needs int8 operands, a float16/bfloat16/float32 output "
             f"and per-token/one-value x_scale, per-channel/one-value weight_scale"
         )
+    elif path == CUTLASS and not (on_device and _cutlass_ok(m, n, k, out_dtype, qx.device)):
+        raise ValueError(
+            "w8a8_matmul path 'cutlass' needs CUDA tensors, a float16/bfloat16 output, K a "
+            "multiple of 16 and N of 8, on a compute capability 9.0 GPU with nvcc and CUTLASS "
+            f"headers; got N={n}, K={k}, {out_dtype}"
+        )
     if path == TRITON:
         return _triton().w8a8_gemm(qx, x_scale, qweight, weight_scale, bias, out_dtype)
+    if path == CUTLASS:
+        from tpquant.kernels import cutlass_gemm
+
+        out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
+        cutlass_gemm.w8a8_gemm(qx.reshape(m, k).contiguous(), x_scale, qweight.contiguous(),
+                               weight_scale, bias, out)
+        return out.reshape(*qx.shape[:-1], n)
     if path == INT_MM:
         if not int_mm_supported(m, n, k):
             raise ValueError(
@@ -189,18 +209,32 @@ def int_mm_supported(m: int, n: int, k: int) -> bool:
 
 
 def gemm_path(
-    m: int, n: int, k: int, on_device: bool, int_mm_from_m: int | None = INT_MM_FROM_M
+    m: int, n: int, k: int, on_device: bool, int_mm_from_m: int | None = INT_MM_FROM_M,
+    cutlass: bool = False,
 ) -> str:
     """The W8A8 GEMM implementation for an [m, k] x [k, n] product (pure).
 
-    on_device: the operands are CUDA tensors the fast kernels take. The fused Triton GEMM,
+    on_device: the operands are CUDA tensors the fast kernels take; cutlass: the CUTLASS GEMM
+    runs here and takes them. CUTLASS from CUTLASS_FROM_M; else the fused Triton GEMM,
     unless int_mm_from_m is set and torch._int_mm takes the shape from that M up.
     """
     if not on_device:
         return REFERENCE
+    if cutlass and m >= CUTLASS_FROM_M:
+        return CUTLASS
     if int_mm_from_m is not None and m >= int_mm_from_m and int_mm_supported(m, n, k):
         return INT_MM
     return TRITON
+
+
+def _cutlass_ok(m: int, n: int, k: int, out_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the CUTLASS GEMM runs here and takes the shape: its instantiation for M builds
+    (at first use) and loads; a failed build warns once, and the automatic choice keeps Triton."""
+    from tpquant.kernels import cutlass_gemm
+
+    return (cutlass_gemm.w8a8_takes(n, k, out_dtype)
+            and cutlass_gemm.available(device.index)
+            and cutlass_gemm.loads(cutlass_gemm.w8a8_variant(m, out_dtype)))
 
 
 def rms_norm_quantize(

@@ -1,0 +1,113 @@
+"""The pure parts of tpquant.kernels.cutlass_gemm: x's permutation for the tiled layout, the
+instantiation a scheme takes, the shape rules, the configuration by M, the cache key (no GPU,
+no nvcc)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tpquant.kernels import cutlass_gemm as cg
+
+
+def test_tiles_order_moves_each_feature_to_cutlass_k() -> None:
+    """x'[k'] = x[f]: within each 64-block, k' = 16 s + 8 c + 2 t + h holds the tile's feature
+    f = 16 t + 4 s + 2 c + h (design note 34), built here element by element."""
+    k = 192
+    x = torch.arange(3 * k, dtype=torch.float64).reshape(3, k)
+    expected = torch.empty_like(x)
+    for block in range(k // 64):
+        for t in range(4):
+            for s in range(4):
+                for c in range(2):
+                    for h in range(2):
+                        f = 64 * block + 16 * t + 4 * s + 2 * c + h
+                        k_cutlass = 64 * block + 16 * s + 8 * c + 2 * t + h
+                        expected[:, k_cutlass] = x[:, f]
+    assert torch.equal(cg.tiles_order(x), expected)
+
+
+@pytest.mark.parametrize("bits,group,zeros,quant,mode", [
+    (4, 0, False, cg.QUANT_INT4, cg.CONVERT),
+    (4, 128, True, cg.QUANT_UINT4, cg.SCALE_ZERO),
+    (4, 64, False, cg.QUANT_INT4, cg.SCALE),
+    (8, 0, False, cg.QUANT_INT8, cg.CONVERT),
+])
+def test_variant_for_each_scheme(bits: int, group: int, zeros: bool, quant: int,
+                                 mode: int) -> None:
+    v = cg.variant_for(bits, group, zeros, torch.bfloat16, (128, True))
+    assert (v.quant, v.mode, v.tile_tokens, v.fp16, v.streamk) == (quant, mode, 128, False, True)
+    assert "-DTPQ_FP16" in cg.variant_for(bits, group, zeros, torch.float16, (256, False)).defines()
+
+
+def test_int8_groupwise_is_refused() -> None:
+    with pytest.raises(ValueError, match="per channel"):
+        cg.variant_for(8, 128, False, torch.bfloat16, (128, True))
+
+
+def test_takes_shape_rules() -> None:
+    assert cg.takes(4096, 4096, 4, 0) and cg.takes(200, 320, 8, 0) and cg.takes(960, 576, 4, 64)
+    assert not cg.takes(4100, 4096, 4, 0)  # N % 8
+    assert not cg.takes(4096, 4000, 4, 0)  # K % 64
+    assert not cg.takes(4096, 4096, 4, 96)  # a group is not whole K steps
+    assert not cg.takes(4096, 4096, 8, 128)  # int8 groupwise
+    assert not cg.takes(4096, 4096, 2, 0)
+
+
+@pytest.mark.parametrize("m", [1, 65, 1023, 1024, 4096])
+def test_configs_by_m(m: int) -> None:
+    """Stream-K on 128-token tiles below WIDE_FROM_M, data-parallel 256-token tiles from it;
+    W8A8's wide tile from its own bound; every choice is among the prebuilt variants."""
+    assert cg.mixed_config(m) == ((128, True) if m < cg.WIDE_FROM_M else (256, False))
+    assert cg.w8a8_variant(m, torch.bfloat16).tile_n == (256 if m >= cg.W8A8_WIDE_FROM_M
+                                                          else 128)
+    built = cg.all_variants()
+    assert cg.variant_for(4, 0, False, torch.float16, cg.mixed_config(m)) in built
+    assert cg.w8a8_variant(m, torch.float16) in built
+
+
+def test_library_path_keys_the_variant_and_the_cache_dir(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(cg, "_nvcc", lambda: "/usr/bin/nvcc")
+    monkeypatch.setattr(cg, "_nvcc_release", lambda nvcc: "13.0")
+    include = tmp_path / "include" / "cutlass"
+    include.mkdir(parents=True)
+    (include / "version.h").write_text("#define CUTLASS_MAJOR 4\n#define CUTLASS_MINOR 2\n")
+    monkeypatch.setattr(cg, "_cutlass_include", lambda: tmp_path / "include")
+    monkeypatch.setenv(cg.CACHE_ENV, str(tmp_path / "cache"))
+    a = cg.library_path(cg.Variant(0, 0, 128))
+    assert a.parent == tmp_path / "cache" / "cutlass" and a.suffix == ".so"
+    assert a != cg.library_path(cg.Variant(0, 0, 256)) != cg.library_path(cg.Variant(0, 0, 256, True))
+    assert cg.library_path(cg.Variant(0, 0, 128, False, True)) != a  # stream-K
+    monkeypatch.setattr(cg, "_nvcc_release", lambda nvcc: "13.1")
+    assert cg.library_path(cg.Variant(0, 0, 128)) != a
+
+
+def test_library_path_without_tools_says_what_is_missing(monkeypatch) -> None:
+    monkeypatch.setattr(cg, "_nvcc", lambda: None)
+    with pytest.raises(RuntimeError, match="needs nvcc and CUTLASS headers"):
+        cg.library_path(cg.Variant(0, 0, 128))
+
+
+def test_w8a8_takes_shape_rules() -> None:
+    assert cg.w8a8_takes(4096, 4000, torch.bfloat16) and cg.w8a8_takes(1000, 4000, torch.float16)
+    assert not cg.w8a8_takes(4096, 4000, torch.float32)  # half outputs only
+    assert not cg.w8a8_takes(4096, 4008, torch.bfloat16)  # K % 16
+    assert not cg.w8a8_takes(4100, 4000, torch.bfloat16)  # N % 8
+
+
+def test_w8a8_variants_build_without_fused_multiply_add() -> None:
+    """The epilogue's multiply and add must round separately, as the reference's."""
+    v = cg.W8A8Variant(256, streamk=True, fp16=True)
+    assert "-fmad=false" in v.defines() and "-DTPQ_STREAMK" in v.defines()
+    assert v.source.name == "w8a8_gemm.cu" and v.source.is_file()
+    assert cg.Variant(0, 0, 128).source.name == "mixed_input_gemm.cu"
+
+
+def test_forced_cutlass_w8a8_without_cuda_is_a_clear_error() -> None:
+    from tpquant.kernels import w8a8
+
+    qx = torch.zeros(4, 32, dtype=torch.int8)
+    qw = torch.zeros(16, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="path 'cutlass' needs CUDA tensors"):
+        w8a8.w8a8_matmul(qx, torch.ones(4, 1), qw, torch.ones(16), None, torch.bfloat16,
+                         path="cutlass")
