@@ -48,7 +48,7 @@ SCHEMES = {
 }
 W8A8_SCHEME = SmoothQuant(per_channel=True, per_token=True, dtype=DTYPE)
 W8A8_VARIANTS = [cutlass_gemm.W8A8Variant(n) for n in (128, 256)]
-CONFIGS = [(128, False), (128, True), (256, False)]  # (M tile, stream-K)
+CONFIGS = [(64, False), (128, False), (128, True), (256, False)]  # (M tile, stream-K)
 
 
 def label(config: tuple[int, bool]) -> str:

@@ -37,8 +37,8 @@
 #                 32 (mma_sweep: then the mma kernel's split-K sweep)
 #     allreduce   NCCL and custom all-reduce tests, and the layers over them (2 and 4 ranks)
 #     allreduce_blocks  custom all-reduce latency at 36, 48, 64 blocks per launch (2 ranks)
-#     cutlass_decode the CUTLASS GEMMs' tests, the layers (2 ranks), bench_gemm --quick,
-#                 bench_decode for five schemes at TP 1 and 2
+#     cutlass_decode the CUTLASS GEMMs' tests, the layers (2 ranks), bench_cutlass_gemm at
+#                 M = 32 / 64, bench_gemm --quick, bench_decode for five schemes at TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -282,13 +282,16 @@ cutlass)
   STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
   ;;
 cutlass_decode)
-  # the CUTLASS GEMMs' tests, the layers on 2 GPUs, bench_gemm --quick, then bench_decode (five
-  # schemes, TP 1 and 2) with the CUTLASS GEMMs in prefill (from the carried cache)
+  # the CUTLASS GEMMs' tests, the layers on 2 GPUs, bench_cutlass_gemm at M = 32 / 64,
+  # bench_gemm --quick, then bench_decode (five schemes, TP 1 and 2) with the CUTLASS GEMMs in
+  # prefill and, for wide weights, in batch-64 decode (from the carried cache)
   export TPQUANT_CACHE=$PWD/.cutlass_cache
   command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
   step kernels_cutlass pyt tests/gpu/test_kernels_cutlass.py
   [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest \
     --with-mpi -p no:cacheprovider -q --timeout 240 tests/mpi/test_layers.py
+  STEP_TIMEOUT=120 TAIL=12 step bench_cutlass_small python3 benchmarks/bench_cutlass_gemm.py \
+    --ms 32,64 --schemes int4_wo,int4_gw,int8_wo
   STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
   decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw w8a8_token
   ;;

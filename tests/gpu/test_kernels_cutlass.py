@@ -108,8 +108,7 @@ def test_forced_path_matches_reference(device, name: str, n: int, k: int, group:
         check(y, _reference(name, t, group, x, b), dtype, (name, n, k, group, m, b is None))
 
 
-@pytest.mark.parametrize("config", sorted({cutlass_gemm.mixed_config(1),
-                                            cutlass_gemm.mixed_config(4096)}))
+@pytest.mark.parametrize("config", sorted({cutlass_gemm.mixed_config(m) for m in (1, 100, 4096)}))
 @pytest.mark.parametrize("name,n,k,group", [CASES[1], CASES[3], CASES[5], CASES[7]])
 def test_every_config(device, name: str, n: int, k: int, group: int,
                       config: tuple[int, bool]) -> None:
@@ -135,8 +134,25 @@ def test_automatic_dispatch_takes_cutlass_in_its_range(device, name: str, n: int
     t = _weights(name, n, k, group, device, seed=3)
     x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m)
     bits = 8 if name == "int8" else 4
-    expected = "cutlass" if tw.cutlass_range(m, bits, group) else "dequant"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    expected = "cutlass" if tw.cutlass_range(m, n, bits, group, sms) else "dequant"
     assert torch.equal(_op(name, t, group, x, bias, None), _op(name, t, group, x, bias, expected))
+
+
+@pytest.mark.parametrize("m", [32, 33, 64])
+@pytest.mark.parametrize("name,group", [("int4", 0), ("gw_zeros", 64), ("int8", 0)])
+def test_wide_weights_take_cutlass_from_33(device, name: str, group: int, m: int) -> None:
+    """A weight whose 128-row tiles fill half the SMs goes to CUTLASS from M = 33 (the
+    small-M kernels below), and matches the reference; a 4096-row one keeps them."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    k, small = 320, "cuda" if name != "int8" else "dot"
+    for n, wide in ((128 * -(-sms // 2), True), (4096, False)):
+        t = _weights(name, n, k, group, device, seed=n)
+        x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m)
+        expected = "cutlass" if wide and m >= 33 else small
+        y = _op(name, t, group, x, bias, None)
+        assert torch.equal(y, _op(name, t, group, x, bias, expected)), (n, m)
+        check(y, _reference(name, t, group, x, bias), torch.bfloat16, (name, n, m))
 
 
 def test_cuda_graph_replays_on_fresh_inputs(device) -> None:

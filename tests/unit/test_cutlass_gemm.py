@@ -54,11 +54,13 @@ def test_takes_shape_rules() -> None:
     assert not cg.takes(4096, 4096, 2, 0)
 
 
-@pytest.mark.parametrize("m", [1, 65, 1023, 1024, 4096])
+@pytest.mark.parametrize("m", [1, 64, 65, 1023, 1024, 4096])
 def test_configs_by_m(m: int) -> None:
-    """Stream-K on 128-token tiles below WIDE_FROM_M, data-parallel 256-token tiles from it;
-    W8A8's wide tile from its own bound; every choice is among the prebuilt variants."""
-    assert cg.mixed_config(m) == ((128, True) if m < cg.WIDE_FROM_M else (256, False))
+    """One 64-token tile to M = 64, stream-K on 128-token tiles below WIDE_FROM_M,
+    data-parallel 256-token tiles from it; W8A8's wide tile from its own bound; every choice
+    is among the prebuilt variants."""
+    expected = (64, False) if m <= 64 else (128, True) if m < cg.WIDE_FROM_M else (256, False)
+    assert cg.mixed_config(m) == expected
     assert cg.w8a8_variant(m, torch.bfloat16).tile_n == (256 if m >= cg.W8A8_WIDE_FROM_M
                                                           else 128)
     built = cg.all_variants()

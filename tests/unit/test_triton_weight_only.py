@@ -268,7 +268,20 @@ def test_split_k_partials_cost_at_most_the_weight(m: int, bits: int) -> None:
     (129, True, True, False), (1024, True, True, False), (1025, True, False, False),
     (4096, True, False, False)])
 def test_cutlass_range_by_scheme(m: int, int8: bool, int4: bool, grouped: bool) -> None:
-    """From CUTLASS_MIN_M, to M = 128 groupwise, 1024 int4 per channel, any M int8."""
-    assert real.cutlass_range(m, 8, 0) == int8
-    assert real.cutlass_range(m, 4, 0) == int4
-    assert real.cutlass_range(m, 4, 128) == grouped
+    """A 4096-row weight on 132 SMs: from CUTLASS_MIN_M, to M = 128 groupwise, 1024 int4 per
+    channel, any M int8."""
+    assert real.cutlass_range(m, 4096, 8, 0, 132) == int8
+    assert real.cutlass_range(m, 4096, 4, 0, 132) == int4
+    assert real.cutlass_range(m, 4096, 4, 128, 132) == grouped
+
+
+@pytest.mark.parametrize("n,wide", [(4096, False), (8320, False), (8448, True), (22016, True)])
+def test_cutlass_range_takes_wide_weights_from_33(n: int, wide: bool) -> None:
+    """Weights whose 128-row tiles fill half of 132 SMs (66 tiles: 8448 rows) from M = 33."""
+    for bits, group in ((8, 0), (4, 0), (4, 128)):
+        assert real.cutlass_range(32, n, bits, group, 132) is False
+        assert real.cutlass_range(33, n, bits, group, 132) is wide
+        assert real.cutlass_range(64, n, bits, group, 132) is wide
+        assert real.cutlass_range(65, n, bits, group, 132) is True
+    assert real.choose_path(48, n, 4096, 8, 0, cutlass=True) == (real.CUTLASS if wide
+                                                                  else real.DOT)

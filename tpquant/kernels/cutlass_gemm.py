@@ -60,7 +60,7 @@ FLAGS = ("-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-
          "-O3", "-Xcompiler=-fPIC", "-shared", "-cudart=static")
 QUANT_INT4, QUANT_UINT4, QUANT_INT8 = 0, 1, 2  # TPQ_QUANT
 CONVERT, SCALE, SCALE_ZERO = 0, 1, 2  # TPQ_MODE
-TILE_TOKENS = (128, 256)  # TPQ_TILE_TOKENS: the CTA tile along M
+TILE_TOKENS = (64, 128, 256)  # TPQ_TILE_TOKENS: the CTA tile along M
 # The tile along M and the scheduling (stream-K or not) by M: `mixed_config`. W8A8: from
 # W8A8_WIDE_FROM_M on the 128 x 256 tile, below it 128 x 128 (`w8a8_variant`).
 WIDE_FROM_M = 1024
@@ -234,10 +234,13 @@ def gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 
 def mixed_config(m: int) -> tuple[int, bool]:
-    """(M tile, stream-K) of the weight-only GEMM for M tokens (pure). Below WIDE_FROM_M the
-    128-token tile with stream-K: Llama's 4096-row weights make 32 row tiles, too few output
-    tiles for 132 SMs at these M, so K is split across the idle ones; from it, the 256-token
-    tile, data-parallel (bench_cutlass_gemm, H200: design note 34)."""
+    """(M tile, stream-K) of the weight-only GEMM for M tokens (pure): to 64 tokens one
+    64-token tile (the dispatch sends only wide weights there, whose row tiles fill the SMs);
+    below WIDE_FROM_M the 128-token tile with stream-K: Llama's 4096-row weights make 32 row
+    tiles, too few output tiles for 132 SMs at these M, so K is split across the idle ones;
+    from it, the 256-token tile, data-parallel (bench_cutlass_gemm, H200: design note 34)."""
+    if m <= 64:
+        return 64, False
     return (128, True) if m < WIDE_FROM_M else (256, False)
 
 
@@ -395,9 +398,9 @@ def all_variants() -> list[Variant | W8A8Variant]:
     """Every instantiation the dispatch can ask for (`mixed_config`, `w8a8_variant`)."""
     schemes = ((QUANT_INT4, CONVERT), (QUANT_UINT4, SCALE_ZERO), (QUANT_INT4, SCALE),
                (QUANT_INT8, CONVERT))
+    configs = sorted({mixed_config(1), mixed_config(WIDE_FROM_M - 1), mixed_config(WIDE_FROM_M)})
     mixed = [Variant(q, m, tile, fp16, streamk) for fp16 in (False, True)
-             for tile, streamk in {mixed_config(1), mixed_config(WIDE_FROM_M)}
-             for q, m in schemes]
+             for tile, streamk in configs for q, m in schemes]
     dtypes = (torch.bfloat16, torch.float16)
     return mixed + list(dict.fromkeys(w8a8_variant(m, d) for d in dtypes
                                       for m in (1, W8A8_WIDE_FROM_M)))

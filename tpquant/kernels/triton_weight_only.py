@@ -102,6 +102,12 @@ CUDA_MAX_M = {4: 32, 8: 16}
 # 0.93 (its float32 scales and zeros make the in-register dequantization the bottleneck).
 CUTLASS_MIN_M = 65
 CUTLASS_MAX_M = {(8, False): None, (4, False): 1024, (4, True): 128}  # None: no bound
+# Wide weights, whose 128-row tiles alone fill at least half the SMs, take it from
+# CUTLASS_WIDE_MIN_M (one 64-token tile) instead: at M = 64 on 7B qkv / gate_up and 70B
+# gate_up (TP 4) int4 1.10-1.44x bf16 against the tiled GEMV's 0.73-0.79, groupwise 0.63-0.81
+# against 0.43-0.56, int8 1.02-1.34 against dot's 0.70-0.78; on 4096-row weights (32 tiles)
+# it lost (int4 0.49-0.57 against 0.64-0.76).
+CUTLASS_WIDE_MIN_M = 33
 GEMV_MAX_M = 1  # M <= this: gemv
 DOT_MAX_M = {4: 128, 8: 128}  # by bits: GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
 # Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
@@ -124,18 +130,19 @@ _INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool = True,
-                cutlass: bool = False) -> str:
+                cutlass: bool = False, sm_count: int = 132) -> str:
     """The kernel path for an [m, k] x [n, k]^T product (group_size 0 = per channel) of an
     untiled weight.
 
     Pure: a function of the shape and the scheme only, thresholds from the constants above.
     cuda=False leaves the CUDA GEMV out (no CuPy, or tensors it cannot read); cutlass=True
-    lets int8 take the CUTLASS GEMM in its `cutlass_range` (untiled int4 never does).
+    lets int8 take the CUTLASS GEMM in its `cutlass_range` on `sm_count` SMs (untiled int4
+    never does).
     """
     if cuda and m <= CUDA_MAX_M[bits] and cuda_weight_only.supports(m, k, bits, group_size):
         return CUDA
-    if cutlass and bits == 8 and cutlass_range(m, bits, group_size) and cutlass_gemm.takes(
-            n, k, bits, 0):
+    if cutlass and bits == 8 and cutlass_range(m, n, bits, group_size, sm_count) and (
+            cutlass_gemm.takes(n, k, bits, 0)):
         return CUTLASS
     if group_size and group_size % MIN_BLOCK_K:
         return DEQUANT  # the fused kernels need whole BLOCK_Ks per group
@@ -146,10 +153,13 @@ def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool =
     return DEQUANT
 
 
-def cutlass_range(m: int, bits: int, group_size: int) -> bool:
-    """Whether the automatic choice gives M rows of this scheme to the CUTLASS GEMM (pure)."""
+def cutlass_range(m: int, n: int, bits: int, group_size: int, sm_count: int) -> bool:
+    """Whether the automatic choice gives M rows of an [n, K] weight of this scheme to the
+    CUTLASS GEMM (pure)."""
     top = CUTLASS_MAX_M[bits, bool(group_size)]
-    return m >= CUTLASS_MIN_M and (top is None or m <= top)
+    wide = 2 * -(-n // 128) >= sm_count
+    bottom = CUTLASS_WIDE_MIN_M if wide else CUTLASS_MIN_M
+    return m >= bottom and (top is None or m <= top)
 
 
 def forced_path(path: str | None = None) -> str:
@@ -729,9 +739,10 @@ def weight_only_matmul(
     path: "cuda", "gemv", "dot", "dequant", "cutlass", or None/"auto" (then $TPQUANT_WO_PATH,
     then choose_path).
     tiled: int4 qweight in the layout of `tpquant.kernels.int4_tiles`: auto takes the tiled
-    CUDA GEMV to its TILES_MAX_M (one launch), the CUTLASS GEMM above in its `cutlass_range`
-    (where `cutlass_gemm.usable`), else dequant from the tiles; cuda (to TILES_MAX_M), cutlass
-    and dequant may be forced; gemv and dot, and auto without CuPy, untile it first.
+    CUTLASS GEMM in its `cutlass_range` (where `cutlass_gemm.usable`), else the tiled CUDA
+    GEMV to its TILES_MAX_M (one launch) and dequant from the tiles above; cuda (to
+    TILES_MAX_M), cutlass and dequant may be forced; gemv and dot, and auto without CuPy,
+    untile it first.
     config: BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps, num_stages) instead of autotuning;
     split_k: the number of K splits instead of the heuristic (gemv and dot);
     out: a contiguous [M, N] x.dtype tensor to write (M = x.numel() / K) instead of a new one.
@@ -814,7 +825,8 @@ def _matmul(
         wt = replace(wt, qweight=untile_int4(wt.qweight), tiled=False)  # what the others read
     if chosen in (AUTO, REFERENCE):  # REFERENCE is the caller's business; here it means auto
         chosen = choose_path(m, n, k, wt.bits, wt.group, cuda=cuda_ok,
-                             cutlass=cutlass_ok and _cutlass_usable(x2, wt))
+                             cutlass=cutlass_ok and _cutlass_usable(x2, wt),
+                             sm_count=_sm_count(x2) if cutlass_ok else 132)
     if chosen == CUTLASS:
         cutlass_gemm.gemm(x2, wt.qweight, wt.scale, None, wt.bits, 0, bias, out)
         return out.reshape(*x.shape[:-1], n)
@@ -944,15 +956,16 @@ def _operand_kind(dtype: torch.dtype, bits: int) -> tuple[int, int]:
 
 def _tiled(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch.Tensor,
            chosen: str, cutlass_ok: bool) -> None:
-    """A tiled int4 weight: the tiled GEMV up to its M; above, the CUTLASS GEMM on the tiles
-    where it runs and `cutlass_range` gives it M, else dequantized from the tiles into x.dtype
-    and one torch matmul."""
+    """A tiled int4 weight: the CUTLASS GEMM on the tiles where it runs and `cutlass_range`
+    gives it the call; else the tiled GEMV up to its M, dequantized from the tiles into
+    x.dtype and one torch matmul above."""
     m = x2.shape[0]
     if chosen in (AUTO, REFERENCE):
-        if m <= cuda_weight_only.TILES_MAX_M:
-            chosen = CUDA
-        elif cutlass_ok and cutlass_range(m, 4, wt.group) and _cutlass_usable(x2, wt):
+        if (cutlass_ok and cutlass_range(m, wt.n, 4, wt.group, _sm_count(x2))
+                and _cutlass_usable(x2, wt)):
             chosen = CUTLASS
+        elif m <= cuda_weight_only.TILES_MAX_M:
+            chosen = CUDA
         else:
             chosen = DEQUANT
     if chosen == CUDA:
@@ -1019,6 +1032,10 @@ def _cutlass_takes(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None,
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in floats)
             and cuda_weight_only.aligned(wt.qweight, out) and (bias is None or bias.is_cuda)
             and cutlass_gemm.available(x2.device.index))
+
+
+def _sm_count(x2: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(x2.device).multi_processor_count
 
 
 def _cutlass_usable(x2: torch.Tensor, wt: _Weights) -> bool:
