@@ -25,8 +25,8 @@
 // Modes 1 and 2 compute w in float32 and round it once to x's dtype (as dequantize + cuBLAS
 // does); alpha is then null (1).
 //
-// TPQ_TILE_TOKENS: the CTA tile along M (128 or 256 tokens); the weight tile is 128 rows, K
-// steps of 64. TPQ_STREAMK: stream-K tile scheduling (where the output tiles alone leave SMs
+// TPQ_TILE_TOKENS: the CTA tile along M (64, 128 or 256 tokens); the weight tile is 128 rows,
+// K steps of 64. TPQ_STREAMK: stream-K tile scheduling (where the output tiles alone leave SMs
 // idle, K is split across them and the partial sums reduced through the workspace), else the
 // persistent data-parallel one. TPQ_FP16: x and out are float16, else bfloat16.
 #include <cuda_runtime.h>

@@ -172,8 +172,8 @@ def tiles_order(x2: torch.Tensor) -> torch.Tensor:
 
     Inside each 64-block, the tile's feature f = 16 t + 4 s + 2 c + h (int4_tiles: lane
     column t, word s, nibble pair c, nibble h) sits where CUTLASS's shuffled layout holds its
-    k' = 16 s + 8 c + 2 t + h; so x'[k'] = x[f]. On CUDA one Triton gather (a torch permute
-    of 2-element runs moved a fraction of the bandwidth); elsewhere torch."""
+    k' = 16 s + 8 c + 2 t + h; so x'[k'] = x[f]. On CUDA one Triton gather (in place of
+    torch's copy of a permuted view, which moves runs of 2 elements); elsewhere torch."""
     m, k = x2.shape
     if x2.is_cuda and x2.stride(1) == 1:
         out = torch.empty((m, k), dtype=x2.dtype, device=x2.device)
