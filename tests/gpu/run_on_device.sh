@@ -49,6 +49,7 @@
 #                 and with push (auto)
 #     cutlass     the CUTLASS GEMMs (weight-only, W8A8): build (or find) their libraries, their
 #                 tests and the dispatch tests, bench_cutlass_gemm (each variant), bench_gemm --quick
+#                 (carry .cutlass_cache/ too, built here: python -m tpquant.kernels.cutlass_gemm)
 #     failures    a rank that raises or is killed while others sit in NCCL / custom all-reduce
 #     model       the model tests (1, 2, 3 and 4 ranks, as many as there are GPUs)
 #     norm        the fused all-reduce + add + RMSNorm's tests and the layers' (2 ranks)
@@ -245,7 +246,6 @@ final_check)
   # W8A8 decode tiles at M = 1, 4, 16, then bench_gemm --quick
   step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
   step kernels_wo_dispatch pyt tests/gpu/test_kernels_weight_only.py -k "automatic or graph"
-  step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py
   STEP_TIMEOUT=120 TAIL=40 step bench_w8a8_decode python3 benchmarks/bench_w8a8_gemm.py \
     --ms 1,4,16 --shapes 7b,7b-tp2
   STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
