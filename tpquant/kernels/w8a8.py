@@ -14,8 +14,9 @@ Fast paths (Triton, tpquant.kernels.triton_w8a8 / triton_norm): each public op t
 else the reference) or forces one of PATHS; `w8a8_matmul` also has "int_mm" (cuBLAS int8
 through torch._int_mm, then this file's epilogue) and "cutlass" (CUTLASS's int8 wgmma GEMM
 with this file's epilogue fused, `tpquant.kernels.cutlass_gemm`; Hopper, nvcc and CUTLASS
-headers), which the automatic choice takes from CUTLASS_FROM_M. What the fast paths return equals the
-reference bit for bit, except after an RMSNorm (a few float32 ulps; see triton_norm).
+headers), which the automatic choice takes from CUTLASS_FROM_M. What the fast paths return
+equals the reference bit for bit, except after an RMSNorm (a few float32 ulps; see
+triton_norm).
 """
 
 from __future__ import annotations
