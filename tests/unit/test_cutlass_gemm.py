@@ -78,7 +78,8 @@ def test_library_path_keys_the_variant_and_the_cache_dir(monkeypatch, tmp_path) 
     monkeypatch.setenv(cg.CACHE_ENV, str(tmp_path / "cache"))
     a = cg.library_path(cg.Variant(0, 0, 128))
     assert a.parent == tmp_path / "cache" / "cutlass" and a.suffix == ".so"
-    assert a != cg.library_path(cg.Variant(0, 0, 256)) != cg.library_path(cg.Variant(0, 0, 256, True))
+    wide, wide_fp16 = cg.Variant(0, 0, 256), cg.Variant(0, 0, 256, True)
+    assert a != cg.library_path(wide) != cg.library_path(wide_fp16)
     assert cg.library_path(cg.Variant(0, 0, 128, False, True)) != a  # stream-K
     monkeypatch.setattr(cg, "_nvcc_release", lambda nvcc: "13.1")
     assert cg.library_path(cg.Variant(0, 0, 128)) != a

@@ -46,8 +46,9 @@ Tiled int4 weights (`tpquant.kernels.int4_tiles`, what `WeightOnly.pack` and `Gr
 keep): the tiled CUDA GEMV for small M, dequant from the tiles above; see `weight_only_matmul`.
 
 Forcing a path: the `path` argument of the launchers below, or the environment variable
-TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant | cutlass, read at every call (the benchmark
-sets it between timings); "reference" is handled by `tpquant.kernels.weight_only`.
+TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant | cutlass, read at every call
+(the benchmark sets it between timings); "reference" is handled by
+`tpquant.kernels.weight_only`.
 
 The launchers also take CPU tensors, so that the tests run these same kernels in Triton's
 interpreter (TRITON_INTERPRET=1 set before triton is imported; pass `config` and `split_k`,
