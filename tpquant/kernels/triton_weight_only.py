@@ -809,7 +809,9 @@ def _matmul(
         return out.reshape(*x.shape[:-1], n)
     chosen = forced_path(path)
     cuda_ok = _cuda_takes(x2, wt, bias)
-    cutlass_ok = _cutlass_takes(x2, wt, bias, out)
+    # Below CUTLASS_WIDE_MIN_M only a forced call can reach CUTLASS: skip its checks there.
+    cutlass_ok = ((chosen == CUTLASS or m >= CUTLASS_WIDE_MIN_M)
+                  and _cutlass_takes(x2, wt, bias, out))
     if chosen == CUTLASS and not cutlass_ok:
         raise ValueError(
             "path 'cutlass' takes tiled int4 (per channel, or groups of a multiple of "
