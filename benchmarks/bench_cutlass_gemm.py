@@ -6,9 +6,9 @@ and the paths the dispatch took before them, on one Hopper GPU.
 
 For each shape [N, K] (bench_wo_kernels' Llama-2-7B / 70B shapes), M and scheme, next to bf16
 `x @ W.T`:
-    int4_wo, int4_gw (g128, zeros) on the tiles, int8_wo as stored: the dequant path (the
-        weight dequantized into bf16, then cuBLAS: what the dispatch took above the small-M
-        kernels), for int8 at M <= 128 Triton's dot, the mixed-input GEMM at each M tile,
+    int4_wo, int4_gw (g128, zeros), int8_wo on the tiles: the dequant path (the weight
+        dequantized into bf16, then cuBLAS: what the dispatch took above the small-M kernels),
+        at M <= 64 the tiled GEMV ("cuda"), the mixed-input GEMM at each M tile,
         data-parallel and stream-K ("tile128", "tile128sk", ...; "rule" is the one
         `mixed_config` picks), the dispatch ("auto");
     w8a8 (per token x per channel, x already quantized): the Triton GEMM, the CUTLASS GEMM
@@ -37,6 +37,7 @@ from bench_wo_kernels import SHAPES  # noqa: E402
 
 from tpquant.kernels import cutlass_gemm, w8a8  # noqa: E402
 from tpquant.kernels import triton_weight_only as tw  # noqa: E402
+from tpquant.kernels.cuda_weight_only import TILES_MAX_M  # noqa: E402
 from tpquant.quantization.schemes import Groupwise, SmoothQuant, WeightOnly  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -138,8 +139,8 @@ def main() -> int:
                 else:
                     expected = x.float() @ w_ref.t()
                     calls["dequant"] = [lambda t=t: op(scheme, t, x, "dequant") for t in sets]
-                    if scheme_name == "int8_wo" and m <= 128:  # int8 took it at M = 17-128
-                        calls["dot"] = [lambda t=t: op(scheme, t, x, "dot") for t in sets]
+                    if m <= TILES_MAX_M:  # the small-M kernel
+                        calls["cuda"] = [lambda t=t: op(scheme, t, x, "cuda") for t in sets]
                     for config in CONFIGS:
                         calls[label(config)] = [config_call(scheme, t, x, config) for t in sets]
                     calls["auto"] = [lambda t=t: op(scheme, t, x, None) for t in sets]

@@ -1,19 +1,19 @@
-"""The tiled int4 GEMV (pre-packed weight, `tpquant.kernels.int4_tiles`) against the dispatch on
-the stored layout and torch's bf16 matmul, on one GPU.
+"""The tiled GEMV (pre-packed weight, `tpquant.kernels.tiles`; int4 per channel, or int8 with
+--bits 8) against the dispatch on the stored layout and torch's bf16 matmul, on one GPU.
 
     python benchmarks/bench_int4_tiles.py                 # 7 shapes x M = 1..64, shape sweep
-    python benchmarks/bench_int4_tiles.py --ms 1,4 --no-sweep
+    python benchmarks/bench_int4_tiles.py --ms 1,4 --no-sweep --bits 8
 
-For each shape [N, K] (bench_wo_kernels' Llama-2-7B / 70B shapes) and M: bf16 `x @ W.T`, int4
-per channel on the stored layout through the dispatch (`auto`: the CUDA fma / mma GEMVs, Triton,
+For each shape [N, K] (bench_wo_kernels' Llama-2-7B / 70B shapes) and M: bf16 `x @ W.T`, the
+scheme on the stored layout through the dispatch (`auto`: the CUDA fma / mma GEMVs, Triton,
 dequantize + cuBLAS), the same on the tiled layout (the tiled GEMV at its chosen shape to
-M = 64, dequantize-from-tiles + cuBLAS above), and (unless --no-sweep, M <= 64) the tiled GEMV
+M = 64, CUTLASS or dequantize-from-tiles + cuBLAS above), and (unless --no-sweep, M <= 64) the tiled GEMV
 at every candidate shape (row tiles, K warps, row warps, unroll), with the blocks an SM holds
 of each. Each result's max |y - ref| / max |ref| against float32 math on the dequantized
 weight ("err"); a tiled result over ERR_BOUND fails the run.
 Timing: bench_gemm's time_calls (CUDA graph, weight copies past twice the L2, median).
-Output: table, per-M geomeans over bf16, $OUT/bench_int4_tiles.json ($OUT defaults to
-/tmp/out).
+Output: table, per-M geomeans over bf16, $OUT/bench_int4_tiles.json (int8:
+bench_int8_tiles.json; $OUT defaults to /tmp/out).
 """
 
 from __future__ import annotations
@@ -31,25 +31,25 @@ from bench_gemm import _geomean, copies, copy_bandwidth, nbytes, time_calls  # n
 from bench_wo_kernels import SHAPES  # noqa: E402
 
 from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
-from tpquant.kernels.int4_tiles import tile_int4  # noqa: E402
+from tpquant.kernels.tiles import tile  # noqa: E402
 from tpquant.kernels.weight_only import dequantize_weight_only, weight_only_matmul  # noqa: E402
 from tpquant.quantization.schemes import WeightOnly  # noqa: E402
 
 DTYPE = torch.bfloat16
 ERR_BOUND = 1e-2  # bf16 output: a few roundings of 2^-9
-def candidates(m: int, device: torch.device) -> list[tuple[int, int, int, int]]:
+def candidates(m: int, device: torch.device, mode: int) -> list[tuple[int, int, int, int]]:
     """The tiled GEMV's candidate shapes (row tiles, K warps, row warps, unroll) that
     `tiles_shape` chooses from at M = m."""
-    return list(cw.tiles_resident(cw.tiles_nt(m), device, DTYPE))
+    return list(cw.tiles_resident(cw.tiles_nt(m), device, DTYPE, mode))
 
 
-def tiles_call(x, sets, shape=None):
+def tiles_call(x, sets, bits, shape=None):
     """Calls on each copy of the tiled weight: the public op (shape None: the dispatch, which
     dequantizes past the GEMV's M), or the GEMV at a forced shape."""
     def make(t):
         def call():
             if shape is None:
-                return weight_only_matmul(x, t["qweight"], t["scale"], 4, tiled=True)
+                return weight_only_matmul(x, t["qweight"], t["scale"], bits, tiled=True)
             out = torch.empty(x.shape[0], t["qweight"].shape[0], dtype=x.dtype, device=x.device)
             cw.tiles_gemv(x, t["qweight"], t["scale"], None, out, shape=shape)
             return out
@@ -63,7 +63,10 @@ def main() -> int:
     ap.add_argument("--ms", default="1,2,4,8,16,32,64")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
+    ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
     args = ap.parse_args()
+    bits, mode = args.bits, cw.mode(args.bits, 0, False)
+    json_name = f"bench_int{bits}_tiles.json"
     device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
     l2 = int(getattr(props, "L2_cache_size", 50 << 20))
@@ -76,28 +79,28 @@ def main() -> int:
     print(f"{'shape':<16} {'M':>3} {'bf16 us':>8} {'auto us':>8} {'x':>5} {'tiles us':>8} "
           f"{'x':>5} {'%copy':>6} {'err':>8}  best shape")
     failed = False
-    scheme = WeightOnly(bits=4, dtype=DTYPE)
+    scheme = WeightOnly(bits=bits, dtype=DTYPE)
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         weight = torch.randn(n, k, generator=gen, device=device, dtype=DTYPE) * 0.02
         stored = scheme.quantize(weight)
         bf16_sets = [t["w"] for t in copies({"w": weight}, l2)]
         stored_sets = copies(stored, l2)
-        tiled_sets = copies({"qweight": tile_int4(stored["qweight"]), "scale": stored["scale"]},
+        tiled_sets = copies({"qweight": tile(stored["qweight"], bits), "scale": stored["scale"]},
                             l2)
-        w_ref = dequantize_weight_only(stored["qweight"], stored["scale"], 4)
+        w_ref = dequantize_weight_only(stored["qweight"], stored["scale"], bits)
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
             ref = x.float() @ w_ref.t()
             bf16 = time_calls([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
-            auto = time_calls([lambda t=t: weight_only_matmul(x, t["qweight"], t["scale"], 4)
+            auto = time_calls([lambda t=t: weight_only_matmul(x, t["qweight"], t["scale"], bits)
                                for t in stored_sets], args.replays)
-            shapes = [None] + (candidates(m, device) if args.sweep and m <= cw.TILES_MAX_M
+            shapes = [None] + (candidates(m, device, mode) if args.sweep and m <= cw.TILES_MAX_M
                                else [])
             timed = []
             for shape in shapes:
                 try:
-                    calls = tiles_call(x, tiled_sets, shape)
+                    calls = tiles_call(x, tiled_sets, bits, shape)
                     y = calls[0]().float()
                     err = ((y - ref).abs().max() / ref.abs().max()).item()
                     sec = time_calls(calls, args.replays)
@@ -107,7 +110,7 @@ def main() -> int:
                     continue
                 failed |= not err <= ERR_BOUND
                 timed.append((sec, shape, err))
-                resident = (cw.tiles_resident(cw.tiles_nt(m), device, DTYPE)[shape]
+                resident = (cw.tiles_resident(cw.tiles_nt(m), device, DTYPE, mode)[shape]
                             if shape else None)
                 result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="tiles",
                                            tiles_shape=shape, resident=resident,
@@ -116,8 +119,8 @@ def main() -> int:
             result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="auto", us=auto * 1e6,
                                        speedup=bf16 / auto))
             default = timed[0] if timed and timed[0][1] is None else None
-            chosen = (cw.tiles_shape(m, n, device, DTYPE)[1:] if m <= cw.TILES_MAX_M
-                      else "dequantize + cuBLAS")
+            chosen = (cw.tiles_shape(m, n, device, DTYPE, mode)[1:] if m <= cw.TILES_MAX_M
+                      else "the dispatch")
             best = min(timed, key=lambda row: row[0]) if timed else None
             wbytes = nbytes(tiled_sets[0])
             for label, row in (("default", default), ("best", best)):
@@ -128,7 +131,7 @@ def main() -> int:
                 print(f"{name:<16} {m:>3} {bf16 * 1e6:>8.1f} {auto * 1e6:>8.1f} "
                       f"{bf16 / auto:>5.2f} {sec * 1e6:>8.1f} {bf16 / sec:>5.2f} {pct:>6.1f} "
                       f"{err:>8.1e}  {label} {shape or chosen}")
-            (out_dir / "bench_int4_tiles.json").write_text(json.dumps(result, indent=1))
+            (out_dir / json_name).write_text(json.dumps(result, indent=1))
         del bf16_sets, stored_sets, tiled_sets
         torch.cuda.empty_cache()
 
@@ -146,7 +149,7 @@ def main() -> int:
         summary[m] = g
         print(f"M={m:>3}  {g[0]:.2f} / {g[1]:.2f} / {g[2]:.2f}")
     result["summary"] = summary
-    (out_dir / "bench_int4_tiles.json").write_text(json.dumps(result, indent=1))
+    (out_dir / json_name).write_text(json.dumps(result, indent=1))
     print("ERRORS OVER BOUND" if failed else "# all errors within bound")
     return 1 if failed else 0
 

@@ -10,12 +10,12 @@
 // [M, N]. Its M is our N (a per-row alpha / bias there is per output channel here).
 //
 // TPQ_QUANT (the codes):
-//   0  int4, two's complement, in tpquant's "tiles16x64" layout (tpquant/kernels/int4_tiles.py)
+//   0  int4, two's complement, in tpquant's "tiles16x64" layout (tpquant/kernels/tiles.py)
 //   1  int4, unsigned 0..15, same layout (groupwise with zeros)
-//   2  int8 [N, K] row-major (K contiguous), as stored
-// The tiles hold exactly CUTLASS's "shuffled" int4 layout (4 reorder atoms, K-fastest tile
-// order) of a weight whose K is permuted inside every 64-block (design note 34); the caller
-// feeds x with the same permutation, so the sums are the same products in another order.
+//   2  int8, two's complement, in the "tiles16x32" layout
+// The tiles hold exactly CUTLASS's "shuffled" layout (int4: 4 reorder atoms, int8: 2; K-fastest
+// tile order) of a weight whose K is permuted inside every tile (design notes 34, 35); the
+// caller feeds x with the same permutation, so the sums are the same products in another order.
 //
 // TPQ_MODE (the dequantization before the tensor cores):
 //   0  convert only (codes are exact in bf16 / fp16); per-channel scale = alpha in the epilogue,
@@ -67,13 +67,12 @@ using ElementQ = cutlass::uint4b_t;
 #else
 using ElementQ = int8_t;
 #endif
-constexpr bool kTiled = TPQ_QUANT != 2;
-
 // The reorder atom of CUTLASS's shuffled sub-byte layout, as tools/util/include/cutlass/util/
 // mixed_dtype_utils.hpp builds it (compute_memory_reordering_atom; that header also pulls in
 // the host tensor utilities): the 16 x 16 block one warp's wgmma A fragments cover, four of
-// them along K, values shuffled [0, 2, 4, 6, 1, 3, 5, 7] so that a lane's 8 codes of a 32-bit
-// word unpack with shifts alone. 16 rows x 64 features: one tpquant tile.
+// them along K for int4, values shuffled [0, 2, 4, 6, 1, 3, 5, 7] so that a lane's 8 codes of a
+// 32-bit word unpack with shifts alone (16 rows x 64 features); two for int8, values shuffled
+// [0, 2, 1, 3] so that a word's bytes 0 / 2 and 1 / 3 are pairs (16 x 32). One tpquant tile.
 template <class ElementMma, class AtomLayout, class ValLayout>
 constexpr auto reorder_atom(AtomLayout atom_layout, ValLayout val_layout) {
   using MmaAtom = decltype(SM90::GMMA::rs_op_selector<ElementMma, ElementMma, float, Shape<_64, _16, _32>>());
@@ -92,11 +91,13 @@ constexpr auto reorder_atom(AtomLayout atom_layout, ValLayout val_layout) {
 }
 
 using StrideW = cutlass::detail::TagToStrideB_t<cutlass::layout::ColumnMajor>;  // [N, K], K fastest
+#if TPQ_QUANT == 2
+using TileAtom = decltype(reorder_atom<ElementX>(Layout<Shape<_1, _2>>{}, Layout<Shape<_2, _2>, Stride<_2, _1>>{}));
+#else
 using TileAtom = decltype(reorder_atom<ElementX>(Layout<Shape<_1, _4>>{}, Layout<Shape<_2, _4>, Stride<_4, _1>>{}));
+#endif
 using KFastest = Step<_2, _1, _3>;  // tiles in (row tile, k tile) order, k tiles fastest
-using LayoutW = cute::conditional_t<
-    kTiled, decltype(cute::tile_to_shape(TileAtom{}, Layout<Shape<int, int, int>, StrideW>{}, KFastest{})),
-    StrideW>;
+using LayoutW = decltype(cute::tile_to_shape(TileAtom{}, Layout<Shape<int, int, int>, StrideW>{}, KFastest{}));
 
 #if TPQ_MODE == 0
 using ElementWTuple = ElementQ;
@@ -147,11 +148,7 @@ using StrideOut = typename GemmKernel::StrideD;
 static typename Gemm::Arguments make_args(const void* x, const void* w, const float* scales, const float* zeros,
                                           const float* alpha, const float* bias, void* out, int M, int N, int K,
                                           int group) {
-#if TPQ_QUANT != 2
   LayoutW layout_w = cute::tile_to_shape(TileAtom{}, cute::make_shape(N, K, 1), KFastest{});
-#else
-  LayoutW layout_w = cutlass::make_cute_packed_stride(StrideW{}, cute::make_shape(N, K, 1));
-#endif
   StrideX stride_x = cutlass::make_cute_packed_stride(StrideX{}, cute::make_shape(M, K, 1));
   StrideOut stride_out = cutlass::make_cute_packed_stride(StrideOut{}, cute::make_shape(N, M, 1));
   typename CollectiveMainloop::Arguments mainloop{static_cast<const ElementQ*>(w), layout_w,

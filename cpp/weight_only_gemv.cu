@@ -8,7 +8,7 @@
 // Layouts: those of tpquant.kernels.weight_only (the fma and mma kernels): qweight int8 [N, K] or
 // packed uint8 [N, K/2] (low nibble = even k), per-channel scale float32 [N], group scales /
 // zeros float32 [K/g, N], pre-quant scale float32 [K], bias float32 [N]; and (the tiled kernel,
-// at the end of this file) int4 per channel in tpquant.kernels.int4_tiles' layout.
+// at the end of this file) int8 / int4 in tpquant.kernels.tiles' layouts.
 //
 // Work split: a warp owns ROWS consecutive output rows and all M rows of x; its lanes walk
 // the K range of the warp's split in 16-byte "chunks" of each weight row (32 int4 or 16 int8
@@ -691,7 +691,7 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // The fma and mma kernels above read the stored [N, K/2] layout and spend most of their
 // instructions rearranging codes and x into matching pairs (design note 21). This kernel reads
 // int4 weights, per channel (MODE 1) or groupwise (MODE 2 with zeros, 3 symmetric; design note
-// 29), pre-packed by tpquant/kernels/int4_tiles.py ("tiles16x64"): a
+// 29), pre-packed by tpquant/kernels/tiles.py ("tiles16x64"): a
 // 16-row x 64-feature tile is 512 contiguous bytes, lane l's 16 bytes of it holding exactly the
 // mma A fragments it needs for the tile's four k16 steps. Lane l = 4 g + t, weight word s (one
 // step) of its chunk: nibbles 0 / 4 are row g at features 16 t + 4 s + 0 / 1, nibbles 1 / 5 row
@@ -706,6 +706,16 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // 8) / 8) bits of the float32 sums (4 for bfloat16, 7 for float16), leaving ~17-20 bits against
 // the output's 8 / 11. Groupwise, the same per k-tile with the group's offset (MAGIC + zero, or
 // MAGIC + 8), folded into the totals with the group's scale (tiles_fold).
+// int8 per channel (MODE 0; design note 35) comes in 16-row x 32-feature tiles ("tiles16x32"),
+// the same 512 bytes a tile: lane l's bytes 4 w .. 4 w + 3 are rows g, g + 8, g, g + 8 at
+// features 8 t + 2 w, + 2 w, + 2 w + 1, + 2 w + 1, so words 2 s and 2 s + 1 are step s's A
+// fragments, bytes 0 / 2 and 1 / 3 of a word one register each, and x's 16 bytes a lane are
+// its B fragments. float16: the byte u = q + 128 under 1024's exponent (one PRMT a register
+// pair, exact). bfloat16 holds only 8 significant bits, so each code is two: 128 + its low
+// nibble, 2048 + 16 x its high nibble (both exact; one LOP3 each), two mmas a step into the
+// same sums, x (2176 + u) = x (2304 + q). The cancellation at the end costs ~5 bits of the
+// float32 sums (~4 for float16's 1152 + q). The wide plan multiplies q itself (bfloat16: the
+// byte through float32, one mma; float16: 1024 + u - 1152, one paired fma).
 // Work split: a block holds RW row warps x KW K warps. Each row warp owns RT row tiles; its KW
 // K warps take turns of U k-tiles along K, and their sums meet in shared memory in warp order.
 // The RW row warps step through K together and read the same x, so all but the first find it
@@ -713,7 +723,6 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // row warp of two tiles, x's traffic at M = 32 was 4x the weight's). Measured, sharing x gained
 // up to 12% at M = 16-32 on the largest N (design note 28). grid: row groups. No split-K (a
 // split range cost the kernels 2-24 registers, i.e. blocks per SM, for less than it gained).
-#define TILE_K 64  // features per tile
 
 // How the kernel spends registers on NT token tiles (MODE: per channel or groupwise). Up to 4
 // (32 tokens): x is loaded a round ahead with the weights, the sums alternate between two
@@ -723,6 +732,9 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // unrolled once; past that, and groupwise (whose zeros need the sums of x), x is loaded as each
 // k-tile is multiplied (from L1, above): the registers run out.
 template <int MODE, int NT, int RT, int U> struct TilesPlan {
+  static constexpr int TK = MODE == 0 ? 32 : 64;  // features per k-tile (int8, int4)
+  static constexpr int STEPS = TK / 16;           // k16 steps per k-tile
+  static constexpr int XH = TK / 32;              // a lane's 16-byte x loads per token tile
   static constexpr bool GROUPED = Mode<MODE>::GROUPED;
   static constexpr bool WIDE = NT > 4;
   static constexpr bool SUB_A = WIDE && !GROUPED;  // the offset off A, else the sums of x
@@ -744,49 +756,125 @@ __device__ __forceinline__ void tiles_load_weight(int T0, int tiles_k,
                                 : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// The lane's 16 bytes of x (half h of its 32) of token tile n at k-tile T; zeros past M.
-template <int NT>
+// The lane's 16 bytes of x (load h of its XH) of token tile n at k-tile T; zeros past M.
+template <int TK, int NT>
 __device__ __forceinline__ uint4 tiles_x(int T, int h, int n,
                                          const unsigned short* const (&xr)[NT],
                                          const bool (&xin)[NT]) {
-  return xin[n] ? __ldg(reinterpret_cast<const uint4*>(xr[n] + (size_t)T * TILE_K) + h)
+  return xin[n] ? __ldg(reinterpret_cast<const uint4*>(xr[n] + (size_t)T * TK) + h)
                 : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// The lane's 32 bytes of x of each token tile for U k-tiles from T0 (unless x is loaded as it is
-// used); zeros past K or M.
-template <int MODE, int NT, int RT, int U>
+// The lane's x (32 bytes int4, 16 int8) of each token tile for U k-tiles from T0 (unless x is
+// loaded as it is used); zeros past K or M.
+template <int MODE, int NT, int RT, int U, int XH>
 __device__ __forceinline__ void tiles_load_x(int T0, int tiles_k,
                                              const unsigned short* const (&xr)[NT],
-                                             const bool (&xin)[NT], uint4 (&xv)[U][NT][2]) {
-  if constexpr (!TilesPlan<MODE, NT, RT, U>::LATE_X) {
+                                             const bool (&xin)[NT], uint4 (&xv)[U][NT][XH]) {
+  typedef TilesPlan<MODE, NT, RT, U> Plan;
+  if constexpr (!Plan::LATE_X) {
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          xv[u][n][h] = T0 + u < tiles_k ? tiles_x<NT>(T0 + u, h, n, xr, xin)
+        for (int h = 0; h < XH; ++h)
+          xv[u][n][h] = T0 + u < tiles_k ? tiles_x<Plan::TK, NT>(T0 + u, h, n, xr, xin)
                                        : make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
 // U k-tiles from T0 on: the lane's 16 weight bytes of each row tile and its x; zeros past the
 // K range or M (the tile then adds nothing).
-template <int MODE, int NT, int RT, int U>
+template <int MODE, int NT, int RT, int U, int XH>
 __device__ __forceinline__ void tiles_load(int T0, int tiles_k, const uint4* const (&wt)[RT],
                                            const unsigned short* const (&xr)[NT],
                                            const bool (&xin)[NT], uint4 (&wv)[U][RT],
-                                           uint4 (&xv)[U][NT][2]) {
+                                           uint4 (&xv)[U][NT][XH]) {
   tiles_load_weight<RT, U>(T0, tiles_k, wt, wv);
-  tiles_load_x<MODE, NT, RT, U>(T0, tiles_k, xr, xin, xv);
+  tiles_load_x<MODE, NT, RT, U, XH>(T0, tiles_k, xr, xin, xv);
 }
 
-// One k16 step s of a k-tile for the warp's row tiles: A from the lane's weight word s of each,
-// B (b) the lane's x words of each token tile.
+// bfloat16 int8 from this many token tiles on multiplies q itself, through float32
+// (int8_pair_exact), instead of two nibble mmas; the wide plan always does.
+#ifndef TILES_INT8_EXACT_NT
+#define TILES_INT8_EXACT_NT 8
+#endif
+template <int DT, int MODE, int NT> struct TilesInt8Exact {
+  static constexpr bool VALUE = MODE == 0 && DT == 1 && NT >= TILES_INT8_EXACT_NT;
+};
+
+// What each code adds over q in the tiled kernel's per-channel sums (the all-ones mma's sums of
+// x take it off): int4 MAGIC + 8; int8 float16 1024 + 128, bfloat16 128 + 2048 + 128.
+template <int DT, int MODE> __device__ __forceinline__ constexpr float tiles_offset() {
+  return MODE == 0 ? (DT == 0 ? 1152.f : 2304.f) : Magic<DT>::VALUE + Mode<MODE>::OFF;
+}
+
+// q itself from bytes sel_lo / sel_hi (0x7440 + b: byte b) of u = q + 128: each byte under float32's
+// 2^23 exponent (one PRMT), minus 2^23 + 128, the pair rounded to bfloat16 (exact).
+__device__ __forceinline__ u32 int8_pair_exact(u32 u, u32 sel_lo, u32 sel_hi) {
+  const float lo = __uint_as_float(__byte_perm(u, 0x4B000000u, sel_lo)) - 8388736.f;
+  const float hi = __uint_as_float(__byte_perm(u, 0x4B000000u, sel_hi)) - 8388736.f;
+  return pack2<1>(lo, hi);
+}
+
+// One k16 step s of an int8 k-tile (the header's layout): A from the lane's words 2 s, 2 s + 1
+// of each row tile, B (b) the lane's x words of each token tile. float16: 1024 + u, one PRMT a
+// register; bfloat16: 128 + low nibble and 2048 + 16 high nibble (flipped: u = q + 128), one
+// LOP3 a register, the two mmas into the two chains (or the one). SUB_A: q itself (bfloat16 in
+// the wide plan through float32, 5 instructions a register, one mma: with 8 token tiles the
+// second mma of every pair cost more than the conversion).
+template <int DT, int NT, int RT, int CH, bool SUB_A, bool EXACT>
+__device__ __forceinline__ void tiles_step_int8(int s, const uint4 (&wv)[RT],
+                                                const u32 (&b)[NT][2], u32 mask,
+                                                float (&acc)[CH][RT][NT][4]) {
+  constexpr u32 one = DT == 0 ? 0x3C003C00u : 0x3F803F80u;  // 1.0 in both halves
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const u32 w0 = word(wv[r], 2 * s), w1 = word(wv[r], 2 * s + 1);
+    if constexpr (DT == 0) {
+      const u32 u0 = w0 ^ 0x80808080u, u1 = w1 ^ 0x80808080u;
+      u32 a[4] = {__byte_perm(u0, 0x64646464u, 0x4240u), __byte_perm(u0, 0x64646464u, 0x4341u),
+                  __byte_perm(u1, 0x64646464u, 0x4240u), __byte_perm(u1, 0x64646464u, 0x4341u)};
+      if constexpr (SUB_A) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) a[j] = fma2<DT>(a[j], one, 0xE480E480u);  // - 1152
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+        mma16816<DT>(acc[s % CH][r][n], a[0], a[1], a[2], a[3], b[n][0], b[n][1]);
+    } else if constexpr (EXACT) {
+      const u32 u0 = w0 ^ 0x80808080u, u1 = w1 ^ 0x80808080u;
+      const u32 a0 = int8_pair_exact(u0, 0x7440u, 0x7442u), a1 = int8_pair_exact(u0, 0x7441u, 0x7443u);
+      const u32 a2 = int8_pair_exact(u1, 0x7440u, 0x7442u), a3 = int8_pair_exact(u1, 0x7441u, 0x7443u);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) mma16816<DT>(acc[s % CH][r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
+    } else {
+      constexpr u32 LO = 0x43004300u, HI = 0x45004500u | 0x00080008u;  // 128; 2048, flip
+      u32 lo[4] = {(w0 & mask) | LO, ((w0 >> 8) & mask) | LO, (w1 & mask) | LO,
+                   ((w1 >> 8) & mask) | LO};
+      u32 hi[4] = {((w0 >> 4) & mask) ^ HI, ((w0 >> 12) & mask) ^ HI, ((w1 >> 4) & mask) ^ HI,
+                   ((w1 >> 12) & mask) ^ HI};
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        mma16816<DT>(acc[0][r][n], lo[0], lo[1], lo[2], lo[3], b[n][0], b[n][1]);
+        mma16816<DT>(acc[CH - 1][r][n], hi[0], hi[1], hi[2], hi[3], b[n][0], b[n][1]);
+      }
+    }
+  }
+}
+
+// One k16 step s of a k-tile for the warp's row tiles: A from the lane's weight word s of each
+// (int8: tiles_step_int8), B (b) the lane's x words of each token tile.
 template <int DT, int MODE, int NT, int RT, int CH>
 __device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u32 (&b)[NT][2],
                                            u32 mask, float (&acc)[CH][RT][NT][4]) {
+  if constexpr (MODE == 0) {
+    tiles_step_int8<DT, NT, RT, CH, TilesPlan<MODE, NT, RT, 1>::SUB_A,
+                    TilesPlan<MODE, NT, RT, 1>::SUB_A || TilesInt8Exact<DT, MODE, NT>::VALUE>(
+        s, wv, b, mask, acc);
+    return;
+  }
   // OR the magic, XOR 8 (signed codes' flip to u = q + 8; zeros mode's codes are u already):
   // one LOP3 with the mask
   constexpr u32 flip = Magic<DT>::PAIR | (Mode<MODE>::FLIP & Mode<MODE>::MASK);
@@ -822,7 +910,7 @@ template <int DT, int MODE, int NT, int RT, int CH>
 __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
                                            float (&acc)[CH][RT][NT][4], float (&sx)[CH][NT][4],
                                            float (&total)[RT][NT][4]) {
-  const size_t base = (size_t)(T * TILE_K / grp.group) * grp.n;
+  const size_t base = (size_t)(T * 64 / grp.group) * grp.n;  // (int4 k-tiles)
 #pragma unroll
   for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -856,9 +944,9 @@ __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
 // The four k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if late):
 // sum x (MAGIC + u), or x q (SUB_A), into acc, and (unless SUB_A) x into sx; groupwise, fold
 // each k-tile's sums into total.
-template <int DT, int MODE, int NT, int RT, int U, int CH>
+template <int DT, int MODE, int NT, int RT, int U, int CH, int XH>
 __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (&wv)[U][RT],
-                                              const uint4 (&xv)[U][NT][2],
+                                              const uint4 (&xv)[U][NT][XH],
                                               const unsigned short* const (&xr)[NT],
                                               const bool (&xin)[NT], u32 mask,
                                               float (&acc)[CH][RT][NT][4],
@@ -872,10 +960,11 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
   for (int u = 0; u < U; ++u) {
     if (LATE_X && T0 + u >= tiles_k) break;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < XH; ++h) {
       uint4 xh[NT];
 #pragma unroll
-      for (int n = 0; n < NT; ++n) xh[n] = LATE_X ? tiles_x<NT>(T0 + u, h, n, xr, xin) : xv[u][n][h];
+      for (int n = 0; n < NT; ++n)
+        xh[n] = LATE_X ? tiles_x<Plan::TK, NT>(T0 + u, h, n, xr, xin) : xv[u][n][h];
 #pragma unroll
       for (int s = 2 * h; s < 2 * h + 2; ++s) {
         u32 b[NT][2];
@@ -907,11 +996,13 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   // (unless SUB_A) the sums of x for its two tokens of each token tile
   constexpr int V = S + Plan::SUMS_X;
   // what a code adds over q (the all-ones mma's sums of x take it off); none if SUB_A
-  constexpr float offset = Plan::SUB_A ? 0.f : Magic<DT>::VALUE + Mode<MODE>::OFF;
+  constexpr float offset =
+      Plan::SUB_A || TilesInt8Exact<DT, MODE, NT>::VALUE ? 0.f : tiles_offset<DT, MODE>();
+  constexpr int TK = Plan::TK, XH = Plan::XH;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kw = warp % KW, rw = warp / KW, g = lane >> 2, t = lane & 3;
-  const int tiles_k = K / TILE_K, row_tiles = N / 16;
+  const int tiles_k = K / TK, row_tiles = N / 16;
   const int rt0 = (blockIdx.x * RW + rw) * RT;
   const uint4* wt[RT];
   TilesGroups<RT> grp{scale, zeros, N, group, {}};
@@ -928,16 +1019,16 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   for (int n = 0; n < NT; ++n) {
     const int m = 8 * n + g;
     xin[n] = m < M;
-    xr[n] = x + (size_t)min(m, M - 1) * K + 16 * t;
+    xr[n] = x + (size_t)min(m, M - 1) * K + TK / 4 * t;
   }
 
   // The first weight loads go out before the wait for the kernel before this one (PDL): no
   // kernel writes the weights, and their latency then overlaps that kernel's end.
   const int step = KW * U;
-  uint4 wa[U][RT], xa[U][NT][2], wb[U][RT], xb[U][NT][2];  // (xa, xb unused if x is late)
+  uint4 wa[U][RT], xa[U][NT][XH], wb[U][RT], xb[U][NT][XH];  // (xa, xb unused if x is late)
   tiles_load_weight<RT, U>(kw * U, tiles_k, wt, wa);
   wait_then_signal();
-  tiles_load_x<MODE, NT, RT, U>(kw * U, tiles_k, xr, xin, xa);
+  tiles_load_x<MODE, NT, RT, U, XH>(kw * U, tiles_k, xr, xin, xa);
 
   const u32 mask = kCodeMask[1];
   // acc and sx: the sums (groupwise: of the current k-tile); total: groupwise, the folded sums
@@ -959,13 +1050,13 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   // Two register sets, A and B, take turns: a round's loads are issued before the round
   // before it is multiplied, so each warp keeps U tiles in flight while it computes.
   for (int T0 = kw * U; T0 < tiles_k; T0 += 2 * step) {
-    tiles_load<MODE, NT, RT, U>(T0 + step, tiles_k, wt, xr, xin, wb, xb);
-    tiles_compute<DT, MODE, NT, RT, U, CH>(T0, tiles_k, wa, xa, xr, xin, mask, acc, sx, grp,
-                                           total);
+    tiles_load<MODE, NT, RT, U, XH>(T0 + step, tiles_k, wt, xr, xin, wb, xb);
+    tiles_compute<DT, MODE, NT, RT, U, CH, XH>(T0, tiles_k, wa, xa, xr, xin, mask, acc, sx, grp,
+                                               total);
     if (T0 + step >= tiles_k) break;
-    tiles_load<MODE, NT, RT, U>(T0 + 2 * step, tiles_k, wt, xr, xin, wa, xa);
-    tiles_compute<DT, MODE, NT, RT, U, CH>(T0 + step, tiles_k, wb, xb, xr, xin, mask, acc, sx,
-                                           grp, total);
+    tiles_load<MODE, NT, RT, U, XH>(T0 + 2 * step, tiles_k, wt, xr, xin, wa, xa);
+    tiles_compute<DT, MODE, NT, RT, U, CH, XH>(T0 + step, tiles_k, wb, xb, xr, xin, mask, acc,
+                                               sx, grp, total);
   }
 
   // The lane's sums: acc or total (rows g, g + 8 of each tile; tokens 8 n + 2 t, + 1), then
@@ -1024,10 +1115,10 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
 // W[N, K] in x's dtype from the tiled layout, for the larger M that go to cuBLAS: q * scale[row]
 // per channel, (u - zero) * scale or q * scale of the tile's group groupwise (as
 // tpquant.kernels.weight_only computes them in float32, then one rounding). A warp dequantizes
-// one tile: lane (g, t) holds features 16 t .. 16 t + 15 of rows g and g + 8 (its four words),
-// writes them into the warp's tile in shared memory (rows padded to 72 values, so that neither
-// side's 16-byte accesses meet in a bank), and the warp then writes the tile's 16 rows of 128
-// bytes whole. grid: row tiles x k-tiles / 4 (4 warps a block).
+// one tile: lane (g, t) holds features TK/4 t .. TK/4 t + TK/4 - 1 of rows g and g + 8 (its
+// four words), writes them into the warp's tile in shared memory (rows padded to 72 values, so
+// that neither side's 16-byte accesses meet in a bank), and the warp then writes the tile's 16
+// rows whole. grid: row tiles x k-tiles / 4 (4 warps a block).
 #define DEQ_ROW 72  // padded row of a tile in shared memory, in 16-bit values
 
 template <int DT, int MODE>
@@ -1035,45 +1126,48 @@ __global__ void __launch_bounds__(128)
 wo_tiles_dequant(const uint4* __restrict__ w, const float* __restrict__ scale,
                  const float* __restrict__ zeros, unsigned short* __restrict__ out, int N, int K,
                  int group) {
+  constexpr int TK = TilesPlan<MODE, 1, 1, 1>::TK, F = TK / 4;  // F: a lane's features a row
   __shared__ __align__(16) unsigned short tile[4][16 * DEQ_ROW];
   wait_then_signal();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int tiles_k = K / TILE_K;
+  const int tiles_k = K / TK;
   const int T = blockIdx.y * 4 + warp, R = blockIdx.x;
   if (T >= tiles_k) return;  // (a whole warp: no barrier below but __syncwarp)
   const uint4 v = load_weight(w + ((size_t)R * tiles_k + T) * 32 + lane);
   // per channel: scale[row]; groupwise: scales / zeros [K/g, N] at the tile's group
-  const size_t base = Mode<MODE>::GROUPED ? (size_t)(T * TILE_K / group) * N : 0;
+  const size_t base = Mode<MODE>::GROUPED ? (size_t)(T * TK / group) * N : 0;
   unsigned short* mine = tile[warp];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = 16 * R + g + 8 * h;
     const float s = __ldg(scale + base + row);
     const float z = MODE == 2 ? __ldg(zeros + base + row) : 0.f;
-    u32 pairs[8];  // features 16 t + 2 i, + 1 of row g + 8 h
+    float f[F];  // features F t + c of row g + 8 h
 #pragma unroll
-    for (int st = 0; st < 4; ++st) {
-      const u32 q = word(v, st);
-      float f[4];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {  // nibble j = 4 (c & 1) + 2 (c >> 1) + h: feature + c
-        const int j = 4 * (c & 1) + 2 * (c >> 1) + h;
-        const u32 code = (q >> (4 * j)) & 0xFu;
+    for (int c = 0; c < F; ++c) {
+      if constexpr (MODE == 0) {  // byte h + 2 c of the lane's 16
+        const int b = h + 2 * c;
+        f[c] = (float)(signed char)((word(v, b >> 2) >> (8 * (b & 3))) & 0xFFu) * s;
+      } else {  // word c / 4, nibble j = 4 (c & 1) + 2 ((c >> 1) & 1) + h
+        const int j = 4 * (c & 1) + 2 * ((c >> 1) & 1) + h;
+        const u32 code = (word(v, c >> 2) >> (4 * j)) & 0xFu;
         // zeros mode: u - z; signed codes: q (bit 3 sign-extended)
         f[c] = (MODE == 2 ? (float)code - z : (float)((int)(code ^ 8u) - 8)) * s;
       }
-      pairs[2 * st] = pack2<DT>(f[0], f[1]);
-      pairs[2 * st + 1] = pack2<DT>(f[2], f[3]);
     }
-    uint4* dst = reinterpret_cast<uint4*>(mine + (g + 8 * h) * DEQ_ROW + 16 * t);
-    dst[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
-    dst[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+    uint4* dst = reinterpret_cast<uint4*>(mine + (g + 8 * h) * DEQ_ROW + F * t);
+#pragma unroll
+    for (int i = 0; i < F / 8; ++i)
+      dst[i] = make_uint4(pack2<DT>(f[8 * i], f[8 * i + 1]), pack2<DT>(f[8 * i + 2], f[8 * i + 3]),
+                          pack2<DT>(f[8 * i + 4], f[8 * i + 5]),
+                          pack2<DT>(f[8 * i + 6], f[8 * i + 7]));
   }
   __syncwarp();
+  constexpr int ROW_CHUNKS = TK / 8;  // 16-byte chunks of a tile row
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {  // 128 chunks of 16 bytes: row c / 8, features 8 (c % 8)
-    const int c = lane + 32 * i, row = c >> 3, col = 8 * (c & 7);
-    *reinterpret_cast<uint4*>(out + (size_t)(16 * R + row) * K + (size_t)T * TILE_K + col) =
+  for (int i = 0; i < 16 * ROW_CHUNKS / 32; ++i) {  // chunk c: row c / ROW_CHUNKS
+    const int c = lane + 32 * i, row = c / ROW_CHUNKS, col = 8 * (c % ROW_CHUNKS);
+    *reinterpret_cast<uint4*>(out + (size_t)(16 * R + row) * K + (size_t)T * TK + col) =
         *reinterpret_cast<const uint4*>(mine + row * DEQ_ROW + col);
   }
 }

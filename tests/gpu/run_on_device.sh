@@ -39,6 +39,10 @@
 #     allreduce_blocks  custom all-reduce latency at 36, 48, 64 blocks per launch (2 ranks)
 #     cutlass_decode the CUTLASS GEMMs' tests, the layers (2 ranks), bench_cutlass_gemm at
 #                 M = 32 / 64, bench_gemm --quick, bench_decode for five schemes at TP 1 and 2
+#     int8_tiles  int8 in tiles: the tiled GEMV's and CUTLASS's tests, the dispatch's,
+#                 sweep_int8_tiles (nibble mmas against q through float32; 1 GPU)
+#     int8_bench  bench_int4_tiles --bits 8, bench_cutlass_gemm (int8), bench_gemm --quick
+#     int8_decode the layers on 2 GPUs, bench_decode bf16 / int8 / int4 at TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -112,7 +116,7 @@ step() {  # step NAME CMD...: run, log to $r/NAME.log, print the log's last line
 mpi() { mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -x OUT -x NCCL_NVLS_ENABLE ${TPQUANT_SMOLLM2_GGUF:+-x TPQUANT_SMOLLM2_GGUF} ${TPQUANT_CACHE:+-x TPQUANT_CACHE -x PATH} "$@"; }
 pyt() { python3 -m pytest -p no:cacheprovider -q --timeout 240 "$@"; }
 tiles_tests() {  # the tiled GEMV's and PDL's tests, then the layers on 2 GPUs where there are 2
-  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py tests/gpu/test_pdl_gpu.py
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_tiles.py tests/gpu/test_pdl_gpu.py
   [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
     -q --timeout 240 tests/mpi/test_layers.py
 }
@@ -152,7 +156,7 @@ tiles|tiles_sweep)
   # against the dispatch on the stored layout and bf16 (M = 1 to 256), then bench_decode --quick
   # at TP 1; tiles_sweep: the benchmark alone, with the GEMV's shape sweep (M <= 32)
   if [ "$stage" = tiles ]; then
-    step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py
+    step kernels_int4_tiles pyt tests/gpu/test_kernels_tiles.py
     step kernels_wo_cuda pyt tests/gpu/test_kernels_weight_only.py -k "cuda or automatic or graph"
     STEP_TIMEOUT=300 TAIL=60 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
       --no-sweep --ms 1,2,4,8,16,32,48,64,128,256
@@ -177,14 +181,14 @@ rows_sweep)
     --ms 1,8,16,32,64,128 --replays 10
   ;;
 wide_sweep)
-  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_tiles.py
   STEP_TIMEOUT=300 TAIL=40 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
     --ms 40,64 --replays 10
   ;;
 tiles_decode)
   # the tiled layout's dispatch and forced paths, bench_int4_tiles to M = 128, bench_decode
   # (Llama-2-7B bf16, int8, int4, int4 groupwise; batch 1 / 8 / 64) at TP 1 and 2
-  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py -k "dispatch or forced"
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_tiles.py -k "dispatch or forced"
   STEP_TIMEOUT=150 TAIL=10 step bench_int4_tiles python3 benchmarks/bench_int4_tiles.py \
     --no-sweep --ms 1,16,32,64,128
   decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw
@@ -275,7 +279,7 @@ cutlass)
   nvcc --version | tail -2
   TAIL=6 STEP_TIMEOUT=420 step cutlass_build python3 -m tpquant.kernels.cutlass_gemm --jobs 8
   step kernels_cutlass pyt tests/gpu/test_kernels_cutlass.py
-  step kernels_int4_tiles pyt tests/gpu/test_kernels_int4_tiles.py -k "dispatch or forced or graph"
+  step kernels_int4_tiles pyt tests/gpu/test_kernels_tiles.py -k "dispatch or forced or graph"
   step kernels_wo_dispatch pyt tests/gpu/test_kernels_weight_only.py -k "automatic or graph"
   step kernels_w8a8 pyt tests/gpu/test_kernels_w8a8.py -k "gemm or graph"
   STEP_TIMEOUT=360 TAIL=30 step bench_cutlass_gemm python3 benchmarks/bench_cutlass_gemm.py
@@ -294,6 +298,38 @@ cutlass_decode)
     --ms 32,64 --schemes int4_wo,int4_gw,int8_wo
   STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
   decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw w8a8_token
+  ;;
+int8_tiles)
+  # int8 in tiles: the tiled GEMV's and the CUTLASS GEMMs' tests (carry .cutlass_cache), the
+  # untiled paths' dispatch and graph tests, bench_int4_tiles --bits 8 with the shape sweep,
+  # bench_cutlass_gemm for int8, bench_gemm --quick (1 GPU)
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  step kernels_tiles pyt tests/gpu/test_kernels_tiles.py
+  step kernels_cutlass pyt tests/gpu/test_kernels_cutlass.py
+  step kernels_wo pyt tests/gpu/test_kernels_weight_only.py -k "automatic or graph or cuda"
+  STEP_TIMEOUT=300 TAIL=50 step sweep_int8_tiles python3 benchmarks/sweep_int8_tiles.py \
+    --ms 1,4,16,32,64 --exact 1,2,8
+  ;;
+int8_bench)
+  # int8 in tiles: the tiled GEMV against the stored layout's dispatch, the CUTLASS GEMM for
+  # int8, bench_gemm --quick (1 GPU)
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  STEP_TIMEOUT=200 TAIL=12 step bench_int8_tiles python3 benchmarks/bench_int4_tiles.py \
+    --bits 8 --ms 1,4,16,32,64 --no-sweep
+  STEP_TIMEOUT=150 TAIL=12 step bench_cutlass_int8 python3 benchmarks/bench_cutlass_gemm.py \
+    --ms 32,64,128,256,1024 --schemes int8_wo
+  STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  ;;
+int8_decode)
+  # int8 in tiles at TP 2: the layers on 2 GPUs, then bench_decode (bf16, int8, int4; batch 1,
+  # 8, 64) at TP 1 and 2
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
+    -q --timeout 240 tests/mpi/test_layers.py
+  decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo
   ;;
 push)
   step allreduce_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \

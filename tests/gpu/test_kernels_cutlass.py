@@ -4,12 +4,12 @@ float64 references built from the stored (untiled) layouts.
 One command (one H100 / H200; the libraries build at first use into $TPQUANT_CACHE):
     python3 -m pytest -q tests/gpu/test_kernels_cutlass.py
 
-int4 per channel and groupwise (zeros or symmetric, groups of 64 and 128) on the tiles, int8
-per channel as stored; float16 and bfloat16; N and K not multiples of 128; M from 1 to 1030
+int4 per channel and groupwise (zeros or symmetric, groups of 64 and 128) and int8 per channel,
+all on the tiles; float16 and bfloat16; N and K not multiples of 128; M from 1 to 1030
 (several M tiles, partial ones); with and without bias; every configuration forced; through
 the public op both forced and automatic (which must agree bitwise with the path
 `cutlass_range` names); a CUDA-graph capture replayed on fresh inputs; an unaligned x; x's
-permutation. Outputs are poisoned with NaN first. The W8A8 GEMM is tested in
+permutation for either tile width. Outputs are poisoned with NaN first. The W8A8 GEMM is tested in
 test_kernels_w8a8.py (bitwise against the reference).
 Tolerance: `weight_only_checks.TOL` (max |y - ref| <= TOL[dtype] * max |ref|).
 """
@@ -28,7 +28,7 @@ from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
 from tpquant.kernels import cutlass_gemm  # noqa: E402
 from tpquant.kernels import triton_weight_only as tw  # noqa: E402
 from tpquant.kernels import weight_only as ref  # noqa: E402
-from tpquant.kernels.int4_tiles import tile_int4  # noqa: E402
+from tpquant.kernels.tiles import tile  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
 
@@ -40,10 +40,10 @@ if not cutlass_gemm.available(torch.cuda.current_device()):
 
 DTYPES = [torch.float16, torch.bfloat16]
 MS = [1, 17, 65, 128, 129, 300, 1030]
-# (scheme name, N, K, group): int8 N only a multiple of 8
+# (scheme name, N, K, group)
 CASES = [("int4", 208, 320, 0), ("int4", 4096, 1024, 0), ("gw_zeros", 960, 576, 64),
          ("gw_zeros", 4096, 1024, 128), ("gw_sym", 208, 320, 64), ("gw_sym", 4096, 1024, 128),
-         ("int8", 200, 320, 0), ("int8", 4096, 1024, 0)]
+         ("int8", 208, 320, 0), ("int8", 4096, 1024, 0)]
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +55,14 @@ def device() -> torch.device:
 
 def _weights(name: str, n: int, k: int, group: int, device: torch.device,
              seed: int) -> dict[str, torch.Tensor]:
-    """A random weight's stored tensors (int4: plus its tiles), as the schemes make them."""
+    """A random weight's stored tensors, plus its tiles, as the schemes make them."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
     scheme = {"int4": lambda: WeightOnly(4), "int8": lambda: WeightOnly(8),
               "gw_zeros": lambda: Groupwise(group, True),
               "gw_sym": lambda: Groupwise(group, False)}[name]()
     t = {key: v.to(device) for key, v in scheme.quantize(w).items()}
-    if name != "int8":
-        t["tiles"] = tile_int4(t["qweight"])
+    t["tiles"] = tile(t["qweight"], 8 if name == "int8" else 4)
     return t
 
 
@@ -79,11 +78,11 @@ def _reference(name: str, t: dict[str, torch.Tensor], group: int, x: torch.Tenso
 
 def _op(name: str, t: dict[str, torch.Tensor], group: int, x: torch.Tensor,
         bias: torch.Tensor | None, path: str | None) -> torch.Tensor:
-    """The public op a layer calls, on the tensors the layer keeps (int4: the tiles)."""
-    if name == "int8":
-        return tw.weight_only_matmul(x, t["qweight"], t["scale"], 8, bias, path=path)
-    if name == "int4":
-        return tw.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, path=path, tiled=True)
+    """The public op a layer calls, on the tensors the layer keeps (the tiles)."""
+    if name in ("int4", "int8"):
+        bits = 8 if name == "int8" else 4
+        return tw.weight_only_matmul(x, t["tiles"], t["scale"], bits, bias, path=path,
+                                     tiled=True)
     return tw.groupwise_matmul(x, t["tiles"], t["scales"], t.get("zeros"), group, None, bias,
                                path=path, tiled=True)
 
@@ -115,13 +114,12 @@ def test_every_config(device, name: str, n: int, k: int, group: int,
     """Each (M tile, stream-K) the dispatch uses, on a partial last tile and on whole ones."""
     tile = config[0]
     t = _weights(name, n, k, group, device, seed=7)
-    codes = t["qweight"] if name == "int8" else t["tiles"]
     scale = t["scale"] if name in ("int4", "int8") else t["scales"]
     for m in (tile - 1, 3 * tile):
         x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m)
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
-        cutlass_gemm.gemm(x, codes, scale, t.get("zeros"), 8 if name == "int8" else 4, group,
-                          bias, out, config=config)
+        cutlass_gemm.gemm(x, t["tiles"], scale, t.get("zeros"), 8 if name == "int8" else 4,
+                          group, bias, out, config=config)
         check(out, _reference(name, t, group, x, bias), torch.bfloat16, (name, tile, m))
 
 
@@ -143,9 +141,9 @@ def test_automatic_dispatch_takes_cutlass_in_its_range(device, name: str, n: int
 @pytest.mark.parametrize("name,group", [("int4", 0), ("gw_zeros", 64), ("int8", 0)])
 def test_wide_weights_take_cutlass_from_33(device, name: str, group: int, m: int) -> None:
     """A weight whose 128-row tiles fill half the SMs goes to CUTLASS from M = 33 (the
-    small-M kernels below), and matches the reference; a 4096-row one keeps them."""
+    small-M kernel below), and matches the reference; a 4096-row one keeps it."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    k, small = 320, "cuda" if name != "int8" else "dot"
+    k, small = 320, "cuda"
     for n, wide in ((128 * -(-sms // 2), True), (4096, False)):
         t = _weights(name, n, k, group, device, seed=n)
         x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m)
@@ -180,7 +178,8 @@ def test_cuda_graph_replays_on_fresh_inputs(device) -> None:
 
 
 def test_unaligned_x_and_strided_rows(device) -> None:
-    """int8 reads x as given: a view starting 2 bytes in, and rows with a stride, are copied."""
+    """x as a view starting 2 bytes in, with strided rows: the gather into the tiles' K order
+    reads it as given."""
     name, n, k, group = CASES[6]
     t = _weights(name, n, k, group, device, seed=9)
     base, _ = _inputs(200, k + 8, n, torch.bfloat16, device, seed=2)
@@ -190,37 +189,40 @@ def test_unaligned_x_and_strided_rows(device) -> None:
 
 
 def test_forced_path_refuses_what_it_cannot_read(device) -> None:
-    t = _weights("int4", 208, 320, 0, device, seed=1)
-    x, _ = _inputs(100, 320, 208, torch.bfloat16, device, seed=1)
-    with pytest.raises(ValueError, match="path 'cutlass' takes tiled int4"):
-        tw.weight_only_matmul(x, t["qweight"], t["scale"], 4, path="cutlass")  # untiled
+    for name, bits in (("int4", 4), ("int8", 8)):
+        t = _weights(name, 208, 320, 0, device, seed=1)
+        x, _ = _inputs(100, 320, 208, torch.bfloat16, device, seed=1)
+        with pytest.raises(ValueError, match="path 'cutlass' takes tiled"):
+            tw.weight_only_matmul(x, t["qweight"], t["scale"], bits, path="cutlass")  # untiled
     gw = _weights("gw_zeros", 960, 576, 64, device, seed=1)
     x, _ = _inputs(100, 576, 960, torch.bfloat16, device, seed=1)
     pqs = torch.rand(576, device=device) + 0.5
-    with pytest.raises(ValueError, match="path 'cutlass' takes tiled int4"):
+    with pytest.raises(ValueError, match="path 'cutlass' takes tiled"):
         tw.groupwise_matmul(x, gw["tiles"], gw["scales"], gw["zeros"], 64, pqs, path="cutlass",
                             tiled=True)
 
 
-def test_tiles_order_kernel_equals_the_permutation(device) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiles_order_kernel_equals_the_permutation(device, bits: int) -> None:
     """The Triton gather against torch's view / permute of the same formula (on the CPU)."""
     x = torch.randn(37, 320 + 8, device=device).to(torch.bfloat16)[:, :320]  # strided rows
-    expected = cutlass_gemm.tiles_order(x.cpu().contiguous())
-    assert torch.equal(cutlass_gemm.tiles_order(x).cpu(), expected)
+    expected = cutlass_gemm.tiles_order(x.cpu().contiguous(), bits)
+    assert torch.equal(cutlass_gemm.tiles_order(x, bits).cpu(), expected)
 
 
-def test_tiles_order_is_the_layout_cutlass_reads(device) -> None:
-    """Direct check of the permutation: a tiled weight with one nonzero code per 64-block
-    column picks out exactly the x feature it multiplies."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiles_order_is_the_layout_cutlass_reads(device, bits: int) -> None:
+    """Direct check of the permutation: a tiled weight with one nonzero code per row picks out
+    exactly the x feature it multiplies."""
     n, k = 16, 128
     q = torch.zeros(n, k, dtype=torch.int8)
     features = torch.randperm(k)[:n]
     q[torch.arange(n), features] = 1
-    packed = ((q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)).to(torch.uint8).to(device)
-    tiles = tile_int4(packed)
+    stored = q if bits == 8 else ((q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)).to(torch.uint8)
+    tiles = tile(stored.to(device), bits)
     scale = torch.ones(n, device=device)
     x = torch.randn(130, k, device=device).to(torch.bfloat16)
     out = torch.empty(130, n, dtype=torch.bfloat16, device=device)
-    cutlass_gemm.gemm(x, tiles, scale, None, 4, 0, None, out)
+    cutlass_gemm.gemm(x, tiles, scale, None, bits, 0, None, out)
     assert torch.equal(out, x[:, features.to(device)])
     assert cw.aligned(out)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tpquant.collectives import MpiCommunicator, NcclCommunicator, SingleProcessCommunicator
-from tpquant.kernels.int4_tiles import can_tile
+from tpquant.kernels.tiles import can_tile
 from tpquant.layers import ColumnLinear, RowLinear
 from tpquant.layers.norm import RmsNorm
 from tpquant.parallel.mapping import Mapping
@@ -248,9 +248,9 @@ def test_per_rank_bytes_are_full_over_tp(world, name, style):
 @pytest.mark.mpi
 @pytest.mark.parametrize("tokens", [1, 5, 40, 100])
 @pytest.mark.parametrize("style", ["column", "row"])
-@pytest.mark.parametrize("kind", ["per_channel", "groupwise"])
-def test_int4_tiled_layers_in_bfloat16(world, kind, style, tokens):
-    """int4 per channel and groupwise (zeros) in bfloat16: the layers keep tiled weights
+@pytest.mark.parametrize("kind", ["per_channel", "groupwise", "int8"])
+def test_tiled_layers_in_bfloat16(world, kind, style, tokens):
+    """int4 per channel, groupwise (zeros) and int8 in bfloat16: the layers keep tiled weights
     (`WeightOnly.pack`, `Groupwise.pack`), which on CUDA run the tiled GEMV (M <= 64) or
     dequantize from the tiles (above); the rank's output equals float64 math on the full
     weight's dequantized codes, and the single-process layer's, to bfloat16's bound (1e-2 of
@@ -259,8 +259,9 @@ def test_int4_tiled_layers_in_bfloat16(world, kind, style, tokens):
     then the rank keeps the stored layout)."""
     mapping, comm, device = world
     tp = mapping.tp_size
-    if kind == "per_channel":
-        scheme, group = WeightOnly(4, torch.bfloat16), 0
+    bits = 8 if kind == "int8" else 4
+    if kind != "groupwise":
+        scheme, group = WeightOnly(bits, torch.bfloat16), 0
     else:
         group = 64 if style == "column" or (IN // tp) % 64 == 0 else 32
         scheme = Groupwise(group, True, False, torch.bfloat16)
@@ -278,8 +279,9 @@ def test_int4_tiled_layers_in_bfloat16(world, kind, style, tokens):
         x_rank, cols = x[:, _slice(IN, rank, tp)], slice(None)
     layer.load_full(w, b)
     local = (OUT // tp, IN) if style == "column" else (OUT, IN // tp)
-    # all but row TP 4's 96 features (per channel: not a multiple of 64; groupwise: groups of 32)
-    assert ("qweight_tiles" in layer.tensors) == (can_tile(*local) and group % 64 == 0)
+    # all but row TP 4's 96 features (int4 per channel: not a multiple of 64; groupwise: groups
+    # of 32); int8 tiles every shard (96 = 3 x 32)
+    assert ("qweight_tiles" in layer.tensors) == (can_tile(*local, bits) and group % 64 == 0)
     got = _run(layer, x_rank, device)
     _close(got, exact[:, cols], rel=1e-2)
     _close(got, _run(single.load_full(w, b), x, device)[:, cols], rel=1e-2)

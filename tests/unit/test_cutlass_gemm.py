@@ -10,21 +10,23 @@ import torch
 from tpquant.kernels import cutlass_gemm as cg
 
 
-def test_tiles_order_moves_each_feature_to_cutlass_k() -> None:
-    """x'[k'] = x[f]: within each 64-block, k' = 16 s + 8 c + 2 t + h holds the tile's feature
-    f = 16 t + 4 s + 2 c + h (design note 34), built here element by element."""
-    k = 192
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiles_order_moves_each_feature_to_cutlass_k(bits: int) -> None:
+    """x'[k'] = x[f]: within each tile of TK = 64 (int4) / 32 (int8) features, k' = 16 s + 8 c
+    + 2 t + h holds the tile's feature f = TK/4 t + 4 s + 2 c + h (design notes 34, 35), built
+    here element by element."""
+    k, tk = 192, 64 if bits == 4 else 32
     x = torch.arange(3 * k, dtype=torch.float64).reshape(3, k)
     expected = torch.empty_like(x)
-    for block in range(k // 64):
+    for block in range(k // tk):
         for t in range(4):
-            for s in range(4):
+            for s in range(tk // 16):
                 for c in range(2):
                     for h in range(2):
-                        f = 64 * block + 16 * t + 4 * s + 2 * c + h
-                        k_cutlass = 64 * block + 16 * s + 8 * c + 2 * t + h
+                        f = tk * block + tk // 4 * t + 4 * s + 2 * c + h
+                        k_cutlass = tk * block + 16 * s + 8 * c + 2 * t + h
                         expected[:, k_cutlass] = x[:, f]
-    assert torch.equal(cg.tiles_order(x), expected)
+    assert torch.equal(cg.tiles_order(x, bits), expected)
 
 
 @pytest.mark.parametrize("bits,group,zeros,quant,mode", [

@@ -187,17 +187,14 @@ def test_group_size_not_multiple_of_min_block_goes_to_dequant(tw) -> None:
 
 @pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 32, 33, 64, 65, 128, 129, 1024, 4096])
 @pytest.mark.parametrize("cuda", [True, False])
-@pytest.mark.parametrize("cutlass", [True, False])
-def test_choose_path_follows_thresholds(m: int, cuda: bool, cutlass: bool) -> None:
-    """The CUDA GEMV up to CUDA_MAX_M when it may be used; int8 from CUTLASS_MIN_M the CUTLASS
-    GEMM when it may be used (untiled int4 never); else gemv only for per-channel int4 (bits
-    4, group 0); dot, then dequant, by M."""
+def test_choose_path_follows_thresholds(m: int, cuda: bool) -> None:
+    """Untiled weights: the CUDA GEMV up to CUDA_MAX_M when it may be used; else gemv only for
+    per-channel int4 (bits 4, group 0); dot, then dequant, by M (never CUTLASS, which reads
+    tiles)."""
     for bits, group in ((4, 0), (8, 0), (4, 128)):
-        got = real.choose_path(m, 4096, 4096, bits, group, cuda=cuda, cutlass=cutlass)
+        got = real.choose_path(m, 4096, 4096, bits, group, cuda=cuda)
         if cuda and m <= real.CUDA_MAX_M[bits]:
             assert got == real.CUDA
-        elif cutlass and bits == 8 and m >= real.CUTLASS_MIN_M:
-            assert got == real.CUTLASS  # int8: no upper bound
         elif m <= real.GEMV_MAX_M and (bits, group) == (4, 0):
             assert got == real.GEMV
         elif m <= real.DOT_MAX_M[bits]:
@@ -283,5 +280,3 @@ def test_cutlass_range_takes_wide_weights_from_33(n: int, wide: bool) -> None:
         assert real.cutlass_range(33, n, bits, group, 132) is wide
         assert real.cutlass_range(64, n, bits, group, 132) is wide
         assert real.cutlass_range(65, n, bits, group, 132) is True
-    assert real.choose_path(48, n, 4096, 8, 0, cutlass=True) == (real.CUTLASS if wide
-                                                                  else real.DOT)

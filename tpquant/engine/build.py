@@ -31,7 +31,7 @@ from tpquant.engine.format import (
     write_engine_config,
     write_rank_file,
 )
-from tpquant.kernels import int4_tiles
+from tpquant.kernels import tiles
 from tpquant.models.llama import LlamaSchemes, default_down_rotation
 from tpquant.models.loader import (
     AllReduceStatistics,
@@ -44,7 +44,7 @@ from tpquant.parallel.mapping import Mapping
 from tpquant.quantization.calibrate import calibrate, calibrate_hessians, text_token_batches
 from tpquant.quantization.gptq import GptqPlan
 from tpquant.quantization.mode import QuantMode
-from tpquant.quantization.schemes.int4_codes import TILED
+from tpquant.quantization.schemes.codes import TILED
 from tpquant.quantization.smoothquant import SmoothQuantPlan
 
 DEFAULT_CALIB_TEXT = "/usr/share/common-licenses/LGPL-2.1"
@@ -199,9 +199,9 @@ def save_tokenizer(checkpoint: Any, folder: Path) -> None:
 
 def _layout(name: str, t: torch.Tensor) -> str:
     # The packing each kernel reads (README: int4 two per byte, even index in the low nibble;
-    # int4 in tiles, tpquant.kernels.int4_tiles).
+    # int8 / int4 in tiles, tpquant.kernels.tiles).
     if name.endswith(TILED):
-        return int4_tiles.LAYOUT
+        return tiles.LAYOUTS[8 if t.dtype == torch.int8 else 4]
     if t.dtype == torch.uint8:
         return "int4_packed_lo_even"
     if t.dtype == torch.int8:

@@ -9,9 +9,9 @@ header explains the numerics of each:
            grow with M.
     mma    (stored layout) the same dequantization feeding the tensor cores (mma.sync
            m16n8k16, float32 sums): one mma per 16 x 16 block for up to 8 tokens.
-    tiles  int4 per channel or groupwise (no pre-quant scale) pre-packed in
-           `tpquant.kernels.int4_tiles`' layout (what `WeightOnly.pack` and `Groupwise.pack`
-           keep): each lane's 16 bytes are its mma A fragments, one shift and one LOP3 per
+    tiles  int8 / int4 per channel or groupwise int4 (no pre-quant scale) pre-packed in
+           `tpquant.kernels.tiles`' layouts (what `WeightOnly.pack` and `Groupwise.pack`
+           keep): each lane's 16 bytes are its mma A fragments, one or two instructions per
            register; pipelined loads; M up to TILES_MAX_M in one launch.
            `tiles_dequantize` unpacks the layout into x.dtype for cuBLAS at larger M.
 
@@ -23,7 +23,7 @@ of a bias, `tiles_dequantize`'s weight).
 
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
 group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma); the tiles take N % 16 and
-K % 64 (`int4_tiles.can_tile`) and groups of whole k-tiles (`int4_tiles.groups_tile`). Alignment
+K % 64 / 32 (`tiles.can_tile`) and groups of whole k-tiles (`tiles.groups_tile`). Alignment
 rules (`aligned`): 16-byte aligned, contiguous tensors. `tpquant.kernels.triton_weight_only`
 dispatches here (path "cuda").
 """
@@ -40,6 +40,7 @@ import torch
 
 from tpquant.kernels import pdl
 from tpquant.kernels.cupy_launch import launch, occupancy
+from tpquant.kernels.tiles import TILE_K, features
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "weight_only_gemv.cu"
 FMA, MMA = "fma", "mma"
@@ -238,7 +239,7 @@ def gemv(
                x2.device, with_pdl)
 
 
-# ---- the tiled kernel (wo_tiles) for int4 weights in `int4_tiles`' layout ----------------------
+# ---- the tiled kernel (wo_tiles) for int8 / int4 weights in `tiles`' layouts ------------------
 # Its M tiles (8-token tiles NT per launch; from TILES_WIDE_NT on, the .cu's "wide" plan) and,
 # per NT, the shapes it chooses from: (16-row tiles per row warp, K warps of a row warp, row
 # warps of a block sharing x, k-tiles each warp loads per round). `tiles_shape` picks one per
@@ -253,7 +254,7 @@ def gemv(
 # 1.17, and were the best on all 7 weights at M = 40 and 64 (0.90 / 0.78x). Groupwise int4
 # (modes 2 / 3; groups of whole k-tiles) takes the per-channel candidates (not swept for it)
 # and, in the wide plan, loads x as it goes (its zeros need the sums of x, which take the
-# registers).
+# registers). int8 (mode 0; a k-tile is 32 features, the same 512 bytes) takes them too.
 TILES_NT = (1, 2, 4, 8)
 TILES_WIDE_NT = 8
 TILES_CANDIDATES = {
@@ -315,7 +316,7 @@ def tiles_shape(m: int, n: int, device: torch.device, dtype: torch.dtype,
     if key not in _TILES_CHOSEN:
         resident = tiles_resident(nt, device, dtype, mode_)
         _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, nt, _sm_count(device), resident,
-                                                    grouped=mode_ != 1))
+                                                    grouped=_grouped(mode_)))
     return _TILES_CHOSEN[key]
 
 
@@ -324,7 +325,7 @@ def tiles_resident(nt: int, device: torch.device, dtype: torch.dtype,
                    mode_: int = 1) -> dict[tuple[int, int, int, int], int]:
     """{shape: blocks an SM holds} of NT's candidates that fit in shared memory, compile
     without spills (a compiler's choice; any, if none does) and fit on an SM at all."""
-    grouped = mode_ != 1
+    grouped = _grouped(mode_)
     shapes = [c for c in TILES_CANDIDATES[nt]
               if tiles_shared_bytes(nt, *c[:3], grouped=grouped) <= TILES_SHARED_BYTES]
     functions = _tiles_functions(device, dtype, [_tiles_name(mode_, nt, *c) for c in shapes])
@@ -332,6 +333,10 @@ def tiles_resident(nt: int, device: torch.device, dtype: torch.dtype,
     unspilled = {c: r for (c, r), f in zip(resident.items(), functions)
                  if r > 0 and f.local_size_bytes == 0}
     return unspilled or {c: r for c, r in resident.items() if r > 0}
+
+
+def _grouped(mode_: int) -> bool:
+    return mode_ >= 2
 
 
 def _tiles_name(mode_: int, nt: int, rt: int, kw: int, rw: int, u: int) -> str:
@@ -342,21 +347,21 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None, out: torch.Tensor, *,
                zeros: torch.Tensor | None = None, group: int = 0,
                shape: tuple[int, int, int, int] | None = None) -> None:
-    """out[M, N] = x2[M, K] @ W^T (+ bias) for int4 W in the tiled layout
-    (`tpquant.kernels.int4_tiles`): per channel (group 0, scale [N]), or groupwise (scales
-    [K/g, N], zeros [K/g, N] or None for signed codes; no pre-quant scale), M <= TILES_MAX_M.
-    The caller has checked shapes, `int4_tiles.groups_tile` and `aligned`. Benchmarks may force
-    `shape` (row tiles, K warps, row warps, unroll)."""
+    """out[M, N] = x2[M, K] @ W^T (+ bias) for W in a tiled layout (`tpquant.kernels.tiles`;
+    int8 or packed int4, told by its dtype): per channel (group 0, scale [N]), or int4
+    groupwise (scales [K/g, N], zeros [K/g, N] or None for signed codes; no pre-quant scale),
+    M <= TILES_MAX_M. The caller has checked shapes, `tiles.groups_tile` and `aligned`.
+    Benchmarks may force `shape` (row tiles, K warps, row warps, unroll)."""
     m, k = x2.shape
     n = tiled.shape[0]
     if m > TILES_MAX_M:
         raise ValueError(f"the tiled GEMV takes M <= {TILES_MAX_M}, got {m}")
-    mode_ = mode(4, group, zeros is not None)
+    mode_ = mode(_bits(tiled), group, zeros is not None)
     if shape is None:
         nt, rt, kw, rw, u = tiles_shape(m, n, x2.device, x2.dtype, mode_)
     else:
         nt, (rt, kw, rw, u) = tiles_nt(m), shape
-        if tiles_shared_bytes(nt, rt, kw, rw, grouped=mode_ != 1) > TILES_SHARED_BYTES:
+        if tiles_shared_bytes(nt, rt, kw, rw, grouped=_grouped(mode_)) > TILES_SHARED_BYTES:
             raise ValueError(f"tiled GEMV shape {shape} at M = {m} needs more than "
                              f"{TILES_SHARED_BYTES} bytes of shared memory")
     function = _tiles_functions(x2.device, x2.dtype, [_tiles_name(mode_, nt, rt, kw, rw, u)])[0]
@@ -368,13 +373,14 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
 
 def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *,
                      zeros: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
-    """W[N, K] in dtype (float16 / bfloat16) from the tiled layout: q * scale[:, None] per
-    channel, (u - zero) * scale or q * scale of each group groupwise."""
-    n, k = tiled.shape[0], 2 * tiled.shape[1]
+    """W[N, K] in dtype (float16 / bfloat16) from a tiled layout (int8 or packed int4): q *
+    scale[:, None] per channel, (u - zero) * scale or q * scale of each group groupwise."""
+    bits = _bits(tiled)
+    n, k = tiled.shape[0], features(tiled, bits)
     w = torch.empty((n, k), dtype=dtype, device=tiled.device)
-    name = f"wo_tiles_dequant<{{dt}}, {mode(4, group, zeros is not None)}>"
+    name = f"wo_tiles_dequant<{{dt}}, {mode(bits, group, zeros is not None)}>"
     function = _tiles_functions(tiled.device, dtype, [name])[0]
-    launch(function, (n // 16, -(-k // 256)), (128,),
+    launch(function, (n // 16, -(-k // (4 * TILE_K[bits]))), (128,),  # 4 warps, a k-tile each
            (_ptr(tiled), _ptr(scale), _ptr(zeros), _ptr(w), np.int32(n), np.int32(k),
             np.int32(group or 1)), tiled.device, pdl.enabled(tiled.device))
     return w
@@ -402,6 +408,11 @@ def _source() -> str:
             "(pip install -e .)"
         )
     return SOURCE.read_text()
+
+
+def _bits(codes: torch.Tensor) -> int:
+    """8 for int8 codes, 4 for packed int4 (uint8)."""
+    return 8 if codes.dtype == torch.int8 else 4
 
 
 def _float32(bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -4,16 +4,17 @@
 Weight-only, CUTLASS's mixed-input GEMM: y[M, N] = x[M, K] @ W^T (+ bias) for bfloat16 /
 float16 x and
 
-    int4 per channel   tiled codes (`tpquant.kernels.int4_tiles`), scale [N] as the epilogue's
+    int4 per channel   tiled codes (`tpquant.kernels.tiles`), scale [N] as the epilogue's
                        per-row alpha (float32, after the exact float32 sums)
     int4 groupwise     tiled codes, float32 scales [K/g, N] (g a multiple of 64), with zeros
                        [K/g, N] (unsigned codes) or without (signed)
-    int8 per channel   qweight int8 [N, K] as stored, scale [N] as alpha
+    int8 per channel   tiled codes, scale [N] as alpha
 
 The tensor cores multiply x by the weight dequantized in registers, so the weight is read
-once, as int4 / int8, whatever M. The tiled int4 bytes are CUTLASS's shuffled layout of the
-weight with K permuted inside each 64-block (design note 34): `tiles_order` gives x the same
-permutation (one copy of x), and the sums are the same products in another order.
+once, as int4 / int8, whatever M. The tiled bytes are CUTLASS's shuffled layout of the weight
+with K permuted inside each tile (64 int4 / 32 int8 features; design notes 34, 35):
+`tiles_order` gives x the same permutation (one copy of x), and the sums are the same products
+in another order.
 
 W8A8, CUTLASS's int8 wgmma GEMM (`w8a8_gemm`): y = float32(q_x q_w^T) * s_x * s_w + bias in
 the reference epilogue's order (`tpquant.kernels.w8a8`), s_x per token or one value, s_w per
@@ -51,6 +52,8 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+
+from tpquant.kernels import tiles
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "mixed_input_gemm.cu"
 W8A8_SOURCE = SOURCE.with_name("w8a8_gemm.cu")
@@ -136,8 +139,8 @@ def variant_for(bits: int, group: int, has_zeros: bool, dtype: torch.dtype,
 
 
 def takes(n: int, k: int, bits: int, group: int) -> bool:
-    """Whether the GEMM takes this shape and scheme (pure; int4 must also be tiled, which
-    `int4_tiles.can_tile` says): 16-byte rows of x, W and out, groups of whole K steps,
+    """Whether the GEMM takes this shape and scheme (pure; the weight must also be tiled,
+    which `tiles.can_tile` says): 16-byte rows of x, W and out, groups of whole K steps,
     int8 per channel only."""
     return (bits in (4, 8) and n % 8 == 0 and k % TILE_K == 0
             and (not group or (bits == 4 and group % TILE_K == 0)))
@@ -167,21 +170,24 @@ def loads(variant: Variant | W8A8Variant) -> bool:
     return True
 
 
-def tiles_order(x2: torch.Tensor) -> torch.Tensor:
-    """x[M, K] with K permuted as CUTLASS reads the tiled int4 weight (design note 34).
+def tiles_order(x2: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """x[M, K] with K permuted as CUTLASS reads the tiled `bits`-bit weight (design notes 34,
+    35).
 
-    Inside each 64-block, the tile's feature f = 16 t + 4 s + 2 c + h (int4_tiles: lane
-    column t, word s, nibble pair c, nibble h) sits where CUTLASS's shuffled layout holds its
-    k' = 16 s + 8 c + 2 t + h; so x'[k'] = x[f]. On CUDA one Triton gather (in place of
-    torch's copy of a permuted view, which moves runs of 2 elements); elsewhere torch."""
+    Inside each tile of TK = 64 (int4) / 32 (int8) features, the tile's feature f = TK/4 t +
+    4 s + 2 c + h (`tiles`: lane column t, k16 step s, register pair c, pair half h) sits
+    where CUTLASS's shuffled layout holds its k' = 16 s + 8 c + 2 t + h; so x'[k'] = x[f]. On
+    CUDA one Triton gather (in place of torch's copy of a permuted view, which moves runs of 2
+    elements); elsewhere torch."""
     m, k = x2.shape
+    tk = tiles.TILE_K[bits]
     if x2.is_cuda and x2.stride(1) == 1:
         out = torch.empty((m, k), dtype=x2.dtype, device=x2.device)
         grid = (triton.cdiv(m, _ORDER_BLOCK_M), triton.cdiv(k, _ORDER_BLOCK_K))
-        _tiles_order_kernel[grid](x2, out, m, k, x2.stride(0), BLOCK_M=_ORDER_BLOCK_M,
+        _tiles_order_kernel[grid](x2, out, m, k, x2.stride(0), TK=tk, BLOCK_M=_ORDER_BLOCK_M,
                                   BLOCK_K=_ORDER_BLOCK_K, num_warps=4)
         return out
-    by_bits = x2.reshape(m, k // 64, 4, 4, 2, 2)  # (T, t, s, c, h)
+    by_bits = x2.reshape(m, k // tk, 4, tk // 16, 2, 2)  # (T, t, s, c, h)
     return by_bits.permute(0, 1, 3, 4, 2, 5).reshape(m, k)  # (T, s, c, t, h)
 
 
@@ -189,12 +195,12 @@ _ORDER_BLOCK_M, _ORDER_BLOCK_K = 16, 256
 
 
 @triton.jit
-def _tiles_order_kernel(x_ptr, y_ptr, M, K, stride_x, BLOCK_M: tl.constexpr,
+def _tiles_order_kernel(x_ptr, y_ptr, M, K, stride_x, TK: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     kc = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # k', CUTLASS's order
-    j = kc % 64
-    f = kc - j + 16 * ((j >> 1) & 3) + 4 * ((j >> 4) & 3) + 2 * ((j >> 3) & 1) + (j & 1)
+    j = kc % TK
+    f = kc - j + (TK // 4) * ((j >> 1) & 3) + 4 * (j >> 4) + 2 * ((j >> 3) & 1) + (j & 1)
     mask = (rm[:, None] < M) & (kc[None, :] < K)
     v = tl.load(x_ptr + rm[:, None] * stride_x + f[None, :], mask=mask)
     tl.store(y_ptr + rm[:, None] * K + kc[None, :], v, mask=mask)
@@ -203,17 +209,14 @@ def _tiles_order_kernel(x_ptr, y_ptr, M, K, stride_x, BLOCK_M: tl.constexpr,
 def gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
          zeros: torch.Tensor | None, bits: int, group: int, bias: torch.Tensor | None,
          out: torch.Tensor, config: tuple[int, bool] | None = None) -> None:
-    """out[M, N] = x2[M, K] @ W^T (+ bias); int4 in the tiled layout, int8 as stored. The caller
-    has checked shapes and `takes`; scale / zeros are float32 and contiguous. The bias is added
-    in float32, before the output's rounding."""
+    """out[M, N] = x2[M, K] @ W^T (+ bias), W int8 / int4 in the tiled layout. The caller has
+    checked shapes and `takes`; scale / zeros are float32 and contiguous. The bias is added in
+    float32, before the output's rounding."""
     m, k = x2.shape
     n = qweight.shape[0]
     variant = variant_for(bits, group, zeros is not None, x2.dtype, config or mixed_config(m))
     library = _library(variant)
-    if bits == 4:
-        x2 = tiles_order(x2)
-    elif not x2.is_contiguous() or x2.data_ptr() % 16:  # TMA reads 16-byte aligned rows
-        x2 = x2.clone(memory_format=torch.contiguous_format)
+    x2 = tiles_order(x2, bits)  # (a fresh, aligned copy: TMA reads 16-byte aligned rows)
     if variant.mode == CONVERT:
         scales, zero_terms, alpha = None, None, scale
     else:  # w = u * s + z with z = -zero * s: CUTLASS adds its zeros after the scale

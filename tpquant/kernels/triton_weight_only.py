@@ -14,8 +14,8 @@ Four paths; `choose_path` picks one from (M, N, K, bits, group) and the threshol
              enough programs fill the SMs, one pass over K for large M.
     dequant  dequantize W once into x.dtype, then torch's matmul (cuBLAS), for large M.
     cutlass  CUTLASS's Hopper mixed-input GEMM (`tpquant.kernels.cutlass_gemm`), the weight
-             dequantized in registers: tiled int4 above the tiled GEMV's M, int8 above the
-             CUDA GEMVs' (needs nvcc and CUTLASS headers; else dequant).
+             dequantized in registers: tiled int8 / int4 above the tiled GEMV's M (needs nvcc
+             and CUTLASS headers; else dequant).
 
 Numerics. Every stored code is read as an unsigned integer u (int8 q as u = q + 128, signed
 int4 as u = nibble ^ 8 = q + 8, unsigned groupwise nibbles as they are), so W = (u - zp) * s
@@ -42,8 +42,9 @@ CUDA graphs: no host synchronisation and only torch.empty allocations in a call.
 runs at the first call for each (M bucket, N, K, scheme): warm every shape up (call it once)
 before capturing a graph or timing.
 
-Tiled int4 weights (`tpquant.kernels.int4_tiles`, what `WeightOnly.pack` and `Groupwise.pack`
-keep): the tiled CUDA GEMV for small M, dequant from the tiles above; see `weight_only_matmul`.
+Tiled int8 / int4 weights (`tpquant.kernels.tiles`, what `WeightOnly.pack` and
+`Groupwise.pack` keep): the tiled CUDA GEMV for small M, CUTLASS or dequant from the tiles
+above; see `weight_only_matmul`. `choose_path` is for untiled weights.
 
 Forcing a path: the `path` argument of the launchers below, or the environment variable
 TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant | cutlass, read at every call
@@ -67,7 +68,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from tpquant.kernels import cuda_weight_only, cutlass_gemm, pdl
-from tpquant.kernels.int4_tiles import groups_tile, untile_int4
+from tpquant.kernels.tiles import groups_tile, untile
 
 PATH_ENV = "TPQUANT_WO_PATH"
 CUDA, GEMV, DOT, DEQUANT, CUTLASS = "cuda", "gemv", "dot", "dequant", "cutlass"
@@ -92,8 +93,8 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT, CUTLASS)
 # from there (bench_wo_kernels.py, 2026-11-30: docs/benchmarks.md).
 # By bits: M <= this: the CUDA GEMVs (fma, then mma), where they take the shape.
 CUDA_MAX_M = {4: 32, 8: 16}
-# The CUTLASS GEMM where it runs (`cutlass_gemm.usable`), from CUTLASS_MIN_M (int8 as stored;
-# tiled int4 above the tiled GEMV's M, the same 65) up to CUTLASS_MAX_M by (bits, groupwise);
+# The CUTLASS GEMM where it runs (`cutlass_gemm.usable`, tiled weights), from CUTLASS_MIN_M
+# (above the tiled GEMV's M) up to CUTLASS_MAX_M by (bits, groupwise);
 # dequantize + cuBLAS above. bench_cutlass_gemm, H200, seven Llama-2-7B / 70B shapes, geomean
 # over bf16 (docs/benchmarks.md, eleventh 2026-11-30 section), CUTLASS against what it
 # replaced: int8 at M = 32 / 64 0.65 / 0.64x against dot's 0.88 / 0.71, at M = 128 / 256 /
@@ -130,21 +131,15 @@ _HALF_TYPES = (torch.float16, torch.bfloat16)
 _INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
-def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool = True,
-                cutlass: bool = False, sm_count: int = 132) -> str:
+def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool = True) -> str:
     """The kernel path for an [m, k] x [n, k]^T product (group_size 0 = per channel) of an
-    untiled weight.
+    untiled weight (tiled ones: `_tiled`).
 
     Pure: a function of the shape and the scheme only, thresholds from the constants above.
-    cuda=False leaves the CUDA GEMV out (no CuPy, or tensors it cannot read); cutlass=True
-    lets int8 take the CUTLASS GEMM in its `cutlass_range` on `sm_count` SMs (untiled int4
-    never does).
+    cuda=False leaves the CUDA GEMV out (no CuPy, or tensors it cannot read).
     """
     if cuda and m <= CUDA_MAX_M[bits] and cuda_weight_only.supports(m, k, bits, group_size):
         return CUDA
-    if cutlass and bits == 8 and cutlass_range(m, n, bits, group_size, sm_count) and (
-            cutlass_gemm.takes(n, k, bits, 0)):
-        return CUTLASS
     if group_size and group_size % MIN_BLOCK_K:
         return DEQUANT  # the fused kernels need whole BLOCK_Ks per group
     if m <= GEMV_MAX_M and bits == 4 and not group_size:
@@ -711,7 +706,7 @@ class _Weights:
     pqs: torch.Tensor | None  # [K] or None
     bits: int
     group: int  # 0 = per channel
-    tiled: bool = False  # int4 in `int4_tiles`' layout
+    tiled: bool = False  # in `tiles`' layout
 
     @property
     def n(self) -> int:
@@ -739,11 +734,10 @@ def weight_only_matmul(
 
     path: "cuda", "gemv", "dot", "dequant", "cutlass", or None/"auto" (then $TPQUANT_WO_PATH,
     then choose_path).
-    tiled: int4 qweight in the layout of `tpquant.kernels.int4_tiles`: auto takes the tiled
-    CUTLASS GEMM in its `cutlass_range` (where `cutlass_gemm.usable`), else the tiled CUDA
-    GEMV to its TILES_MAX_M (one launch) and dequant from the tiles above; cuda (to
-    TILES_MAX_M), cutlass and dequant may be forced; gemv and dot, and auto without CuPy,
-    untile it first.
+    tiled: qweight in the layout of `tpquant.kernels.tiles`: auto takes the tiled CUTLASS
+    GEMM in its `cutlass_range` (where `cutlass_gemm.usable`), else the tiled CUDA GEMV to its
+    TILES_MAX_M (one launch) and dequant from the tiles above; cuda (to TILES_MAX_M), cutlass
+    and dequant may be forced; gemv and dot, and auto without CuPy, untile it first.
     config: BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps, num_stages) instead of autotuning;
     split_k: the number of K splits instead of the heuristic (gemv and dot);
     out: a contiguous [M, N] x.dtype tensor to write (M = x.numel() / K) instead of a new one.
@@ -814,8 +808,8 @@ def _matmul(
                   and _cutlass_takes(x2, wt, bias, out))
     if chosen == CUTLASS and not cutlass_ok:
         raise ValueError(
-            "path 'cutlass' takes tiled int4 (per channel, or groups of a multiple of "
-            f"{cutlass_gemm.TILE_K}, no pre-quant scale) or int8 per channel, N a multiple of 8, "
+            "path 'cutlass' takes tiled int8 / int4 (per channel, or int4 groups of a multiple "
+            f"of {cutlass_gemm.TILE_K}, no pre-quant scale), N a multiple of 8, "
             f"K of {cutlass_gemm.TILE_K}, float32 scales, 16-byte aligned CUDA tensors, on a "
             "compute capability 9.0 device with nvcc and CUTLASS headers; "
             f"got bits={wt.bits}, tiled={wt.tiled}, group={wt.group}, N={n}, K={k}"
@@ -825,14 +819,9 @@ def _matmul(
         if chosen == CUTLASS or (tiles_ok and chosen in (AUTO, REFERENCE, CUDA, DEQUANT)):
             _tiled(x2, wt, None if bias is None else _contiguous(bias), out, chosen, cutlass_ok)
             return out.reshape(*x.shape[:-1], n)
-        wt = replace(wt, qweight=untile_int4(wt.qweight), tiled=False)  # what the others read
+        wt = replace(wt, qweight=untile(wt.qweight, wt.bits), tiled=False)  # the others read
     if chosen in (AUTO, REFERENCE):  # REFERENCE is the caller's business; here it means auto
-        chosen = choose_path(m, n, k, wt.bits, wt.group, cuda=cuda_ok,
-                             cutlass=cutlass_ok and _cutlass_usable(x2, wt),
-                             sm_count=_sm_count(x2) if cutlass_ok else 132)
-    if chosen == CUTLASS:
-        cutlass_gemm.gemm(x2, wt.qweight, wt.scale, None, wt.bits, 0, bias, out)
-        return out.reshape(*x.shape[:-1], n)
+        chosen = choose_path(m, n, k, wt.bits, wt.group, cuda=cuda_ok)
     if chosen == CUDA:
         if not (cuda_ok and cuda_weight_only.supports(m, k, wt.bits, wt.group)):
             raise ValueError(
@@ -959,12 +948,12 @@ def _operand_kind(dtype: torch.dtype, bits: int) -> tuple[int, int]:
 
 def _tiled(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch.Tensor,
            chosen: str, cutlass_ok: bool) -> None:
-    """A tiled int4 weight: the CUTLASS GEMM on the tiles where it runs and `cutlass_range`
-    gives it the call; else the tiled GEMV up to its M, dequantized from the tiles into
-    x.dtype and one torch matmul above."""
+    """A tiled weight: the CUTLASS GEMM on the tiles where it runs and `cutlass_range` gives
+    it the call; else the tiled GEMV up to its M, dequantized from the tiles into x.dtype and
+    one torch matmul above."""
     m = x2.shape[0]
     if chosen in (AUTO, REFERENCE):
-        if (cutlass_ok and cutlass_range(m, wt.n, 4, wt.group, _sm_count(x2))
+        if (cutlass_ok and cutlass_range(m, wt.n, wt.bits, wt.group, _sm_count(x2))
                 and _cutlass_usable(x2, wt)):
             chosen = CUTLASS
         elif m <= cuda_weight_only.TILES_MAX_M:
@@ -975,7 +964,7 @@ def _tiled(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch
         cuda_weight_only.tiles_gemv(x2, wt.qweight, wt.scale, bias, out, zeros=wt.zeros,
                                     group=wt.group)
     elif chosen == CUTLASS:
-        cutlass_gemm.gemm(x2, wt.qweight, wt.scale, wt.zeros, 4, wt.group, bias, out)
+        cutlass_gemm.gemm(x2, wt.qweight, wt.scale, wt.zeros, wt.bits, wt.group, bias, out)
     else:
         w = cuda_weight_only.tiles_dequantize(wt.qweight, wt.scale, x2.dtype, zeros=wt.zeros,
                                               group=wt.group)
@@ -1026,11 +1015,11 @@ def _cuda_takes(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None) -> bo
 
 def _cutlass_takes(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None,
                    out: torch.Tensor) -> bool:
-    """Whether the CUTLASS GEMM can read these tensors: tiled int4 or int8 per channel, its
-    shape rules, no pre-quant scale, float32 scales / zeros, 16-byte aligned weight and output
-    (x it copies where it must), a Hopper GPU with the build tools (`cutlass_gemm.available`)."""
+    """Whether the CUTLASS GEMM can read these tensors: tiled int8 / int4, its shape rules, no
+    pre-quant scale, float32 scales / zeros, 16-byte aligned weight and output (x it gathers
+    into the tiles' K order), a Hopper GPU with the build tools (`cutlass_gemm.available`)."""
     floats = [t for t in (wt.scale, wt.zeros) if t is not None]
-    return (x2.is_cuda and wt.tiled == (wt.bits == 4) and wt.pqs is None
+    return (x2.is_cuda and wt.tiled and wt.pqs is None
             and cutlass_gemm.takes(wt.n, wt.k, wt.bits, wt.group)
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in floats)
             and cuda_weight_only.aligned(wt.qweight, out) and (bias is None or bias.is_cuda)

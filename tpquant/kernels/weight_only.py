@@ -13,9 +13,9 @@ index, see tpquant.quantization.packing):
 All math is float32 whatever x's dtype; the result is cast back to x.dtype. Row-parallel
 shards pass through unchanged: sizes are read from the tensors, not from a config.
 
-int4 (per channel or groupwise) may also be held in the tiled layout of
-`tpquant.kernels.int4_tiles` (tiled=True: the same codes reordered for the tiled GEMV); the
-reference untiles it.
+int8 / int4 per channel and groupwise int4 may also be held in the tiled layouts of
+`tpquant.kernels.tiles` (tiled=True: the same codes reordered for the tiled GEMV); the
+reference untiles them.
 
 Fast paths: float16 / bfloat16 x on CUDA goes to the Triton kernels of
 `tpquant.kernels.triton_weight_only` (its docstring lists the paths); everything else, and
@@ -27,17 +27,16 @@ from __future__ import annotations
 import torch
 
 from tpquant.kernels import has_triton
-from tpquant.kernels.int4_tiles import check_tileable, untile_codes
+from tpquant.kernels.tiles import check_tileable, untile_codes
 from tpquant.quantization.packing import unpack_int4
 
 
 def dequantize_weight_only(qweight: torch.Tensor, scale: torch.Tensor, bits: int,
                            tiled: bool = False) -> torch.Tensor:
     """Float32 W[out, in] = q * scale[:, None] for per-channel symmetric int8 / int4 (tiled:
-    int4 in the layout of `tpquant.kernels.int4_tiles`)."""
-    if tiled:
-        _check_tiled_bits(bits)
-        q = _tiled_codes(qweight, signed=True)
+    in the layout of `tpquant.kernels.tiles`)."""
+    if tiled and bits in (4, 8):
+        q = _tiled_codes(qweight, signed=True, bits=bits)
     elif bits == 8:
         q = qweight
     elif bits == 4:
@@ -60,9 +59,9 @@ def dequantize_groupwise(
     """Float32 effective W[out, in]: ((q - zero) * scale)[:, j], times pre_quant_scale[j] if given.
 
     With zeros the codes are unsigned 0..15, without them signed -8..7. tiled: qweight in the
-    layout of `tpquant.kernels.int4_tiles`.
+    layout of `tpquant.kernels.tiles`.
     """
-    q = (_tiled_codes(qweight, signed=zeros is None) if tiled
+    q = (_tiled_codes(qweight, signed=zeros is None, bits=4) if tiled
          else unpack_int4(qweight, signed=zeros is None))
     out_features, in_features = q.shape
     if scales.shape != (in_features // group_size, out_features) or in_features % group_size:
@@ -96,7 +95,7 @@ def weight_only_matmul(
     """y[..., out] = x[..., in] @ (q * scale)^T + bias; math in float32, result in x.dtype.
 
     path: None/"auto" (then $TPQUANT_WO_PATH), "reference", or a Triton kernel path.
-    tiled: int4 qweight in the layout of `tpquant.kernels.int4_tiles`.
+    tiled: qweight in the layout of `tpquant.kernels.tiles`.
     """
     if _use_triton(x, path):
         from tpquant.kernels import triton_weight_only
@@ -183,20 +182,17 @@ def _check_weight_only(
         raise ValueError(f"scale must be [out]={qweight.shape[0]}, got {tuple(scale.shape)}")
     k = qweight.shape[1] * (2 if bits == 4 else 1)
     if tiled:
-        _check_tiled_bits(bits)
-        check_tileable(qweight.shape[0], k)
+        check_tileable(qweight.shape[0], k, bits)
     _check_common(in_features, k, qweight.shape[0], bias, qweight.device)
 
 
-def _tiled_codes(tiled: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The codes of a tiled int4 weight in k order: int8 -8..7 (signed) or uint8 0..15."""
-    codes = untile_codes(tiled)
+def _tiled_codes(tiled: torch.Tensor, signed: bool, bits: int) -> torch.Tensor:
+    """The codes of a tiled weight in k order: int8 as stored; int4 int8 -8..7 (signed) or
+    uint8 0..15."""
+    codes = untile_codes(tiled, bits)
+    if bits == 8:
+        return codes
     return (codes.to(torch.int8) ^ 8) - 8 if signed else codes  # signed: sign-extend bit 3
-
-
-def _check_tiled_bits(bits: int) -> None:
-    if bits != 4:
-        raise ValueError(f"the tiled layout holds int4 codes, got bits={bits}")
 
 
 def _check_groupwise(

@@ -14,7 +14,7 @@ Stored: qweight packed uint8 [out, in/2] (low nibble = even column), scales floa
 zeros float32 [in/g, out], pre_quant_scale float32 [in]. Scales and zeros are [in/g, out]
 (not [out, in/g]) as the GEMV kernels read them: one contiguous row of scales per group.
 As `WeightOnly` does for int4 per channel, `pack` keeps qweight in the tiled layout of
-`tpquant.kernels.int4_tiles` (tensor "qweight_tiles") where `tiles` is set, the scheme has no
+`tpquant.kernels.tiles` (tensor "qweight_tiles") where `tiles` is set, the scheme has no
 pre-quant scale (the tiled GEMV does not multiply x), groups hold whole 64-feature k-tiles and
 the rank's shape divides into tiles.
 `dtype` is the activation dtype the model runs in; the stored tensors do not depend on it.
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tpquant.kernels.int4_tiles import groups_tile
+from tpquant.kernels.tiles import groups_tile
 from tpquant.kernels.weight_only import dequantize_groupwise, groupwise_matmul
 from tpquant.quantization import numerics
 from tpquant.quantization.mode import QuantMode
 from tpquant.quantization.packing import pack_int4
 from tpquant.quantization.schemes.base import Scheme, Tensors, TensorSpec
-from tpquant.quantization.schemes.int4_codes import codes, codes_name, tile_codes
+from tpquant.quantization.schemes.codes import codes, codes_name, tile_codes
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class Groupwise(Scheme):
         """qweight tiled (as "qweight_tiles") where `tiles` is set, there is no pre-quant scale,
         groups hold whole k-tiles and [out, in] divides into tiles; tiled tensors stay."""
         return tile_codes(tensors, self.tiles and not self.pre_quant_scale
-                          and groups_tile(self.group_size))
+                          and groups_tile(self.group_size), 4)
 
     def dequantize(self, tensors: Tensors) -> torch.Tensor:
         q, tiled = codes(tensors)

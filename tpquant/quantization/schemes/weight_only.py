@@ -8,9 +8,9 @@ the maxima of the full rows (base module docstring). Scales are stored in float3
 weight of a row.
 `dtype` is the activation dtype the model runs in; the stored tensors do not depend on it.
 
-int4 weights are kept in the tiled layout of `tpquant.kernels.int4_tiles` (the order the tiled
-GEMV reads, tensor "qweight_tiles" instead of "qweight") where `tiles` is set and the rank's
-shape divides into tiles (`pack`; the rules in `int4_codes`).
+Weights are kept in the tiled layout of `tpquant.kernels.tiles` (the order the tiled GEMV
+reads, tensor "qweight_tiles" instead of "qweight") where `tiles` is set and the rank's shape
+divides into tiles (`pack`; the rules in `codes`).
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from tpquant.quantization import numerics
 from tpquant.quantization.mode import QuantMode
 from tpquant.quantization.packing import pack_int4
 from tpquant.quantization.schemes.base import Scheme, Tensors, TensorSpec
-from tpquant.quantization.schemes.int4_codes import codes, codes_name, tile_codes
+from tpquant.quantization.schemes.codes import codes, codes_name, tile_codes
 
 
 @dataclass(frozen=True)
 class WeightOnly(Scheme):
-    """qweight: int8 [out, in] (bits=8) or int4 packed uint8 [out, in/2] (bits=4), or (int4,
-    `pack`) qweight_tiles: the same bytes tiled; scale: float32 [out]."""
+    """qweight: int8 [out, in] (bits=8) or int4 packed uint8 [out, in/2] (bits=4), or (`pack`)
+    qweight_tiles: the same bytes tiled; scale: float32 [out]."""
 
     bits: int = 8
     dtype: torch.dtype = torch.float16
-    tiles: bool = True  # int4: `pack` tiles qweight where the shape allows
+    tiles: bool = True  # `pack` tiles qweight where the shape allows
 
     def __post_init__(self) -> None:
         if self.bits not in (8, 4):
@@ -81,9 +81,9 @@ class WeightOnly(Scheme):
         return {"qweight": pack_int4(q) if self.bits == 4 else q, "scale": scale}
 
     def pack(self, tensors: Tensors) -> dict[str, torch.Tensor]:
-        """int4 with `tiles`: qweight tiled (as "qweight_tiles") if [out, in] divides into tiles;
+        """With `tiles`: qweight tiled (as "qweight_tiles") if [out, in] divides into tiles;
         already tiled tensors stay as they are."""
-        return tile_codes(tensors, self.bits == 4 and self.tiles)
+        return tile_codes(tensors, self.tiles, self.bits)
 
     def dequantize(self, tensors: Tensors) -> torch.Tensor:
         q, tiled = codes(tensors)

@@ -1,7 +1,7 @@
-"""The tiled int4 layout (`tpquant.kernels.int4_tiles`) and WeightOnly's and Groupwise's use of
-it, on CPU.
+"""The tiled int4 and int8 layouts (`tpquant.kernels.tiles`) and WeightOnly's and Groupwise's
+use of them, on CPU.
 
-The layout is checked nibble by nibble against the formula its docstring (and the kernel's
+The layouts are checked code by code against the formulas the docstring (and the kernel's
 header) states, the inverse against the original bytes, and the scheme's tiled tensors against
 float64 math on the untiled weight (tolerance: float32 math, 1e-5 relative).
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tpquant.collectives import SingleProcessCommunicator
-from tpquant.kernels.int4_tiles import can_tile, tile_int4, untile_int4
+from tpquant.kernels.tiles import can_tile, tile, tile_int4, untile, untile_int4
 from tpquant.kernels.weight_only import (
     dequantize_groupwise, dequantize_weight_only, weight_only_matmul,
 )
@@ -53,6 +53,38 @@ def test_every_nibble_where_the_layout_says() -> None:
         assert nibble == int(codes[row, feature]), (big_r, big_t, lane, s, j)
 
 
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (208, 576)])
+def test_int8_untile_inverts_tile(n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n + k)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    tiled = tile(q, 8)
+    assert tiled.shape == q.shape and tiled.dtype == torch.int8
+    assert not torch.equal(tiled, q)
+    assert torch.equal(untile(tiled, 8), q)
+
+
+def test_every_int8_code_where_the_layout_says() -> None:
+    n, k = 32, 96
+    q = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(2),
+                      dtype=torch.int8)
+    flat = tile(q, 8).flatten()
+    for big_r, big_t, lane, b in itertools.product(range(n // 16), range(k // 32), range(32),
+                                                   range(16)):
+        g, t = lane >> 2, lane & 3
+        byte = (big_r * (k // 32) + big_t) * 512 + 16 * lane + b
+        row = 16 * big_r + g + 8 * (b & 1)
+        feature = 32 * big_t + 8 * t + 2 * (b >> 2) + ((b >> 1) & 1)
+        assert int(flat[byte]) == int(q[row, feature]), (big_r, big_t, lane, b)
+
+
+def test_int8_refuses_what_does_not_tile() -> None:
+    with pytest.raises(ValueError, match="N % 16 == 0 and K % 32 == 0"):
+        tile(torch.zeros(16, 48, dtype=torch.int8), 8)
+    assert can_tile(16, 96, 8) and not can_tile(16, 96, 4)
+    with pytest.raises(TypeError, match="int8 \\[N, K\\]"):
+        tile(torch.zeros(16, 32, dtype=torch.uint8), 8)
+
+
 @pytest.mark.parametrize("shape,error", [
     ((24, 32), ValueError),     # N not a multiple of 16
     ((16, 48), ValueError),     # K = 96 not a multiple of 64
@@ -73,8 +105,9 @@ def _weight(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
 
 
-def test_scheme_packs_tiles_and_reads_them() -> None:
-    scheme = WeightOnly(4, dtype=torch.float32)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_scheme_packs_tiles_and_reads_them(bits: int) -> None:
+    scheme = WeightOnly(bits, dtype=torch.float32)
     stored = scheme.quantize(_weight(48, 192, seed=2))
     packed = scheme.pack(stored)
     assert set(packed) == {"qweight_tiles", "scale"}
@@ -83,7 +116,8 @@ def test_scheme_packs_tiles_and_reads_them() -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 192, generator=g)
     bias = torch.randn(48, generator=g)
-    expected = x.double() @ dequantize_weight_only(stored["qweight"], stored["scale"], 4).double().t()
+    expected = x.double() @ dequantize_weight_only(stored["qweight"], stored["scale"],
+                                                   bits).double().t()
     expected += bias.double()
     y = scheme.forward(x, packed, bias)
     assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
@@ -91,7 +125,8 @@ def test_scheme_packs_tiles_and_reads_them() -> None:
 
 @pytest.mark.parametrize("scheme,shape", [
     (WeightOnly(4, tiles=False), (48, 192)),            # tiles off
-    (WeightOnly(8), (48, 192)),                         # int8: no tiled layout
+    (WeightOnly(8, tiles=False), (48, 192)),            # tiles off
+    (WeightOnly(8), (48, 208)),                         # int8 K % 32
     (WeightOnly(4), (40, 192)),                         # N % 16
     (WeightOnly(4), (48, 160)),                         # K % 64
     (Groupwise(128, tiles=False), (48, 256)),           # tiles off
@@ -133,8 +168,9 @@ def test_groupwise_scheme_packs_tiles_and_reads_them(zeros: bool, group: int) ->
 
 
 @pytest.mark.parametrize("make", [lambda **kw: WeightOnly(4, **kw),
-                                  lambda **kw: Groupwise(64, zeros=True, **kw)],
-                         ids=["per_channel", "groupwise"])
+                                  lambda **kw: Groupwise(64, zeros=True, **kw),
+                                  lambda **kw: WeightOnly(8, **kw)],
+                         ids=["per_channel", "groupwise", "int8"])
 @pytest.mark.parametrize("style", ["column", "row"])
 def test_sharded_linear_tiles_each_ranks_shard(style: str, make) -> None:
     """Tiles are made after sharding: each rank's tiled shard equals the tiles of its stored
@@ -150,7 +186,8 @@ def test_sharded_linear_tiles_each_ranks_shard(style: str, make) -> None:
         tiled = layer_type(*args).load_full(w)
         rows = layer_type(in_f, out_f, make(dtype=torch.float32, tiles=False), mapping,
                           SingleProcessCommunicator()).load_full(w)
-        assert torch.equal(tiled.tensors["qweight_tiles"], tile_int4(rows.tensors["qweight"]))
+        bits = tiled.scheme.bits if isinstance(tiled.scheme, WeightOnly) else 4
+        assert torch.equal(tiled.tensors["qweight_tiles"], tile(rows.tensors["qweight"], bits))
         y = tiled.scheme.forward(x, tiled.tensors)
         expected = x.double() @ rows.scheme.dequantize(rows.tensors).double().t()
         assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
@@ -199,3 +236,12 @@ def test_tiles_shared_bytes_counts_the_k_warps_that_hand_sums_over() -> None:
     assert tiles_shared_bytes(8, 2, 1, 4) == 0
     # Groupwise folds the sums of x in as it goes: only the outputs' sums are handed over.
     assert tiles_shared_bytes(4, 2, 4, 2, grouped=True) == 2 * 3 * 32 * 32 * 4
+
+
+def test_engine_metadata_names_each_tiled_layout() -> None:
+    """The engine's layouts say which tiles a tensor holds (int8 16 x 32, int4 16 x 64)."""
+    from tpquant.engine.build import _layout
+
+    assert _layout("mlp.down.qweight_tiles", torch.zeros(16, 32, dtype=torch.int8)) == "tiles16x32"
+    assert _layout("mlp.down.qweight_tiles", torch.zeros(16, 32, dtype=torch.uint8)) == "tiles16x64"
+    assert _layout("mlp.down.qweight", torch.zeros(16, 32, dtype=torch.int8)) == "int8"

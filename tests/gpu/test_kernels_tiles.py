@@ -1,11 +1,12 @@
-"""The kernels that read the tiled int4 layout (cpp/weight_only_gemv.cu: wo_tiles,
-wo_tiles_dequant), per channel and groupwise, against float64 references built from the stored
-(untiled) layout.
+"""The kernels that read the tiled layouts (cpp/weight_only_gemv.cu: wo_tiles,
+wo_tiles_dequant), int8 / int4 per channel and groupwise int4, against float64 references built
+from the stored (untiled) layout.
 
 One command (one GPU is enough):
-    python3 -m pytest -q tests/gpu/test_kernels_int4_tiles.py
+    python3 -m pytest -q tests/gpu/test_kernels_tiles.py
 
-int4 per channel, float16 and bfloat16, N and K multiples of the tile (16, 64) but not of 128,
+int8 and int4 per channel, float16 and bfloat16, N and K multiples of the tile (16, 64 / 32)
+but not of 128,
 M from 1 to 300 through the dispatch (the tiled GEMV to M = 64; above, the CUTLASS GEMM on
 Hopper with the build tools, else dequantize + cuBLAS) and each path forced (dot untiles
 first), every candidate shape of the GEMV, a CUDA-graph capture;
@@ -29,7 +30,7 @@ pytest.importorskip("cupy", reason="the tiled GEMV is compiled and launched thro
 from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
 from tpquant.kernels import cutlass_gemm  # noqa: E402
 from tpquant.kernels import weight_only as ref  # noqa: E402
-from tpquant.kernels.int4_tiles import tile_int4  # noqa: E402
+from tpquant.kernels.tiles import tile, tile_int4  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
 
@@ -37,6 +38,8 @@ from .weight_only_checks import check, poison  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16]
 SHAPES = [(208, 320), (960, 576), (4096, 1024)]  # (N, K)
+SHAPES_INT8 = [(208, 352), (4096, 1024)]  # int8: K a multiple of 32 only
+BITS = [4, 8]
 MS = [1, 2, 3, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 300]
 
 
@@ -47,12 +50,13 @@ def device() -> torch.device:
     return dev
 
 
-def _weights(n: int, k: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
-    """Stored int4 per-channel tensors of a random weight, plus its tiles."""
+def _weights(n: int, k: int, device: torch.device, seed: int,
+             bits: int = 4) -> dict[str, torch.Tensor]:
+    """Stored per-channel tensors of a random weight, plus its tiles."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
-    t = {key: v.to(device) for key, v in WeightOnly(4).quantize(w).items()}
-    t["tiles"] = tile_int4(t["qweight"])
+    t = {key: v.to(device) for key, v in WeightOnly(bits).quantize(w).items()}
+    t["tiles"] = tile(t["qweight"], bits)
     return t
 
 
@@ -63,23 +67,23 @@ def _inputs(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, se
     return x, bias
 
 
-def _reference(t: dict[str, torch.Tensor], x: torch.Tensor, bias) -> torch.Tensor:
-    w = ref.dequantize_weight_only(t["qweight"], t["scale"], 4).double()
+def _reference(t: dict[str, torch.Tensor], x: torch.Tensor, bias, bits: int = 4) -> torch.Tensor:
+    w = ref.dequantize_weight_only(t["qweight"], t["scale"], bits).double()
     y = x.double() @ w.t()
     return y if bias is None else y + bias.double()
 
 
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,k", SHAPES)
-def test_dispatch_on_tiles(device, n: int, k: int, dtype: torch.dtype, m: int) -> None:
+@pytest.mark.parametrize("bits,n,k", [(4, *s) for s in SHAPES] + [(8, *s) for s in SHAPES_INT8])
+def test_dispatch_on_tiles(device, bits: int, n: int, k: int, dtype: torch.dtype, m: int) -> None:
     """Through the public op, as WeightOnly.forward calls it, with and without bias."""
-    t = _weights(n, k, device, seed=n + k)
+    t = _weights(n, k, device, seed=n + k, bits=bits)
     x, bias = _inputs(m, k, n, dtype, device, seed=m)
     for b in (None, bias):
         poison((m, n), dtype, device)
-        y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, b, tiled=True)
-        check(y, _reference(t, x, b), dtype, (n, k, m, b is not None))
+        y = ref.weight_only_matmul(x, t["tiles"], t["scale"], bits, b, tiled=True)
+        check(y, _reference(t, x, b, bits), dtype, (bits, n, k, m, b is not None))
 
 
 def _shape_cases() -> list[tuple[int, tuple[int, int, int, int]]]:
@@ -88,29 +92,43 @@ def _shape_cases() -> list[tuple[int, tuple[int, int, int, int]]]:
             for shape in cw.TILES_CANDIDATES[cw.tiles_nt(m)]]
 
 
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("path", ["cuda", "dot", "dequant", "cutlass"])
 @pytest.mark.parametrize("m", [1, 17, 64])
-def test_each_path_forced(device, path: str, m: int) -> None:
+def test_each_path_forced(device, path: str, m: int, bits: int) -> None:
     """Each path on the tiles: the GEMV (to M = 64), dot (on the untiled weight), dequant, the
     CUTLASS GEMM (where it runs: compute capability 9.0, nvcc and CUTLASS headers)."""
     if path == "cutlass" and not cutlass_gemm.available(device.index):
         pytest.skip("the CUTLASS GEMM needs a compute capability 9.0 GPU, nvcc and headers")
     n, k = 960, 576
-    t = _weights(n, k, device, seed=13)
+    t = _weights(n, k, device, seed=13, bits=bits)
     x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m + 1)
     poison((m, n), torch.bfloat16, device)
-    y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, path=path, tiled=True)
-    check(y, _reference(t, x, bias), torch.bfloat16, (path, m))
+    y = ref.weight_only_matmul(x, t["tiles"], t["scale"], bits, bias, path=path, tiled=True)
+    check(y, _reference(t, x, bias, bits), torch.bfloat16, (path, m))
 
 
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("m,shape", _shape_cases(), ids=str)
-def test_every_kernel_shape(device, m: int, shape: tuple[int, int, int, int]) -> None:
+def test_every_kernel_shape(device, m: int, shape: tuple[int, int, int, int], bits: int) -> None:
     n, k = 4096, 1024
-    t = _weights(n, k, device, seed=7)
+    t = _weights(n, k, device, seed=7, bits=bits)
     x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=11)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
     cw.tiles_gemv(x, t["tiles"], t["scale"], bias, out, shape=shape)
-    check(out, _reference(t, x, bias), torch.bfloat16, (m, shape))
+    check(out, _reference(t, x, bias, bits), torch.bfloat16, (m, shape))
+
+
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_int8_float16_every_plan(device, m: int) -> None:
+    """float16 int8 (the PRMT path) on every candidate shape of the narrow and wide plans."""
+    n, k = 960, 576
+    t = _weights(n, k, device, seed=29, bits=8)
+    x, bias = _inputs(m, k, n, torch.float16, device, seed=31)
+    for shape in cw.TILES_CANDIDATES[cw.tiles_nt(m)]:
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device=device)
+        cw.tiles_gemv(x, t["tiles"], t["scale"], bias, out, shape=shape)
+        check(out, _reference(t, x, bias, 8), torch.float16, (m, shape))
 
 
 def test_refuses_a_shape_past_shared_memory(device) -> None:
@@ -129,46 +147,52 @@ def test_chosen_shape_is_a_candidate_that_fits(device) -> None:
             assert cw.tiles_shared_bytes(nt, *shape[:3]) <= cw.TILES_SHARED_BYTES
 
 
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dequantize_from_tiles_is_exact(device, dtype: torch.dtype) -> None:
+def test_dequantize_from_tiles_is_exact(device, dtype: torch.dtype, bits: int) -> None:
     """W = q * scale rounded once to dtype, element for element as torch rounds it."""
-    t = _weights(208, 320, device, seed=3)
-    poison((208, 320), dtype, device)
+    n, k = 208, 320 if bits == 4 else 352
+    t = _weights(n, k, device, seed=3, bits=bits)
+    poison((n, k), dtype, device)
     w = cw.tiles_dequantize(t["tiles"], t["scale"], dtype)
-    expected = ref.dequantize_weight_only(t["qweight"], t["scale"], 4).to(dtype)
+    expected = ref.dequantize_weight_only(t["qweight"], t["scale"], bits).to(dtype)
     assert torch.equal(w, expected)
 
 
-def test_long_k(device) -> None:
-    """K = 11008 (Llama-2-7B down_proj): 172 k-tiles shared out unevenly among the warps."""
-    t = _weights(64, 11008, device, seed=5)
+@pytest.mark.parametrize("bits", BITS)
+def test_long_k(device, bits: int) -> None:
+    """K = 11008 (Llama-2-7B down_proj): 172 (int8: 344) k-tiles shared out unevenly among the
+    warps."""
+    t = _weights(64, 11008, device, seed=5, bits=bits)
     for m in (1, 20, 50):
         x, bias = _inputs(m, 11008, 64, torch.bfloat16, device, seed=m)
-        y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, tiled=True)
-        check(y, _reference(t, x, bias), torch.bfloat16, m)
+        y = ref.weight_only_matmul(x, t["tiles"], t["scale"], bits, bias, tiled=True)
+        check(y, _reference(t, x, bias, bits), torch.bfloat16, m)
 
 
-def test_scheme_packs_and_runs_tiles(device) -> None:
-    """WeightOnly(4).pack tiles a weight that divides into tiles; forward runs on them."""
-    scheme = WeightOnly(4, dtype=torch.bfloat16)
+@pytest.mark.parametrize("bits", BITS)
+def test_scheme_packs_and_runs_tiles(device, bits: int) -> None:
+    """WeightOnly.pack tiles a weight that divides into tiles; forward runs on them."""
+    scheme = WeightOnly(bits, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(9)
     stored = {k_: v.to(device) for k_, v in scheme.quantize(torch.randn(96, 192, generator=g)).items()}
     packed = scheme.pack(stored)
     assert set(packed) == {"qweight_tiles", "scale"}
     x, bias = _inputs(3, 192, 96, torch.bfloat16, device, seed=2)
     y = scheme.forward(x, packed, bias)
-    check(y, _reference(stored, x, bias), torch.bfloat16, "scheme")
+    check(y, _reference(stored, x, bias, bits), torch.bfloat16, "scheme")
 
 
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("m", [1, 17, 40, 100])
-def test_cuda_graph_capture_and_replay(device, m: int) -> None:
+def test_cuda_graph_capture_and_replay(device, m: int, bits: int) -> None:
     """Capture the tiled path in a CUDA graph, replay it on new inputs."""
     n, k = 960, 576
-    t = _weights(n, k, device, seed=21)
+    t = _weights(n, k, device, seed=21, bits=bits)
     x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=23)
 
     def call():
-        return ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, tiled=True)
+        return ref.weight_only_matmul(x, t["tiles"], t["scale"], bits, bias, tiled=True)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -187,7 +211,7 @@ def test_cuda_graph_capture_and_replay(device, m: int) -> None:
         y_static.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        check(y_static, _reference(t, x, bias), torch.bfloat16, ("graph", m, seed))
+        check(y_static, _reference(t, x, bias, bits), torch.bfloat16, ("graph", m, seed))
 
 
 def test_tiled_gemv_refuses_large_m(device) -> None:
