@@ -711,11 +711,12 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // features 8 t + 2 w, + 2 w, + 2 w + 1, + 2 w + 1, so words 2 s and 2 s + 1 are step s's A
 // fragments, bytes 0 / 2 and 1 / 3 of a word one register each, and x's 16 bytes a lane are
 // its B fragments. float16: the byte u = q + 128 under 1024's exponent (one PRMT a register
-// pair, exact). bfloat16 holds only 8 significant bits, so each code is two: 128 + its low
-// nibble, 2048 + 16 x its high nibble (both exact; one LOP3 each), two mmas a step into the
-// same sums, x (2176 + u) = x (2304 + q). The cancellation at the end costs ~5 bits of the
-// float32 sums (~4 for float16's 1152 + q). The wide plan multiplies q itself (bfloat16: the
-// byte through float32, one mma; float16: 1024 + u - 1152, one paired fma).
+// pair, exact), x (1152 + q) summed and 1152 sum x taken off as for int4 (~4 bits of the float32
+// sums; the wide plan takes 1152 off each A register). bfloat16 holds only 8 significant bits,
+// too few for 1024 + u: q itself goes through float32 (two PRMTs, two FADDs and one pack a
+// register, exact), and the tensor cores sum x q with no offset, so no sums of x. Measured
+// against two mmas a step on the nibbles (128 + low, 2048 + 16 high: one LOP3 a register), as
+// fast at 1-4 token tiles and 1.4x faster at 8 (design note 35).
 // Work split: a block holds RW row warps x KW K warps. Each row warp owns RT row tiles; its KW
 // K warps take turns of U k-tiles along K, and their sums meet in shared memory in warp order.
 // The RW row warps step through K together and read the same x, so all but the first find it
@@ -740,8 +741,6 @@ template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr bool SUB_A = WIDE && !GROUPED;  // the offset off A, else the sums of x
   static constexpr bool LATE_X = WIDE && (GROUPED || RT * U > 1);
   static constexpr int CHAINS = WIDE ? 1 : 2;
-  // sums of x a lane hands over with its outputs' (2 tokens a tile): per channel, not SUB_A
-  static constexpr int SUMS_X = GROUPED || SUB_A ? 0 : 2 * NT;
 };
 
 template <int RT, int U>
@@ -795,23 +794,20 @@ __device__ __forceinline__ void tiles_load(int T0, int tiles_k, const uint4* con
   tiles_load_x<MODE, NT, RT, U, XH>(T0, tiles_k, xr, xin, xv);
 }
 
-// bfloat16 int8 from this many token tiles on multiplies q itself, through float32
-// (int8_pair_exact), instead of two nibble mmas; the wide plan always does.
-#ifndef TILES_INT8_EXACT_NT
-#define TILES_INT8_EXACT_NT 8
-#endif
-template <int DT, int MODE, int NT> struct TilesInt8Exact {
-  static constexpr bool VALUE = MODE == 0 && DT == 1 && NT >= TILES_INT8_EXACT_NT;
+// Whether the A registers hold q itself (no offset: no sums of x to take one off): the wide
+// plan per channel, and bfloat16 int8 always.
+template <int DT, int MODE, int NT> struct TilesQ {
+  static constexpr bool VALUE = TilesPlan<MODE, NT, 1, 1>::SUB_A || (MODE == 0 && DT == 1);
 };
 
-// What each code adds over q in the tiled kernel's per-channel sums (the all-ones mma's sums of
-// x take it off): int4 MAGIC + 8; int8 float16 1024 + 128, bfloat16 128 + 2048 + 128.
+// What each code adds over q in the tiled kernel's per-channel sums unless TilesQ (the all-ones
+// mma's sums of x take it off): int4 MAGIC + 8; int8 (float16) 1024 + 128.
 template <int DT, int MODE> __device__ __forceinline__ constexpr float tiles_offset() {
-  return MODE == 0 ? (DT == 0 ? 1152.f : 2304.f) : Magic<DT>::VALUE + Mode<MODE>::OFF;
+  return MODE == 0 ? 1152.f : Magic<DT>::VALUE + Mode<MODE>::OFF;
 }
 
-// q itself from bytes sel_lo / sel_hi (0x7440 + b: byte b) of u = q + 128: each byte under float32's
-// 2^23 exponent (one PRMT), minus 2^23 + 128, the pair rounded to bfloat16 (exact).
+// q itself from bytes sel_lo / sel_hi (0x7440 + b: byte b) of u = q + 128: each byte under
+// float32's 2^23 exponent (one PRMT), minus 2^23 + 128, the pair rounded to bfloat16 (exact).
 __device__ __forceinline__ u32 int8_pair_exact(u32 u, u32 sel_lo, u32 sel_hi) {
   const float lo = __uint_as_float(__byte_perm(u, 0x4B000000u, sel_lo)) - 8388736.f;
   const float hi = __uint_as_float(__byte_perm(u, 0x4B000000u, sel_hi)) - 8388736.f;
@@ -820,47 +816,35 @@ __device__ __forceinline__ u32 int8_pair_exact(u32 u, u32 sel_lo, u32 sel_hi) {
 
 // One k16 step s of an int8 k-tile (the header's layout): A from the lane's words 2 s, 2 s + 1
 // of each row tile, B (b) the lane's x words of each token tile. float16: 1024 + u, one PRMT a
-// register; bfloat16: 128 + low nibble and 2048 + 16 high nibble (flipped: u = q + 128), one
-// LOP3 a register, the two mmas into the two chains (or the one). SUB_A: q itself (bfloat16 in
-// the wide plan through float32, 5 instructions a register, one mma: with 8 token tiles the
-// second mma of every pair cost more than the conversion).
-template <int DT, int NT, int RT, int CH, bool SUB_A, bool EXACT>
+// register (SUB_A: minus 1152, q); bfloat16: q through float32.
+template <int DT, int NT, int RT, int CH, bool SUB_A>
 __device__ __forceinline__ void tiles_step_int8(int s, const uint4 (&wv)[RT],
-                                                const u32 (&b)[NT][2], u32 mask,
+                                                const u32 (&b)[NT][2],
                                                 float (&acc)[CH][RT][NT][4]) {
   constexpr u32 one = DT == 0 ? 0x3C003C00u : 0x3F803F80u;  // 1.0 in both halves
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
-    const u32 w0 = word(wv[r], 2 * s), w1 = word(wv[r], 2 * s + 1);
+    // u = q + 128; registers a0 / a1 of words 2 s (bytes 0 / 2, 1 / 3), a2 / a3 of 2 s + 1
+    const u32 u0 = word(wv[r], 2 * s) ^ 0x80808080u, u1 = word(wv[r], 2 * s + 1) ^ 0x80808080u;
+    u32 a[4];
     if constexpr (DT == 0) {
-      const u32 u0 = w0 ^ 0x80808080u, u1 = w1 ^ 0x80808080u;
-      u32 a[4] = {__byte_perm(u0, 0x64646464u, 0x4240u), __byte_perm(u0, 0x64646464u, 0x4341u),
-                  __byte_perm(u1, 0x64646464u, 0x4240u), __byte_perm(u1, 0x64646464u, 0x4341u)};
+      a[0] = __byte_perm(u0, 0x64646464u, 0x4240u);
+      a[1] = __byte_perm(u0, 0x64646464u, 0x4341u);
+      a[2] = __byte_perm(u1, 0x64646464u, 0x4240u);
+      a[3] = __byte_perm(u1, 0x64646464u, 0x4341u);
       if constexpr (SUB_A) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) a[j] = fma2<DT>(a[j], one, 0xE480E480u);  // - 1152
       }
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-        mma16816<DT>(acc[s % CH][r][n], a[0], a[1], a[2], a[3], b[n][0], b[n][1]);
-    } else if constexpr (EXACT) {
-      const u32 u0 = w0 ^ 0x80808080u, u1 = w1 ^ 0x80808080u;
-      const u32 a0 = int8_pair_exact(u0, 0x7440u, 0x7442u), a1 = int8_pair_exact(u0, 0x7441u, 0x7443u);
-      const u32 a2 = int8_pair_exact(u1, 0x7440u, 0x7442u), a3 = int8_pair_exact(u1, 0x7441u, 0x7443u);
-#pragma unroll
-      for (int n = 0; n < NT; ++n) mma16816<DT>(acc[s % CH][r][n], a0, a1, a2, a3, b[n][0], b[n][1]);
     } else {
-      constexpr u32 LO = 0x43004300u, HI = 0x45004500u | 0x00080008u;  // 128; 2048, flip
-      u32 lo[4] = {(w0 & mask) | LO, ((w0 >> 8) & mask) | LO, (w1 & mask) | LO,
-                   ((w1 >> 8) & mask) | LO};
-      u32 hi[4] = {((w0 >> 4) & mask) ^ HI, ((w0 >> 12) & mask) ^ HI, ((w1 >> 4) & mask) ^ HI,
-                   ((w1 >> 12) & mask) ^ HI};
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        mma16816<DT>(acc[0][r][n], lo[0], lo[1], lo[2], lo[3], b[n][0], b[n][1]);
-        mma16816<DT>(acc[CH - 1][r][n], hi[0], hi[1], hi[2], hi[3], b[n][0], b[n][1]);
-      }
+      a[0] = int8_pair_exact(u0, 0x7440u, 0x7442u);
+      a[1] = int8_pair_exact(u0, 0x7441u, 0x7443u);
+      a[2] = int8_pair_exact(u1, 0x7440u, 0x7442u);
+      a[3] = int8_pair_exact(u1, 0x7441u, 0x7443u);
     }
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+      mma16816<DT>(acc[s % CH][r][n], a[0], a[1], a[2], a[3], b[n][0], b[n][1]);
   }
 }
 
@@ -870,9 +854,7 @@ template <int DT, int MODE, int NT, int RT, int CH>
 __device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u32 (&b)[NT][2],
                                            u32 mask, float (&acc)[CH][RT][NT][4]) {
   if constexpr (MODE == 0) {
-    tiles_step_int8<DT, NT, RT, CH, TilesPlan<MODE, NT, RT, 1>::SUB_A,
-                    TilesPlan<MODE, NT, RT, 1>::SUB_A || TilesInt8Exact<DT, MODE, NT>::VALUE>(
-        s, wv, b, mask, acc);
+    tiles_step_int8<DT, NT, RT, CH, TilesPlan<MODE, NT, RT, 1>::SUB_A>(s, wv, b, acc);
     return;
   }
   // OR the magic, XOR 8 (signed codes' flip to u = q + 8; zeros mode's codes are u already):
@@ -941,8 +923,8 @@ __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
       for (int ch = 0; ch < CH; ++ch) sx[ch][n][e] = 0.f;
 }
 
-// The four k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if late):
-// sum x (MAGIC + u), or x q (SUB_A), into acc, and (unless SUB_A) x into sx; groupwise, fold
+// The k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if late):
+// sum x (MAGIC + u), or x q (TilesQ), into acc, and (unless TilesQ) x into sx; groupwise, fold
 // each k-tile's sums into total.
 template <int DT, int MODE, int NT, int RT, int U, int CH, int XH>
 __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (&wv)[U][RT],
@@ -954,7 +936,7 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
                                               const TilesGroups<RT>& grp,
                                               float (&total)[RT][NT][4]) {
   typedef TilesPlan<MODE, NT, RT, U> Plan;
-  constexpr bool LATE_X = Plan::LATE_X, SUM_X = !Plan::SUB_A;
+  constexpr bool LATE_X = Plan::LATE_X, SUM_X = !TilesQ<DT, MODE, NT>::VALUE;
   constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -992,12 +974,12 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   typedef TilesPlan<MODE, NT, RT, U> Plan;
   constexpr bool GROUPED = Plan::GROUPED;
   constexpr int CH = Plan::CHAINS, S = RT * NT * 4;
+  constexpr bool Q = TilesQ<DT, MODE, NT>::VALUE;
   // sums a lane hands to its row warp's first K warp: its outputs' sums, and per channel
-  // (unless SUB_A) the sums of x for its two tokens of each token tile
-  constexpr int V = S + Plan::SUMS_X;
-  // what a code adds over q (the all-ones mma's sums of x take it off); none if SUB_A
-  constexpr float offset =
-      Plan::SUB_A || TilesInt8Exact<DT, MODE, NT>::VALUE ? 0.f : tiles_offset<DT, MODE>();
+  // (unless Q) the sums of x for its two tokens of each token tile
+  constexpr int V = S + (GROUPED || Q ? 0 : 2 * NT);
+  // what a code adds over q (the all-ones mma's sums of x take it off); none if Q
+  constexpr float offset = Q ? 0.f : tiles_offset<DT, MODE>();
   constexpr int TK = Plan::TK, XH = Plan::XH;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1032,7 +1014,7 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
 
   const u32 mask = kCodeMask[1];
   // acc and sx: the sums (groupwise: of the current k-tile); total: groupwise, the folded sums
-  float acc[CH][RT][NT][4], sx[CH][NT][4], total[RT][NT][4];  // (sx unused if SUB_A)
+  float acc[CH][RT][NT][4], sx[CH][NT][4], total[RT][NT][4];  // (sx unused if Q)
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll

@@ -39,8 +39,8 @@
 #     allreduce_blocks  custom all-reduce latency at 36, 48, 64 blocks per launch (2 ranks)
 #     cutlass_decode the CUTLASS GEMMs' tests, the layers (2 ranks), bench_cutlass_gemm at
 #                 M = 32 / 64, bench_gemm --quick, bench_decode for five schemes at TP 1 and 2
-#     int8_tiles  int8 in tiles: the tiled GEMV's and CUTLASS's tests, the dispatch's,
-#                 sweep_int8_tiles (nibble mmas against q through float32; 1 GPU)
+#     int8_tiles  int8 in tiles: the tiled GEMV's and CUTLASS's tests, the dispatch's (1 GPU;
+#                 at ee85c94 also sweep_int8_tiles, nibble mmas against q through float32)
 #     int8_bench  bench_int4_tiles --bits 8, bench_cutlass_gemm (int8), bench_gemm --quick
 #     int8_decode the layers on 2 GPUs, bench_decode bf16 / int8 / int4 at TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
@@ -301,15 +301,12 @@ cutlass_decode)
   ;;
 int8_tiles)
   # int8 in tiles: the tiled GEMV's and the CUTLASS GEMMs' tests (carry .cutlass_cache), the
-  # untiled paths' dispatch and graph tests, bench_int4_tiles --bits 8 with the shape sweep,
-  # bench_cutlass_gemm for int8, bench_gemm --quick (1 GPU)
+  # untiled paths' dispatch and graph tests (1 GPU)
   export TPQUANT_CACHE=$PWD/.cutlass_cache
   command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
   step kernels_tiles pyt tests/gpu/test_kernels_tiles.py
   step kernels_cutlass pyt tests/gpu/test_kernels_cutlass.py
   step kernels_wo pyt tests/gpu/test_kernels_weight_only.py -k "automatic or graph or cuda"
-  STEP_TIMEOUT=300 TAIL=50 step sweep_int8_tiles python3 benchmarks/sweep_int8_tiles.py \
-    --ms 1,4,16,32,64 --exact 1,2,8
   ;;
 int8_bench)
   # int8 in tiles: the tiled GEMV against the stored layout's dispatch, the CUTLASS GEMM for

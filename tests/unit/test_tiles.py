@@ -236,6 +236,8 @@ def test_tiles_shared_bytes_counts_the_k_warps_that_hand_sums_over() -> None:
     assert tiles_shared_bytes(8, 2, 1, 4) == 0
     # Groupwise folds the sums of x in as it goes: only the outputs' sums are handed over.
     assert tiles_shared_bytes(4, 2, 4, 2, grouped=True) == 2 * 3 * 32 * 32 * 4
+    # bfloat16 int8 multiplies q itself: no sums of x either.
+    assert tiles_shared_bytes(4, 2, 4, 2, q_in_a=True) == 2 * 3 * 32 * 32 * 4
 
 
 def test_engine_metadata_names_each_tiled_layout() -> None:

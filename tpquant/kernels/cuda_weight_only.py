@@ -271,10 +271,12 @@ _TILES: dict[tuple, Any] = {}
 _TILES_CHOSEN: dict[tuple, tuple[int, int, int, int, int]] = {}
 
 
-def tiles_shared_bytes(nt: int, rt: int, kw: int, rw: int = 1, grouped: bool = False) -> int:
+def tiles_shared_bytes(nt: int, rt: int, kw: int, rw: int = 1, grouped: bool = False,
+                       q_in_a: bool = False) -> int:
     """Shared memory of a wo_tiles block: for each row warp, KW - 1 K warps' C fragments (RT x
-    NT) and (per channel, below the wide plan) NT x 2 sums of x, floats per lane."""
-    sums = rt * nt * 4 + (0 if grouped or nt >= TILES_WIDE_NT else nt * 2)
+    NT) and (per channel, below the wide plan, unless the A registers hold q itself: q_in_a,
+    bfloat16 int8) NT x 2 sums of x, floats per lane."""
+    sums = rt * nt * 4 + (0 if grouped or q_in_a or nt >= TILES_WIDE_NT else nt * 2)
     return rw * (kw - 1) * sums * 32 * 4
 
 
@@ -325,9 +327,8 @@ def tiles_resident(nt: int, device: torch.device, dtype: torch.dtype,
                    mode_: int = 1) -> dict[tuple[int, int, int, int], int]:
     """{shape: blocks an SM holds} of NT's candidates that fit in shared memory, compile
     without spills (a compiler's choice; any, if none does) and fit on an SM at all."""
-    grouped = _grouped(mode_)
     shapes = [c for c in TILES_CANDIDATES[nt]
-              if tiles_shared_bytes(nt, *c[:3], grouped=grouped) <= TILES_SHARED_BYTES]
+              if tiles_shared_bytes(nt, *c[:3], **_sums(mode_, dtype)) <= TILES_SHARED_BYTES]
     functions = _tiles_functions(device, dtype, [_tiles_name(mode_, nt, *c) for c in shapes])
     resident = {c: occupancy(f, c[1] * c[2] * 32, device) for c, f in zip(shapes, functions)}
     unspilled = {c: r for (c, r), f in zip(resident.items(), functions)
@@ -337,6 +338,11 @@ def tiles_resident(nt: int, device: torch.device, dtype: torch.dtype,
 
 def _grouped(mode_: int) -> bool:
     return mode_ >= 2
+
+
+def _sums(mode_: int, dtype: torch.dtype) -> dict[str, bool]:
+    """`tiles_shared_bytes`' flags for a mode and dtype (the .cu's TilesQ)."""
+    return dict(grouped=_grouped(mode_), q_in_a=mode_ == 0 and dtype == torch.bfloat16)
 
 
 def _tiles_name(mode_: int, nt: int, rt: int, kw: int, rw: int, u: int) -> str:
@@ -361,7 +367,7 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
         nt, rt, kw, rw, u = tiles_shape(m, n, x2.device, x2.dtype, mode_)
     else:
         nt, (rt, kw, rw, u) = tiles_nt(m), shape
-        if tiles_shared_bytes(nt, rt, kw, rw, grouped=_grouped(mode_)) > TILES_SHARED_BYTES:
+        if tiles_shared_bytes(nt, rt, kw, rw, **_sums(mode_, x2.dtype)) > TILES_SHARED_BYTES:
             raise ValueError(f"tiled GEMV shape {shape} at M = {m} needs more than "
                              f"{TILES_SHARED_BYTES} bytes of shared memory")
     function = _tiles_functions(x2.device, x2.dtype, [_tiles_name(mode_, nt, rt, kw, rw, u)])[0]
