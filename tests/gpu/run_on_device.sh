@@ -43,6 +43,8 @@
 #                 at ee85c94 also sweep_int8_tiles, nibble mmas against q through float32)
 #     int8_bench  bench_int4_tiles --bits 8, bench_cutlass_gemm (int8), bench_gemm --quick
 #     int8_decode the layers on 2 GPUs, bench_decode bf16 / int8 / int4 at TP 1 and 2
+#     int8_final  the CUTLASS tests, int8's CUTLASS against dequant at M = 64 / 4096, bench_gemm
+#                 --quick, bench_decode bf16 / int8 / int4 at TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -318,6 +320,18 @@ int8_bench)
   STEP_TIMEOUT=150 TAIL=12 step bench_cutlass_int8 python3 benchmarks/bench_cutlass_gemm.py \
     --ms 32,64,128,256,1024 --schemes int8_wo
   STEP_TIMEOUT=200 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  ;;
+int8_final)
+  # int8 in tiles, the final rule (CUTLASS from M = 33 to 1024): the CUTLASS tests, int8's
+  # CUTLASS against dequant at M = 64 / 4096, bench_gemm --quick, then bench_decode (bf16,
+  # int8, int4) at TP 1 and 2
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  step kernels_cutlass pyt tests/gpu/test_kernels_cutlass.py
+  STEP_TIMEOUT=100 TAIL=6 step bench_cutlass_int8 python3 benchmarks/bench_cutlass_gemm.py \
+    --ms 64,4096 --schemes int8_wo
+  STEP_TIMEOUT=150 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  STEP_TIMEOUT=200 decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo
   ;;
 int8_decode)
   # int8 in tiles at TP 2: the layers on 2 GPUs, then bench_decode (bf16, int8, int4; batch 1,

@@ -140,14 +140,15 @@ def test_automatic_dispatch_takes_cutlass_in_its_range(device, name: str, n: int
 @pytest.mark.parametrize("m", [32, 33, 64])
 @pytest.mark.parametrize("name,group", [("int4", 0), ("gw_zeros", 64), ("int8", 0)])
 def test_wide_weights_take_cutlass_from_33(device, name: str, group: int, m: int) -> None:
-    """A weight whose 128-row tiles fill half the SMs goes to CUTLASS from M = 33 (the
-    small-M kernel below), and matches the reference; a 4096-row one keeps it."""
+    """An int4 weight whose 128-row tiles fill half the SMs goes to CUTLASS from M = 33 (the
+    small-M kernel below), and matches the reference; a 4096-row one keeps it. int8 goes to
+    CUTLASS from M = 33 whatever its width."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     k, small = 320, "cuda"
     for n, wide in ((128 * -(-sms // 2), True), (4096, False)):
         t = _weights(name, n, k, group, device, seed=n)
         x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m)
-        expected = "cutlass" if wide and m >= 33 else small
+        expected = "cutlass" if (wide or name == "int8") and m >= 33 else small
         y = _op(name, t, group, x, bias, None)
         assert torch.equal(y, _op(name, t, group, x, bias, expected)), (n, m)
         check(y, _reference(name, t, group, x, bias), torch.bfloat16, (name, n, m))

@@ -261,12 +261,12 @@ def test_split_k_partials_cost_at_most_the_weight(m: int, bits: int) -> None:
 
 
 @pytest.mark.parametrize("m,int8,int4,grouped", [
-    (64, False, False, False), (65, True, True, True), (128, True, True, True),
-    (129, True, True, False), (1024, True, True, False), (1025, True, False, False),
-    (4096, True, False, False)])
+    (32, False, False, False), (33, True, False, False), (64, True, False, False),
+    (65, True, True, True), (128, True, True, True), (129, True, True, False),
+    (1024, True, True, False), (1025, False, False, False), (4096, False, False, False)])
 def test_cutlass_range_by_scheme(m: int, int8: bool, int4: bool, grouped: bool) -> None:
-    """A 4096-row weight on 132 SMs: from CUTLASS_MIN_M, to M = 128 groupwise, 1024 int4 per
-    channel, any M int8."""
+    """A 4096-row weight on 132 SMs: int8 from M = 33, int4 from 65; to M = 128 groupwise,
+    1024 per channel."""
     assert real.cutlass_range(m, 4096, 8, 0, 132) == int8
     assert real.cutlass_range(m, 4096, 4, 0, 132) == int4
     assert real.cutlass_range(m, 4096, 4, 128, 132) == grouped
@@ -274,9 +274,12 @@ def test_cutlass_range_by_scheme(m: int, int8: bool, int4: bool, grouped: bool) 
 
 @pytest.mark.parametrize("n,wide", [(4096, False), (8320, False), (8448, True), (22016, True)])
 def test_cutlass_range_takes_wide_weights_from_33(n: int, wide: bool) -> None:
-    """Weights whose 128-row tiles fill half of 132 SMs (66 tiles: 8448 rows) from M = 33."""
-    for bits, group in ((8, 0), (4, 0), (4, 128)):
+    """int4 weights whose 128-row tiles fill half of 132 SMs (66 tiles: 8448 rows) from M = 33;
+    int8 from 33 whatever its width."""
+    for bits, group in ((4, 0), (4, 128)):
         assert real.cutlass_range(32, n, bits, group, 132) is False
         assert real.cutlass_range(33, n, bits, group, 132) is wide
         assert real.cutlass_range(64, n, bits, group, 132) is wide
         assert real.cutlass_range(65, n, bits, group, 132) is True
+    assert real.cutlass_range(32, n, 8, 0, 132) is False
+    assert real.cutlass_range(33, n, 8, 0, 132) is True

@@ -91,24 +91,25 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT, CUTLASS)
 # M = 128 (int8: 0.60x against 0.43x; int4 since its per-channel dots share one accumulator,
 # 7b qkv / 70b gate-up at M = 128: 55.9 / 105 us against 68.6 / 151); dequant + cuBLAS
 # from there (bench_wo_kernels.py, 2026-11-30: docs/benchmarks.md).
-# By bits: M <= this: the CUDA GEMVs (fma, then mma), where they take the shape.
+# By bits: M <= this: the CUDA GEMVs (fma, then mma), where they take the shape (untiled).
 CUDA_MAX_M = {4: 32, 8: 16}
 # The CUTLASS GEMM where it runs (`cutlass_gemm.usable`, tiled weights), from CUTLASS_MIN_M
-# (above the tiled GEMV's M) up to CUTLASS_MAX_M by (bits, groupwise);
+# by bits (above the tiled GEMV's M) up to CUTLASS_MAX_M by (bits, groupwise);
 # dequantize + cuBLAS above. bench_cutlass_gemm, H200, seven Llama-2-7B / 70B shapes, geomean
-# over bf16 (docs/benchmarks.md, eleventh 2026-11-30 section), CUTLASS against what it
-# replaced: int8 at M = 32 / 64 0.65 / 0.64x against dot's 0.88 / 0.71, at M = 128 / 256 /
-# 1024 / 4096 0.75 / 0.70 / 0.95 / 0.93 against dot's 0.54 and dequant's 0.51 / 0.77 / 0.92;
-# int4 per channel at M = 128 / 256 / 1024 / 4096 0.74 / 0.70 / 0.84 / 0.84 against dequant's
-# 0.47 / 0.55 / 0.80 / 0.94; groupwise 0.53 / 0.48 / 0.75 / 0.79 against 0.47 / 0.54 / 0.79 /
-# 0.93 (its float32 scales and zeros make the in-register dequantization the bottleneck).
-CUTLASS_MIN_M = 65
-CUTLASS_MAX_M = {(8, False): None, (4, False): 1024, (4, True): 128}  # None: no bound
-# Wide weights, whose 128-row tiles alone fill at least half the SMs, take it from
+# over bf16 (docs/benchmarks.md, eleventh and twelfth 2026-11-30 sections), CUTLASS against
+# the paths around it: int4 per channel at M = 128 / 256 / 1024 / 4096 0.74 / 0.70 / 0.84 /
+# 0.84 against dequant's 0.47 / 0.55 / 0.80 / 0.94; groupwise 0.53 / 0.48 / 0.75 / 0.79
+# against 0.47 / 0.54 / 0.79 / 0.93 (its float32 scales and zeros make the in-register
+# dequantization the bottleneck); int8 (tiles) at M = 64 / 128 / 256 / 1024 0.75 / 0.71 /
+# 0.67 / 0.82 against the tiled GEMV's 0.53 at 64 and dequant's 0.43 / 0.43 / 0.50 / 0.75, and
+# at M = 32 0.71 against the GEMV's 0.87.
+CUTLASS_MIN_M = {4: 65, 8: 33}
+CUTLASS_MAX_M = {(8, False): 1024, (4, False): 1024, (4, True): 128}
+# Wide int4 weights, whose 128-row tiles alone fill at least half the SMs, take it from
 # CUTLASS_WIDE_MIN_M (one 64-token tile) instead: at M = 64 on 7B qkv / gate_up and 70B
 # gate_up (TP 4) int4 1.10-1.44x bf16 against the tiled GEMV's 0.73-0.79, groupwise 0.63-0.81
-# against 0.43-0.56, int8 1.02-1.34 against dot's 0.70-0.78; on 4096-row weights (32 tiles)
-# it lost (int4 0.49-0.57 against 0.64-0.76).
+# against 0.43-0.56; on 4096-row weights (32 tiles) it lost (int4 0.49-0.57 against
+# 0.64-0.76). (int8 takes it from 33 on every weight.)
 CUTLASS_WIDE_MIN_M = 33
 GEMV_MAX_M = 1  # M <= this: gemv
 DOT_MAX_M = {4: 128, 8: 128}  # by bits: GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
@@ -154,7 +155,7 @@ def cutlass_range(m: int, n: int, bits: int, group_size: int, sm_count: int) -> 
     CUTLASS GEMM (pure)."""
     top = CUTLASS_MAX_M[bits, bool(group_size)]
     wide = 2 * -(-n // 128) >= sm_count
-    bottom = CUTLASS_WIDE_MIN_M if wide else CUTLASS_MIN_M
+    bottom = CUTLASS_WIDE_MIN_M if wide else CUTLASS_MIN_M[bits]
     return m >= bottom and (top is None or m <= top)
 
 
