@@ -335,7 +335,7 @@ def _waiting_greedy(model, comm, graphs, prompts, steps: int) -> list[list[int]]
     return [list(row) for row in zip(*out)]
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "int4_wo"])
+@pytest.mark.parametrize("scheme", ["bf16", "int4_wo", "int8_wo"])
 def test_generate_overlapped_equals_waiting_loop(scheme, mapping, gpu_comm, device):
     model = random_model(SMALL, scheme, mapping, gpu_comm, device, group_size=64)
     model.setup_caches(4, 64)
