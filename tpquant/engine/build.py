@@ -201,7 +201,7 @@ def _layout(name: str, t: torch.Tensor) -> str:
     # The packing each kernel reads (README: int4 two per byte, even index in the low nibble;
     # int8 / int4 in tiles, tpquant.kernels.tiles).
     if name.endswith(TILED):
-        return tiles.LAYOUTS[8 if t.dtype == torch.int8 else 4]
+        return tiles.LAYOUTS[tiles.code_bits(t)]
     if t.dtype == torch.uint8:
         return "int4_packed_lo_even"
     if t.dtype == torch.int8:

@@ -40,7 +40,7 @@ import torch
 
 from tpquant.kernels import pdl
 from tpquant.kernels.cupy_launch import launch, occupancy
-from tpquant.kernels.tiles import TILE_K, features
+from tpquant.kernels.tiles import TILE_K, code_bits, features
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "weight_only_gemv.cu"
 FMA, MMA = "fma", "mma"
@@ -362,7 +362,7 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
     n = tiled.shape[0]
     if m > TILES_MAX_M:
         raise ValueError(f"the tiled GEMV takes M <= {TILES_MAX_M}, got {m}")
-    mode_ = mode(_bits(tiled), group, zeros is not None)
+    mode_ = mode(code_bits(tiled), group, zeros is not None)
     if shape is None:
         nt, rt, kw, rw, u = tiles_shape(m, n, x2.device, x2.dtype, mode_)
     else:
@@ -381,7 +381,7 @@ def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
                      zeros: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
     """W[N, K] in dtype (float16 / bfloat16) from a tiled layout (int8 or packed int4): q *
     scale[:, None] per channel, (u - zero) * scale or q * scale of each group groupwise."""
-    bits = _bits(tiled)
+    bits = code_bits(tiled)
     n, k = tiled.shape[0], features(tiled, bits)
     w = torch.empty((n, k), dtype=dtype, device=tiled.device)
     name = f"wo_tiles_dequant<{{dt}}, {mode(bits, group, zeros is not None)}>"
@@ -414,11 +414,6 @@ def _source() -> str:
             "(pip install -e .)"
         )
     return SOURCE.read_text()
-
-
-def _bits(codes: torch.Tensor) -> int:
-    """8 for int8 codes, 4 for packed int4 (uint8)."""
-    return 8 if codes.dtype == torch.int8 else 4
 
 
 def _float32(bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -52,6 +52,11 @@ def check_tileable(n: int, k: int, bits: int = 4) -> None:
                          f"got N={n}, K={k}")
 
 
+def code_bits(q: torch.Tensor) -> int:
+    """The code width of a stored or tiled weight: 8 for int8, 4 for packed int4 (uint8)."""
+    return 8 if q.dtype == torch.int8 else 4
+
+
 def features(q: torch.Tensor, bits: int) -> int:
     """K of a stored or tiled weight (two int4 codes per byte)."""
     return q.shape[1] * (2 if bits == 4 else 1)

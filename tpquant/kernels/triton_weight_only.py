@@ -153,10 +153,9 @@ def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool =
 def cutlass_range(m: int, n: int, bits: int, group_size: int, sm_count: int) -> bool:
     """Whether the automatic choice gives M rows of an [n, K] weight of this scheme to the
     CUTLASS GEMM (pure)."""
-    top = CUTLASS_MAX_M[bits, bool(group_size)]
     wide = 2 * -(-n // 128) >= sm_count
     bottom = CUTLASS_WIDE_MIN_M if wide else CUTLASS_MIN_M[bits]
-    return m >= bottom and (top is None or m <= top)
+    return bottom <= m <= CUTLASS_MAX_M[bits, bool(group_size)]
 
 
 def forced_path(path: str | None = None) -> str:

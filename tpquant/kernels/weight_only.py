@@ -35,7 +35,7 @@ def dequantize_weight_only(qweight: torch.Tensor, scale: torch.Tensor, bits: int
                            tiled: bool = False) -> torch.Tensor:
     """Float32 W[out, in] = q * scale[:, None] for per-channel symmetric int8 / int4 (tiled:
     in the layout of `tpquant.kernels.tiles`)."""
-    if tiled and bits in (4, 8):
+    if tiled:
         q = _tiled_codes(qweight, signed=True, bits=bits)
     elif bits == 8:
         q = qweight
