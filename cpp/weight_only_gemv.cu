@@ -734,7 +734,6 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // k-tile is multiplied (from L1, above): the registers run out.
 template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr int TK = MODE == 0 ? 32 : 64;  // features per k-tile (int8, int4)
-  static constexpr int STEPS = TK / 16;           // k16 steps per k-tile
   static constexpr int XH = TK / 32;              // a lane's 16-byte x loads per token tile
   static constexpr bool GROUPED = Mode<MODE>::GROUPED;
   static constexpr bool WIDE = NT > 4;
