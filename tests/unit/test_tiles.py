@@ -247,3 +247,36 @@ def test_engine_metadata_names_each_tiled_layout() -> None:
     assert _layout("mlp.down.qweight_tiles", torch.zeros(16, 32, dtype=torch.int8)) == "tiles16x32"
     assert _layout("mlp.down.qweight_tiles", torch.zeros(16, 32, dtype=torch.uint8)) == "tiles16x64"
     assert _layout("mlp.down.qweight", torch.zeros(16, 32, dtype=torch.int8)) == "int8"
+
+
+@pytest.mark.parametrize("quant", ["int8_wo", "int4_wo", "int4_gw"])
+def test_cpu_load_puts_tiles_back_in_the_stored_layout(quant: str) -> None:
+    """`load_tensors(tiled=False)` (what `load_engine` does off the GPU) reads a tiled state dict
+    into untiled schemes: no tiled tensor is kept, and the logits equal the tiled model's (the
+    same codes and float32 math; 1e-6 of the largest logit)."""
+    from tpquant.engine.session import load_tensors
+    from tpquant.layers.linear import ShardedLinear
+    from tpquant.models.config import LlamaConfig
+    from tpquant.models.llama import Llama, LlamaSchemes
+
+    config = LlamaConfig(vocab_size=50, hidden_size=128, intermediate_size=256, num_layers=2,
+                         num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5)
+    mapping, comm = Mapping(world_size=1, rank=0, tp_size=1), SingleProcessCommunicator()
+    schemes = LlamaSchemes.from_name(quant, torch.float32, group_size=64)
+    torch.manual_seed(0)
+    tiled = Llama(config, mapping, comm, schemes, torch.float32)
+    for module in tiled.modules():
+        if isinstance(module, ShardedLinear):
+            w = torch.randn(module.out_features, module.in_features) / module.in_features**0.5
+            module.load_shards(module.scheme.quantize(w))
+    state = tiled.state_dict()
+    assert any(name.endswith("qweight_tiles") for name in state)
+    stored = Llama(config, mapping, comm, schemes.untiled(), torch.float32)
+    load_tensors(stored, state, tiled=False)
+    assert not any(name.endswith("qweight_tiles") for name in stored.state_dict())
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tiled.setup_caches(2, 8)
+        stored.setup_caches(2, 8)
+        want, got = tiled(ids, 0), stored(ids, 0)
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()

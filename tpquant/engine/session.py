@@ -31,31 +31,39 @@ from tpquant.models.config import LlamaConfig
 from tpquant.models.llama import Llama, LlamaSchemes
 from tpquant.parallel.mapping import Mapping as TPMapping
 from tpquant.quantization.mode import QuantMode
+from tpquant.quantization.schemes.codes import stored_codes
 
 
 def load_engine(engine_dir: str | Path, mapping: TPMapping, comm: Communicator,
                 device: torch.device, verify: bool = True) -> Llama:
-    """This rank's model from its engine file (checked against config.json and the job)."""
+    """This rank's model from its engine file (checked against config.json and the job).
+    Off the GPU, tiled weights go back to the stored layout, which the torch reference reads
+    (measured, SmolLM2 int8 at TP 3 on two CPU cores: 9.6 tok/s against 5.3 with the tiles)."""
+    tiled = device.type == "cuda"
     with open_rank_file(engine_dir, mapping.rank, mapping.world_size, verify) as engine:
         meta = engine.meta
         dtype = DTYPES[meta.extra["dtype"]]
         schemes = LlamaSchemes.from_name(meta.quant, dtype, meta.quant_options["group_size"],
                                          down_rotation=meta.quant_options.get("down_rotation", 0))
         int8_kv = QuantMode.from_name(meta.quant).has_int8_kv_cache()
-        model = Llama(LlamaConfig.from_dict(meta.model_config), mapping, comm, schemes, dtype,
-                      int8_kv_cache=int8_kv)
-        load_tensors(model, engine.tensors())
+        model = Llama(LlamaConfig.from_dict(meta.model_config), mapping, comm,
+                      schemes if tiled else schemes.untiled(), dtype, int8_kv_cache=int8_kv)
+        load_tensors(model, engine.tensors(), tiled)
     return model.to(device).eval()
 
 
-def load_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+def load_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
+                 tiled: bool = True) -> None:
     """Put a state dict written by the build back: sharded linears through `load_shards`
-    (which checks every shape against the scheme), everything else by copy."""
+    (which checks every shape against the scheme), everything else by copy. tiled=False: tiled
+    codes go back to the stored layout (`codes.stored_codes`)."""
     remaining = dict(tensors)
     for prefix, module in model.named_modules():
         if isinstance(module, ShardedLinear):
             own = {k[len(prefix) + 1:]: remaining.pop(k) for k in list(remaining)
                    if k.startswith(prefix + ".")}
+            if not tiled:
+                own = stored_codes(own)
             module.load_shards(own, own.pop("bias", None))
     missing, unexpected = model.load_state_dict(remaining, strict=False)
     linear_keys = {k for k, _ in model.named_buffers() if k not in remaining}

@@ -26,7 +26,7 @@ the padding's cache entries before any query could attend to them. Callers pass 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterable, Sequence
 
 import torch
@@ -96,6 +96,12 @@ class LlamaSchemes:
         """From a QuantMode short name ('fp16', 'int8_wo', 'int4_gw', 'w8a8_token', ...)."""
         return cls.from_mode(QuantMode.from_name(name), dtype, group_size, quantize_lm_head,
                              down_rotation)
+
+    def untiled(self) -> LlamaSchemes:
+        """The same schemes keeping weights in the stored layout (`pack` tiles nothing): the
+        tiled layouts serve the GPU kernels, the CPU reference reads the stored ones."""
+        return replace(self, **{name: replace(s, tiles=False) for name, s in self.items()
+                                if hasattr(s, "tiles")})
 
     def items(self) -> list[tuple[str, Scheme]]:
         """(layer kind, scheme) of every kind of linear."""

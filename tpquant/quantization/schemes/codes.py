@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tpquant.kernels.tiles import can_tile, features, tile
+from tpquant.kernels.tiles import can_tile, code_bits, features, tile, untile
 from tpquant.quantization.schemes.base import Tensors
 
 STORED = "qweight"
@@ -33,4 +33,14 @@ def tile_codes(tensors: Tensors, allowed: bool, bits: int) -> dict[str, torch.Te
     q = out.get(STORED)
     if allowed and q is not None and can_tile(q.shape[0], features(q, bits), bits):
         out[TILED] = tile(out.pop(STORED), bits)
+    return out
+
+
+def stored_codes(tensors: Tensors) -> dict[str, torch.Tensor]:
+    """`tensors` with tiled codes put back in the stored layout (for the torch reference on the
+    CPU, which reads the stored layout directly and would otherwise untile at every call)."""
+    out = dict(tensors)
+    q = out.pop(TILED, None)
+    if q is not None:
+        out[STORED] = untile(q, code_bits(q))
     return out
