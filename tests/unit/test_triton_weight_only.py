@@ -174,7 +174,7 @@ def test_group_size_not_multiple_of_min_block_goes_to_dequant(tw) -> None:
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(5))
     t = scheme.quantize(w)
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(6)).to(torch.float16)
-    assert tw.choose_path(3, N, K, 4, 48) == tw.DEQUANT
+    assert tw.choose_path(3, K, 4, 48) == tw.DEQUANT
     y = tw.groupwise_matmul(x, t["qweight"], t["scales"], t["zeros"], 48, None)
     expected = x.double() @ scheme.dequantize(t).double().t()
     assert (y.double() - expected).abs().max() <= 2e-3 * expected.abs().max()
@@ -192,7 +192,7 @@ def test_choose_path_follows_thresholds(m: int, cuda: bool) -> None:
     per-channel int4 (bits 4, group 0); dot, then dequant, by M (never CUTLASS, which reads
     tiles)."""
     for bits, group in ((4, 0), (8, 0), (4, 128)):
-        got = real.choose_path(m, 4096, 4096, bits, group, cuda=cuda)
+        got = real.choose_path(m, 4096, bits, group, cuda=cuda)
         if cuda and m <= real.CUDA_MAX_M[bits]:
             assert got == real.CUDA
         elif m <= real.GEMV_MAX_M and (bits, group) == (4, 0):
@@ -201,7 +201,7 @@ def test_choose_path_follows_thresholds(m: int, cuda: bool) -> None:
             assert got == real.DOT
         else:
             assert got == real.DEQUANT
-    assert real.choose_path(m, 4096, 4096, 4, 48) == real.DEQUANT
+    assert real.choose_path(m, 4096, 4, 48) == real.DEQUANT
 
 
 @pytest.mark.parametrize("tiles", [1, 7, 64, 132, 1000, 100000])

@@ -132,8 +132,8 @@ _HALF_TYPES = (torch.float16, torch.bfloat16)
 _INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
-def choose_path(m: int, n: int, k: int, bits: int, group_size: int, cuda: bool = True) -> str:
-    """The kernel path for an [m, k] x [n, k]^T product (group_size 0 = per channel) of an
+def choose_path(m: int, k: int, bits: int, group_size: int, cuda: bool = True) -> str:
+    """The kernel path for an [m, k] x [N, k]^T product (group_size 0 = per channel) of an
     untiled weight (tiled ones: `_tiled`).
 
     Pure: a function of the shape and the scheme only, thresholds from the constants above.
@@ -821,7 +821,7 @@ def _matmul(
             return out.reshape(*x.shape[:-1], n)
         wt = replace(wt, qweight=untile(wt.qweight, wt.bits), tiled=False)  # the others read
     if chosen in (AUTO, REFERENCE):  # REFERENCE is the caller's business; here it means auto
-        chosen = choose_path(m, n, k, wt.bits, wt.group, cuda=cuda_ok)
+        chosen = choose_path(m, k, wt.bits, wt.group, cuda=cuda_ok)
     if chosen == CUDA:
         if not (cuda_ok and cuda_weight_only.supports(m, k, wt.bits, wt.group)):
             raise ValueError(
