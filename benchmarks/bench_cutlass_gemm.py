@@ -8,9 +8,9 @@ For each shape [N, K] (bench_wo_kernels' Llama-2-7B / 70B shapes), M and scheme,
 `x @ W.T`:
     int4_wo, int4_gw (g128, zeros), int8_wo on the tiles: the dequant path (the weight
         dequantized into bf16, then cuBLAS: what the dispatch took above the small-M kernels),
-        at M <= 64 the tiled GEMV ("cuda"), the mixed-input GEMM at each M tile,
-        data-parallel and stream-K ("tile128", "tile128sk", ...; "rule" is the one
-        `mixed_config` picks), the dispatch ("auto");
+        at M <= 64 the tiled GEMV ("cuda"), the mixed-input GEMM on each tile of --tiles
+        (`MixedTile.label`: "c128x128sk" is cooperative, 128 weight rows x 128 tokens,
+        stream-K; "rule" is the one `mixed_config` picks), the dispatch ("auto");
     w8a8 (per token x per channel, x already quantized): the Triton GEMM, the CUTLASS GEMM
         at each N tile ("n128", "n256"), the dispatch.
 Each result's max |y - ref| / max |ref| against float32 math on the dequantized weight
@@ -19,6 +19,12 @@ of each column's speed-up over bf16.
 Timing: bench_gemm's time_calls (CUDA graph, weight copies past twice the L2, median).
 Output: table, $OUT/bench_cutlass_gemm.json, rewritten after every shape ($OUT defaults to
 /tmp/out).
+
+    python benchmarks/bench_cutlass_gemm.py --tiles sweep --build-only --jobs 2
+
+builds the weight-only libraries of --tiles and --schemes (bf16) into the cache
+($TPQUANT_CACHE) and stops: no GPU needed, so the sweep's libraries can be built ahead and
+carried to one.
 """
 
 from __future__ import annotations
@@ -49,11 +55,17 @@ SCHEMES = {
 }
 W8A8_SCHEME = SmoothQuant(per_channel=True, per_token=True, dtype=DTYPE)
 W8A8_VARIANTS = [cutlass_gemm.W8A8Variant(n) for n in (128, 256)]
-CONFIGS = [(64, False), (128, False), (128, True), (256, False)]  # (M tile, stream-K)
-
-
-def label(config: tuple[int, bool]) -> str:
-    return f"tile{config[0]}{'sk' if config[1] else ''}"
+T = cutlass_gemm.MixedTile
+TILES = {  # --tiles
+    # the tiles `mixed_config` has chosen from, each M tile data-parallel and stream-K
+    "rule": [T(64), T(128), T(128, streamk=True), T(256)],
+    # and more: pingpong (64 / 128 rows), K steps of 128, x multicast to 2 CTAs, 32 tokens
+    "sweep": [T(64), T(128, streamk=True), T(256), T(32, streamk=True),
+              T(64, rows=64, pingpong=True), T(128, rows=64, pingpong=True),
+              T(256, rows=64, pingpong=True), T(128, rows=128, pingpong=True),
+              T(128, streamk=True, k=128), T(256, k=128),
+              T(128, streamk=True, cluster=2), T(256, cluster=2)],
+}
 
 
 def op(scheme, t: dict[str, torch.Tensor], x: torch.Tensor, path: str | None) -> torch.Tensor:
@@ -66,7 +78,7 @@ def op(scheme, t: dict[str, torch.Tensor], x: torch.Tensor, path: str | None) ->
                                path=path, tiled=tiled)
 
 
-def config_call(scheme, t: dict[str, torch.Tensor], x: torch.Tensor, config: tuple[int, bool]):
+def tile_call(scheme, t: dict[str, torch.Tensor], x: torch.Tensor, tile: cutlass_gemm.MixedTile):
     codes = t.get("qweight_tiles", t.get("qweight"))
     bits = getattr(scheme, "bits", 4)
     group = getattr(scheme, "group_size", 0)
@@ -74,8 +86,7 @@ def config_call(scheme, t: dict[str, torch.Tensor], x: torch.Tensor, config: tup
     out = torch.empty(x.shape[0], codes.shape[0], dtype=x.dtype, device=x.device)
 
     def call() -> torch.Tensor:
-        cutlass_gemm.gemm(x, codes, scale, t.get("zeros"), bits, group, None, out,
-                          config=config)
+        cutlass_gemm.gemm(x, codes, scale, t.get("zeros"), bits, group, None, out, tile)
         return out
     return call
 
@@ -110,7 +121,12 @@ def main() -> int:
     p.add_argument("--ms", default="32,64,128,256,1024,4096")
     p.add_argument("--schemes", default=",".join([*SCHEMES, "w8a8"]))
     p.add_argument("--replays", type=int, default=5)
+    p.add_argument("--tiles", choices=sorted(TILES), default="rule")
+    p.add_argument("--build-only", action="store_true", help="build the libraries, then stop")
+    p.add_argument("--jobs", type=int, default=2, help="nvcc processes with --build-only")
     args = p.parse_args()
+    if args.build_only:
+        return build_only(args)
     device = torch.device("cuda", torch.cuda.current_device())
     if not cutlass_gemm.available(device.index):
         print("needs a compute capability 9.0 GPU, nvcc and CUTLASS headers", file=sys.stderr)
@@ -141,10 +157,10 @@ def main() -> int:
                     calls["dequant"] = [lambda t=t: op(scheme, t, x, "dequant") for t in sets]
                     if m <= TILES_MAX_M:  # the small-M kernel
                         calls["cuda"] = [lambda t=t: op(scheme, t, x, "cuda") for t in sets]
-                    for config in CONFIGS:
-                        calls[label(config)] = [config_call(scheme, t, x, config) for t in sets]
+                    for tile in TILES[args.tiles]:
+                        calls[tile.label] = [tile_call(scheme, t, x, tile) for t in sets]
                     calls["auto"] = [lambda t=t: op(scheme, t, x, None) for t in sets]
-                    rule = label(cutlass_gemm.mixed_config(m))
+                    rule = cutlass_gemm.mixed_config(m).label
                 times, errs = {}, {}
                 for column, fns in calls.items():
                     try:
@@ -181,6 +197,33 @@ def main() -> int:
                   + ", ".join(f"{c} {v:.2f}" for c, v in entry.items()))
     print(f"wrote {write(args, device, rows, summary)}")
     return 1 if failed else 0
+
+
+def build_only(args: argparse.Namespace) -> int:
+    """Builds each weight-only (scheme, tile) library of the run into the cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    variants = []
+    for name in args.schemes.split(","):
+        scheme = SCHEMES.get(name)
+        if scheme is not None:
+            bits, group = getattr(scheme, "bits", 4), getattr(scheme, "group_size", 0)
+            zeros = getattr(scheme, "zeros", False)
+            variants += [cutlass_gemm.variant_for(bits, group, zeros, DTYPE, tile)
+                         for tile in TILES[args.tiles]]
+
+    def one(variant: cutlass_gemm.Variant) -> bool:
+        try:
+            print(f"{variant}: {cutlass_gemm.build(variant).name}", flush=True)
+            return True
+        except RuntimeError as error:
+            print(f"{variant}: FAILED {str(error)[-1500:]}", flush=True)
+            return False
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        built = list(pool.map(one, variants))
+    print(f"{sum(built)} of {len(built)} built in {cutlass_gemm.cache_dir()}")
+    return 0 if all(built) else 1
 
 
 def write(args: argparse.Namespace, device: torch.device, rows: list, summary: dict) -> Path:

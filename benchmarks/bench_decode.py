@@ -42,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-from plotting import pyplot  # benchmarks/, on sys.path when run as a script
+from bench_gemm import copy_bandwidth  # benchmarks/, on sys.path when run as a script
+from plotting import pyplot
 
 from tpquant.collectives import Communicator, make_communicator
 from tpquant.engine.graphs import DecodeGraphs
@@ -101,15 +102,6 @@ def _events_ms(fn, reps: int) -> list[float]:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return times
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
-    """Device copy bandwidth in bytes/s, counting the read and the write (2 x size / time)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    ms = statistics.median(_events_ms(lambda: dst.copy_(src), 10))
-    return 2 * nbytes / (ms / 1e3)
 
 
 def all_reduce_latency(comm: Communicator, device: torch.device, hidden: int, batch: int,

@@ -25,10 +25,14 @@
 // Modes 1 and 2 compute w in float32 and round it once to x's dtype (as dequantize + cuBLAS
 // does); alpha is then null (1).
 //
-// TPQ_TILE_TOKENS: the CTA tile along M (64, 128 or 256 tokens); the weight tile is 128 rows,
-// K steps of 64. TPQ_STREAMK: stream-K tile scheduling (where the output tiles alone leave SMs
-// idle, K is split across them and the partial sums reduced through the workspace), else the
-// persistent data-parallel one. TPQ_FP16: x and out are float16, else bfloat16.
+// The CTA tile: TPQ_TILE_TOKENS along M (16 to 256 tokens), TPQ_TILE_ROWS weight rows (64 or
+// 128; CUTLASS's M), K steps of TPQ_TILE_K (64 or 128). TPQ_PINGPONG: two consumer warpgroups
+// on two tiles, one's dequantization and epilogue overlapping the other's tensor-core work,
+// else both on one tile (cooperative; 128 rows at least). TPQ_CLUSTER: CTAs along the weight
+// rows that share each x tile by TMA multicast. TPQ_STREAMK (cooperative only): stream-K tile
+// scheduling (where the output tiles alone leave SMs idle, K is split across them and the
+// partial sums reduced through the workspace), else the persistent data-parallel one.
+// TPQ_FP16: x and out are float16, else bfloat16.
 #include <cuda_runtime.h>
 
 #include "cute/tensor.hpp"
@@ -51,6 +55,15 @@
 #endif
 #ifndef TPQ_TILE_TOKENS
 #define TPQ_TILE_TOKENS 128
+#endif
+#ifndef TPQ_TILE_ROWS
+#define TPQ_TILE_ROWS 128
+#endif
+#ifndef TPQ_TILE_K
+#define TPQ_TILE_K 64
+#endif
+#ifndef TPQ_CLUSTER
+#define TPQ_CLUSTER 1
 #endif
 
 using namespace cute;
@@ -114,10 +127,15 @@ constexpr int kAlignX = 128 / cutlass::sizeof_bits<ElementX>::value;
 constexpr int kAlignW = 128 / cutlass::sizeof_bits<ElementQ>::value;
 using StrideX = cutlass::detail::TagToStrideA_t<LayoutX>;
 
-using TileShape = Shape<_128, Int<TPQ_TILE_TOKENS>, _64>;
-using ClusterShape = Shape<_1, _1, _1>;
+using TileShape = Shape<Int<TPQ_TILE_ROWS>, Int<TPQ_TILE_TOKENS>, Int<TPQ_TILE_K>>;
+using ClusterShape = Shape<Int<TPQ_CLUSTER>, _1, _1>;
+#ifdef TPQ_PINGPONG
+using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+#else
 using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
 using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+#endif
 #ifdef TPQ_STREAMK
 using TileScheduler = cutlass::gemm::StreamKScheduler;
 #else

@@ -45,6 +45,9 @@
 #     int8_decode the layers on 2 GPUs, bench_decode bf16 / int8 / int4 at TP 1 and 2
 #     int8_final  the CUTLASS tests, int8's CUTLASS against dequant at M = 64 / 4096, bench_gemm
 #                 --quick, bench_decode bf16 / int8 / int4 at TP 1 and 2
+#     cutlass_tiles the device's copy bandwidth four ways (bench_copy), the CUTLASS weight-only
+#                 GEMM on every tile of bench_cutlass_gemm --tiles sweep (carry .cutlass_cache
+#                 with the sweep's libraries, built ahead with --build-only), bench_gemm --quick
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -332,6 +335,16 @@ int8_final)
     --ms 64,4096 --schemes int8_wo
   STEP_TIMEOUT=150 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
   STEP_TIMEOUT=200 decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo
+  ;;
+cutlass_tiles)
+  # the copy bandwidth launched directly and from a graph, then every tile of the sweep against
+  # bf16, dequant + cuBLAS and the dispatch (the libraries come in the carried cache)
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  TAIL=5 step bench_copy python3 benchmarks/bench_copy.py
+  STEP_TIMEOUT=480 TAIL=60 step bench_cutlass_tiles python3 benchmarks/bench_cutlass_gemm.py \
+    --tiles sweep --schemes int4_wo,int8_wo,int4_gw
+  STEP_TIMEOUT=150 TAIL=12 step bench_gemm python3 benchmarks/bench_gemm.py --quick
   ;;
 int8_decode)
   # int8 in tiles at TP 2: the layers on 2 GPUs, then bench_decode (bf16, int8, int4; batch 1,

@@ -107,20 +107,22 @@ def test_forced_path_matches_reference(device, name: str, n: int, k: int, group:
         check(y, _reference(name, t, group, x, b), dtype, (name, n, k, group, m, b is None))
 
 
-@pytest.mark.parametrize("config", sorted({cutlass_gemm.mixed_config(m) for m in (1, 100, 4096)}))
+TILES = list(dict.fromkeys(cutlass_gemm.mixed_config(m) for m in (1, 100, 4096)))
+
+
+@pytest.mark.parametrize("tile", TILES, ids=[t.label for t in TILES])
 @pytest.mark.parametrize("name,n,k,group", [CASES[1], CASES[3], CASES[5], CASES[7]])
-def test_every_config(device, name: str, n: int, k: int, group: int,
-                      config: tuple[int, bool]) -> None:
-    """Each (M tile, stream-K) the dispatch uses, on a partial last tile and on whole ones."""
-    tile = config[0]
+def test_every_tile(device, name: str, n: int, k: int, group: int,
+                    tile: cutlass_gemm.MixedTile) -> None:
+    """Each tile the dispatch uses, on a partial last tile and on whole ones."""
     t = _weights(name, n, k, group, device, seed=7)
     scale = t["scale"] if name in ("int4", "int8") else t["scales"]
-    for m in (tile - 1, 3 * tile):
+    for m in (tile.tokens - 1, 3 * tile.tokens):
         x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m)
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
         cutlass_gemm.gemm(x, t["tiles"], scale, t.get("zeros"), 8 if name == "int8" else 4,
-                          group, bias, out, config=config)
-        check(out, _reference(name, t, group, x, bias), torch.bfloat16, (name, tile, m))
+                          group, bias, out, tile)
+        check(out, _reference(name, t, group, x, bias), torch.bfloat16, (name, tile.label, m))
 
 
 @pytest.mark.parametrize("m", [65, 256, 1024])

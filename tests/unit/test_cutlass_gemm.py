@@ -37,14 +37,34 @@ def test_tiles_order_moves_each_feature_to_cutlass_k(bits: int) -> None:
 ])
 def test_variant_for_each_scheme(bits: int, group: int, zeros: bool, quant: int,
                                  mode: int) -> None:
-    v = cg.variant_for(bits, group, zeros, torch.bfloat16, (128, True))
-    assert (v.quant, v.mode, v.tile_tokens, v.fp16, v.streamk) == (quant, mode, 128, False, True)
-    assert "-DTPQ_FP16" in cg.variant_for(bits, group, zeros, torch.float16, (256, False)).defines()
+    tile = cg.MixedTile(128, streamk=True)
+    v = cg.variant_for(bits, group, zeros, torch.bfloat16, tile)
+    assert (v.quant, v.mode, v.tile, v.fp16) == (quant, mode, tile, False)
+    assert "-DTPQ_FP16" in cg.variant_for(bits, group, zeros, torch.float16,
+                                          cg.MixedTile(256)).defines()
+
+
+def test_tile_macros_and_labels() -> None:
+    """Each field of a tile is one macro of the .cu; the label names every field that is not
+    the default; tiles CUTLASS cannot schedule are refused."""
+    default = cg.MixedTile(128)
+    assert default.defines() == ("-DTPQ_TILE_TOKENS=128", "-DTPQ_TILE_ROWS=128",
+                                 "-DTPQ_TILE_K=64", "-DTPQ_CLUSTER=1")
+    assert default.label == "c128x128"
+    tile = cg.MixedTile(64, streamk=True, k=128, cluster=2)
+    assert {"-DTPQ_STREAMK", "-DTPQ_TILE_K=128", "-DTPQ_CLUSTER=2"} <= set(tile.defines())
+    assert tile.label == "c128x64k128sk2c"
+    pingpong = cg.MixedTile(64, rows=64, pingpong=True)
+    assert "-DTPQ_PINGPONG" in pingpong.defines() and pingpong.label == "p64x64"
+    with pytest.raises(ValueError, match="data-parallel"):
+        cg.MixedTile(64, streamk=True, rows=64, pingpong=True)
+    with pytest.raises(ValueError, match="128 rows"):
+        cg.MixedTile(64, rows=64)
 
 
 def test_int8_groupwise_is_refused() -> None:
     with pytest.raises(ValueError, match="per channel"):
-        cg.variant_for(8, 128, False, torch.bfloat16, (128, True))
+        cg.variant_for(8, 128, False, torch.bfloat16, cg.MixedTile(128))
 
 
 def test_takes_shape_rules() -> None:
@@ -61,8 +81,9 @@ def test_configs_by_m(m: int) -> None:
     """One 64-token tile to M = 64, stream-K on 128-token tiles below WIDE_FROM_M,
     data-parallel 256-token tiles from it; W8A8's wide tile from its own bound; every choice
     is among the prebuilt variants."""
-    expected = (64, False) if m <= 64 else (128, True) if m < cg.WIDE_FROM_M else (256, False)
-    assert cg.mixed_config(m) == expected
+    expected = ((64, False) if m <= 64 else (128, True) if m < cg.WIDE_FROM_M
+                else (256, False))
+    assert (cg.mixed_config(m).tokens, cg.mixed_config(m).streamk) == expected
     assert cg.w8a8_variant(m, torch.bfloat16).tile_n == (256 if m >= cg.W8A8_WIDE_FROM_M
                                                           else 128)
     built = cg.all_variants()
@@ -78,19 +99,22 @@ def test_library_path_keys_the_variant_and_the_cache_dir(monkeypatch, tmp_path) 
     (include / "version.h").write_text("#define CUTLASS_MAJOR 4\n#define CUTLASS_MINOR 2\n")
     monkeypatch.setattr(cg, "_cutlass_include", lambda: tmp_path / "include")
     monkeypatch.setenv(cg.CACHE_ENV, str(tmp_path / "cache"))
-    a = cg.library_path(cg.Variant(0, 0, 128))
+    T = cg.MixedTile
+    a = cg.library_path(cg.Variant(0, 0, T(128)))
     assert a.parent == tmp_path / "cache" / "cutlass" and a.suffix == ".so"
-    wide, wide_fp16 = cg.Variant(0, 0, 256), cg.Variant(0, 0, 256, True)
+    wide, wide_fp16 = cg.Variant(0, 0, T(256)), cg.Variant(0, 0, T(256), True)
     assert a != cg.library_path(wide) != cg.library_path(wide_fp16)
-    assert cg.library_path(cg.Variant(0, 0, 128, False, True)) != a  # stream-K
+    assert cg.library_path(cg.Variant(0, 0, T(128, streamk=True))) != a
+    assert cg.library_path(cg.Variant(0, 0, T(128, k=128))) != a
+    assert cg.library_path(cg.Variant(0, 0, T(128, rows=64, pingpong=True))) != a
     monkeypatch.setattr(cg, "_nvcc_release", lambda nvcc: "13.1")
-    assert cg.library_path(cg.Variant(0, 0, 128)) != a
+    assert cg.library_path(cg.Variant(0, 0, T(128))) != a
 
 
 def test_library_path_without_tools_says_what_is_missing(monkeypatch) -> None:
     monkeypatch.setattr(cg, "_nvcc", lambda: None)
     with pytest.raises(RuntimeError, match="needs nvcc and CUTLASS headers"):
-        cg.library_path(cg.Variant(0, 0, 128))
+        cg.library_path(cg.Variant(0, 0, cg.MixedTile(128)))
 
 
 def test_w8a8_takes_shape_rules() -> None:
@@ -105,7 +129,7 @@ def test_w8a8_variants_build_without_fused_multiply_add() -> None:
     v = cg.W8A8Variant(256, streamk=True, fp16=True)
     assert "-fmad=false" in v.defines() and "-DTPQ_STREAMK" in v.defines()
     assert v.source.name == "w8a8_gemm.cu" and v.source.is_file()
-    assert cg.Variant(0, 0, 128).source.name == "mixed_input_gemm.cu"
+    assert cg.Variant(0, 0, cg.MixedTile(128)).source.name == "mixed_input_gemm.cu"
 
 
 def test_forced_cutlass_w8a8_without_cuda_is_a_clear_error() -> None:

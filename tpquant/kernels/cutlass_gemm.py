@@ -63,31 +63,61 @@ FLAGS = ("-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-
          "-O3", "-Xcompiler=-fPIC", "-shared", "-cudart=static")
 QUANT_INT4, QUANT_UINT4, QUANT_INT8 = 0, 1, 2  # TPQ_QUANT
 CONVERT, SCALE, SCALE_ZERO = 0, 1, 2  # TPQ_MODE
-TILE_TOKENS = (64, 128, 256)  # TPQ_TILE_TOKENS: the CTA tile along M
 # The tile along M and the scheduling (stream-K or not) by M: `mixed_config`. W8A8: from
 # W8A8_WIDE_FROM_M on the 128 x 256 tile, below it 128 x 128 (`w8a8_variant`).
 WIDE_FROM_M = 1024
 W8A8_WIDE_FROM_M = 1024
-TILE_K = 64  # groups must hold whole K steps
+TILE_K = 64  # the smallest K step: groups must hold whole K steps
+
+
+@dataclass(frozen=True)
+class MixedTile:
+    """The weight-only GEMM's CTA tile and schedule (the TPQ_TILE_* macros of the .cu):
+    `tokens` of x along M, `rows` of the weight, K steps of `k`; stream-K or data-parallel
+    tiles; pingpong (two warpgroups on two tiles) or cooperative (both on one, 128 rows at
+    least; `rows` 64 or 128); `cluster` CTAs along the weight rows sharing x's tiles by multicast."""
+
+    tokens: int
+    streamk: bool = False
+    rows: int = 128
+    k: int = TILE_K
+    pingpong: bool = False
+    cluster: int = 1
+
+    def __post_init__(self) -> None:
+        if self.pingpong and self.streamk:
+            raise ValueError(f"{self}: pingpong tiles are data-parallel")
+        if not self.pingpong and self.rows != 128:  # 64 rows for each of two warpgroups
+            raise ValueError(f"{self}: cooperative tiles are 128 rows")
+
+    def defines(self) -> tuple[str, ...]:
+        return (f"-DTPQ_TILE_TOKENS={self.tokens}", f"-DTPQ_TILE_ROWS={self.rows}",
+                f"-DTPQ_TILE_K={self.k}", f"-DTPQ_CLUSTER={self.cluster}") + (
+            ("-DTPQ_STREAMK",) if self.streamk else ()) + (
+            ("-DTPQ_PINGPONG",) if self.pingpong else ())
+
+    @property
+    def label(self) -> str:
+        """e.g. "c128x256" (cooperative, 128 rows x 256 tokens), "p64x64", "c128x128k128sk2c"."""
+        return (f"{'p' if self.pingpong else 'c'}{self.rows}x{self.tokens}"
+                + (f"k{self.k}" if self.k != TILE_K else "") + ("sk" if self.streamk else "")
+                + (f"{self.cluster}c" if self.cluster > 1 else ""))
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One instantiation of the .cu: codes, dequantization mode, M tile, x's dtype, stream-K."""
+    """One instantiation of the .cu: codes, dequantization mode, tile, x's dtype."""
 
     quant: int
     mode: int
-    tile_tokens: int
+    tile: MixedTile
     fp16: bool = False
-    streamk: bool = False
 
     source = SOURCE
 
     def defines(self) -> tuple[str, ...]:
-        flags = (f"-DTPQ_QUANT={self.quant}", f"-DTPQ_MODE={self.mode}",
-                 f"-DTPQ_TILE_TOKENS={self.tile_tokens}")
-        return flags + (("-DTPQ_FP16",) if self.fp16 else ()) + (
-            ("-DTPQ_STREAMK",) if self.streamk else ())
+        return (f"-DTPQ_QUANT={self.quant}", f"-DTPQ_MODE={self.mode}", *self.tile.defines()) + (
+            ("-DTPQ_FP16",) if self.fp16 else ())
 
     @staticmethod
     def bind(library: ctypes.CDLL) -> None:
@@ -123,7 +153,7 @@ class W8A8Variant:
 
 
 def variant_for(bits: int, group: int, has_zeros: bool, dtype: torch.dtype,
-                config: tuple[int, bool]) -> Variant:
+                tile: MixedTile) -> Variant:
     """The instantiation for a scheme (pure): per channel converts and scales in the epilogue;
     groupwise dequantizes with its scales (and zeros) in the main loop."""
     if bits == 8:
@@ -134,8 +164,7 @@ def variant_for(bits: int, group: int, has_zeros: bool, dtype: torch.dtype,
         quant, mode = QUANT_INT4, CONVERT
     else:
         quant, mode = (QUANT_UINT4, SCALE_ZERO) if has_zeros else (QUANT_INT4, SCALE)
-    tile_tokens, streamk = config
-    return Variant(quant, mode, tile_tokens, dtype == torch.float16, streamk)
+    return Variant(quant, mode, tile, dtype == torch.float16)
 
 
 def takes(n: int, k: int, bits: int, group: int) -> bool:
@@ -208,13 +237,13 @@ def _tiles_order_kernel(x_ptr, y_ptr, M, K, stride_x, TK: tl.constexpr, BLOCK_M:
 
 def gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
          zeros: torch.Tensor | None, bits: int, group: int, bias: torch.Tensor | None,
-         out: torch.Tensor, config: tuple[int, bool] | None = None) -> None:
+         out: torch.Tensor, tile: MixedTile | None = None) -> None:
     """out[M, N] = x2[M, K] @ W^T (+ bias), W int8 / int4 in the tiled layout. The caller has
     checked shapes and `takes`; scale / zeros are float32 and contiguous. The bias is added in
     float32, before the output's rounding."""
     m, k = x2.shape
     n = qweight.shape[0]
-    variant = variant_for(bits, group, zeros is not None, x2.dtype, config or mixed_config(m))
+    variant = variant_for(bits, group, zeros is not None, x2.dtype, tile or mixed_config(m))
     library = _library(variant)
     x2 = tiles_order(x2, bits)  # (a fresh, aligned copy: TMA reads 16-byte aligned rows)
     if variant.mode == CONVERT:
@@ -236,15 +265,15 @@ def gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                            f"group={group}: {_status_text(status)}")
 
 
-def mixed_config(m: int) -> tuple[int, bool]:
+def mixed_config(m: int) -> MixedTile:
     """(M tile, stream-K) of the weight-only GEMM for M tokens (pure): to 64 tokens one
     64-token tile (the dispatch sends only wide weights there, whose row tiles fill the SMs);
     below WIDE_FROM_M the 128-token tile with stream-K: Llama's 4096-row weights make 32 row
     tiles, too few output tiles for 132 SMs at these M, so K is split across the idle ones;
     from it, the 256-token tile, data-parallel (bench_cutlass_gemm, H200: design note 34)."""
     if m <= 64:
-        return 64, False
-    return (128, True) if m < WIDE_FROM_M else (256, False)
+        return MixedTile(64)
+    return MixedTile(128, streamk=True) if m < WIDE_FROM_M else MixedTile(256)
 
 
 def w8a8_takes(n: int, k: int, out_dtype: torch.dtype) -> bool:
@@ -401,9 +430,10 @@ def all_variants() -> list[Variant | W8A8Variant]:
     """Every instantiation the dispatch can ask for (`mixed_config`, `w8a8_variant`)."""
     schemes = ((QUANT_INT4, CONVERT), (QUANT_UINT4, SCALE_ZERO), (QUANT_INT4, SCALE),
                (QUANT_INT8, CONVERT))
-    configs = sorted({mixed_config(1), mixed_config(WIDE_FROM_M - 1), mixed_config(WIDE_FROM_M)})
-    mixed = [Variant(q, m, tile, fp16, streamk) for fp16 in (False, True)
-             for tile, streamk in configs for q, m in schemes]
+    tiles = dict.fromkeys([mixed_config(1), mixed_config(WIDE_FROM_M - 1),
+                           mixed_config(WIDE_FROM_M)])
+    mixed = [Variant(q, m, tile, fp16) for fp16 in (False, True) for tile in tiles
+             for q, m in schemes]
     dtypes = (torch.bfloat16, torch.float16)
     return mixed + list(dict.fromkeys(w8a8_variant(m, d) for d in dtypes
                                       for m in (1, W8A8_WIDE_FROM_M)))
