@@ -57,9 +57,11 @@ W8A8_SCHEME = SmoothQuant(per_channel=True, per_token=True, dtype=DTYPE)
 W8A8_VARIANTS = [cutlass_gemm.W8A8Variant(n) for n in (128, 256)]
 T = cutlass_gemm.MixedTile
 TILES = {  # --tiles
-    # the tiles `mixed_config` has chosen from, each M tile data-parallel and stream-K
-    "rule": [T(64), T(128), T(128, streamk=True), T(256)],
-    # and more: pingpong (64 / 128 rows), K steps of 128, x multicast to 2 CTAs, 32 tokens
+    # the tiles `mixed_config` chooses from
+    "rule": list(dict.fromkeys(v.tile for v in cutlass_gemm.all_variants()
+                               if isinstance(v, cutlass_gemm.Variant))),
+    # the thirteenth session's sweep (design note 36): cooperative and pingpong (64 / 128
+    # rows), K steps of 128, x multicast to 2 CTAs, 32 tokens
     "sweep": [T(64), T(128, streamk=True), T(256), T(32, streamk=True),
               T(64, rows=64, pingpong=True), T(128, rows=64, pingpong=True),
               T(256, rows=64, pingpong=True), T(128, rows=128, pingpong=True),
@@ -132,6 +134,7 @@ def main() -> int:
         print("needs a compute capability 9.0 GPU, nvcc and CUTLASS headers", file=sys.stderr)
         return 2
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     ms = [int(m) for m in args.ms.split(",")]
     rows, failed = [], False
     gen = torch.Generator(device=device).manual_seed(0)
@@ -160,7 +163,9 @@ def main() -> int:
                     for tile in TILES[args.tiles]:
                         calls[tile.label] = [tile_call(scheme, t, x, tile) for t in sets]
                     calls["auto"] = [lambda t=t: op(scheme, t, x, None) for t in sets]
-                    rule = cutlass_gemm.mixed_config(m).label
+                    is_wide = cutlass_gemm.wide(n, sms)
+                    group = getattr(scheme, "group_size", 0)
+                    rule = cutlass_gemm.mixed_config(m, is_wide, bool(group)).label
                 times, errs = {}, {}
                 for column, fns in calls.items():
                     try:

@@ -48,6 +48,10 @@
 #     cutlass_tiles the device's copy bandwidth four ways (bench_copy), the CUTLASS weight-only
 #                 GEMM on every tile of bench_cutlass_gemm --tiles sweep (carry .cutlass_cache
 #                 with the sweep's libraries, built ahead with --build-only), bench_gemm --quick
+#     cutlass_rule the tiles by M and width (thirteenth session): the CUTLASS tests, the tiled
+#                 dispatch's, bench_cutlass_gemm --tiles rule, bench_gemm --quick (1 GPU; carry
+#                 .cutlass_cache)
+#     rule_decode the layers on 2 GPUs, bench_decode bf16 / int8 / int4 / int4_gw at TP 1, 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -345,6 +349,27 @@ cutlass_tiles)
   STEP_TIMEOUT=480 TAIL=60 step bench_cutlass_tiles python3 benchmarks/bench_cutlass_gemm.py \
     --tiles sweep --schemes int4_wo,int8_wo,int4_gw
   STEP_TIMEOUT=150 TAIL=12 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  ;;
+cutlass_rule)
+  # the tiles by M and the weight's width: the CUTLASS tests (every tile forced, the dispatch
+  # around M = 32), the tiled dispatch's, the rule against dequant / the GEMV / bf16, bench_gemm
+  # --quick (1 GPU)
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  step kernels_cutlass pyt tests/gpu/test_kernels_cutlass.py
+  step kernels_tiles pyt tests/gpu/test_kernels_tiles.py -k "dispatch or forced"
+  STEP_TIMEOUT=150 TAIL=20 step bench_cutlass_rule python3 benchmarks/bench_cutlass_gemm.py \
+    --ms 32,64,128,256,1024 --schemes int4_wo,int8_wo,int4_gw
+  STEP_TIMEOUT=150 TAIL=12 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  ;;
+rule_decode)
+  # the tiles by M and width on 2 GPUs: the layers, then bench_decode (bf16, int8, int4, gw; batch
+  # 1, 8, 64; prefill of 512 tokens) at TP 1 and 2
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
+    -q --timeout 240 tests/mpi/test_layers.py
+  STEP_TIMEOUT=240 decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw
   ;;
 int8_decode)
   # int8 in tiles at TP 2: the layers on 2 GPUs, then bench_decode (bf16, int8, int4; batch 1,

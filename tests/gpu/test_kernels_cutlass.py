@@ -107,14 +107,23 @@ def test_forced_path_matches_reference(device, name: str, n: int, k: int, group:
         check(y, _reference(name, t, group, x, b), dtype, (name, n, k, group, m, b is None))
 
 
-TILES = list(dict.fromkeys(cutlass_gemm.mixed_config(m) for m in (1, 100, 4096)))
+def _tile_cases() -> list:
+    """(case, tile) for each tile the dispatch builds for the case's scheme (bfloat16)."""
+    built = [v for v in cutlass_gemm.all_variants()
+             if isinstance(v, cutlass_gemm.Variant) and not v.fp16]
+    cases = []
+    for name, n, k, group in (CASES[1], CASES[3], CASES[5], CASES[7]):
+        probe = cutlass_gemm.variant_for(8 if name == "int8" else 4, group, name == "gw_zeros",
+                                         torch.bfloat16, cutlass_gemm.MixedTile(64))
+        cases += [pytest.param(name, n, k, group, v.tile, id=f"{name}-{v.tile.label}")
+                  for v in built if (v.quant, v.mode) == (probe.quant, probe.mode)]
+    return cases
 
 
-@pytest.mark.parametrize("tile", TILES, ids=[t.label for t in TILES])
-@pytest.mark.parametrize("name,n,k,group", [CASES[1], CASES[3], CASES[5], CASES[7]])
+@pytest.mark.parametrize("name,n,k,group,tile", _tile_cases())
 def test_every_tile(device, name: str, n: int, k: int, group: int,
                     tile: cutlass_gemm.MixedTile) -> None:
-    """Each tile the dispatch uses, on a partial last tile and on whole ones."""
+    """Each tile the dispatch uses, forced, on a partial last tile and on whole ones."""
     t = _weights(name, n, k, group, device, seed=7)
     scale = t["scale"] if name in ("int4", "int8") else t["scales"]
     for m in (tile.tokens - 1, 3 * tile.tokens):
@@ -139,21 +148,23 @@ def test_automatic_dispatch_takes_cutlass_in_its_range(device, name: str, n: int
     assert torch.equal(_op(name, t, group, x, bias, None), _op(name, t, group, x, bias, expected))
 
 
-@pytest.mark.parametrize("m", [32, 33, 64])
+@pytest.mark.parametrize("m", [31, 32, 33, 64])
 @pytest.mark.parametrize("name,group", [("int4", 0), ("gw_zeros", 64), ("int8", 0)])
-def test_wide_weights_take_cutlass_from_33(device, name: str, group: int, m: int) -> None:
-    """An int4 weight whose 128-row tiles fill half the SMs goes to CUTLASS from M = 33 (the
-    small-M kernel below), and matches the reference; a 4096-row one keeps it. int8 goes to
-    CUTLASS from M = 33 whatever its width."""
+def test_small_m_follows_cutlass_range(device, name: str, group: int, m: int) -> None:
+    """At M = 31-64 a weight whose 128-row tiles fill half the SMs and a 4096-row one go to
+    CUTLASS where `cutlass_range` says (wide per channel from 32, wide groupwise and narrow
+    int8 from 33), else to the tiled GEMV, and match the reference."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    k, small = 320, "cuda"
-    for n, wide in ((128 * -(-sms // 2), True), (4096, False)):
+    k = 320
+    for n in (128 * -(-sms // 2), 4096):
         t = _weights(name, n, k, group, device, seed=n)
         x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m)
-        expected = "cutlass" if (wide or name == "int8") and m >= 33 else small
+        bits = 8 if name == "int8" else 4
+        expected = "cutlass" if tw.cutlass_range(m, n, bits, group, sms) else "cuda"
         y = _op(name, t, group, x, bias, None)
         assert torch.equal(y, _op(name, t, group, x, bias, expected)), (n, m)
         check(y, _reference(name, t, group, x, bias), torch.bfloat16, (name, n, m))
+    assert tw.cutlass_range(32, 128 * -(-sms // 2), 4, 0, sms)  # the rule reaches 32
 
 
 def test_cuda_graph_replays_on_fresh_inputs(device) -> None:

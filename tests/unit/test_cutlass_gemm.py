@@ -76,19 +76,53 @@ def test_takes_shape_rules() -> None:
     assert not cg.takes(4096, 4096, 2, 0)
 
 
-@pytest.mark.parametrize("m", [1, 64, 65, 1023, 1024, 4096])
-def test_configs_by_m(m: int) -> None:
-    """One 64-token tile to M = 64, stream-K on 128-token tiles below WIDE_FROM_M,
-    data-parallel 256-token tiles from it; W8A8's wide tile from its own bound; every choice
-    is among the prebuilt variants."""
-    expected = ((64, False) if m <= 64 else (128, True) if m < cg.WIDE_FROM_M
-                else (256, False))
-    assert (cg.mixed_config(m).tokens, cg.mixed_config(m).streamk) == expected
-    assert cg.w8a8_variant(m, torch.bfloat16).tile_n == (256 if m >= cg.W8A8_WIDE_FROM_M
-                                                          else 128)
+def test_wide_weights_fill_half_the_sms() -> None:
+    """66 tiles of 128 rows fill half of 132 SMs: 8448 rows are wide, 8320 are not."""
+    assert cg.wide(8448, 132) and cg.wide(22016, 132)
+    assert not cg.wide(8320, 132) and not cg.wide(4096, 132)
+
+
+T = cg.MixedTile
+PP = dict(rows=64, pingpong=True)
+
+
+@pytest.mark.parametrize("m,wide,groupwise,expected", [
+    (1, True, False, T(32, streamk=True)), (32, True, False, T(32, streamk=True)),
+    (33, True, False, T(64)), (64, True, True, T(64)), (65, True, False, T(128, streamk=True)),
+    (128, True, True, T(128, streamk=True)), (129, True, False, T(256, **PP)),
+    (4096, True, False, T(256, **PP)), (129, True, True, T(256)), (1024, True, True, T(256)),
+    (33, False, False, T(64, **PP)), (128, False, False, T(64, **PP)),
+    (129, False, False, T(128, **PP)), (1023, False, False, T(128, **PP)),
+    (1024, False, False, T(256)), (4096, False, False, T(256)), (1, False, True, T(64)),
+    (128, False, True, T(128, streamk=True)), (129, False, True, T(256))])
+def test_tiles_by_m_and_width(m: int, wide: bool, groupwise: bool,
+                              expected: cg.MixedTile) -> None:
+    """Per channel, wide weights: the cooperative tile that holds M to 128 tokens, then 64 x
+    256 pingpong; narrow: 64-row pingpong tiles, 64 then 128 tokens, 128 x 256 cooperative
+    from LARGE_M. Groupwise: the cooperative 64-, 128- (stream-K) and 256-token tiles."""
+    assert cg.mixed_config(m, wide, groupwise) == expected
+
+
+def test_every_tile_the_dispatch_takes_is_prebuilt() -> None:
+    """For each scheme, dtype and weight width, every M the dispatch gives CUTLASS, and every M
+    of a forced call, has its library among `all_variants` (what `python -m
+    tpquant.kernels.cutlass_gemm` builds), and no more: nothing is built that no call takes."""
+    from tpquant.kernels.triton_weight_only import cutlass_range
+
     built = cg.all_variants()
-    assert cg.variant_for(4, 0, False, torch.float16, cg.mixed_config(m)) in built
-    assert cg.w8a8_variant(m, torch.float16) in built
+    taken = set()
+    for bits, group, zeros in ((4, 0, False), (8, 0, False), (4, 128, True), (4, 128, False)):
+        for n in (4096, 22016):
+            for m in sorted({*range(1, 4100, 7), 32, 33, 64, 65, 128, 129, 1023, 1024}):
+                if cutlass_range(m, n, bits, group, 132) or m % 5 == 0:  # or forced
+                    for dtype in (torch.bfloat16, torch.float16):
+                        tile = cg.mixed_config(m, cg.wide(n, 132), bool(group))
+                        taken.add(cg.variant_for(bits, group, zeros, dtype, tile))
+    assert taken == {v for v in built if isinstance(v, cg.Variant)}
+    for m in (1, cg.W8A8_WIDE_FROM_M):
+        assert cg.w8a8_variant(m, torch.float16) in built
+        assert cg.w8a8_variant(m, torch.bfloat16).tile_n == (
+            256 if m >= cg.W8A8_WIDE_FROM_M else 128)
 
 
 def test_library_path_keys_the_variant_and_the_cache_dir(monkeypatch, tmp_path) -> None:

@@ -260,26 +260,25 @@ def test_split_k_partials_cost_at_most_the_weight(m: int, bits: int) -> None:
     assert splits == 1 or 8 * splits * m * n <= n * k * bits / 8
 
 
-@pytest.mark.parametrize("m,int8,int4,grouped", [
-    (32, False, False, False), (33, True, False, False), (64, True, False, False),
-    (65, True, True, True), (128, True, True, True), (129, True, True, False),
-    (1024, True, True, False), (1025, False, False, False), (4096, False, False, False)])
-def test_cutlass_range_by_scheme(m: int, int8: bool, int4: bool, grouped: bool) -> None:
-    """A 4096-row weight on 132 SMs: int8 from M = 33, int4 from 65; to M = 128 groupwise,
-    1024 per channel."""
+@pytest.mark.parametrize("m,int8,int4", [
+    (31, False, False), (32, False, False), (33, True, False), (64, True, False),
+    (65, True, True), (1024, True, True), (1025, False, False), (4096, False, False)])
+def test_cutlass_range_on_narrow_weights(m: int, int8: bool, int4: bool) -> None:
+    """A 4096-row weight on 132 SMs: int8 from M = 33, int4 from 65, both to 1024; groupwise
+    never (dequantize + cuBLAS beat every tile there)."""
     assert real.cutlass_range(m, 4096, 8, 0, 132) == int8
     assert real.cutlass_range(m, 4096, 4, 0, 132) == int4
-    assert real.cutlass_range(m, 4096, 4, 128, 132) == grouped
+    assert real.cutlass_range(m, 4096, 4, 128, 132) is False
 
 
-@pytest.mark.parametrize("n,wide", [(4096, False), (8320, False), (8448, True), (22016, True)])
-def test_cutlass_range_takes_wide_weights_from_33(n: int, wide: bool) -> None:
-    """int4 weights whose 128-row tiles fill half of 132 SMs (66 tiles: 8448 rows) from M = 33;
-    int8 from 33 whatever its width."""
-    for bits, group in ((4, 0), (4, 128)):
-        assert real.cutlass_range(32, n, bits, group, 132) is False
-        assert real.cutlass_range(33, n, bits, group, 132) is wide
-        assert real.cutlass_range(64, n, bits, group, 132) is wide
-        assert real.cutlass_range(65, n, bits, group, 132) is True
-    assert real.cutlass_range(32, n, 8, 0, 132) is False
-    assert real.cutlass_range(33, n, 8, 0, 132) is True
+@pytest.mark.parametrize("m,per_channel,grouped", [
+    (31, False, False), (32, True, False), (33, True, True), (1024, True, True),
+    (1025, False, False)])
+def test_cutlass_range_on_wide_weights(m: int, per_channel: bool, grouped: bool) -> None:
+    """Weights whose 128-row tiles fill half of 132 SMs (8448 rows and more): per channel from
+    M = 32, groupwise from 33, to 1024."""
+    for n in (8448, 22016):
+        assert real.cutlass_range(m, n, 8, 0, 132) == per_channel
+        assert real.cutlass_range(m, n, 4, 0, 132) == per_channel
+        assert real.cutlass_range(m, n, 4, 128, 132) == grouped
+    assert real.cutlass_range(32, 8320, 4, 0, 132) is False  # 65 tiles: narrow

@@ -63,9 +63,10 @@ FLAGS = ("-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-
          "-O3", "-Xcompiler=-fPIC", "-shared", "-cudart=static")
 QUANT_INT4, QUANT_UINT4, QUANT_INT8 = 0, 1, 2  # TPQ_QUANT
 CONVERT, SCALE, SCALE_ZERO = 0, 1, 2  # TPQ_MODE
-# The tile along M and the scheduling (stream-K or not) by M: `mixed_config`. W8A8: from
-# W8A8_WIDE_FROM_M on the 128 x 256 tile, below it 128 x 128 (`w8a8_variant`).
-WIDE_FROM_M = 1024
+# The weight-only tile by M and the weight's width: `mixed_config`; narrow weights take the
+# 128 x 256 tile from LARGE_M. W8A8: from W8A8_WIDE_FROM_M on the 128 x 256 tile, below it
+# 128 x 128 (`w8a8_variant`).
+LARGE_M = 1024
 W8A8_WIDE_FROM_M = 1024
 TILE_K = 64  # the smallest K step: groups must hold whole K steps
 
@@ -175,14 +176,15 @@ def takes(n: int, k: int, bits: int, group: int) -> bool:
             and (not group or (bits == 4 and group % TILE_K == 0)))
 
 
-def usable(m: int, bits: int, group: int, has_zeros: bool, dtype: torch.dtype,
+def usable(m: int, n: int, bits: int, group: int, has_zeros: bool, dtype: torch.dtype,
            device: torch.device) -> bool:
     """Whether the automatic dispatch may send this call here: the device and tools are
     `available` and the instantiation builds (a failed build warns once and is not retried;
     forcing the path raises its error instead)."""
     if dtype not in (torch.float16, torch.bfloat16) or not available(device.index):
         return False
-    return loads(variant_for(bits, group, has_zeros, dtype, mixed_config(m)))
+    tile = mixed_config(m, wide(n, _sm_count(device)), bool(group))
+    return loads(variant_for(bits, group, has_zeros, dtype, tile))
 
 
 def loads(variant: Variant | W8A8Variant) -> bool:
@@ -243,7 +245,8 @@ def gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     float32, before the output's rounding."""
     m, k = x2.shape
     n = qweight.shape[0]
-    variant = variant_for(bits, group, zeros is not None, x2.dtype, tile or mixed_config(m))
+    tile = tile or mixed_config(m, wide(n, _sm_count(x2.device)), bool(group))
+    variant = variant_for(bits, group, zeros is not None, x2.dtype, tile)
     library = _library(variant)
     x2 = tiles_order(x2, bits)  # (a fresh, aligned copy: TMA reads 16-byte aligned rows)
     if variant.mode == CONVERT:
@@ -265,15 +268,37 @@ def gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                            f"group={group}: {_status_text(status)}")
 
 
-def mixed_config(m: int) -> MixedTile:
-    """(M tile, stream-K) of the weight-only GEMM for M tokens (pure): to 64 tokens one
-    64-token tile (the dispatch sends only wide weights there, whose row tiles fill the SMs);
-    below WIDE_FROM_M the 128-token tile with stream-K: Llama's 4096-row weights make 32 row
-    tiles, too few output tiles for 132 SMs at these M, so K is split across the idle ones;
-    from it, the 256-token tile, data-parallel (bench_cutlass_gemm, H200: design note 34)."""
-    if m <= 64:
-        return MixedTile(64)
-    return MixedTile(128, streamk=True) if m < WIDE_FROM_M else MixedTile(256)
+def wide(n: int, sm_count: int) -> bool:
+    """Whether a weight of n rows is wide: its 128-row tiles alone fill half the SMs or more
+    (Llama's fused qkv and gate / up; its 4096-row o and down are narrow)."""
+    return 2 * -(-n // 128) >= sm_count
+
+
+def mixed_config(m: int, wide: bool, groupwise: bool = False) -> MixedTile:
+    """The weight-only GEMM's tile for M tokens (pure; bench_cutlass_gemm --tiles sweep on
+    H200, design note 36).
+
+    Per channel, wide weights: to M = 128 the cooperative 128-row tile that holds M (32 tokens
+    stream-K, 64, 128 stream-K); above, 64 x 256 pingpong, one warpgroup's dequantization
+    under the other's tensor-core work. Narrow weights: 64-row pingpong tiles, twice as many
+    row tiles for the SMs as 128-row ones: 64 tokens to M = 128, 128 tokens below LARGE_M,
+    then 128 x 256 cooperative. Groupwise (which the dispatch gives wide weights only): the
+    cooperative tiles, 64 tokens, 128 stream-K, 256 (its float32 dequantization is the
+    bottleneck; pingpong lost)."""
+    if groupwise:
+        return (MixedTile(64) if m <= 64 else MixedTile(128, streamk=True) if m <= 128
+                else MixedTile(256))
+    if wide:
+        if m <= 32:
+            return MixedTile(32, streamk=True)
+        if m <= 64:
+            return MixedTile(64)
+        if m <= 128:
+            return MixedTile(128, streamk=True)
+        return MixedTile(256, rows=64, pingpong=True)
+    if m <= 128:
+        return MixedTile(64, rows=64, pingpong=True)
+    return MixedTile(128, rows=64, pingpong=True) if m < LARGE_M else MixedTile(256)
 
 
 def w8a8_takes(n: int, k: int, out_dtype: torch.dtype) -> bool:
@@ -422,18 +447,29 @@ def _status_text(status: int) -> str:
     return f"cutlass::Status {status - 1000}"
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
 def all_variants() -> list[Variant | W8A8Variant]:
-    """Every instantiation the dispatch can ask for (`mixed_config`, `w8a8_variant`)."""
-    schemes = ((QUANT_INT4, CONVERT), (QUANT_UINT4, SCALE_ZERO), (QUANT_INT4, SCALE),
-               (QUANT_INT8, CONVERT))
-    tiles = dict.fromkeys([mixed_config(1), mixed_config(WIDE_FROM_M - 1),
-                           mixed_config(WIDE_FROM_M)])
-    mixed = [Variant(q, m, tile, fp16) for fp16 in (False, True) for tile in tiles
-             for q, m in schemes]
+    """Every instantiation the dispatch can ask for (`mixed_config` where the dispatch's
+    `cutlass_range` sends calls; `w8a8_variant`)."""
+    from tpquant.kernels.triton_weight_only import cutlass_range
+
+    schemes = ((QUANT_INT4, CONVERT, 4, 0), (QUANT_UINT4, SCALE_ZERO, 4, TILE_K),
+               (QUANT_INT4, SCALE, 4, TILE_K), (QUANT_INT8, CONVERT, 8, 0))
+    sms, rows = 132, {True: 128 * 132, False: 128}  # a wide and a narrow weight
+    ms = (32, 33, 64, 65, 128, 129, LARGE_M - 1, LARGE_M)  # each side of every bound
+    mixed = list(dict.fromkeys(
+        Variant(quant, mode, mixed_config(m, is_wide, bool(group)), fp16)
+        for fp16 in (False, True) for quant, mode, bits, group in schemes
+        for is_wide in (True, False) for m in ms
+        if cutlass_range(m, rows[is_wide], bits, group, sms)))
     dtypes = (torch.bfloat16, torch.float16)
     return mixed + list(dict.fromkeys(w8a8_variant(m, d) for d in dtypes
                                       for m in (1, W8A8_WIDE_FROM_M)))

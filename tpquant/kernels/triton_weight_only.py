@@ -93,24 +93,25 @@ KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT, CUTLASS)
 # from there (bench_wo_kernels.py, 2026-11-30: docs/benchmarks.md).
 # By bits: M <= this: the CUDA GEMVs (fma, then mma), where they take the shape (untiled).
 CUDA_MAX_M = {4: 32, 8: 16}
-# The CUTLASS GEMM where it runs (`cutlass_gemm.usable`, tiled weights), from CUTLASS_MIN_M
-# by bits (above the tiled GEMV's M) up to CUTLASS_MAX_M by (bits, groupwise);
-# dequantize + cuBLAS above. bench_cutlass_gemm, H200, seven Llama-2-7B / 70B shapes, geomean
-# over bf16 (docs/benchmarks.md, eleventh and twelfth 2026-11-30 sections), CUTLASS against
-# the paths around it: int4 per channel at M = 128 / 256 / 1024 / 4096 0.74 / 0.70 / 0.84 /
-# 0.84 against dequant's 0.47 / 0.55 / 0.80 / 0.94; groupwise 0.53 / 0.48 / 0.75 / 0.79
-# against 0.47 / 0.54 / 0.79 / 0.93 (its float32 scales and zeros make the in-register
-# dequantization the bottleneck); int8 (tiles) at M = 64 / 128 / 256 / 1024 0.75 / 0.71 /
-# 0.67 / 0.82 against the tiled GEMV's 0.53 at 64 and dequant's 0.43 / 0.43 / 0.50 / 0.75, and
-# at M = 32 0.71 against the GEMV's 0.87.
-CUTLASS_MIN_M = {4: 65, 8: 33}
-CUTLASS_MAX_M = {(8, False): 1024, (4, False): 1024, (4, True): 128}
-# Wide int4 weights, whose 128-row tiles alone fill at least half the SMs, take it from
-# CUTLASS_WIDE_MIN_M (one 64-token tile) instead: at M = 64 on 7B qkv / gate_up and 70B
-# gate_up (TP 4) int4 1.10-1.44x bf16 against the tiled GEMV's 0.73-0.79, groupwise 0.63-0.81
-# against 0.43-0.56; on 4096-row weights (32 tiles) it lost (int4 0.49-0.57 against
-# 0.64-0.76). (int8 takes it from 33 on every weight.)
-CUTLASS_WIDE_MIN_M = 33
+# The CUTLASS GEMM where it runs (`cutlass_gemm.usable`, tiled weights): M from..to by
+# (bits, groupwise, wide weight: `cutlass_gemm.wide`); the tiled GEMV below, dequantize +
+# cuBLAS above. bench_cutlass_gemm --tiles sweep, H200, seven Llama-2-7B / 70B shapes, geomean
+# over bf16 with `cutlass_gemm.mixed_config`'s tiles (docs/benchmarks.md, thirteenth 2026-11-30
+# section; design note 36):
+# - per channel, wide: at M = 32 the 32-token tile beats the GEMV (int4 1.37 against 1.09,
+#   int8 1.29 against 0.97); to M = 1024 (int4 0.95, int8 0.92 against dequant's 0.79 / 0.76;
+#   at 4096 dequant's 0.94 / 0.93 win);
+# - per channel, narrow (4096 rows): int4 keeps the GEMV to M = 64 (0.68 against the pingpong
+#   tile's 0.63), int8 takes CUTLASS from 33 (0.64 against the GEMV's 0.44); to 1024;
+# - groupwise: wide weights from M = 33 to 1024 (256: 0.69 against dequant's 0.53; 1024: 0.81
+#   against 0.79); never narrow ones, where dequant + cuBLAS beat every tile (M = 128 0.51
+#   against 0.45, 256 0.56 against 0.49).
+CUTLASS_M = {
+    (4, False, True): (32, 1024), (4, False, False): (65, 1024),
+    (8, False, True): (32, 1024), (8, False, False): (33, 1024),
+    (4, True, True): (33, 1024), (4, True, False): None,
+}
+CUTLASS_MIN_M = min(r[0] for r in CUTLASS_M.values() if r)  # below: the checks are skipped
 GEMV_MAX_M = 1  # M <= this: gemv
 DOT_MAX_M = {4: 128, 8: 128}  # by bits: GEMV_MAX_M < M <= this: dot; above: dequant + cuBLAS
 # Split-K: aim for this many programs per SM, with at most MAX_SPLIT_K splits of at least
@@ -152,10 +153,9 @@ def choose_path(m: int, k: int, bits: int, group_size: int, cuda: bool = True) -
 
 def cutlass_range(m: int, n: int, bits: int, group_size: int, sm_count: int) -> bool:
     """Whether the automatic choice gives M rows of an [n, K] weight of this scheme to the
-    CUTLASS GEMM (pure)."""
-    wide = 2 * -(-n // 128) >= sm_count
-    bottom = CUTLASS_WIDE_MIN_M if wide else CUTLASS_MIN_M[bits]
-    return bottom <= m <= CUTLASS_MAX_M[bits, bool(group_size)]
+    CUTLASS GEMM (pure; `CUTLASS_M`)."""
+    bounds = CUTLASS_M.get((bits, bool(group_size), cutlass_gemm.wide(n, sm_count)))
+    return bounds is not None and bounds[0] <= m <= bounds[1]
 
 
 def forced_path(path: str | None = None) -> str:
@@ -803,8 +803,8 @@ def _matmul(
         return out.reshape(*x.shape[:-1], n)
     chosen = forced_path(path)
     cuda_ok = _cuda_takes(x2, wt, bias)
-    # Below CUTLASS_WIDE_MIN_M only a forced call can reach CUTLASS: skip its checks there.
-    cutlass_ok = ((chosen == CUTLASS or m >= CUTLASS_WIDE_MIN_M)
+    # Below CUTLASS_MIN_M only a forced call can reach CUTLASS: skip its checks there.
+    cutlass_ok = ((chosen == CUTLASS or m >= CUTLASS_MIN_M)
                   and _cutlass_takes(x2, wt, bias, out))
     if chosen == CUTLASS and not cutlass_ok:
         raise ValueError(
@@ -1031,8 +1031,8 @@ def _sm_count(x2: torch.Tensor) -> int:
 
 
 def _cutlass_usable(x2: torch.Tensor, wt: _Weights) -> bool:
-    return cutlass_gemm.usable(x2.shape[0], wt.bits, wt.group, wt.zeros is not None, x2.dtype,
-                               x2.device)
+    return cutlass_gemm.usable(x2.shape[0], wt.n, wt.bits, wt.group, wt.zeros is not None,
+                               x2.dtype, x2.device)
 
 
 def _word_aligned(qweight: torch.Tensor) -> bool:
