@@ -18,6 +18,13 @@ ranks. Per scheme:
   its waits for the others (in the all-reduce kernels and, under programmatic dependent
   launch, in kernels launched early), so the kinds can add up to far more than a step.
 Table on stdout, $OUT/profile_decode_tp<N>.json (OUT defaults to /tmp/out).
+
+    [mpirun -n 2] python benchmarks/profile_decode.py --prefill [--schemes ...]
+
+profiles bench_decode's time to first token instead: the prefill of a PROMPT-token prompt
+(batch 1, eager) to the last position's argmax on the host, wall milliseconds (median of 3),
+then torch.profiler over one: the kernels by kind, and the host's busiest operators
+($OUT/profile_prefill_tp<N>.json).
 """
 
 from __future__ import annotations
@@ -123,32 +130,70 @@ def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device) -> d
         for _ in range(steps):
             model.decode_step(token, pos)
         torch.cuda.synchronize(device)
-    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-            by_name[e.name][0] += us / 1e3 / steps  # ms per step
-            by_name[e.name][1] += 1
-    kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for name, (ms, count) in by_name.items():
-        kinds[kind_of(name)][0] += ms
-        kinds[kind_of(name)][1] += count / steps
-    kernel_sum = sum(ms for ms, _ in kinds.values())
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]
+    kinds, top = kernel_kinds(prof, steps)
     del graphs, model
     torch.cuda.empty_cache()
     return dict(
         scheme=scheme, batch=batch, graph_ms=graph_ms, serial_ms=serial_ms, loop_ms=loop_ms,
-        kernel_sum_ms=kernel_sum, kernels_per_step=sum(c for _, c in kinds.values()),
-        kinds={k: {"ms": ms, "launches": n} for k, (ms, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
-        top=[{"name": n[:120], "ms": ms, "launches": c / steps} for n, (ms, c) in top],
+        kernel_sum_ms=sum(v["ms"] for v in kinds.values()),
+        kernels_per_step=sum(v["launches"] for v in kinds.values()), kinds=kinds, top=top,
     )
+
+
+def kernel_kinds(prof, runs: int) -> tuple[dict, list]:
+    """Device milliseconds per run by kind, and the top kernels, from a torch.profiler run."""
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            by_name[e.name][0] += us / 1e3 / runs
+            by_name[e.name][1] += 1
+    kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, (ms, count) in by_name.items():
+        kinds[kind_of(name)][0] += ms
+        kinds[kind_of(name)][1] += count / runs
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]
+    return ({k: {"ms": ms, "launches": n} for k, (ms, n) in sorted(kinds.items(),
+                                                                   key=lambda kv: -kv[1][0])},
+            [{"name": n[:120], "ms": ms, "launches": c / runs} for n, (ms, c) in top])
+
+
+@torch.no_grad()
+def profile_prefill(scheme: str, mapping: Mapping, comm, device) -> dict:
+    """bench_decode's time to first token, then where it goes (see the module docstring)."""
+    config = MODELS["llama2-7b"]
+    model = random_model(config, scheme, mapping, comm, device, group_size_for(config, 1))
+    model.setup_caches(1, PROMPT + 64)
+    tokens = torch.randint(0, config.vocab_size, (1, PROMPT), device=device)
+    last = torch.tensor([PROMPT - 1], device=device)
+
+    def once() -> float:
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        model(tokens, 0, logits_at=last).argmax(-1).tolist()
+        return (time.perf_counter() - t) * 1e3
+
+    once()
+    wall_ms = statistics.median(once() for _ in range(3))
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        once()
+    kinds, top = kernel_kinds(prof, 1)
+    host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+                  key=lambda e: -e.self_cpu_time_total)[:10]
+    model = None  # free its weights before the next scheme
+    torch.cuda.empty_cache()
+    return dict(scheme=scheme, wall_ms=wall_ms, kernel_sum_ms=sum(v["ms"] for v in kinds.values()),
+                kinds=kinds, top=top,
+                host=[{"name": e.key[:80], "self_ms": e.self_cpu_time_total / 1e3,
+                       "calls": e.count} for e in host])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--schemes", nargs="+", default=["bf16", "int4_wo"])
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prefill", action="store_true", help="profile the time to first token")
     args = p.parse_args()
     mapping = Mapping.from_env()
     device = mapping.device()
@@ -159,6 +204,24 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.prefill:
+        for scheme in args.schemes:
+            r = profile_prefill(scheme, mapping, comm, device)
+            results.append(r)
+            if mapping.rank != 0:
+                continue
+            print(f"# llama2-7b TP {mapping.tp_size} {scheme} prefill of {PROMPT} tokens: "
+                  f"{r['wall_ms']:.1f} ms wall, kernels {r['kernel_sum_ms']:.1f} ms")
+            for kind, v in r["kinds"].items():
+                print(f"  {kind:<28} {v['ms']:7.3f} ms  {v['launches']:6.0f} launches")
+            for t in r["top"][:6]:
+                print(f"    {t['ms']:7.3f} ms  x{t['launches']:<5.0f} {t['name'][:90]}")
+            for h in r["host"][:8]:
+                print(f"  host {h['self_ms']:7.2f} ms  x{h['calls']:<5} {h['name']}")
+            (out / f"profile_prefill_tp{mapping.tp_size}.json").write_text(json.dumps(
+                {"device": torch.cuda.get_device_name(device), "tp": mapping.tp_size,
+                 "results": results}, indent=1))
+        return
     for scheme in args.schemes:
         r = profile_scheme(scheme, args.batch, mapping, comm, device)
         results.append(r)

@@ -52,6 +52,8 @@
 #                 dispatch's, bench_cutlass_gemm --tiles rule, bench_gemm --quick (1 GPU; carry
 #                 .cutlass_cache)
 #     rule_decode the layers on 2 GPUs, bench_decode bf16 / int8 / int4 / int4_gw at TP 1, 2
+#     prefill     profile_decode --prefill: the time to first token by kernel kind and host
+#                 operator, bf16 and int8, at TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -370,6 +372,16 @@ rule_decode)
   [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
     -q --timeout 240 tests/mpi/test_layers.py
   STEP_TIMEOUT=240 decode_tp12 --models llama2-7b --schemes bf16 int8_wo int4_wo int4_gw
+  ;;
+prefill)
+  # where the time to first token goes: profile_decode --prefill at TP 1 and 2 (bf16, int8)
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=60 step profile_prefill_tp$n mpi -n $n python3 benchmarks/profile_decode.py --prefill \
+      --schemes bf16 int8_wo
+  done
   ;;
 int8_decode)
   # int8 in tiles at TP 2: the layers on 2 GPUs, then bench_decode (bf16, int8, int4; batch 1,
