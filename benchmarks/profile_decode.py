@@ -24,7 +24,8 @@ Table on stdout, $OUT/profile_decode_tp<N>.json (OUT defaults to /tmp/out).
 profiles bench_decode's time to first token instead: the prefill of a PROMPT-token prompt
 (batch 1, eager) to the last position's argmax on the host, wall milliseconds (median of 3),
 then torch.profiler over one: the kernels by kind, and the host's busiest operators
-($OUT/profile_prefill_tp<N>.json).
+($OUT/profile_prefill_tp<N>.json); with --python, then cProfile over one on rank 0: the Python
+functions with the most time of their own.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def kernel_kinds(prof, runs: int) -> tuple[dict, list]:
 
 
 @torch.no_grad()
-def profile_prefill(scheme: str, mapping: Mapping, comm, device) -> dict:
+def profile_prefill(scheme: str, mapping: Mapping, comm, device, python: bool = False) -> dict:
     """bench_decode's time to first token, then where it goes (see the module docstring)."""
     config = MODELS["llama2-7b"]
     model = random_model(config, scheme, mapping, comm, device, group_size_for(config, 1))
@@ -179,6 +180,13 @@ def profile_prefill(scheme: str, mapping: Mapping, comm, device) -> dict:
     with torch.profiler.profile(activities=activities) as prof:
         once()
     kinds, top = kernel_kinds(prof, 1)
+    if python and mapping.rank == 0:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(once)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
                   key=lambda e: -e.self_cpu_time_total)[:10]
     model = None  # free its weights before the next scheme
@@ -194,6 +202,7 @@ def main() -> None:
     p.add_argument("--schemes", nargs="+", default=["bf16", "int4_wo"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefill", action="store_true", help="profile the time to first token")
+    p.add_argument("--python", action="store_true", help="--prefill: and its Python (cProfile)")
     args = p.parse_args()
     mapping = Mapping.from_env()
     device = mapping.device()
@@ -206,7 +215,7 @@ def main() -> None:
     results = []
     if args.prefill:
         for scheme in args.schemes:
-            r = profile_prefill(scheme, mapping, comm, device)
+            r = profile_prefill(scheme, mapping, comm, device, args.python)
             results.append(r)
             if mapping.rank != 0:
                 continue

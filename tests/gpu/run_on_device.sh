@@ -53,7 +53,8 @@
 #                 .cutlass_cache)
 #     rule_decode the layers on 2 GPUs, bench_decode bf16 / int8 / int4 / int4_gw at TP 1, 2
 #     prefill     profile_decode --prefill: the time to first token by kernel kind and host
-#                 operator, bf16 and int8, at TP 1 and 2 (prefill_ar: at TP 2 by all-reduce mode)
+#                 operator, bf16 and int8, at TP 1 and 2 (prefill_ar: at TP 2, its Python, then
+#                 by all-reduce mode)
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -386,6 +387,8 @@ prefill)
 prefill_ar)
   # the time to first token at TP 2 by all-reduce mode (TPQUANT_ALLREDUCE: nccl, twoshot, auto)
   export TPQUANT_CACHE=$PWD/.cutlass_cache
+  TAIL=70 step prefill_python_tp2 mpi -n 2 python3 benchmarks/profile_decode.py --prefill \
+    --python --schemes int8_wo
   for mode in nccl twoshot auto; do
     TAIL=14 step prefill_tp2_$mode env TPQUANT_ALLREDUCE=$mode bash -c "mpi -n 2 -x \
       TPQUANT_ALLREDUCE python3 benchmarks/profile_decode.py --prefill --schemes bf16 int8_wo"
