@@ -24,8 +24,8 @@ Table on stdout, $OUT/profile_decode_tp<N>.json (OUT defaults to /tmp/out).
 profiles bench_decode's time to first token instead: the prefill of a PROMPT-token prompt
 (batch 1, eager) to the last position's argmax on the host, wall milliseconds (median of 3),
 then torch.profiler over one: the kernels by kind, and the host's busiest operators
-($OUT/profile_prefill_tp<N>.json); with --python, then cProfile over one on rank 0: the Python
-functions with the most time of their own.
+($OUT/profile_prefill_tp<N>.json); with --python, then cProfile over one (rank 0 prints): the
+Python functions with the most time of their own.
 """
 
 from __future__ import annotations
@@ -180,13 +180,14 @@ def profile_prefill(scheme: str, mapping: Mapping, comm, device, python: bool = 
     with torch.profiler.profile(activities=activities) as prof:
         once()
     kinds, top = kernel_kinds(prof, 1)
-    if python and mapping.rank == 0:
+    if python:  # every rank runs the prefill (it is collective); rank 0 prints
         import cProfile
         import pstats
 
         profiler = cProfile.Profile()
         profiler.runcall(once)
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        if mapping.rank == 0:
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
                   key=lambda e: -e.self_cpu_time_total)[:10]
     model = None  # free its weights before the next scheme
