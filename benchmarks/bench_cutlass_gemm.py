@@ -56,18 +56,32 @@ SCHEMES = {
 W8A8_SCHEME = SmoothQuant(per_channel=True, per_token=True, dtype=DTYPE)
 W8A8_VARIANTS = [cutlass_gemm.W8A8Variant(n) for n in (128, 256)]
 T = cutlass_gemm.MixedTile
-TILES = {  # --tiles
-    # the tiles `mixed_config` chooses from
-    "rule": list(dict.fromkeys(v.tile for v in cutlass_gemm.all_variants()
-                               if isinstance(v, cutlass_gemm.Variant))),
-    # the thirteenth session's sweep (design note 36): cooperative and pingpong (64 / 128
-    # rows), K steps of 128, x multicast to 2 CTAs, 32 tokens
+# --tiles sweep: the thirteenth session's (design note 36): cooperative and pingpong (64 / 128
+# rows), K steps of 128, x multicast to 2 CTAs, 32 tokens. --tiles rule: `rule_tiles`.
+TILES = {
     "sweep": [T(64), T(128, streamk=True), T(256), T(32, streamk=True),
               T(64, rows=64, pingpong=True), T(128, rows=64, pingpong=True),
               T(256, rows=64, pingpong=True), T(128, rows=128, pingpong=True),
               T(128, streamk=True, k=128), T(256, k=128),
               T(128, streamk=True, cluster=2), T(256, cluster=2)],
 }
+
+
+def scheme_args(scheme) -> tuple[int, int, bool]:
+    """(bits, group size, zeros) of a weight-only scheme."""
+    return (getattr(scheme, "bits", 4), getattr(scheme, "group_size", 0),
+            getattr(scheme, "zeros", False))
+
+
+def tiles_for(scheme, which: str) -> list[cutlass_gemm.MixedTile]:
+    """The tiles of --tiles for a scheme: "rule", those `mixed_config` gives it (the ones
+    `python -m tpquant.kernels.cutlass_gemm` builds); "sweep", all of TILES["sweep"]."""
+    if which == "sweep":
+        return TILES["sweep"]
+    probe = cutlass_gemm.variant_for(*scheme_args(scheme), DTYPE, T(64))
+    return list(dict.fromkeys(v.tile for v in cutlass_gemm.all_variants()
+                              if isinstance(v, cutlass_gemm.Variant) and not v.fp16
+                              and (v.quant, v.mode) == (probe.quant, probe.mode)))
 
 
 def op(scheme, t: dict[str, torch.Tensor], x: torch.Tensor, path: str | None) -> torch.Tensor:
@@ -82,8 +96,7 @@ def op(scheme, t: dict[str, torch.Tensor], x: torch.Tensor, path: str | None) ->
 
 def tile_call(scheme, t: dict[str, torch.Tensor], x: torch.Tensor, tile: cutlass_gemm.MixedTile):
     codes = t.get("qweight_tiles", t.get("qweight"))
-    bits = getattr(scheme, "bits", 4)
-    group = getattr(scheme, "group_size", 0)
+    bits, group, _ = scheme_args(scheme)
     scale = t["scale"] if isinstance(scheme, WeightOnly) else t["scales"]
     out = torch.empty(x.shape[0], codes.shape[0], dtype=x.dtype, device=x.device)
 
@@ -123,7 +136,7 @@ def main() -> int:
     p.add_argument("--ms", default="32,64,128,256,1024,4096")
     p.add_argument("--schemes", default=",".join([*SCHEMES, "w8a8"]))
     p.add_argument("--replays", type=int, default=5)
-    p.add_argument("--tiles", choices=sorted(TILES), default="rule")
+    p.add_argument("--tiles", choices=["rule", "sweep"], default="rule")
     p.add_argument("--build-only", action="store_true", help="build the libraries, then stop")
     p.add_argument("--jobs", type=int, default=2, help="nvcc processes with --build-only")
     args = p.parse_args()
@@ -160,12 +173,12 @@ def main() -> int:
                     calls["dequant"] = [lambda t=t: op(scheme, t, x, "dequant") for t in sets]
                     if m <= TILES_MAX_M:  # the small-M kernel
                         calls["cuda"] = [lambda t=t: op(scheme, t, x, "cuda") for t in sets]
-                    for tile in TILES[args.tiles]:
+                    for tile in tiles_for(scheme, args.tiles):
                         calls[tile.label] = [tile_call(scheme, t, x, tile) for t in sets]
                     calls["auto"] = [lambda t=t: op(scheme, t, x, None) for t in sets]
                     is_wide = cutlass_gemm.wide(n, sms)
-                    group = getattr(scheme, "group_size", 0)
-                    rule = cutlass_gemm.mixed_config(m, is_wide, bool(group)).label
+                    groupwise = bool(scheme_args(scheme)[1])
+                    rule = cutlass_gemm.mixed_config(m, is_wide, groupwise).label
                 times, errs = {}, {}
                 for column, fns in calls.items():
                     try:
@@ -208,14 +221,9 @@ def build_only(args: argparse.Namespace) -> int:
     """Builds each weight-only (scheme, tile) library of the run into the cache."""
     from concurrent.futures import ThreadPoolExecutor
 
-    variants = []
-    for name in args.schemes.split(","):
-        scheme = SCHEMES.get(name)
-        if scheme is not None:
-            bits, group = getattr(scheme, "bits", 4), getattr(scheme, "group_size", 0)
-            zeros = getattr(scheme, "zeros", False)
-            variants += [cutlass_gemm.variant_for(bits, group, zeros, DTYPE, tile)
-                         for tile in TILES[args.tiles]]
+    variants = [cutlass_gemm.variant_for(*scheme_args(SCHEMES[name]), DTYPE, tile)
+                for name in args.schemes.split(",") if name in SCHEMES
+                for tile in tiles_for(SCHEMES[name], args.tiles)]
 
     def one(variant: cutlass_gemm.Variant) -> bool:
         try:
