@@ -19,8 +19,9 @@ millisecond), cycling through enough copies of the weights that their total is a
 the L2 cache (every call streams its weights from HBM); the median over replays, divided by
 R, is the time per call. Effective GB/s counts every stored weight tensor plus the activation
 read and the output written; TFLOP/s is 2 M N K / time; speed-up is bf16 time / scheme time.
-The device copy bandwidth (median of 1 GiB device-to-device copies, counting read + write)
-is measured once; the int4 schemes' GB/s is reported as a percentage of it.
+The device copy bandwidth (median of 1 GiB device-to-device copies launched directly, not
+from a graph; counting read + write: `copy_bandwidth`) is measured once; the int4 schemes'
+GB/s is reported as a percentage of it.
 
 Output: a table on stdout (and $OUT/bench_gemm.txt), $OUT/bench_gemm.json, and
 $OUT/bench_gemm.png (speed-up vs M per scheme, geometric mean over shapes) when matplotlib
