@@ -22,21 +22,16 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gemm import event_times  # noqa: E402
+
 SIZE = 1 << 30
 REPS = 10
 
 
 def median_seconds(fn) -> float:
     fn()
-    times = []
-    for _ in range(REPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return statistics.median(event_times(fn, REPS))
 
 
 def graphed(fn):

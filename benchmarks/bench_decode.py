@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from bench_gemm import copy_bandwidth  # benchmarks/, on sys.path when run as a script
+from bench_gemm import copy_bandwidth, event_times  # benchmarks/: on sys.path as a script
 from plotting import pyplot
 
 from tpquant.collectives import Communicator, make_communicator
@@ -93,15 +93,7 @@ QUICK = Plan(("llama2-7b",), ("bf16", "int8_wo", "int4_wo"), (1, 8))
 
 def _events_ms(fn, reps: int) -> list[float]:
     """Per-call milliseconds of fn() measured with CUDA events, one run each."""
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return times
+    return [1e3 * t for t in event_times(fn, reps)]
 
 
 def all_reduce_latency(comm: Communicator, device: torch.device, hidden: int, batch: int,

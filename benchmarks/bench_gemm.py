@@ -147,24 +147,31 @@ def estimate_seconds(fn: Callable[[], object]) -> float:
     return max(start.elapsed_time(end) / 1e3, 1e-6)
 
 
+def event_times(fn: Callable[[], object], reps: int) -> list[float]:
+    """Seconds of each of `reps` calls of fn(), launched directly, each timed with CUDA
+    events."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
 def copy_bandwidth(device: torch.device, replays: int = 10) -> float:
     """Device copy bandwidth in bytes/s, counting the read and the write (2 x 1 GiB / time):
     the median of `replays` copies launched directly, each timed with CUDA events. Not
     replayed from a CUDA graph: captured, the copy becomes a memcpy node, which ran at 2.7
-    TB/s on an H200 where the copy kernel runs at 4.1 (docs/benchmarks.md, thirteenth
-    session)."""
+    TB/s on an H200 where the copy kernel runs at 4.0 (bench_copy.py, docs/benchmarks.md,
+    thirteenth session)."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = []
-    for _ in range(max(replays, 5)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() / statistics.median(times)
+    seconds = statistics.median(event_times(lambda: dst.copy_(src), max(replays, 5)))
+    return 2 * src.numel() / seconds
 
 
 # -- schemes ---------------------------------------------------------------------------------------

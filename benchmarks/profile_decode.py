@@ -198,6 +198,13 @@ def profile_prefill(scheme: str, mapping: Mapping, comm, device, python: bool = 
                        "calls": e.count} for e in host])
 
 
+def print_kernels(r: dict) -> None:
+    for kind, v in r["kinds"].items():
+        print(f"  {kind:<28} {v['ms']:7.3f} ms  {v['launches']:6.0f} launches")
+    for t in r["top"][:6]:
+        print(f"    {t['ms']:7.3f} ms  x{t['launches']:<5.0f} {t['name'][:90]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--schemes", nargs="+", default=["bf16", "int4_wo"])
@@ -222,10 +229,7 @@ def main() -> None:
                 continue
             print(f"# llama2-7b TP {mapping.tp_size} {scheme} prefill of {PROMPT} tokens: "
                   f"{r['wall_ms']:.1f} ms wall, kernels {r['kernel_sum_ms']:.1f} ms")
-            for kind, v in r["kinds"].items():
-                print(f"  {kind:<28} {v['ms']:7.3f} ms  {v['launches']:6.0f} launches")
-            for t in r["top"][:6]:
-                print(f"    {t['ms']:7.3f} ms  x{t['launches']:<5.0f} {t['name'][:90]}")
+            print_kernels(r)
             for h in r["host"][:8]:
                 print(f"  host {h['self_ms']:7.2f} ms  x{h['calls']:<5} {h['name']}")
             (out / f"profile_prefill_tp{mapping.tp_size}.json").write_text(json.dumps(
@@ -240,10 +244,7 @@ def main() -> None:
         print(f"# llama2-7b TP {mapping.tp_size} {scheme} batch {args.batch}: graph replay {r['graph_ms']:.2f} ms, "
               f"serial loop {r['serial_ms']:.2f} ms, loop step {r['loop_ms']:.2f} ms, kernels (eager, per step) "
               f"{r['kernel_sum_ms']:.2f} ms in {r['kernels_per_step']:.0f} launches")
-        for kind, v in r["kinds"].items():
-            print(f"  {kind:<28} {v['ms']:7.3f} ms  {v['launches']:6.0f} launches")
-        for t in r["top"][:6]:
-            print(f"    {t['ms']:7.3f} ms  x{t['launches']:<5.0f} {t['name'][:90]}")
+        print_kernels(r)
         (out / f"profile_decode_tp{mapping.tp_size}.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device), "tp": mapping.tp_size,
              "results": results}, indent=1))
