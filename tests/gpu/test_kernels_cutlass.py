@@ -167,10 +167,14 @@ def test_small_m_follows_cutlass_range(device, name: str, group: int, m: int) ->
     assert tw.cutlass_range(32, 128 * -(-sms // 2), 4, 0, sms)  # the rule reaches 32
 
 
-def test_cuda_graph_replays_on_fresh_inputs(device) -> None:
-    name, n, k, group = CASES[3]
+@pytest.mark.parametrize("case,m", [(3, 300), (7, 64), (1, 300)],
+                         ids=["gw-c128x256", "int8-p64x64", "int4-p64x128"])
+def test_cuda_graph_replays_on_fresh_inputs(device, case: int, m: int) -> None:
+    """Captured and replayed on new x: a cooperative tile (groupwise) and the pingpong tiles of
+    narrow weights (int8 at M = 64, as a batch-64 decode step runs it; int4 at 300)."""
+    name, n, k, group = CASES[case]
     t = _weights(name, n, k, group, device, seed=5)
-    x, bias = _inputs(300, k, n, torch.bfloat16, device, seed=1)
+    x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=1)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -183,7 +187,7 @@ def test_cuda_graph_replays_on_fresh_inputs(device) -> None:
     torch.cuda.synchronize()
     assert torch.equal(y_static, eager)
     for seed in (11, 12):
-        fresh, _ = _inputs(300, k, n, torch.bfloat16, device, seed)
+        fresh, _ = _inputs(m, k, n, torch.bfloat16, device, seed)
         x.copy_(fresh)
         y_static.fill_(float("nan"))
         graph.replay()
