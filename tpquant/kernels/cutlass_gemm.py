@@ -75,8 +75,8 @@ TILE_K = 64  # the smallest K step: groups must hold whole K steps
 class MixedTile:
     """The weight-only GEMM's CTA tile and schedule (the TPQ_TILE_* macros of the .cu):
     `tokens` of x along M, `rows` of the weight, K steps of `k`; stream-K or data-parallel
-    tiles; pingpong (two warpgroups on two tiles) or cooperative (both on one, 128 rows at
-    least; `rows` 64 or 128); `cluster` CTAs along the weight rows sharing x's tiles by multicast."""
+    tiles; pingpong (two warpgroups on two tiles of 64 or 128 rows) or cooperative (both on
+    one 128-row tile); `cluster` CTAs along the weight rows sharing x's tiles by multicast."""
 
     tokens: int
     streamk: bool = False
@@ -274,7 +274,7 @@ def wide(n: int, sm_count: int) -> bool:
     return 2 * -(-n // 128) >= sm_count
 
 
-def mixed_config(m: int, wide: bool, groupwise: bool = False) -> MixedTile:
+def mixed_config(m: int, wide_weight: bool, groupwise: bool = False) -> MixedTile:
     """The weight-only GEMM's tile for M tokens (pure; bench_cutlass_gemm --tiles sweep on
     H200, design note 36).
 
@@ -288,7 +288,7 @@ def mixed_config(m: int, wide: bool, groupwise: bool = False) -> MixedTile:
     if groupwise:
         return (MixedTile(64) if m <= 64 else MixedTile(128, streamk=True) if m <= 128
                 else MixedTile(256))
-    if wide:
+    if wide_weight:
         if m <= 32:
             return MixedTile(32, streamk=True)
         if m <= 64:
