@@ -10,7 +10,9 @@ directly, on its GPU: a random float shard of each linear in the rank's shard sh
 there by the scheme; no rank ever holds a full model.
 
 Per (model, scheme), on every rank in lockstep:
-- ttft_ms: prefill of a 512-token prompt (batch 1) to the first token's logits and argmax.
+- ttft_ms: prefill of a 512-token prompt (batch 1) to the first token's logits and argmax,
+  through a prefill graph (`PrefillGraphs`, captured before the timing); ttft_eager_ms: the
+  same prefill launched eagerly.
 - decode at batch 1, 8, 64: the runtime's generation loop (`session.generate`: CUDA-graph
   replay of the decode step, argmax on rank 0, broadcast of the tokens, the host reading
   them while the next step runs) after a 512-token prompt per row, so at context 512-544;
@@ -46,7 +48,7 @@ from bench_gemm import copy_bandwidth, event_times  # benchmarks/: on sys.path a
 from plotting import pyplot
 
 from tpquant.collectives import Communicator, make_communicator
-from tpquant.engine.graphs import DecodeGraphs
+from tpquant.engine.graphs import DecodeGraphs, PrefillGraphs
 from tpquant.engine.sampling import SamplingParams
 from tpquant.engine.session import generate
 from tpquant.layers.linear import ShardedLinear
@@ -177,21 +179,26 @@ def weight_bytes(model: Llama) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def time_prefill(model: Llama, device: torch.device) -> float:
+def time_prefill(model: Llama, device: torch.device) -> tuple[float, float]:
+    """Milliseconds from a PROMPT-token prompt (batch 1) to its first token's argmax on the
+    host, median of 3: through a prefill graph (captured first: `PrefillGraphs`), and eager."""
     tokens = torch.randint(0, model.config.vocab_size, (1, PROMPT), device=device)
     last = torch.tensor([PROMPT - 1], device=device)
+    prefill = PrefillGraphs(model)
 
-    def once():
-        model(tokens, 0, logits_at=last).argmax(-1).tolist()
+    def ms(run) -> float:
+        run()
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
 
-    once()
-    times = []
-    for _ in range(3):
-        torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        once()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    graphed = ms(lambda: prefill.run(tokens, last + 1).argmax(-1).tolist())
+    eager = ms(lambda: model(tokens, 0, logits_at=last).argmax(-1).tolist())
+    return graphed, eager
 
 
 @torch.no_grad()
@@ -232,9 +239,9 @@ def bench_config(name: str, scheme: str, plan: Plan, mapping: Mapping, comm: Com
         "model": name, "scheme": scheme, "tp": tp, "group_size": gs if scheme == "int4_gw" else None,
         "build_s": round(build_s, 1), "weight_bytes_rank_max": max(all_ranks),
         "weight_bytes_total": sum(all_ranks), "weight_bytes_read_per_step": read,
-        "kv_cache_bytes": model.kv_cache_bytes(), "ttft_ms": time_prefill(model, device),
-        "decode": {},
+        "kv_cache_bytes": model.kv_cache_bytes(), "decode": {},
     }
+    row["ttft_ms"], row["ttft_eager_ms"] = time_prefill(model, device)
     row["weight_vs_total_over_tp"] = row["weight_bytes_rank_max"] / (row["weight_bytes_total"] / tp)
     for batch in plan.batches:
         step = time_decode(model, comm, batch)
@@ -315,7 +322,8 @@ def run(plan: Plan, out: Path) -> None:
             row = bench_config(name, scheme, plan, mapping, comm, device, bw,
                                {b: ar[(h, b)] for b in plan.batches})
             rows.append(row)
-            say(f"  {name} {scheme}: ttft {row['ttft_ms']:.1f} ms, " + ", ".join(
+            say(f"  {name} {scheme}: ttft {row['ttft_ms']:.1f} ms "
+                f"(eager {row['ttft_eager_ms']:.1f}), " + ", ".join(
                 f"b{b} {d['tokens_per_s']:.0f} tok/s (eff {d['efficiency']:.2f})"
                 for b, d in row["decode"].items()) + f"  [{time.time() - t:.0f} s]")
     baseline = []

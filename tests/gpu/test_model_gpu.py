@@ -54,7 +54,7 @@ if not torch.cuda.is_available():
 from tpquant.checkpoint import open_checkpoint  # noqa: E402
 from tpquant.checkpoint.default import default_checkpoint  # noqa: E402
 from tpquant.collectives import MpiCommunicator, SingleProcessCommunicator, make_communicator  # noqa: E402
-from tpquant.engine.graphs import DecodeGraphs  # noqa: E402
+from tpquant.engine.graphs import DecodeGraphs, PrefillGraphs  # noqa: E402
 from tpquant.engine.sampling import SamplingParams  # noqa: E402
 from tpquant.engine.session import generate  # noqa: E402
 from tpquant.layers.decode_attention import (  # noqa: E402
@@ -351,3 +351,44 @@ def test_generate_overlapped_equals_waiting_loop(scheme, mapping, gpu_comm, devi
     ended = [row[: row.index(stop) + 1] if stop in row else row for row in want]
     got = generate(model, gpu_comm, prompts, 20, SamplingParams(), graphs=graphs, stop_ids=[stop])
     assert got.tokens == ended
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8_wo"])
+def test_prefill_graph_equals_eager(scheme, mapping, gpu_comm, device):
+    """The captured prefill (3 prompts padded to 64 positions, the batch to its bucket of 4)
+    gives the eager prefill's logits at each prompt's last position and leaves the same KV
+    cache at the prompts' positions; replayed on other prompts of the same bucket it matches
+    again; generate prefills through it.
+    Tolerance: the padded run multiplies 4 x 64 rows where eager multiplies 3 x 37, so the
+    GEMMs may sum in another order: max |diff| <= 2e-2 max |eager| (bf16 logits)."""
+    model = random_model(SMALL, scheme, mapping, gpu_comm, device, group_size=64)
+    model.setup_caches(4, 128)
+    prefill = PrefillGraphs(model)
+    g = torch.Generator().manual_seed(11)
+    for sizes in ((9, 3, 37), (40, 17, 5)):
+        prompts = [torch.randint(0, SMALL.vocab_size, (n,), generator=g).tolist() for n in sizes]
+        lengths = torch.tensor(sizes, device=device)
+        batch = torch.zeros(len(sizes), max(sizes), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            batch[b, : len(p)] = torch.tensor(p)
+        batch = batch.to(device)
+        eager = model(batch, 0, logits_at=lengths - 1).float()
+        caches = [(layer.attention.kv_cache.k.clone(), layer.attention.kv_cache.v.clone())
+                  for layer in model.layers]
+        got = prefill.run(batch, lengths).float()
+        assert prefill.captured() == [(4, 64)]
+        assert (got - eager).abs().max() <= 2e-2 * eager.abs().max(), sizes
+        for layer, (k, v) in zip(model.layers, caches):
+            cache = layer.attention.kv_cache
+            for b, n in enumerate(sizes):
+                for mine, theirs in ((cache.k, k), (cache.v, v)):
+                    diff = (mine[b, :n].float() - theirs[b, :n].float()).abs().max()
+                    assert diff <= 2e-2 * theirs[b, :n].float().abs().max(), (sizes, b)
+    # generate prefills through the graphs it is given (a fresh set captures its graph there),
+    # and its first tokens are the graph's argmax
+    fresh = PrefillGraphs(model)
+    got = generate(model, gpu_comm, prompts, 1, SamplingParams(), graphs=DecodeGraphs(model),
+                   stop_ids=(), prefill=fresh)
+    assert fresh.captured() == [(4, 64)]
+    assert [row[0] for row in got.tokens] == fresh.run(batch, lengths).argmax(-1).tolist()
+

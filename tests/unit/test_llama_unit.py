@@ -524,6 +524,26 @@ def test_decode_buckets():
         bucket_for(0)
 
 
+def test_prefill_lengths():
+    """Prompts run padded to the next power of two, 64 at least, where the cache holds it."""
+    from tpquant.engine.graphs import PREFILL_MIN_LENGTH, prefill_length
+
+    assert PREFILL_MIN_LENGTH == 64
+    assert [prefill_length(t, 4096) for t in (1, 37, 64, 65, 512, 513, 4096)] == [
+        64, 64, 64, 128, 512, 1024, 4096]
+    assert prefill_length(513, 1000) is None and prefill_length(512, 512) == 512
+    assert prefill_length(3, 60) is None  # the cache is shorter than the smallest graph
+    with pytest.raises(ValueError, match="at least one token"):
+        prefill_length(0, 64)
+
+
+def test_prefill_graphs_need_cuda(tmp_path):
+    from tpquant.engine.graphs import PrefillGraphs
+
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        PrefillGraphs(_tiny_model(tmp_path))
+
+
 @torch.no_grad()
 def test_session_generate_batch_equals_each_prompt_alone(tmp_path):
     """engine.session.generate on a right-padded batch (prefill logits at each row's last

@@ -24,7 +24,7 @@ import torch
 from tpquant.collectives import Communicator
 from tpquant.engine.build import DTYPES
 from tpquant.engine.format import open_rank_file
-from tpquant.engine.graphs import DecodeGraphs
+from tpquant.engine.graphs import DecodeGraphs, PrefillGraphs
 from tpquant.engine.sampling import SamplingParams, sample
 from tpquant.layers.linear import ShardedLinear
 from tpquant.models.config import LlamaConfig
@@ -91,7 +91,8 @@ def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] 
              max_new_tokens: int, params: SamplingParams,
              on_step: Callable[[list[list[int]]], None] | None = None,
              graphs: DecodeGraphs | None = None,
-             stop_ids: Iterable[int] | None = None) -> Generation:
+             stop_ids: Iterable[int] | None = None,
+             prefill: PrefillGraphs | None = None) -> Generation:
     """Generate for a batch of prompts of different lengths, on every rank in lockstep.
 
     `prompts` matter on rank 0 only (broadcast). Prompts are right-padded (see the model's
@@ -101,7 +102,9 @@ def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] 
     streaming.
 
     On CUDA the decode steps run through `graphs` (made here if not given; pass one to keep
-    its captured graphs across calls). On the CPU the loop is eager.
+    its captured graphs across calls), and the prefill through `prefill` where given (worth
+    it where prompt lengths come back: its graphs are captured at first use). On the CPU the
+    loop is eager.
     """
     prompts = comm.broadcast_object([list(map(int, p)) for p in prompts] if comm.rank == 0 else None)
     device = model.embed.weight.device
@@ -127,7 +130,10 @@ def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] 
 
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(batch, 0, logits_at=lengths - 1)  # [B, V]
+    if prefill is not None and device.type == "cuda":
+        logits = prefill.run(batch, lengths)  # [B, V]
+    else:
+        logits = model(batch, 0, logits_at=lengths - 1)
     _sync(device)
     t1 = time.perf_counter()
     token = torch.zeros(len(prompts), dtype=torch.long, device=device)
