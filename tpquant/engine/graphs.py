@@ -118,19 +118,28 @@ class DecodeGraphs:
     def _capture(self, bucket: int) -> _Captured:
         tokens = torch.zeros(bucket, dtype=torch.long, device=self.device)
         pos = torch.zeros(bucket, dtype=torch.long, device=self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.model.decode_step(tokens, pos)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.model.decode_step(tokens, pos)
+        graph, logits = _capture(lambda: self.model.decode_step(tokens, pos), self.device,
+                                 self.warmup, self._pool)
         return _Captured(graph, tokens, pos, logits)
+
+
+def _capture(fn, device: torch.device, warmup: int,
+             pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """fn's graph and static output: `warmup` runs on a side stream first (compiles, autotunes,
+    first-call connections), then the capture into `pool`."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def prefill_length(tokens: int, max_seq: int) -> int | None:
@@ -195,16 +204,8 @@ class PrefillGraphs:
     def _capture(self, rows: int, length: int) -> _CapturedPrefill:
         tokens = torch.zeros(rows, length, dtype=torch.long, device=self.device)
         last = torch.zeros(rows, dtype=torch.long, device=self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.model(tokens, 0, logits_at=last)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.model(tokens, 0, logits_at=last)
+        graph, logits = _capture(lambda: self.model(tokens, 0, logits_at=last), self.device,
+                                 self.warmup, self._pool)
         return _CapturedPrefill(graph, tokens, last, logits)
