@@ -19,6 +19,15 @@ ranks. Per scheme:
   launch, in kernels launched early), so the kinds can add up to far more than a step.
 Table on stdout, $OUT/profile_decode_tp<N>.json (OUT defaults to /tmp/out).
 
+    [mpirun -n 2] python benchmarks/profile_decode.py --ablate [--schemes ...]
+
+adds, per scheme, the graph replay with kinds of op replaced by stand-ins that launch nothing
+(an empty output, or the input passed through): what each kind costs inside the graph, where
+programmatic dependent launch overlaps kernels and eager kernel times overstate the short
+ones. "all" removes every kind listed, leaving the linear layers (the GEMVs and lm_head) and
+the embedding: the GEMVs' own time in the graph. The stand-ins compute nothing right; only
+the times mean anything.
+
     [mpirun -n 2] python benchmarks/profile_decode.py --prefill [--schemes ...]
 
 profiles bench_decode's time to first token instead: the prefill of a PROMPT-token prompt
@@ -37,7 +46,9 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -48,6 +59,8 @@ from bench_decode import (  # noqa: E402
 
 from tpquant.collectives import make_communicator  # noqa: E402
 from tpquant.engine.graphs import DecodeGraphs  # noqa: E402
+from tpquant.layers.norm import RmsNorm  # noqa: E402
+from tpquant.models import llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 
 # kernel-name substrings -> kind (first match wins)
@@ -64,7 +77,7 @@ KINDS = (
     ("_combine", "decode attention"),
     ("_kv_write", "KV-cache write"),
     ("_silu_mul", "SwiGLU activation"),
-    ("_rope", "RoPE"),
+    ("_rope", "RoPE (+ KV-cache write)"),
     ("gemv", "GEMM/GEMV (cuBLAS)"),
     ("gemm", "GEMM/GEMV (cuBLAS)"),
     ("cutlass", "GEMM/GEMV (cuBLAS)"),
@@ -81,6 +94,21 @@ KINDS = (
     ("elementwise", "elementwise"),
     ("vectorized", "elementwise"),
 )
+
+
+def _empty_like_half(gu: torch.Tensor) -> torch.Tensor:
+    return gu.new_empty(*gu.shape[:-1], gu.shape[-1] // 2)
+
+
+# --ablate: each kind of op and a stand-in that launches no kernel (module attribute, value)
+ABLATIONS = {
+    "swiglu": [(llama, "silu_mul", _empty_like_half)],
+    "rope_kv_write": [(llama, "rope_and_cache",
+                       lambda qkv, n_q, cos, sin, cache, pos: qkv[:, :, : n_q + cache.k.shape[2]])],
+    "attention": [(llama, "decode_attention", lambda q, cache, pos: q.new_empty(q.shape))],
+    # the residual add + RMSNorm, and at TP > 1 the all-reduce fused with it
+    "add_norm": [(RmsNorm, "add_forward", lambda self, x, delta: (x, x))],
+}
 
 
 def kind_of(name: str) -> str:
@@ -109,7 +137,8 @@ def time_serial_loop(graphs: DecodeGraphs, comm, token: torch.Tensor, pos: torch
 
 
 @torch.no_grad()
-def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device) -> dict:
+def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device,
+                   ablate: bool = False) -> dict:
     config = MODELS["llama2-7b"]
     model = random_model(config, scheme, mapping, comm, device, group_size_for(config, 1))
     model.setup_caches(batch, PROMPT + 64)
@@ -122,6 +151,8 @@ def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device) -> d
     graph_ms = statistics.median(_events_ms(replay, 20))
     serial_ms = time_serial_loop(graphs, comm, token, pos)
     loop_ms = time_decode(model, comm, batch, graphs)
+    del graphs, replay
+    ablated = ablation_ms(model, batch, token, pos) if ablate else {}
 
     steps = 5
     for _ in range(2):
@@ -132,13 +163,34 @@ def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device) -> d
             model.decode_step(token, pos)
         torch.cuda.synchronize(device)
     kinds, top = kernel_kinds(prof, steps)
-    del graphs, model
+    del model
     torch.cuda.empty_cache()
     return dict(
         scheme=scheme, batch=batch, graph_ms=graph_ms, serial_ms=serial_ms, loop_ms=loop_ms,
+        graph_ms_without=ablated,
         kernel_sum_ms=sum(v["ms"] for v in kinds.values()),
         kernels_per_step=sum(v["launches"] for v in kinds.values()), kinds=kinds, top=top,
     )
+
+
+@torch.no_grad()
+def ablation_ms(model, batch: int, token: torch.Tensor, pos: torch.Tensor) -> dict[str, float]:
+    """Graph replay ms of the decode step with each kind of op in ABLATIONS left out, then
+    with all of them left out (see the module docstring); one capture each."""
+    out = {}
+    for name in (*ABLATIONS, "all"):
+        with ExitStack() as stack:
+            for kind in ABLATIONS if name == "all" else (name,):
+                for owner, attr, stand_in in ABLATIONS[kind]:
+                    stack.enter_context(mock.patch.object(owner, attr, stand_in))
+            graphs = DecodeGraphs(model)
+            graphs.prepare(batch)
+            graphs.step(token, pos)
+            replay = graphs._graphs[graphs.rows_for(batch)].graph.replay
+            out[name] = statistics.median(_events_ms(replay, 20))
+        del graphs, replay
+        torch.cuda.empty_cache()
+    return out
 
 
 def kernel_kinds(prof, runs: int) -> tuple[dict, list]:
@@ -211,6 +263,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefill", action="store_true", help="profile the time to first token")
     p.add_argument("--python", action="store_true", help="--prefill: and its Python (cProfile)")
+    p.add_argument("--ablate", action="store_true",
+                   help="and the graph replay without each kind of op (see the docstring)")
     args = p.parse_args()
     mapping = Mapping.from_env()
     device = mapping.device()
@@ -237,7 +291,7 @@ def main() -> None:
                  "results": results}, indent=1))
         return
     for scheme in args.schemes:
-        r = profile_scheme(scheme, args.batch, mapping, comm, device)
+        r = profile_scheme(scheme, args.batch, mapping, comm, device, args.ablate)
         results.append(r)
         if mapping.rank != 0:
             continue
@@ -245,6 +299,8 @@ def main() -> None:
               f"serial loop {r['serial_ms']:.2f} ms, loop step {r['loop_ms']:.2f} ms, kernels (eager, per step) "
               f"{r['kernel_sum_ms']:.2f} ms in {r['kernels_per_step']:.0f} launches")
         print_kernels(r)
+        for name, ms in r["graph_ms_without"].items():
+            print(f"  graph without {name:<10} {ms:6.3f} ms  ({r['graph_ms'] - ms:+.3f} ms)")
         (out / f"profile_decode_tp{mapping.tp_size}.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device), "tp": mapping.tp_size,
              "results": results}, indent=1))

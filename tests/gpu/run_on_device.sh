@@ -55,6 +55,12 @@
 #     prefill     profile_decode --prefill: the time to first token by kernel kind and host
 #                 operator, bf16 and int8, at TP 1 and 2 (prefill_ar: at TP 2, its Python, then
 #                 by all-reduce mode)
+#     fusion      RoPE + KV write in one kernel (fourteenth session): the decode-op tests, the
+#                 model tests on 1 and 2 GPUs, bench_decode_attention's sweep, profile_decode
+#                 --ablate (bf16, int8, int4) at TP 1 and 2
+#     fusion_decode the decode-op and model tests, then bench_decode --quick at TP 1 and 2, on
+#                 this tree and with BEFORE's (a commit) decode step: tpquant/models/llama.py and
+#                 tpquant/layers/decode_attention.py as they were there
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -416,6 +422,34 @@ push)
       "mpi -n 2 -x TPQUANT_ALLREDUCE python3 benchmarks/bench_decode.py --models llama2-7b \
        --schemes bf16 int4_wo int8_wo --out $r/ar_$v"
   done
+  ;;
+fusion|fusion_decode)
+  step decode_ops pyt tests/gpu/test_decode_ops_gpu.py
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    step model_n$n mpi -n $n python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
+      tests/gpu/test_model_gpu.py
+  done
+  if [ "$stage" = fusion ]; then
+    TAIL=14 step bench_attention python3 benchmarks/bench_decode_attention.py
+    for n in 1 2; do
+      [ "$n" -le "$ngpu" ] || continue
+      TAIL=60 step profile_ablate_tp$n mpi -n $n python3 benchmarks/profile_decode.py --ablate \
+        --schemes bf16 int8_wo int4_wo
+    done
+  else
+    export TPQUANT_CACHE=$PWD/.cutlass_cache
+    decode_tp12 --quick
+    for f in tpquant/models/llama.py tpquant/layers/decode_attention.py; do
+      git show "${BEFORE:?set BEFORE to a commit}:$f" > "$f"
+    done
+    for n in 1 2; do
+      [ "$n" -le "$ngpu" ] || continue
+      TAIL=8 step before_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py --quick \
+        --out "$r/before"
+    done
+    git checkout -- tpquant
+  fi
   ;;
 push_check)
   # the push all-reduce's and the overlapped generate's tests, the layers, the killed-rank tests

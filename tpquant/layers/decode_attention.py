@@ -72,14 +72,15 @@ def _check(q: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> tuple[in
 # Cache positions per inner step: 64 took Llama-2-7B's split kernel from 0.190 to 0.158 ms a
 # decode step against 32 (H200, int4, docs/benchmarks.md 2026-11-30; 128: 0.177 ms).
 BLOCK_N = 64
+NUM_WARPS = 4  # the split kernel's (benchmarks/bench_decode_attention.py sweeps these three)
+TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 (132 SMs) a few times over
 _MIN_ROWS = 16  # tl.dot needs at least 16 rows: query groups are padded up to this
-_TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 (132 SMs) a few times over
 
 
 def num_splits(batch: int, kv_heads: int, max_seq: int) -> int:
     """Splits of the sequence per (row, KV head): enough programs to fill the GPU, none
     shorter than one block."""
-    want = -(-_TARGET_PROGRAMS // (batch * kv_heads))
+    want = -(-TARGET_PROGRAMS // (batch * kv_heads))
     return max(1, min(want, -(-max_seq // BLOCK_N)))
 
 
@@ -109,7 +110,8 @@ def decode_attention_triton(
         k_scale.stride(0), k_scale.stride(1),
         1.0 / math.sqrt(hd), splits,
         G=group, G_PAD=max(_MIN_ROWS, triton.next_power_of_2(group)), HD=hd, BLOCK_N=BLOCK_N,
-        INT8=cache.int8, IEEE=q.dtype == torch.float32, **pdl.triton_args(q.device),
+        INT8=cache.int8, IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS,
+        **pdl.triton_args(q.device),
     )
     out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
     _combine_kernel[(B * H,)](acc, m, l, out, splits, HD=hd,
