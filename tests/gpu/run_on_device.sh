@@ -56,10 +56,11 @@
 #                 operator, bf16 and int8, at TP 1 and 2 (prefill_ar: at TP 2, its Python, then
 #                 by all-reduce mode)
 #     fusion      RoPE + KV write in one kernel (fourteenth session): the decode-op tests, the
-#                 model tests on 1 and 2 GPUs, bench_decode_attention's sweep, profile_decode
-#                 --ablate (bf16, int8, int4) at TP 1 and 2
-#     fusion_decode the decode-op and model tests, then bench_decode --quick at TP 1 and 2, on
-#                 this tree and with BEFORE's (a commit) decode step: tpquant/models/llama.py and
+#                 model tests on 1 and 2 GPUs (without SmolLM2's file, those that need none),
+#                 bench_decode_attention's sweep, profile_decode --ablate (bf16, int8, int4) at
+#                 TP 1 and 2
+#     fusion_decode the same tests and sweep, then bench_decode --quick at TP 1 and 2, on this
+#                 tree and with BEFORE's (a commit) decode step: tpquant/models/llama.py and
 #                 tpquant/layers/decode_attention.py as they were there
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
@@ -424,14 +425,16 @@ push)
   done
   ;;
 fusion|fusion_decode)
+  # the model tests that need no SmolLM2 file unless one was assembled above
+  [ -n "${TPQUANT_SMOLLM2_GGUF:-}" ] && sel=() || sel=(-k "attention_kernel or overlapped or prefill_graph")
   step decode_ops pyt tests/gpu/test_decode_ops_gpu.py
   for n in 1 2; do
     [ "$n" -le "$ngpu" ] || continue
-    step model_n$n mpi -n $n python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
-      tests/gpu/test_model_gpu.py
+    step model_n$n mpi -n $n python3 -m pytest --with-mpi -p no:cacheprovider -q -rfE \
+      --timeout 240 tests/gpu/test_model_gpu.py "${sel[@]}"
   done
+  TAIL=14 step bench_attention python3 benchmarks/bench_decode_attention.py
   if [ "$stage" = fusion ]; then
-    TAIL=14 step bench_attention python3 benchmarks/bench_decode_attention.py
     for n in 1 2; do
       [ "$n" -le "$ngpu" ] || continue
       TAIL=60 step profile_ablate_tp$n mpi -n $n python3 benchmarks/profile_decode.py --ablate \

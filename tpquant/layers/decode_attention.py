@@ -72,7 +72,10 @@ def _check(q: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> tuple[in
 # Cache positions per inner step: 64 took Llama-2-7B's split kernel from 0.190 to 0.158 ms a
 # decode step against 32 (H200, int4, docs/benchmarks.md 2026-11-30; 128: 0.177 ms).
 BLOCK_N = 64
-NUM_WARPS = 4  # the split kernel's (benchmarks/bench_decode_attention.py sweeps these three)
+# The split kernel's warps: 2 against Triton's default 4 took Llama-2-7B's attention at batch 8 /
+# 64 from 26.5 / 149 to 21.5 / 135 us a layer (H200, bench_decode_attention.py, which sweeps
+# these three constants; docs/benchmarks.md, fourteenth session).
+NUM_WARPS = 2
 TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 (132 SMs) a few times over
 _MIN_ROWS = 16  # tl.dot needs at least 16 rows: query groups are padded up to this
 
