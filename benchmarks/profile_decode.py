@@ -28,6 +28,13 @@ ones. "all" removes every kind listed, leaving the linear layers (the GEMVs and 
 the embedding: the GEMVs' own time in the graph. The stand-ins compute nothing right; only
 the times mean anything.
 
+    [mpirun -n 2] python benchmarks/profile_decode.py --variants [--schemes ...] [--batches 1 8]
+
+times instead the graph replay of the step as it is against the choices it replaced (VARIANTS:
+decode attention on Triton's default 4 warps, RoPE and the KV-cache write as two kernels, and
+both: the step before them), each variant captured in turn, three rounds, one model per scheme
+($OUT/profile_variants_tp<N>.json).
+
     [mpirun -n 2] python benchmarks/profile_decode.py --prefill [--schemes ...]
 
 profiles bench_decode's time to first token instead: the prefill of a PROMPT-token prompt
@@ -60,6 +67,7 @@ from bench_decode import (  # noqa: E402
 from tpquant.collectives import make_communicator  # noqa: E402
 from tpquant.engine.graphs import DecodeGraphs  # noqa: E402
 from tpquant.layers.norm import RmsNorm  # noqa: E402
+from tpquant.layers import decode_attention  # noqa: E402
 from tpquant.models import llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 
@@ -111,6 +119,25 @@ ABLATIONS = {
 }
 
 
+def _rope_then_write(qkv, n_q, cos, sin, cache, pos):
+    """`llama.rope_and_cache` as two kernels (its path without the fused one)."""
+    Hkv = cache.k.shape[2]
+    qk = llama.apply_rope(qkv[:, :, : n_q + Hkv], cos, sin)
+    cache.write(pos, qk[:, :, n_q:], qkv[:, :, n_q + Hkv:])
+    return qk
+
+
+# --variants: the step as it is, and with the choices it replaced (module attribute, value)
+_WARPS4 = (decode_attention, "NUM_WARPS", 4)
+_UNFUSED = (llama, "rope_and_cache", _rope_then_write)
+VARIANTS = {
+    "as is": [],
+    "attention on 4 warps": [_WARPS4],
+    "RoPE, KV write unfused": [_UNFUSED],
+    "both (the step before)": [_WARPS4, _UNFUSED],
+}
+
+
 def kind_of(name: str) -> str:
     low = name.lower()
     return next((kind for key, kind in KINDS if key in low), "other")
@@ -152,6 +179,7 @@ def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device,
     serial_ms = time_serial_loop(graphs, comm, token, pos)
     loop_ms = time_decode(model, comm, batch, graphs)
     del graphs, replay
+    torch.cuda.empty_cache()
     ablated = ablation_ms(model, batch, token, pos) if ablate else {}
 
     steps = 5
@@ -174,22 +202,49 @@ def profile_scheme(scheme: str, batch: int, mapping: Mapping, comm, device,
 
 
 @torch.no_grad()
+def replay_ms_with(model, batch: int, token: torch.Tensor, pos: torch.Tensor,
+                   patches: list[tuple[object, str, object]]) -> float:
+    """Graph replay ms of the decode step captured with `patches` applied (median of 20)."""
+    with ExitStack() as stack:
+        for owner, attr, value in patches:
+            stack.enter_context(mock.patch.object(owner, attr, value))
+        graphs = DecodeGraphs(model)
+        graphs.prepare(batch)
+        graphs.step(token, pos)
+        ms = statistics.median(_events_ms(graphs._graphs[graphs.rows_for(batch)].graph.replay, 20))
+    del graphs
+    torch.cuda.empty_cache()
+    return ms
+
+
 def ablation_ms(model, batch: int, token: torch.Tensor, pos: torch.Tensor) -> dict[str, float]:
     """Graph replay ms of the decode step with each kind of op in ABLATIONS left out, then
-    with all of them left out (see the module docstring); one capture each."""
-    out = {}
-    for name in (*ABLATIONS, "all"):
-        with ExitStack() as stack:
-            for kind in ABLATIONS if name == "all" else (name,):
-                for owner, attr, stand_in in ABLATIONS[kind]:
-                    stack.enter_context(mock.patch.object(owner, attr, stand_in))
-            graphs = DecodeGraphs(model)
-            graphs.prepare(batch)
-            graphs.step(token, pos)
-            replay = graphs._graphs[graphs.rows_for(batch)].graph.replay
-            out[name] = statistics.median(_events_ms(replay, 20))
-        del graphs, replay
-        torch.cuda.empty_cache()
+    with all of them left out (see the module docstring)."""
+    out = {name: replay_ms_with(model, batch, token, pos, patches)
+           for name, patches in ABLATIONS.items()}
+    out["all"] = replay_ms_with(model, batch, token, pos, sum(ABLATIONS.values(), []))
+    return out
+
+
+@torch.no_grad()
+def compare_variants(scheme: str, batches: list[int], mapping: Mapping, comm, device,
+                     rounds: int = 3) -> list[dict]:
+    """Graph replay ms of each of VARIANTS, captured in turn, `rounds` times, per batch size."""
+    config = MODELS["llama2-7b"]
+    model = random_model(config, scheme, mapping, comm, device, group_size_for(config, 1))
+    out = []
+    for batch in batches:
+        model.setup_caches(batch, PROMPT + 64)
+        token = torch.zeros(batch, dtype=torch.long, device=device)
+        pos = torch.full((batch,), PROMPT, dtype=torch.long, device=device)
+        ms: dict[str, list[float]] = defaultdict(list)
+        for _ in range(rounds):
+            for name, patches in VARIANTS.items():
+                ms[name].append(replay_ms_with(model, batch, token, pos, patches))
+        out.append(dict(scheme=scheme, batch=batch, graph_ms=dict(ms),
+                        median_ms={name: statistics.median(v) for name, v in ms.items()}))
+    del model
+    torch.cuda.empty_cache()
     return out
 
 
@@ -265,6 +320,9 @@ def main() -> None:
     p.add_argument("--python", action="store_true", help="--prefill: and its Python (cProfile)")
     p.add_argument("--ablate", action="store_true",
                    help="and the graph replay without each kind of op (see the docstring)")
+    p.add_argument("--variants", action="store_true",
+                   help="the graph replay as it is against VARIANTS (see the docstring)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="--variants' batches")
     args = p.parse_args()
     mapping = Mapping.from_env()
     device = mapping.device()
@@ -275,6 +333,23 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.variants:
+        for scheme in args.schemes:
+            results += compare_variants(scheme, args.batches, mapping, comm, device)
+            if mapping.rank != 0:
+                continue
+            for r in results[-len(args.batches):]:
+                base = r["median_ms"]["as is"]
+                print(f"# llama2-7b TP {mapping.tp_size} {scheme} batch {r['batch']}: graph "
+                      f"replay ms, rounds in turn; median, and against 'as is'")
+                for name, times in r["graph_ms"].items():
+                    med = r["median_ms"][name]
+                    print(f"  {name:<24} {' '.join(f'{t:6.3f}' for t in times)}   {med:6.3f}"
+                          f"  {med / base:5.3f}x")
+            (out / f"profile_variants_tp{mapping.tp_size}.json").write_text(json.dumps(
+                {"device": torch.cuda.get_device_name(device), "tp": mapping.tp_size,
+                 "results": results}, indent=1))
+        return
     if args.prefill:
         for scheme in args.schemes:
             r = profile_prefill(scheme, mapping, comm, device, args.python)

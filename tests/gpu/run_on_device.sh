@@ -62,6 +62,9 @@
 #     fusion_decode the same tests and sweep, then bench_decode --quick at TP 1 and 2, on this
 #                 tree and with BEFORE's (a commit) decode step: tpquant/models/llama.py and
 #                 tpquant/layers/decode_attention.py as they were there
+#     variants    profile_decode --variants: the decode step's graph as it is against attention on
+#                 4 warps, RoPE and the KV write unfused, and both; bf16 and int4 at batch 1, 8,
+#                 64, TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -453,6 +456,13 @@ fusion|fusion_decode)
     done
     git checkout -- tpquant
   fi
+  ;;
+variants)
+  for n in 1 2; do
+    [ "$n" -le "$ngpu" ] || continue
+    TAIL=40 step profile_variants_tp$n mpi -n $n python3 benchmarks/profile_decode.py --variants \
+      --schemes bf16 int4_wo --batches 1 8 64
+  done
   ;;
 push_check)
   # the push all-reduce's and the overlapped generate's tests, the layers, the killed-rank tests
