@@ -7,7 +7,8 @@ at TP 1 (32 query heads over 8 KV heads), bf16 cache: a CUDA graph of 32 calls o
 `decode_attention_triton`, each over its own cache as the 32 layers of a decode step are (so
 nothing is read from L2), replayed 10 times; the median per call, the K / V bytes it reads per
 microsecond, and that against the device's copy bandwidth (bench_gemm.copy_bandwidth). Every
-(BLOCK_N, NUM_WARPS, TARGET_PROGRAMS) of the sweep, the module's values marked "*".
+(BLOCK_N, TARGET_PROGRAMS, warps) of the sweep, warps either fixed or the module's rule
+(`split_warps`, "rule"); the module's values are marked "*".
 Table on stdout, JSON in $OUT/bench_decode_attention.json (OUT defaults to /tmp/out).
 """
 
@@ -31,7 +32,8 @@ from tpquant.layers.kv_cache import KVCache  # noqa: E402
 
 SHAPES = {"7b-tp1": (32, 32), "7b-tp2": (16, 16), "8b-tp1": (32, 8)}  # (heads, KV heads)
 HEAD_DIM, LAYERS = 128, 32
-SWEEP = dict(BLOCK_N=(32, 64, 128), NUM_WARPS=(2, 4, 8), TARGET_PROGRAMS=(256, 512, 1024))
+SWEEP = dict(BLOCK_N=(32, 64, 128), TARGET_PROGRAMS=(256, 512, 1024))
+WARPS = (2, 4, 8, "rule")
 
 
 def time_config(caches: list[KVCache], q: torch.Tensor, pos: torch.Tensor) -> float:
@@ -54,7 +56,8 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda")
     copy = copy_bandwidth(device)
-    defaults = {name: getattr(da, name) for name in SWEEP}
+    defaults = {name: getattr(da, name) for name in SWEEP} | {"warps": "rule"}
+    rule = da.split_warps
     rows = []
     print(f"{'shape':<8} {'batch':>5} {'BLOCK_N':>7} {'warps':>5} {'target':>6} {'us':>7} "
           f"{'GB/s':>6} {'%copy':>6}")
@@ -69,20 +72,22 @@ def main() -> None:
         q = torch.randn(batch, H, HEAD_DIM, dtype=torch.bfloat16, device=device)
         pos = torch.full((batch,), args.context - 1, dtype=torch.long, device=device)
         kv_bytes = 2 * batch * args.context * Hkv * HEAD_DIM * 2
-        for values in itertools.product(*SWEEP.values()):
-            config = dict(zip(SWEEP, values))
-            for name, value in config.items():
+        for *values, warps in itertools.product(*SWEEP.values(), WARPS):
+            config = dict(zip(SWEEP, values)) | {"warps": warps}
+            for name, value in zip(SWEEP, values):
                 setattr(da, name, value)
+            da.split_warps = rule if warps == "rule" else lambda max_seq, splits, w=warps: w
             seconds = time_config(caches, q, pos)
             gbps = kv_bytes / seconds / 1e9
             mark = "*" if config == defaults else " "
             rows.append(dict(shape=shape, batch=batch, **config, us=seconds * 1e6, GBps=gbps,
                              pct_copy=100 * gbps * 1e9 / copy, default=config == defaults))
-            print(f"{shape:<8} {batch:>5} {config['BLOCK_N']:>7} {config['NUM_WARPS']:>5} "
+            print(f"{shape:<8} {batch:>5} {config['BLOCK_N']:>7} {config['warps']:>5} "
                   f"{config['TARGET_PROGRAMS']:>6} {seconds * 1e6:7.2f} {gbps:6.0f} "
                   f"{100 * gbps * 1e9 / copy:6.1f} {mark}", flush=True)
-        for name, value in defaults.items():
-            setattr(da, name, value)
+        for name in SWEEP:
+            setattr(da, name, defaults[name])
+        da.split_warps = rule
         del caches
         torch.cuda.empty_cache()
     best = {}
@@ -94,7 +99,7 @@ def main() -> None:
     for (shape, batch), r in best.items():
         d = next(x for x in rows if x["shape"] == shape and x["batch"] == batch and x["default"])
         print(f"  {shape:<8} batch {batch:>3}: {r['us']:6.2f} us at BLOCK_N {r['BLOCK_N']}, "
-              f"{r['NUM_WARPS']} warps, {r['TARGET_PROGRAMS']} programs; default {d['us']:6.2f} us")
+              f"warps {r['warps']}, {r['TARGET_PROGRAMS']} programs; default {d['us']:6.2f} us")
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_decode_attention.json").write_text(json.dumps(

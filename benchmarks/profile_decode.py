@@ -30,9 +30,10 @@ the times mean anything.
 
     [mpirun -n 2] python benchmarks/profile_decode.py --variants [--schemes ...] [--batches 1 8]
 
-times instead the graph replay of the step as it is against the choices it replaced (VARIANTS:
-decode attention on Triton's default 4 warps, RoPE and the KV-cache write as two kernels, and
-both: the step before them), each variant captured in turn, three rounds, one model per scheme
+times instead the graph replay of the step as it is against other choices (VARIANTS: decode
+attention on 2 or on 4 warps whatever its splits, RoPE and the KV-cache write as two kernels,
+and the step before these: 4 warps, two kernels), each variant captured in turn, three rounds,
+one model per scheme
 ($OUT/profile_variants_tp<N>.json).
 
     [mpirun -n 2] python benchmarks/profile_decode.py --prefill [--schemes ...]
@@ -128,13 +129,14 @@ def _rope_then_write(qkv, n_q, cos, sin, cache, pos):
 
 
 # --variants: the step as it is, and with the choices it replaced (module attribute, value)
-_WARPS4 = (decode_attention, "NUM_WARPS", 4)
+_WARPS4 = (decode_attention, "split_warps", lambda max_seq, splits: 4)
 _UNFUSED = (llama, "rope_and_cache", _rope_then_write)
 VARIANTS = {
     "as is": [],
+    "attention on 2 warps": [(decode_attention, "split_warps", lambda max_seq, splits: 2)],
     "attention on 4 warps": [_WARPS4],
     "RoPE, KV write unfused": [_UNFUSED],
-    "both (the step before)": [_WARPS4, _UNFUSED],
+    "the step before": [_WARPS4, _UNFUSED],
 }
 
 

@@ -515,6 +515,25 @@ def test_triton_decode_attention_in_interpreter():
     assert worst <= 1.0, worst
 
 
+def test_decode_attention_splits_and_warps():
+    """Llama-2-7B's cache of 576 positions (bench_decode's): splits fill 512 programs, no
+    split shorter than a block; 4 warps where a split spans 1-3 blocks of 64, 2 from 4 on."""
+    from tpquant.layers.decode_attention import num_splits, split_warps
+
+    cases = [  # (batch, KV heads, max_seq) -> (splits, warps)
+        ((1, 32, 576), (9, 4)),  # TP 1, batch 1: one block a split
+        ((1, 16, 576), (9, 4)),  # TP 2, batch 1
+        ((8, 32, 576), (2, 2)),  # TP 1, batch 8: 288 positions, 5 blocks
+        ((8, 16, 576), (4, 4)),  # TP 2, batch 8: 144 positions, 3 blocks
+        ((64, 32, 576), (1, 2)),  # batch 64: one split of 9 blocks
+        ((1, 8, 4096), (64, 4)),  # a long cache: 64 splits of one block
+    ]
+    for (batch, kv_heads, max_seq), want in cases:
+        splits = num_splits(batch, kv_heads, max_seq)
+        assert (splits, split_warps(max_seq, splits)) == want, (batch, kv_heads, max_seq)
+    assert split_warps(193, 1) == 2 and split_warps(192, 1) == 4  # 4 blocks (one partial), 3
+
+
 def test_decode_buckets():
     from tpquant.engine.graphs import BUCKETS, bucket_for
 

@@ -72,12 +72,10 @@ def _check(q: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> tuple[in
 # Cache positions per inner step: 64 took Llama-2-7B's split kernel from 0.190 to 0.158 ms a
 # decode step against 32 (H200, int4, docs/benchmarks.md 2026-11-30; 128: 0.177 ms).
 BLOCK_N = 64
-# The split kernel's warps: 2 against Triton's default 4 took Llama-2-7B's attention at batch 8 /
-# 64 from 26.5 / 149 to 21.5 / 135 us a layer (H200, bench_decode_attention.py, which sweeps
-# these three constants; docs/benchmarks.md, fourteenth session).
-NUM_WARPS = 2
 TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 (132 SMs) a few times over
 _MIN_ROWS = 16  # tl.dot needs at least 16 rows: query groups are padded up to this
+# A split that spans this many blocks of the cache or more runs on 2 warps, fewer on 4.
+MANY_BLOCKS = 4
 
 
 def num_splits(batch: int, kv_heads: int, max_seq: int) -> int:
@@ -85,6 +83,17 @@ def num_splits(batch: int, kv_heads: int, max_seq: int) -> int:
     shorter than one block."""
     want = -(-TARGET_PROGRAMS // (batch * kv_heads))
     return max(1, min(want, -(-max_seq // BLOCK_N)))
+
+
+def split_warps(max_seq: int, splits: int) -> int:
+    """Warps of a split program. One pass over one or two blocks is a chain of loads that 4
+    warps issue sooner; a long loop keeps more loads in flight with more, smaller programs
+    on each SM. Measured (H200, Llama-2-7B's decode step in a CUDA graph, profile_decode.py
+    --variants; docs/benchmarks.md, fourteenth session): 2 warps cost 1-3% at batch 1 (one
+    block per split) and at TP 2 batch 8 (3 blocks), and gained 2-5% at batch 8 at TP 1 (5
+    blocks) and at batch 64 (9 blocks)."""
+    blocks = -(-(-(-max_seq // splits)) // BLOCK_N)
+    return 2 if blocks >= MANY_BLOCKS else 4
 
 
 def decode_attention_triton(
@@ -113,7 +122,8 @@ def decode_attention_triton(
         k_scale.stride(0), k_scale.stride(1),
         1.0 / math.sqrt(hd), splits,
         G=group, G_PAD=max(_MIN_ROWS, triton.next_power_of_2(group)), HD=hd, BLOCK_N=BLOCK_N,
-        INT8=cache.int8, IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS,
+        INT8=cache.int8, IEEE=q.dtype == torch.float32,
+        num_warps=split_warps(cache.max_seq, splits),
         **pdl.triton_args(q.device),
     )
     out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
