@@ -31,9 +31,8 @@ the times mean anything.
     [mpirun -n 2] python benchmarks/profile_decode.py --variants [--schemes ...] [--batches 1 8]
 
 times instead the graph replay of the step as it is against other choices (VARIANTS: decode
-attention on 2 or on 4 warps whatever its splits, RoPE and the KV-cache write as two kernels,
-and the step before these: 4 warps, two kernels), each variant captured in turn, three rounds,
-one model per scheme
+attention on 2 or on 4 warps whatever its splits; 4 is the step before `split_warps`), each
+variant captured in turn, three rounds, one model per scheme
 ($OUT/profile_variants_tp<N>.json).
 
     [mpirun -n 2] python benchmarks/profile_decode.py --prefill [--schemes ...]
@@ -67,6 +66,7 @@ from bench_decode import (  # noqa: E402
 
 from tpquant.collectives import make_communicator  # noqa: E402
 from tpquant.engine.graphs import DecodeGraphs  # noqa: E402
+from tpquant.layers.kv_cache import KVCache  # noqa: E402
 from tpquant.layers.norm import RmsNorm  # noqa: E402
 from tpquant.layers import decode_attention  # noqa: E402
 from tpquant.models import llama  # noqa: E402
@@ -86,7 +86,7 @@ KINDS = (
     ("_combine", "decode attention"),
     ("_kv_write", "KV-cache write"),
     ("_silu_mul", "SwiGLU activation"),
-    ("_rope", "RoPE (+ KV-cache write)"),
+    ("_rope", "RoPE"),
     ("gemv", "GEMM/GEMV (cuBLAS)"),
     ("gemm", "GEMM/GEMV (cuBLAS)"),
     ("cutlass", "GEMM/GEMV (cuBLAS)"),
@@ -112,31 +112,19 @@ def _empty_like_half(gu: torch.Tensor) -> torch.Tensor:
 # --ablate: each kind of op and a stand-in that launches no kernel (module attribute, value)
 ABLATIONS = {
     "swiglu": [(llama, "silu_mul", _empty_like_half)],
-    "rope_kv_write": [(llama, "rope_and_cache",
-                       lambda qkv, n_q, cos, sin, cache, pos: qkv[:, :, : n_q + cache.k.shape[2]])],
+    "rope": [(llama, "apply_rope", lambda x, cos, sin: x)],
+    "kv_write": [(KVCache, "write", lambda self, pos, k, v: None)],
     "attention": [(llama, "decode_attention", lambda q, cache, pos: q.new_empty(q.shape))],
     # the residual add + RMSNorm, and at TP > 1 the all-reduce fused with it
     "add_norm": [(RmsNorm, "add_forward", lambda self, x, delta: (x, x))],
 }
 
 
-def _rope_then_write(qkv, n_q, cos, sin, cache, pos):
-    """`llama.rope_and_cache` as two kernels (its path without the fused one)."""
-    Hkv = cache.k.shape[2]
-    qk = llama.apply_rope(qkv[:, :, : n_q + Hkv], cos, sin)
-    cache.write(pos, qk[:, :, n_q:], qkv[:, :, n_q + Hkv:])
-    return qk
-
-
-# --variants: the step as it is, and with the choices it replaced (module attribute, value)
-_WARPS4 = (decode_attention, "split_warps", lambda max_seq, splits: 4)
-_UNFUSED = (llama, "rope_and_cache", _rope_then_write)
+# --variants: the step as it is, and with decode attention on a fixed number of warps
 VARIANTS = {
     "as is": [],
     "attention on 2 warps": [(decode_attention, "split_warps", lambda max_seq, splits: 2)],
-    "attention on 4 warps": [_WARPS4],
-    "RoPE, KV write unfused": [_UNFUSED],
-    "the step before": [_WARPS4, _UNFUSED],
+    "attention on 4 warps": [(decode_attention, "split_warps", lambda max_seq, splits: 4)],
 }
 
 

@@ -55,16 +55,14 @@
 #     prefill     profile_decode --prefill: the time to first token by kernel kind and host
 #                 operator, bf16 and int8, at TP 1 and 2 (prefill_ar: at TP 2, its Python, then
 #                 by all-reduce mode)
-#     fusion      RoPE + KV write in one kernel (fourteenth session): the decode-op tests, the
-#                 model tests on 1 and 2 GPUs (without SmolLM2's file, those that need none),
+#     fusion      the decode step (fourteenth session): the decode-op tests, the model tests on
+#                 1 and 2 GPUs (without SmolLM2's file, those that need none),
 #                 bench_decode_attention's sweep, profile_decode --ablate (bf16, int8, int4) at
 #                 TP 1 and 2
 #     fusion_decode the same tests and sweep, then bench_decode --quick at TP 1 and 2, on this
-#                 tree and with BEFORE's (a commit) decode step: tpquant/models/llama.py and
-#                 tpquant/layers/decode_attention.py as they were there
+#                 tree and with BEFORE's (a commit) tpquant/layers/decode_attention.py
 #     variants    profile_decode --variants: the decode step's graph as it is against attention on
-#                 4 warps, RoPE and the KV write unfused, and both; bf16 and int4 at batch 1, 8,
-#                 64, TP 1 and 2
+#                 2 and on 4 warps; bf16, int8 and int4 at batch 1, 8, 64, TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -446,22 +444,23 @@ fusion|fusion_decode)
   else
     export TPQUANT_CACHE=$PWD/.cutlass_cache
     decode_tp12 --quick
-    for f in tpquant/models/llama.py tpquant/layers/decode_attention.py; do
-      git show "${BEFORE:?set BEFORE to a commit}:$f" > "$f"
+    files="tpquant/layers/decode_attention.py"
+    for f in $files; do
+      cp "$f" "/tmp/$(basename "$f").now" && git show "${BEFORE:?set BEFORE to a commit}:$f" > "$f"
     done
     for n in 1 2; do
       [ "$n" -le "$ngpu" ] || continue
       TAIL=8 step before_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py --quick \
         --out "$r/before"
     done
-    git checkout -- tpquant
+    for f in $files; do cp "/tmp/$(basename "$f").now" "$f"; done
   fi
   ;;
 variants)
   for n in 1 2; do
     [ "$n" -le "$ngpu" ] || continue
     TAIL=40 step profile_variants_tp$n mpi -n $n python3 benchmarks/profile_decode.py --variants \
-      --schemes bf16 int4_wo --batches 1 8 64
+      --schemes bf16 int8_wo int4_wo --batches 1 8 64
   done
   ;;
 push_check)

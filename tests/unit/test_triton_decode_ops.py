@@ -1,6 +1,5 @@
 """The decode step's fused Triton kernels in Triton's interpreter (CPU tensors): the residual
-add + RMSNorm, SwiGLU's silu(gate) * up, the float KV-cache write and RoPE fused with it, each
-against torch.
+add + RMSNorm, SwiGLU's silu(gate) * up and the float KV-cache write, each against torch.
 
 Allowed differences, stated once:
 - add + RMSNorm: the sum s = x + delta equals torch's add (bfloat16 within one ulp: the
@@ -9,10 +8,7 @@ Allowed differences, stated once:
   of the float64 norm of that s;
 - silu * up: within eps(dtype) relative of the float64 product (two roundings, as torch's
   two kernels round; bfloat16 2 eps, the interpreter's two truncations), 2e-6 for float32;
-- the KV write: bit for bit (a copy), and nothing outside the written positions changes;
-- RoPE + KV write: bit for bit against the same kernel's rotation alone followed by the KV
-  write (the unfused pair), and the rotation within RoPE's own tolerance of float64
-  (tests/unit/test_llama_unit.py: 1e-6 float32, 1e-3 float16 of the largest value).
+- the KV write: bit for bit (a copy), and nothing outside the written positions changes.
 Outputs are poisoned (NaN) before each call where the launcher takes one.
 """
 
@@ -33,7 +29,6 @@ _MODULES = (
     "tpquant.kernels.triton_norm",
     "tpquant.kernels.triton_activation",
     "tpquant.kernels.triton_kv",
-    "tpquant.kernels.triton_rope",
 )
 
 
@@ -42,11 +37,10 @@ def kernels():
     pytest.importorskip("triton")
     from triton_interpreter import interpreted  # tests/unit, beside this file
 
-    with interpreted(*_MODULES) as (_, tn, ta, tk, tr):
+    with interpreted(*_MODULES) as (_, tn, ta, tk):
         interp = sys.modules["triton.runtime.interpreter"]
         assert isinstance(tk._kv_write_kernel, interp.InterpretedFunction)
-        assert isinstance(tr._rope_kernel, interp.InterpretedFunction)
-        yield tn, ta, tk, tr
+        yield tn, ta, tk
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -63,7 +57,7 @@ def _ulp_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, extra:
 @pytest.mark.parametrize("rows,k", [(1, 96), (3, 200), (17, 64), (2, 17000)])
 def test_add_rms_norm(kernels, dtype, rows, k) -> None:
     """k = 17000 spans five blocks of the row loop (the second pass recomputes the sum)."""
-    tn, *_ = kernels
+    tn, _, _ = kernels
     g = _gen(rows * 7 + k)
     x = (torch.randn(rows, k, generator=g) * 3).to(dtype)
     delta = torch.randn(rows, 2 * k, generator=g).to(dtype)[:, ::2]  # strided rows and columns
@@ -82,7 +76,7 @@ def test_add_rms_norm(kernels, dtype, rows, k) -> None:
 
 
 def test_add_rms_norm_rejects_mismatched_delta(kernels) -> None:
-    tn, *_ = kernels
+    tn, _, _ = kernels
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="delta must match x"):
         tn.add_rms_norm(x, torch.randn(2, 9), torch.ones(8), EPS)
@@ -92,7 +86,7 @@ def test_add_rms_norm_rejects_mismatched_delta(kernels) -> None:
 @pytest.mark.parametrize("shape,i", [((1, 1), 1376), ((3, 2), 100), ((5,), 2048)])
 def test_silu_mul(kernels, dtype, shape, i) -> None:
     """i = 1376: a partial second block; rows strided (a slice of a wider output)."""
-    _, ta, *_ = kernels
+    _, ta, _ = kernels
     g = _gen(i)
     wide = (torch.randn(*shape, 2 * i + 8, generator=g) * 4).to(dtype)
     gate_up = wide[..., : 2 * i]
@@ -123,7 +117,7 @@ def test_silu_mul_reference_path() -> None:
 def test_kv_write(kernels, cache_dtype, src_dtype, B, T) -> None:
     """Against KVCache.write's index_copy_ path: k and v as slices of one fused qkv row, pos
     a strided view, rows 0..B-1 of a larger cache."""
-    _, _, tk, _ = kernels
+    _, _, tk = kernels
     MB, S, Hkv, hd, H = 4, 12, 3, 16, 6
     g = _gen(B * 10 + T)
     qkv = torch.randn(B, T, (H + 2 * Hkv) * hd, generator=g).to(src_dtype)
@@ -141,56 +135,8 @@ def test_kv_write(kernels, cache_dtype, src_dtype, B, T) -> None:
 
 
 def test_kv_write_rejects_bad_shapes(kernels) -> None:
-    _, _, tk, _ = kernels
+    _, _, tk = kernels
     c = KVCache(2, 8, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
         tk.write_kv(c.k, c.v, torch.zeros(3, 1, dtype=torch.long), torch.randn(3, 1, 2, 16),
                     torch.randn(3, 1, 2, 16))
-
-
-@pytest.mark.parametrize("dtype,cache_dtype", [
-    (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.float16),
-], ids=str)
-@pytest.mark.parametrize("B,T,H,Hkv,hd", [(1, 1, 4, 2, 16), (3, 1, 6, 3, 32), (2, 5, 3, 1, 12),
-                                          (2, 3, 17, 1, 16)])
-def test_rope_write_kv(kernels, dtype, cache_dtype, B, T, H, Hkv, hd) -> None:
-    """The fused kernel against its unfused pair (apply_rope, then write_kv) and against
-    float64. hd = 12: a half that is not a power of two; H = 17: heads past one block (16);
-    rows of qkv strided (a slice of a wider output); positions distinct per row."""
-    from tpquant.models.llama import apply_rope_reference
-
-    _, _, tk, tr = kernels
-    MB, S = 4, 12
-    g = _gen(B * 100 + T * 10 + H)
-    NH = H + 2 * Hkv
-    qkv = torch.randn(B, T, NH * hd + 8, generator=g).to(dtype)[..., : NH * hd].unflatten(-1, (NH, hd))
-    ang = torch.rand(B, T, hd // 2, generator=g) * 6.3
-    pos = torch.stack([torch.randperm(S, generator=g)[:T] for _ in range(B)])
-    want, got = (KVCache(MB, S, Hkv, hd, cache_dtype) for _ in range(2))
-    for c in (want, got):
-        c.k.fill_(float("nan"))
-        c.v.fill_(float("nan"))
-    qk_want = tr.apply_rope(qkv[:, :, : H + Hkv], ang.cos(), ang.sin())
-    tk.write_kv(want.k, want.v, pos, qk_want[:, :, H:], qkv[:, :, H + Hkv:])
-    qk = tr.rope_write_kv(qkv, H, ang.cos(), ang.sin(), got.k, got.v, pos)
-    assert qk.shape == (B, T, H + Hkv, hd) and torch.equal(qk, qk_want)
-    # NaN where nothing was written, equal values where something was
-    assert torch.equal(got.k.isnan(), want.k.isnan()) and torch.equal(got.v.isnan(), want.v.isnan())
-    assert int((~got.k.isnan()).sum()) == B * T * Hkv * hd
-    assert torch.equal(got.k.nan_to_num(), want.k.nan_to_num())
-    assert torch.equal(got.v.nan_to_num(), want.v.nan_to_num())
-    ref = apply_rope_reference(qkv[:, :, : H + Hkv].double(), ang.cos().double(), ang.sin().double())
-    tol = {torch.float32: 1e-6, torch.float16: 1e-3}[dtype] * ref.abs().max().item()
-    assert (qk.double() - ref).abs().max().item() <= tol
-
-
-def test_rope_write_kv_rejects_bad_shapes(kernels) -> None:
-    *_, tr = kernels
-    c = KVCache(2, 8, 2, 16, torch.float32)
-    cos = torch.ones(1, 1, 8)
-    with pytest.raises(ValueError, match="do not fit"):  # 3 heads of q + 2 x 2 is 7, not 6
-        tr.rope_write_kv(torch.randn(1, 1, 6, 16), 3, cos, cos, c.k, c.v,
-                         torch.zeros(1, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="do not fit"):  # 3 rows, a cache of 2
-        tr.rope_write_kv(torch.randn(3, 1, 7, 16), 3, cos.expand(3, 1, 8), cos.expand(3, 1, 8),
-                         c.k, c.v, torch.zeros(3, 1, dtype=torch.long))

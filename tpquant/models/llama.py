@@ -180,24 +180,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return apply_rope_reference(x, cos, sin)
 
 
-def rope_and_cache(
-    qkv: torch.Tensor, n_q: int, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-    pos: torch.Tensor,
-) -> torch.Tensor:
-    """The fused qkv [B, T, n_q + 2 Hkv, hd] -> its q and k heads rotated [B, T, n_q + Hkv,
-    hd], with the rotated k and v stored in `cache` at positions pos [B, T]. On CUDA with a
-    float cache, one Triton kernel does both (`triton_rope.rope_write_kv`); otherwise
-    `apply_rope`, then `KVCache.write`."""
-    Hkv = cache.k.shape[2]
-    if qkv.is_cuda and has_triton() and not cache.int8:
-        from tpquant.kernels import triton_rope
-
-        return triton_rope.rope_write_kv(qkv, n_q, cos, sin, cache.k, cache.v, pos)
-    qk = apply_rope(qkv[:, :, : n_q + Hkv], cos, sin)
-    cache.write(pos, qk[:, :, n_q:], qkv[:, :, n_q + Hkv :])
-    return qk
-
-
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`apply_rope` in torch: the CPU path and the kernel's oracle."""
     x1, x2 = x.float().chunk(2, dim=-1)  # [B, T, H, hd/2] each
@@ -254,11 +236,12 @@ class Attention(nn.Module):
             raise RuntimeError("no KV cache: call Llama.setup_caches(max_batch, max_seq)")
         B, T, _ = x.shape
         hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, hd)  # local [q_r | k_r | v_r] heads
-        # q and k rotated together (adjacent heads of one row), k and v cached: one kernel on CUDA
-        qk = rope_and_cache(qkv, H, cos, sin, self.kv_cache, pos)
+        qkv = self.qkv(x)  # local [q_r | k_r | v_r]
+        # q and k rotated together (adjacent heads of one row: one kernel on CUDA)
+        qk = apply_rope(qkv[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd), cos, sin)
         q, k = qk.split([H, Hkv], dim=2)  # [B, T, H, hd], [B, T, Hkv, hd]
-        v = qkv[:, :, H + Hkv :]  # [B, T, Hkv, hd]
+        v = qkv[..., (H + Hkv) * hd :].view(B, T, Hkv, hd)
+        self.kv_cache.write(pos, k, v)
         if mask is None and T == 1:
             y = decode_attention(q[:, 0], self.kv_cache, pos[:, 0])  # [B, H, hd]
             return self.o_proj(y.reshape(B, 1, H * hd), reduce=False)  # [B, 1, D]
