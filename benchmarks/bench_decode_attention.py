@@ -7,8 +7,8 @@ at TP 1 (32 query heads over 8 KV heads), bf16 cache: a CUDA graph of 32 calls o
 `decode_attention_triton`, each over its own cache as the 32 layers of a decode step are (so
 nothing is read from L2), replayed 10 times; the median per call, the K / V bytes it reads per
 microsecond, and that against the device's copy bandwidth (bench_gemm.copy_bandwidth). Every
-TARGET_PROGRAMS x (positions a step, warps) of the sweep, the latter fixed or the module's
-rule (`split_config`, "rule"); the module's choice is marked "*".
+(BLOCK_N, TARGET_PROGRAMS, warps) of the sweep, warps either fixed or the module's rule
+(`split_warps`, "rule"); the module's values are marked "*".
 Table on stdout, JSON in $OUT/bench_decode_attention.json (OUT defaults to /tmp/out).
 """
 
@@ -32,8 +32,8 @@ from tpquant.layers.kv_cache import KVCache  # noqa: E402
 
 SHAPES = {"7b-tp1": (32, 32), "7b-tp2": (16, 16), "8b-tp1": (32, 8)}  # (heads, KV heads)
 HEAD_DIM, LAYERS = 128, 32
-TARGETS = (256, 512, 1024)
-CONFIGS = (*((b, w) for b in (32, 64, 128) for w in (2, 4, 8)), "rule")  # (BLOCK_N, warps)
+SWEEP = dict(BLOCK_N=(32, 64, 128), TARGET_PROGRAMS=(256, 512, 1024))
+WARPS = (2, 4, 8, "rule")
 
 
 def time_config(caches: list[KVCache], q: torch.Tensor, pos: torch.Tensor) -> float:
@@ -56,9 +56,10 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda")
     copy = copy_bandwidth(device)
-    default_target, rule = da.TARGET_PROGRAMS, da.split_config
+    defaults = {name: getattr(da, name) for name in SWEEP} | {"warps": "rule"}
+    rule = da.split_warps
     rows = []
-    print(f"{'shape':<8} {'batch':>5} {'config':>7} {'target':>6} {'us':>7} "
+    print(f"{'shape':<8} {'batch':>5} {'BLOCK_N':>7} {'warps':>5} {'target':>6} {'us':>7} "
           f"{'GB/s':>6} {'%copy':>6}")
     for shape, batch in itertools.product(SHAPES, args.batch):
         H, Hkv = SHAPES[shape]
@@ -71,20 +72,22 @@ def main() -> None:
         q = torch.randn(batch, H, HEAD_DIM, dtype=torch.bfloat16, device=device)
         pos = torch.full((batch,), args.context - 1, dtype=torch.long, device=device)
         kv_bytes = 2 * batch * args.context * Hkv * HEAD_DIM * 2
-        for target, config in itertools.product(TARGETS, CONFIGS):
-            da.TARGET_PROGRAMS = target
-            da.split_config = rule if config == "rule" else lambda max_seq, splits, c=config: c
-            label = config if config == "rule" else f"{config[0]}/{config[1]}"
+        for *values, warps in itertools.product(*SWEEP.values(), WARPS):
+            config = dict(zip(SWEEP, values)) | {"warps": warps}
+            for name, value in zip(SWEEP, values):
+                setattr(da, name, value)
+            da.split_warps = rule if warps == "rule" else lambda max_seq, splits, w=warps: w
             seconds = time_config(caches, q, pos)
             gbps = kv_bytes / seconds / 1e9
-            default = config == "rule" and target == default_target
-            rows.append(dict(shape=shape, batch=batch, config=label, target_programs=target,
-                             us=seconds * 1e6, GBps=gbps, pct_copy=100 * gbps * 1e9 / copy,
-                             default=default))
-            print(f"{shape:<8} {batch:>5} {label:>7} {target:>6} {seconds * 1e6:7.2f} "
-                  f"{gbps:6.0f} {100 * gbps * 1e9 / copy:6.1f} {'*' if default else ''}",
-                  flush=True)
-        da.TARGET_PROGRAMS, da.split_config = default_target, rule
+            mark = "*" if config == defaults else " "
+            rows.append(dict(shape=shape, batch=batch, **config, us=seconds * 1e6, GBps=gbps,
+                             pct_copy=100 * gbps * 1e9 / copy, default=config == defaults))
+            print(f"{shape:<8} {batch:>5} {config['BLOCK_N']:>7} {config['warps']:>5} "
+                  f"{config['TARGET_PROGRAMS']:>6} {seconds * 1e6:7.2f} {gbps:6.0f} "
+                  f"{100 * gbps * 1e9 / copy:6.1f} {mark}", flush=True)
+        for name in SWEEP:
+            setattr(da, name, defaults[name])
+        da.split_warps = rule
         del caches
         torch.cuda.empty_cache()
     best = {}
@@ -92,11 +95,11 @@ def main() -> None:
         key = (r["shape"], r["batch"])
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
-    print("\nbest per (shape, batch) against the module's choice:")
+    print("\nbest per (shape, batch) against the module's values:")
     for (shape, batch), r in best.items():
         d = next(x for x in rows if x["shape"] == shape and x["batch"] == batch and x["default"])
-        print(f"  {shape:<8} batch {batch:>3}: {r['us']:6.2f} us at {r['config']} (positions a "
-              f"step / warps), {r['target_programs']} programs; the module's {d['us']:6.2f} us")
+        print(f"  {shape:<8} batch {batch:>3}: {r['us']:6.2f} us at BLOCK_N {r['BLOCK_N']}, "
+              f"warps {r['warps']}, {r['TARGET_PROGRAMS']} programs; default {d['us']:6.2f} us")
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_decode_attention.json").write_text(json.dumps(

@@ -31,9 +31,8 @@ the times mean anything.
     [mpirun -n 2] python benchmarks/profile_decode.py --variants [--schemes ...] [--batches 1 8]
 
 times instead the graph replay of the step as it is against other choices (VARIANTS: decode
-attention's split program fixed at 64 positions a step on 4 warps, the step before
-`split_config`, at 64 on 2, or at 32 on 2, whatever its splits), each variant captured in
-turn, three rounds, one model per scheme
+attention on 2 or on 4 warps whatever its splits; 4 is the step before `split_warps`), each
+variant captured in turn, three rounds, one model per scheme
 ($OUT/profile_variants_tp<N>.json).
 
     [mpirun -n 2] python benchmarks/profile_decode.py --prefill [--schemes ...]
@@ -121,11 +120,11 @@ ABLATIONS = {
 }
 
 
-# --variants: the step as it is, and with decode attention's split program fixed (positions a
-# step, warps); 64 / 4 was every split's before `split_config`
-VARIANTS = {"as is": []} | {
-    f"attention {b} / {w}": [(decode_attention, "split_config", lambda max_seq, splits, c=(b, w): c)]
-    for b, w in ((64, 4), (64, 2), (32, 2))
+# --variants: the step as it is, and with decode attention on a fixed number of warps
+VARIANTS = {
+    "as is": [],
+    "attention on 2 warps": [(decode_attention, "split_warps", lambda max_seq, splits: 2)],
+    "attention on 4 warps": [(decode_attention, "split_warps", lambda max_seq, splits: 4)],
 }
 
 

@@ -61,9 +61,8 @@
 #                 TP 1 and 2
 #     fusion_decode the same tests and sweep, then bench_decode --quick at TP 1 and 2, on this
 #                 tree and with BEFORE's (a commit) tpquant/layers/decode_attention.py
-#     variants    profile_decode --variants: the decode step's graph as it is against decode
-#                 attention's split program fixed (64 / 4, 64 / 2, 32 / 2: positions a step /
-#                 warps); bf16, int8 and int4 at batch 1, 8, 64, TP 1 and 2
+#     variants    profile_decode --variants: the decode step's graph as it is against attention on
+#                 2 and on 4 warps; bf16, int8 and int4 at batch 1, 8, 64, TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the

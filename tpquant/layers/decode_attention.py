@@ -69,11 +69,13 @@ def _check(q: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> tuple[in
     return B, H, hd
 
 
-# Splits are at least BLOCK_N positions long. 64 took Llama-2-7B's split kernel from 0.190 to
-# 0.158 ms a decode step against 32 at batch 1 (H200, int4, docs/benchmarks.md 2026-11-30).
+# Cache positions per inner step: 64 took Llama-2-7B's split kernel from 0.190 to 0.158 ms a
+# decode step against 32 (H200, int4, docs/benchmarks.md 2026-11-30; 128: 0.177 ms).
 BLOCK_N = 64
 TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 (132 SMs) a few times over
 _MIN_ROWS = 16  # tl.dot needs at least 16 rows: query groups are padded up to this
+# A split that spans this many blocks of the cache or more runs on 2 warps, fewer on 4.
+MANY_BLOCKS = 4
 
 
 def num_splits(batch: int, kv_heads: int, max_seq: int) -> int:
@@ -83,20 +85,15 @@ def num_splits(batch: int, kv_heads: int, max_seq: int) -> int:
     return max(1, min(want, -(-max_seq // BLOCK_N)))
 
 
-def split_config(max_seq: int, splits: int) -> tuple[int, int]:
-    """(positions per inner step, warps) of a split program, by the positions a split spans.
-
-    One block (batch 1): 64 positions on 4 warps, one chain of loads that 4 warps issue sooner.
-    Up to 4 blocks of 64: steps of 32 on 2 warps, more and smaller programs on each SM. Longer
-    splits: steps of 64 on 2 warps. bench_decode_attention.py (H200, 32 layers' caches of 512
-    positions in a CUDA graph; docs/benchmarks.md, fourteenth session), us a layer against 64
-    positions on 4 warps: Llama-2-7B batch 8 at TP 1 (288 positions a split) 21.4 against
-    26.2, at TP 2 (144) 13.1 against 17.0; Llama-3-8B batch 8 (72) 8.9 against 12.6; batch 64
-    (576) 132 against 146 (7B TP 1), 38 against 49 (8B)."""
-    positions = -(-max_seq // splits)
-    if positions <= BLOCK_N:
-        return BLOCK_N, 4
-    return (32 if positions < 4 * BLOCK_N else BLOCK_N), 2
+def split_warps(max_seq: int, splits: int) -> int:
+    """Warps of a split program. One pass over one or two blocks is a chain of loads that 4
+    warps issue sooner; a long loop keeps more loads in flight with more, smaller programs
+    on each SM. Measured (H200, Llama-2-7B's decode step in a CUDA graph, profile_decode.py
+    --variants; docs/benchmarks.md, fourteenth session): 2 warps cost 1-3% at batch 1 (one
+    block per split) and at TP 2 batch 8 (3 blocks), and gained 2-5% at batch 8 at TP 1 (5
+    blocks) and at batch 64 (9 blocks)."""
+    blocks = -(-(-(-max_seq // splits)) // BLOCK_N)
+    return 2 if blocks >= MANY_BLOCKS else 4
 
 
 def decode_attention_triton(
@@ -111,7 +108,6 @@ def decode_attention_triton(
     if hd & (hd - 1) or hd < 16:
         raise ValueError(f"decode_attention_triton needs a power-of-two head_dim >= 16, got {hd}")
     splits = num_splits(B, Hkv, cache.max_seq)
-    block_n, warps = split_config(cache.max_seq, splits)
     if q.stride(-1) != 1:
         q = q.contiguous()  # rows and heads may be strided (q is a slice of the RoPE output)
     acc = torch.empty(B, H, splits, hd, device=q.device, dtype=torch.float32)
@@ -125,8 +121,9 @@ def decode_attention_triton(
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
         k_scale.stride(0), k_scale.stride(1),
         1.0 / math.sqrt(hd), splits,
-        G=group, G_PAD=max(_MIN_ROWS, triton.next_power_of_2(group)), HD=hd, BLOCK_N=block_n,
-        INT8=cache.int8, IEEE=q.dtype == torch.float32, num_warps=warps,
+        G=group, G_PAD=max(_MIN_ROWS, triton.next_power_of_2(group)), HD=hd, BLOCK_N=BLOCK_N,
+        INT8=cache.int8, IEEE=q.dtype == torch.float32,
+        num_warps=split_warps(cache.max_seq, splits),
         **pdl.triton_args(q.device),
     )
     out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
