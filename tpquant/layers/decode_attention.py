@@ -86,12 +86,13 @@ def num_splits(batch: int, kv_heads: int, max_seq: int) -> int:
 
 
 def split_warps(max_seq: int, splits: int) -> int:
-    """Warps of a split program. One pass over one or two blocks is a chain of loads that 4
-    warps issue sooner; a long loop keeps more loads in flight with more, smaller programs
-    on each SM. Measured (H200, Llama-2-7B's decode step in a CUDA graph, profile_decode.py
-    --variants; docs/benchmarks.md, fourteenth session): 2 warps cost 1-3% at batch 1 (one
-    block per split) and at TP 2 batch 8 (3 blocks), and gained 2-5% at batch 8 at TP 1 (5
-    blocks) and at batch 64 (9 blocks)."""
+    """Warps of a split program: 2 where a split spans MANY_BLOCKS blocks of the cache or
+    more, 4 below. Measured on an H200, Llama-2-7B's decode step replayed from its CUDA graph
+    against every split on 4 warps (profile_decode.py --variants; design note 38): batch 8 at
+    TP 1 (5 blocks a split) 1.6-3.1% faster and batch 64 (9 blocks) 3.7-5.8%; on 2 warps
+    everywhere, batch 1 (one block) would be up to 1.4% slower and batch 8 at TP 2 (3 blocks)
+    2.8-4.8%. The kernel alone (bench_decode_attention.py) favours 2 warps more often than
+    the step does, so the step decides."""
     blocks = -(-(-(-max_seq // splits)) // BLOCK_N)
     return 2 if blocks >= MANY_BLOCKS else 4
 
