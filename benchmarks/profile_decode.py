@@ -66,9 +66,9 @@ from bench_decode import (  # noqa: E402
 
 from tpquant.collectives import make_communicator  # noqa: E402
 from tpquant.engine.graphs import DecodeGraphs  # noqa: E402
+from tpquant.layers import decode_attention  # noqa: E402
 from tpquant.layers.kv_cache import KVCache  # noqa: E402
 from tpquant.layers.norm import RmsNorm  # noqa: E402
-from tpquant.layers import decode_attention  # noqa: E402
 from tpquant.models import llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 

@@ -444,16 +444,14 @@ fusion|fusion_decode)
   else
     export TPQUANT_CACHE=$PWD/.cutlass_cache
     decode_tp12 --quick
-    files="tpquant/layers/decode_attention.py"
-    for f in $files; do
-      cp "$f" "/tmp/$(basename "$f").now" && git show "${BEFORE:?set BEFORE to a commit}:$f" > "$f"
-    done
+    f=tpquant/layers/decode_attention.py  # BEFORE's, then this tree's again
+    cp $f /tmp/decode_attention.py.now && git show "${BEFORE:?set BEFORE to a commit}:$f" > $f
     for n in 1 2; do
       [ "$n" -le "$ngpu" ] || continue
       TAIL=8 step before_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py --quick \
         --out "$r/before"
     done
-    for f in $files; do cp "/tmp/$(basename "$f").now" "$f"; done
+    cp /tmp/decode_attention.py.now $f
   fi
   ;;
 variants)

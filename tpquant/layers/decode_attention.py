@@ -91,9 +91,11 @@ def split_warps(max_seq: int, splits: int) -> int:
     against every split on 4 warps (profile_decode.py --variants; design note 38): batch 8 at
     TP 1 (5 blocks a split) 1.6-3.1% faster and batch 64 (9 blocks) 3.7-5.8%; on 2 warps
     everywhere, batch 1 (one block) would be up to 1.4% slower and batch 8 at TP 2 (3 blocks)
-    2.8-4.8%. The kernel alone (bench_decode_attention.py) favours 2 warps more often than
-    the step does, so the step decides."""
-    blocks = -(-(-(-max_seq // splits)) // BLOCK_N)
+    2.8-4.8%. The kernel alone (bench_decode_attention.py) can disagree: it put steps of 32
+    positions on 2 warps 23-30% ahead for splits of 2-4 blocks, and the step ran 1.7-3.6%
+    slower with them. The step decides."""
+    positions = -(-max_seq // splits)  # the most a split attends to
+    blocks = -(-positions // BLOCK_N)
     return 2 if blocks >= MANY_BLOCKS else 4
 
 
