@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -74,10 +75,9 @@ def main() -> None:
         kv_bytes = 2 * batch * args.context * Hkv * HEAD_DIM * 2
         for *values, warps in itertools.product(*SWEEP.values(), WARPS):
             config = dict(zip(SWEEP, values)) | {"warps": warps}
-            for name, value in zip(SWEEP, values):
-                setattr(da, name, value)
-            da.split_warps = rule if warps == "rule" else lambda max_seq, splits, w=warps: w
-            seconds = time_config(caches, q, pos)
+            warps_of = rule if warps == "rule" else lambda max_seq, splits, w=warps: w
+            with mock.patch.multiple(da, **dict(zip(SWEEP, values)), split_warps=warps_of):
+                seconds = time_config(caches, q, pos)
             gbps = kv_bytes / seconds / 1e9
             mark = "*" if config == defaults else " "
             rows.append(dict(shape=shape, batch=batch, **config, us=seconds * 1e6, GBps=gbps,
@@ -85,9 +85,6 @@ def main() -> None:
             print(f"{shape:<8} {batch:>5} {config['BLOCK_N']:>7} {config['warps']:>5} "
                   f"{config['TARGET_PROGRAMS']:>6} {seconds * 1e6:7.2f} {gbps:6.0f} "
                   f"{100 * gbps * 1e9 / copy:6.1f} {mark}", flush=True)
-        for name in SWEEP:
-            setattr(da, name, defaults[name])
-        da.split_warps = rule
         del caches
         torch.cuda.empty_cache()
     best = {}
