@@ -30,8 +30,8 @@ the times mean anything.
 
     [mpirun -n 2] python benchmarks/profile_decode.py --variants [--schemes ...] [--batches 1 8]
 
-times instead the graph replay of the step as it is against other choices (VARIANTS: the L2
-prefetch of each linear's weight off, or at other budgets), each
+times instead the graph replay of the step as it is against other choices (VARIANTS: decode
+attention on 2 or on 4 warps whatever its splits; 4 is the step before `split_warps`), each
 variant captured in turn, three rounds, one model per scheme
 ($OUT/profile_variants_tp<N>.json).
 
@@ -66,7 +66,7 @@ from bench_decode import (  # noqa: E402
 
 from tpquant.collectives import make_communicator  # noqa: E402
 from tpquant.engine.graphs import DecodeGraphs  # noqa: E402
-from tpquant.kernels import prefetch  # noqa: E402
+from tpquant.layers import decode_attention  # noqa: E402
 from tpquant.layers.kv_cache import KVCache  # noqa: E402
 from tpquant.layers.norm import RmsNorm  # noqa: E402
 from tpquant.models import llama  # noqa: E402
@@ -75,7 +75,6 @@ from tpquant.parallel.mapping import Mapping  # noqa: E402
 # kernel-name substrings -> kind (first match wins)
 KINDS = (
     ("tpq_add_norm", "all-reduce + add + RMSNorm"),
-    ("tpq_prefetch", "L2 prefetch"),
     ("tpq_", "all-reduce (custom)"),
     ("nccl", "NCCL"),
     ("wo_gemv", "weight-only GEMV (CUDA)"),
@@ -121,13 +120,11 @@ ABLATIONS = {
 }
 
 
-# --variants: the step as it is, and with the L2 prefetch of each linear's weight off or at
-# other budgets (bytes per weight)
+# --variants: the step as it is, and with decode attention on a fixed number of warps
 VARIANTS = {
     "as is": [],
-    "no prefetch": [(prefetch, "PREFETCH_BYTES", 0)],
-    "prefetch 8 MiB": [(prefetch, "PREFETCH_BYTES", 8 << 20)],
-    "prefetch 32 MiB": [(prefetch, "PREFETCH_BYTES", 32 << 20)],
+    "attention on 2 warps": [(decode_attention, "split_warps", lambda max_seq, splits: 2)],
+    "attention on 4 warps": [(decode_attention, "split_warps", lambda max_seq, splits: 4)],
 }
 
 

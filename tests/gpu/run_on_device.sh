@@ -61,11 +61,8 @@
 #                 TP 1 and 2
 #     fusion_decode the same tests and sweep, then bench_decode --quick at TP 1 and 2, on this
 #                 tree and with BEFORE's (a commit) tpquant/layers/decode_attention.py
-#     variants    profile_decode --variants: the decode step's graph as it is against the L2
-#                 prefetch off and at other budgets; bf16, int8 and int4 at batch 1, 8, 64, TP 1, 2
-#     prefetch    the L2 prefetch (fifteenth session): PDL's chains with it, the model tests on 1
-#                 and 2 GPUs (without SmolLM2's file, those that need none), then profile_decode
-#                 --variants at batch 1 and 8 (prefetch_decode: bench_decode --quick instead)
+#     variants    profile_decode --variants: the decode step's graph as it is against attention on
+#                 2 and on 4 warps; bf16, int8 and int4 at batch 1, 8, 64, TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
 #                 the killed-rank tests
 #     push_bench  the all-reduce tests, bench_allreduce to 1 MiB, bench_allreduce_norm, the
@@ -456,25 +453,6 @@ fusion|fusion_decode)
     done
     cp /tmp/decode_attention.py.now $f
   fi
-  ;;
-prefetch|prefetch_decode)
-  [ -n "${TPQUANT_SMOLLM2_GGUF:-}" ] && sel=() || sel=(-k "attention_kernel or overlapped or prefill_graph")
-  step pdl_chains pyt tests/gpu/test_pdl_gpu.py
-  for n in 1 2; do
-    [ "$n" -le "$ngpu" ] || continue
-    step model_n$n mpi -n $n python3 -m pytest --with-mpi -p no:cacheprovider -q -rfE \
-      --timeout 240 tests/gpu/test_model_gpu.py "${sel[@]}"
-  done
-  export TPQUANT_CACHE=$PWD/.cutlass_cache
-  for n in 1 2; do
-    [ "$n" -le "$ngpu" ] || continue
-    if [ "$stage" = prefetch ]; then
-      TAIL=40 step profile_variants_tp$n mpi -n $n python3 benchmarks/profile_decode.py \
-        --variants --schemes bf16 int8_wo int4_wo --batches 1 8
-    else
-      TAIL=8 step bench_decode_tp$n mpi -n $n python3 benchmarks/bench_decode.py --quick
-    fi
-  done
   ;;
 variants)
   for n in 1 2; do

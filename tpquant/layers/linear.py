@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from tpquant.collectives import Communicator
-from tpquant.kernels.prefetch import prefetch_for
 from tpquant.parallel.mapping import Mapping
 from tpquant.parallel.shard import check_divisible, shard_tensor, shard_tensors
 from tpquant.quantization.schemes.base import Scheme, TensorSpec
@@ -147,9 +146,7 @@ class ShardedLinear(nn.Module):
         return {name: getattr(self, name) for name in self._names}
 
     def local_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        tensors = self.tensors
-        prefetch_for(x, tensors)  # decode on GPUs: the weight into L2 during the kernel before
-        return self.scheme.forward(x, tensors, bias)
+        return self.scheme.forward(x, self.tensors, bias)
 
     def extra_repr(self) -> str:
         return (
