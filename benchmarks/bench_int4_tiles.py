@@ -1,8 +1,10 @@
-"""The tiled GEMV (pre-packed weight, `tpquant.kernels.tiles`; int4 per channel, or int8 with
---bits 8) against the dispatch on the stored layout and torch's bf16 matmul, on one GPU.
+"""The tiled GEMV (pre-packed weight, `tpquant.kernels.tiles`; int4 per channel, int8 with
+--bits 8, groupwise int4 with zeros with --group G) against the dispatch on the stored layout
+and torch's bf16 matmul, on one GPU.
 
     python benchmarks/bench_int4_tiles.py                 # 7 shapes x M = 1..64, shape sweep
     python benchmarks/bench_int4_tiles.py --ms 1,4 --no-sweep --bits 8
+    python benchmarks/bench_int4_tiles.py --ms 1,4,16 --group 128
 
 For each shape [N, K] (bench_wo_kernels' Llama-2-7B / 70B shapes) and M: bf16 `x @ W.T`, the
 scheme on the stored layout through the dispatch (`auto`: the CUDA fma / mma GEMVs, Triton,
@@ -13,7 +15,7 @@ of each. Each result's max |y - ref| / max |ref| against float32 math on the deq
 weight ("err"); a tiled result over ERR_BOUND fails the run.
 Timing: bench_gemm's time_calls (CUDA graph, weight copies past twice the L2, median).
 Output: table, per-M geomeans over bf16, $OUT/bench_int4_tiles.json (int8:
-bench_int8_tiles.json; $OUT defaults to /tmp/out).
+bench_int8_tiles.json, groupwise: bench_int4_gw_tiles.json; $OUT defaults to /tmp/out).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from bench_wo_kernels import SHAPES  # noqa: E402
 
 from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
 from tpquant.kernels.tiles import tile  # noqa: E402
-from tpquant.kernels.weight_only import dequantize_weight_only, weight_only_matmul  # noqa: E402
-from tpquant.quantization.schemes import WeightOnly  # noqa: E402
+from tpquant.kernels.weight_only import (  # noqa: E402
+    dequantize_groupwise, dequantize_weight_only, groupwise_matmul, weight_only_matmul,
+)
+from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
 
 DTYPE = torch.bfloat16
 ERR_BOUND = 1e-2  # bf16 output: a few roundings of 2^-9
@@ -43,15 +47,28 @@ def candidates(m: int, device: torch.device, mode: int) -> list[tuple[int, int, 
     return list(cw.tiles_resident(cw.tiles_nt(m), device, DTYPE, mode))
 
 
-def tiles_call(x, sets, bits, shape=None):
+def matmul(x, t, bits, group, tiled=False):
+    """The public op on weight tensors t (per channel: qweight, scale; groupwise: qweight,
+    scales, zeros)."""
+    if group:
+        return groupwise_matmul(x, t["qweight"], t["scales"], t["zeros"], group, None,
+                                tiled=tiled)
+    return weight_only_matmul(x, t["qweight"], t["scale"], bits, tiled=tiled)
+
+
+def tiles_call(x, sets, bits, group, shape=None):
     """Calls on each copy of the tiled weight: the public op (shape None: the dispatch, which
     dequantizes past the GEMV's M), or the GEMV at a forced shape."""
     def make(t):
         def call():
             if shape is None:
-                return weight_only_matmul(x, t["qweight"], t["scale"], bits, tiled=True)
+                return matmul(x, t, bits, group, tiled=True)
             out = torch.empty(x.shape[0], t["qweight"].shape[0], dtype=x.dtype, device=x.device)
-            cw.tiles_gemv(x, t["qweight"], t["scale"], None, out, shape=shape)
+            if group:
+                cw.tiles_gemv(x, t["qweight"], t["scales"], None, out, zeros=t["zeros"],
+                              group=group, shape=shape)
+            else:
+                cw.tiles_gemv(x, t["qweight"], t["scale"], None, out, shape=shape)
             return out
         return call
     return [make(t) for t in sets]
@@ -64,9 +81,13 @@ def main() -> int:
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
     ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    ap.add_argument("--group", type=int, default=0, help="groupwise int4 with zeros, group G")
     args = ap.parse_args()
-    bits, mode = args.bits, cw.mode(args.bits, 0, False)
-    json_name = f"bench_int{bits}_tiles.json"
+    bits, group = args.bits, args.group
+    if group and bits != 4:
+        ap.error("--group is int4")
+    mode = cw.mode(bits, group, bool(group))
+    json_name = f"bench_int{bits}{'_gw' if group else ''}_tiles.json"
     device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
     l2 = int(getattr(props, "L2_cache_size", 50 << 20))
@@ -79,28 +100,29 @@ def main() -> int:
     print(f"{'shape':<16} {'M':>3} {'bf16 us':>8} {'auto us':>8} {'x':>5} {'tiles us':>8} "
           f"{'x':>5} {'%copy':>6} {'err':>8}  best shape")
     failed = False
-    scheme = WeightOnly(bits=bits, dtype=DTYPE)
+    scheme = (Groupwise(group_size=group, dtype=DTYPE, tiles=False) if group
+              else WeightOnly(bits=bits, dtype=DTYPE, tiles=False))
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         weight = torch.randn(n, k, generator=gen, device=device, dtype=DTYPE) * 0.02
         stored = scheme.quantize(weight)
         bf16_sets = [t["w"] for t in copies({"w": weight}, l2)]
         stored_sets = copies(stored, l2)
-        tiled_sets = copies({"qweight": tile(stored["qweight"], bits), "scale": stored["scale"]},
-                            l2)
-        w_ref = dequantize_weight_only(stored["qweight"], stored["scale"], bits)
+        tiled_sets = copies({**stored, "qweight": tile(stored["qweight"], bits)}, l2)
+        w_ref = (dequantize_groupwise(stored["qweight"], stored["scales"], stored["zeros"], group)
+                 if group else dequantize_weight_only(stored["qweight"], stored["scale"], bits))
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
             ref = x.float() @ w_ref.t()
             bf16 = time_calls([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
-            auto = time_calls([lambda t=t: weight_only_matmul(x, t["qweight"], t["scale"], bits)
-                               for t in stored_sets], args.replays)
+            auto = time_calls([lambda t=t: matmul(x, t, bits, group) for t in stored_sets],
+                              args.replays)
             shapes = [None] + (candidates(m, device, mode) if args.sweep and m <= cw.TILES_MAX_M
                                else [])
             timed = []
             for shape in shapes:
                 try:
-                    calls = tiles_call(x, tiled_sets, bits, shape)
+                    calls = tiles_call(x, tiled_sets, bits, group, shape)
                     y = calls[0]().float()
                     err = ((y - ref).abs().max() / ref.abs().max()).item()
                     sec = time_calls(calls, args.replays)

@@ -704,8 +704,9 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // over the same features, and (MAGIC + 8) times that sum is taken off at the end, before the
 // channel scale. The products are exact in float32; the cancellation costs about log2((MAGIC +
 // 8) / 8) bits of the float32 sums (4 for bfloat16, 7 for float16), leaving ~17-20 bits against
-// the output's 8 / 11. Groupwise, the same per k-tile with the group's offset (MAGIC + zero, or
-// MAGIC + 8), folded into the totals with the group's scale (tiles_fold).
+// the output's 8 / 11. Groupwise, the same over each run of a warp's consecutive k-tiles inside
+// one group, with the group's offset (MAGIC + zero, or MAGIC + 8), folded into the totals with
+// the group's scale (tiles_fold).
 // int8 per channel (MODE 0; design note 35) comes in 16-row x 32-feature tiles ("tiles16x32"),
 // the same 512 bytes a tile: lane l's bytes 4 w .. 4 w + 3 are rows g, g + 8, g, g + 8 at
 // features 8 t + 2 w, + 2 w, + 2 w + 1, + 2 w + 1, so words 2 s and 2 s + 1 are step s's A
@@ -881,17 +882,20 @@ template <int RT> struct TilesGroups {
   const float* scale;  // [K/g, N]
   const float* zeros;  // [K/g, N]; null without zeros (MODE 3)
   int n, group;
+  int shift;       // log2 of the k-tiles a group holds, if a power of two; else -1
   int row[RT][2];  // rows g and g + 8 of each row tile
 };
 
-// Groupwise: a k-tile lies in one group, so its sums (acc, sx over CH chains, fresh for each
-// k-tile) fold into the totals with the group's scale s and offset MAGIC + z (zeros) or MAGIC +
-// 8 (symmetric): total += s (sum x (MAGIC + u) - (MAGIC + z) sum x) = s sum x (u - z).
+// Groupwise: k-tiles lie in one group each, so the sums of a run of k-tiles of one group (acc,
+// sx over CH chains, fresh after each fold) fold into the totals with the group's scale s and
+// offset MAGIC + z (zeros) or MAGIC + 8 (symmetric): total += s (sum x (MAGIC + u) - (MAGIC +
+// z) sum x) = s sum x (u - z). T: the run's last k-tile.
 template <int DT, int MODE, int NT, int RT, int CH>
 __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
                                            float (&acc)[CH][RT][NT][4], float (&sx)[CH][NT][4],
                                            float (&total)[RT][NT][4]) {
-  const size_t base = (size_t)(T * 64 / grp.group) * grp.n;  // (int4 k-tiles)
+  const int g = grp.shift >= 0 ? T >> grp.shift : T * 64 / grp.group;  // (int4 k-tiles)
+  const size_t base = (size_t)g * grp.n;
 #pragma unroll
   for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -959,7 +963,12 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
       }
     }
     if constexpr (Mode<MODE>::GROUPED) {
-      if (T0 + u < tiles_k) tiles_fold<DT, MODE, NT, RT, CH>(T0 + u, grp, acc, sx, total);
+      // fold where the group ends (every k-tile if its size is not a power of two), or this
+      // warp's run of U consecutive k-tiles, or K: a group of 128 folds once a run of 2 or 4
+      const int T = T0 + u;
+      const bool ends = grp.shift < 0 || ((T + 1) & ((1 << grp.shift) - 1)) == 0;
+      if (T < tiles_k && (ends || u == U - 1 || T + 1 == tiles_k))
+        tiles_fold<DT, MODE, NT, RT, CH>(T, grp, acc, sx, total);
     }
   }
 }
@@ -986,7 +995,9 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   const int tiles_k = K / TK, row_tiles = N / 16;
   const int rt0 = (blockIdx.x * RW + rw) * RT;
   const uint4* wt[RT];
-  TilesGroups<RT> grp{scale, zeros, N, group, {}};
+  const int group_tiles = group / TK;  // groupwise: k-tiles a group holds
+  const int shift = (group_tiles & (group_tiles - 1)) == 0 ? __ffs(group_tiles) - 1 : -1;
+  TilesGroups<RT> grp{scale, zeros, N, group, shift, {}};
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
     const int tile = min(rt0 + r, row_tiles - 1);

@@ -10,7 +10,9 @@ but not of 128,
 M from 1 to 300 through the dispatch (the tiled GEMV to M = 64; above, the CUTLASS GEMM on
 Hopper with the build tools, else dequantize + cuBLAS) and each path forced (dot untiles
 first), every candidate shape of the GEMV, a CUDA-graph capture;
-groupwise with and without zeros, groups of 64 and 128, M from 1 to 65, every candidate shape.
+groupwise with and without zeros, groups of 64, 128, 192 and 256 (the kernel folds a group's
+sums once per run of its k-tiles where a group holds a power of two of them, else every k-tile),
+M from 1 to 65, every candidate shape.
 Outputs are poisoned with NaN first. Tolerance: max |y - ref| <= TOL[dtype] * max |ref|, ref
 being float64 math on the weight `tpquant.kernels.weight_only` dequantizes from the stored
 layout (the tiles are not involved in the reference).
@@ -224,7 +226,8 @@ def test_tiled_gemv_refuses_large_m(device) -> None:
 
 # ---- groupwise int4 on the tiles -----------------------------------------------------------
 
-GROUPWISE_SHAPES = [(208, 320, 64), (960, 576, 64), (4096, 1024, 128)]  # (N, K, group)
+GROUPWISE_SHAPES = [(208, 320, 64), (960, 576, 64), (4096, 1024, 128), (256, 1152, 192),
+                    (512, 2048, 256)]  # (N, K, group)
 
 
 def _gw_weights(n: int, k: int, group: int, zeros: bool, device: torch.device,
@@ -270,9 +273,13 @@ def _gw_shape_cases() -> list[tuple[int, tuple[int, int, int, int]]]:
             <= cw.TILES_SHARED_BYTES]
 
 
+@pytest.mark.parametrize("group", [128, 192])
 @pytest.mark.parametrize("m,shape", _gw_shape_cases(), ids=str)
-def test_groupwise_every_kernel_shape(device, m: int, shape: tuple[int, int, int, int]) -> None:
-    n, k, group = 4096, 1024, 128
+def test_groupwise_every_kernel_shape(device, m: int, shape: tuple[int, int, int, int],
+                                      group: int) -> None:
+    """K = 1152: 18 k-tiles, 9 groups of 2 or 6 of 3, so that the K warps' runs of k-tiles
+    start and end inside groups too."""
+    n, k = 4096, 1152
     t = _gw_weights(n, k, group, True, device, seed=17)
     x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=19)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
