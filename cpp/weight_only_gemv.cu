@@ -881,8 +881,8 @@ __device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u
 template <int RT> struct TilesGroups {
   const float* scale;  // [K/g, N]
   const float* zeros;  // [K/g, N]; null without zeros (MODE 3)
-  int n, group;
-  int shift;       // log2 of the k-tiles a group holds, if a power of two; else -1
+  int n;           // N
+  int shift;       // log2 of the k-tiles a group holds (a power of two: tiles.groups_tile)
   int row[RT][2];  // rows g and g + 8 of each row tile
 };
 
@@ -894,8 +894,7 @@ template <int DT, int MODE, int NT, int RT, int CH>
 __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
                                            float (&acc)[CH][RT][NT][4], float (&sx)[CH][NT][4],
                                            float (&total)[RT][NT][4]) {
-  const int g = grp.shift >= 0 ? T >> grp.shift : T * 64 / grp.group;  // (int4 k-tiles)
-  const size_t base = (size_t)g * grp.n;
+  const size_t base = (size_t)(T >> grp.shift) * grp.n;
 #pragma unroll
   for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -963,10 +962,10 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
       }
     }
     if constexpr (Mode<MODE>::GROUPED) {
-      // fold where the group ends (every k-tile if its size is not a power of two), or this
-      // warp's run of U consecutive k-tiles, or K: a group of 128 folds once a run of 2 or 4
+      // fold where the group ends, or this warp's run of U consecutive k-tiles, or K: groups
+      // of 128 fold once a run of 2 or 4 (every k-tile, with U = 1, as they once did)
       const int T = T0 + u;
-      const bool ends = grp.shift < 0 || ((T + 1) & ((1 << grp.shift) - 1)) == 0;
+      const bool ends = ((T + 1) & ((1 << grp.shift) - 1)) == 0;
       if (T < tiles_k && (ends || u == U - 1 || T + 1 == tiles_k))
         tiles_fold<DT, MODE, NT, RT, CH>(T, grp, acc, sx, total);
     }
@@ -995,9 +994,8 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   const int tiles_k = K / TK, row_tiles = N / 16;
   const int rt0 = (blockIdx.x * RW + rw) * RT;
   const uint4* wt[RT];
-  const int group_tiles = group / TK;  // groupwise: k-tiles a group holds
-  const int shift = (group_tiles & (group_tiles - 1)) == 0 ? __ffs(group_tiles) - 1 : -1;
-  TilesGroups<RT> grp{scale, zeros, N, group, shift, {}};
+  const int shift = __ffs(group / TK) - 1;  // groupwise: log2 of the k-tiles of a group
+  TilesGroups<RT> grp{scale, zeros, N, shift, {}};
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
     const int tile = min(rt0 + r, row_tiles - 1);

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tpquant.collectives import SingleProcessCommunicator
-from tpquant.kernels.tiles import can_tile, tile, tile_int4, untile, untile_int4
+from tpquant.kernels.tiles import can_tile, groups_tile, tile, tile_int4, untile, untile_int4
 from tpquant.kernels.weight_only import (
     dequantize_groupwise, dequantize_weight_only, weight_only_matmul,
 )
@@ -123,6 +123,12 @@ def test_scheme_packs_tiles_and_reads_them(bits: int) -> None:
     assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_groups_tile_whole_power_of_two_k_tiles() -> None:
+    """Per channel (0) and groups of 1, 2, 4, 8 k-tiles; not 3 or 5, nor parts of one."""
+    groups = (0, 64, 128, 256, 512, 192, 320, 96, 32)
+    assert [groups_tile(g) for g in groups] == [True] * 5 + [False] * 4
+
+
 @pytest.mark.parametrize("scheme,shape", [
     (WeightOnly(4, tiles=False), (48, 192)),            # tiles off
     (WeightOnly(8, tiles=False), (48, 192)),            # tiles off
@@ -133,6 +139,7 @@ def test_scheme_packs_tiles_and_reads_them(bits: int) -> None:
     (Groupwise(128, pre_quant_scale=True), (48, 256)),  # the tiled GEMV does not scale x
     (Groupwise(32), (48, 256)),                         # groups smaller than a k-tile
     (Groupwise(96), (48, 192)),                         # groups across k-tiles
+    (Groupwise(192), (48, 384)),                        # 3 k-tiles a group: not a power of 2
     (Groupwise(64), (40, 256)),                         # N % 16
 ])
 def test_scheme_keeps_rows_where_tiles_do_not_apply(scheme, shape) -> None:

@@ -23,8 +23,8 @@ of a bias, `tiles_dequantize`'s weight).
 
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
 group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma); the tiles take N % 16 and
-K % 64 / 32 (`tiles.can_tile`) and groups of whole k-tiles (`tiles.groups_tile`). Alignment
-rules (`aligned`): 16-byte aligned, contiguous tensors. `tpquant.kernels.triton_weight_only`
+K % 64 / 32 (`tiles.can_tile`) and groups of a power of two of k-tiles (`tiles.groups_tile`).
+Alignment rules (`aligned`): 16-byte aligned, contiguous tensors. `tpquant.kernels.triton_weight_only`
 dispatches here (path "cuda").
 """
 

@@ -40,9 +40,11 @@ def can_tile(n: int, k: int, bits: int = 4) -> bool:
 
 
 def groups_tile(group: int) -> bool:
-    """Whether groups of `group` input features (0: per channel) hold whole int4 tiles along K:
-    the tiled kernels take one group's scale and zero for each tile."""
-    return group % TILE_K[4] == 0
+    """Whether groups of `group` input features (0: per channel) suit the tiled kernels: whole
+    int4 tiles along K, a power of two of them (the GEMV finds a tile's group by a shift and
+    folds a group's sums where its run of tiles ends; 64, 128, 256, ... features)."""
+    tiles, rest = divmod(group, TILE_K[4])
+    return group == 0 or (rest == 0 and tiles & (tiles - 1) == 0)
 
 
 def check_tileable(n: int, k: int, bits: int = 4) -> None:

@@ -128,7 +128,8 @@ class Groupwise(Scheme):
 
     def pack(self, tensors: Tensors) -> dict[str, torch.Tensor]:
         """qweight tiled (as "qweight_tiles") where `tiles` is set, there is no pre-quant scale,
-        groups hold whole k-tiles and [out, in] divides into tiles; tiled tensors stay."""
+        groups hold a power of two of k-tiles (`groups_tile`) and [out, in] divides into
+        tiles; tiled tensors stay."""
         return tile_codes(tensors, self.tiles and not self.pre_quant_scale
                           and groups_tile(self.group_size), 4)
 
