@@ -881,48 +881,62 @@ __device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u
 template <int RT> struct TilesGroups {
   const float* scale;  // [K/g, N]
   const float* zeros;  // [K/g, N]; null without zeros (MODE 3)
-  int n;           // N
-  int shift;       // log2 of the k-tiles a group holds (a power of two: tiles.groups_tile)
-  int row[RT][2];  // rows g and g + 8 of each row tile
+  int n;               // N
+  int shift;           // log2 of the k-tiles a group holds (a power of two: tiles.groups_tile)
+  int row[RT];         // row g of each row tile (the lane's other row is g + 8)
 };
 
 // Groupwise: k-tiles lie in one group each, so the sums of a run of k-tiles of one group (acc,
 // sx over CH chains, fresh after each fold) fold into the totals with the group's scale s and
 // offset MAGIC + z (zeros) or MAGIC + 8 (symmetric): total += s (sum x (MAGIC + u) - (MAGIC +
-// z) sum x) = s sum x (u - z). T: the run's last k-tile.
+// z) sum x) = s sum x (u - z). T: the run's last k-tile. Each sum starts from its first chain
+// (0 + a is not a for a = -0, so the compiler would add it); the lane's second row is 8 floats
+// after its first, one address for both.
 template <int DT, int MODE, int NT, int RT, int CH>
 __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
                                            float (&acc)[CH][RT][NT][4], float (&sx)[CH][NT][4],
                                            float (&total)[RT][NT][4]) {
   const size_t base = (size_t)(T >> grp.shift) * grp.n;
+  float sum[NT][2];  // sum x of the lane's two tokens of each token tile
 #pragma unroll
-  for (int r = 0; r < RT; ++r)
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      sum[n][c] = sx[0][n][c];
+#pragma unroll
+      for (int ch = 1; ch < CH; ++ch) sum[n][c] += sx[ch][n][c];
+    }
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const float* scale = grp.scale + base + grp.row[r];
+    const float* zeros = MODE == 2 ? grp.zeros + base + grp.row[r] : nullptr;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float s = __ldg(grp.scale + base + grp.row[r][h]);
-      const float off = Magic<DT>::VALUE + (MODE == 2 ? __ldg(grp.zeros + base + grp.row[r][h])
-                                                      : (float)Mode<MODE>::OFF);
+      const float s = __ldg(scale + 8 * h);
+      const float off =
+          Magic<DT>::VALUE + (MODE == 2 ? __ldg(zeros + 8 * h) : (float)Mode<MODE>::OFF);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int e = 2 * h + c;
-          float a = 0.f, sum = 0.f;
+          float a = acc[0][r][n][e];
 #pragma unroll
-          for (int ch = 0; ch < CH; ++ch) {
-            a += acc[ch][r][n][e];
-            sum += sx[ch][n][c];
-            acc[ch][r][n][e] = 0.f;
-          }
-          total[r][n][e] += s * (a - off * sum);
+          for (int ch = 1; ch < CH; ++ch) a += acc[ch][r][n][e];
+          total[r][n][e] += s * (a - off * sum[n][c]);
         }
     }
+  }
 #pragma unroll
-  for (int n = 0; n < NT; ++n)
+  for (int ch = 0; ch < CH; ++ch)
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
+    for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int ch = 0; ch < CH; ++ch) sx[ch][n][e] = 0.f;
+      for (int e = 0; e < 4; ++e) {
+        sx[ch][n][e] = 0.f;
+#pragma unroll
+        for (int r = 0; r < RT; ++r) acc[ch][r][n][e] = 0.f;
+      }
 }
 
 // The k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if late):
@@ -1000,8 +1014,7 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   for (int r = 0; r < RT; ++r) {
     const int tile = min(rt0 + r, row_tiles - 1);
     wt[r] = w + (size_t)tile * tiles_k * 32 + lane;
-    grp.row[r][0] = 16 * tile + g;
-    grp.row[r][1] = 16 * tile + g + 8;
+    grp.row[r] = 16 * tile + g;
   }
   const unsigned short* xr[NT];
   bool xin[NT];
