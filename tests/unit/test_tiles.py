@@ -220,6 +220,15 @@ def test_shape_rule_prefers_one_wave_with_most_loads_in_flight() -> None:
     wide = {(1, 4, 1, 1): 2, (1, 4, 1, 2): 3}
     assert pick_tiles_shape(4096, 8, 132, wide) == (1, 4, 1, 1)
     assert pick_tiles_shape(4096, 4, 132, wide) == (1, 4, 1, 2)
+    # Groupwise at one token tile: unrolled shapes only (a warp of unroll 1 folds every k-tile),
+    # unless there are none; from two token tiles on, as per channel.
+    assert pick_tiles_shape(22016, 1, 132, {(2, 4, 1, 1): 5, (2, 4, 1, 2): 3}) == (2, 4, 1, 1)
+    grouped = dict(n=22016, sm_count=132, grouped=True)
+    assert pick_tiles_shape(nt=1, resident={(2, 4, 1, 1): 5, (2, 4, 1, 2): 3},
+                            **grouped) == (2, 4, 1, 2)
+    assert pick_tiles_shape(nt=1, resident={(2, 4, 1, 1): 5}, **grouped) == (2, 4, 1, 1)
+    assert pick_tiles_shape(nt=2, resident={(2, 4, 1, 1): 5, (2, 4, 1, 2): 3},
+                            **grouped) == (2, 4, 1, 1)
 
 
 def test_late_x_follows_the_kernels_plan() -> None:

@@ -252,9 +252,9 @@ def gemv(
 # within 5% of the best on some weight in the later sweeps (design note 28), where the rule's
 # choices came to 1.92 / 1.16x bf16 in geomean at M = 16 / 32 against the best shapes' 1.95 /
 # 1.17, and were the best on all 7 weights at M = 40 and 64 (0.90 / 0.78x). Groupwise int4
-# (modes 2 / 3; groups of whole k-tiles) takes the per-channel candidates (not swept for it)
-# and, in the wide plan, loads x as it goes (its zeros need the sums of x, which take the
-# registers). int8 (mode 0; a k-tile is 32 features, the same 512 bytes) takes them too.
+# (modes 2 / 3; groups of a power of two of k-tiles) takes the per-channel candidates, but
+# unrolled at NT = 1 (`pick_tiles_shape`), and, in the wide plan, loads x as it goes (its zeros
+# need the sums of x, which take the registers). int8 (mode 0; a k-tile is 32 features, the same 512 bytes) takes them too.
 TILES_NT = (1, 2, 4, 8)
 TILES_WIDE_NT = 8
 TILES_CANDIDATES = {
@@ -297,6 +297,12 @@ def pick_tiles_shape(n: int, nt: int, sm_count: int,
     """The rule above (pure): `resident` gives, for each candidate shape (row tiles, K warps,
     row warps, unroll) for NT token tiles that fits in shared memory, the blocks one SM holds
     at once (at least one); `grouped`: groupwise weights."""
+    if grouped and nt == 1:
+        # A warp of unroll 1 takes every KW-th k-tile, each of them a run that pays a fold of
+        # its group's sums; unrolled, a group of 128 folds once (design note 39): 2.36 -> 2.45x
+        # bf16 at M = 1 in geomean. From 2 token tiles on the sweeps' best shapes unroll once.
+        resident = {c: r for c, r in resident.items() if c[3] > 1} or resident
+
     def score(shape: tuple[int, int, int, int]) -> tuple:
         rt, kw, rw, u = shape
         blocks = -(-n // (16 * rt * rw))
