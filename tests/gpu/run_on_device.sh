@@ -63,7 +63,7 @@
 #                 tree and with BEFORE's (a commit) tpquant/layers/decode_attention.py
 #     gw_decode   the groupwise fold (fifteenth session): the layers on 2 GPUs, bench_decode
 #                 --quick with int4 groupwise at TP 1 and 2, then groupwise with BEFORE_CU's kernels
-#                 (gw_final: also bench_int4_tiles --group 128 and bench_gemm --quick)
+#                 (gw_fold: bench_int4_tiles --group 128 in place of the layers)
 #     variants    profile_decode --variants: the decode step's graph as it is against attention on
 #                 2 and on 4 warps; bf16, int8 and int4 at batch 1, 8, 64, TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
@@ -457,19 +457,19 @@ fusion|fusion_decode)
     cp /tmp/decode_attention.py.now $f
   fi
   ;;
-gw_decode|gw_final)
+gw_decode|gw_fold)
   # groupwise int4's sums folded once a run of a group's k-tiles (fifteenth session): the layers
-  # on 2 GPUs, (gw_final: bench_int4_tiles groupwise at the rule's shapes, bench_gemm --quick)
-  # bench_decode --quick for bf16, int8, int4 and int4 groupwise at TP 1 and 2, then groupwise
-  # again with the kernel file BEFORE_CU (a copy of the earlier one, carried)
-  [ "$ngpu" -ge 2 ] && step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider \
-    -q --timeout 240 tests/mpi/test_layers.py
-  export TPQUANT_CACHE=$PWD/.cutlass_cache
-  if [ "$stage" = gw_final ]; then
+  # on 2 GPUs (gw_fold instead: bench_int4_tiles groupwise at the rule's shapes), bench_decode
+  # --quick for bf16, int8, int4 and int4 groupwise at TP 1 and 2, then groupwise again with
+  # the kernel file BEFORE_CU (a copy of the earlier one, carried)
+  if [ "$stage" = gw_fold ]; then
     TAIL=6 step bench_gw_tiles python3 benchmarks/bench_int4_tiles.py --group 128 --ms 1,4,16 \
       --no-sweep
-    TAIL=14 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  elif [ "$ngpu" -ge 2 ]; then
+    step layers_n2 mpi -n 2 python3 -m pytest --with-mpi -p no:cacheprovider -q --timeout 240 \
+      tests/mpi/test_layers.py
   fi
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
   decode_tp12 --quick --schemes bf16 int8_wo int4_wo int4_gw
   f=cpp/weight_only_gemv.cu
   cp $f /tmp/weight_only_gemv.cu.now && cp "${BEFORE_CU:?set BEFORE_CU to a .cu file}" $f
