@@ -300,7 +300,7 @@ def pick_tiles_shape(n: int, nt: int, sm_count: int,
     if grouped and nt == 1:
         # A warp of unroll 1 takes every KW-th k-tile, each of them a run that pays a fold of
         # its group's sums; unrolled, a group of 128 folds once (design note 39): 2.36 -> 2.45x
-        # bf16 at M = 1 in geomean. From 2 token tiles on the sweeps' best shapes unroll once.
+        # bf16 at M = 1 in geomean. From 2 token tiles on, most best shapes have unroll 1.
         resident = {c: r for c, r in resident.items() if c[3] > 1} or resident
 
     def score(shape: tuple[int, int, int, int]) -> tuple:
