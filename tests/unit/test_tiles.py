@@ -127,6 +127,13 @@ def test_groups_tile_whole_power_of_two_k_tiles() -> None:
     """Per channel (0) and groups of 1, 2, 4, 8 k-tiles; not 3 or 5, nor parts of one."""
     groups = (0, 64, 128, 256, 512, 192, 320, 96, 32)
     assert [groups_tile(g) for g in groups] == [True] * 5 + [False] * 4
+    # the tiled GEMV itself refuses other groups before it launches anything
+    from tpquant.kernels.cuda_weight_only import tiles_gemv
+
+    x, out = torch.zeros(1, 384, dtype=torch.bfloat16), torch.empty(1, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="groups of 64 x 2"):
+        tiles_gemv(x, torch.zeros(16, 192, dtype=torch.uint8), torch.ones(2, 16), None, out,
+                   zeros=torch.zeros(2, 16), group=192)
 
 
 @pytest.mark.parametrize("scheme,shape", [

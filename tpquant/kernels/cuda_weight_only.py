@@ -40,7 +40,7 @@ import torch
 
 from tpquant.kernels import pdl
 from tpquant.kernels.cupy_launch import launch, occupancy
-from tpquant.kernels.tiles import TILE_K, code_bits, features
+from tpquant.kernels.tiles import TILE_K, code_bits, features, groups_tile
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "weight_only_gemv.cu"
 FMA, MMA = "fma", "mma"
@@ -362,12 +362,14 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
     """out[M, N] = x2[M, K] @ W^T (+ bias) for W in a tiled layout (`tpquant.kernels.tiles`;
     int8 or packed int4, told by its dtype): per channel (group 0, scale [N]), or int4
     groupwise (scales [K/g, N], zeros [K/g, N] or None for signed codes; no pre-quant scale),
-    M <= TILES_MAX_M. The caller has checked shapes, `tiles.groups_tile` and `aligned`.
+    M <= TILES_MAX_M. The caller has checked shapes and `aligned`.
     Benchmarks may force `shape` (row tiles, K warps, row warps, unroll)."""
     m, k = x2.shape
     n = tiled.shape[0]
     if m > TILES_MAX_M:
         raise ValueError(f"the tiled GEMV takes M <= {TILES_MAX_M}, got {m}")
+    if not groups_tile(group):  # the kernel finds a k-tile's group by a shift
+        raise ValueError(f"the tiled GEMV takes groups of 64 x 2^i features, got {group}")
     mode_ = mode(code_bits(tiled), group, zeros is not None)
     if shape is None:
         nt, rt, kw, rw, u = tiles_shape(m, n, x2.device, x2.dtype, mode_)
