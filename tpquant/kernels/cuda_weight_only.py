@@ -24,8 +24,8 @@ of a bias, `tiles_dequantize`'s weight).
 Shape rules (`supports`, pure): K a multiple of the 16-byte chunk (32 int4 / 16 int8 codes),
 group size a multiple of 32 (fma) or of a 4-chunk step, 128 (mma); the tiles take N % 16 and
 K % 64 / 32 (`tiles.can_tile`) and groups of a power of two of k-tiles (`tiles.groups_tile`).
-Alignment rules (`aligned`): 16-byte aligned, contiguous tensors. `tpquant.kernels.triton_weight_only`
-dispatches here (path "cuda").
+Alignment rules (`aligned`): 16-byte aligned, contiguous tensors.
+`tpquant.kernels.triton_weight_only` dispatches here (path "cuda").
 """
 
 from __future__ import annotations
@@ -254,7 +254,8 @@ def gemv(
 # 1.17, and were the best on all 7 weights at M = 40 and 64 (0.90 / 0.78x). Groupwise int4
 # (modes 2 / 3; groups of a power of two of k-tiles) takes the per-channel candidates, but
 # unrolled at NT = 1 (`pick_tiles_shape`), and, in the wide plan, loads x as it goes (its zeros
-# need the sums of x, which take the registers). int8 (mode 0; a k-tile is 32 features, the same 512 bytes) takes them too.
+# need the sums of x, which take the registers). int8 (mode 0; a k-tile is 32 features, the
+# same 512 bytes) takes them too.
 TILES_NT = (1, 2, 4, 8)
 TILES_WIDE_NT = 8
 TILES_CANDIDATES = {
