@@ -40,6 +40,7 @@ import torch
 
 from tpquant.kernels import pdl
 from tpquant.kernels.cupy_launch import launch, occupancy
+from tpquant.kernels.device import sm_count
 from tpquant.kernels.tiles import TILE_K, code_bits, features, groups_tile
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "weight_only_gemv.cu"
@@ -204,7 +205,7 @@ def gemv(
     tile = m_tile(m, kernel)
     functions, reduce = _kernels(x2.device, x2.dtype, mode(bits, group, zeros is not None),
                                  pqs is not None, rows)
-    sms = _sm_count(x2.device)
+    sms = sm_count(x2.device)
     if kernel == MMA:
         units = -(-k // mma_group(bits))  # steps
         grid_x = mma_grid_x(n, m)
@@ -324,7 +325,7 @@ def tiles_shape(m: int, n: int, device: torch.device, dtype: torch.dtype,
     key = (device.index, dtype, mode_, nt, n)
     if key not in _TILES_CHOSEN:
         resident = tiles_resident(nt, device, dtype, mode_)
-        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, nt, _sm_count(device), resident,
+        _TILES_CHOSEN[key] = (nt, *pick_tiles_shape(n, nt, sm_count(device), resident,
                                                     grouped=_grouped(mode_)))
     return _TILES_CHOSEN[key]
 
@@ -428,10 +429,6 @@ def _source() -> str:
 def _float32(bias: torch.Tensor | None) -> torch.Tensor | None:
     """The bias as the kernels add it: in float32, before the output's rounding."""
     return bias if bias is None or bias.dtype == torch.float32 else bias.float()
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from tpquant.kernels import tiles
+from tpquant.kernels.device import sm_count
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "mixed_input_gemm.cu"
 W8A8_SOURCE = SOURCE.with_name("w8a8_gemm.cu")
@@ -183,7 +184,7 @@ def usable(m: int, n: int, bits: int, group: int, has_zeros: bool, dtype: torch.
     forcing the path raises its error instead)."""
     if dtype not in (torch.float16, torch.bfloat16) or not available(device.index):
         return False
-    tile = mixed_config(m, wide(n, _sm_count(device)), bool(group))
+    tile = mixed_config(m, wide(n, sm_count(device)), bool(group))
     return loads(variant_for(bits, group, has_zeros, dtype, tile))
 
 
@@ -245,7 +246,7 @@ def gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     float32, before the output's rounding."""
     m, k = x2.shape
     n = qweight.shape[0]
-    tile = tile or mixed_config(m, wide(n, _sm_count(x2.device)), bool(group))
+    tile = tile or mixed_config(m, wide(n, sm_count(x2.device)), bool(group))
     variant = variant_for(bits, group, zeros is not None, x2.dtype, tile)
     library = _library(variant)
     x2 = tiles_order(x2, bits)  # (a fresh, aligned copy: TMA reads 16-byte aligned rows)
@@ -445,11 +446,6 @@ def _status_text(status: int) -> str:
     if status >= 2000:
         return f"CUDA error {status - 2000}"
     return f"cutlass::Status {status - 1000}"
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -29,6 +29,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tpquant.kernels import pdl
+from tpquant.kernels.device import sm_count
 
 # Smallest normal float32 (2^-126): the floor numerics.symmetric_scale clamps amax to.
 TINY = tl.constexpr(1.1754943508222875e-38)
@@ -424,7 +425,7 @@ def _w8a8_gemm_tma_kernel(
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return DEFAULT_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return sm_count(device)
 
 
 def _smem(device: torch.device) -> int:

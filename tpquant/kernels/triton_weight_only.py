@@ -68,6 +68,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from tpquant.kernels import cuda_weight_only, cutlass_gemm, pdl
+from tpquant.kernels.device import sm_count
 from tpquant.kernels.tiles import groups_tile, untile
 
 PATH_ENV = "TPQUANT_WO_PATH"
@@ -879,7 +880,7 @@ def _fused(
         splits, per_split = _split(k, split_k, align)
     elif x2.is_cuda:
         bm, bn = nominal_tile(name, m)
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        sms = sm_count(x2.device)
         splits, per_split = split_k_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, sms, align,
                                         partial_split_cap(m, k, wt.bits))
     else:
@@ -953,7 +954,7 @@ def _tiled(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch
     one torch matmul above."""
     m = x2.shape[0]
     if chosen in (AUTO, REFERENCE):
-        if (cutlass_ok and cutlass_range(m, wt.n, wt.bits, wt.group, _sm_count(x2))
+        if (cutlass_ok and cutlass_range(m, wt.n, wt.bits, wt.group, sm_count(x2.device))
                 and _cutlass_usable(x2, wt)):
             chosen = CUTLASS
         elif m <= cuda_weight_only.TILES_MAX_M:
@@ -1024,10 +1025,6 @@ def _cutlass_takes(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None,
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in floats)
             and cuda_weight_only.aligned(wt.qweight, out) and (bias is None or bias.is_cuda)
             and cutlass_gemm.available(x2.device.index))
-
-
-def _sm_count(x2: torch.Tensor) -> int:
-    return torch.cuda.get_device_properties(x2.device).multi_processor_count
 
 
 def _cutlass_usable(x2: torch.Tensor, wt: _Weights) -> bool:
