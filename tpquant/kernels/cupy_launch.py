@@ -20,25 +20,25 @@ _STREAMS: dict[tuple[int, int], Any] = {}
 
 def launch(
     kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
-    pdl: bool = False,
+    pdl: bool = False, shared_mem: int = 0,
 ) -> None:
-    """kernel<<<grid, block>>>(*args) on torch's current stream of `device`; with pdl, as a
-    programmatic dependent launch (tpquant.kernels.pdl: the kernel must wait before it reads
-    what the kernel before it writes). args: numpy scalars (pointers as np.uint64)."""
+    """kernel<<<grid, block, shared_mem>>>(*args) on torch's current stream of `device`; with
+    pdl, as a programmatic dependent launch (tpquant.kernels.pdl: the kernel must wait before
+    it reads what the kernel before it writes). args: numpy scalars (pointers as np.uint64)."""
     import cupy
 
     current = torch.cuda.current_stream(device)
     if pdl:  # CuPy's launch takes no launch attributes: the driver's cuLaunchKernelEx
         with cupy.cuda.Device(device.index):
             function = getattr(kernel, "kernel", kernel)  # a RawKernel's loaded Function
-            _launch_ex(function.ptr, grid, block, args, current.cuda_stream)
+            _launch_ex(function.ptr, grid, block, args, current.cuda_stream, shared_mem)
         return
     key = (device.index, current.cuda_stream)
     stream = _STREAMS.get(key)
     if stream is None:
         stream = _STREAMS[key] = _wrap(cupy, current, device)
     with cupy.cuda.Device(device.index), stream:
-        kernel(grid, block, args)
+        kernel(grid, block, args, shared_mem=shared_mem)
 
 
 # -- cuLaunchKernelEx with the programmatic-stream-serialization attribute ------------------------
@@ -79,26 +79,27 @@ def _check(err: int, what: str) -> None:
         raise RuntimeError(f"{what} failed: {(name.value or b'error').decode()} ({err})")
 
 
-def occupancy(kernel: Any, threads: int, device: torch.device) -> int:
-    """Blocks of `threads` threads of a compiled kernel that one SM holds at once (the driver's
-    occupancy calculator: registers, shared memory, warps)."""
+def occupancy(kernel: Any, threads: int, device: torch.device, shared_mem: int = 0) -> int:
+    """Blocks of `threads` threads of a compiled kernel (with `shared_mem` bytes of dynamic
+    shared memory) that one SM holds at once (the driver's occupancy calculator: registers,
+    shared memory, warps)."""
     import cupy
 
     blocks = ctypes.c_int()
     with cupy.cuda.Device(device.index):
         function = getattr(kernel, "kernel", kernel)
         err = _cuda_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-            ctypes.byref(blocks), function.ptr, threads, 0)
+            ctypes.byref(blocks), function.ptr, threads, shared_mem)
     _check(err, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
     return blocks.value
 
 
 def _launch_ex(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
-               stream: int) -> None:
+               stream: int, shared_mem: int = 0) -> None:
     attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value[0] = 1  # programmaticStreamSerializationAllowed
-    config = _LaunchConfig(grid=_dim3(grid), block=_dim3(block), shared_mem=0, stream=stream,
-                           attrs=ctypes.pointer(attr), num_attrs=1)
+    config = _LaunchConfig(grid=_dim3(grid), block=_dim3(block), shared_mem=shared_mem,
+                           stream=stream, attrs=ctypes.pointer(attr), num_attrs=1)
     values = kernel_params(args)
     params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
     _check(_cuda_driver().cuLaunchKernelEx(ctypes.byref(config), function, params, None),
