@@ -41,19 +41,10 @@ from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
 
 DTYPE = torch.bfloat16
 ERR_BOUND = 1e-2  # bf16 output: a few roundings of 2^-9
-def candidates(m: int, device: torch.device, mode: int) -> list:
-    """The tiled GEMV's candidate shapes at M = m: wo_tiles' (row tiles, K warps, row warps,
-    unroll) that `tiles_shape` chooses from, then wo_tiles_bulk's `BulkShape`s."""
-    nt = cw.tiles_nt(m)
-    return [*cw.tiles_resident(nt, device, DTYPE, mode), *cw.TILES_BULK_CANDIDATES[nt]]
-
-
-def resident_blocks(m: int, shape, device: torch.device, mode: int) -> int:
-    """Blocks of a candidate shape one SM holds."""
-    nt = cw.tiles_nt(m)
-    if isinstance(shape, cw.BulkShape):
-        return cw._tiles_bulk_function(device, DTYPE, mode, nt, shape)[1]  # (x not shared)
-    return cw.tiles_resident(nt, device, DTYPE, mode)[shape]
+def candidates(m: int, device: torch.device, mode: int) -> list[tuple[int, int, int, int]]:
+    """The tiled GEMV's candidate shapes (row tiles, K warps, row warps, unroll) that
+    `tiles_shape` chooses from at M = m."""
+    return list(cw.tiles_resident(cw.tiles_nt(m), device, DTYPE, mode))
 
 
 def matmul(x, t, bits, group, tiled=False):
@@ -141,10 +132,10 @@ def main() -> int:
                     continue
                 failed |= not err <= ERR_BOUND
                 timed.append((sec, shape, err))
-                resident = resident_blocks(m, shape, device, mode) if shape else None
+                resident = (cw.tiles_resident(cw.tiles_nt(m), device, DTYPE, mode)[shape]
+                            if shape else None)
                 result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="tiles",
                                            tiles_shape=shape, resident=resident,
-                                           bulk=isinstance(shape, cw.BulkShape),
                                            us=sec * 1e6, err=err, speedup=bf16 / sec))
             result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="bf16", us=bf16 * 1e6))
             result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="auto", us=auto * 1e6,

@@ -755,15 +755,11 @@ __device__ __forceinline__ void tiles_load_weight(int T0, int tiles_k,
                                 : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// The lane's 16 bytes of x (load h of its XH) of token tile n at k-tile T; zeros past M. XS:
-// x is in shared memory (wo_tiles_bulk).
-template <int TK, int NT, bool XS = false>
+// The lane's 16 bytes of x (load h of its XH) of token tile n at k-tile T; zeros past M.
+template <int TK, int NT>
 __device__ __forceinline__ uint4 tiles_x(int T, int h, int n,
                                          const unsigned short* const (&xr)[NT],
                                          const bool (&xin)[NT]) {
-  if constexpr (XS)
-    return xin[n] ? reinterpret_cast<const uint4*>(xr[n] + (size_t)T * TK)[h]
-                  : make_uint4(0u, 0u, 0u, 0u);
   return xin[n] ? __ldg(reinterpret_cast<const uint4*>(xr[n] + (size_t)T * TK) + h)
                 : make_uint4(0u, 0u, 0u, 0u);
 }
@@ -946,8 +942,7 @@ __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
 // The k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if late):
 // sum x (MAGIC + u), or x q (TilesQ), into acc, and (unless TilesQ) x into sx; groupwise, fold
 // each k-tile's sums into total.
-template <int DT, int MODE, int NT, int RT, int U, int CH, int XH,
-          bool LATE_X = TilesPlan<MODE, NT, RT, U>::LATE_X, bool XS = false>
+template <int DT, int MODE, int NT, int RT, int U, int CH, int XH>
 __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (&wv)[U][RT],
                                               const uint4 (&xv)[U][NT][XH],
                                               const unsigned short* const (&xr)[NT],
@@ -957,7 +952,7 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
                                               const TilesGroups<RT>& grp,
                                               float (&total)[RT][NT][4]) {
   typedef TilesPlan<MODE, NT, RT, U> Plan;
-  constexpr bool SUM_X = !TilesQ<DT, MODE, NT>::VALUE;
+  constexpr bool LATE_X = Plan::LATE_X, SUM_X = !TilesQ<DT, MODE, NT>::VALUE;
   constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -967,7 +962,7 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
       uint4 xh[NT];
 #pragma unroll
       for (int n = 0; n < NT; ++n)
-        xh[n] = LATE_X ? tiles_x<Plan::TK, NT, XS>(T0 + u, h, n, xr, xin) : xv[u][n][h];
+        xh[n] = LATE_X ? tiles_x<Plan::TK, NT>(T0 + u, h, n, xr, xin) : xv[u][n][h];
 #pragma unroll
       for (int s = 2 * h; s < 2 * h + 2; ++s) {
         u32 b[NT][2];
@@ -991,74 +986,6 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
   }
 }
 
-// What a lane of the tiled kernels hands to its row warp's first K warp: V sums, its outputs'
-// (S) and per channel, unless TilesQ, the sums of x for its two tokens of each token tile.
-template <int DT, int MODE, int NT, int RT> struct TilesSums {
-  static constexpr bool Q = TilesQ<DT, MODE, NT>::VALUE;
-  static constexpr int S = RT * NT * 4;
-  static constexpr int V = S + (Mode<MODE>::GROUPED || Q ? 0 : 2 * NT);
-  // what a code adds over q (the all-ones mma's sums of x take it off); none if Q
-  static constexpr float OFFSET = Q ? 0.f : tiles_offset<DT, MODE>();
-};
-
-// The lane's sums v: acc or total (rows g, g + 8 of each tile; tokens 8 n + 2 t, + 1), then
-// (per channel, unless TilesQ) sum x for those two tokens (every row of the ones-mma's C
-// fragment holds it).
-template <int DT, int MODE, int NT, int RT, int CH>
-__device__ __forceinline__ void tiles_sums(const float (&acc)[CH][RT][NT][4],
-                                           const float (&sx)[CH][NT][4],
-                                           const float (&total)[RT][NT][4],
-                                           float (&v)[TilesSums<DT, MODE, NT, RT>::V]) {
-  typedef TilesSums<DT, MODE, NT, RT> Sums;
-  constexpr bool GROUPED = Mode<MODE>::GROUPED;
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-#pragma unroll
-    for (int i = 0; i < 4 * RT; ++i) {
-      const int r = i / 4, e = i % 4;
-      v[(r * NT + n) * 4 + e] = GROUPED ? total[r][n][e] : 0.f;
-      if constexpr (!GROUPED) {
-#pragma unroll
-        for (int c = 0; c < CH; ++c) v[(r * NT + n) * 4 + e] += acc[c][r][n][e];
-      }
-    }
-    if constexpr (Sums::V > Sums::S) {
-      v[Sums::S + 2 * n] = sx[0][n][0] + sx[1][n][0];
-      v[Sums::S + 2 * n + 1] = sx[0][n][1] + sx[1][n][1];
-    }
-  }
-}
-
-// The outputs of a row warp's whole sums v (row tiles rt0 ..): per channel, the codes' offset
-// off and the channel scale; the bias; rounded to x's dtype.
-template <int DT, int MODE, int NT, int RT>
-__device__ __forceinline__ void tiles_store(const float (&v)[TilesSums<DT, MODE, NT, RT>::V],
-                                            int rt0, int row_tiles, int lane, int M, int N,
-                                            const float* __restrict__ scale,
-                                            const float* __restrict__ bias,
-                                            unsigned short* __restrict__ out) {
-  typedef TilesSums<DT, MODE, NT, RT> Sums;
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    if (rt0 + r >= row_tiles) break;
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = 16 * (rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
-        if (m >= M) continue;
-        float y = v[(r * NT + n) * 4 + e];
-        if constexpr (!Mode<MODE>::GROUPED) {
-          if constexpr (Sums::V > Sums::S) y -= Sums::OFFSET * v[Sums::S + 2 * n + (e & 1)];
-          y *= __ldg(scale + row);
-        }
-        if (bias) y += bias[row];
-        out[(size_t)m * N + row] = from_float<DT>(y);
-      }
-  }
-}
-
 template <int DT, int MODE, int NT, int RT, int KW, int RW, int U>
 __global__ void __launch_bounds__(KW * RW * 32)
 wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
@@ -1066,7 +993,14 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
          const float* __restrict__ bias, unsigned short* __restrict__ out, int M, int N, int K,
          int group) {
   typedef TilesPlan<MODE, NT, RT, U> Plan;
-  constexpr int CH = Plan::CHAINS, V = TilesSums<DT, MODE, NT, RT>::V;
+  constexpr bool GROUPED = Plan::GROUPED;
+  constexpr int CH = Plan::CHAINS, S = RT * NT * 4;
+  constexpr bool Q = TilesQ<DT, MODE, NT>::VALUE;
+  // sums a lane hands to its row warp's first K warp: its outputs' sums, and per channel
+  // (unless Q) the sums of x for its two tokens of each token tile
+  constexpr int V = S + (GROUPED || Q ? 0 : 2 * NT);
+  // what a code adds over q (the all-ones mma's sums of x take it off); none if Q
+  constexpr float offset = Q ? 0.f : tiles_offset<DT, MODE>();
   constexpr int TK = Plan::TK, XH = Plan::XH;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1128,8 +1062,26 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
                                                sx, grp, total);
   }
 
+  // The lane's sums: acc or total (rows g, g + 8 of each tile; tokens 8 n + 2 t, + 1), then
+  // (per channel, narrow plan) sum x for those two tokens (every row of the ones-mma's C
+  // fragment holds it).
   float v[V];
-  tiles_sums<DT, MODE, NT, RT, CH>(acc, sx, total, v);
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4 * RT; ++i) {
+      const int r = i / 4, e = i % 4;
+      v[(r * NT + n) * 4 + e] = GROUPED ? total[r][n][e] : 0.f;
+      if constexpr (!GROUPED) {
+#pragma unroll
+        for (int c = 0; c < CH; ++c) v[(r * NT + n) * 4 + e] += acc[c][r][n][e];
+      }
+    }
+    if constexpr (V > S) {
+      v[S + 2 * n] = sx[0][n][0] + sx[1][n][0];
+      v[S + 2 * n + 1] = sx[0][n][1] + sx[1][n][1];
+    }
+  }
   if constexpr (KW > 1) {  // each row warp's first K warp adds the others' sums, in warp order
     __shared__ float red[RW][KW - 1][V][32];
     if (kw > 0) {
@@ -1143,230 +1095,23 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
 #pragma unroll
       for (int i = 0; i < V; ++i) v[i] += red[rw][o][i][lane];
   }
-  tiles_store<DT, MODE, NT, RT>(v, rt0, row_tiles, lane, M, N, scale, bias, out);
-}
-
-// ---- the tiled GEMV fed by bulk copies ----------------------------------------------------
-//
-// wo_tiles keeps each warp's next weight loads in its registers: two sets of U k-tiles, so a
-// warp has at most U x RT x 512 bytes in flight, and reading the tiled weight in that pattern
-// with no arithmetic at all runs at 3.1-3.9x bf16's time in geomean, where a ring of shared
-// memory filled by the SM's bulk copies (cp.async.bulk) reads the same bytes at 4.5-4.7x
-// (benchmarks/probe_stream.py; design note 40). This kernel multiplies from such a ring:
-// one producer lane per block issues the copies (one instruction per row tile a stage, the
-// bytes counted on the stage's "full" mbarrier) and runs up to S stages ahead; KW consumer
-// warps read their k-tiles from shared memory, multiply exactly as wo_tiles does
-// (tiles_compute), and free the stage on its "empty" mbarrier as soon as their weight words
-// are in registers. A stage holds KW x U k-tiles of each of RT row tiles (the block's row
-// tiles, each contiguous along K in the tiled layout: one copy a row tile); consumer warp kw
-// takes k-tiles kw U .. kw U + U - 1 of each stage, a "turn" as in wo_tiles. The blocks are
-// persistent: block b takes row-tile groups b, b + grid, ..., so the producer streams on from
-// one group into the next while the consumers finish the last. x comes through L1 (every
-// block reads the same x). Weights are read before the PDL wait (no kernel writes them).
-__device__ __forceinline__ u32 smem_addr(const void* p) {  // a shared-window address
-  u32 a;
-  asm("{\n.reg .u64 s;\ncvta.to.shared.u64 s, %1;\ncvt.u32.u64 %0, s;\n}" : "=r"(a) : "l"(p));
-  return a;
-}
-
-__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
-}
-
-// Arrive, and expect `bytes` more of the copies that complete on bar.
-__device__ __forceinline__ void mbar_expect(u64* bar, u32 bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
-               "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(u64* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
-// Wait until bar's phase of the given parity has completed.
-__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
-}
-
-// bytes (a multiple of 16) from global src to shared dst, completing on bar.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, u64* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-      ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-}
-
-// The consumer warps' own barrier (named barrier 1; the producer warp never joins it).
-template <int KW> __device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, %0;" ::"n"(KW * 32) : "memory");
-}
-
-// The consumer warps of wo_tiles_bulk ask L2 for the scales (and zeros) of the row tiles of
-// group rg ahead of their use: behind the ring's copies, a plain load waits as long as the
-// copies queued before it.
-template <int MODE, int RT, int KW>
-__device__ __forceinline__ void tiles_prefetch_scales(int rg, int row_tiles, int N, int K,
-                                                      int group, const float* scale,
-                                                      const float* zeros) {
-  const int per_tile = Mode<MODE>::GROUPED ? K / group : 1;  // 64-byte lines of a row tile
-  for (int c = threadIdx.x; c < RT * per_tile; c += KW * 32) {
-    const size_t at = (size_t)(c % per_tile) * N + 16 * min(rg * RT + c / per_tile, row_tiles - 1);
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(scale + at));
-    if (MODE == 2) asm volatile("prefetch.global.L2 [%0];" ::"l"(zeros + at));
-  }
-}
-
-template <int DT, int MODE, int NT, int RT, int KW, int U, int S, bool XS>
-__global__ void __launch_bounds__((KW + 1) * 32)
-wo_tiles_bulk(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
-              const float* __restrict__ scale, const float* __restrict__ zeros,
-              const float* __restrict__ bias, unsigned short* __restrict__ out, int M, int N,
-              int K, int group) {
-  typedef TilesPlan<MODE, NT, RT, U> Plan;
-  constexpr int CH = Plan::CHAINS, V = TilesSums<DT, MODE, NT, RT>::V;
-  constexpr int TK = Plan::TK, XH = Plan::XH;
-  constexpr int TURN = KW * U;       // k-tiles of a row tile in one stage
-  constexpr int STAGE = RT * TURN * 32;  // a stage, in 16-byte words
-  extern __shared__ uint4 ring[];    // S stages, then (XS) x [M, K]
-  __shared__ u64 full[S], empty[S], x_full;
-  unsigned short* xs = reinterpret_cast<unsigned short*>(ring + S * STAGE);
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int tiles_k = K / TK, row_tiles = N / 16, groups = (row_tiles + RT - 1) / RT;
-  if (threadIdx.x == 0) {
 #pragma unroll
-    for (int s = 0; s < S; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], KW);
-    }
-    mbar_init(&x_full, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
-
-  if (warp == KW) {  // the producer: stage i of the block's sequence goes to slot i % S
-    if (lane == 0) {
-      int i = 0;
-      for (int rg = blockIdx.x; rg < groups; rg += gridDim.x)
-        for (int T0 = 0; T0 < tiles_k; T0 += TURN, ++i) {
-          const int s = i % S, tiles = min(TURN, tiles_k - T0);
-          if (XS && i == 1) {  // x right after the first stage, ahead of the queue of copies
-            wait_then_signal();
-            mbar_expect(&x_full, M * K * 2);
-            bulk_copy(xs, x, M * K * 2, &x_full);
-          }
-          if (i >= S) mbar_wait(&empty[s], (i / S - 1) & 1);
-          mbar_expect(&full[s], RT * tiles * 512);
+  for (int r = 0; r < RT; ++r) {
+    if (rt0 + r >= row_tiles) break;
 #pragma unroll
-          for (int r = 0; r < RT; ++r) {
-            const int tile = min(rg * RT + r, row_tiles - 1);
-            bulk_copy(ring + s * STAGE + r * TURN * 32, w + ((size_t)tile * tiles_k + T0) * 32,
-                      tiles * 512, &full[s]);
-          }
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = 16 * (rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
+        if (m >= M) continue;
+        float y = v[(r * NT + n) * 4 + e];
+        if constexpr (!GROUPED) {
+          if constexpr (V > S) y -= offset * v[S + 2 * n + (e & 1)];
+          y *= __ldg(scale + row);
         }
-      if (XS && i == 1) {  // (a single stage)
-        wait_then_signal();
-        mbar_expect(&x_full, M * K * 2);
-        bulk_copy(xs, x, M * K * 2, &x_full);
+        if (bias) y += bias[row];
+        out[(size_t)m * N + row] = from_float<DT>(y);
       }
-    }
-    wait_then_signal();
-    return;
-  }
-
-  const int kw = warp, g = lane >> 2;
-  const unsigned short* xr[NT];
-  bool xin[NT];
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    const int m = 8 * n + g;
-    xin[n] = m < M;
-    xr[n] = (XS ? xs : x) + (size_t)min(m, M - 1) * K + TK / 4 * (lane & 3);
-  }
-  TilesGroups<RT> grp{scale, zeros, N, __ffs(group / TK) - 1, {}};
-  const u32 mask = kCodeMask[1];
-  wait_then_signal();
-  if (XS) mbar_wait(&x_full, 0);
-
-  // The block's stages in order: group j = i / per_group of its own, k-tiles from
-  // (i % per_group) TURN. Each warp fetches stage i + 1's weight words from the ring before it
-  // multiplies stage i, so no wait stands between two stages' arithmetic; x is read from L1
-  // as each k-tile is multiplied (a stage ahead, it took the registers of a block an SM).
-  const int per_group = (tiles_k + TURN - 1) / TURN;
-  const int count = (groups - blockIdx.x + gridDim.x - 1) / gridDim.x * per_group;
-  float acc[CH][RT][NT][4], sx[CH][NT][4], total[RT][NT][4];  // as in wo_tiles
-  auto fetch = [&](int i, uint4 (&wv)[U][RT]) {
-    const int s = i % S, T = i % per_group * TURN + kw * U;  // this warp's first k-tile
-    mbar_wait(&full[s], (i / S) & 1);
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < RT; ++r)
-        wv[u][r] = T + u < tiles_k ? ring[s * STAGE + (r * TURN + kw * U + u) * 32 + lane]
-                                   : make_uint4(0u, 0u, 0u, 0u);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);  // the words are in registers: refill the slot
-  };
-  uint4 xv[U][NT][XH];  // (unused: x is late)
-  auto multiply = [&](int i, const uint4 (&wv)[U][RT]) {
-    const int rt0 = (blockIdx.x + i / per_group * gridDim.x) * RT, part = i % per_group;
-    if (part == 0) {  // a new group of row tiles; the next group's scales on their way
-      const int rg = rt0 / RT;
-      if (i == 0) tiles_prefetch_scales<MODE, RT, KW>(rg, row_tiles, N, K, group, scale, zeros);
-      if (rg + (int)gridDim.x < groups)
-        tiles_prefetch_scales<MODE, RT, KW>(rg + gridDim.x, row_tiles, N, K, group, scale, zeros);
-#pragma unroll
-      for (int r = 0; r < RT; ++r) grp.row[r] = 16 * min(rt0 + r, row_tiles - 1) + g;
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-#pragma unroll
-          for (int c = 0; c < CH; ++c) {
-            sx[c][n][e] = 0.f;
-#pragma unroll
-            for (int r = 0; r < RT; ++r) acc[c][r][n][e] = 0.f;
-          }
-#pragma unroll
-          for (int r = 0; r < RT; ++r) total[r][n][e] = 0.f;
-        }
-    }
-    tiles_compute<DT, MODE, NT, RT, U, CH, XH, true, XS>(part * TURN + kw * U, tiles_k, wv, xv,
-                                                         xr, xin, mask, acc, sx, grp, total);
-    if (part + 1 < per_group) return;
-    float v[V];  // the group is done: warp 0 adds the others' sums, in warp order, and stores
-    tiles_sums<DT, MODE, NT, RT, CH>(acc, sx, total, v);
-    if constexpr (KW > 1) {
-      __shared__ float red[KW - 1][V][32];
-      if (kw > 0) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) red[kw - 1][j][lane] = v[j];
-      }
-      consumers_sync<KW>();
-      if (kw == 0) {
-#pragma unroll
-        for (int o = 0; o < KW - 1; ++o)
-#pragma unroll
-          for (int j = 0; j < V; ++j) v[j] += red[o][j][lane];
-      }
-      consumers_sync<KW>();  // red is free for the next group
-    }
-    if (kw == 0) tiles_store<DT, MODE, NT, RT>(v, rt0, row_tiles, lane, M, N, scale, bias, out);
-  };
-
-  uint4 wa[U][RT], wb[U][RT];
-  fetch(0, wa);
-  for (int i = 0; i < count; i += 2) {
-    if (i + 1 < count) fetch(i + 1, wb);
-    multiply(i, wa);
-    if (i + 1 >= count) break;
-    if (i + 2 < count) fetch(i + 2, wa);
-    multiply(i + 1, wb);
   }
 }
 

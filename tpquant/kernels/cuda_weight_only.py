@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -271,37 +271,6 @@ TILES_MAX_M = 8 * TILES_NT[-1]  # one launch; above: dequantize + cuBLAS (two la
 TILES_SHARED_BYTES = 48 << 10  # a block's static shared memory: its warps' sums
 _TILES: dict[tuple, Any] = {}
 _TILES_CHOSEN: dict[tuple, tuple[int, int, int, int, int]] = {}
-_TILES_BULK_RESIDENT: dict[tuple, int] = {}
-
-
-class BulkShape(NamedTuple):
-    """A shape of wo_tiles_bulk (the tiled GEMV fed by bulk copies): 16-row tiles per block,
-    consumer warps splitting K, k-tiles each takes per stage, stages in the ring."""
-
-    rt: int
-    kw: int
-    u: int
-    stages: int
-
-    def ring_bytes(self) -> int:
-        """The ring's dynamic shared memory: stages of KW x U k-tiles (512 bytes) of RT rows."""
-        return self.stages * self.rt * self.kw * self.u * 512
-
-
-TILES_BULK_X_BYTES = 64 << 10  # x up to this size goes into wo_tiles_bulk's shared memory
-# wo_tiles_bulk's shapes, per NT, to choose from.
-TILES_BULK_CANDIDATES = {
-    1: (BulkShape(1, 4, 4, 4), BulkShape(1, 4, 4, 8), BulkShape(1, 4, 2, 8),
-        BulkShape(1, 8, 2, 4), BulkShape(1, 8, 2, 8), BulkShape(2, 4, 2, 4),
-        BulkShape(2, 4, 2, 8), BulkShape(1, 4, 1, 8), BulkShape(1, 2, 4, 8),
-        BulkShape(1, 8, 1, 8)),
-    2: (BulkShape(1, 4, 2, 4), BulkShape(1, 4, 1, 8), BulkShape(2, 4, 1, 4),
-        BulkShape(1, 8, 1, 4), BulkShape(1, 4, 4, 4)),
-    4: (BulkShape(1, 4, 2, 4), BulkShape(1, 4, 1, 8), BulkShape(2, 4, 1, 4),
-        BulkShape(1, 8, 1, 4)),
-    8: (BulkShape(1, 4, 1, 4), BulkShape(1, 4, 1, 8), BulkShape(2, 4, 1, 4),
-        BulkShape(1, 8, 1, 4)),
-}
 
 
 def tiles_shared_bytes(nt: int, rt: int, kw: int, rw: int = 1, grouped: bool = False,
@@ -391,13 +360,12 @@ def _tiles_name(mode_: int, nt: int, rt: int, kw: int, rw: int, u: int) -> str:
 def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None, out: torch.Tensor, *,
                zeros: torch.Tensor | None = None, group: int = 0,
-               shape: tuple[int, int, int, int] | BulkShape | None = None) -> None:
+               shape: tuple[int, int, int, int] | None = None) -> None:
     """out[M, N] = x2[M, K] @ W^T (+ bias) for W in a tiled layout (`tpquant.kernels.tiles`;
     int8 or packed int4, told by its dtype): per channel (group 0, scale [N]), or int4
     groupwise (scales [K/g, N], zeros [K/g, N] or None for signed codes; no pre-quant scale),
     M <= TILES_MAX_M. The caller has checked shapes and `aligned`.
-    Benchmarks may force `shape`: (row tiles, K warps, row warps, unroll) of wo_tiles, or a
-    BulkShape of wo_tiles_bulk."""
+    Benchmarks may force `shape` (row tiles, K warps, row warps, unroll)."""
     m, k = x2.shape
     n = tiled.shape[0]
     if m > TILES_MAX_M:
@@ -405,19 +373,6 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
     if not groups_tile(group):  # the kernel finds a k-tile's group by a shift
         raise ValueError(f"the tiled GEMV takes groups of 64 x 2^i features, got {group}")
     mode_ = mode(code_bits(tiled), group, zeros is not None)
-    args = (_ptr(x2), _ptr(tiled), _ptr(scale), _ptr(zeros), _ptr(_float32(bias)), _ptr(out),
-            np.int32(m), np.int32(n), np.int32(k), np.int32(group or 1))
-    if isinstance(shape, BulkShape):
-        # x goes into shared memory where it is small (one bulk copy per block)
-        x_bytes = m * k * 2 if (m * k * 2 <= TILES_BULK_X_BYTES and x2.is_contiguous()
-                                and x2.data_ptr() % 16 == 0) else 0
-        function, resident = _tiles_bulk_function(x2.device, x2.dtype, mode_, tiles_nt(m),
-                                                  shape, x_bytes)
-        groups = -(-n // (16 * shape.rt))
-        grid = min(groups, resident * sm_count(x2.device))
-        launch(function, (grid,), ((shape.kw + 1) * 32,), args, x2.device,
-               pdl.enabled(x2.device), shared_mem=shape.ring_bytes() + x_bytes)
-        return
     if shape is None:
         nt, rt, kw, rw, u = tiles_shape(m, n, x2.device, x2.dtype, mode_)
     else:
@@ -426,24 +381,10 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
             raise ValueError(f"tiled GEMV shape {shape} at M = {m} needs more than "
                              f"{TILES_SHARED_BYTES} bytes of shared memory")
     function = _tiles_functions(x2.device, x2.dtype, [_tiles_name(mode_, nt, rt, kw, rw, u)])[0]
+    args = (_ptr(x2), _ptr(tiled), _ptr(scale), _ptr(zeros), _ptr(_float32(bias)), _ptr(out),
+            np.int32(m), np.int32(n), np.int32(k), np.int32(group or 1))
     launch(function, (-(-n // (16 * rt * rw)),), (kw * rw * 32,), args, x2.device,
            pdl.enabled(x2.device))
-
-
-def _tiles_bulk_function(device: torch.device, dtype: torch.dtype, mode_: int, nt: int,
-                         shape: BulkShape, x_bytes: int = 0) -> tuple[Any, int]:
-    """wo_tiles_bulk at a shape, with x in shared memory (x_bytes > 0) or not, its dynamic
-    shared memory allowed past the default 48 KiB, and the blocks an SM holds."""
-    name = (f"wo_tiles_bulk<{{dt}}, {mode_}, {nt}, {shape.rt}, {shape.kw}, {shape.u}, "
-            f"{shape.stages}, {str(x_bytes > 0).lower()}>")
-    function = _tiles_functions(device, dtype, [name])[0]
-    smem = shape.ring_bytes() + x_bytes
-    key = (device.index, dtype, name, smem)
-    if key not in _TILES_BULK_RESIDENT:
-        function.max_dynamic_shared_size_bytes = max(function.max_dynamic_shared_size_bytes,
-                                                     smem)
-        _TILES_BULK_RESIDENT[key] = occupancy(function, (shape.kw + 1) * 32, device, smem)
-    return function, _TILES_BULK_RESIDENT[key]
 
 
 def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *,
