@@ -64,6 +64,8 @@
 #     gw_decode   the groupwise fold (fifteenth session): the layers on 2 GPUs, bench_decode
 #                 --quick with int4 groupwise at TP 1 and 2, then groupwise with BEFORE_CU's kernels
 #                 (gw_fold: bench_int4_tiles --group 128 in place of the layers)
+#     probe_final the sixteenth session's tree: the tiled GEMV's, PDL's and CUTLASS's tests, the
+#                 layers on 2 GPUs, probe_stream, bench_gemm --quick, bench_decode --quick (TP 1, 2)
 #     variants    profile_decode --variants: the decode step's graph as it is against attention on
 #                 2 and on 4 warps; bf16, int8 and int4 at batch 1, 8, 64, TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
@@ -456,6 +458,18 @@ fusion|fusion_decode)
     done
     cp /tmp/decode_attention.py.now $f
   fi
+  ;;
+probe_final)
+  # the sixteenth session's tree: the tiled GEMV's, PDL's and CUTLASS's tests (carry
+  # .cutlass_cache), the layers on 2 GPUs, probe_stream (the int4 weight read alone, two ways,
+  # against the GEMV), bench_gemm --quick, bench_decode --quick at TP 1 and 2
+  export TPQUANT_CACHE=$PWD/.cutlass_cache
+  command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+  tiles_tests
+  step kernels_cutlass pyt tests/gpu/test_kernels_cutlass.py
+  STEP_TIMEOUT=120 TAIL=16 step probe_stream python3 benchmarks/probe_stream.py
+  STEP_TIMEOUT=240 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
+  decode_tp12 --quick
   ;;
 gw_decode|gw_fold)
   # groupwise int4's sums folded once a run of a group's k-tiles (fifteenth session): the layers

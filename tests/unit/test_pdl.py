@@ -61,3 +61,32 @@ def test_kernel_params_keep_each_arguments_c_type() -> None:
     assert [v.value for v in values] == [2**40 + 3, -7, 2**33, 0.5]
     with pytest.raises(TypeError, match="numpy scalars"):
         cl.kernel_params((np.int32(1), 5))  # a Python int: which C width?
+
+
+def test_pdl_launch_passes_grid_block_shared_memory_and_the_attribute(monkeypatch) -> None:
+    """_launch_ex hands cuLaunchKernelEx the launch as given: grid, block, dynamic shared memory
+    (probe_stream's rings), stream, one programmatic-stream-serialization attribute, and the
+    arguments' values (a fake driver records them)."""
+    import ctypes
+
+    import numpy as np
+
+    from tpquant.kernels import cupy_launch as cl
+
+    seen = {}
+
+    class FakeDriver:
+        def cuLaunchKernelEx(self, config, function, params, extra):  # noqa: N802 - CUDA's name
+            c = config._obj
+            seen.update(grid=list(c.grid), block=list(c.block), shared_mem=c.shared_mem,
+                        stream=c.stream, num_attrs=c.num_attrs, attr=(c.attrs[0].id,
+                        c.attrs[0].value[0]), function=function,
+                        first=ctypes.cast(params[0], ctypes.POINTER(ctypes.c_uint64))[0],
+                        second=ctypes.cast(params[1], ctypes.POINTER(ctypes.c_int32))[0])
+            return 0
+
+    monkeypatch.setattr(cl, "_cuda_driver", lambda: FakeDriver())
+    cl._launch_ex(1234, (7,), (160,), (np.uint64(2**35 + 1), np.int32(-3)), 99,
+                  shared_mem=65536)
+    assert seen == dict(grid=[7, 1, 1], block=[160, 1, 1], shared_mem=65536, stream=99,
+                        num_attrs=1, attr=(6, 1), function=1234, first=2**35 + 1, second=-3)
