@@ -215,8 +215,14 @@ def test_shape_rule_prefers_one_wave_with_most_loads_in_flight() -> None:
     # (1, 8, 1, 4) holds 132 blocks at once: two waves; of the rest, (1, 8, 1, 2) and (2, 8, 1,
     # 2) keep 4096 k-tile loads in flight, (1, 4, 1, 1) 1024; the tie goes to the fuller wave.
     assert pick_tiles_shape(4096, 1, 132, resident) == (1, 8, 1, 2)
-    # Nothing fits in one wave: the fewest waves.
+    # Nothing fits in one wave: the fewest waves (4 against 3)...
     assert pick_tiles_shape(65536, 1, 132, {(1, 4, 1, 1): 8, (2, 4, 1, 1): 6}) == (2, 4, 1, 1)
+    # ... then the fullest: groupwise 70B gate/up at TP 4 (896 row tiles; an H200 sweep's
+    # occupancies), 448 blocks in 2 waves of 264 (85% full) against 2 of 396 (57%) or 896 in 2
+    # of 660 (68%); 3 and more waves lose.
+    resident = {(1, 4, 1, 2): 5, (1, 4, 1, 4): 3, (1, 8, 1, 2): 2, (1, 8, 1, 4): 1,
+                (2, 4, 1, 2): 3, (2, 8, 1, 2): 2}
+    assert pick_tiles_shape(14336, 1, 132, resident, grouped=True) == (2, 8, 1, 2)
     # Equal loads in flight and equal waves: the smaller unroll.
     assert pick_tiles_shape(2048, 1, 132, {(1, 4, 1, 2): 2, (1, 8, 1, 1): 2}) == (1, 8, 1, 1)
     # Row warps share a block: two of them need 128 blocks for 4096 rows, one wave at one
@@ -228,13 +234,14 @@ def test_shape_rule_prefers_one_wave_with_most_loads_in_flight() -> None:
     assert pick_tiles_shape(4096, 8, 132, wide) == (1, 4, 1, 1)
     assert pick_tiles_shape(4096, 4, 132, wide) == (1, 4, 1, 2)
     # Groupwise at one token tile: unrolled shapes only (a warp of unroll 1 folds every k-tile),
-    # unless there are none; from two token tiles on, as per channel.
-    assert pick_tiles_shape(22016, 1, 132, {(2, 4, 1, 1): 5, (2, 4, 1, 2): 3}) == (2, 4, 1, 1)
+    # unless there are none; from two token tiles on, as per channel. (7B gate/up at TP 1 with
+    # an H200's occupancies: 688 blocks, one wave of (2, 4, 1, 1).)
+    assert pick_tiles_shape(22016, 1, 132, {(2, 4, 1, 1): 6, (2, 4, 1, 2): 3}) == (2, 4, 1, 1)
     grouped = dict(n=22016, sm_count=132, grouped=True)
-    assert pick_tiles_shape(nt=1, resident={(2, 4, 1, 1): 5, (2, 4, 1, 2): 3},
+    assert pick_tiles_shape(nt=1, resident={(2, 4, 1, 1): 6, (2, 4, 1, 2): 3},
                             **grouped) == (2, 4, 1, 2)
-    assert pick_tiles_shape(nt=1, resident={(2, 4, 1, 1): 5}, **grouped) == (2, 4, 1, 1)
-    assert pick_tiles_shape(nt=2, resident={(2, 4, 1, 1): 5, (2, 4, 1, 2): 3},
+    assert pick_tiles_shape(nt=1, resident={(2, 4, 1, 1): 6}, **grouped) == (2, 4, 1, 1)
+    assert pick_tiles_shape(nt=2, resident={(2, 4, 1, 1): 6, (2, 4, 1, 2): 3},
                             **grouped) == (2, 4, 1, 1)
 
 
