@@ -6,7 +6,8 @@
 
 (tests/gpu/run_on_device.sh's ncu_wo stage runs the first with the sections and metrics the
 summary reads.)
-Each case (scheme:kernel:M; scheme bf16 for `x @ W.T`) is warmed up (compiled) outside, then
+Each case (scheme:kernel:M; scheme bf16 for `x @ W.T`; kernel tiles/RT.KW.RW.U for int4 per
+channel: the tiled GEMV at that shape, tiles/RT.KW.RW.U/S through a ring of S slots) is warmed up (compiled) outside, then
 launched once inside an NVTX range "prof", so ncu profiles exactly the cases' kernels (and the
 split-K reduce where there is one). Before each launch the case's label is printed and
 flushed, so it heads ncu's report of the kernels that follow. Counters say what time alone
@@ -27,6 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_wo_kernels import DTYPE, SCHEMES, SHAPES, cuda_calls  # noqa: E402
+
+from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
+from tpquant.kernels.tiles import tile  # noqa: E402
 
 CASES = ("bf16::1,bf16::16,int4_wo:fma:1,int4_wo:mma:1,int4_wo:mma:8,int4_wo:mma:16,"
          "int8_wo:fma:1,int8_wo:mma:8,int4_gw:fma:1,int4_gw:mma:16")
@@ -101,6 +105,16 @@ def print_summary(logs: list[str]) -> None:
     (out / "ncu_wo_kernels.json").write_text(json.dumps(result, indent=1))
 
 
+def tiles_call(x: torch.Tensor, t: dict, kernel: str):
+    """The tiled int4 GEMV on t's weight at the shape (and ring slots) `kernel` names."""
+    _, shape, *stages = kernel.split("/")
+    tiled = tile(t["qweight"], 4)
+    out = torch.empty(x.shape[0], tiled.shape[0], dtype=x.dtype, device=x.device)
+    return lambda: cw.tiles_gemv(x, tiled, t["scale"], None, out,
+                                 shape=tuple(int(v) for v in shape.split(".")),
+                                 stages=int(stages[0]) if stages else 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="7b-qkv-tp1", choices=sorted(SHAPES))
@@ -121,6 +135,8 @@ def main() -> None:
         x = torch.randn(int(m), k, generator=gen, device=device, dtype=DTYPE)
         if scheme_name == "bf16":
             call = lambda: x @ weight.t()  # noqa: E731
+        elif kernel.startswith("tiles/"):
+            call = tiles_call(x, quantized["int4_wo"], kernel)
         else:
             call = cuda_calls(scheme_name, x, [quantized[scheme_name]], None, None, kernel)[0]
         call()

@@ -9,7 +9,10 @@
 // with cp.async.bulk (the copy engine of the SM: one instruction a stage, the completion on an
 // mbarrier), read by CW consumer warps with 16-byte shared loads. Each block streams one
 // contiguous range of the buffer; grid = a few blocks an SM.
-// Both launch with PDL: the weight loads go out before griddepcontrol.wait.
+// stream_ring<U, KW, S>: the tiled ring GEMV's pattern (wo_tiles_ring): as stream_regs, but each
+// warp copies its rounds with cp.async into S slots of shared memory of its own, S - 1 rounds
+// ahead, and each lane reads back the 16 bytes it copied.
+// All launch with PDL: the weight loads go out before griddepcontrol.wait.
 typedef unsigned int u32;
 
 __device__ __forceinline__ void pdl_wait_then_signal() {
@@ -56,6 +59,47 @@ __global__ void __launch_bounds__(KW * 32) stream_regs(const uint4* __restrict__
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   return (u32)__cvta_generic_to_shared(p);
+}
+
+// One round (U k-tiles from T0) of a warp's row tile into a ring slot; zeros past K.
+template <int U>
+__device__ __forceinline__ void ring_copy(const uint4* wt, int T0, int tiles_k, uint4* slot) {
+  if (T0 >= tiles_k) return;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const bool in = T0 + u < tiles_k;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(slot + u * 32)),
+                 "l"(wt + (size_t)(in ? T0 + u : T0) * 32), "r"(in ? 16 : 0) : "memory");
+  }
+}
+
+template <int U, int KW, int S>
+__global__ void __launch_bounds__(KW * 32) stream_ring(const uint4* __restrict__ w, u32* out,
+                                                      int tiles_k) {
+  extern __shared__ uint4 slots[];  // [KW][S][U][32 lanes]
+  const int lane = threadIdx.x & 31, kw = threadIdx.x >> 5, step = KW * U;
+  const uint4* wt = w + (size_t)blockIdx.x * tiles_k * 32 + lane;
+  uint4* const mine = slots + kw * S * U * 32 + lane;
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) {
+    ring_copy<U>(wt, kw * U + i * step, tiles_k, mine + i * U * 32);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
+  pdl_wait_then_signal();
+  u32 acc = 0;
+  int read = 0;
+  for (int T0 = kw * U; T0 < tiles_k; T0 += step) {
+    ring_copy<U>(wt, T0 + (S - 1) * step, tiles_k, mine + (read == 0 ? S - 1 : read - 1) * U * 32);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    asm volatile("cp.async.wait_group %0;" ::"n"(S - 1) : "memory");
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint4 v = mine[(read * U + u) * 32];
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    read = read + 1 == S ? 0 : read + 1;
+  }
+  if (acc == 0x9E3779B9u) out[blockIdx.x] = acc;
 }
 
 __device__ __forceinline__ void mbar_init(unsigned long long* bar, u32 count) {

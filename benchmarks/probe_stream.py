@@ -11,6 +11,8 @@ back-to-back calls, weight copies past twice the L2, median):
                block of KW warps, turns of U k-tiles, two register sets) and XORs the words
     bulk S/B   the same bytes through a ring of S stages of B bytes in shared memory filled by
                cp.async.bulk (one thread issues a stage; 4 consumer warps read it)
+    ring U/KW/S  the GEMV's pattern, each warp copying its rounds with cp.async into S slots of
+               shared memory of its own, S - 1 rounds ahead (wo_tiles_ring's read alone)
 (benchmarks/probe_stream.cu). Every kernel launches with PDL, as the GEMV does. If a read-only
 kernel is not much faster than the GEMV, the GEMV's arithmetic is not what limits it.
 Output: table (us, GB/s of the int4 weight, what the time would be as a speed-up over bf16),
@@ -39,6 +41,7 @@ from tpquant.kernels.tiles import tile  # noqa: E402
 from tpquant.quantization.schemes import WeightOnly  # noqa: E402
 
 REGS = [(2, 4), (4, 4), (2, 8), (4, 8)]  # (U, KW)
+RING = [(2, 4, 3), (2, 8, 3), (4, 8, 3), (2, 8, 4), (4, 8, 4), (2, 8, 6)]  # (U, KW, S)
 BULK = [(4, 16384), (8, 8192), (6, 16384), (4, 32768), (12, 8192)]  # (S, B): stages, bytes
 CONSUMERS = 4
 SMEM_PER_SM = 200 << 10  # dynamic shared memory a probe spends on one SM's blocks
@@ -50,6 +53,7 @@ def module() -> dict:
 
     names = [f"stream_regs<{u}, {kw}>" for u, kw in REGS]
     names += [f"stream_bulk<{s}, {b}, {CONSUMERS}>" for s, b in BULK]
+    names += [f"stream_ring<{u}, {kw}, {s}>" for u, kw, s in RING]
     source = (Path(__file__).resolve().parent / "probe_stream.cu").read_text()
     mod = cupy.RawModule(code=source, options=("-std=c++17",), name_expressions=names)
     return {name: mod.get_function(name) for name in names}
@@ -98,6 +102,17 @@ def main() -> int:
                        np.uint64(out.data_ptr()), np.int32(tiles_k)), device, pdl=True)
             timed[f"regs {u}/{kw}"] = time_calls([lambda t=t: regs(t) for t in sets],
                                                  args.replays)
+        for u, kw, s in RING:
+            f = functions[f"stream_ring<{u}, {kw}, {s}>"]
+            smem = kw * s * u * 512
+            f.max_dynamic_shared_size_bytes = smem
+
+            def ring(t, f=f, kw=kw, smem=smem):
+                launch(f, (n // 16,), (kw * 32,), (np.uint64(t["qweight"].data_ptr()),
+                       np.uint64(out.data_ptr()), np.int32(tiles_k)), device, pdl=True,
+                       shared_mem=smem)
+            timed[f"ring {u}/{kw}/{s}"] = time_calls([lambda t=t: ring(t) for t in sets],
+                                                     args.replays)
         for s, b in BULK:
             f = functions[f"stream_bulk<{s}, {b}, {CONSUMERS}>"]
             smem = s * b

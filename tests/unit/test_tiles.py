@@ -9,6 +9,7 @@ float64 math on the untiled weight (tolerance: float32 math, 1e-5 relative).
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -310,3 +311,46 @@ def test_cpu_load_puts_tiles_back_in_the_stored_layout(quant: str) -> None:
         stored.setup_caches(2, 8)
         want, got = tiled(ids, 0), stored(ids, 0)
     assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+def test_tuned_table_names_shapes_the_kernels_have() -> None:
+    """Every entry of the shipped table (tpquant/kernels/tiles_tuned.json) is a shape the tiled
+    kernel compiles at its M: a candidate of its token tiles, and a ring (slots > 0) only below
+    the wide plan, in the shared memory an H200 block has (227 KiB, with the sums' 48)."""
+    from tpquant.kernels import cuda_weight_only as cw
+
+    table = cw.tuned_table(cw.TUNED_PATH)
+    assert len(table) >= 400 and {key[0] for key in table} == {"NVIDIA H200"}
+    for (_, dtype, mode, m, n, k), (rt, kw, rw, u, stages) in table.items():
+        nt = cw.tiles_nt(m)
+        assert dtype == "bfloat16" and mode in (0, 1, 2, 3) and m <= cw.TILES_MAX_M
+        assert (rt, kw, rw, u) in cw.TILES_CANDIDATES[nt]
+        if stages:
+            bits = 8 if mode == 0 else 4
+            assert 2 <= stages and nt < cw.TILES_WIDE_NT
+            assert cw.tiles_ring_bytes(m, rt, kw, rw, u, stages, bits) <= (227 - 48) << 10
+
+
+def test_tiles_plan_takes_the_table_before_the_rule(tmp_path, monkeypatch) -> None:
+    """A table entry for the device, dtype, mode, M, N and K is the plan; TPQUANT_TILES_TUNED
+    names another table or turns it off."""
+    from tpquant.kernels import cuda_weight_only as cw
+
+    path = tmp_path / "tuned.json"
+    entry = dict(dtype="bfloat16", mode=1, m=1, n=4096, k=11008, shape=[1, 8, 1, 2], stages=3)
+    path.write_text(json.dumps({"devices": {"GPU X": [entry]}}))
+    monkeypatch.setattr(cw, "_device_name", lambda index: "GPU X")
+    monkeypatch.setenv("TPQUANT_TILES_TUNED", str(path))
+    cw.tuned_table.cache_clear()
+    try:
+        plan = cw.tiles_plan(1, 4096, 11008, torch.device("cuda", 0), torch.bfloat16, 1)
+        assert plan == (1, 1, 8, 1, 2, 3)
+        assert cw.tuned_table() == {("GPU X", "bfloat16", 1, 1, 4096, 11008): (1, 8, 1, 2, 3)}
+        monkeypatch.setenv("TPQUANT_TILES_TUNED", "off")
+        cw.tuned_table.cache_clear()
+        assert cw.tuned_table() == {}
+        monkeypatch.setattr(cw, "tiles_shape", lambda *args: (1, 2, 4, 1, 1))  # the rule
+        assert cw.tiles_plan(1, 4096, 11008, torch.device("cuda", 0), torch.bfloat16, 1) == (
+            1, 2, 4, 1, 1, 0)
+    finally:
+        cw.tuned_table.cache_clear()
