@@ -8,10 +8,10 @@ and torch's bf16 matmul, on one GPU.
 
 For each shape [N, K] (bench_wo_kernels' Llama-2-7B / 70B shapes) and M: bf16 `x @ W.T`, the
 scheme on the stored layout through the dispatch (`auto`: the CUDA fma / mma GEMVs, Triton,
-dequantize + cuBLAS), the same on the tiled layout (the tiled GEMV at its chosen shape to
-M = 64, CUTLASS or dequantize-from-tiles + cuBLAS above), and (unless --no-sweep, M <= 64) the tiled GEMV
-at every candidate shape (row tiles, K warps, row warps, unroll), with the blocks an SM holds
-of each. Each result's max |y - ref| / max |ref| against float32 math on the dequantized
+dequantize + cuBLAS), the same on the tiled layout (the tiled GEMV to M = 64 at the shape
+`tiles_plan` chooses: the tuned table's, else the rule's; CUTLASS or dequantize-from-tiles +
+cuBLAS above), and (unless --no-sweep, M <= 64) the tiled GEMV at every candidate shape (row
+tiles, K warps, row warps, unroll), with the blocks an SM holds of each. Each result's max |y - ref| / max |ref| against float32 math on the dequantized
 weight ("err"); a tiled result over ERR_BOUND fails the run.
 Timing: bench_gemm's time_calls (CUDA graph, weight copies past twice the L2, median).
 Output: table, per-M geomeans over bf16, $OUT/bench_int4_tiles.json (int8:
@@ -33,7 +33,6 @@ from bench_gemm import _geomean, copies, copy_bandwidth, nbytes, time_calls  # n
 from bench_wo_kernels import SHAPES  # noqa: E402
 
 from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
-from tpquant.kernels.cupy_launch import occupancy  # noqa: E402
 from tpquant.kernels.tiles import tile  # noqa: E402
 from tpquant.kernels.weight_only import (  # noqa: E402
     dequantize_groupwise, dequantize_weight_only, groupwise_matmul, weight_only_matmul,
@@ -42,20 +41,10 @@ from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
 
 DTYPE = torch.bfloat16
 ERR_BOUND = 1e-2  # bf16 output: a few roundings of 2^-9
-RING_MAX_BYTES = 200 << 10  # rings swept: at most this much shared memory a block
 def candidates(m: int, device: torch.device, mode: int) -> list[tuple[int, int, int, int]]:
     """The tiled GEMV's candidate shapes (row tiles, K warps, row warps, unroll) that
     `tiles_shape` chooses from at M = m."""
     return list(cw.tiles_resident(cw.tiles_nt(m), device, DTYPE, mode))
-
-
-def ring_resident(m: int, shape: tuple[int, int, int, int], stages: int, bits: int, mode: int,
-                  device: torch.device) -> int:
-    """Blocks an SM holds of the ring GEMV at this shape and slot count."""
-    nt = cw.tiles_nt(m)
-    function = cw._tiles_functions(device, DTYPE, [cw._tiles_name(mode, nt, *shape, stages)])[0]
-    ring = cw.tiles_ring_bytes(m, *shape, stages, bits)
-    return occupancy(function, shape[1] * shape[2] * 32, device, ring)
 
 
 def matmul(x, t, bits, group, tiled=False):
@@ -67,10 +56,9 @@ def matmul(x, t, bits, group, tiled=False):
     return weight_only_matmul(x, t["qweight"], t["scale"], bits, tiled=tiled)
 
 
-def tiles_call(x, sets, bits, group, shape=None, stages=0):
+def tiles_call(x, sets, bits, group, shape=None):
     """Calls on each copy of the tiled weight: the public op (shape None: the dispatch, which
-    dequantizes past the GEMV's M), or the GEMV at a forced shape (stages > 0: through a ring
-    of that many slots, wo_tiles_ring)."""
+    dequantizes past the GEMV's M), or the GEMV at a forced shape."""
     def make(t):
         def call():
             if shape is None:
@@ -78,10 +66,9 @@ def tiles_call(x, sets, bits, group, shape=None, stages=0):
             out = torch.empty(x.shape[0], t["qweight"].shape[0], dtype=x.dtype, device=x.device)
             if group:
                 cw.tiles_gemv(x, t["qweight"], t["scales"], None, out, zeros=t["zeros"],
-                              group=group, shape=shape, stages=stages)
+                              group=group, shape=shape)
             else:
-                cw.tiles_gemv(x, t["qweight"], t["scale"], None, out, shape=shape,
-                              stages=stages)
+                cw.tiles_gemv(x, t["qweight"], t["scale"], None, out, shape=shape)
             return out
         return call
     return [make(t) for t in sets]
@@ -95,8 +82,6 @@ def main() -> int:
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
     ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
     ap.add_argument("--group", type=int, default=0, help="groupwise int4 with zeros, group G")
-    ap.add_argument("--stages", default="", help="also sweep the ring GEMV with these slot "
-                    "counts (e.g. 2,3,4) at M <= 32")
     args = ap.parse_args()
     bits, group = args.bits, args.group
     if group and bits != 4:
@@ -117,14 +102,6 @@ def main() -> int:
     failed = False
     scheme = (Groupwise(group_size=group, dtype=DTYPE, tiles=False) if group
               else WeightOnly(bits=bits, dtype=DTYPE, tiles=False))
-    ms = [int(v) for v in args.ms.split(",")]
-    rings = {m: [(c, int(s)) for s in args.stages.split(",") if s
-                 for c in cw.TILES_CANDIDATES[cw.tiles_nt(m)]
-                 if cw.tiles_ring_bytes(m, *c, int(s), bits) <= RING_MAX_BYTES]
-             for m in ms if cw.tiles_nt(m) < cw.TILES_WIDE_NT}
-    if args.sweep and rings:  # one module for all the rings swept, not one each
-        cw._tiles_functions(device, DTYPE, sorted({cw._tiles_name(mode, cw.tiles_nt(m), *c, s)
-                                                   for m, r in rings.items() for c, s in r}))
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         weight = torch.randn(n, k, generator=gen, device=device, dtype=DTYPE) * 0.02
@@ -134,19 +111,18 @@ def main() -> int:
         tiled_sets = copies({**stored, "qweight": tile(stored["qweight"], bits)}, l2)
         w_ref = (dequantize_groupwise(stored["qweight"], stored["scales"], stored["zeros"], group)
                  if group else dequantize_weight_only(stored["qweight"], stored["scale"], bits))
-        for m in ms:
+        for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
             ref = x.float() @ w_ref.t()
             bf16 = time_calls([lambda w=w: x @ w.t() for w in bf16_sets], args.replays)
             auto = time_calls([lambda t=t: matmul(x, t, bits, group) for t in stored_sets],
                               args.replays)
-            swept = (candidates(m, device, mode) if args.sweep and m <= cw.TILES_MAX_M else [])
-            shapes = [(None, 0)] + [(c, 0) for c in swept] + (rings.get(m, []) if args.sweep
-                                                                else [])
+            shapes = [None] + (candidates(m, device, mode) if args.sweep and m <= cw.TILES_MAX_M
+                               else [])
             timed = []
-            for shape, stages in shapes:
+            for shape in shapes:
                 try:
-                    calls = tiles_call(x, tiled_sets, bits, group, shape, stages)
+                    calls = tiles_call(x, tiled_sets, bits, group, shape)
                     y = calls[0]().float()
                     err = ((y - ref).abs().max() / ref.abs().max()).item()
                     sec = time_calls(calls, args.replays)
@@ -155,18 +131,17 @@ def main() -> int:
                     print(f"# {name} M={m} {shape}: {type(exc).__name__}: {str(exc)[:300]}")
                     continue
                 failed |= not err <= ERR_BOUND
-                timed.append((sec, (shape, stages) if stages else shape, err))
-                resident = (ring_resident(m, shape, stages, bits, mode, device) if stages else
-                            cw.tiles_resident(cw.tiles_nt(m), device, DTYPE, mode)[shape]
+                timed.append((sec, shape, err))
+                resident = (cw.tiles_resident(cw.tiles_nt(m), device, DTYPE, mode)[shape]
                             if shape else None)
                 result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="tiles",
-                                           tiles_shape=shape, stages=stages, resident=resident,
+                                           tiles_shape=shape, resident=resident,
                                            us=sec * 1e6, err=err, speedup=bf16 / sec))
             result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="bf16", us=bf16 * 1e6))
             result["rows"].append(dict(shape=name, n=n, k=k, m=m, variant="auto", us=auto * 1e6,
                                        speedup=bf16 / auto))
             default = timed[0] if timed and timed[0][1] is None else None
-            chosen = (cw.tiles_shape(m, n, device, DTYPE, mode)[1:] if m <= cw.TILES_MAX_M
+            chosen = (cw.tiles_plan(m, n, k, device, DTYPE, mode)[1:] if m <= cw.TILES_MAX_M
                       else "the dispatch")
             best = min(timed, key=lambda row: row[0]) if timed else None
             wbytes = nbytes(tiled_sets[0])
@@ -182,24 +157,19 @@ def main() -> int:
         del bf16_sets, stored_sets, tiled_sets
         torch.cuda.empty_cache()
 
-    print("# geomean over bf16 by M: auto / tiles default / tiles best"
-          + (" / best in registers / best through a ring" if args.stages else ""))
+    print("# geomean over bf16 by M: auto / tiles default / tiles best")
     summary = {}
     for m in sorted({r["m"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["m"] == m]
         auto = [r["speedup"] for r in rows if r["variant"] == "auto"]
         default = [r["speedup"] for r in rows if r["variant"] == "tiles" and r["tiles_shape"] is None]
-        best, regs, ring = {}, {}, {}
+        best = {}
         for r in rows:
             if r["variant"] == "tiles":
                 best[r["shape"]] = max(best.get(r["shape"], 0), r["speedup"])
-                kind = ring if r["stages"] else regs
-                kind[r["shape"]] = max(kind.get(r["shape"], 0), r["speedup"])
         g = [_geomean(v) for v in (auto, default, list(best.values()))]
-        if args.stages and ring:
-            g += [_geomean(list(regs.values())), _geomean(list(ring.values()))]
         summary[m] = g
-        print(f"M={m:>3}  " + " / ".join(f"{v:.2f}" for v in g))
+        print(f"M={m:>3}  {g[0]:.2f} / {g[1]:.2f} / {g[2]:.2f}")
     result["summary"] = summary
     (out_dir / json_name).write_text(json.dumps(result, indent=1))
     print("ERRORS OVER BOUND" if failed else "# all errors within bound")

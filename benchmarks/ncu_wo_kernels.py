@@ -7,7 +7,7 @@
 (tests/gpu/run_on_device.sh's ncu_wo stage runs the first with the sections and metrics the
 summary reads.)
 Each case (scheme:kernel:M; scheme bf16 for `x @ W.T`; kernel tiles/RT.KW.RW.U for int4 per
-channel: the tiled GEMV at that shape, tiles/RT.KW.RW.U/S through a ring of S slots) is warmed up (compiled) outside, then
+channel: the tiled GEMV at that shape) is warmed up (compiled) outside, then
 launched once inside an NVTX range "prof", so ncu profiles exactly the cases' kernels (and the
 split-K reduce where there is one). Before each launch the case's label is printed and
 flushed, so it heads ncu's report of the kernels that follow. Counters say what time alone
@@ -106,13 +106,11 @@ def print_summary(logs: list[str]) -> None:
 
 
 def tiles_call(x: torch.Tensor, t: dict, kernel: str):
-    """The tiled int4 GEMV on t's weight at the shape (and ring slots) `kernel` names."""
-    _, shape, *stages = kernel.split("/")
+    """The tiled int4 GEMV on t's weight at the shape `kernel` names (tiles/RT.KW.RW.U)."""
+    shape = tuple(int(v) for v in kernel.split("/")[1].split("."))
     tiled = tile(t["qweight"], 4)
     out = torch.empty(x.shape[0], tiled.shape[0], dtype=x.dtype, device=x.device)
-    return lambda: cw.tiles_gemv(x, tiled, t["scale"], None, out,
-                                 shape=tuple(int(v) for v in shape.split(".")),
-                                 stages=int(stages[0]) if stages else 0)
+    return lambda: cw.tiles_gemv(x, tiled, t["scale"], None, out, shape=shape)
 
 
 def main() -> None:

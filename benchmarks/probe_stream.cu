@@ -9,9 +9,9 @@
 // with cp.async.bulk (the copy engine of the SM: one instruction a stage, the completion on an
 // mbarrier), read by CW consumer warps with 16-byte shared loads. Each block streams one
 // contiguous range of the buffer; grid = a few blocks an SM.
-// stream_ring<U, KW, S>: the tiled ring GEMV's pattern (wo_tiles_ring): as stream_regs, but each
-// warp copies its rounds with cp.async into S slots of shared memory of its own, S - 1 rounds
-// ahead, and each lane reads back the 16 bytes it copied.
+// stream_ring<U, KW, S>: the pattern of 44d661d's ring GEMV (design note 41): as stream_regs,
+// but each warp copies its rounds with cp.async into S slots of shared memory of its own, S - 1
+// rounds ahead, and each lane reads back the 16 bytes it copied.
 // All launch with PDL: the weight loads go out before griddepcontrol.wait.
 typedef unsigned int u32;
 

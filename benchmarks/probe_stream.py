@@ -12,7 +12,8 @@ back-to-back calls, weight copies past twice the L2, median):
     bulk S/B   the same bytes through a ring of S stages of B bytes in shared memory filled by
                cp.async.bulk (one thread issues a stage; 4 consumer warps read it)
     ring U/KW/S  the GEMV's pattern, each warp copying its rounds with cp.async into S slots of
-               shared memory of its own, S - 1 rounds ahead (wo_tiles_ring's read alone)
+               shared memory of its own, S - 1 rounds ahead (the read of 44d661d's wo_tiles_ring,
+               a GEMV not kept: design note 41)
 (benchmarks/probe_stream.cu). Every kernel launches with PDL, as the GEMV does. If a read-only
 kernel is not much faster than the GEMV, the GEMV's arithmetic is not what limits it.
 Output: table (us, GB/s of the int4 weight, what the time would be as a speed-up over bf16),

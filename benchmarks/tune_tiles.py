@@ -6,11 +6,12 @@
 
 For each per-rank linear of bench_gemm's models at TP 1, 2 and 4 (distinct [N, K]), each scheme
 (int4 per channel, int4 groupwise with zeros, group 128, int8 per channel) and each M: the
-occupancy rule's shape (`tiles_shape`), each of its candidates, and the ring kernel
-(`wo_tiles_ring`) on each narrow-plan candidate with 2, 3 and 4 slots, all with bf16 x,
-timed as bench_gemm times (CUDA graph, weight copies past twice the L2, median). The fastest
-is checked against float32 math on the dequantized weight (max |y - ref| / max |ref| <=
-ERR_BOUND, else the run fails) and becomes the table's entry.
+occupancy rule's shape (`tiles_shape`) and each of its candidates, with bf16 x, timed as
+bench_gemm times (CUDA graph, weight copies past twice the L2, median). The fastest is checked
+against float32 math on the dequantized weight (max |y - ref| / max |ref| <= ERR_BOUND, else
+the run fails) and becomes the table's entry. The table is for decode-sized M: a shape that
+wins alone has been seen to lose inside a decode step (design note 41), so check a new table
+with bench_decode against TPQUANT_TILES_TUNED=off.
 Output: a table (rule and best, us; the best's shape), $OUT/tiles_tuned.json (the table's
 format: copy it over tpquant/kernels/tiles_tuned.json, or merge, to use it) and
 $OUT/tune_tiles.json (every timing).
@@ -38,19 +39,6 @@ from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
 DTYPE = torch.bfloat16
 GROUP = 128
 SCHEMES = {"int4_wo": (4, 0), "int4_gw": (4, GROUP), "int8_wo": (8, 0)}  # (bits, group)
-STAGES = (2, 3, 4)
-
-
-def configs(m: int, mode: int, bits: int, device: torch.device) -> list[tuple]:
-    """((row tiles, K warps, row warps, unroll), slots) to time at M = m: the rule's candidates
-    (slots 0) and, below the wide plan, the ring on each candidate where its slots fit."""
-    nt = cw.tiles_nt(m)
-    found = [(c, 0) for c in cw.tiles_resident(nt, device, DTYPE, mode)]
-    if nt < cw.TILES_WIDE_NT:
-        found += [(c, s) for s in STAGES for c in cw.TILES_CANDIDATES[nt]
-                  if cw.tiles_ring_bytes(m, *c, s, bits) + cw.TILES_SHARED_BYTES
-                  <= cw.shared_optin(device)]
-    return found
 
 
 def main() -> int:
@@ -73,15 +61,12 @@ def main() -> int:
     entries, rows, failed = [], [], False
     print(f"# {name}")
     print(f"{'scheme':<8} {'N':>6} {'K':>6} {'M':>3} {'rule us':>8} {'best us':>8} {'gain':>6} "
-          f"{'err':>8}  best (row tiles, K warps, row warps, unroll), slots")
+          f"{'err':>8}  best (row tiles, K warps, row warps, unroll)")
     for scheme_name in args.schemes.split(","):
         bits, group = SCHEMES[scheme_name]
         mode = cw.mode(bits, group, bool(group))
         scheme = (Groupwise(group_size=group, dtype=DTYPE, tiles=False) if group
                   else WeightOnly(bits=bits, dtype=DTYPE, tiles=False))
-        for m in ms:  # one module for all the kernels of this M, not one each
-            cw._tiles_functions(device, DTYPE, sorted({cw._tiles_name(mode, cw.tiles_nt(m), *c, s)
-                                                       for c, s in configs(m, mode, bits, device)}))
         for n, k in weights:
             if group and k % group:
                 continue  # no whole groups (Llama-2-7B's down at TP 4: K = 2752)
@@ -93,22 +78,23 @@ def main() -> int:
                      else dequantize_weight_only(stored["qweight"], stored["scale"], bits))
             for m in ms:
                 x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
+                nt = cw.tiles_nt(m)
                 chosen = cw.tiles_shape(m, n, device, DTYPE, mode)[1:]  # the rule, not the table
                 rule = time_calls(tiles_call(x, sets, bits, group, chosen), args.replays)
-                timed = [(time_calls(tiles_call(x, sets, bits, group, c, s), args.replays), c, s)
-                         for c, s in configs(m, mode, bits, device)]
-                sec, shape, stages = min(timed)
-                y = tiles_call(x, sets[:1], bits, group, shape, stages)[0]().float()
+                timed = [(time_calls(tiles_call(x, sets, bits, group, c), args.replays), c)
+                         for c in cw.tiles_resident(nt, device, DTYPE, mode)]
+                sec, shape = min(timed)
+                y = tiles_call(x, sets[:1], bits, group, shape)[0]().float()
                 ref = x.float() @ w_ref.t()
                 err = ((y - ref).abs().max() / ref.abs().max()).item()
                 failed |= not err <= ERR_BOUND
                 entries.append(dict(dtype="bfloat16", mode=mode, m=m, n=n, k=k,
-                                    shape=list(shape), stages=stages, us=round(sec * 1e6, 2),
+                                    shape=list(shape), us=round(sec * 1e6, 2),
                                     rule_us=round(rule * 1e6, 2)))
-                rows += [dict(scheme=scheme_name, n=n, k=k, m=m, shape=c, stages=s, us=t * 1e6)
-                         for t, c, s in timed]
+                rows += [dict(scheme=scheme_name, n=n, k=k, m=m, shape=c, us=t * 1e6)
+                         for t, c in timed]
                 print(f"{scheme_name:<8} {n:>6} {k:>6} {m:>3} {rule * 1e6:>8.2f} {sec * 1e6:>8.2f} "
-                      f"{rule / sec:>6.3f} {err:>8.1e}  {shape}, {stages}", flush=True)
+                      f"{rule / sec:>6.3f} {err:>8.1e}  {shape}", flush=True)
                 table = {"about": "tiled GEMV shapes measured by benchmarks/tune_tiles.py",
                          "devices": {name: entries}}
                 (out_dir / "tiles_tuned.json").write_text(json.dumps(table, indent=0))

@@ -986,49 +986,56 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
   }
 }
 
-// Where a warp of a wo_tiles block reads: its K warp kw and row warp rw, its lane's (g, t),
-// its row tiles' weights (wt: the lane's 16 bytes of k-tile 0), x rows of its tokens (xr, at
-// the lane's features; xin: the token is below M) and groupwise where its rows' groups lie.
-template <int MODE, int NT, int RT, int KW, int RW> struct TilesWarp {
-  static constexpr int TK = MODE == 0 ? 32 : 64;
-  int lane, kw, rw, g, t, tiles_k, row_tiles, rt0;
+template <int DT, int MODE, int NT, int RT, int KW, int RW, int U>
+__global__ void __launch_bounds__(KW * RW * 32)
+wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
+         const float* __restrict__ scale, const float* __restrict__ zeros,
+         const float* __restrict__ bias, unsigned short* __restrict__ out, int M, int N, int K,
+         int group) {
+  typedef TilesPlan<MODE, NT, RT, U> Plan;
+  constexpr bool GROUPED = Plan::GROUPED;
+  constexpr int CH = Plan::CHAINS, S = RT * NT * 4;
+  constexpr bool Q = TilesQ<DT, MODE, NT>::VALUE;
+  // sums a lane hands to its row warp's first K warp: its outputs' sums, and per channel
+  // (unless Q) the sums of x for its two tokens of each token tile
+  constexpr int V = S + (GROUPED || Q ? 0 : 2 * NT);
+  // what a code adds over q (the all-ones mma's sums of x take it off); none if Q
+  constexpr float offset = Q ? 0.f : tiles_offset<DT, MODE>();
+  constexpr int TK = Plan::TK, XH = Plan::XH;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kw = warp % KW, rw = warp / KW, g = lane >> 2, t = lane & 3;
+  const int tiles_k = K / TK, row_tiles = N / 16;
+  const int rt0 = (blockIdx.x * RW + rw) * RT;
   const uint4* wt[RT];
+  const int shift = __ffs(group / TK) - 1;  // groupwise: log2 of the k-tiles of a group
+  TilesGroups<RT> grp{scale, zeros, N, shift, {}};
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int tile = min(rt0 + r, row_tiles - 1);
+    wt[r] = w + (size_t)tile * tiles_k * 32 + lane;
+    grp.row[r] = 16 * tile + g;
+  }
   const unsigned short* xr[NT];
   bool xin[NT];
-  TilesGroups<RT> grp;
-
-  __device__ __forceinline__ TilesWarp(const unsigned short* x, const uint4* w, const float* scale,
-                                       const float* zeros, int M, int N, int K, int group) {
-    lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    kw = warp % KW;
-    rw = warp / KW;
-    g = lane >> 2;
-    t = lane & 3;
-    tiles_k = K / TK;
-    row_tiles = N / 16;
-    rt0 = (blockIdx.x * RW + rw) * RT;
-    // groupwise: log2 of the k-tiles of a group
-    grp = TilesGroups<RT>{scale, zeros, N, __ffs(group / TK) - 1, {}};
 #pragma unroll
-    for (int r = 0; r < RT; ++r) {
-      const int tile = min(rt0 + r, row_tiles - 1);
-      wt[r] = w + (size_t)tile * tiles_k * 32 + lane;
-      grp.row[r] = 16 * tile + g;
-    }
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int m = 8 * n + g;
-      xin[n] = m < M;
-      xr[n] = x + (size_t)min(m, M - 1) * K + TK / 4 * t;
-    }
+  for (int n = 0; n < NT; ++n) {
+    const int m = 8 * n + g;
+    xin[n] = m < M;
+    xr[n] = x + (size_t)min(m, M - 1) * K + TK / 4 * t;
   }
-};
 
-// Zeroes a lane's sums: acc and sx (groupwise: of the current run of k-tiles) and total.
-template <int NT, int RT, int CH>
-__device__ __forceinline__ void tiles_zero(float (&acc)[CH][RT][NT][4], float (&sx)[CH][NT][4],
-                                           float (&total)[RT][NT][4]) {
+  // The first weight loads go out before the wait for the kernel before this one (PDL): no
+  // kernel writes the weights, and their latency then overlaps that kernel's end.
+  const int step = KW * U;
+  uint4 wa[U][RT], xa[U][NT][XH], wb[U][RT], xb[U][NT][XH];  // (xa, xb unused if x is late)
+  tiles_load_weight<RT, U>(kw * U, tiles_k, wt, wa);
+  wait_then_signal();
+  tiles_load_x<MODE, NT, RT, U, XH>(kw * U, tiles_k, xr, xin, xa);
+
+  const u32 mask = kCodeMask[1];
+  // acc and sx: the sums (groupwise: of the current k-tile); total: groupwise, the folded sums
+  float acc[CH][RT][NT][4], sx[CH][NT][4], total[RT][NT][4];  // (sx unused if Q)
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -1042,27 +1049,18 @@ __device__ __forceinline__ void tiles_zero(float (&acc)[CH][RT][NT][4], float (&
 #pragma unroll
       for (int r = 0; r < RT; ++r) total[r][n][e] = 0.f;
     }
-}
 
-// The end of a wo_tiles kernel: each row warp's K warps add their sums in warp order, and its
-// first K warp writes the outputs (scale, bias, x's dtype).
-template <int DT, int MODE, int NT, int RT, int KW, int RW, int CH>
-__device__ __forceinline__ void tiles_finish(const TilesWarp<MODE, NT, RT, KW, RW>& tw,
-                                             const float (&acc)[CH][RT][NT][4],
-                                             const float (&sx)[CH][NT][4],
-                                             const float (&total)[RT][NT][4],
-                                             const float* __restrict__ scale,
-                                             const float* __restrict__ bias,
-                                             unsigned short* __restrict__ out, int M, int N) {
-  constexpr bool GROUPED = Mode<MODE>::GROUPED;
-  constexpr int S = RT * NT * 4;
-  constexpr bool Q = TilesQ<DT, MODE, NT>::VALUE;
-  // sums a lane hands to its row warp's first K warp: its outputs' sums, and per channel
-  // (unless Q) the sums of x for its two tokens of each token tile
-  constexpr int V = S + (GROUPED || Q ? 0 : 2 * NT);
-  // what a code adds over q (the all-ones mma's sums of x take it off); none if Q
-  constexpr float offset = Q ? 0.f : tiles_offset<DT, MODE>();
-  const int lane = tw.lane, kw = tw.kw, rw = tw.rw, g = tw.g, t = tw.t;
+  // Two register sets, A and B, take turns: a round's loads are issued before the round
+  // before it is multiplied, so each warp keeps U tiles in flight while it computes.
+  for (int T0 = kw * U; T0 < tiles_k; T0 += 2 * step) {
+    tiles_load<MODE, NT, RT, U, XH>(T0 + step, tiles_k, wt, xr, xin, wb, xb);
+    tiles_compute<DT, MODE, NT, RT, U, CH, XH>(T0, tiles_k, wa, xa, xr, xin, mask, acc, sx, grp,
+                                               total);
+    if (T0 + step >= tiles_k) break;
+    tiles_load<MODE, NT, RT, U, XH>(T0 + 2 * step, tiles_k, wt, xr, xin, wa, xa);
+    tiles_compute<DT, MODE, NT, RT, U, CH, XH>(T0 + step, tiles_k, wb, xb, xr, xin, mask, acc,
+                                               sx, grp, total);
+  }
 
   // The lane's sums: acc or total (rows g, g + 8 of each tile; tokens 8 n + 2 t, + 1), then
   // (per channel, narrow plan) sum x for those two tokens (every row of the ones-mma's C
@@ -1099,12 +1097,12 @@ __device__ __forceinline__ void tiles_finish(const TilesWarp<MODE, NT, RT, KW, R
   }
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
-    if (tw.rt0 + r >= tw.row_tiles) break;
+    if (rt0 + r >= row_tiles) break;
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int row = 16 * (tw.rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
+        const int row = 16 * (rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
         if (m >= M) continue;
         float y = v[(r * NT + n) * 4 + e];
         if constexpr (!GROUPED) {
@@ -1115,248 +1113,6 @@ __device__ __forceinline__ void tiles_finish(const TilesWarp<MODE, NT, RT, KW, R
         out[(size_t)m * N + row] = from_float<DT>(y);
       }
   }
-}
-
-template <int DT, int MODE, int NT, int RT, int KW, int RW, int U>
-__global__ void __launch_bounds__(KW * RW * 32)
-wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
-         const float* __restrict__ scale, const float* __restrict__ zeros,
-         const float* __restrict__ bias, unsigned short* __restrict__ out, int M, int N, int K,
-         int group) {
-  typedef TilesPlan<MODE, NT, RT, U> Plan;
-  constexpr int CH = Plan::CHAINS, XH = Plan::XH;
-  const TilesWarp<MODE, NT, RT, KW, RW> tw(x, w, scale, zeros, M, N, K, group);
-  const int tiles_k = tw.tiles_k;
-
-  // The first weight loads go out before the wait for the kernel before this one (PDL): no
-  // kernel writes the weights, and their latency then overlaps that kernel's end.
-  const int step = KW * U;
-  uint4 wa[U][RT], xa[U][NT][XH], wb[U][RT], xb[U][NT][XH];  // (xa, xb unused if x is late)
-  tiles_load_weight<RT, U>(tw.kw * U, tiles_k, tw.wt, wa);
-  wait_then_signal();
-  tiles_load_x<MODE, NT, RT, U, XH>(tw.kw * U, tiles_k, tw.xr, tw.xin, xa);
-
-  const u32 mask = kCodeMask[1];
-  // acc and sx: the sums (groupwise: of the current k-tile); total: groupwise, the folded sums
-  float acc[CH][RT][NT][4], sx[CH][NT][4], total[RT][NT][4];  // (sx unused if Q)
-  tiles_zero<NT, RT, CH>(acc, sx, total);
-
-  // Two register sets, A and B, take turns: a round's loads are issued before the round
-  // before it is multiplied, so each warp keeps U tiles in flight while it computes.
-  for (int T0 = tw.kw * U; T0 < tiles_k; T0 += 2 * step) {
-    tiles_load<MODE, NT, RT, U, XH>(T0 + step, tiles_k, tw.wt, tw.xr, tw.xin, wb, xb);
-    tiles_compute<DT, MODE, NT, RT, U, CH, XH>(T0, tiles_k, wa, xa, tw.xr, tw.xin, mask, acc,
-                                               sx, tw.grp, total);
-    if (T0 + step >= tiles_k) break;
-    tiles_load<MODE, NT, RT, U, XH>(T0 + 2 * step, tiles_k, tw.wt, tw.xr, tw.xin, wa, xa);
-    tiles_compute<DT, MODE, NT, RT, U, CH, XH>(T0 + step, tiles_k, wb, xb, tw.xr, tw.xin, mask,
-                                               acc, sx, tw.grp, total);
-  }
-  tiles_finish<DT, MODE, NT, RT, KW, RW, CH>(tw, acc, sx, total, scale, bias, out, M, N);
-}
-
-// ---- the tiled GEMV through a ring of shared memory (wo_tiles_ring) ---------------------------
-//
-// wo_tiles keeps one round of U k-tiles in flight a warp, in registers; a read-only kernel in
-// that pattern reads the weight 3.05-3.90x as fast as bf16, one through a ring of shared memory
-// 4.3-4.65x (design note 40). Here each warp has a ring of S slots of its own in shared memory,
-// a slot holding one round: U k-tiles of its row tiles' weights (the lane's 16 bytes of each,
-// as in registers) and of x (the M tokens' TK features a k-tile, in rows: at M = 1 an eighth
-// of what the lanes' B pieces would take). cp.async fills a slot S - 1 rounds ahead, and each
-// lane reads back only what it copied itself (and zeros, for tokens past M), so a wait
-// for its own copies (cp.async.wait_group) is all the synchronisation there is. The registers
-// hold one round, not two. Addresses are 32-bit shared-memory offsets with the pieces' places
-// as immediates, and pointers that step a round at a time: Nsight Compute found a first form
-// issuing 100 instructions a k-tile against wo_tiles' 62, and losing on that. The narrow plan
-// only (NT <= 4, x read a round ahead). Dynamic shared memory: KW RW S slots of
-// RingSlot::bytes(M) (tiles_ring_bytes in cuda_weight_only.py).
-
-// A slot, in bytes: weight (u, r) at (u RT + r) 512 + 16 lane; x of token m (< M), k-tile u,
-// at X + (m U + u) 2 TK + 16 (t XH + h), h swapped on odd rows for int4 (rows of 128 bytes:
-// lanes g and g + 1 of a quarter warp would otherwise meet in the same banks); then zeros,
-// which the lanes of tokens past M read at the same strides ((U - 1) XROW + 16 XH bytes).
-template <int RT, int U, int TK> struct RingSlot {
-  static constexpr int XH = TK / 32, XROW = 2 * TK, X = U * RT * 512;
-  static constexpr int ZERO_PIECES = (U - 1) * XROW / 16 + XH;
-  __device__ __forceinline__ static u32 zero(int M) { return X + M * U * XROW; }
-  __device__ __forceinline__ static u32 bytes(int M) { return zero(M) + 16 * ZERO_PIECES; }
-  // where the lane of (g, t) finds piece h of token tile n's x, u = 0
-  __device__ __forceinline__ static u32 x(int n, int h, int g, int t, bool in, int M) {
-    const int m = 8 * n + g;
-    return in ? X + m * U * XROW + 16 * (t * XH + (XH == 2 ? h ^ (m & 1) : h)) : zero(M) + 16 * h;
-  }
-};
-
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-  return (u32)__cvta_generic_to_shared(p);
-}
-
-// 16 bytes global -> shared (at dst + OFF), asynchronous; zeros (nothing read) if bytes = 0.
-// The weights skip L1 (cg: read once), x is kept there (ca: the row warps share it).
-template <bool L1, int OFF>
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
-  if constexpr (L1)
-    asm volatile("cp.async.ca.shared.global [%0+%1], [%2], 16, %3;" ::"r"(dst), "n"(OFF),
-                 "l"(src), "r"(bytes) : "memory");
-  else
-    asm volatile("cp.async.cg.shared.global [%0+%1], [%2], 16, %3;" ::"r"(dst), "n"(OFF),
-                 "l"(src), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-template <int OFF> __device__ __forceinline__ uint4 lds16(u32 a) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4+%5];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a), "n"(OFF));
-  return v;
-}
-
-// The weights' copies of one round from k-tile T into the slot at dst (+ the lane's 16 l):
-// wg[r] is row tile r's k-tile T. CHECKED (the last rounds): zeros past K, nothing for a
-// round wholly past it (never read); else the round lies inside K.
-template <int RT, int U, bool CHECKED>
-__device__ __forceinline__ void ring_copy_weights(u32 dst, const char* const (&wg)[RT], int T,
-                                                  int tiles_k) {
-  if (CHECKED && T >= tiles_k) return;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const bool in = !CHECKED || T + u < tiles_k;
-#pragma unroll
-    for (int r = 0; r < RT; ++r)
-      cp_async16<false, 0>(dst + (u * RT + r) * 512, wg[r] + (in ? u * 512 : 0), in ? 16 : 0);
-  }
-}
-
-// x's copies of the same round: token tile n's pieces from xg[n] (its k-tile T at the lane's
-// features) to dst + xs[n][h] (the lane's places), for tokens below M (the others read zeros).
-template <int NT, int U, int TK, bool CHECKED>
-__device__ __forceinline__ void ring_copy_x(u32 dst, const char* const (&xg)[NT],
-                                            const u32 (&xs)[NT][TK / 32], const bool (&xin)[NT],
-                                            int T, int tiles_k) {
-  constexpr int XH = TK / 32, XROW = 2 * TK;
-  if (CHECKED && T >= tiles_k) return;
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    if (!xin[n]) continue;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const bool in = !CHECKED || T + u < tiles_k;
-#pragma unroll
-      for (int h = 0; h < XH; ++h)
-        cp_async16<true, 0>(dst + xs[n][h] + u * XROW, xg[n] + (in ? u * XROW : 0) + 16 * h,
-                            in ? 16 : 0);
-    }
-  }
-}
-
-template <bool B> struct Flag {
-  static constexpr bool value = B;
-};
-
-template <int DT, int MODE, int NT, int RT, int KW, int RW, int U, int S>
-__global__ void __launch_bounds__(KW * RW * 32)
-wo_tiles_ring(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
-              const float* __restrict__ scale, const float* __restrict__ zeros,
-              const float* __restrict__ bias, unsigned short* __restrict__ out, int M, int N,
-              int K, int group) {
-  typedef TilesPlan<MODE, NT, RT, U> Plan;
-  static_assert(!Plan::WIDE && S >= 2, "the ring takes the narrow plan and two slots or more");
-  constexpr int CH = Plan::CHAINS, XH = Plan::XH, TK = Plan::TK, XROW = 2 * TK;
-  typedef RingSlot<RT, U, TK> Slot;
-  extern __shared__ uint4 ring[];  // [warp][S slots of Slot::bytes(M)]
-  const TilesWarp<MODE, NT, RT, KW, RW> tw(x, w, scale, zeros, M, N, K, group);
-  const int tiles_k = tw.tiles_k, step = KW * U, lane = tw.lane;
-  const u32 slot_bytes = Slot::bytes(M);
-  const u32 first = smem_u32(ring) + (threadIdx.x >> 5) * S * slot_bytes;
-  const u32 last = first + (S - 1) * slot_bytes;
-  for (int i = lane; i < S * Slot::ZERO_PIECES; i += 32) {  // the zeros, written once
-    const u32 a = first + (i / Slot::ZERO_PIECES) * slot_bytes + Slot::zero(M) +
-                  16 * (i % Slot::ZERO_PIECES);
-    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(a), "r"(0u) : "memory");
-  }
-  __syncwarp();
-
-  u32 xs[NT][XH];  // the lane's places of x in a slot (a zero piece past M)
-  const char* wg[RT];
-  const char* xg[NT];
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-#pragma unroll
-    for (int h = 0; h < XH; ++h) xs[n][h] = Slot::x(n, h, tw.g, tw.t, tw.xin[n], M);
-    xg[n] = reinterpret_cast<const char*>(tw.xr[n] + (size_t)tw.kw * U * TK);
-  }
-#pragma unroll
-  for (int r = 0; r < RT; ++r)
-    wg[r] = reinterpret_cast<const char*>(tw.wt[r] + (size_t)tw.kw * U * 32);
-  const size_t wstep = (size_t)step * 512, xstep = (size_t)step * XROW;
-
-  // Rounds 0 .. S - 2: the weights before the wait for the kernel before (PDL), then x; one
-  // commit group a round (the first holds all their weights).
-  int T = tw.kw * U;
-#pragma unroll
-  for (int i = 0; i < S - 1; ++i) {
-    ring_copy_weights<RT, U, true>(first + i * slot_bytes + 16 * lane, wg, T, tiles_k);
-#pragma unroll
-    for (int r = 0; r < RT; ++r) wg[r] += wstep;
-    T += step;
-  }
-  wait_then_signal();
-  T = tw.kw * U;
-#pragma unroll
-  for (int i = 0; i < S - 1; ++i) {
-    ring_copy_x<NT, U, TK, true>(first + i * slot_bytes, xg, xs, tw.xin, T, tiles_k);
-    cp_async_commit();
-#pragma unroll
-    for (int n = 0; n < NT; ++n) xg[n] += xstep;
-    T += step;
-  }
-
-  const u32 mask = kCodeMask[1];
-  float acc[CH][RT][NT][4], sx[CH][NT][4], total[RT][NT][4];
-  tiles_zero<NT, RT, CH>(acc, sx, total);
-  // A round: copy round T (= T0 + (S - 1) step) into the slot read last, wait for round T0's,
-  // multiply it. Checked only where round T reaches past K.
-  u32 rd = first;  // the slot of round T0
-  int T0 = tw.kw * U;
-  auto round = [&](auto checked) {
-    constexpr bool C = decltype(checked)::value;
-    const u32 wr = rd == first ? last : rd - slot_bytes;
-    ring_copy_weights<RT, U, C>(wr + 16 * lane, wg, T, tiles_k);
-    ring_copy_x<NT, U, TK, C>(wr, xg, xs, tw.xin, T, tiles_k);
-    cp_async_commit();
-#pragma unroll
-    for (int r = 0; r < RT; ++r) wg[r] += wstep;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) xg[n] += xstep;
-    cp_async_wait<S - 1>();  // this lane's copies of round T0 have landed
-
-    uint4 wv[U][RT], xv[U][NT][XH];
-    const u32 rw = rd + 16 * lane;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int r = 0; r < RT; ++r) wv[u][r] = lds16<0>(rw + (u * RT + r) * 512);
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int h = 0; h < XH; ++h) xv[u][n][h] = lds16<0>(rd + xs[n][h] + u * XROW);
-    }
-    tiles_compute<DT, MODE, NT, RT, U, CH, XH>(T0, tiles_k, wv, xv, tw.xr, tw.xin, mask, acc,
-                                               sx, tw.grp, total);
-    rd = rd == last ? first : rd + slot_bytes;
-    T0 += step;
-    T += step;
-  };
-  while (T + U <= tiles_k) round(Flag<false>());  // (then T0 < tiles_k too)
-  while (T0 < tiles_k) round(Flag<true>());
-  tiles_finish<DT, MODE, NT, RT, KW, RW, CH>(tw, acc, sx, total, scale, bias, out, M, N);
 }
 
 // W[N, K] in x's dtype from the tiled layout, for the larger M that go to cuBLAS: q * scale[row]

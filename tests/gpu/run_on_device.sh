@@ -66,14 +66,9 @@
 #                 (gw_fold: bench_int4_tiles --group 128 in place of the layers)
 #     probe_final the sixteenth session's tree: the tiled GEMV's, PDL's and CUTLASS's tests, the
 #                 layers on 2 GPUs, probe_stream, bench_gemm --quick, bench_decode --quick (TP 1, 2)
-#     ring        the tiled GEMV through a cp.async ring (seventeenth session): its tests,
-#                 probe_stream, bench_int4_tiles' sweep with 2-6 slots at M = 1, 4, 16 (1 GPU)
-#     tune        benchmarks/tune_tiles.py: the tiled GEMV's shapes tuned at M = 1 (TUNE_SCHEMES)
+#     tune        benchmarks/tune_tiles.py: the tiled GEMV's shapes tuned (TUNE_SCHEMES, TUNE_MS)
 #     tuned       the tuned table in the dispatch: the tiled GEMV's tests, bench_gemm at M = 1, 4,
 #                 16, bench_decode --quick at TP 1 with the table and without (1 GPU)
-#     ring_ncu    Nsight Compute on the tiled GEMV in registers and through a ring (70B gate/up
-#                 at TP 4, 7B down), then bench_int4_tiles' sweep at M = 1, 4, 16 with this tree's
-#                 kernel file and with AB_CU's (a copy, carried in .ab/)
 #     variants    profile_decode --variants: the decode step's graph as it is against attention on
 #                 2 and on 4 warps; bf16, int8 and int4 at batch 1, 8, 64, TP 1 and 2
 #     push_check  the all-reduce tests and the layers' (2 ranks), the overlapped generate at TP 2,
@@ -479,14 +474,6 @@ probe_final)
   STEP_TIMEOUT=240 TAIL=30 step bench_gemm python3 benchmarks/bench_gemm.py --quick
   decode_tp12 --quick
   ;;
-ring)
-  # the tiled GEMV through a cp.async ring of shared memory (wo_tiles_ring): its tests, the
-  # read alone (probe_stream), and its slots against the registers' shapes, per channel
-  STEP_TIMEOUT=110 TAIL=22 step probe_stream python3 benchmarks/probe_stream.py
-  STEP_TIMEOUT=250 TAIL=40 step ring_sweep python3 benchmarks/bench_int4_tiles.py --ms 1,4,16 \
-    --stages 2,3,4,6
-  STEP_TIMEOUT=180 TAIL=6 step ring_tests pyt tests/gpu/test_kernels_tiles.py -k ring
-  ;;
 tune)
   # the tiled GEMV's shapes tuned on this GPU (TUNE_SCHEMES, default all three; TUNE_MS, default 1)
   STEP_TIMEOUT=540 TAIL=80 step tune_tiles python3 benchmarks/tune_tiles.py \
@@ -500,27 +487,6 @@ tuned)
   TAIL=8 step bench_decode_tp1 python3 benchmarks/bench_decode.py --quick
   TAIL=8 step bench_decode_tp1_rule env TPQUANT_TILES_TUNED=off python3 benchmarks/bench_decode.py \
     --quick --out "$r/rule"
-  ;;
-ring_ncu)
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-  cases=bf16::1,int4_wo:tiles/2.4.1.2:1,int4_wo:tiles/2.4.1.2/3:1,int4_wo:tiles/1.8.1.2:1
-  cases=$cases,int4_wo:tiles/1.8.1.2/3:1,int4_wo:tiles/1.4.1.4/3:1
-  for shape in 70b-gate_up-tp4 7b-down-tp1; do
-    STEP_TIMEOUT=150 TAIL=2 step "ncu_$shape" "$NCU" --clock-control none --nvtx \
-      --nvtx-include "prof/" --section SpeedOfLight --section LaunchStats --section Occupancy \
-      --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-      --metrics "dram__bytes_read.sum,smsp__inst_executed.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      python3 benchmarks/ncu_wo_kernels.py --shape "$shape" --cases "$cases"
-  done
-  TAIL=20 step ncu_summary python3 benchmarks/ncu_wo_kernels.py --summarize "$r"/ncu_*.log
-  f=cpp/weight_only_gemv.cu
-  cp $f /tmp/weight_only_gemv.cu.now
-  STEP_TIMEOUT=100 TAIL=5 step tiles_now env OUT="$r/now" python3 benchmarks/bench_int4_tiles.py \
-    --ms 1,4,16
-  cp "${AB_CU:?set AB_CU to a .cu file}" $f
-  STEP_TIMEOUT=100 TAIL=5 step tiles_ab env OUT="$r/ab" python3 benchmarks/bench_int4_tiles.py \
-    --ms 1,4,16
-  cp /tmp/weight_only_gemv.cu.now $f
   ;;
 gw_decode|gw_fold)
   # groupwise int4's sums folded once a run of a group's k-tiles (fifteenth session): the layers

@@ -133,64 +133,6 @@ def test_int8_float16_every_plan(device, m: int) -> None:
         check(out, _reference(t, x, bias, 8), torch.float16, (m, shape))
 
 
-def _ring_cases() -> list[tuple[int, tuple[int, int, int, int], int]]:
-    """(M, kernel shape, slots) of the ring GEMV: every narrow-plan candidate at 1, 2 (full)
-    and 4 (partial) token tiles, 2 and 3 slots (4 at one token tile), where the ring fits."""
-    return [(m, shape, s) for m in (1, 16, 27) for s in (2, 3, 4)
-            for shape in cw.TILES_CANDIDATES[cw.tiles_nt(m)]
-            if (s < 4 or m == 1) and cw.tiles_ring_bytes(m, *shape, s) <= 200 << 10]
-
-
-def _compile_rings(device: torch.device, dtype: torch.dtype, mode: int, cases) -> None:
-    """Compiles the ring kernels of `cases` ((M, shape, slots)) in one module, not one each."""
-    cw._tiles_functions(device, dtype, sorted({cw._tiles_name(mode, cw.tiles_nt(m), *shape, s)
-                                               for m, shape, s in cases}))
-
-
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("m,shape,stages", _ring_cases(), ids=str)
-def test_ring_every_shape(device, m: int, shape: tuple[int, int, int, int], stages: int,
-                          bits: int) -> None:
-    """wo_tiles_ring, per channel: K = 1088 (int4: 17 k-tiles) ends inside a round and a ring
-    turn; bfloat16, and float16 at int8 (its PRMT path)."""
-    n, k = 960, 1088
-    dtype = torch.float16 if bits == 8 else torch.bfloat16
-    _compile_rings(device, dtype, cw.mode(bits, 0, False), _ring_cases())
-    t = _weights(n, k, device, seed=37, bits=bits)
-    x, bias = _inputs(m, k, n, dtype, device, seed=41)
-    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    cw.tiles_gemv(x, t["tiles"], t["scale"], bias, out, shape=shape, stages=stages)
-    check(out, _reference(t, x, bias, bits), dtype, (m, shape, stages))
-
-
-@pytest.mark.parametrize("zeros", [True, False], ids=["zeros", "symmetric"])
-@pytest.mark.parametrize("m", [1, 16, 27])
-def test_ring_groupwise(device, m: int, zeros: bool) -> None:
-    """wo_tiles_ring, groupwise (groups of 128 and 256 over K = 1280), every candidate, 3 slots."""
-    n, k = 960, 1280
-    cases = [c for c in _ring_cases() if c[2] == 3]
-    _compile_rings(device, torch.bfloat16, cw.mode(4, 128, zeros), cases)
-    for group in (128, 256):
-        t = _gw_weights(n, k, group, zeros, device, seed=43)
-        x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=47)
-        for shape in [shape for m_, shape, _ in cases if m_ == m]:
-            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
-            cw.tiles_gemv(x, t["tiles"], t["scales"], bias, out, zeros=t.get("zeros"),
-                          group=group, shape=shape, stages=3)
-            check(out, _gw_reference(t, group, x, bias), torch.bfloat16, (group, shape))
-
-
-def test_ring_refuses_what_it_does_not_run(device) -> None:
-    t = _weights(208, 320, device, seed=1)
-    x, _ = _inputs(40, 320, 208, torch.bfloat16, device, seed=1)
-    out = torch.empty(40, 208, dtype=torch.bfloat16, device=device)
-    with pytest.raises(ValueError, match="ring"):  # the wide plan
-        cw.tiles_gemv(x, t["tiles"], t["scale"], None, out, shape=(1, 4, 1, 1), stages=3)
-    with pytest.raises(ValueError, match="shared memory"):
-        cw.tiles_gemv(x[:1], t["tiles"], t["scale"], None, out[:1], shape=(2, 8, 1, 2),
-                      stages=16)
-
-
 def test_refuses_a_shape_past_shared_memory(device) -> None:
     t = _weights(208, 320, device, seed=1)
     x, _ = _inputs(27, 320, 208, torch.bfloat16, device, seed=1)

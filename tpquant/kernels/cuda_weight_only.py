@@ -17,8 +17,8 @@ header explains the numerics of each:
 
 `kernel_for` picks fma or mma by M for the stored layout (thresholds measured, below); the
 tiled layout always takes the tiles kernel, its shape chosen by `tiles_plan`: a tuned table
-where it has the (device, dtype, mode, M, N, K), else the occupancy rule (`tiles_shape`). The source
-compiles at first use (CuPy caches the binaries); kernels run on torch's current stream
+where it has the (device, dtype, mode, M, N, K), else the occupancy rule (`tiles_shape`). The
+source compiles at first use (CuPy caches the binaries); kernels run on torch's current stream
 (CUDA-graph capturable; allocations, all through torch: the split-K partials, a float32 copy
 of a bias, `tiles_dequantize`'s weight).
 
@@ -287,27 +287,18 @@ def tiles_shared_bytes(nt: int, rt: int, kw: int, rw: int = 1, grouped: bool = F
     return rw * (kw - 1) * sums * 32 * 4
 
 
-def tiles_ring_bytes(m: int, rt: int, kw: int, rw: int, u: int, stages: int,
-                     bits: int = 4) -> int:
-    """Dynamic shared memory of a wo_tiles_ring block at M = m: each warp's `stages` slots of
-    one round (the .cu's RingSlot): U k-tiles of 512 bytes for each row tile and of x's m rows
-    (TILE_K features), and the zeros that lanes past m read at x's strides."""
-    tk = TILE_K[bits]
-    return kw * rw * stages * (u * (rt * 512 + m * tk * 2) + (u - 1) * tk * 2 + tk // 2)
-
-
 # Measured choices for the tiled kernel (benchmarks/tune_tiles.py): for a device, dtype, mode,
-# M, N and K, the fastest of the rule's candidates and of the ring kernel's (slots > 0), each
-# timed on that device. The rule takes everything the table lacks. TPQUANT_TILES_TUNED names
-# another table, or "off" for none (the rule alone, to compare).
+# M, N and K, the fastest of the rule's candidates, each timed on that device (design note 41).
+# The rule takes everything the table lacks. TPQUANT_TILES_TUNED names another table, or "off"
+# for none (the rule alone, to compare).
 TUNED_PATH = Path(__file__).resolve().with_name("tiles_tuned.json")
 
 
 @functools.cache
-def tuned_table(path: Path | None = None) -> dict[tuple, tuple[int, int, int, int, int]]:
-    """{(device name, dtype name, mode, m, n, k): (row tiles, K warps, row warps, unroll,
-    slots)} from a table's JSON (plain data): `path`, else TPQUANT_TILES_TUNED's, else
-    TUNED_PATH; empty for "off" or a missing file."""
+def tuned_table(path: Path | None = None) -> dict[tuple, tuple[int, int, int, int]]:
+    """{(device name, dtype name, mode, m, n, k): (row tiles, K warps, row warps, unroll)}
+    from a table's JSON (plain data): `path`, else TPQUANT_TILES_TUNED's, else TUNED_PATH;
+    empty for "off" or a missing file."""
     if path is None:
         setting = os.environ.get("TPQUANT_TILES_TUNED", str(TUNED_PATH))
         if setting == "off":
@@ -319,7 +310,7 @@ def tuned_table(path: Path | None = None) -> dict[tuple, tuple[int, int, int, in
     for device, entries in json.loads(path.read_text())["devices"].items():
         for e in entries:
             key = (device, e["dtype"], e["mode"], e["m"], e["n"], e["k"])
-            table[key] = (*e["shape"], e["stages"])
+            table[key] = tuple(e["shape"])
     return table
 
 
@@ -329,15 +320,14 @@ def _device_name(index: int) -> str:
 
 
 def tiles_plan(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype,
-               mode_: int = 1) -> tuple[int, int, int, int, int, int]:
-    """(NT, row tiles, K warps, row warps, unroll, ring slots) of the tiled kernel for an
-    [m, k] x [n, k] product: the tuned table's entry for this device, else `tiles_shape`'s
-    (no ring)."""
+               mode_: int = 1) -> tuple[int, int, int, int, int]:
+    """(NT, row tiles, K warps, row warps, unroll) of the tiled kernel for an [m, k] x [n, k]
+    product: the tuned table's entry for this device, else `tiles_shape`'s."""
     tuned = tuned_table().get((_device_name(device.index), str(dtype).removeprefix("torch."),
                                 mode_, m, n, k))
     if tuned is not None:
         return (tiles_nt(m), *tuned)
-    return (*tiles_shape(m, n, device, dtype, mode_), 0)
+    return tiles_shape(m, n, device, dtype, mode_)
 
 
 def tiles_nt(m: int) -> int:
@@ -412,22 +402,19 @@ def _sums(mode_: int, dtype: torch.dtype) -> dict[str, bool]:
     return dict(grouped=_grouped(mode_), q_in_a=mode_ == 0 and dtype == torch.bfloat16)
 
 
-def _tiles_name(mode_: int, nt: int, rt: int, kw: int, rw: int, u: int, stages: int = 0) -> str:
-    if stages:
-        return f"wo_tiles_ring<{{dt}}, {mode_}, {nt}, {rt}, {kw}, {rw}, {u}, {stages}>"
+def _tiles_name(mode_: int, nt: int, rt: int, kw: int, rw: int, u: int) -> str:
     return f"wo_tiles<{{dt}}, {mode_}, {nt}, {rt}, {kw}, {rw}, {u}>"
 
 
 def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None, out: torch.Tensor, *,
                zeros: torch.Tensor | None = None, group: int = 0,
-               shape: tuple[int, int, int, int] | None = None, stages: int = 0) -> None:
+               shape: tuple[int, int, int, int] | None = None) -> None:
     """out[M, N] = x2[M, K] @ W^T (+ bias) for W in a tiled layout (`tpquant.kernels.tiles`;
     int8 or packed int4, told by its dtype): per channel (group 0, scale [N]), or int4
     groupwise (scales [K/g, N], zeros [K/g, N] or None for signed codes; no pre-quant scale),
     M <= TILES_MAX_M. The caller has checked shapes and `aligned`.
-    Benchmarks may force `shape` (row tiles, K warps, row warps, unroll), and `stages` > 0
-    with it: the kernel that reads through a ring of that many slots (wo_tiles_ring)."""
+    Benchmarks may force `shape` (row tiles, K warps, row warps, unroll)."""
     m, k = x2.shape
     n = tiled.shape[0]
     if m > TILES_MAX_M:
@@ -436,49 +423,17 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"the tiled GEMV takes groups of 64 x 2^i features, got {group}")
     mode_ = mode(code_bits(tiled), group, zeros is not None)
     if shape is None:
-        nt, rt, kw, rw, u, stages = tiles_plan(m, n, k, x2.device, x2.dtype, mode_)
+        nt, rt, kw, rw, u = tiles_plan(m, n, k, x2.device, x2.dtype, mode_)
     else:
         nt, (rt, kw, rw, u) = tiles_nt(m), shape
         if tiles_shared_bytes(nt, rt, kw, rw, **_sums(mode_, x2.dtype)) > TILES_SHARED_BYTES:
             raise ValueError(f"tiled GEMV shape {shape} at M = {m} needs more than "
                              f"{TILES_SHARED_BYTES} bytes of shared memory")
-    ring = 0
-    if stages:
-        if nt >= TILES_WIDE_NT or stages < 2:
-            raise ValueError(f"the ring GEMV takes M <= {8 * TILES_NT[-2]} and 2 slots or more")
-        ring = tiles_ring_bytes(m, rt, kw, rw, u, stages, code_bits(tiled))
-    name = _tiles_name(mode_, nt, rt, kw, rw, u, stages)
-    function = _tiles_functions(x2.device, x2.dtype, [name])[0]
-    if ring:
-        _allow_ring(function, ring, x2.device)
+    function = _tiles_functions(x2.device, x2.dtype, [_tiles_name(mode_, nt, rt, kw, rw, u)])[0]
     args = (_ptr(x2), _ptr(tiled), _ptr(scale), _ptr(zeros), _ptr(_float32(bias)), _ptr(out),
             np.int32(m), np.int32(n), np.int32(k), np.int32(group or 1))
     launch(function, (-(-n // (16 * rt * rw)),), (kw * rw * 32,), args, x2.device,
-           pdl.enabled(x2.device), shared_mem=ring)
-
-
-@functools.cache
-def shared_optin(device: torch.device) -> int:
-    """The shared memory one block may have on `device` (static and dynamic, opted in)."""
-    import cupy
-
-    return cupy.cuda.Device(device.index).attributes["MaxSharedMemoryPerBlockOptin"]
-
-
-_RING_ALLOWED: dict[int, int] = {}  # id of a ring kernel -> dynamic shared memory allowed
-
-
-def _allow_ring(function: Any, ring: int, device: torch.device) -> None:
-    """Lets `function` launch with `ring` bytes of dynamic shared memory (a driver attribute,
-    raised once, not during every launch), or says why it cannot."""
-    if _RING_ALLOWED.get(id(function), 0) >= ring:
-        return
-    limit = shared_optin(device) - function.shared_size_bytes  # less its static shared memory
-    if ring > limit:
-        raise ValueError(f"the ring GEMV needs {ring} bytes of shared memory; a block of it "
-                         f"has {limit}")
-    function.max_dynamic_shared_size_bytes = ring
-    _RING_ALLOWED[id(function)] = ring
+           pdl.enabled(x2.device))
 
 
 def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *,

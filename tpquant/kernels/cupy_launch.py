@@ -79,17 +79,16 @@ def _check(err: int, what: str) -> None:
         raise RuntimeError(f"{what} failed: {(name.value or b'error').decode()} ({err})")
 
 
-def occupancy(kernel: Any, threads: int, device: torch.device, shared_mem: int = 0) -> int:
-    """Blocks of `threads` threads of a compiled kernel, launched with `shared_mem` bytes of
-    dynamic shared memory, that one SM holds at once (the driver's occupancy calculator:
-    registers, shared memory, warps)."""
+def occupancy(kernel: Any, threads: int, device: torch.device) -> int:
+    """Blocks of `threads` threads of a compiled kernel that one SM holds at once (the driver's
+    occupancy calculator: registers, shared memory, warps)."""
     import cupy
 
     blocks = ctypes.c_int()
     with cupy.cuda.Device(device.index):
         function = getattr(kernel, "kernel", kernel)
         err = _cuda_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-            ctypes.byref(blocks), function.ptr, threads, shared_mem)
+            ctypes.byref(blocks), function.ptr, threads, 0)
     _check(err, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
     return blocks.value
 
