@@ -324,7 +324,7 @@ def test_tuned_table_names_shapes_the_kernels_have() -> None:
         nt = cw.tiles_nt(m)
         assert dtype == "bfloat16" and mode in (0, 1, 2, 3) and m <= cw.TILES_MAX_M
         assert shape in cw.TILES_CANDIDATES[nt]
-        sums = dict(grouped=mode >= 2, q_in_a=mode == 0)  # bfloat16: int8's A holds q
+        sums = cw._sums(mode, torch.bfloat16)
         assert cw.tiles_shared_bytes(nt, *shape[:3], **sums) <= cw.TILES_SHARED_BYTES
 
 
