@@ -5,9 +5,9 @@
     python benchmarks/tune_tiles.py --models llama2-7b --schemes int4_wo --ms 1,4
 
 For each per-rank linear of bench_gemm's models at TP 1, 2 and 4 (distinct [N, K]), each scheme
-(int4 per channel, int4 groupwise with zeros, group 128, int8 per channel) and each M: the
-occupancy rule's shape (`tiles_shape`) and each of its candidates, with bf16 x, timed as
-bench_gemm times (CUDA graph, weight copies past twice the L2, median). The fastest is checked
+(int4 per channel, int4 groupwise with zeros, group 128, int8 per channel) and each M: each
+of the occupancy rule's candidates (the rule's shape, `tiles_shape`, is one of them), with bf16
+x, timed as bench_gemm times (CUDA graph, weight copies past twice the L2, median). The fastest is checked
 against float32 math on the dequantized weight (max |y - ref| / max |ref| <= ERR_BOUND, else
 the run fails) and becomes the table's entry. The table is for decode-sized M: a shape that
 wins alone has been seen to lose inside a decode step (design note 41), so check a new table
@@ -32,6 +32,7 @@ from bench_gemm import MODELS, _geomean, copies, linear_shapes, time_calls  # no
 from bench_int4_tiles import ERR_BOUND, tiles_call  # noqa: E402
 
 from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
+from tpquant.kernels.device import device_name  # noqa: E402
 from tpquant.kernels.tiles import tile  # noqa: E402
 from tpquant.kernels.weight_only import dequantize_groupwise, dequantize_weight_only  # noqa: E402
 from tpquant.quantization.schemes import Groupwise, WeightOnly  # noqa: E402
@@ -49,7 +50,7 @@ def main() -> int:
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
-    name = torch.cuda.get_device_name(device)
+    name = device_name(device)  # the table's key, as tiles_plan reads it
     l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
     out_dir = Path(os.environ.get("OUT", "/tmp/out"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,9 +81,9 @@ def main() -> int:
                 x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
                 nt = cw.tiles_nt(m)
                 chosen = cw.tiles_shape(m, n, device, DTYPE, mode)[1:]  # the rule, not the table
-                rule = time_calls(tiles_call(x, sets, bits, group, chosen), args.replays)
                 timed = [(time_calls(tiles_call(x, sets, bits, group, c), args.replays), c)
                          for c in cw.tiles_resident(nt, device, DTYPE, mode)]
+                rule = dict((c, t) for t, c in timed)[chosen]  # the rule picks a candidate
                 sec, shape = min(timed)
                 y = tiles_call(x, sets[:1], bits, group, shape)[0]().float()
                 ref = x.float() @ w_ref.t()

@@ -700,11 +700,15 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // a value pair), and the step's B fragment, token g's x at those four features, is an 8-byte
 // piece of the lane's 32-byte x load: no byte permutes, no shuffles.
 // Numerics: a code becomes MAGIC + u = MAGIC + 8 + q (u = q + 8, one LOP3, exact) and the
-// tensor cores sum x (MAGIC + 8 + q) in float32; a second mma with an all-ones A sums x itself
-// over the same features, and (MAGIC + 8) times that sum is taken off at the end, before the
-// channel scale. The products are exact in float32; the cancellation costs about log2((MAGIC +
-// 8) / 8) bits of the float32 sums (4 for bfloat16, 7 for float16), leaving ~17-20 bits against
-// the output's 8 / 11. Groupwise, the same over each run of a warp's consecutive k-tiles inside
+// tensor cores sum x (MAGIC + 8 + q) in float32; a second mma sums x itself over the same
+// features, and (MAGIC + 8) times that sum is taken off at the end, before the channel scale.
+// Per channel that mma takes x as A and all-ones as B: a lane's 16-byte x load is two k16
+// steps' B fragments of its token g, which as A registers put one half of those 32 features in
+// row g and the other in row g + 8, so one mma sums two steps (design note 42; groupwise, which
+// folds each run's sums per token, an all-ones A sums one step for the tile's 8 tokens). The
+// products are exact in float32; the cancellation costs about log2((MAGIC + 8) / 8) bits of
+// the float32 sums (4 for bfloat16, 7 for float16), leaving ~17-20 bits against the output's
+// 8 / 11. Groupwise, the same over each run of a warp's consecutive k-tiles inside
 // one group, with the group's offset (MAGIC + zero, or MAGIC + 8), folded into the totals with
 // the group's scale (tiles_fold).
 // int8 per channel (MODE 0; design note 35) comes in 16-row x 32-feature tiles ("tiles16x32"),
@@ -728,7 +732,7 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 
 // How the kernel spends registers on NT token tiles (MODE: per channel or groupwise). Up to 4
 // (32 tokens): x is loaded a round ahead with the weights, the sums alternate between two
-// accumulator chains, and an all-ones mma sums x for the codes' offset. At 8 tiles ("wide") one
+// accumulator chains, and a second mma sums x for the codes' offset. At 8 tiles ("wide") one
 // chain; per channel, the offset comes off each A register with one paired fma instead (1 x
 // (MAGIC + u) - (MAGIC + 8) = q, exact), and x is still loaded a round ahead for one row tile
 // unrolled once; past that, and groupwise (whose zeros need the sums of x), x is loaded as each
@@ -800,8 +804,8 @@ template <int DT, int MODE, int NT> struct TilesQ {
   static constexpr bool VALUE = TilesPlan<MODE, NT, 1, 1>::SUB_A || (MODE == 0 && DT == 1);
 };
 
-// What each code adds over q in the tiled kernel's per-channel sums unless TilesQ (the all-ones
-// mma's sums of x take it off): int4 MAGIC + 8; int8 (float16) 1024 + 128.
+// What each code adds over q in the tiled kernel's per-channel sums unless TilesQ (the sums of
+// x take it off): int4 MAGIC + 8; int8 (float16) 1024 + 128.
 template <int DT, int MODE> __device__ __forceinline__ constexpr float tiles_offset() {
   return MODE == 0 ? 1152.f : Magic<DT>::VALUE + Mode<MODE>::OFF;
 }
@@ -953,6 +957,8 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
                                               float (&total)[RT][NT][4]) {
   typedef TilesPlan<MODE, NT, RT, U> Plan;
   constexpr bool LATE_X = Plan::LATE_X, SUM_X = !TilesQ<DT, MODE, NT>::VALUE;
+  // the sums of x: per channel two steps a mma (x as A: the header), groupwise one
+  constexpr bool X_AS_A = SUM_X && !Plan::GROUPED;
   constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -963,6 +969,13 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
 #pragma unroll
       for (int n = 0; n < NT; ++n)
         xh[n] = LATE_X ? tiles_x<Plan::TK, NT>(T0 + u, h, n, xr, xin) : xv[u][n][h];
+      if constexpr (X_AS_A) {
+        // rows g / g + 8: token g's first / second halves of steps 2 h and 2 h + 1
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+          mma16816<DT>(sx[h % CH][n], word(xh[n], 0), word(xh[n], 1), word(xh[n], 2),
+                       word(xh[n], 3), ones, ones);
+      }
 #pragma unroll
       for (int s = 2 * h; s < 2 * h + 2; ++s) {
         u32 b[NT][2];
@@ -970,7 +983,8 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
         for (int n = 0; n < NT; ++n) {
           b[n][0] = word(xh[n], 2 * (s & 1));
           b[n][1] = word(xh[n], 2 * (s & 1) + 1);
-          if constexpr (SUM_X) mma16816<DT>(sx[s % CH][n], ones, ones, ones, ones, b[n][0], b[n][1]);
+          if constexpr (SUM_X && !X_AS_A)
+            mma16816<DT>(sx[s % CH][n], ones, ones, ones, ones, b[n][0], b[n][1]);
         }
         tiles_step<DT, MODE, NT, RT, CH>(s, wv[u], b, mask, acc);
       }
@@ -999,7 +1013,7 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   // sums a lane hands to its row warp's first K warp: its outputs' sums, and per channel
   // (unless Q) the sums of x for its two tokens of each token tile
   constexpr int V = S + (GROUPED || Q ? 0 : 2 * NT);
-  // what a code adds over q (the all-ones mma's sums of x take it off); none if Q
+  // what a code adds over q (the sums of x take it off); none if Q
   constexpr float offset = Q ? 0.f : tiles_offset<DT, MODE>();
   constexpr int TK = Plan::TK, XH = Plan::XH;
 
@@ -1063,8 +1077,9 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   }
 
   // The lane's sums: acc or total (rows g, g + 8 of each tile; tokens 8 n + 2 t, + 1), then
-  // (per channel, narrow plan) sum x for those two tokens (every row of the ones-mma's C
-  // fragment holds it).
+  // (per channel, unless Q) sum x for those two tokens: rows g and g + 8 of the x-as-A mma's C
+  // fragment hold token g's halves (any column), so lanes 8 t and 8 t + 4 have tokens 2 t and
+  // 2 t + 1.
   float v[V];
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
@@ -1077,9 +1092,15 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
         for (int c = 0; c < CH; ++c) v[(r * NT + n) * 4 + e] += acc[c][r][n][e];
       }
     }
-    if constexpr (V > S) {
-      v[S + 2 * n] = sx[0][n][0] + sx[1][n][0];
-      v[S + 2 * n + 1] = sx[0][n][1] + sx[1][n][1];
+  }
+  if constexpr (V > S) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      float mine = 0.f;  // token 8 n + g
+#pragma unroll
+      for (int c = 0; c < CH; ++c) mine += sx[c][n][0] + sx[c][n][2];
+      v[S + 2 * n] = __shfl_sync(0xffffffffu, mine, 8 * t);
+      v[S + 2 * n + 1] = __shfl_sync(0xffffffffu, mine, 8 * t + 4);
     }
   }
   if constexpr (KW > 1) {  // each row warp's first K warp adds the others' sums, in warp order

@@ -336,7 +336,7 @@ def test_tiles_plan_takes_the_table_before_the_rule(tmp_path, monkeypatch) -> No
     path = tmp_path / "tuned.json"
     entry = dict(dtype="bfloat16", mode=1, m=1, n=4096, k=11008, shape=[1, 8, 1, 2])
     path.write_text(json.dumps({"devices": {"GPU X": [entry]}}))
-    monkeypatch.setattr(cw, "_device_name", lambda index: "GPU X")
+    monkeypatch.setattr(cw, "device_name", lambda device: "GPU X")
     monkeypatch.setattr(cw, "tiles_shape", lambda *args: (1, 2, 4, 1, 1))  # the rule's
     monkeypatch.setenv("TPQUANT_TILES_TUNED", str(path))
     cw.tuned_table.cache_clear()

@@ -43,7 +43,7 @@ import torch
 
 from tpquant.kernels import pdl
 from tpquant.kernels.cupy_launch import launch, occupancy
-from tpquant.kernels.device import sm_count
+from tpquant.kernels.device import device_name, sm_count
 from tpquant.kernels.tiles import TILE_K, code_bits, features, groups_tile
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "weight_only_gemv.cu"
@@ -314,17 +314,12 @@ def tuned_table(path: Path | None = None) -> dict[tuple, tuple[int, int, int, in
     return table
 
 
-@functools.cache
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
 def tiles_plan(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype,
                mode_: int = 1) -> tuple[int, int, int, int, int]:
     """(NT, row tiles, K warps, row warps, unroll) of the tiled kernel for an [m, k] x [n, k]
     product: the tuned table's entry for this device, else `tiles_shape`'s."""
-    tuned = tuned_table().get((_device_name(device.index), str(dtype).removeprefix("torch."),
-                                mode_, m, n, k))
+    tuned = tuned_table().get((device_name(device), str(dtype).removeprefix("torch."), mode_,
+                                m, n, k))
     if tuned is not None:
         return (tiles_nt(m), *tuned)
     return tiles_shape(m, n, device, dtype, mode_)
