@@ -7,11 +7,11 @@
 For each per-rank linear of bench_gemm's models at TP 1, 2 and 4 (distinct [N, K]), each scheme
 (int4 per channel, int4 groupwise with zeros, group 128, int8 per channel) and each M: each
 of the occupancy rule's candidates (the rule's shape, `tiles_shape`, is one of them), with bf16
-x, timed as bench_gemm times (CUDA graph, weight copies past twice the L2, median). The fastest is checked
-against float32 math on the dequantized weight (max |y - ref| / max |ref| <= ERR_BOUND, else
-the run fails) and becomes the table's entry. The table is for decode-sized M: a shape that
-wins alone has been seen to lose inside a decode step (design note 41), so check a new table
-with bench_decode against TPQUANT_TILES_TUNED=off.
+x, timed as bench_gemm times (CUDA graph, weight copies past twice the L2, median). The fastest
+is checked against float32 math on the dequantized weight (max |y - ref| / max |ref| <=
+ERR_BOUND, else the run fails) and becomes the table's entry. The table is for decode-sized M:
+a shape that wins alone has been seen to lose inside a decode step (design note 41), so check a
+new table with bench_decode against TPQUANT_TILES_TUNED=off.
 Output: a table (rule and best, us; the best's shape), $OUT/tiles_tuned.json (the table's
 format: copy it over tpquant/kernels/tiles_tuned.json, or merge, to use it) and
 $OUT/tune_tiles.json (every timing).
