@@ -11,8 +11,9 @@ scheme on the stored layout through the dispatch (`auto`: the CUDA fma / mma GEM
 dequantize + cuBLAS), the same on the tiled layout (the tiled GEMV to M = 64 at the shape
 `tiles_plan` chooses: the tuned table's, else the rule's; CUTLASS or dequantize-from-tiles +
 cuBLAS above), and (unless --no-sweep, M <= 64) the tiled GEMV at every candidate shape (row
-tiles, K warps, row warps, unroll), with the blocks an SM holds of each. Each result's max |y - ref| / max |ref| against float32 math on the dequantized
-weight ("err"); a tiled result over ERR_BOUND fails the run.
+tiles, K warps, row warps, unroll), with the blocks an SM holds of each. Each result's max
+|y - ref| / max |ref| against float32 math on the dequantized weight ("err"); a tiled result
+over ERR_BOUND fails the run.
 Timing: bench_gemm's time_calls (CUDA graph, weight copies past twice the L2, median).
 Output: table, per-M geomeans over bf16, $OUT/bench_int4_tiles.json (int8:
 bench_int8_tiles.json, groupwise: bench_int4_gw_tiles.json; $OUT defaults to /tmp/out).

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_int4_tiles import tiles_call  # noqa: E402
 from bench_wo_kernels import DTYPE, SCHEMES, SHAPES, cuda_calls  # noqa: E402
 
-from tpquant.kernels import cuda_weight_only as cw  # noqa: E402
 from tpquant.kernels.tiles import tile  # noqa: E402
 
 CASES = ("bf16::1,bf16::16,int4_wo:fma:1,int4_wo:mma:1,int4_wo:mma:8,int4_wo:mma:16,"
@@ -105,14 +105,6 @@ def print_summary(logs: list[str]) -> None:
     (out / "ncu_wo_kernels.json").write_text(json.dumps(result, indent=1))
 
 
-def tiles_call(x: torch.Tensor, t: dict, kernel: str):
-    """The tiled int4 GEMV on t's weight at the shape `kernel` names (tiles/RT.KW.RW.U)."""
-    shape = tuple(int(v) for v in kernel.split("/")[1].split("."))
-    tiled = tile(t["qweight"], 4)
-    out = torch.empty(x.shape[0], tiled.shape[0], dtype=x.dtype, device=x.device)
-    return lambda: cw.tiles_gemv(x, tiled, t["scale"], None, out, shape=shape)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="7b-qkv-tp1", choices=sorted(SHAPES))
@@ -134,7 +126,9 @@ def main() -> None:
         if scheme_name == "bf16":
             call = lambda: x @ weight.t()  # noqa: E731
         elif kernel.startswith("tiles/"):
-            call = tiles_call(x, quantized["int4_wo"], kernel)
+            t = quantized["int4_wo"]
+            shape = tuple(int(v) for v in kernel.split("/")[1].split("."))  # tiles/RT.KW.RW.U
+            call = tiles_call(x, [{**t, "qweight": tile(t["qweight"], 4)}], 4, 0, shape)[0]
         else:
             call = cuda_calls(scheme_name, x, [quantized[scheme_name]], None, None, kernel)[0]
         call()
