@@ -737,6 +737,11 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // (MAGIC + u) - (MAGIC + 8) = q, exact), and x is still loaded a round ahead for one row tile
 // unrolled once; past that, and groupwise (whose zeros need the sums of x), x is loaded as each
 // k-tile is multiplied (from L1, above): the registers run out.
+// The loads, per mode as measured (design note 43). ZERO_X zero-fills x past M; without it a
+// token past M reads token M - 1's row, whose sums are never stored. int4 per channel ran 2-8%
+// faster without it at 1-4 token tiles (at 8 its batch-64 decode lost 6%). LEAN takes a load's
+// k offset in 32 bits, checks K only in a round that reaches it, and skips the zero-fill: int8
+// from 2 token tiles 5-15% faster, groupwise at 8 15%; int4 per channel gained nothing.
 template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr int TK = MODE == 0 ? 32 : 64;  // features per k-tile (int8, int4)
   static constexpr int XH = TK / 32;              // a lane's 16-byte x loads per token tile
@@ -745,32 +750,46 @@ template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr bool SUB_A = WIDE && !GROUPED;  // the offset off A, else the sums of x
   static constexpr bool LATE_X = WIDE && (GROUPED || RT * U > 1);
   static constexpr int CHAINS = WIDE ? 1 : 2;
+  static constexpr bool LEAN = MODE == 0 ? NT > 1 : GROUPED && WIDE;
+  static constexpr bool ZERO_X = MODE == 1 ? WIDE : !LEAN;
 };
 
-template <int RT, int U>
+// A load's k offset: 32 bits where the plan is lean (it is below K), else size_t.
+template <bool LEAN> struct TilesIdx { typedef size_t T; };
+template <> struct TilesIdx<true> { typedef int T; };
+
+// U k-tiles from T0 on: the lane's 16 weight bytes of each row tile; zeros past K (CHECK).
+template <int MODE, int NT, int RT, int U, bool CHECK = true>
 __device__ __forceinline__ void tiles_load_weight(int T0, int tiles_k,
                                                   const uint4* const (&wt)[RT],
                                                   uint4 (&wv)[U][RT]) {
+  typedef typename TilesIdx<TilesPlan<MODE, NT, RT, U>::LEAN>::T Idx;
 #pragma unroll
   for (int u = 0; u < U; ++u)
 #pragma unroll
     for (int r = 0; r < RT; ++r)
-      wv[u][r] = T0 + u < tiles_k ? load_weight(wt[r] + (size_t)(T0 + u) * 32)
-                                : make_uint4(0u, 0u, 0u, 0u);
+      wv[u][r] = !CHECK || T0 + u < tiles_k ? load_weight(wt[r] + (Idx)(T0 + u) * 32)
+                                            : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// The lane's 16 bytes of x (load h of its XH) of token tile n at k-tile T; zeros past M.
-template <int TK, int NT>
+// The lane's 16 bytes of x (load h of its XH) of token tile n at k-tile T; zeros past M if
+// the plan says so.
+template <int MODE, int NT>
 __device__ __forceinline__ uint4 tiles_x(int T, int h, int n,
                                          const unsigned short* const (&xr)[NT],
                                          const bool (&xin)[NT]) {
-  return xin[n] ? __ldg(reinterpret_cast<const uint4*>(xr[n] + (size_t)T * TK) + h)
-                : make_uint4(0u, 0u, 0u, 0u);
+  typedef TilesPlan<MODE, NT, 1, 1> Plan;
+  typedef typename TilesIdx<Plan::LEAN>::T Idx;
+  const auto load = [&] {
+    return __ldg(reinterpret_cast<const uint4*>(xr[n] + (Idx)T * Plan::TK) + h);
+  };
+  if constexpr (Plan::ZERO_X) return xin[n] ? load() : make_uint4(0u, 0u, 0u, 0u);
+  return load();
 }
 
 // The lane's x (32 bytes int4, 16 int8) of each token tile for U k-tiles from T0 (unless x is
-// loaded as it is used); zeros past K or M.
-template <int MODE, int NT, int RT, int U, int XH>
+// loaded as it is used); zeros past K (CHECK) or M (above).
+template <int MODE, int NT, int RT, int U, int XH, bool CHECK = true>
 __device__ __forceinline__ void tiles_load_x(int T0, int tiles_k,
                                              const unsigned short* const (&xr)[NT],
                                              const bool (&xin)[NT], uint4 (&xv)[U][NT][XH]) {
@@ -782,20 +801,25 @@ __device__ __forceinline__ void tiles_load_x(int T0, int tiles_k,
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int h = 0; h < XH; ++h)
-          xv[u][n][h] = T0 + u < tiles_k ? tiles_x<Plan::TK, NT>(T0 + u, h, n, xr, xin)
-                                       : make_uint4(0u, 0u, 0u, 0u);
+          xv[u][n][h] = !CHECK || T0 + u < tiles_k ? tiles_x<MODE, NT>(T0 + u, h, n, xr, xin)
+                                                 : make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
-// U k-tiles from T0 on: the lane's 16 weight bytes of each row tile and its x; zeros past the
-// K range or M (the tile then adds nothing).
+// A round's loads: weights and x of U k-tiles from T0 (past K, zeros: the tile then adds
+// nothing); a lean plan checks K only in a round that reaches it.
 template <int MODE, int NT, int RT, int U, int XH>
 __device__ __forceinline__ void tiles_load(int T0, int tiles_k, const uint4* const (&wt)[RT],
                                            const unsigned short* const (&xr)[NT],
                                            const bool (&xin)[NT], uint4 (&wv)[U][RT],
                                            uint4 (&xv)[U][NT][XH]) {
-  tiles_load_weight<RT, U>(T0, tiles_k, wt, wv);
-  tiles_load_x<MODE, NT, RT, U, XH>(T0, tiles_k, xr, xin, xv);
+  if (TilesPlan<MODE, NT, RT, U>::LEAN && T0 + U <= tiles_k) {
+    tiles_load_weight<MODE, NT, RT, U, false>(T0, tiles_k, wt, wv);
+    tiles_load_x<MODE, NT, RT, U, XH, false>(T0, tiles_k, xr, xin, xv);
+  } else {
+    tiles_load_weight<MODE, NT, RT, U>(T0, tiles_k, wt, wv);
+    tiles_load_x<MODE, NT, RT, U, XH>(T0, tiles_k, xr, xin, xv);
+  }
 }
 
 // Whether the A registers hold q itself (no offset: no sums of x to take one off): the wide
@@ -968,7 +992,7 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
       uint4 xh[NT];
 #pragma unroll
       for (int n = 0; n < NT; ++n)
-        xh[n] = LATE_X ? tiles_x<Plan::TK, NT>(T0 + u, h, n, xr, xin) : xv[u][n][h];
+        xh[n] = LATE_X ? tiles_x<MODE, NT>(T0 + u, h, n, xr, xin) : xv[u][n][h];
       if constexpr (X_AS_A) {
         // rows g / g + 8: token g's first / second halves of steps 2 h and 2 h + 1
 #pragma unroll
@@ -1043,7 +1067,7 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   // kernel writes the weights, and their latency then overlaps that kernel's end.
   const int step = KW * U;
   uint4 wa[U][RT], xa[U][NT][XH], wb[U][RT], xb[U][NT][XH];  // (xa, xb unused if x is late)
-  tiles_load_weight<RT, U>(kw * U, tiles_k, wt, wa);
+  tiles_load_weight<MODE, NT, RT, U>(kw * U, tiles_k, wt, wa);
   wait_then_signal();
   tiles_load_x<MODE, NT, RT, U, XH>(kw * U, tiles_k, xr, xin, xa);
 
