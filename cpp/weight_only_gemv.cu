@@ -738,10 +738,10 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // unrolled once; past that, and groupwise (whose zeros need the sums of x), x is loaded as each
 // k-tile is multiplied (from L1, above): the registers run out.
 // The loads, per mode as measured (design note 43). ZERO_X zero-fills x past M; without it a
-// token past M reads token M - 1's row, whose sums are never stored. int4 per channel ran 2-8%
-// faster without it at 1-4 token tiles (at 8 its batch-64 decode lost 6%). LEAN takes a load's
-// k offset in 32 bits, checks K only in a round that reaches it, and skips the zero-fill: int8
-// from 2 token tiles 5-15% faster, groupwise at 8 15%; int4 per channel gained nothing.
+// token past M reads token M - 1's row, whose sums are never stored. int4 per channel ran ~5%
+// faster without it at 2 token tiles, 0-4% at one (at 8 its batch-64 decode lost 6%). LEAN
+// takes a load's k offset in 32 bits, checks K only in a round that reaches it, and skips the
+// zero-fill: int8 from 2 token tiles 5-15% faster, groupwise at 8 15%; int4 per channel, none.
 template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr int TK = MODE == 0 ? 32 : 64;  // features per k-tile (int8, int4)
   static constexpr int XH = TK / 32;              // a lane's 16-byte x loads per token tile
