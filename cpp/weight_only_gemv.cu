@@ -750,8 +750,8 @@ template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr bool SUB_A = WIDE && !GROUPED;  // the offset off A, else the sums of x
   static constexpr bool LATE_X = WIDE && (GROUPED || RT * U > 1);
   static constexpr int CHAINS = WIDE ? 1 : 2;
-  static constexpr bool LEAN = MODE == 0 ? NT > 1 : GROUPED && WIDE;
-  static constexpr bool ZERO_X = MODE == 1 ? WIDE : !LEAN;
+  static constexpr bool LEAN = MODE == 0 ? NT > 1 : GROUPED && WIDE;  // int8; groupwise, wide
+  static constexpr bool ZERO_X = MODE == 1 ? WIDE : !LEAN;  // int4 per channel: wide only
 };
 
 // A load's k offset: 32 bits where the plan is lean (it is below K), else size_t.
@@ -780,7 +780,7 @@ __device__ __forceinline__ uint4 tiles_x(int T, int h, int n,
                                          const bool (&xin)[NT]) {
   typedef TilesPlan<MODE, NT, 1, 1> Plan;
   typedef typename TilesIdx<Plan::LEAN>::T Idx;
-  const auto load = [&] {
+  const auto load = [&] {  // (its address inside the branch: the others' code as before)
     return __ldg(reinterpret_cast<const uint4*>(xr[n] + (Idx)T * Plan::TK) + h);
   };
   if constexpr (Plan::ZERO_X) return xin[n] ? load() : make_uint4(0u, 0u, 0u, 0u);
