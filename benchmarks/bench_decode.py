@@ -1,6 +1,7 @@
 """Decode speed of tensor-parallel quantized Llama shapes on GPUs, against a bandwidth floor.
 
     for n in 1 2 4; do mpirun -n $n python benchmarks/bench_decode.py [--quick]; done
+    python benchmarks/bench_decode.py --schemes int4_wo --batches 64 --no-hf   # an A/B run
     python benchmarks/bench_decode.py --merge        # table + PNG from every bench_decode_tp*.json
 
 One process per GPU, TP = world size. Models have random weights in the shapes of Llama-2-7B,
@@ -48,7 +49,7 @@ from bench_gemm import copy_bandwidth, event_times  # benchmarks/: on sys.path a
 from plotting import pyplot
 
 from tpquant.collectives import Communicator, make_communicator
-from tpquant.engine.graphs import DecodeGraphs, PrefillGraphs
+from tpquant.engine.graphs import BUCKETS, DecodeGraphs, PrefillGraphs
 from tpquant.engine.sampling import SamplingParams
 from tpquant.engine.session import generate
 from tpquant.layers.linear import ShardedLinear
@@ -79,6 +80,7 @@ class Plan:
     models: tuple[str, ...]
     schemes: tuple[str, ...]
     batches: tuple[int, ...]
+    hf_baseline: bool = True  # Hugging Face's generate at TP 1 (~20 s of device time a run)
 
     def schemes_for(self, model: str, tp: int) -> tuple[str, ...]:
         if model == "llama2-70b":  # bf16 70B does not fit one GPU, and TP 4 only fits the budget
@@ -327,7 +329,7 @@ def run(plan: Plan, out: Path) -> None:
                 f"b{b} {d['tokens_per_s']:.0f} tok/s (eff {d['efficiency']:.2f})"
                 for b, d in row["decode"].items()) + f"  [{time.time() - t:.0f} s]")
     baseline = []
-    if tp == 1:
+    if tp == 1 and plan.hf_baseline:
         for name in plan.models:
             if name != "llama2-70b":
                 baseline.append(hf_baseline(name, device))
@@ -455,12 +457,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true", help="combine the bench_decode_tp*.json files")
     p.add_argument("--models", nargs="+", choices=list(MODELS), help="a subset of the models")
     p.add_argument("--schemes", nargs="+", choices=SCHEMES, help="a subset of the schemes")
+    p.add_argument("--batches", nargs="+", type=int, choices=BUCKETS,
+                   help="decode batch sizes, graph buckets (default 1 8 64; --quick 1 8)")
+    p.add_argument("--no-hf", action="store_true",
+                   help="skip the Hugging Face baseline (A/B runs of this code against itself)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.out)
     plan = QUICK if args.quick else FULL
-    plan = Plan(tuple(args.models or plan.models), tuple(args.schemes or plan.schemes), plan.batches)
+    plan = Plan(tuple(args.models or plan.models), tuple(args.schemes or plan.schemes),
+                tuple(sorted(set(args.batches or plan.batches))), not args.no_hf)
     run(plan, args.out)
     return 0
 

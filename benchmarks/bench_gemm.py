@@ -382,11 +382,12 @@ def _geomean(values: list[float]) -> float:
 def summarize(rows: list[dict]) -> dict:
     """Geomean speed-up per (scheme, M) over shapes, and the issue targets, pass or fail."""
     labels = sorted({r["scheme"] for r in rows if r["scheme"] != "bf16"})
+    ms = sorted({r["m"] for r in rows})  # the run's M (--ms), not only the issue's
     geo: dict[str, dict[int, float]] = {}
     worst: dict[str, dict[int, dict]] = {}
     for label in labels:
         geo[label], worst[label] = {}, {}
-        for m in MS:
+        for m in ms:
             ok = [r for r in rows if r["scheme"] == label and r["m"] == m and "speedup" in r]
             if ok:
                 geo[label][m] = _geomean([r["speedup"] for r in ok])
@@ -395,7 +396,7 @@ def summarize(rows: list[dict]) -> dict:
     errors = sum("error" in r for r in rows)
     targets = []
     for label in ("w8a8_gemm", "w8a8"):
-        for m in (m for m in MS if m >= TARGET_W8A8_MIN_M):
+        for m in (m for m in ms if m >= TARGET_W8A8_MIN_M):
             g = geo.get(label, {}).get(m)
             if g is None:
                 continue
@@ -416,7 +417,7 @@ def summarize(rows: list[dict]) -> dict:
     int4_copy = {
         s: {m: statistics.median([r["pct_copy"] for r in rows
                                   if r["scheme"] == s and r["m"] == m and "pct_copy" in r])
-            for m in MS if any(r["scheme"] == s and r["m"] == m and "pct_copy" in r for r in rows)}
+            for m in ms if any(r["scheme"] == s and r["m"] == m and "pct_copy" in r for r in rows)}
         for s in INT4_SCHEMES
     }
     return {"geomean_speedup": geo, "worst_speedup": worst, "targets": targets,
@@ -425,15 +426,16 @@ def summarize(rows: list[dict]) -> dict:
 
 def print_summary(result: dict) -> list[str]:
     geo = result["geomean_speedup"]
+    ms = sorted({m for per_m in geo.values() for m in per_m})
     lines = ["", "geomean speed-up over bf16, per M:",
-             f"{'scheme':<22}" + "".join(f"{m:>8}" for m in MS)]
+             f"{'scheme':<22}" + "".join(f"{m:>8}" for m in ms)]
     for label, per_m in geo.items():
         lines.append(f"{label:<22}" + "".join(
-            f"{per_m[m]:8.2f}" if m in per_m else f"{'-':>8}" for m in MS))
+            f"{per_m[m]:8.2f}" if m in per_m else f"{'-':>8}" for m in ms))
     lines.append("int4 median % of copy bandwidth, per M:")
     for s, per_m in result["int4_pct_of_copy_median"].items():
         lines.append(f"{s:<22}" + "".join(
-            f"{per_m[m]:8.1f}" if m in per_m else f"{'-':>8}" for m in MS))
+            f"{per_m[m]:8.1f}" if m in per_m else f"{'-':>8}" for m in ms))
     lines.append(f"copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s; "
                  f"{result['errors']} failed measurements; {result['elapsed_s']:.0f} s")
     for t in result["targets"]:
