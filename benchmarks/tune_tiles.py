@@ -13,8 +13,9 @@ ERR_BOUND, else the run fails) and becomes the table's entry. The table is for d
 a shape that wins alone has been seen to lose inside a decode step (design note 41), so check a
 new table with bench_decode against TPQUANT_TILES_TUNED=off.
 Output: a table (rule and best, us; the best's shape), $OUT/tiles_tuned.json (the table's
-format: copy it over tpquant/kernels/tiles_tuned.json, or merge, to use it) and
-$OUT/tune_tiles.json (every timing).
+format, one entry a line: copy it over tpquant/kernels/tiles_tuned.json to use it; with
+--merge TABLE, TABLE's entries with this run's replacing those of the same device, dtype, mode,
+M, N and K) and $OUT/tune_tiles.json (every timing).
 """
 
 from __future__ import annotations
@@ -42,12 +43,35 @@ GROUP = 128
 SCHEMES = {"int4_wo": (4, 0), "int4_gw": (4, GROUP), "int8_wo": (8, 0)}  # (bits, group)
 
 
+def merged(table: dict, device: str, entries: list[dict]) -> dict:
+    """`table` (the shipped JSON's form) with `entries` for `device`, each replacing the entry of
+    the same dtype, mode, M, N and K; entries in (dtype, mode, N, K, M) order."""
+    key = lambda e: (e["dtype"], e["mode"], e["n"], e["k"], e["m"])  # noqa: E731
+    devices = dict(table.get("devices", {}))
+    by_key = {key(e): e for e in devices.get(device, [])} | {key(e): e for e in entries}
+    devices[device] = [by_key[k] for k in sorted(by_key)]
+    return {**table, "devices": devices}
+
+
+def table_text(table: dict) -> str:
+    """The table as tpquant/kernels/tiles_tuned.json holds it: one entry a line."""
+    lines = ["{" + f'"about": {json.dumps(table.get("about", ""))},', ' "devices": {']
+    for i, (device, entries) in enumerate(table["devices"].items()):
+        lines.append(f"  {json.dumps(device)}: [")
+        lines += [f"   {json.dumps(e)}," for e in entries]
+        if entries:
+            lines[-1] = lines[-1][:-1]
+        lines.append("  ]" + ("," if i < len(table["devices"]) - 1 else ""))
+    return "\n".join(lines + [" }", "}"]) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(m.name for m in MODELS))
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--ms", default="1")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--merge", type=Path, help="a table to merge this run's entries into")
     args = ap.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
     name = device_name(device)  # the table's key, as tiles_plan reads it
@@ -59,6 +83,8 @@ def main() -> int:
     weights = dict.fromkeys((s.n, s.k) for m in models for tp in (1, 2, 4)
                             for s in linear_shapes(m, tp))
     ms = [int(v) for v in args.ms.split(",")]
+    base = (json.loads(args.merge.read_text()) if args.merge
+            else {"about": "tiled GEMV shapes measured by benchmarks/tune_tiles.py"})
     entries, rows, failed = [], [], False
     print(f"# {name}")
     print(f"{'scheme':<8} {'N':>6} {'K':>6} {'M':>3} {'rule us':>8} {'best us':>8} {'gain':>6} "
@@ -96,9 +122,7 @@ def main() -> int:
                          for t, c in timed]
                 print(f"{scheme_name:<8} {n:>6} {k:>6} {m:>3} {rule * 1e6:>8.2f} {sec * 1e6:>8.2f} "
                       f"{rule / sec:>6.3f} {err:>8.1e}  {shape}", flush=True)
-                table = {"about": "tiled GEMV shapes measured by benchmarks/tune_tiles.py",
-                         "devices": {name: entries}}
-                (out_dir / "tiles_tuned.json").write_text(json.dumps(table, indent=0))
+                (out_dir / "tiles_tuned.json").write_text(table_text(merged(base, name, entries)))
                 (out_dir / "tune_tiles.json").write_text(json.dumps(rows))
             del sets
             torch.cuda.empty_cache()
