@@ -175,6 +175,16 @@ __device__ __forceinline__ void wait_then_signal() {
 #endif
 }
 
+// Keeps the loads written above it ahead of the next wait_then_signal. ptxas otherwise moves
+// griddepcontrol.wait to the top of the kernel (SASS of nvcc 13.0), so loads meant to overlap
+// the kernel before this one were issued after it had ended. A fence on cluster shared memory
+// orders them and compiles to no instruction (design note 44).
+__device__ __forceinline__ void loads_before_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("fence.acquire.sync_restrict::shared::cluster.cluster;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ u32 word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
@@ -742,6 +752,11 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // faster without it at 2 token tiles, 0-4% at one (at 8 its batch-64 decode lost 6%). LEAN
 // takes a load's k offset in 32 bits, checks K only in a round that reaches it, and skips the
 // zero-fill: int8 from 2 token tiles 5-15% faster, groupwise at 8 15%; int4 per channel, none.
+// EARLY_SCALE loads the channel scales of the lane's rows with the first weights, before the
+// wait, rather than after the sums (where each block's stores waited on them): int8 below the
+// wide plan, decode at batch 1 and 8 +4% (design note 44). Measured and not taken: int4 per
+// channel (13% faster alone, 10% slower in decode) and int8 wide (157 -> 191 registers at
+// (2, 2, 2, 1); batch 64 -12%).
 template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr int TK = MODE == 0 ? 32 : 64;  // features per k-tile (int8, int4)
   static constexpr int XH = TK / 32;              // a lane's 16-byte x loads per token tile
@@ -752,6 +767,7 @@ template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr int CHAINS = WIDE ? 1 : 2;
   static constexpr bool LEAN = MODE == 0 ? NT > 1 : GROUPED && WIDE;  // int8; groupwise, wide
   static constexpr bool ZERO_X = MODE == 1 ? WIDE : !LEAN;  // int4 per channel: wide only
+  static constexpr bool EARLY_SCALE = MODE == 0 && !WIDE;
 };
 
 // A load's k offset: 32 bits where the plan is lean (it is below K), else size_t.
@@ -1063,11 +1079,19 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
     xr[n] = x + (size_t)min(m, M - 1) * K + TK / 4 * t;
   }
 
-  // The first weight loads go out before the wait for the kernel before this one (PDL): no
-  // kernel writes the weights, and their latency then overlaps that kernel's end.
+  // The first weight loads (and the plan's early scales) go out before the wait for the kernel
+  // before this one (PDL): no kernel writes them, and their latency then overlaps that kernel's
+  // end.
   const int step = KW * U;
   uint4 wa[U][RT], xa[U][NT][XH], wb[U][RT], xb[U][NT][XH];  // (xa, xb unused if x is late)
   tiles_load_weight<MODE, NT, RT, U>(kw * U, tiles_k, wt, wa);
+  float row_scale[RT][2];  // (EARLY_SCALE) rows g and g + 8 of each row tile
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      row_scale[r][h] = Plan::EARLY_SCALE ? __ldg(scale + grp.row[r] + 8 * h) : 0.f;
+  loads_before_wait();
   wait_then_signal();
   tiles_load_x<MODE, NT, RT, U, XH>(kw * U, tiles_k, xr, xin, xa);
 
@@ -1152,7 +1176,7 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
         float y = v[(r * NT + n) * 4 + e];
         if constexpr (!GROUPED) {
           if constexpr (V > S) y -= offset * v[S + 2 * n + (e & 1)];
-          y *= __ldg(scale + row);
+          y *= Plan::EARLY_SCALE ? row_scale[r][e >> 1] : __ldg(scale + row);
         }
         if (bias) y += bias[row];
         out[(size_t)m * N + row] = from_float<DT>(y);
