@@ -1,0 +1,73 @@
+"""The tiled GEMV's compiled code keeps its PDL promise (design note 44): the first round of
+weights (and, for int8 below 8 token tiles, the channel scales) is loaded before
+griddepcontrol.wait, and x, which the kernel before writes, only after it. ptxas once moved the
+wait to the kernel's top; this reads the SASS that nvcc 13's ptxas makes of a few instantiations.
+Needs nvcc and cuobjdump (CUDA's, or the copy Triton ships); no GPU."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tpquant.kernels import cuda_weight_only, cutlass_gemm
+
+# (DT, MODE, NT, RT, KW, RW, U): int4 per channel, groupwise, int8 (bfloat16 at 2 and 8 token
+# tiles, float16 at 4)
+SHAPES = [(1, 1, 1, 1, 8, 1, 4), (1, 2, 1, 1, 4, 1, 2), (1, 0, 2, 2, 2, 2, 1),
+          (1, 0, 8, 2, 2, 2, 1), (0, 0, 4, 1, 4, 1, 2)]
+ARGS = ("const unsigned short*, const uint4*, const float*, const float*, const float*, "
+        "unsigned short*, int, int, int, int")
+
+
+def _cuobjdump() -> str | None:
+    candidates = [shutil.which("cuobjdump")]
+    nvcc = cutlass_gemm._nvcc()
+    if nvcc:
+        candidates.append(str(Path(nvcc).parent / "cuobjdump"))
+    try:
+        import triton.backends.nvidia as nv  # its wheel carries CUDA's binary tools
+        candidates.append(str(Path(nv.__file__).parent / "bin" / "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def _sass(tmp_path: Path) -> dict[tuple[int, ...], list[str]]:
+    """Each SHAPES instantiation's SASS opcodes (LDG.E.NA.128.CONSTANT, ...), in order."""
+    nvcc, cuobjdump = cutlass_gemm._nvcc(), _cuobjdump()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    src = tmp_path / "tiles.cu"
+    src.write_text(f'#include "{cuda_weight_only.SOURCE}"\n' + "".join(
+        f"template __global__ void wo_tiles<{','.join(map(str, s))}>({ARGS});\n" for s in SHAPES))
+    cubin = tmp_path / "tiles.cubin"
+    subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-O3", "-cubin", "-o", str(cubin),
+                    str(src)], check=True, capture_output=True)
+    text = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True,
+                          text=True).stdout
+    out = {}
+    for part in text.split("Function : ")[1:]:
+        args = re.match(r"_Z8wo_tilesILi(\d)ELi(\d)ELi(\d)ELi(\d)ELi(\d)ELi(\d)ELi(\d)E", part)
+        if args:
+            out[tuple(int(a) for a in args.groups())] = re.findall(
+                r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", part)
+    assert set(out) == set(SHAPES)
+    return out
+
+
+def test_first_weights_and_early_scales_load_before_the_wait(tmp_path: Path) -> None:
+    for (dt, mode, nt, rt, kw, rw, u), code in _sass(tmp_path).items():
+        waits = [i for i, op in enumerate(code) if op == "ACQBULK"]  # griddepcontrol.wait
+        assert len(waits) == 1, (mode, nt)
+        before = [op for op in code[:waits[0]] if op.startswith("LDG")]
+        weights = [op for op in before if ".NA." in op]  # L1::no_allocate: the weights
+        x = [op for op in before if ".128" in op and ".NA." not in op]
+        scales = [op for op in before if ".128" not in op and ".64" not in op]  # 32-bit
+        assert len(weights) == u * rt, (mode, nt, before)  # the whole first round
+        assert x == [], (mode, nt, x)
+        early = mode == 0 and nt <= 4  # TilesPlan::EARLY_SCALE
+        assert len(scales) == (2 * rt if early else 0), (mode, nt, scales)
