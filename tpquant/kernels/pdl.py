@@ -5,7 +5,8 @@ stream is still running. Every kernel of ours launched that way keeps one rule: 
 reads or writes memory that a kernel may write, it waits for the kernel before it to finish
 (`griddepcontrol.wait`; Triton's `gdc_wait`), and right after that wait it lets the next
 kernel start (`launch_dependents`). Only weights, which no kernel writes, may be read before
-the wait (the tiled int4 GEMV's first loads, note 27). What overlaps is the launch of each
+the wait (the tiled GEMV's first weights, and int8's channel scales: a fence keeps ptxas from
+moving the wait above them, note 44). What overlaps is the launch of each
 kernel and its blocks' start with the end of the one before: a decode step runs ~360 short
 kernels back to back (Llama-2-7B int4, one H200: 2.30 -> 2.09 ms a step;
 docs/design-notes.md, note 24). Since every PDL
