@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if "bf16" not in schemes or any(s not in SCHEMES for s in schemes):
         ap.error(f"--schemes: bf16 and any of {SCHEMES}")
     ms, ns, ks = ([int(v) for v in a.split(",")] for a in (args.ms, args.ns, args.ks))
+    if not torch.cuda.is_available():
+        print("bench_gemv_floor.py needs a CUDA GPU", file=sys.stderr)
+        return 2
     device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
     l2 = int(getattr(props, "L2_cache_size", 50 << 20))
