@@ -755,8 +755,9 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // EARLY_SCALE loads the channel scales of the lane's rows with the first weights, before the
 // wait, rather than after the sums (where each block's stores waited on them): int8 below the
 // wide plan, decode at batch 1 and 8 +4% (design note 44). Measured and not taken: int4 per
-// channel (13% faster alone, 10% slower in decode) and int8 wide (157 -> 191 registers at
-// (2, 2, 2, 1); batch 64 -12%).
+// channel (13% faster alone, 10% slower in decode, where the table's (1, 8, 1, 4) reaches 130
+// registers: one block an SM, not two) and int8 wide (157 -> 191 registers at (2, 2, 2, 1);
+// batch 64 -12%).
 template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr int TK = MODE == 0 ? 32 : 64;  // features per k-tile (int8, int4)
   static constexpr int XH = TK / 32;              // a lane's 16-byte x loads per token tile
