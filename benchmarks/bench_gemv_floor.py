@@ -29,7 +29,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -47,14 +47,17 @@ L2_SHAPES = ((4096, 4096), (12288, 4096))
 
 def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """(fixed seconds, bytes per second) of the least-squares line seconds = fixed + bytes / rate
-    through (bytes, seconds) points (at least two distinct byte counts)."""
+    through (bytes, seconds) points (at least two distinct byte counts; time must grow with
+    bytes)."""
+    if len({b for b, _ in points}) < 2:
+        raise ValueError("fit_line needs points at two or more byte counts")
     n = len(points)
     mx = sum(b for b, _ in points) / n
     my = sum(t for _, t in points) / n
-    sxx = sum((b - mx) ** 2 for b, _ in points)
-    if n < 2 or sxx == 0:
-        raise ValueError("fit_line needs points at two or more byte counts")
-    slope = sum((b - mx) * (t - my) for b, t in points) / sxx
+    slope = (sum((b - mx) * (t - my) for b, t in points)
+             / sum((b - mx) ** 2 for b, _ in points))
+    if slope <= 0:
+        raise ValueError(f"the time does not grow with the bytes (slope {slope:.3g} s/B)")
     return my - slope * mx, 1 / slope
 
 
@@ -89,30 +92,52 @@ def bench_shapes() -> list[tuple[int, int]]:
     return [(n, k) for n, k in dict.fromkeys(shapes) if k % GROUP == 0]
 
 
-def calls(scheme: str, x: torch.Tensor, stored: dict,
-          l2_bytes: int | None) -> list[Callable[[], object]]:
-    """One call per weight copy (copies past twice the L2; one weight if l2_bytes is None);
-    stored: bench_gemm's `quantized` of the weight, and "bf16": the weight itself."""
-    if scheme == "bf16":
-        sets = copies({"w": stored["bf16"]}, l2_bytes) if l2_bytes else [{"w": stored["bf16"]}]
-        return [lambda w=t["w"]: x @ w.t() for t in sets]
-    layer_scheme, packed = stored[scheme]
-    sets = copies(packed, l2_bytes) if l2_bytes else [packed]
-    return [lambda t=t: layer_scheme.forward(x, t) for t in sets]
+def weight_sets(weight: torch.Tensor, schemes: Sequence[str],
+                l2_bytes: int) -> dict[str, tuple[object, list[dict[str, torch.Tensor]]]]:
+    """For each scheme, its layer scheme (None for bf16) and copies of the stored weight past
+    twice the L2 (bench_gemm's `quantized` and `copies`)."""
+    stored = quantized(weight)
+    return {s: (None, copies({"w": weight}, l2_bytes)) if s == "bf16"
+            else (stored[s][0], copies(stored[s][1], l2_bytes)) for s in schemes}
+
+
+def time_sets(x: torch.Tensor, scheme: object, sets: list[dict[str, torch.Tensor]],
+              replays: int) -> float:
+    """Median seconds a call, cycling through every copy (bench_gemm's timing, with enough
+    calls a replay that no copy is left out)."""
+    if scheme is None:
+        calls = [lambda w=t["w"]: x @ w.t() for t in sets]
+    else:
+        calls = [lambda t=t: scheme.forward(x, t) for t in sets]
+    return time_calls(calls, replays, max_reps=max(50, len(calls)))
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"positive integers, got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", default="1,16")
-    ap.add_argument("--ns", default=",".join(map(str, NS)))
-    ap.add_argument("--ks", default=",".join(map(str, KS)))
+    ap.add_argument("--ms", type=_ints, default=[1, 16])
+    ap.add_argument("--ns", type=_ints, default=list(NS))
+    ap.add_argument("--ks", type=_ints, default=list(KS))
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args(argv)
     schemes = args.schemes.split(",")
     if "bf16" not in schemes or any(s not in SCHEMES for s in schemes):
         ap.error(f"--schemes: bf16 and any of {SCHEMES}")
-    ms, ns, ks = ([int(v) for v in a.split(",")] for a in (args.ms, args.ns, args.ks))
+    ms, ns, ks = args.ms, args.ns, args.ks
+    if len(set(ns)) * len(set(ks)) < 2:
+        ap.error("--ns / --ks: the fit needs two or more weight sizes")
+    if any(k % GROUP for k in ks):
+        ap.error(f"--ks: multiples of {GROUP} (bench_gemm quantizes int4_gw in groups of it)")
     if not torch.cuda.is_available():
         print("bench_gemv_floor.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -129,32 +154,38 @@ def main(argv: list[str] | None = None) -> int:
     for n in ns:
         for k in ks:
             weight = torch.randn(n, k, generator=gen, device=device, dtype=DTYPE) * 0.02
-            stored = {**quantized(weight), "bf16": weight}
+            sets = weight_sets(weight, schemes, l2)
             for m in ms:
                 x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
                 for s in schemes:
-                    sec = time_calls(calls(s, x, stored, l2), args.replays)
+                    scheme, copies_ = sets[s]
+                    sec = time_sets(x, scheme, copies_, args.replays)
                     sweep.append(dict(scheme=s, m=m, n=n, k=k, bytes=weight_bytes(s, n, k),
                                       us=sec * 1e6))
                     print(f"{s:<8} M {m:>3} N {n:>6} K {k:>6} {sec * 1e6:9.2f} us", flush=True)
                     if (n, k) in L2_SHAPES and weight_bytes(s, n, k) <= l2 // 2:
-                        hot = time_calls(calls(s, x, stored, None), args.replays)
+                        hot = time_sets(x, scheme, copies_[:1], args.replays)
                         l2_rows.append(dict(scheme=s, m=m, n=n, k=k, streamed_us=sec * 1e6,
                                             l2_us=hot * 1e6))
-            del stored
+            del weight, sets
             torch.cuda.empty_cache()
 
     # every scheme on bench_gemm's shapes, as bench_gemm times them
     bench = {m: {s: {} for s in schemes} for m in ms}
     for n, k in bench_shapes():
         weight = torch.randn(n, k, generator=gen, device=device, dtype=DTYPE) * 0.02
-        stored = {**quantized(weight), "bf16": weight}
+        sets = weight_sets(weight, schemes, l2)
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
             for s in schemes:
-                bench[m][s][(n, k)] = time_calls(calls(s, x, stored, l2), args.replays)
-        del weight, stored
+                bench[m][s][(n, k)] = time_sets(x, *sets[s], args.replays)
+        del weight, sets
         torch.cuda.empty_cache()
+    result = dict(device=props.name, l2_bytes=l2, copy_bandwidth=copy_bw, sweep=sweep, l2=l2_rows,
+                  shapes_us={m: {s: [dict(n=n, k=k, us=t * 1e6) for (n, k), t in v.items()]
+                                 for s, v in by.items()} for m, by in bench.items()})
+    path = out_dir / "bench_gemv_floor.json"
+    path.write_text(json.dumps(result, indent=1))  # the timings, before anything is fitted
 
     fits = []
     print(f"\n{'scheme':<8} {'M':>3} {'fixed us':>9} {'TB/s':>6} {'% copy':>7} {'ceiling':>8} "
@@ -175,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['scheme']:<8} M {r['m']:>3} N {r['n']:>6} K {r['k']:>6}: streamed "
               f"{r['streamed_us']:.2f} us, in L2 {r['l2_us']:.2f} us "
               f"({r['streamed_us'] / r['l2_us']:.2f}x)")
-    (out_dir / "bench_gemv_floor.json").write_text(json.dumps(dict(
-        device=props.name, l2_bytes=l2, copy_bandwidth=copy_bw, sweep=sweep, fits=fits,
-        l2=l2_rows, shapes_us={m: {s: [dict(n=n, k=k, us=t * 1e6) for (n, k), t in v.items()]
-                                   for s, v in by.items()} for m, by in bench.items()}),
-        indent=1))
+    path.write_text(json.dumps(dict(result, fits=fits), indent=1))
     return 0
 
 

@@ -178,9 +178,12 @@ __device__ __forceinline__ void wait_then_signal() {
 // Keeps the loads written above it ahead of the next wait_then_signal. ptxas otherwise moves
 // griddepcontrol.wait to the top of the kernel (SASS of nvcc 13.0), so loads meant to overlap
 // the kernel before this one were issued after it had ended. A fence on cluster shared memory
-// orders them and compiles to no instruction (design note 44).
+// orders them and compiles to no instruction (design note 44). Nothing at the C++ level orders
+// them (the loads are non-volatile asm and __ldg), so tests/unit/test_tiles_sass.py reads the
+// SASS. The fence is PTX ISA 8.6 (CUDA 12.8); older compilers keep the old order.
 __device__ __forceinline__ void loads_before_wait() {
-#if __CUDA_ARCH__ >= 900
+#if __CUDA_ARCH__ >= 900 && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 8))
   asm volatile("fence.acquire.sync_restrict::shared::cluster.cluster;" ::: "memory");
 #endif
 }
@@ -1086,7 +1089,8 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   const int step = KW * U;
   uint4 wa[U][RT], xa[U][NT][XH], wb[U][RT], xb[U][NT][XH];  // (xa, xb unused if x is late)
   tiles_load_weight<MODE, NT, RT, U>(kw * U, tiles_k, wt, wa);
-  float row_scale[RT][2];  // (EARLY_SCALE) rows g and g + 8 of each row tile
+  // (EARLY_SCALE) rows g and g + 8 of each row tile; every K warp loads them, the first uses them
+  float row_scale[RT][2];
 #pragma unroll
   for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -1177,7 +1181,7 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
         float y = v[(r * NT + n) * 4 + e];
         if constexpr (!GROUPED) {
           if constexpr (V > S) y -= offset * v[S + 2 * n + (e & 1)];
-          y *= Plan::EARLY_SCALE ? row_scale[r][e >> 1] : __ldg(scale + row);
+          y *= Plan::EARLY_SCALE ? row_scale[r][e >= 2] : __ldg(scale + row);
         }
         if (bias) y += bias[row];
         out[(size_t)m * N + row] = from_float<DT>(y);

@@ -80,6 +80,16 @@ def test_gemv_floor_fit_matches_numpy_least_squares() -> None:
     assert rate == pytest.approx(1 / slope, rel=1e-9)
     with pytest.raises(ValueError, match="two or more"):
         bench_gemv_floor.fit_line([(1.0, 2.0), (1.0, 3.0)])
+    with pytest.raises(ValueError, match="does not grow"):
+        bench_gemv_floor.fit_line([(1.0, 3.0), (2.0, 2.0)])
+
+
+@pytest.mark.parametrize("argv", [["--ks", "4096,100"], ["--ns", "4096", "--ks", "4096"],
+                                  ["--ms", "1,"], ["--schemes", "int4_wo"]])
+def test_gemv_floor_rejects_bad_arguments_before_any_gpu_work(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bench_gemv_floor.main(argv)
+    assert exit_.value.code == 2  # argparse's usage error, on a machine with or without a GPU
 
 
 @pytest.mark.parametrize("n,k", [(64, 256), (48, 384)])
