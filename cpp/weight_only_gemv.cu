@@ -188,6 +188,17 @@ __device__ __forceinline__ void loads_before_wait() {
 #endif
 }
 
+// A 4-byte copy from global to shared memory that holds no register until it is read, after
+// wait_async_copies (cp.async: sm_80+, as the tiled GEMV's bfloat16 mma is).
+__device__ __forceinline__ void copy_async(float* dst, const float* src) {
+  asm volatile("{ .reg .u64 s; cvta.to.shared.u64 s, %0; cp.async.ca.shared.global [s], [%1], 4; }"
+               :: "l"(dst), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void wait_async_copies() {
+  asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
 __device__ __forceinline__ u32 word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
@@ -755,12 +766,14 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // faster without it at 2 token tiles, 0-4% at one (at 8 its batch-64 decode lost 6%). LEAN
 // takes a load's k offset in 32 bits, checks K only in a round that reaches it, and skips the
 // zero-fill: int8 from 2 token tiles 5-15% faster, groupwise at 8 15%; int4 per channel, none.
-// EARLY_SCALE loads the channel scales of the lane's rows with the first weights, before the
-// wait, rather than after the sums (where each block's stores waited on them): int8 below the
-// wide plan, decode at batch 1 and 8 +4% (design note 44). Measured and not taken: int4 per
-// channel (13% faster alone, 10% slower in decode, where the table's (1, 8, 1, 4) reaches 130
-// registers: one block an SM, not two) and int8 wide (157 -> 191 registers at (2, 2, 2, 1);
-// batch 64 -12%).
+// EARLY_SCALE reads the channel scales of the lane's rows with the first weights, before the
+// wait, rather than after the sums (where each block's stores waited on them): per channel
+// below the wide plan (design notes 44, 45). int8 holds them in registers (decode at batch 1
+// and 8 +4%; through shared memory its kernel was 3-5% slower). int4 copies them to shared
+// memory (SCALE_COPY, cp.async: no register held through the loop; decode +3%): in registers
+// they took the table's (1, 8, 1, 4) from 128 to 130 registers, one block an SM instead of
+// two, and decode lost 10%. Wide, both ways raised registers (int8 157 -> 191 in registers,
+// -> 188 copied; batch 64 -12% in registers): not taken.
 template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr int TK = MODE == 0 ? 32 : 64;  // features per k-tile (int8, int4)
   static constexpr int XH = TK / 32;              // a lane's 16-byte x loads per token tile
@@ -771,7 +784,8 @@ template <int MODE, int NT, int RT, int U> struct TilesPlan {
   static constexpr int CHAINS = WIDE ? 1 : 2;
   static constexpr bool LEAN = MODE == 0 ? NT > 1 : GROUPED && WIDE;  // int8; groupwise, wide
   static constexpr bool ZERO_X = MODE == 1 ? WIDE : !LEAN;  // int4 per channel: wide only
-  static constexpr bool EARLY_SCALE = MODE == 0 && !WIDE;
+  static constexpr bool EARLY_SCALE = !GROUPED && !WIDE;
+  static constexpr bool SCALE_COPY = EARLY_SCALE && MODE == 1;
 };
 
 // A load's k offset: 32 bits where the plan is lean (it is below K), else size_t.
@@ -1089,13 +1103,23 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   const int step = KW * U;
   uint4 wa[U][RT], xa[U][NT][XH], wb[U][RT], xb[U][NT][XH];  // (xa, xb unused if x is late)
   tiles_load_weight<MODE, NT, RT, U>(kw * U, tiles_k, wt, wa);
-  // (EARLY_SCALE) rows g and g + 8 of each row tile; every K warp loads them, the first uses them
+  // (EARLY_SCALE) rows g and g + 8 of each row tile, for the first K warp's stores: in registers
+  // (every K warp loads them), or copied to shared memory by the first K warp (SCALE_COPY)
   float row_scale[RT][2];
+  __shared__ float scale_copy[Plan::SCALE_COPY ? RW : 1][RT][2][32];
+  float(&copied)[RT][2][32] = scale_copy[Plan::SCALE_COPY ? rw : 0];
+  constexpr bool IN_REGISTERS = Plan::EARLY_SCALE && !Plan::SCALE_COPY;
 #pragma unroll
   for (int r = 0; r < RT; ++r)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
-      row_scale[r][h] = Plan::EARLY_SCALE ? __ldg(scale + grp.row[r] + 8 * h) : 0.f;
+      row_scale[r][h] = IN_REGISTERS ? __ldg(scale + grp.row[r] + 8 * h) : 0.f;
+  if (Plan::SCALE_COPY && kw == 0) {  // (apart: one loop for both compiled 1-3% longer)
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) copy_async(&copied[r][h][lane], scale + grp.row[r] + 8 * h);
+  }
   loads_before_wait();
   wait_then_signal();
   tiles_load_x<MODE, NT, RT, U, XH>(kw * U, tiles_k, xr, xin, xa);
@@ -1169,6 +1193,7 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
 #pragma unroll
       for (int i = 0; i < V; ++i) v[i] += red[rw][o][i][lane];
   }
+  if constexpr (Plan::SCALE_COPY) wait_async_copies();
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
     if (rt0 + r >= row_tiles) break;
@@ -1181,7 +1206,8 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
         float y = v[(r * NT + n) * 4 + e];
         if constexpr (!GROUPED) {
           if constexpr (V > S) y -= offset * v[S + 2 * n + (e & 1)];
-          y *= Plan::EARLY_SCALE ? row_scale[r][e >= 2] : __ldg(scale + row);
+          y *= !Plan::EARLY_SCALE ? __ldg(scale + row)
+               : Plan::SCALE_COPY ? copied[r][e >= 2][lane] : row_scale[r][e >= 2];
         }
         if (bias) y += bias[row];
         out[(size_t)m * N + row] = from_float<DT>(y);

@@ -269,6 +269,12 @@ def test_tiles_shared_bytes_counts_the_k_warps_that_hand_sums_over() -> None:
     assert tiles_shared_bytes(4, 2, 4, 2, grouped=True) == 2 * 3 * 32 * 32 * 4
     # bfloat16 int8 multiplies q itself: no sums of x either.
     assert tiles_shared_bytes(4, 2, 4, 2, q_in_a=True) == 2 * 3 * 32 * 32 * 4
+    # int4 per channel copies its rows' channel scales ahead, 2 per row tile per lane of each
+    # row warp's first K warp; wide, it does not.
+    scales = 2 * 2 * 2 * 32 * 4
+    assert tiles_shared_bytes(4, 2, 4, 2, scale_copy=True) == 2 * 3 * 40 * 32 * 4 + scales
+    assert tiles_shared_bytes(1, 2, 1, 2, scale_copy=True) == scales  # one K warp: scales only
+    assert tiles_shared_bytes(8, 2, 1, 4, scale_copy=True) == 0
 
 
 def test_engine_metadata_names_each_tiled_layout() -> None:

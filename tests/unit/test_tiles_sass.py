@@ -1,7 +1,8 @@
-"""The tiled GEMV's compiled code keeps its PDL promise (design note 44): the first round of
-weights (and, for int8 below 8 token tiles, the channel scales) is loaded before
-griddepcontrol.wait, and x, which the kernel before writes, only after it. ptxas once moved the
-wait to the kernel's top; this reads the SASS that nvcc's ptxas makes of a few instantiations
+"""The tiled GEMV's compiled code keeps its PDL promise (design notes 44, 45): the first round
+of weights (and, per channel below 8 token tiles, the channel scales: int8's loads, int4's
+copies to shared memory) is issued before griddepcontrol.wait, and x, which the kernel before
+writes, only after it. ptxas once moved the wait to the kernel's top; this reads the SASS that
+nvcc's ptxas makes of a few instantiations
 (the product compiles the same source with NVRTC, whose ptxas comes with the same toolkit).
 Needs nvcc 12.8+ (the fence's PTX ISA 8.6) and cuobjdump (CUDA's, or the copy Triton ships);
 no GPU."""
@@ -72,9 +73,11 @@ def test_first_weights_and_early_scales_load_before_the_wait(tmp_path: Path) -> 
         assert len(waits) == 1, shape
         before = [op for op in code[:waits[0]] if op.startswith(("LDG", "LD."))]
         weights = [op for op in before if ".NA." in op]  # L1::no_allocate: the weights
-        scales = [op for op in before if op.startswith("LDG") and ".NA." not in op
-                  and ".128" not in op and ".64" not in op]  # 32-bit, read-only
+        loaded = [op for op in before if op.startswith("LDG") and ".NA." not in op
+                  and ".128" not in op and ".64" not in op]  # 32-bit, read-only (LDG, LDGSTS)
+        copied = [op for op in loaded if op.startswith("LDGSTS")]  # cp.async to shared memory
         assert len(weights) == u * rt, (shape, before)  # the whole first round
-        early = mode == 0 and nt <= 4  # TilesPlan::EARLY_SCALE
-        assert len(scales) == (2 * rt if early else 0), (shape, before)
-        assert len(before) == len(weights) + len(scales), (shape, before)  # no load of x
+        early = mode <= 1 and nt <= 4  # TilesPlan::EARLY_SCALE; int4 copies (SCALE_COPY)
+        assert len(loaded) == (2 * rt if early else 0), (shape, before)
+        assert len(copied) == (len(loaded) if mode == 1 else 0), (shape, before)
+        assert len(before) == len(weights) + len(loaded), (shape, before)  # no load of x

@@ -279,12 +279,16 @@ _TILES_CHOSEN: dict[tuple, tuple[int, int, int, int, int]] = {}
 
 
 def tiles_shared_bytes(nt: int, rt: int, kw: int, rw: int = 1, grouped: bool = False,
-                       q_in_a: bool = False) -> int:
+                       q_in_a: bool = False, scale_copy: bool = False) -> int:
     """Shared memory of a wo_tiles block: for each row warp, KW - 1 K warps' C fragments (RT x
     NT) and (per channel, below the wide plan, unless the A registers hold q itself: q_in_a,
-    bfloat16 int8) NT x 2 sums of x, floats per lane."""
-    sums = rt * nt * 4 + (0 if grouped or q_in_a or nt >= TILES_WIDE_NT else nt * 2)
-    return rw * (kw - 1) * sums * 32 * 4
+    bfloat16 int8) NT x 2 sums of x, floats per lane; and where the channel scales are copied
+    ahead (scale_copy, int4 per channel; below the wide plan: TilesPlan::SCALE_COPY) RT x 2
+    scales per lane of each row warp's first K warp."""
+    narrow = nt < TILES_WIDE_NT
+    sums = rt * nt * 4 + (nt * 2 if narrow and not (grouped or q_in_a) else 0)
+    scales = rt * 2 if narrow and scale_copy else 0
+    return rw * ((kw - 1) * sums + scales) * 32 * 4
 
 
 # Measured choices for the tiled kernel (benchmarks/tune_tiles.py): for a device, dtype, mode,
@@ -393,8 +397,9 @@ def _grouped(mode_: int) -> bool:
 
 
 def _sums(mode_: int, dtype: torch.dtype) -> dict[str, bool]:
-    """`tiles_shared_bytes`' flags for a mode and dtype (the .cu's TilesQ)."""
-    return dict(grouped=_grouped(mode_), q_in_a=mode_ == 0 and dtype == torch.bfloat16)
+    """`tiles_shared_bytes`' flags for a mode and dtype (the .cu's TilesQ and TilesPlan)."""
+    return dict(grouped=_grouped(mode_), q_in_a=mode_ == 0 and dtype == torch.bfloat16,
+                scale_copy=mode_ == 1)
 
 
 def _tiles_name(mode_: int, nt: int, rt: int, kw: int, rw: int, u: int) -> str:
