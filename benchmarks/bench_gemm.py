@@ -14,10 +14,11 @@ x per-channel W8A8 with the input already int8, as after the SmoothQuant RMSNorm
 (the same with the per-token activation quantization included), against bf16 = `x @ W.T` in
 the same run. Random weights are generated and quantized on the GPU.
 
-Timing: each op is captured R times in a CUDA graph (R chosen so a replay takes about a
-millisecond), cycling through enough copies of the weights that their total is at least twice
-the L2 cache (every call streams its weights from HBM); the median over replays, divided by
-R, is the time per call. Effective GB/s counts every stored weight tensor plus the activation
+Timing: each op is captured R times in a CUDA graph, cycling through enough copies of the
+weights that their total is at least twice the L2 cache (every call streams its weights from
+HBM); R is as many calls as take about a millisecond (3 to 50; 20 with --quick) as a graph of 3
+times them, and at least one per copy. The median over replays, divided by R, is the time per
+call. Effective GB/s counts every stored weight tensor plus the activation
 read and the output written; TFLOP/s is 2 M N K / time; speed-up is bf16 time / scheme time.
 The device copy bandwidth (median of 1 GiB device-to-device copies launched directly, not
 from a graph; counting read + write: `copy_bandwidth`) is measured once; the int4 schemes'
@@ -131,20 +132,13 @@ def time_graph(calls: list[Callable[[], object]], reps: int, replays: int) -> fl
 
 
 def time_calls(calls: list[Callable[[], object]], replays: int, max_reps: int = 50) -> float:
-    """`time_graph` with as many calls per replay (3 to max_reps) as fill ~REPLAY_SECONDS."""
-    reps = min(max_reps, max(3, math.ceil(REPLAY_SECONDS / estimate_seconds(calls[0]))))
-    return time_graph(calls, reps, replays)
-
-
-def estimate_seconds(fn: Callable[[], object]) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return max(start.elapsed_time(end) / 1e3, 1e-6)
+    """`time_graph` with as many calls per replay as fill ~REPLAY_SECONDS (3 to max_reps), and
+    never fewer than len(calls), so that every weight copy streams. A call's time for that
+    comes from a graph of 3: an eager call also times the host's dispatch (100-400 us for a
+    Scheme.forward against 2-9 us on the GPU), which left ~6 calls a replay and a share of the
+    replay's own launch in every figure (design note 45)."""
+    reps = min(max_reps, max(3, math.ceil(REPLAY_SECONDS / time_graph(calls, 3, 1))))
+    return time_graph(calls, max(reps, len(calls)), replays)
 
 
 def event_times(fn: Callable[[], object], reps: int) -> list[float]:

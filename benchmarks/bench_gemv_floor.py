@@ -103,13 +103,12 @@ def weight_sets(weight: torch.Tensor, schemes: Sequence[str],
 
 def time_sets(x: torch.Tensor, scheme: object, sets: list[dict[str, torch.Tensor]],
               replays: int) -> float:
-    """Median seconds a call, cycling through every copy (bench_gemm's timing, with enough
-    calls a replay that no copy is left out)."""
+    """Median seconds a call, cycling through every copy (bench_gemm's timing)."""
     if scheme is None:
         calls = [lambda w=t["w"]: x @ w.t() for t in sets]
     else:
         calls = [lambda t=t: scheme.forward(x, t) for t in sets]
-    return time_calls(calls, replays, max_reps=max(50, len(calls)))
+    return time_calls(calls, replays)
 
 
 def _ints(text: str) -> list[int]:
