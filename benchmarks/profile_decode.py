@@ -31,8 +31,9 @@ the times mean anything.
     [mpirun -n 2] python benchmarks/profile_decode.py --variants [--schemes ...] [--batches 1 8]
 
 times instead the graph replay of the step as it is against other choices (VARIANTS: decode
-attention on 2 or on 4 warps whatever its splits; 4 is the step before `split_warps`), each
-variant captured in turn, three rounds, one model per scheme
+attention with RoPE and the KV write in kernels of their own at every batch, or in its kernel
+at every batch, its splits cut to one block each), each variant captured in turn, three
+rounds, one model per scheme
 ($OUT/profile_variants_tp<N>.json).
 
     [mpirun -n 2] python benchmarks/profile_decode.py --prefill [--schemes ...]
@@ -83,6 +84,7 @@ KINDS = (
     ("_wo_", "weight-only (Triton)"),
     ("decode_attention", "decode attention"),
     ("_decode_split", "decode attention"),
+    ("_decode_rope", "decode attention"),  # with RoPE and the KV write (decode_attention_rope)
     ("_combine", "decode attention"),
     ("_kv_write", "KV-cache write"),
     ("_silu_mul", "SwiGLU activation"),
@@ -114,17 +116,22 @@ ABLATIONS = {
     "swiglu": [(llama, "silu_mul", _empty_like_half)],
     "rope": [(llama, "apply_rope", lambda x, cos, sin: x)],
     "kv_write": [(KVCache, "write", lambda self, pos, k, v: None)],
-    "attention": [(llama, "decode_attention", lambda q, cache, pos: q.new_empty(q.shape))],
+    # (where fuses_rope, RoPE and the KV write run in decode_attention_rope's kernel)
+    "attention": [(llama, "decode_attention", lambda q, cache, pos: q.new_empty(q.shape)),
+                  (llama, "decode_attention_rope", lambda qkv, cos, sin, cache, pos, h:
+                   qkv.new_empty(qkv.shape[0], h, cache.k.shape[3]))],
     # the residual add + RMSNorm, and at TP > 1 the all-reduce fused with it
     "add_norm": [(RmsNorm, "add_forward", lambda self, x, delta: (x, x))],
 }
 
 
-# --variants: the step as it is, and with decode attention on a fixed number of warps
+# --variants: the step as it is, and with decode attention's RoPE and KV write kernels kept
+# apart at every batch, or fused at every batch (splits of one block each, however many)
 VARIANTS = {
     "as is": [],
-    "attention on 2 warps": [(decode_attention, "split_warps", lambda max_seq, splits: 2)],
-    "attention on 4 warps": [(decode_attention, "split_warps", lambda max_seq, splits: 4)],
+    "RoPE and KV write unfused": [(llama, "fuses_rope", lambda cache, batch: False)],
+    "RoPE fused, one-block splits": [
+        (decode_attention, "num_splits", lambda batch, kv_heads, max_seq: -(-max_seq // 64))],
 }
 
 

@@ -17,7 +17,10 @@ collectives.
 Tolerances, and why:
 - decode kernel vs the float64 reference on the same cache values: float32 1e-5, fp16 2e-3,
   bf16 1.6e-2 (outputs are O(1); p is rounded to the cache dtype before p @ V, as in flash
-  attention, and bf16 keeps 8 bits).
+  attention, and bf16 keeps 8 bits). With RoPE in the kernel, the same bounds against torch's
+  RoPE, write and the reference; the stored key within one ulp of torch's RoPE plus two
+  float32 ulps of the products' size (the kernel may fuse a multiply and an add that torch
+  rounds apart: k c - k' s cancels), the value bit for bit.
 - graph vs eager decode, float32: the same linears, attention by another kernel; 1e-3 absolute
   on SmolLM2's logits (scale ~30), the bound test_llama.py uses against transformers; argmax
   identical at every step. bfloat16: 5e-2 of the largest logit (bf16 rounding through 30 layers).
@@ -59,11 +62,15 @@ from tpquant.engine.sampling import SamplingParams  # noqa: E402
 from tpquant.engine.session import generate  # noqa: E402
 from tpquant.layers.decode_attention import (  # noqa: E402
     decode_attention_reference,
+    decode_attention_rope,
     decode_attention_triton,
+    fuses_rope,
+    num_splits,
+    one_block,
 )
 from tpquant.layers.kv_cache import KVCache  # noqa: E402
 from tpquant.models.config import LlamaConfig  # noqa: E402
-from tpquant.models.llama import LlamaSchemes  # noqa: E402
+from tpquant.models.llama import LlamaSchemes, apply_rope_reference  # noqa: E402
 from tpquant.models.loader import load_llama  # noqa: E402
 from tpquant.parallel.mapping import Mapping  # noqa: E402
 
@@ -186,6 +193,51 @@ def test_decode_attention_kernel(device, dtype, int8, H, Hkv, hd):
     tol = {F32: 1e-5, torch.float16: 2e-3, BF16: 1.6e-2}[dtype]
     err = (got.double() - want).abs().max().item()
     assert got.dtype == dtype and err <= tol, err
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float16, BF16], ids=str)
+@pytest.mark.parametrize("H,Hkv,hd,B", [(32, 32, 128, 1), (32, 8, 128, 2), (16, 2, 128, 5),
+                                        (12, 12, 64, 2)])
+def test_decode_attention_rope_kernel(device, dtype, H, Hkv, hd, B):
+    """RoPE, the KV write and attention in one kernel against torch's RoPE, write and the
+    float64 reference, five calls in a row at advancing positions; splits of one block (the
+    kernel's shapes: 11 splits of 64 positions), the new position first, inside or last."""
+    g = torch.Generator(device=device).manual_seed(H * 5 + Hkv)
+    S = 700
+    cache = KVCache(B + 2, S, Hkv, hd, dtype, device)
+    assert one_block(S, num_splits(B, Hkv, S))
+    old = [torch.randn(B + 2, S, Hkv, hd, generator=g, device=device).to(dtype) for _ in range(2)]
+    cache.write(torch.arange(S, device=device).expand(B + 2, S), *old)
+    pos = torch.tensor([0, 694, 32, 511, 62][:B], device=device)
+    rows = torch.arange(B, device=device)
+    tol = {F32: 1e-5, torch.float16: 2e-3, BF16: 1.6e-2}[dtype]
+    for _ in range(5):
+        qkv = torch.randn(B, (H + 2 * Hkv) * hd, generator=g, device=device).to(dtype)
+        ang = torch.randn(B, hd // 2, generator=g, device=device) * 3
+        cos, sin = ang.cos(), ang.sin()
+        qk = apply_rope_reference(qkv[:, None, : (H + Hkv) * hd].view(B, 1, H + Hkv, hd),
+                                  cos[:, None], sin[:, None])
+        q, k_new = qk.split([H, Hkv], dim=2)
+        v_new = qkv[:, None, (H + Hkv) * hd:].view(B, 1, Hkv, hd)
+        ref = _double_cache(cache)
+        ref.write(pos[:, None], k_new.double(), v_new.double())
+        want = decode_attention_reference(q[:, 0].double(), ref, pos)
+        before = cache.k.clone(), cache.v.clone()
+        got = decode_attention_rope(qkv, cos, sin, cache, pos, H)
+        err = (got.double() - want).abs().max().item()
+        assert got.dtype == dtype and err <= tol, err
+        # RoPE's k c -/+ k' s: float32 roundings on each product's size, then dtype's on k
+        k = qkv[:, H * hd: (H + Hkv) * hd].view(B, Hkv, hd).double()
+        size = k.abs() * cos.double().abs().repeat(1, 2)[:, None] + k.roll(hd // 2, -1).abs() * (
+            sin.double().abs().repeat(1, 2)[:, None])
+        k_err = (cache.k[rows, pos].double() - k_new[:, 0].double()).abs()
+        bound = torch.finfo(dtype).eps * k_new[:, 0].double().abs() + 2 * torch.finfo(F32).eps * size
+        assert (k_err <= bound + torch.finfo(dtype).tiny).all()
+        assert torch.equal(cache.v[rows, pos], v_new[:, 0])
+        for now, was in zip((cache.k, cache.v), before):
+            was[rows, pos] = now[rows, pos]
+            assert torch.equal(now, was)  # nothing else written
+        pos = pos + 1
 
 
 # -- (a) CUDA-graph decode == eager decode --------------------------------------------------
@@ -351,6 +403,27 @@ def test_generate_overlapped_equals_waiting_loop(scheme, mapping, gpu_comm, devi
     ended = [row[: row.index(stop) + 1] if stop in row else row for row in want]
     got = generate(model, gpu_comm, prompts, 20, SamplingParams(), graphs=graphs, stop_ids=[stop])
     assert got.tokens == ended
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_graph_decode_equals_eager_random(batch, mapping, gpu_comm, device):
+    """(a) on SMALL with random bf16 weights (no file needed): the captured step against eager
+    forward's RoPE, write and masked SDPA, teacher-forced for 8 steps; the bf16 bound of
+    test_graph_decode_equals_eager. Over 4096 positions at TP 1, batch 1 and 3 take
+    decode_attention_rope (splits of one block), batch 8 the kernels apart (two blocks)."""
+    model = random_model(SMALL, "bf16", mapping, gpu_comm, device, group_size=64)
+    model.setup_caches(8, 4096)
+    if mapping.tp_size == 1:
+        assert fuses_rope(model.layers[0].attention.kv_cache, batch) == (batch < 8)
+    graphs = DecodeGraphs(model)
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(0, SMALL.vocab_size, (3 + 5 * b,), generator=g).tolist()
+               for b in range(batch)]
+    feed = torch.randint(0, SMALL.vocab_size, (8, batch), generator=g)
+    fast = _teacher_forced(model, graphs, prompts, feed, use_graphs=True)
+    eager = _teacher_forced(model, graphs, prompts, feed, use_graphs=False)
+    err, scale = (fast - eager).abs().max().item(), eager.abs().max().item()
+    assert err <= 5e-2 * scale, (err, scale)
 
 
 @pytest.mark.parametrize("scheme", ["bf16", "int8_wo"])

@@ -483,6 +483,7 @@ for dtype, int8, H, Hkv, hd, B, S, MB in [
     got = decode_attention_triton(q, cache, lengths - 1).double()  # query at position len - 1
     want = decode_attention_reference(q.double(), KVCache_double(cache), lengths - 1)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert got.isfinite().all(), "no NaN or inf (max() would pass a NaN error over)"
     worst = max(worst, (got - want).abs().max().item() / tol)
 print("WORST", worst)
 """
@@ -503,16 +504,81 @@ def test_triton_decode_attention_in_interpreter():
     interpreter is chosen at import) against the float64 reference on the same (dequantized)
     cache values: float32 within 1e-5, float16 within 2e-3 (outputs are O(1))."""
     pytest.importorskip("triton")
+    assert _run_in_interpreter(_TRITON_CHECK) <= 1.0
+
+
+_TRITON_ROPE_CHECK = r"""
+import torch
+from tpquant.layers.decode_attention import (
+    decode_attention_reference, decode_attention_rope, num_splits, one_block)
+from tpquant.layers.kv_cache import KVCache
+from tpquant.models.llama import apply_rope_reference
+g = torch.Generator().manual_seed(1)
+worst = 0.0
+# splits of one block each (2, 2, 1, 1 and 8 splits): positions 0 .. 63 of a split, the new
+# one first, last or alone in it
+for dtype, H, Hkv, hd, B, S, MB in [
+    (torch.float32, 4, 2, 16, 3, 70, 4), (torch.float16, 8, 1, 64, 2, 100, 3),
+    (torch.float32, 3, 3, 16, 5, 8, 5), (torch.float16, 6, 2, 32, 2, 40, 2),
+    (torch.float32, 2, 2, 16, 2, 512, 2),
+]:
+    assert one_block(S, num_splits(B, Hkv, S))
+    cache = KVCache(MB, S, Hkv, hd, dtype)
+    old = [torch.randn(MB, S, Hkv, hd, generator=g).to(dtype) for _ in range(2)]
+    cache.write(torch.arange(S).expand(MB, S), *old)  # stale values at the new positions too
+    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    lengths[0], lengths[-1] = 1, S
+    if S == 512:
+        lengths[0] = 65  # its new position first in the second split
+    pos = lengths - 1
+    for step in range(2):  # twice, the second step over the first one's keys
+        qkv = torch.randn(B, (H + 2 * Hkv) * hd, generator=g).to(dtype)
+        ang = torch.randn(B, hd // 2, generator=g) * 3
+        cos, sin = ang.cos(), ang.sin()
+        # the unfused path: RoPE in torch, the new key and value written to a float64 copy
+        qk = apply_rope_reference(qkv[:, None, : (H + Hkv) * hd].view(B, 1, H + Hkv, hd),
+                                  cos[:, None], sin[:, None])
+        q, k_new = qk.split([H, Hkv], dim=2)
+        v_new = qkv[:, None, (H + Hkv) * hd :].view(B, 1, Hkv, hd)
+        ref = KVCache_double(cache)
+        ref.write(pos[:, None], k_new.double(), v_new.double())
+        want = decode_attention_reference(q[:, 0].double(), ref, pos)
+        before_k, before_v = cache.k.clone(), cache.v.clone()
+        got = decode_attention_rope(qkv, cos, sin, cache, pos, H).double()
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        assert got.isfinite().all(), "no NaN or inf (max() would pass a NaN error over)"
+        worst = max(worst, (got - want).abs().max().item() / tol)
+        rows = torch.arange(B)
+        assert torch.equal(cache.k[rows, pos], k_new[:, 0]), "the stored key is RoPE's"
+        assert torch.equal(cache.v[rows, pos], v_new[:, 0]), "the stored value is qkv's"
+        before_k[rows, pos], before_v[rows, pos] = cache.k[rows, pos], cache.v[rows, pos]
+        assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v), "nothing else"
+        pos = torch.minimum(pos + 1, torch.full_like(pos, S - 1))
+print("WORST", worst)
+"""
+
+
+def _run_in_interpreter(code: str) -> float:
+    """`code` in a subprocess under Triton's CPU interpreter (chosen at import); its WORST."""
     import subprocess
     import sys
 
-    code = _TRITON_CHECK.replace("g = torch.Generator()", _kv_double_helper() + "g = torch.Generator()")
+    code = code.replace("g = torch.Generator()", _kv_double_helper() + "g = torch.Generator()")
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    worst = float(run.stdout.split("WORST")[-1])
-    assert worst <= 1.0, worst
+    return float(run.stdout.split("WORST")[-1])
+
+
+def test_triton_decode_attention_rope_in_interpreter():
+    """decode_attention_rope (RoPE, the KV write and attention in one kernel) against the
+    unfused path: torch's RoPE, the write, and the float64 reference attention. Attention
+    within the tolerances above; the stored key and value bit for bit RoPE's and qkv's (the
+    interpreter has no fused multiply-add: the same float32 operations, the same roundings),
+    every other cache entry unchanged."""
+    pytest.importorskip("triton")
+    assert _run_in_interpreter(_TRITON_ROPE_CHECK) <= 1.0
 
 
 def test_decode_attention_splits_and_warps():

@@ -16,6 +16,14 @@ Two implementations, chosen by device:
   tl.dot, the group padded to 16 rows), keeping a running max and sum; a second kernel then
   combines the splits with their log-sum-exp weights. An INT8 cache is dequantized in registers with the
   same per-(position, head) scales as `KVCache.read`.
+
+`decode_attention_rope` takes the step further back, to the qkv projection's output: its split
+kernel rotates q and the new key (the same float32 math as `tpquant.models.llama.apply_rope`),
+stores the new key and value at the row's position (what `KVCache.write` does) and attends to
+them from registers. It serves shapes whose splits are one block of the cache each (batch 1:
+`fuses_rope`), where it reads its whole block of the cache before the PDL wait, while the qkv
+GEMV before it still runs: no kernel of the step writes those positions. Design note 46 has
+the measurements behind that rule (the fused kernel lost where splits loop over blocks).
 """
 
 from __future__ import annotations
@@ -41,6 +49,14 @@ def decode_attention(q: torch.Tensor, cache: KVCache, positions: torch.Tensor) -
     if q.is_cuda and triton is not None:
         return decode_attention_triton(q, cache, positions)
     return decode_attention_reference(q, cache, positions)
+
+
+def fuses_rope(cache: KVCache, batch: int) -> bool:
+    """Whether `decode_attention_rope` serves a decode step of `batch` rows over this cache: a
+    float cache on CUDA (with Triton) whose splits span one block each."""
+    if triton is None or not cache.k.is_cuda or cache.int8:
+        return False
+    return one_block(cache.max_seq, num_splits(batch, cache.k.shape[2], cache.max_seq))
 
 
 def decode_attention_reference(
@@ -99,44 +115,141 @@ def split_warps(max_seq: int, splits: int) -> int:
     return 2 if blocks >= MANY_BLOCKS else 4
 
 
+def one_block(max_seq: int, splits: int) -> bool:
+    """Whether each split attends to at most one block of positions."""
+    return -(-max_seq // splits) <= BLOCK_N
+
+
 def decode_attention_triton(
     q: torch.Tensor, cache: KVCache, positions: torch.Tensor
 ) -> torch.Tensor:
     """Split-K decode attention (see the module docstring); q's dtype in and out."""
-    if triton is None:
-        raise RuntimeError("decode_attention_triton needs Triton")
     B, H, hd = _check(q, cache, positions)
-    Hkv = cache.k.shape[2]
-    group = H // Hkv
-    if hd & (hd - 1) or hd < 16:
-        raise ValueError(f"decode_attention_triton needs a power-of-two head_dim >= 16, got {hd}")
-    splits = num_splits(B, Hkv, cache.max_seq)
+    splits, group, g_pad = _plan(B, H, cache)
     if q.stride(-1) != 1:
         q = q.contiguous()  # rows and heads may be strided (q is a slice of the RoPE output)
-    acc = torch.empty(B, H, splits, hd, device=q.device, dtype=torch.float32)
-    m = torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
-    l = torch.empty_like(m)
+    acc, m, l = _split_buffers(B, H, splits, hd, q.device)
     k_scale = cache.k_scale if cache.int8 else cache.k  # unused when not INT8
     v_scale = cache.v_scale if cache.int8 else cache.v
-    _decode_split_kernel[(B, Hkv, splits)](
+    _decode_split_kernel[(B, cache.k.shape[2], splits)](
         q, cache.k, cache.v, k_scale, v_scale, positions, acc, m, l,
         q.stride(0), q.stride(1), positions.stride(0),
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
         k_scale.stride(0), k_scale.stride(1),
         1.0 / math.sqrt(hd), splits,
-        G=group, G_PAD=max(_MIN_ROWS, triton.next_power_of_2(group)), HD=hd, BLOCK_N=BLOCK_N,
+        G=group, G_PAD=g_pad, HD=hd, BLOCK_N=BLOCK_N,
         INT8=cache.int8, IEEE=q.dtype == torch.float32,
         num_warps=split_warps(cache.max_seq, splits),
         **pdl.triton_args(q.device),
     )
-    out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
+    return _combine(acc, m, l, q.dtype)
+
+
+def decode_attention_rope(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: KVCache,
+    positions: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
+    """RoPE, the KV-cache write and decode attention in one split kernel (and the combine).
+
+    qkv [B, (H + 2 Hkv) * hd] (this rank's [q | k | v] heads, each head's values contiguous),
+    cos / sin [B, hd / 2] (float32, at each row's position), H = n_heads: q and the new key
+    rotated, the new key and value stored at positions[b] of the float cache, q attending to
+    positions 0 .. positions[b] -> [B, H, hd] in qkv's dtype. Splits must span one block each
+    (`fuses_rope` says where they do).
+    """
+    B = positions.shape[0]
+    Hkv, hd = cache.k.shape[2], cache.k.shape[3]
+    width = (n_heads + 2 * Hkv) * hd
+    if (qkv.shape != (B, width) or qkv.stride(1) != 1 or cos.shape != (B, hd // 2)
+            or sin.shape != cos.shape or n_heads % Hkv or cache.int8):
+        raise ValueError(
+            f"decode attention with RoPE: qkv {tuple(qkv.shape)} (want [{B}, {width}] for "
+            f"{n_heads} query heads), cos/sin {tuple(cos.shape)}, cache {tuple(cache.k.shape)}"
+            f"{' int8 (float caches only)' if cache.int8 else ''}"
+        )
+    _check(qkv[:, : n_heads * hd].view(B, n_heads, hd), cache, positions)
+    splits, group, g_pad = _plan(B, n_heads, cache)
+    if not one_block(cache.max_seq, splits):
+        raise ValueError(
+            f"decode_attention_rope: batch {B} over {cache.max_seq} positions splits into "
+            f"{splits} of more than {BLOCK_N} positions (see fuses_rope)"
+        )
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    acc, m, l = _split_buffers(B, n_heads, splits, hd, qkv.device)
+    _decode_rope_kernel[(B, Hkv, splits)](
+        qkv, cos, sin, cache.k, cache.v, positions, acc, m, l,
+        qkv.stride(0), positions.stride(0),
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
+        1.0 / math.sqrt(hd), splits,
+        G=group, G_PAD=g_pad, HD=hd, BLOCK_N=BLOCK_N, IEEE=qkv.dtype == torch.float32,
+        num_warps=split_warps(cache.max_seq, splits),
+        **pdl.triton_args(qkv.device),
+    )
+    return _combine(acc, m, l, qkv.dtype)
+
+
+def _plan(B: int, H: int, cache: KVCache) -> tuple[int, int, int]:
+    """(splits, query heads per KV head, that group padded for tl.dot)."""
+    if triton is None:
+        raise RuntimeError("decode attention's Triton kernels need Triton")
+    Hkv, hd = cache.k.shape[2], cache.k.shape[3]
+    if hd & (hd - 1) or hd < 16:
+        raise ValueError(f"decode attention's Triton kernels need a power-of-two head_dim >= 16, got {hd}")
+    group = H // Hkv
+    return num_splits(B, Hkv, cache.max_seq), group, max(_MIN_ROWS, triton.next_power_of_2(group))
+
+
+def _split_buffers(B: int, H: int, splits: int, hd: int, device: torch.device):
+    """Each split's float32 sums, running max and sum of weights: acc [B, H, splits, hd], m, l."""
+    acc = torch.empty(B, H, splits, hd, device=device, dtype=torch.float32)
+    m = torch.empty(B, H, splits, device=device, dtype=torch.float32)
+    return acc, m, torch.empty_like(m)
+
+
+def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    B, H, splits, hd = acc.shape
+    out = torch.empty(B, H, hd, device=acc.device, dtype=dtype)
     _combine_kernel[(B * H,)](acc, m, l, out, splits, HD=hd,
                               SPLITS_PAD=triton.next_power_of_2(splits),
-                              **pdl.triton_args(q.device))
+                              **pdl.triton_args(acc.device))
     return out
 
 
 if triton is not None:
+
+    @triton.jit
+    def _attend(q, k, v, valid, m_i, l_i, acc, sm_scale, IEEE: tl.constexpr):
+        """One block of keys and values [BLOCK_N, HD] (positions where `valid`) into the
+        running max m_i, sum l_i and weighted sum acc of q's rows (online softmax)."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * sm_scale, float("-inf"))  # [G_PAD, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
+    def _store_split(ACC, M, L, m_i, l_i, acc, b, kvh, split, n_splits,
+                     G: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr):
+        """A split's results for the group's query heads, at [B, H, splits] (acc: [.., HD])."""
+        g = tl.arange(0, G_PAD)
+        keep = g < G
+        row = (b * (tl.num_programs(1) * G) + kvh * G + g) * n_splits + split
+        tl.store(M + row, m_i, mask=keep)
+        tl.store(L + row, l_i, mask=keep)
+        tl.store(ACC + row[:, None] * HD + tl.arange(0, HD)[None, :], acc, mask=keep[:, None])
 
     @triton.jit
     def _decode_split_kernel(
@@ -183,28 +296,82 @@ if triton is not None:
                 vs = tl.load(VS + soffs, mask=valid, other=0.0)
                 k = (k.to(tl.float32) * ks[:, None]).to(q.dtype)
                 v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(valid[None, :], s * sm_scale, float("-inf"))  # [G_PAD, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale, IEEE)
             s0 += BLOCK_N
+        _store_split(ACC, M, L, m_i, l_i, acc, b, kvh, split, n_splits, G, G_PAD, HD)
 
-        keep = g < G
-        row = (b * (tl.num_programs(1) * G) + heads) * n_splits + split  # [B, H, splits] index
-        tl.store(M + row, m_i, mask=keep)
-        tl.store(L + row, l_i, mask=keep)
-        tl.store(ACC + row[:, None] * HD + d[None, :], acc, mask=keep[:, None])
+    @triton.jit
+    def _rotate(x, partner, cos, sin, first_half):
+        """RoPE ("rotate halves": pair i is (x[i], x[i + hd/2])) in float32, given each value's
+        partner in its pair: x c - x' s in the first half, x c + x' s in the second."""
+        x, partner = x.to(tl.float32), partner.to(tl.float32)
+        return tl.where(first_half, x * cos - partner * sin, x * cos + partner * sin)
+
+    @triton.jit
+    def _decode_rope_kernel(
+        QKV, COS, SIN, K, V, POS, ACC, M, L,
+        stride_qkv, stride_pos,
+        stride_kb, stride_ks, stride_kh,
+        sm_scale, n_splits,
+        G: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """_decode_split_kernel for splits of one block, from the qkv row (module docstring)."""
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        n_kv = tl.num_programs(1)
+        n_heads = n_kv * G
+        # Before the wait, only what no kernel of this step writes (tpquant.kernels.pdl): the
+        # positions (copied in before the step) and the cache below the new position (earlier
+        # steps'), which this split reads while the qkv GEMV before it runs.
+        new = tl.load(POS + b * stride_pos).to(tl.int32)  # the query's position
+        chunk = tl.cdiv(tl.cdiv(new + 1, n_splits), BLOCK_N) * BLOCK_N  # <= BLOCK_N
+        start = split * chunk
+        n = tl.arange(0, BLOCK_N)
+        d = tl.arange(0, HD)
+        cached = start + n < tl.minimum(start + chunk, new)  # the new position comes last
+        base = b * stride_kb + kvh * stride_kh
+        offs = base + (start + n)[:, None] * stride_ks + d[None, :]
+        k = tl.load(K + offs, mask=cached[:, None], other=0)
+        v = tl.load(V + offs, mask=cached[:, None], other=0)
+        if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+            gdc_wait()
+            gdc_launch_dependents()
+
+        HALF: tl.constexpr = HD // 2
+        first_half = d < HALF
+        partner = tl.where(first_half, d + HALF, d - HALF)
+        cos = tl.load(COS + b * HALF + d % HALF)
+        sin = tl.load(SIN + b * HALF + d % HALF)
+        g = tl.arange(0, G_PAD)
+        row = QKV + b * stride_qkv
+        q_ptrs = row + (kvh * G + g)[:, None] * HD
+        q = _rotate(tl.load(q_ptrs + d[None, :], mask=(g < G)[:, None], other=0.0),
+                    tl.load(q_ptrs + partner[None, :], mask=(g < G)[:, None], other=0.0),
+                    cos[None, :], sin[None, :], first_half[None, :]).to(QKV.dtype.element_ty)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, HD], tl.float32)
+        if start < new:  # cached positions (a max of -inf everywhere would make NaNs)
+            m_i, l_i, acc = _attend(q, k, v, cached, m_i, l_i, acc, sm_scale, IEEE)
+        if (new >= start) & (new < start + chunk):  # this split holds the new position
+            k_row = row + (n_heads + kvh) * HD
+            # RoPE's output is in the model's dtype; the cache's may differ
+            k_new = _rotate(tl.load(k_row + d), tl.load(k_row + partner), cos, sin, first_half)
+            k_new = k_new.to(QKV.dtype.element_ty).to(K.dtype.element_ty)
+            v_new = tl.load(row + (n_heads + n_kv + kvh) * HD + d).to(K.dtype.element_ty)
+            tl.store(K + base + new * stride_ks + d, k_new)
+            tl.store(V + base + new * stride_ks + d, v_new)
+            # its key and value from registers, as one more position
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * sm_scale
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp(m_i - m_new)
+            p_new = tl.exp(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
+        _store_split(ACC, M, L, m_i, l_i, acc, b, kvh, split, n_splits, G, G_PAD, HD)
 
     @triton.jit
     def _combine_kernel(ACC, M, L, OUT, n_splits, HD: tl.constexpr, SPLITS_PAD: tl.constexpr,

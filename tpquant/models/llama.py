@@ -37,7 +37,7 @@ from tpquant.collectives import Communicator
 from tpquant.kernels import has_triton
 from tpquant.kernels.activation import silu_mul
 from tpquant.layers.column import ColumnLinear
-from tpquant.layers.decode_attention import decode_attention
+from tpquant.layers.decode_attention import decode_attention, decode_attention_rope, fuses_rope
 from tpquant.layers.kv_cache import KVCache
 from tpquant.layers.norm import RmsNorm
 from tpquant.layers.row import PartialSum, RowLinear
@@ -230,13 +230,19 @@ class Attention(nn.Module):
         mask [B, 1, T, S]   any positions: SDPA over the cache's first S positions
         None, T > 1         prefill from position 0: causal SDPA over the new keys (flash)
         None, T == 1        one decode step: `decode_attention` over the whole cache, fixed
-                            shapes, row b seeing positions 0 .. pos[b]
+                            shapes, row b seeing positions 0 .. pos[b] (RoPE and the KV
+                            write in its kernel where `fuses_rope`: `decode_attention_rope`)
         """
         if self.kv_cache is None:
             raise RuntimeError("no KV cache: call Llama.setup_caches(max_batch, max_seq)")
         B, T, _ = x.shape
         hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
         qkv = self.qkv(x)  # local [q_r | k_r | v_r]
+        if mask is None and T == 1 and fuses_rope(self.kv_cache, B):
+            # RoPE, the KV write and attention in one kernel
+            y = decode_attention_rope(qkv[:, 0], cos[:, 0], sin[:, 0], self.kv_cache,
+                                      pos[:, 0], H)  # [B, H, hd]
+            return self.o_proj(y.reshape(B, 1, H * hd), reduce=False)  # [B, 1, D]
         # q and k rotated together (adjacent heads of one row: one kernel on CUDA)
         qk = apply_rope(qkv[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd), cos, sin)
         q, k = qk.split([H, Hkv], dim=2)  # [B, T, H, hd], [B, T, Hkv, hd]
