@@ -32,8 +32,8 @@ the times mean anything.
 
 times instead the graph replay of the step as it is against other choices (VARIANTS: decode
 attention with RoPE and the KV write in kernels of their own at every batch, or in its kernel
-at every batch, its splits cut to one block each), each variant captured in turn, three
-rounds, one model per scheme
+at every batch, its splits cut to one block each; the add + RMSNorm reading the residual after
+its wait), each variant captured in turn, three rounds, one model per scheme
 ($OUT/profile_variants_tp<N>.json).
 
     [mpirun -n 2] python benchmarks/profile_decode.py --prefill [--schemes ...]
@@ -65,8 +65,10 @@ from bench_decode import (  # noqa: E402
     MODELS, PROMPT, _events_ms, group_size_for, random_model, time_decode,
 )
 
+from tpquant import collectives  # noqa: E402
 from tpquant.collectives import make_communicator  # noqa: E402
 from tpquant.engine.graphs import DecodeGraphs  # noqa: E402
+from tpquant.kernels import norm as norm_kernels  # noqa: E402
 from tpquant.layers import decode_attention  # noqa: E402
 from tpquant.layers.kv_cache import KVCache  # noqa: E402
 from tpquant.layers.norm import RmsNorm  # noqa: E402
@@ -125,13 +127,17 @@ ABLATIONS = {
 }
 
 
-# --variants: the step as it is, and with decode attention's RoPE and KV write kernels kept
-# apart at every batch, or fused at every batch (splits of one block each, however many)
+# --variants: the step as it is; with decode attention's RoPE and KV write kernels kept apart
+# at every batch, or fused at every batch (splits of one block each, however many); with the
+# add + RMSNorm reading the residual after its PDL wait (TP 1: the communicator's add + norm)
 VARIANTS = {
     "as is": [],
     "RoPE and KV write unfused": [(llama, "fuses_rope", lambda cache, batch: False)],
     "RoPE fused, one-block splits": [
         (decode_attention, "num_splits", lambda batch, kv_heads, max_seq: -(-max_seq // 64))],
+    "residual after the wait": [
+        (collectives, "add_rms_norm", lambda x, d, w, eps, **kw: norm_kernels.add_rms_norm(
+            x, d, w, eps))],
 }
 
 

@@ -114,8 +114,9 @@ class Communicator:
         self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, RMSNorm(s)) with s = residual + the sum of `partial` over all ranks: a row
-        layer's all-reduce, the residual add and the next norm. `partial` may be overwritten."""
-        return add_rms_norm(residual, self.all_reduce(partial), weight, eps)
+        layer's all-reduce, the residual add and the next norm. `partial` may be overwritten;
+        `residual`, the residual stream, was written before the row layer ran."""
+        return add_rms_norm(residual, self.all_reduce(partial), weight, eps, early_residual=True)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's `t` stacked on a new leading dim: ``[world_size, *t.shape]``."""

@@ -46,6 +46,11 @@ def test_add_rms_norm(dtype, rows, k):
     want = norm_ops.rms_norm(x + d, w, EPS, path="reference")
     rtol = torch.finfo(dtype).eps + 1e-6
     torch.testing.assert_close(y.double(), want.double(), rtol=rtol, atol=0)
+    # the residual read before the PDL wait (rows of up to 4096, read once): the same sums,
+    # the norm within the same bound (its sum of squares may add up in another order)
+    s1, y1 = triton_norm.add_rms_norm(x, d, w, EPS, early_residual=True)
+    assert torch.equal(s1, s)
+    torch.testing.assert_close(y1.double(), want.double(), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -69,6 +69,11 @@ def test_add_rms_norm(kernels, dtype, rows, k) -> None:
     else:
         assert torch.equal(s, s_ref)
     _ulp_close(y, norm_ref.rms_norm_f32(s.double(), w.double(), EPS), dtype, 1e-6)
+    # the residual read before the wait (one block, read once; k = 17000 keeps the passes):
+    # the same sums, the norm within the same bound
+    s1, y1 = tn.add_rms_norm(x, delta.contiguous(), w, EPS, early_residual=True)
+    assert torch.equal(s1, s)
+    _ulp_close(y1, norm_ref.rms_norm_f32(s.double(), w.double(), EPS), dtype, 1e-6)
     # the dispatcher's torch path gives the same pair, the unfused add then norm
     s2, y2 = norm_ref.add_rms_norm(x, delta, w, EPS, path="reference")
     assert torch.equal(s2, s_ref)

@@ -33,15 +33,15 @@ def rms_norm(
 
 def add_rms_norm(
     x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
-    path: str | None = None,
+    path: str | None = None, early_residual: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, RMSNorm(s)) with s = x + delta in x's dtype: a residual add and the next norm, one
-    kernel on CUDA."""
+    kernel on CUDA. early_residual: see `triton_norm.add_rms_norm`."""
     from tpquant.kernels.w8a8 import TRITON, choose_path
 
     if choose_path(path, x, delta, weight) == TRITON:
         from tpquant.kernels import triton_norm
 
-        return triton_norm.add_rms_norm(x, delta, weight, eps)
+        return triton_norm.add_rms_norm(x, delta, weight, eps, early_residual=early_residual)
     s = x + delta
     return s, rms_norm_f32(s, weight, eps).to(x.dtype)

@@ -45,9 +45,14 @@ def _row(x_row, d_row, offs, mask, HAS_DELTA: tl.constexpr):
     """x (+ delta, rounded to x's dtype as torch's add rounds) at offs, as float32."""
     v = tl.load(x_row + offs, mask=mask, other=0.0)
     if HAS_DELTA:
-        d = tl.load(d_row + offs, mask=mask, other=0.0)
-        v = (v.to(tl.float32) + d.to(tl.float32)).to(v.dtype)
+        v = _add(v, tl.load(d_row + offs, mask=mask, other=0.0))
     return v.to(tl.float32)
+
+
+@triton.jit
+def _add(x, d):
+    """x + d rounded to x's dtype, as torch's add rounds."""
+    return (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
 
 
 @triton.jit
@@ -85,22 +90,42 @@ def _weighted(v, w_ptr, offs, mask, inv_rms):
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, K, stride_x, stride_d, stride_y, k_float, eps,
-    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
-        gdc_wait()
-        gdc_launch_dependents()
-    # With a delta the second pass recomputes x + delta (same rounding) rather than reading
-    # back s, which other threads of the program may have written.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     d_row = d_ptr + row * stride_d
-    inv_rms = _inv_rms(x_row, d_row, s_ptr + row * stride_y, K, k_float, eps, HAS_DELTA, BLOCK)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
+    if EARLY:
+        # The row in one block, read once. The residual x and the weight, which the kernel
+        # before did not write (add_rms_norm's early_residual), load before the wait; the
+        # delta, its output, after. The same sums as the passes below; the sum of squares
+        # may add up in another order.
+        offs = tl.arange(0, BLOCK)
         mask = offs < K
-        y = _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA)
-        tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(x_row + offs, mask=mask, other=0.0)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+            gdc_wait()
+            gdc_launch_dependents()
+        s = _add(x, tl.load(d_row + offs, mask=mask, other=0.0))
+        tl.store(s_ptr + row * stride_y + offs, s, mask=mask)
+        v = s.to(tl.float32)
+        inv_rms = _inv_rms_of(tl.sum(v * v, axis=0), k_float, eps)
+        tl.store(y_ptr + row * stride_y + offs, (v * inv_rms * w).to(y_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+            gdc_wait()
+            gdc_launch_dependents()
+        # With a delta the second pass recomputes x + delta (same rounding) rather than
+        # reading back s, which other threads of the program may have written.
+        inv_rms = _inv_rms(x_row, d_row, s_ptr + row * stride_y, K, k_float, eps, HAS_DELTA,
+                           BLOCK)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            y = _normed(x_row, d_row, w_ptr, offs, mask, inv_rms, HAS_DELTA)
+            tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -152,9 +177,14 @@ def rms_norm(
 
 
 def add_rms_norm(
-    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
+    early_residual: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, RMSNorm(s)) with s = x + delta in x's dtype; x, delta [..., K] of one shape."""
+    """(s, RMSNorm(s)) with s = x + delta in x's dtype; x, delta [..., K] of one shape.
+
+    early_residual: x was written before the kernel that runs just before this one (x is the
+    residual stream, delta the output of the layer just run), so under PDL the kernel may read
+    x before its wait, while that kernel still runs (rows of up to 4096 features)."""
     if delta.shape != x.shape or delta.dtype != x.dtype:
         raise ValueError(
             f"delta must match x: got {delta.dtype} {tuple(delta.shape)} for x {x.dtype} "
@@ -164,23 +194,24 @@ def add_rms_norm(
     rows, k = x2.shape
     w = check_vector(weight, k, x2, "weight")
     s, y = (torch.empty((rows, k), dtype=x.dtype, device=x.device) for _ in range(2))
-    _launch_norm(x2, d2, w, y, s, eps)
+    _launch_norm(x2, d2, w, y, s, eps, early_residual)
     return s.reshape(x.shape), y.reshape(x.shape)
 
 
 def _launch_norm(x2: torch.Tensor, d2: torch.Tensor | None, w: torch.Tensor, y: torch.Tensor,
-                 s: torch.Tensor | None, eps: float) -> None:
+                 s: torch.Tensor | None, eps: float, early_residual: bool = False) -> None:
     rows, k = x2.shape
     if rows:
-        # Re-read in passes even when the row fits one block: read once, the residual
-        # RMSNorm was no faster at M = 1 (sweep_gemm_variants.py --parts norm, H200: 3.5
-        # against 3.2 us at K = 8192) and mixed above (0.86-1.28x).
+        # Re-read in passes even when the row fits one block, unless the residual can load
+        # before the wait (design note 46): read once, the residual RMSNorm alone was no
+        # faster at M = 1 (sweep_gemm_variants.py --parts norm, H200: 3.5 against 3.2 us at
+        # K = 8192) and mixed above (0.86-1.28x).
         block, warps = row_block(k)
         _rms_norm_kernel[(rows,)](
             x2, x2 if d2 is None else d2, w, y, y if s is None else s, k, x2.stride(0),
             x2.stride(0) if d2 is None else d2.stride(0), y.stride(0), float(k), float(eps),
-            HAS_DELTA=d2 is not None, BLOCK=block, num_warps=warps,
-            **pdl.triton_args(x2.device),
+            HAS_DELTA=d2 is not None, BLOCK=block, EARLY=early_residual and d2 is not None
+            and k <= block, num_warps=warps, **pdl.triton_args(x2.device),
         )
 
 

@@ -24,7 +24,8 @@ class RmsNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, norm(s)) with s = x + delta (x when delta is None): the residual add before a
         pre-norm block, fused with the norm, and with a row layer's all-reduce when delta is
-        its PartialSum."""
+        its PartialSum. x is the residual stream, written before delta's layer ran (the
+        kernel reads it before its PDL wait: `triton_norm.add_rms_norm`'s early_residual)."""
         if delta is None:
             return x, self(x)
         if isinstance(delta, PartialSum):
@@ -32,7 +33,7 @@ class RmsNorm(nn.Module):
                 return delta.comm.all_reduce_add_rms_norm(delta.partial, x, self.weight,
                                                           self.eps)
             delta = delta.resolve()
-        return add_rms_norm(x, delta, self.weight, self.eps)
+        return add_rms_norm(x, delta, self.weight, self.eps, early_residual=True)
 
 
 class SmoothQuantRmsNorm(RmsNorm):
