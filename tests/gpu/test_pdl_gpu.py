@@ -6,7 +6,8 @@ Chains of the decode step's kernels, each reading what the one before it wrote, 
 Llama-2-7B widths, batch 1 and 8: weight-only int4 (add + RMSNorm -> int4 GEMV -> silu * up ->
 int4 GEMV -> the next layer's add + RMSNorm) and SmoothQuant per token (RMSNorm + quantize ->
 W8A8 GEMM -> per-token quantize -> W8A8 GEMM -> residual add). With PDL every kernel may start
-before the one before it ends, so a kernel that read too early would change the result. Each
+before the one before it ends, so a kernel that read too early would change the result (the
+add + RMSNorm reads its residual before its wait, as in the model). Each
 chain must give the same bits with PDL as without, eagerly and replayed from a CUDA graph, and
 stay within 1e-2 of the largest value of the torch references run on the same bfloat16 inputs
 (float32 math, rounded where the kernels round; what is left is summation order and, through
@@ -61,7 +62,8 @@ def _layers(device: torch.device, kind: str) -> list[dict]:
 def _int4_chain(x: torch.Tensor, layers, path: str | None = None) -> torch.Tensor:
     delta = torch.zeros_like(x)
     for layer in layers:
-        x, y = norm.add_rms_norm(x, delta, layer["norm"], EPS, path=path)
+        # as in the model: the residual x was written before the down GEMV, which wrote delta
+        x, y = norm.add_rms_norm(x, delta, layer["norm"], EPS, path=path, early_residual=True)
         z = wo.weight_only_matmul(y, *layer["up"], 4, path=path)
         a = activation.silu_mul(z, path=path)
         delta = wo.weight_only_matmul(a, *layer["down"], 4, path=path)
