@@ -2,16 +2,18 @@
 
 On Hopper and later, a kernel launched with PDL may start while the kernel before it in the
 stream is still running. Every kernel of ours launched that way keeps one rule: before it
-reads or writes memory that a kernel may write, it waits for the kernel before it to finish
-(`griddepcontrol.wait`; Triton's `gdc_wait`), and right after that wait it lets the next
-kernel start (`launch_dependents`). Only weights, which no kernel writes, may be read before
-the wait (the tiled GEMV's first weights, and int8's channel scales: a fence keeps ptxas from
-moving the wait above them, note 44). What overlaps is the launch of each
-kernel and its blocks' start with the end of the one before: a decode step runs ~360 short
-kernels back to back (Llama-2-7B int4, one H200: 2.30 -> 2.09 ms a step;
-docs/design-notes.md, note 24). Since every PDL
-kernel waits, the kernel before it has finished, and so has everything before that.
-Kernels without PDL (cuBLAS, NCCL, torch's) start after the kernel before them as always.
+reads memory that the kernel before it may write, or writes anything, it waits for that kernel
+to finish (`griddepcontrol.wait`; Triton's `gdc_wait`), and right after that wait it lets the
+next kernel start (`launch_dependents`). A kernel starts only once the one before has passed
+its own wait, so whatever was written two kernels back or earlier is complete, and may be read
+before the wait: weights (the tiled GEMV's first weights, and int8's channel scales: a fence
+keeps ptxas from moving the wait above them, note 44), the KV cache below a row's new position
+(`decode_attention_rope`) and the residual stream (`triton_norm.add_rms_norm`'s
+early_residual; note 46). What overlaps is the launch of each kernel, its blocks' start and
+those loads with the end of the one before: a decode step runs ~300 short kernels back to
+back (Llama-2-7B int4, one H200: 2.30 -> 2.09 ms a step; docs/design-notes.md, note 24).
+Kernels without PDL (cuBLAS, NCCL, torch's) start after the kernel before them has finished,
+as always, and so does a PDL kernel after them.
 
 `TPQUANT_PDL=0` in the environment, or `set_enabled(False)`, turns it off (benchmarks compare).
 """
