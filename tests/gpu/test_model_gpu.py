@@ -231,7 +231,8 @@ def test_decode_attention_rope_kernel(device, dtype, H, Hkv, hd, B):
         size = k.abs() * cos.double().abs().repeat(1, 2)[:, None] + k.roll(hd // 2, -1).abs() * (
             sin.double().abs().repeat(1, 2)[:, None])
         k_err = (cache.k[rows, pos].double() - k_new[:, 0].double()).abs()
-        bound = torch.finfo(dtype).eps * k_new[:, 0].double().abs() + 2 * torch.finfo(F32).eps * size
+        bound = (torch.finfo(dtype).eps * k_new[:, 0].double().abs()
+                 + 2 * torch.finfo(F32).eps * size)
         assert (k_err <= bound + torch.finfo(dtype).tiny).all()
         assert torch.equal(cache.v[rows, pos], v_new[:, 0])
         for now, was in zip((cache.k, cache.v), before):

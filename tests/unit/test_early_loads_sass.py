@@ -67,13 +67,15 @@ def _wide(loads: list[str]) -> int:
 
 
 def test_rope_kernel_loads_its_cache_block_before_the_wait(tmp_path):
-    loads = _loads_before_wait(_sass(da._decode_rope_kernel, ATTENTION_TYPES, ATTENTION, tmp_path))
+    loads = _loads_before_wait(_sass(da._decode_rope_kernel, ATTENTION_TYPES, ATTENTION,
+                                     tmp_path))
     # keys and values of 64 positions x 128 bf16 values, 16 bytes a thread's load, 128 threads
     assert _wide(loads) == 2 * 64 * 128 * 2 // 16 // 128, loads
 
 
 def test_split_kernel_waits_before_any_load(tmp_path):
-    assert _loads_before_wait(_sass(da._decode_split_kernel, ATTENTION_TYPES, ATTENTION, tmp_path)) == []
+    sass = _sass(da._decode_split_kernel, ATTENTION_TYPES, ATTENTION, tmp_path)
+    assert _loads_before_wait(sass) == []
 
 
 def test_norm_loads_residual_and_weight_before_the_wait(tmp_path):

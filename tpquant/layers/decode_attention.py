@@ -198,7 +198,8 @@ def _plan(B: int, H: int, cache: KVCache) -> tuple[int, int, int]:
         raise RuntimeError("decode attention's Triton kernels need Triton")
     Hkv, hd = cache.k.shape[2], cache.k.shape[3]
     if hd & (hd - 1) or hd < 16:
-        raise ValueError(f"decode attention's Triton kernels need a power-of-two head_dim >= 16, got {hd}")
+        raise ValueError(
+            f"decode attention's Triton kernels need a power-of-two head_dim >= 16, got {hd}")
     group = H // Hkv
     return num_splits(B, Hkv, cache.max_seq), group, max(_MIN_ROWS, triton.next_power_of_2(group))
 
@@ -210,7 +211,9 @@ def _split_buffers(B: int, H: int, splits: int, hd: int, device: torch.device):
     return acc, m, torch.empty_like(m)
 
 
-def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+    """The splits' results combined (`_combine_kernel`) -> [B, H, hd] in `dtype`."""
     B, H, splits, hd = acc.shape
     out = torch.empty(B, H, hd, device=acc.device, dtype=dtype)
     _combine_kernel[(B * H,)](acc, m, l, out, splits, HD=hd,
