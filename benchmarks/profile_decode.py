@@ -123,7 +123,7 @@ ABLATIONS = {
                   (llama, "decode_attention_rope", lambda qkv, cos, sin, cache, pos, h:
                    qkv.new_empty(qkv.shape[0], h, cache.k.shape[3]))],
     # the residual add + RMSNorm, and at TP > 1 the all-reduce fused with it
-    "add_norm": [(RmsNorm, "add_forward", lambda self, x, delta: (x, x))],
+    "add_norm": [(RmsNorm, "add_forward", lambda self, x, delta, early_residual=False: (x, x))],
 }
 
 

@@ -111,12 +111,14 @@ class Communicator:
         return t
 
     def all_reduce_add_rms_norm(
-        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+        early_residual: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, RMSNorm(s)) with s = residual + the sum of `partial` over all ranks: a row
-        layer's all-reduce, the residual add and the next norm. `partial` may be overwritten;
-        `residual`, the residual stream, was written before the row layer ran."""
-        return add_rms_norm(residual, self.all_reduce(partial), weight, eps, early_residual=True)
+        layer's all-reduce, the residual add and the next norm. `partial` may be overwritten.
+        early_residual: see `tpquant.kernels.triton_norm.add_rms_norm`."""
+        return add_rms_norm(residual, self.all_reduce(partial), weight, eps,
+                            early_residual=early_residual)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's `t` stacked on a new leading dim: ``[world_size, *t.shape]``."""
@@ -386,12 +388,13 @@ class NcclCommunicator(Communicator):
         return algorithm if pays else None
 
     def all_reduce_add_rms_norm(
-        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+        early_residual: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         algorithm = self._fused_norm_path(partial, residual, weight)
         if algorithm is not None:  # the custom kernel checks the device
             return self.custom.all_reduce_add_rms_norm(partial, residual, weight, eps, algorithm)
-        return super().all_reduce_add_rms_norm(partial, residual, weight, eps)
+        return super().all_reduce_add_rms_norm(partial, residual, weight, eps, early_residual)
 
     def _stream(self, t: torch.Tensor) -> int:
         if t.device != self.device:

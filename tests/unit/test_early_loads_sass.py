@@ -7,6 +7,7 @@ nvdisasm Triton ships; no GPU.
   kernel, whose cache the kernel before may have just written, waits first.
 - The residual add + RMSNorm with early_residual loads the residual row and the weight before
   the wait, the delta (the kernel before's output) after; without it, nothing before.
+In all of them no store comes before the wait, and the next kernel is let start after it.
 """
 
 from __future__ import annotations
@@ -58,8 +59,13 @@ def _sass(kernel, types: dict, consts: dict, tmp: Path, num_warps: int = 4) -> l
 
 
 def _loads_before_wait(sass: list[str]) -> list[str]:
+    """The global loads before the wait; and nothing else that may not come first: no store,
+    and the next kernel let start (PREEXIT) only after the wait."""
     wait = next(i for i, line in enumerate(sass) if "ACQBULK" in line)
-    return [line for line in sass[:wait] if "LDG" in line]
+    before = sass[:wait]
+    assert not [line for line in before if "STG" in line or "PREEXIT" in line], before
+    assert any("PREEXIT" in line for line in sass[wait:])
+    return [line for line in before if "LDG" in line]
 
 
 def _wide(loads: list[str]) -> int:

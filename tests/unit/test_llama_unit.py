@@ -600,6 +600,21 @@ def test_decode_attention_splits_and_warps():
     assert split_warps(193, 1) == 2 and split_warps(192, 1) == 4  # 4 blocks (one partial), 3
 
 
+def test_rope_fusion_rule():
+    """decode_attention_rope where each split is one block of 64 positions: Llama-2-7B's 576
+    positions at batch 1 (9 splits) and TP 2 batch 1, not batch 8 (2 splits of 288); never a
+    CPU or INT8 cache (its write stays in torch), which `fuses_rope` turns down before any rule."""
+    from tpquant.layers.decode_attention import fuses_rope, num_splits, one_block
+    from tpquant.layers.kv_cache import KVCache
+
+    assert one_block(576, num_splits(1, 32, 576)) and one_block(576, num_splits(1, 16, 576))
+    assert not one_block(576, num_splits(8, 32, 576))
+    assert not one_block(576, num_splits(64, 32, 576))
+    assert one_block(64, 1) and not one_block(65, 1)
+    for int8 in (False, True):
+        assert not fuses_rope(KVCache(1, 64, 2, 16, torch.float32, int8=int8), 1)
+
+
 def test_decode_buckets():
     from tpquant.engine.graphs import BUCKETS, bucket_for
 

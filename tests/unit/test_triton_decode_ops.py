@@ -80,6 +80,39 @@ def test_add_rms_norm(kernels, dtype, rows, k) -> None:
     assert torch.equal(y2, norm_ref.rms_norm(s_ref, w, EPS, path="reference"))
 
 
+def test_norm_reads_once_early_only_where_asked_and_safe(kernels) -> None:
+    """The early read: asked for, a delta to wait for, a decode step's rows (<= 64) of up to
+    4096 features (one block); and never for a copy that add_rms_norm made itself (the copy
+    is the kernel just before), which gives the same numbers through the passes."""
+    tn, _, _ = kernels
+    assert tn.reads_once_early(True, True, 1, 4096) and tn.reads_once_early(True, True, 64, 576)
+    assert not tn.reads_once_early(False, True, 1, 4096)
+    assert not tn.reads_once_early(True, False, 1, 4096)
+    assert not tn.reads_once_early(True, True, 65, 4096)
+    assert not tn.reads_once_early(True, True, 1, 4097)
+    g = _gen(3)
+    x = torch.randn(2, 96, generator=g)
+    delta, w = torch.randn(2, 96, generator=g), 0.5 + torch.rand(96, generator=g)
+    calls = []
+    real = tn._rms_norm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                calls.append(kw["EARLY"])
+                return real[grid](*args, **kw)
+            return launch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tn, "_rms_norm_kernel", Spy())
+        s, y = tn.add_rms_norm(x, delta, w, EPS, early_residual=True)
+        s_copy, y_copy = tn.add_rms_norm(x.t().contiguous().t(), delta, w, EPS, early_residual=True)
+        tn.add_rms_norm(x, delta, w.repeat(2)[::2], EPS, early_residual=True)
+    assert calls == [True, False, False]
+    assert torch.equal(s_copy, s)
+    _ulp_close(y_copy, norm_ref.rms_norm_f32(s.double(), w.double(), EPS), torch.float32, 1e-6)
+
+
 def test_add_rms_norm_rejects_mismatched_delta(kernels) -> None:
     tn, _, _ = kernels
     x = torch.randn(2, 8)

@@ -45,11 +45,12 @@ def set_enabled(flag: bool) -> None:
 
 def triton_args(device: torch.device) -> dict:
     """The keyword arguments of a Triton launch: the kernel's PDL constexpr and, with PDL,
-    Triton's launch option. A kernel taking PDL starts with
+    Triton's launch option. A kernel taking PDL runs
 
         if PDL:  # (module docstring of tpquant.kernels.pdl)
             gdc_wait()
             gdc_launch_dependents()
 
-    (from triton.language.extra.cuda), before any load or store."""
+    (from triton.language.extra.cuda) before any store and before any load of what the kernel
+    just before may write; only the loads the module docstring allows come earlier."""
     return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}

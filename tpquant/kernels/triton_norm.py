@@ -14,7 +14,9 @@ kernel instead of two (a decode step has two per layer).
 
 The SmoothQuant RMSNorm reads a row of up to triton_w8a8.ONE_PASS_MAX_K features once and
 normalizes it in registers (triton_w8a8.row_plan); longer rows, and the plain and residual
-RMSNorm, re-read the row from cache in each pass, in chunks of up to 4096.
+RMSNorm, re-read the row from cache in each pass, in chunks of up to 4096, except the residual
+RMSNorm of a decode step asked to read its residual early (`reads_once_early`): its row, of up
+to 4096 features, is read once, residual and weight before the PDL wait.
 
 Launchers take CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; no host sync, so every
 launch is CUDA-graph capturable.
@@ -88,6 +90,27 @@ def _weighted(v, w_ptr, offs, mask, inv_rms):
 
 
 @triton.jit
+def _add_norm_once(x_row, d_row, w_ptr, y_row, s_row, K, k_float, eps, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr):
+    """The residual add + RMSNorm of a row in one block, read once: the residual and the
+    weight, which the kernel before did not write (`reads_once_early`), before the PDL wait,
+    the delta (its output) after. The same sums as the passes; the sum of squares may add up
+    in another order."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_row + offs, mask=mask, other=0.0)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
+    s = _add(x, tl.load(d_row + offs, mask=mask, other=0.0))
+    tl.store(s_row + offs, s, mask=mask)
+    v = s.to(tl.float32)
+    inv_rms = _inv_rms_of(tl.sum(v * v, axis=0), k_float, eps)
+    tl.store(y_row + offs, (v * inv_rms * w).to(y_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, d_ptr, w_ptr, y_ptr, s_ptr, K, stride_x, stride_d, stride_y, k_float, eps,
     HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
@@ -96,23 +119,8 @@ def _rms_norm_kernel(
     x_row = x_ptr + row * stride_x
     d_row = d_ptr + row * stride_d
     if EARLY:
-        # The row in one block, read once. The residual x and the weight, which the kernel
-        # before did not write (add_rms_norm's early_residual), load before the wait; the
-        # delta, its output, after. The same sums as the passes below; the sum of squares
-        # may add up in another order.
-        offs = tl.arange(0, BLOCK)
-        mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
-            gdc_wait()
-            gdc_launch_dependents()
-        s = _add(x, tl.load(d_row + offs, mask=mask, other=0.0))
-        tl.store(s_ptr + row * stride_y + offs, s, mask=mask)
-        v = s.to(tl.float32)
-        inv_rms = _inv_rms_of(tl.sum(v * v, axis=0), k_float, eps)
-        tl.store(y_ptr + row * stride_y + offs, (v * inv_rms * w).to(y_ptr.dtype.element_ty),
-                 mask=mask)
+        _add_norm_once(x_row, d_row, w_ptr, y_ptr + row * stride_y, s_ptr + row * stride_y, K,
+                       k_float, eps, BLOCK, PDL)
     else:
         if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the next one start
             gdc_wait()
@@ -182,9 +190,9 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, RMSNorm(s)) with s = x + delta in x's dtype; x, delta [..., K] of one shape.
 
-    early_residual: x was written before the kernel that runs just before this one (x is the
-    residual stream, delta the output of the layer just run), so under PDL the kernel may read
-    x before its wait, while that kernel still runs (rows of up to 4096 features)."""
+    early_residual: x and weight were written before the kernel that runs just before this one
+    (x is the residual stream, delta the output of the layer just run), so under PDL the kernel
+    may read them before its wait, while that kernel still runs (where `reads_once_early`)."""
     if delta.shape != x.shape or delta.dtype != x.dtype:
         raise ValueError(
             f"delta must match x: got {delta.dtype} {tuple(delta.shape)} for x {x.dtype} "
@@ -194,8 +202,22 @@ def add_rms_norm(
     rows, k = x2.shape
     w = check_vector(weight, k, x2, "weight")
     s, y = (torch.empty((rows, k), dtype=x.dtype, device=x.device) for _ in range(2))
+    # a copy made above is the kernel just before: then x2 or w may not be read early
+    early_residual = (early_residual and x2.data_ptr() == x.data_ptr()
+                      and w.data_ptr() == weight.data_ptr())
     _launch_norm(x2, d2, w, y, s, eps, early_residual)
     return s.reshape(x.shape), y.reshape(x.shape)
+
+
+# The decode step's batches (its CUDA-graph buckets), where reading the residual early was
+# measured (design note 46); a prefill keeps the passes.
+DECODE_ROWS = 64
+
+
+def reads_once_early(early_residual: bool, has_delta: bool, rows: int, k: int) -> bool:
+    """Whether the residual add + RMSNorm reads its rows once, residual and weight before the
+    PDL wait: asked for, with a delta to wait for, a decode step's rows, each in one block."""
+    return early_residual and has_delta and rows <= DECODE_ROWS and k <= row_block(k)[0]
 
 
 def _launch_norm(x2: torch.Tensor, d2: torch.Tensor | None, w: torch.Tensor, y: torch.Tensor,
@@ -210,8 +232,9 @@ def _launch_norm(x2: torch.Tensor, d2: torch.Tensor | None, w: torch.Tensor, y: 
         _rms_norm_kernel[(rows,)](
             x2, x2 if d2 is None else d2, w, y, y if s is None else s, k, x2.stride(0),
             x2.stride(0) if d2 is None else d2.stride(0), y.stride(0), float(k), float(eps),
-            HAS_DELTA=d2 is not None, BLOCK=block, EARLY=early_residual and d2 is not None
-            and k <= block, num_warps=warps, **pdl.triton_args(x2.device),
+            HAS_DELTA=d2 is not None, BLOCK=block,
+            EARLY=reads_once_early(early_residual, d2 is not None, rows, k),
+            num_warps=warps, **pdl.triton_args(x2.device),
         )
 
 

@@ -20,9 +20,10 @@ Two implementations, chosen by device:
 `decode_attention_rope` takes the step further back, to the qkv projection's output: its split
 kernel rotates q and the new key (the same float32 math as `tpquant.models.llama.apply_rope`),
 stores the new key and value at the row's position (what `KVCache.write` does) and attends to
-them from registers. It serves shapes whose splits are one block of the cache each (batch 1:
-`fuses_rope`), where it reads its whole block of the cache before the PDL wait, while the qkv
-GEMV before it still runs: no kernel of the step writes those positions. Design note 46 has
+them from registers. It serves shapes whose splits are one block of the cache each (a decode
+step of few rows: batch 1 at Llama-2-7B's shapes; `fuses_rope`), where it reads its whole
+block of the cache before the PDL wait, while the qkv GEMV before it still runs: no kernel of
+the step writes those positions. Design note 46 has
 the measurements behind that rule (the fused kernel lost where splits loop over blocks).
 """
 
@@ -53,8 +54,9 @@ def decode_attention(q: torch.Tensor, cache: KVCache, positions: torch.Tensor) -
 
 def fuses_rope(cache: KVCache, batch: int) -> bool:
     """Whether `decode_attention_rope` serves a decode step of `batch` rows over this cache: a
-    float cache on CUDA (with Triton) whose splits span one block each."""
-    if triton is None or not cache.k.is_cuda or cache.int8:
+    float cache on CUDA (with Triton) whose splits span one block each, with PDL on (without
+    its early loads the fused kernel lost to the four it replaces: design note 46)."""
+    if triton is None or not cache.k.is_cuda or cache.int8 or not pdl.enabled(cache.k.device):
         return False
     return one_block(cache.max_seq, num_splits(batch, cache.k.shape[2], cache.max_seq))
 
@@ -159,7 +161,8 @@ def decode_attention_rope(
     cos / sin [B, hd / 2] (float32, at each row's position), H = n_heads: q and the new key
     rotated, the new key and value stored at positions[b] of the float cache, q attending to
     positions 0 .. positions[b] -> [B, H, hd] in qkv's dtype. Splits must span one block each
-    (`fuses_rope` says where they do).
+    (`fuses_rope` says where they do). Under PDL the kernel reads `positions` and the cache
+    below them before its wait: the kernel just before (the qkv GEMV) must write neither.
     """
     B = positions.shape[0]
     Hkv, hd = cache.k.shape[2], cache.k.shape[3]
@@ -242,6 +245,15 @@ if triton is not None:
         else:
             pv = tl.dot(p.to(v.dtype), v)
         return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
+    def _attend_one(q, k, v, m_i, l_i, acc, sm_scale):
+        """`_attend` for one position, its key and value [HD] from registers (float32 math)."""
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * sm_scale
+        m_new = tl.maximum(m_i, s)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        return m_new, l_i * alpha + p, acc * alpha[:, None] + p[:, None] * v.to(tl.float32)[None, :]
 
     @triton.jit
     def _store_split(ACC, M, L, m_i, l_i, acc, b, kvh, split, n_splits,
@@ -329,11 +341,12 @@ if triton is not None:
         # positions (copied in before the step) and the cache below the new position (earlier
         # steps'), which this split reads while the qkv GEMV before it runs.
         new = tl.load(POS + b * stride_pos).to(tl.int32)  # the query's position
-        chunk = tl.cdiv(tl.cdiv(new + 1, n_splits), BLOCK_N) * BLOCK_N  # <= BLOCK_N
-        start = split * chunk
+        # one block a split (decode_attention_rope's rule): d523690's equal shares of the
+        # row's length, in whole blocks, are then these
+        start = split * BLOCK_N
         n = tl.arange(0, BLOCK_N)
         d = tl.arange(0, HD)
-        cached = start + n < tl.minimum(start + chunk, new)  # the new position comes last
+        cached = start + n < new  # the new position comes last, from registers
         base = b * stride_kb + kvh * stride_kh
         offs = base + (start + n)[:, None] * stride_ks + d[None, :]
         k = tl.load(K + offs, mask=cached[:, None], other=0)
@@ -358,7 +371,7 @@ if triton is not None:
         acc = tl.zeros([G_PAD, HD], tl.float32)
         if start < new:  # cached positions (a max of -inf everywhere would make NaNs)
             m_i, l_i, acc = _attend(q, k, v, cached, m_i, l_i, acc, sm_scale, IEEE)
-        if (new >= start) & (new < start + chunk):  # this split holds the new position
+        if new // BLOCK_N == split:  # this split holds the new position
             k_row = row + (n_heads + kvh) * HD
             # RoPE's output is in the model's dtype; the cache's may differ
             k_new = _rotate(tl.load(k_row + d), tl.load(k_row + partner), cos, sin, first_half)
@@ -366,14 +379,7 @@ if triton is not None:
             v_new = tl.load(row + (n_heads + n_kv + kvh) * HD + d).to(K.dtype.element_ty)
             tl.store(K + base + new * stride_ks + d, k_new)
             tl.store(V + base + new * stride_ks + d, v_new)
-            # its key and value from registers, as one more position
-            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * sm_scale
-            m_new = tl.maximum(m_i, s_new)
-            alpha = tl.exp(m_i - m_new)
-            p_new = tl.exp(s_new - m_new)
-            l_i = l_i * alpha + p_new
-            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
-            m_i = m_new
+            m_i, l_i, acc = _attend_one(q, k_new, v_new, m_i, l_i, acc, sm_scale)
         _store_split(ACC, M, L, m_i, l_i, acc, b, kvh, split, n_splits, G, G_PAD, HD)
 
     @triton.jit

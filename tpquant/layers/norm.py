@@ -20,20 +20,22 @@ class RmsNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
     def add_forward(
-        self, x: torch.Tensor, delta: torch.Tensor | PartialSum | None
+        self, x: torch.Tensor, delta: torch.Tensor | PartialSum | None,
+        early_residual: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, norm(s)) with s = x + delta (x when delta is None): the residual add before a
         pre-norm block, fused with the norm, and with a row layer's all-reduce when delta is
-        its PartialSum. x is the residual stream, written before delta's layer ran (the
-        kernel reads it before its PDL wait: `triton_norm.add_rms_norm`'s early_residual)."""
+        its PartialSum. early_residual: x was written before the kernels of delta's layer (the
+        residual stream), so the kernel may read it before its PDL wait
+        (`tpquant.kernels.triton_norm.add_rms_norm`)."""
         if delta is None:
             return x, self(x)
         if isinstance(delta, PartialSum):
             if delta.bias is None:
                 return delta.comm.all_reduce_add_rms_norm(delta.partial, x, self.weight,
-                                                          self.eps)
+                                                          self.eps, early_residual)
             delta = delta.resolve()
-        return add_rms_norm(x, delta, self.weight, self.eps, early_residual=True)
+        return add_rms_norm(x, delta, self.weight, self.eps, early_residual=early_residual)
 
 
 class SmoothQuantRmsNorm(RmsNorm):

@@ -338,8 +338,11 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, PartialSum]:
-        x, normed = self.attention_norm.add_forward(x, delta)
-        h, normed = self.ffn_norm.add_forward(x, self.attention(normed, pos, cos, sin, mask))
+        # x, the residual stream, was written before the kernels of delta's layer: each add +
+        # norm may read it before its PDL wait (early_residual)
+        x, normed = self.attention_norm.add_forward(x, delta, early_residual=True)
+        h, normed = self.ffn_norm.add_forward(x, self.attention(normed, pos, cos, sin, mask),
+                                              early_residual=True)
         return h, self.mlp(normed)
 
 
@@ -476,7 +479,8 @@ class Llama(nn.Module):
         """One new token per row: tokens [B] at positions pos [B] (device tensors) -> logits
         [B, V]. Nothing here reads a device value on the host, so it can be captured in a
         CUDA graph; the caller keeps pos < max_seq (it cannot be checked without a sync)."""
-        x = self.norm.add_forward(*self._layers(tokens[:, None], pos[:, None], None))[1]
+        x, delta = self._layers(tokens[:, None], pos[:, None], None)
+        x = self.norm.add_forward(x, delta, early_residual=True)[1]
         return self.lm_head(x)[:, 0, : self.config.vocab_size]  # [B, V]
 
     def _layers(
