@@ -84,3 +84,20 @@ def test_kv_write(dtype, B, T):
     got.write(pos.cuda(), qkv_d[..., H * hd: (H + Hkv) * hd].view(B, T, Hkv, hd),
               qkv_d[..., (H + Hkv) * hd:].view(B, T, Hkv, hd))  # the Triton kernel
     assert torch.equal(got.k.cpu(), ref.k) and torch.equal(got.v.cpu(), ref.v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,V", [(1, 32000), (8, 128256), (64, 1000)])
+def test_greedy_advance(dtype, B, V):
+    """The greedy choice that ends the decode graph: torch.argmax's index exactly (ties to
+    the first, here across blocks), positions + 1 clamped."""
+    from tpquant.kernels.triton_greedy import greedy_advance
+
+    logits = (_rand((B, V), V, 4)).to("cuda", dtype)
+    logits[0, [V - 1, 5]] = 1e3  # a tie across the row's blocks: 5 wins
+    pos = torch.arange(B, device="cuda") * 7
+    tokens = torch.full((B,), -7, dtype=torch.long, device="cuda")
+    got = pos.clone()
+    greedy_advance(logits, tokens, got, 20)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.equal(got, (pos + 1).clamp(max=20))

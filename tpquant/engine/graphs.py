@@ -5,18 +5,23 @@ cache write, attention, an all-reduce or two); at batch 1 launching them costs m
 running them. `Llama.decode_step` has shapes fixed by the batch size alone and never reads a
 device value on the host, so it is captured once per bucket and replayed at every position:
 its tokens and positions are copied into the graph's static input buffers, and its logits
-come out of a static output buffer.
+come out of a static output buffer. The graph ends with greedy decoding's choice written into
+its token buffer and each position moved on by one (`sampling.greedy_advance`): greedy
+generation (`start`, then `advance` per step) feeds each step from the one before without
+the host queuing anything in between but the tokens' copy to itself (design note 47).
 
-A batch is padded up to its bucket (1, 2, 4, ..., 64). The padding rows decode token 0 at
-position 0 of the cache rows above the real batch, which no real row reads; the KV cache
-therefore needs max_batch >= the bucket (`rows_for`). Batches above the largest bucket run
+A batch is padded up to its bucket (1, 2, 4, ..., 64). The padding rows decode in the cache
+rows above the real batch, which no real row reads (from token 0 at position 0 after `start`,
+their positions kept below max_seq); the KV cache therefore needs max_batch >= the bucket
+(`rows_for`). Batches above the largest bucket run
 `decode_step` eagerly.
 
 Capture rules followed here:
 - warm-up runs first, on a side stream, outside the capture: Triton compiles and autotunes,
   NCCL (and a custom all-reduce) make their first-call connections;
-- warm-up and capture write the KV cache at the static positions (0), so `prepare` must run
-  BEFORE the prefill that fills the cache (generate does this);
+- warm-up and capture write the KV cache at the static positions (0 .. warmup - 1: each
+  warm-up run advances them), so `prepare` must run BEFORE the prefill that fills the cache
+  (generate does this);
 - every graph shares one memory pool; graphs replay one at a time, in the order generate
   calls them, and the static inputs/outputs stay referenced, so sharing is safe;
 - every rank captures the same buckets in the same order (the collectives are inside).
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tpquant.engine.sampling import greedy_advance
 from tpquant.models.llama import Llama
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -53,8 +59,8 @@ def bucket_for(batch: int, buckets: tuple[int, ...] = BUCKETS) -> int | None:
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    tokens: torch.Tensor  # [bucket] int64, static input
-    pos: torch.Tensor  # [bucket] int64, static input
+    tokens: torch.Tensor  # [bucket] int64, static input; greedy's choice after a replay
+    pos: torch.Tensor  # [bucket] int64, static input; one further after a replay
     logits: torch.Tensor  # [bucket, V], static output
 
 
@@ -108,6 +114,26 @@ class DecodeGraphs:
         g.graph.replay()
         return g.logits[:B]
 
+    def start(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Put greedy generation's first step, tokens [B] at positions pos [B], in the graph
+        buffers of B's bucket (captured already: `prepare`; padding rows decode token 0 from
+        position 0). Returns the [B] view of the token buffer, where each `advance` leaves
+        the next step's tokens."""
+        B = tokens.shape[0]
+        g = self._graphs.get(bucket_for(B, self.buckets))
+        if g is None or self.model.cache_version != self._version:
+            raise RuntimeError(f"no graph of batch {B}'s bucket: prepare({B}) first")
+        g.tokens.zero_()
+        g.pos.zero_()
+        g.tokens[:B].copy_(tokens)
+        g.pos[:B].copy_(pos)
+        return g.tokens[:B]
+
+    def advance(self, batch: int) -> None:
+        """One greedy step from the buffers `start` filled: the graph of `batch`'s bucket
+        replays and leaves each row's argmax token in the token buffer, its position + 1."""
+        self._graphs[bucket_for(batch, self.buckets)].graph.replay()
+
     def _drop_if_stale(self) -> None:
         if self.model.cache_version != self._version:
             self._graphs.clear()
@@ -120,8 +146,14 @@ class DecodeGraphs:
         pos = torch.zeros(bucket, dtype=torch.long, device=self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph, logits = _capture(lambda: self.model.decode_step(tokens, pos), self.device,
-                                 self.warmup, self._pool)
+        last = self.model.max_seq - 1  # padding rows' positions stay in the cache
+
+        def step() -> torch.Tensor:
+            logits = self.model.decode_step(tokens, pos)
+            greedy_advance(logits, tokens, pos, last)
+            return logits
+
+        graph, logits = _capture(step, self.device, self.warmup, self._pool)
         return _Captured(graph, tokens, pos, logits)
 
 

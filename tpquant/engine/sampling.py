@@ -1,7 +1,9 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p.
 
 Only rank 0 samples (DESIGN s8); it broadcasts the chosen tokens, so ranks never diverge even
-where sampling is random. Pure functions over a [batch, vocab] logits tensor.
+where sampling is random. Pure functions over a [batch, vocab] logits tensor, and
+`greedy_advance`, the in-place greedy choice that ends a decode step's CUDA graph (every rank
+makes it there; rank 0's is still the one broadcast).
 """
 
 from __future__ import annotations
@@ -49,3 +51,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
+                   last: int) -> None:
+    """In place: tokens [B] = logits [B, V].argmax(-1), pos [B] = min(pos + 1, last). The
+    Triton kernel on CUDA (one launch, inside the decode step's graph), torch otherwise."""
+    if logits.is_cuda:
+        from tpquant.kernels.triton_greedy import greedy_advance as triton_greedy_advance
+
+        triton_greedy_advance(logits, tokens, pos, last)
+        return
+    tokens.copy_(logits.argmax(dim=-1))
+    pos.add_(1).clamp_(max=last)

@@ -9,7 +9,9 @@ decode step replays a CUDA graph of the step for the batch's size bucket
 per token is reading the broadcast tokens (for EOS and streaming). That read waits for a
 copy queued behind the next step's graph, so the GPU runs step n + 1 while the host looks at
 step n's tokens: the GPU never waits for the host between tokens. When every row has
-stopped, that one step ahead was for nothing; its output is dropped.
+stopped, that one step ahead was for nothing; its output is dropped. Greedy steps choose
+their tokens at the end of the graph itself (`DecodeGraphs.start` / `advance`), so between
+two steps the host queues only the broadcast, that copy and the replay.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from tpquant.collectives import Communicator
 from tpquant.engine.build import DTYPES
 from tpquant.engine.format import open_rank_file
-from tpquant.engine.graphs import DecodeGraphs, PrefillGraphs
+from tpquant.engine.graphs import DecodeGraphs, PrefillGraphs, bucket_for
 from tpquant.engine.sampling import SamplingParams, sample
 from tpquant.layers.linear import ShardedLinear
 from tpquant.models.config import LlamaConfig
@@ -137,15 +139,23 @@ def generate(model: Llama, comm: Communicator, prompts: Sequence[Sequence[int]] 
     _sync(device)
     t1 = time.perf_counter()
     token = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    # greedy steps choose their tokens inside the step's graph (DecodeGraphs.start / advance)
+    in_graph = (graphs is not None and params.greedy
+                and bucket_for(len(prompts), graphs.buckets) is not None)
     seen = _HostTokens(len(prompts), device)
     for step in range(max_new_tokens):
-        if comm.rank == 0:
-            token.copy_(sample(logits, params, generator))
-        comm.broadcast(token, root=0)
+        if step == 0 or not in_graph:
+            if comm.rank == 0:
+                token.copy_(sample(logits, params, generator))
+            if in_graph:
+                token = graphs.start(token, lengths)  # the graph's buffer from here on
+        comm.broadcast(token, root=0)  # in the graph every rank chose: rank 0's choice wins
         seen.copy(token)
         last = step == max_new_tokens - 1
         if not last:  # queued before the host waits: the GPU runs it meanwhile
-            if graphs:
+            if in_graph:
+                graphs.advance(len(prompts))  # the next tokens land in `token`
+            elif graphs:
                 logits = graphs.step(token, lengths + step)
             else:
                 logits = model(token[:, None], lengths + step)[:, -1]
