@@ -33,15 +33,18 @@ def _case(B: int, V: int, dtype: torch.dtype, seed: int):
     return logits, pos
 
 
+def _check(advance, logits: torch.Tensor, pos: torch.Tensor) -> None:
+    tokens = torch.full((logits.shape[0],), -7, dtype=torch.long)  # poisoned
+    got_pos = pos.clone()
+    advance(logits, tokens, got_pos, 49)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.equal(got_pos, (pos + 1).clamp(max=49))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("B,V", [(1, 100), (3, 8193), (4, 32000)])
 def test_greedy_kernel_is_argmax(kernel, dtype, B, V):
-    logits, pos = _case(B, V, dtype, seed=V + B)
-    tokens = torch.full((B,), -7, dtype=torch.long)  # poisoned
-    got_pos = pos.clone()
-    kernel(logits, tokens, got_pos, 49)
-    assert torch.equal(tokens, logits.argmax(-1))
-    assert torch.equal(got_pos, (pos + 1).clamp(max=49))
+    _check(kernel, *_case(B, V, dtype, seed=V + B))
 
 
 def test_greedy_kernel_reads_strided_rows(kernel):
@@ -55,12 +58,7 @@ def test_greedy_kernel_reads_strided_rows(kernel):
 
 
 def test_torch_path():
-    logits, pos = _case(3, 500, torch.float32, seed=1)
-    tokens = torch.full((3,), -7, dtype=torch.long)
-    got_pos = pos.clone()
-    greedy_advance(logits, tokens, got_pos, 49)
-    assert torch.equal(tokens, logits.argmax(-1))
-    assert torch.equal(got_pos, (pos + 1).clamp(max=49))
+    _check(greedy_advance, *_case(3, 500, torch.float32, seed=1))
 
 
 def test_kernel_bad_input(kernel):
