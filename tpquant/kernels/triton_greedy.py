@@ -6,7 +6,8 @@ graph's launch, not torch's argmax, an add and two copies (design note 47).
     logits [B, V] -> tokens[b] = the first index of row b's largest logit (torch.argmax's
     choice), pos[b] = min(pos[b] + 1, last)
 
-Logits are taken as finite (torch.argmax would return a NaN's index; this kernel skips NaNs).
+Logits are taken as finite: torch.argmax returns a NaN's index, while this kernel's choice in a
+row holding a NaN is whatever Triton's max and argmax make of it (not checked).
 """
 
 from __future__ import annotations
