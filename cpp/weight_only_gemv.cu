@@ -912,11 +912,13 @@ __device__ __forceinline__ void tiles_step_int8(int s, const uint4 (&wv)[RT],
 
 // One k16 step s of a k-tile for the warp's row tiles: A from the lane's weight word s of each
 // (int8: tiles_step_int8), B (b) the lane's x words of each token tile.
-template <int DT, int MODE, int NT, int RT, int CH>
+// SUB_A: the offset comes off each A register (the plan's choice unless a caller says).
+template <int DT, int MODE, int NT, int RT, int CH,
+          bool SUB_A = TilesPlan<MODE, NT, RT, 1>::SUB_A>
 __device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u32 (&b)[NT][2],
                                            u32 mask, float (&acc)[CH][RT][NT][4]) {
   if constexpr (MODE == 0) {
-    tiles_step_int8<DT, NT, RT, CH, TilesPlan<MODE, NT, RT, 1>::SUB_A>(s, wv, b, acc);
+    tiles_step_int8<DT, NT, RT, CH, SUB_A>(s, wv, b, acc);
     return;
   }
   // OR the magic, XOR 8 (signed codes' flip to u = q + 8; zeros mode's codes are u already):
@@ -931,7 +933,7 @@ __device__ __forceinline__ void tiles_step(int s, const uint4 (&wv)[RT], const u
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       a[j] = ((q >> (4 * j)) & mask) ^ flip;
-      if constexpr (TilesPlan<MODE, NT, RT, 1>::SUB_A) a[j] = fma2<DT>(a[j], one, minus);
+      if constexpr (SUB_A) a[j] = fma2<DT>(a[j], one, minus);
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -1213,6 +1215,258 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
         out[(size_t)m * N + row] = from_float<DT>(y);
       }
   }
+}
+
+// ---- the staged GEMM (wo_staged): x through shared memory, for 9-64 tokens -----------------
+//
+// The tiled GEMV above loads x from L1 in every warp: at 8 token tiles a warp reads 8 KB of x
+// for each 512-byte weight tile, and it ran at 0.64-0.76x bf16 on Llama's 4096-row weights at
+// M = 64 (design note 28 named this kernel as the next step). Here a block copies x into shared
+// memory once per stage of KS k-tiles, STAGES stages ahead (cp.async, zero-filled past M and
+// K), and every warp reads its B fragments from there; the weights still go straight to
+// registers, a stage ahead. Same tiles, same conversion and mma as the tiled GEMV's wide plan
+// (the offset off each A register: the sums hold x q exactly; int8 bfloat16 through float32).
+// Work split: WR row warps of RT row tiles each, times WK K warps that take every WK-th k-tile
+// of a stage; their sums meet in shared memory in warp order. grid = (row blocks, K splits),
+// the splits of a row block launched as one thread-block cluster (Hopper): each block leaves
+// its block's sums in its shared memory, and after a cluster barrier each block adds up one
+// slice of the block's outputs over the splits' shared memory (distributed shared memory), in
+// split order, then scales and rounds it: no float32 partials in HBM, no second kernel.
+template <int MODE, int NT, int KS> struct StagedPlan {
+  static constexpr int TK = MODE == 0 ? 32 : 64;  // features per k-tile
+  static constexpr int XH = TK / 32;              // a lane's 16-byte x loads a k-tile and token
+  static constexpr int TOKENS = 8 * NT;
+  // a token's row of a stage, padded so that a quarter warp's 16-byte loads (tokens g, g + 1
+  // at 4 lanes each) meet no bank twice
+  static constexpr int ROW_BYTES = KS * TK * 2 + (XH == 2 ? 16 : 64);
+  static constexpr int STAGE_BYTES = TOKENS * ROW_BYTES;
+  static constexpr int CHUNKS = KS * TK * 2 / 16;  // 16-byte pieces of a token's row
+};
+
+// 16 bytes from global to shared memory (past L1), or zeros when src_bytes is 0.
+__device__ __forceinline__ void copy16_async(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+               :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void commit_copies() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+template <int PENDING> __device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(PENDING) : "memory");
+}
+
+// The cluster's shape and barrier (sm_90): a block's rank in its cluster, a barrier that
+// orders every block's shared-memory writes before the others' reads after it, and a float
+// read from the shared memory of block `rank` of the cluster at this block's address.
+__device__ __forceinline__ u32 cluster_rank() {
+  u32 r = 0;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+  return r;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
+               ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float cluster_load(u32 address, u32 rank) {
+  float v = 0.f;
+#if __CUDA_ARCH__ >= 900
+  u32 remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+#endif
+  return v;
+}
+
+__device__ __forceinline__ u32 shared_address(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+extern __shared__ __align__(16) unsigned char staged_smem[];
+
+template <int DT, int MODE, int NT, int RT, int WR, int WK, int KS, int STAGES>
+__global__ void __launch_bounds__(WR * WK * 32)
+wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
+          const float* __restrict__ scale, const float* __restrict__ bias,
+          unsigned short* __restrict__ out, int M, int N, int K, int stages_per_split) {
+  typedef StagedPlan<MODE, NT, KS> Plan;
+  static_assert(KS % WK == 0, "a stage's k-tiles split evenly between the K warps");
+  static_assert(!Mode<MODE>::GROUPED, "per channel only");
+  constexpr int TK = Plan::TK, XH = Plan::XH, J = KS / WK, THREADS = WR * WK * 32;
+  constexpr int COPIES = Plan::TOKENS * Plan::CHUNKS;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wk = warp % WK, wr = warp / WK, g = lane >> 2, t = lane & 3;
+  const int tiles_k = K / TK, row_tiles = N / 16;
+  const int stages = (tiles_k + KS - 1) / KS;
+  const int s0 = blockIdx.y * stages_per_split;
+  const int count = min(stages_per_split, stages - s0);
+  const int rt0 = (blockIdx.x * WR + wr) * RT;
+  const uint4* wt[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) wt[r] = w + (size_t)min(rt0 + r, row_tiles - 1) * tiles_k * 32 + lane;
+  const u32 smem = shared_address(staged_smem);
+
+  // this warp's k-tiles of stage i (of the split): wk, wk + WK, ...; zeros past K
+  const auto load_w = [&](int i, uint4 (&wv)[J][RT]) {
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const int T = (s0 + i) * KS + wk + WK * j;
+        wv[j][r] = T < tiles_k ? load_weight(wt[r] + (size_t)T * 32) : make_uint4(0u, 0u, 0u, 0u);
+      }
+  };
+  // the block's copy of x for stage i, into buffer i % STAGES
+  const auto copy_x = [&](int i) {
+    const int k0 = (s0 + i) * KS * TK;
+    const u32 buffer = smem + (i % STAGES) * Plan::STAGE_BYTES;
+#pragma unroll
+    for (int c0 = 0; c0 < COPIES; c0 += THREADS) {
+      const int c = c0 + threadIdx.x;
+      if (COPIES % THREADS != 0 && c >= COPIES) break;
+      const int m = c / Plan::CHUNKS, piece = c % Plan::CHUNKS, f = k0 + 8 * piece;
+      const bool in = m < M && f < K;
+      copy16_async(buffer + m * Plan::ROW_BYTES + 16 * piece, in ? x + (size_t)m * K + f : x,
+                   in ? 16 : 0);
+    }
+  };
+
+  float acc[1][RT][NT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[0][r][n][e] = 0.f;
+  const u32 mask = kCodeMask[1];
+  // stage i's sums: B fragments from shared memory (token 8 n + g, the lane's TK / 4 features
+  // of each of its k-tiles), A from the weight registers
+  const auto compute = [&](int i, const uint4 (&wv)[J][RT]) {
+    const unsigned char* xs = staged_smem + (i % STAGES) * Plan::STAGE_BYTES;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int tile = wk + WK * j;
+#pragma unroll
+      for (int h = 0; h < XH; ++h) {
+        uint4 xh[NT];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+          xh[n] = *reinterpret_cast<const uint4*>(
+              xs + (8 * n + g) * Plan::ROW_BYTES + 2 * (tile * TK + TK / 4 * t) + 16 * h);
+#pragma unroll
+        for (int s = 2 * h; s < 2 * h + 2; ++s) {
+          u32 b[NT][2];
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            b[n][0] = word(xh[n], 2 * (s & 1));
+            b[n][1] = word(xh[n], 2 * (s & 1) + 1);
+          }
+          tiles_step<DT, MODE, NT, RT, 1, true>(s, wv[j], b, mask, acc);
+        }
+      }
+    }
+  };
+
+  // The first weights before the PDL wait (no kernel writes them); x after it.
+  uint4 wa[J][RT], wb[J][RT];
+  load_w(0, wa);
+  loads_before_wait();
+  wait_then_signal();
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < count) copy_x(i);
+    commit_copies();
+  }
+  // stage i: its copies landed (each thread's, then the barrier: everyone's, and every warp
+  // is done with stage i - 1's buffer, which the copy for stage i + STAGES - 1 then takes);
+  // the next stage's weights go out before this one is multiplied
+  const auto stage = [&](int i, const uint4 (&cur)[J][RT], uint4 (&next)[J][RT]) {
+    wait_copies<STAGES - 2>();
+    __syncthreads();
+    if (i + STAGES - 1 < count) copy_x(i + STAGES - 1);
+    commit_copies();
+    if (i + 1 < count) load_w(i + 1, next);
+    compute(i, cur);
+  };
+  for (int i = 0; i < count; i += 2) {  // two register sets take turns
+    stage(i, wa, wb);
+    if (i + 1 >= count) break;
+    stage(i + 1, wb, wa);
+  }
+
+  // The K warps' sums meet in shared memory (the stages' buffers, now free) in warp order.
+  constexpr int V = RT * NT * 4;
+  wait_copies<0>();
+  __syncthreads();
+  if constexpr (WK > 1) {
+    float* red = reinterpret_cast<float*>(staged_smem) + (size_t)wr * (WK - 1) * V * 32;
+    if (wk > 0) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) red[((wk - 1) * V + i) * 32 + lane] = (&acc[0][0][0][0])[i];
+    }
+    __syncthreads();
+    if (wk == 0) {
+#pragma unroll
+      for (int o = 0; o < WK - 1; ++o)
+#pragma unroll
+        for (int i = 0; i < V; ++i) (&acc[0][0][0][0])[i] += red[(o * V + i) * 32 + lane];
+    }
+  }
+  const int splits = gridDim.y;
+  if (splits == 1) {
+    if (wk > 0) return;
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      if (rt0 + r >= row_tiles) break;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = 16 * (rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
+          if (m >= M) continue;
+          const float y = acc[0][r][n][e] * __ldg(scale + row);
+          out[(size_t)m * N + row] = from_float<DT>(bias ? y + bias[row] : y);
+        }
+    }
+    return;
+  }
+  // K splits: the block's sums [token][row of the block] in shared memory, then, across the
+  // cluster, each block takes every splits-th output of the row block.
+  constexpr int ROWS = WR * RT * 16;
+  float* sums = reinterpret_cast<float*>(staged_smem);
+  if constexpr (WK > 1) __syncthreads();  // (the K warps' exchange above used this memory)
+  if (wk == 0) {
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = 16 * (wr * RT + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
+          sums[m * ROWS + row] = acc[0][r][n][e];
+        }
+  }
+  cluster_sync();
+  const u32 rank = cluster_rank(), base = shared_address(sums);
+  const int row0 = blockIdx.x * ROWS;
+  for (int i = rank * THREADS + threadIdx.x; i < Plan::TOKENS * ROWS; i += splits * THREADS) {
+    const int m = i / ROWS, row = row0 + i % ROWS;
+    if (m >= M || row >= N) continue;
+    float y = 0.f;
+    for (int s = 0; s < splits; ++s) y += cluster_load(base + 4 * i, s);
+    y *= __ldg(scale + row);
+    out[(size_t)m * N + row] = from_float<DT>(bias ? y + bias[row] : y);
+  }
+  cluster_sync();  // no block leaves while another still reads its shared memory
 }
 
 // W[N, K] in x's dtype from the tiled layout, for the larger M that go to cuBLAS: q * scale[row]

@@ -95,11 +95,12 @@ def _shape_cases() -> list[tuple[int, tuple[int, int, int, int]]]:
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("path", ["cuda", "dot", "dequant", "cutlass"])
+@pytest.mark.parametrize("path", ["cuda", "dot", "dequant", "cutlass", "staged"])
 @pytest.mark.parametrize("m", [1, 17, 64])
 def test_each_path_forced(device, path: str, m: int, bits: int) -> None:
     """Each path on the tiles: the GEMV (to M = 64), dot (on the untiled weight), dequant, the
-    CUTLASS GEMM (where it runs: compute capability 9.0, nvcc and CUTLASS headers)."""
+    CUTLASS GEMM (where it runs: compute capability 9.0, nvcc and CUTLASS headers), the staged
+    GEMM (its default config off the table)."""
     if path == "cutlass" and not cutlass_gemm.available(device.index):
         pytest.skip("the CUTLASS GEMM needs a compute capability 9.0 GPU, nvcc and headers")
     n, k = 960, 576
@@ -334,3 +335,121 @@ def test_groupwise_scheme_and_cuda_graph(device, m: int) -> None:
     graph.replay()
     torch.cuda.synchronize()
     check(y_static, _gw_reference(stored, 64, x, bias), torch.bfloat16, ("graph", m))
+
+
+# ---- the staged GEMM (wo_staged): x through shared memory ---------------------------------------
+
+
+def _staged_cases() -> list[tuple[int, tuple[int, ...]]]:
+    """(M, config): every config of each token-tile count, at a full and a partial tile."""
+    return [(m, c) for nt, configs in cw.STAGED_CONFIGS.items() for c in configs
+            for m in (8 * nt, 8 * nt - 7)]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m,config", _staged_cases(), ids=str)
+def test_staged_every_config(device, m: int, config: tuple[int, ...], bits: int) -> None:
+    """Every config, unsplit and with K splits (float32 partials), with and without bias."""
+    n, k = 4096, 1024
+    t = _weights(n, k, device, seed=41, bits=bits)
+    x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=43)
+    for splits, b in ((1, bias), (3, bias), (None, None)):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+        cw.staged_gemm(x, t["tiles"], t["scale"], b, out, config=config, splits=splits)
+        check(out, _reference(t, x, b, bits), torch.bfloat16, (m, config, splits))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k", [(208, 320), (960, 576), (64, 11008)])
+def test_staged_odd_shapes(device, n: int, k: int, dtype: torch.dtype, bits: int) -> None:
+    """N and K that are not multiples of a block's rows or a stage's k-tiles; a long K split
+    unevenly; float16 and bfloat16."""
+    if bits == 8 and k % 32:
+        pytest.skip("int8 tiles take K % 32 == 0")
+    t = _weights(n, k, device, seed=n + k, bits=bits)
+    for m in (9, 27, 64):
+        for config in (cw.STAGED_CONFIGS[cw.tiles_nt(m)][0], cw.STAGED_CONFIGS[cw.tiles_nt(m)][-1]):
+            x, bias = _inputs(m, k, n, dtype, device, seed=m)
+            for splits in (1, 5):
+                out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+                cw.staged_gemm(x, t["tiles"], t["scale"], bias, out, config=config, splits=splits)
+                check(out, _reference(t, x, bias, bits), dtype, (n, k, m, config, splits))
+
+
+def test_staged_refuses_too_many_tokens(device) -> None:
+    t = _weights(208, 320, device, seed=1)
+    x, _ = _inputs(17, 320, 208, torch.bfloat16, device, seed=1)
+    out = torch.empty(17, 208, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="M <= 16"):
+        cw.staged_gemm(x, t["tiles"], t["scale"], None, out, config=cw.STAGED_CONFIGS[2][0])
+
+
+@pytest.mark.parametrize("splits", [1, 8])
+def test_staged_cuda_graph(device, splits: int) -> None:
+    """Captured in a CUDA graph (a cluster launch with K splits), replayed on new inputs."""
+    n, k, m = 960, 4096, 40
+    t = _weights(n, k, device, seed=51)
+    x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=53)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+    config = cw.STAGED_CONFIGS[8][0]
+
+    def call():
+        cw.staged_gemm(x, t["tiles"], t["scale"], bias, out, config=config, splits=splits)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for seed in (61, 62):
+        new, _ = _inputs(m, k, n, torch.bfloat16, device, seed=seed)
+        x.copy_(new)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, _reference(t, x, bias), torch.bfloat16, (splits, seed))
+
+
+def test_staged_taken_where_the_table_names_the_weight(device, tmp_path, monkeypatch) -> None:
+    """The automatic dispatch runs the staged GEMM at M = 33-64 on a weight its table names (a
+    table written here), with the table's config, and not at M = 32 or on other weights."""
+    import json
+
+    n, k = 960, 576
+    entry = {"dtype": "bfloat16", "mode": 1, "n": n, "k": k, "config": [8, 1, 4, 2, 4, 3]}
+    path = tmp_path / "staged.json"
+    path.write_text(json.dumps({"devices": {torch.cuda.get_device_name(device): [entry]}}))
+    monkeypatch.setenv("TPQUANT_STAGED_TUNED", str(path))
+    cw.staged_table.cache_clear()
+    calls = []
+    real = cw.staged_gemm
+    monkeypatch.setattr(cw, "staged_gemm", lambda *a, **kw: calls.append(kw["config"]) or
+                        real(*a, **kw))
+    try:
+        t = _weights(n, k, device, seed=71)
+        other = _weights(208, 320, device, seed=72)
+        for m, expect in ((32, []), (33, [(8, 1, 4, 2, 4, 3)]), (64, [(8, 1, 4, 2, 4, 3)])):
+            calls.clear()
+            x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m)
+            y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, tiled=True)
+            check(y, _reference(t, x, bias), torch.bfloat16, m)
+            assert calls == expect, m
+        calls.clear()
+        x, _ = _inputs(64, 320, 208, torch.bfloat16, device, seed=73)
+        ref.weight_only_matmul(x, other["tiles"], other["scale"], 4, None, tiled=True)
+        assert calls == []
+    finally:
+        monkeypatch.delenv("TPQUANT_STAGED_TUNED")
+        cw.staged_table.cache_clear()
+
+
+def test_staged_path_refuses_groupwise(device) -> None:
+    t = _gw_weights(208, 256, 128, True, device, seed=81)
+    x, _ = _inputs(40, 256, 208, torch.bfloat16, device, seed=82)
+    with pytest.raises(ValueError, match="path 'staged'"):
+        ref.groupwise_matmul(x, t["tiles"], t["scales"], t["zeros"], 128, None, None,
+                             path="staged", tiled=True)

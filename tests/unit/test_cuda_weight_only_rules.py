@@ -183,3 +183,81 @@ def test_gemv_with_pdl_launches_both_kernels_with_it(monkeypatch) -> None:
     (fn, args, pdl), (reduce, _, reduce_pdl) = launches
     assert (fn, reduce, pdl, reduce_pdl) == ("gemv", "reduce", True, True)
     assert int(args[-2]) == 64 and int(args[-1]) == 1  # 2 splits of 64 chunks, partials
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 11008), (22016, 4096), (208, 320),
+                                 (8192, 28672)])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("config", [c for cs in cw.STAGED_CONFIGS.values() for c in cs])
+def test_staged_splits_fill_the_sms_within_a_cluster(n: int, k: int, bits: int, config) -> None:
+    """The staged GEMM's K splits: 1 to 8 (a portable cluster), each split two stages or more
+    where K has them, and no more blocks than about one an SM once the rows fill them."""
+    nt, rt, wr, wk, ks, stages = config
+    splits = cw.staged_splits(n, k, bits, config, 132)
+    k_stages = -(-(k // (64 if bits == 4 else 32)) // ks)
+    blocks = -(-(n // 16) // (rt * wr))
+    assert 1 <= splits <= cw.STAGED_MAX_SPLITS
+    assert splits == 1 or k_stages // splits >= 2
+    assert splits == 1 or blocks * (splits - 0.5) <= 132
+
+
+@pytest.mark.parametrize("config", [c for cs in cw.STAGED_CONFIGS.values() for c in cs])
+def test_staged_shared_memory_holds_every_use(config) -> None:
+    """A block's dynamic shared memory holds its x stages (padded rows), the K warps' sums and
+    the block's float32 sums, and fits an H100 / H200 SM (227 KiB)."""
+    nt, rt, wr, wk, ks, stages = config
+    for bits, row in ((4, ks * 128 + 16), (8, ks * 64 + 64)):
+        nbytes = cw.staged_shared_bytes(config, bits)
+        assert nbytes >= stages * 8 * nt * row
+        assert nbytes >= wr * (wk - 1) * rt * nt * 4 * 32 * 4
+        assert nbytes >= 8 * nt * 16 * rt * wr * 4
+        assert nbytes <= 227 << 10
+
+
+def test_staged_splits_fit_their_clusters_in_one_wave() -> None:
+    """Given how many clusters of each size run at once (the H200's counts for the default
+    config: 30 of 4, 39 of 3), the splits step down until every row block's cluster runs in
+    the first wave: 7B's 4096-row weights (32 row blocks) take 3 splits, not 4."""
+    capacity = dict(zip(range(1, 9), (132, 66, 39, 30, 22, 17, 15, 15)))
+    config = cw.STAGED_CONFIGS[8][0]
+    assert cw.staged_splits(4096, 4096, 4, config, 132) == 4  # without the driver's count
+    assert cw.staged_splits(4096, 4096, 4, config, 132, capacity.__getitem__) == 3
+    assert cw.staged_splits(1536, 4096, 4, config, 132, capacity.__getitem__) == 8  # 12 blocks
+    assert cw.staged_splits(22016, 4096, 4, config, 132, capacity.__getitem__) == 1
+
+
+def test_shipped_staged_table_holds_known_configs() -> None:
+    """Every entry of staged_tuned.json: a config of STAGED_CONFIGS at 8 token tiles, a per
+    channel mode, a weight that tiles."""
+    table = cw.staged_table(cw.STAGED_TUNED_PATH)
+    assert table
+    for (device, dtype, mode, n, k), config in table.items():
+        assert config in cw.STAGED_CONFIGS[8] and mode in (0, 1)
+        assert n % 16 == 0 and k % (64 if mode == 1 else 32) == 0, (device, dtype, n, k)
+
+
+def test_staged_config_only_for_table_weights_at_33_to_64(monkeypatch, tmp_path) -> None:
+    import json
+
+    import torch
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"devices": {"GPU X": [
+        {"dtype": "bfloat16", "mode": 1, "n": 4096, "k": 4096, "config": [8, 2, 4, 2, 4, 3]}]}}))
+    monkeypatch.setenv("TPQUANT_STAGED_TUNED", str(path))
+    monkeypatch.setattr(cw, "device_name", lambda device: "GPU X")
+    cw.staged_table.cache_clear()
+    try:
+        dev = torch.device("cuda", 0)
+        for m, want in ((32, None), (33, (8, 2, 4, 2, 4, 3)), (64, (8, 2, 4, 2, 4, 3)),
+                        (65, None)):
+            assert cw.staged_config(m, 4096, 4096, dev, torch.bfloat16, 1) == want
+        assert cw.staged_config(64, 4096, 4096, dev, torch.float16, 1) is None
+        assert cw.staged_config(64, 4096, 4096, dev, torch.bfloat16, 0) is None
+        monkeypatch.setenv("TPQUANT_STAGED_TUNED", "off")
+        cw.staged_table.cache_clear()
+        assert cw.staged_config(64, 4096, 4096, dev, torch.bfloat16, 1) is None
+    finally:
+        cw.staged_table.cache_clear()
+    assert cw.staged_default(1) == cw.STAGED_CONFIGS[2][0]
+    assert cw.staged_default(40) == cw.STAGED_CONFIGS[8][0]

@@ -90,3 +90,24 @@ def test_pdl_launch_passes_grid_block_shared_memory_and_the_attribute(monkeypatc
                   shared_mem=65536)
     assert seen == dict(grid=[7, 1, 1], block=[160, 1, 1], shared_mem=65536, stream=99,
                         num_attrs=1, attr=(6, 1), function=1234, first=2**35 + 1, second=-3)
+
+
+def test_cluster_launch_passes_the_cluster_shape(monkeypatch) -> None:
+    """A cluster launch (the staged GEMM's K splits) adds CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    (4) with the cluster's x, y, z after the PDL attribute, or alone without PDL."""
+    import numpy as np
+
+    from tpquant.kernels import cupy_launch as cl
+
+    seen = []
+
+    class FakeDriver:
+        def cuLaunchKernelEx(self, config, function, params, extra):  # noqa: N802 - CUDA's name
+            c = config._obj
+            seen.append([(c.attrs[i].id, list(c.attrs[i].value[:3])) for i in range(c.num_attrs)])
+            return 0
+
+    monkeypatch.setattr(cl, "_cuda_driver", lambda: FakeDriver())
+    cl._launch_ex(1, (32, 4), (256,), (np.int32(0),), 0, cluster=(1, 4, 1))
+    cl._launch_ex(1, (32, 4), (256,), (np.int32(0),), 0, pdl=False, cluster=(1, 4))
+    assert seen == [[(6, [1, 0, 0]), (4, [1, 4, 1])], [(4, [1, 4, 1])]]

@@ -36,13 +36,14 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from tpquant.kernels import pdl
-from tpquant.kernels.cupy_launch import launch, occupancy
+from tpquant.kernels.cupy_launch import (active_clusters, allow_dynamic_shared, launch,
+                                         occupancy)
 from tpquant.kernels.device import device_name, sm_count
 from tpquant.kernels.tiles import TILE_K, code_bits, features, groups_tile
 
@@ -434,6 +435,131 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
             np.int32(m), np.int32(n), np.int32(k), np.int32(group or 1))
     launch(function, (-(-n // (16 * rt * rw)),), (kw * rw * 32,), args, x2.device,
            pdl.enabled(x2.device))
+
+
+# ---- the staged GEMM (wo_staged) for 9-64 tokens: x through shared memory ----------------------
+# A config is (NT token tiles, RT row tiles a warp, WR row warps, WK K warps, KS k-tiles a stage,
+# STAGES buffers); per channel int4 / int8 on the tiles. K splits fill the SMs where the weight's
+# rows alone do not: the splits of a row block run as one thread-block cluster and add up their
+# sums through distributed shared memory (at most 8 blocks: the portable cluster size).
+# The first config of each NT is its default (the best in geomean at M = 40 / 64 on an H200);
+# the automatic dispatch takes the kernel only for weights in the measured table below.
+STAGED_CONFIGS = {
+    2: ((2, 2, 4, 2, 4, 3), (2, 2, 4, 1, 2, 4), (2, 2, 2, 2, 4, 3), (2, 1, 4, 2, 4, 3)),
+    4: ((4, 2, 4, 2, 4, 3), (4, 2, 4, 1, 2, 4), (4, 2, 2, 2, 4, 3), (4, 1, 4, 2, 4, 3)),
+    8: ((8, 2, 4, 2, 4, 3), (8, 2, 4, 1, 2, 4), (8, 2, 2, 2, 4, 3), (8, 1, 4, 2, 4, 3),
+        (8, 1, 8, 1, 2, 4)),
+}
+STAGED_MIN_M = 33  # below, the tiled GEMV wins on every weight measured (sweep_staged.py)
+# Weights where the staged GEMM beat the dispatch's kernel (tiled GEMV or CUTLASS) at M = 40
+# and 64 (benchmarks/sweep_staged.py --table): {(device, dtype, mode, n, k): config}.
+# TPQUANT_STAGED_TUNED names another table, or "off" for none.
+STAGED_TUNED_PATH = Path(__file__).resolve().with_name("staged_tuned.json")
+STAGED_MAX_SPLITS = 8
+_SHARED_OPT_IN: set[tuple[int, str]] = set()
+_CLUSTERS: dict[tuple, int] = {}  # ((device, kernel), cluster size): clusters at once
+
+
+@functools.cache
+def staged_table(path: Path | None = None) -> dict[tuple, tuple[int, ...]]:
+    """{(device name, dtype name, mode, n, k): config} from a table's JSON (plain data): `path`,
+    else TPQUANT_STAGED_TUNED's, else STAGED_TUNED_PATH; empty for "off" or a missing file."""
+    if path is None:
+        setting = os.environ.get("TPQUANT_STAGED_TUNED", str(STAGED_TUNED_PATH))
+        if setting == "off":
+            return {}
+        path = Path(setting)
+    if not path.is_file():
+        return {}
+    return {(device, e["dtype"], e["mode"], e["n"], e["k"]): tuple(e["config"])
+            for device, entries in json.loads(path.read_text())["devices"].items()
+            for e in entries}
+
+
+def staged_config(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype,
+                  mode_: int) -> tuple[int, ...] | None:
+    """The staged GEMM's config where the automatic dispatch should run it: M from
+    STAGED_MIN_M to 64 on a weight the table holds for this device and dtype; else None."""
+    if not STAGED_MIN_M <= m <= 8 * TILES_NT[-1]:
+        return None
+    return staged_table().get((device_name(device), str(dtype).removeprefix("torch."), mode_,
+                               n, k))
+
+
+def staged_default(m: int) -> tuple[int, ...]:
+    """The default config for m <= 64 tokens (a forced call off the table)."""
+    return STAGED_CONFIGS[max(2, tiles_nt(m))][0]
+
+
+def staged_shared_bytes(config: tuple[int, ...], bits: int) -> int:
+    """Dynamic shared memory of a wo_staged block: STAGES stages of x (8 NT tokens x KS k-tiles,
+    rows padded as the .cu's StagedPlan pads them), or, if larger, the K warps' sums or the
+    block's float32 sums [8 NT, 16 RT WR] that the cluster adds up."""
+    nt, rt, wr, wk, ks, stages = config
+    tk = TILE_K[bits]
+    row = ks * tk * 2 + (16 if tk == 64 else 64)
+    k_warps = wr * (wk - 1) * rt * nt * 4 * 32 * 4
+    block = 8 * nt * 16 * rt * wr * 4
+    return max(stages * 8 * nt * row, k_warps, block)
+
+
+def staged_splits(n: int, k: int, bits: int, config: tuple[int, ...], sms: int,
+                  clusters: Callable[[int], int] | None = None) -> int:
+    """K splits for an [n, k] weight (pure): about one block an SM, each split at least two
+    stages, at most STAGED_MAX_SPLITS, and (given `clusters`: splits -> clusters of that size
+    the GPU runs at once) the most splits whose clusters all run in one wave. A cluster's
+    blocks must share a GPC, so fewer clusters of 4 than a quarter of the SMs may fit: 32
+    clusters of 4 that need two waves ran 7B's o / down at M = 64 1.45x / 1.65x slower."""
+    nt, rt, wr, wk, ks, stages = config
+    blocks = -(-(n // 16) // (rt * wr))
+    k_stages = -(-(k // TILE_K[bits]) // ks)
+    splits = max(1, min(STAGED_MAX_SPLITS, round(sms / blocks), k_stages // 2))
+    while clusters is not None and splits > 1 and clusters(splits) < blocks:
+        splits -= 1
+    return splits
+
+
+def staged_gemm(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None, out: torch.Tensor, *,
+                config: tuple[int, ...], splits: int | None = None) -> None:
+    """out[M, N] = x2[M, K] @ W^T (+ bias) for W per channel in a tiled layout (int8 or packed
+    int4), M <= 8 NT of `config`; the caller has checked shapes and `aligned`."""
+    m, k = x2.shape
+    n = tiled.shape[0]
+    bits = code_bits(tiled)
+    nt, rt, wr, wk, ks, stages = config
+    if m > 8 * nt:
+        raise ValueError(f"staged config {config} takes M <= {8 * nt}, got {m}")
+    name = f"wo_staged<{{dt}}, {mode(bits, 0, False)}, {nt}, {rt}, {wr}, {wk}, {ks}, {stages}>"
+    function = _tiles_functions(x2.device, x2.dtype, [name])[0]
+    shared = staged_shared_bytes(config, bits)
+    key = (x2.device.index, name.format(dt=_DT[x2.dtype]))
+    _allow_shared(function, shared, key)
+    k_stages = -(-(k // TILE_K[bits]) // ks)
+    if torch.cuda.get_device_capability(x2.device)[0] < 9:
+        splits = 1  # K splits meet in a thread-block cluster, which needs sm_90
+    elif splits is None:
+        def clusters(size: int) -> int:
+            if (key, size) not in _CLUSTERS:
+                _CLUSTERS[key, size] = active_clusters(function, wr * wk * 32, shared,
+                                                       (1, size, 1), x2.device)
+            return _CLUSTERS[key, size]
+        splits = staged_splits(n, k, bits, config, sm_count(x2.device), clusters)
+    splits = min(splits, STAGED_MAX_SPLITS, k_stages)
+    per_split = -(-k_stages // splits)
+    splits = -(-k_stages // per_split)
+    launch(function, (-(-(n // 16) // (rt * wr)), splits), (wr * wk * 32,),
+           (_ptr(x2), _ptr(tiled), _ptr(scale), _ptr(_float32(bias)), _ptr(out),
+            np.int32(m), np.int32(n), np.int32(k), np.int32(per_split)), x2.device,
+           pdl.enabled(x2.device), shared_mem=shared,
+           cluster=(1, splits, 1) if splits > 1 else None)
+
+
+def _allow_shared(function: Any, nbytes: int, key: tuple[int, str]) -> None:
+    """Lets `function` take nbytes of dynamic shared memory (past 48 KiB needs an opt-in)."""
+    if nbytes > (48 << 10) and key not in _SHARED_OPT_IN:
+        allow_dynamic_shared(function, nbytes, torch.device("cuda", key[0]))
+        _SHARED_OPT_IN.add(key)
 
 
 def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *,

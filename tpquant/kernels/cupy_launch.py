@@ -20,18 +20,20 @@ _STREAMS: dict[tuple[int, int], Any] = {}
 
 def launch(
     kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
-    pdl: bool = False, shared_mem: int = 0,
+    pdl: bool = False, shared_mem: int = 0, cluster: tuple[int, ...] | None = None,
 ) -> None:
     """kernel<<<grid, block, shared_mem>>>(*args) on torch's current stream of `device`; with
     pdl, as a programmatic dependent launch (tpquant.kernels.pdl: the kernel must wait before
-    it reads what the kernel before it writes). args: numpy scalars (pointers as np.uint64)."""
+    it reads what the kernel before it writes); with cluster, in thread-block clusters of that
+    shape (sm_90). args: numpy scalars (pointers as np.uint64)."""
     import cupy
 
     current = torch.cuda.current_stream(device)
-    if pdl:  # CuPy's launch takes no launch attributes: the driver's cuLaunchKernelEx
+    if pdl or cluster:  # CuPy's launch takes no launch attributes: the driver's cuLaunchKernelEx
         with cupy.cuda.Device(device.index):
             function = getattr(kernel, "kernel", kernel)  # a RawKernel's loaded Function
-            _launch_ex(function.ptr, grid, block, args, current.cuda_stream, shared_mem)
+            _launch_ex(function.ptr, grid, block, args, current.cuda_stream, shared_mem, pdl,
+                       cluster)
         return
     key = (device.index, current.cuda_stream)
     stream = _STREAMS.get(key)
@@ -43,7 +45,8 @@ def launch(
 
 # -- cuLaunchKernelEx with the programmatic-stream-serialization attribute ------------------------
 
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+_CLUSTER_DIMENSION = 4  # CUlaunchAttributeID
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 _CTYPES = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
            np.dtype(np.int32): ctypes.c_int32, np.dtype(np.float32): ctypes.c_float}
 
@@ -67,6 +70,9 @@ def _cuda_driver() -> Any:
         _driver = ctypes.CDLL("libcuda.so.1")
         _driver.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
                                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        _driver.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        _driver.cuOccupancyMaxActiveClusters.argtypes = [
+            ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.POINTER(_LaunchConfig)]
         _driver.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [
             ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
     return _driver
@@ -93,16 +99,67 @@ def occupancy(kernel: Any, threads: int, device: torch.device) -> int:
     return blocks.value
 
 
+def active_clusters(kernel: Any, threads: int, shared_mem: int, cluster: tuple[int, ...],
+                    device: torch.device) -> int:
+    """Clusters of this shape (blocks of `threads` threads and shared_mem bytes of dynamic
+    shared memory) that the GPU runs at once: the driver's count, which knows that a cluster's
+    blocks must share one GPC."""
+    import cupy
+
+    count = ctypes.c_int()
+    with cupy.cuda.Device(device.index):
+        function = getattr(kernel, "kernel", kernel)
+        attrs, n = _attributes(False, cluster)
+        config = _LaunchConfig(grid=_dim3(cluster), block=_dim3((threads,)), shared_mem=shared_mem,
+                               stream=None, num_attrs=n,
+                               attrs=ctypes.cast(attrs, ctypes.POINTER(_LaunchAttribute)))
+        err = _cuda_driver().cuOccupancyMaxActiveClusters(ctypes.byref(count), function.ptr,
+                                                          ctypes.byref(config))
+    _check(err, "cuOccupancyMaxActiveClusters")
+    return count.value
+
+
+_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
+
+
+def allow_dynamic_shared(kernel: Any, nbytes: int, device: torch.device) -> None:
+    """Lets a compiled kernel launch with nbytes of dynamic shared memory (past 48 KiB the
+    driver needs this opt-in, per function)."""
+    import cupy
+
+    with cupy.cuda.Device(device.index):
+        function = getattr(kernel, "kernel", kernel)
+        _check(_cuda_driver().cuFuncSetAttribute(function.ptr, _MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                 nbytes),
+               "cuFuncSetAttribute")
+
+
 def _launch_ex(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
-               stream: int, shared_mem: int = 0) -> None:
-    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-    attr.value[0] = 1  # programmaticStreamSerializationAllowed
+               stream: int, shared_mem: int = 0, pdl: bool = True,
+               cluster: tuple[int, ...] | None = None) -> None:
+    attrs, count = _attributes(pdl, cluster)
     config = _LaunchConfig(grid=_dim3(grid), block=_dim3(block), shared_mem=shared_mem,
-                           stream=stream, attrs=ctypes.pointer(attr), num_attrs=1)
+                           stream=stream, num_attrs=count,
+                           attrs=ctypes.cast(attrs, ctypes.POINTER(_LaunchAttribute)))
     values = kernel_params(args)
     params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
     _check(_cuda_driver().cuLaunchKernelEx(ctypes.byref(config), function, params, None),
            "cuLaunchKernelEx")
+
+
+def _attributes(pdl: bool, cluster: tuple[int, ...] | None) -> tuple[ctypes.Array, int]:
+    """The launch attributes (and how many are set): PDL's, then the cluster's shape."""
+    attrs = (_LaunchAttribute * 2)()
+    count = 0
+    if pdl:
+        attrs[count].id = _PROGRAMMATIC_STREAM_SERIALIZATION
+        attrs[count].value[0] = 1  # programmaticStreamSerializationAllowed
+        count += 1
+    if cluster:
+        attrs[count].id = _CLUSTER_DIMENSION
+        attrs[count].value[:3] = list(_dim3(cluster))  # clusterDim x, y, z
+        count += 1
+    return attrs, count
 
 
 def kernel_params(args: tuple) -> list:

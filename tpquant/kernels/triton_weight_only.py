@@ -4,7 +4,7 @@ The layouts are those of the torch references in `tpquant.kernels.weight_only` (
 qweight int8 [N, K] or packed uint8 [N, K/2] (low nibble = even k), per-channel scale [N],
 group scales / zeros [K/g, N], pre_quant_scale [K]. y[M, N] = x[M, K] @ W^T (+ bias).
 
-Four paths; `choose_path` picks one from (M, N, K, bits, group) and the thresholds below:
+The paths; `choose_path` picks one from (M, N, K, bits, group) and the thresholds below:
 
     cuda     the CUDA C++ GEMVs of `tpquant.kernels.cuda_weight_only` (cpp/weight_only_gemv.cu):
              paired half-precision dequantization into FMAs (the smallest M) or
@@ -16,6 +16,9 @@ Four paths; `choose_path` picks one from (M, N, K, bits, group) and the threshol
     cutlass  CUTLASS's Hopper mixed-input GEMM (`tpquant.kernels.cutlass_gemm`), the weight
              dequantized in registers: tiled int8 / int4 above the tiled GEMV's M (needs nvcc
              and CUTLASS headers; else dequant).
+    staged   the staged GEMM of `cuda_weight_only` (x through shared memory, K splits in one
+             thread-block cluster): tiled int8 / int4 per channel at M = 33-64, on the weights
+             its measured table (`staged_tuned.json`) names.
 
 Numerics. Every stored code is read as an unsigned integer u (int8 q as u = q + 128, signed
 int4 as u = nibble ^ 8 = q + 8, unsigned groupwise nibbles as they are), so W = (u - zp) * s
@@ -43,11 +46,12 @@ runs at the first call for each (M bucket, N, K, scheme): warm every shape up (c
 before capturing a graph or timing.
 
 Tiled int8 / int4 weights (`tpquant.kernels.tiles`, what `WeightOnly.pack` and
-`Groupwise.pack` keep): the tiled CUDA GEMV for small M, CUTLASS or dequant from the tiles
-above; see `weight_only_matmul`. `choose_path` is for untiled weights.
+`Groupwise.pack` keep): the tiled CUDA GEMV for small M (the staged GEMM where its table
+says), CUTLASS or dequant from the tiles above; see `weight_only_matmul`. `choose_path` is for untiled weights.
 
 Forcing a path: the `path` argument of the launchers below, or the environment variable
-TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant | cutlass, read at every call
+TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant | cutlass | staged, read at
+every call
 (the benchmark sets it between timings); "reference" is handled by
 `tpquant.kernels.weight_only`.
 
@@ -73,8 +77,9 @@ from tpquant.kernels.tiles import groups_tile, untile
 
 PATH_ENV = "TPQUANT_WO_PATH"
 CUDA, GEMV, DOT, DEQUANT, CUTLASS = "cuda", "gemv", "dot", "dequant", "cutlass"
+STAGED = "staged"  # the staged GEMM on the tiles (per channel, M <= 64)
 REFERENCE, AUTO = "reference", "auto"
-KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT, CUTLASS)
+KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT, CUTLASS, STAGED)
 
 # Dispatch thresholds, from benchmarks/bench_wo_kernels.py on an H200 (every path forced):
 # gemv wins only at M = 1 for int4 per channel (1.08-1.31x bf16 vs dot 1.08-1.16x over runs;
@@ -733,11 +738,12 @@ def weight_only_matmul(
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ (q * scale[:, None])^T + bias, in x.dtype (float16 / bfloat16).
 
-    path: "cuda", "gemv", "dot", "dequant", "cutlass", or None/"auto" (then $TPQUANT_WO_PATH,
-    then choose_path).
-    tiled: qweight in the layout of `tpquant.kernels.tiles`: auto takes the tiled CUTLASS
-    GEMM in its `cutlass_range` (where `cutlass_gemm.usable`), else the tiled CUDA GEMV to its
-    TILES_MAX_M (one launch) and dequant from the tiles above; cuda (to TILES_MAX_M), cutlass
+    path: "cuda", "gemv", "dot", "dequant", "cutlass", "staged", or None/"auto" (then
+    $TPQUANT_WO_PATH, then choose_path).
+    tiled: qweight in the layout of `tpquant.kernels.tiles`: auto takes the staged GEMM where
+    `cuda_weight_only.staged_config` names this weight, else the tiled CUTLASS GEMM in its
+    `cutlass_range` (where `cutlass_gemm.usable`), else the tiled CUDA GEMV to its TILES_MAX_M
+    (one launch) and dequant from the tiles above; cuda and staged (to TILES_MAX_M), cutlass
     and dequant may be forced; gemv and dot, and auto without CuPy, untile it first.
     config: BLOCK_M/BLOCK_N/BLOCK_K (+ num_warps, num_stages) instead of autotuning;
     split_k: the number of K splits instead of the heuristic (gemv and dot);
@@ -815,9 +821,17 @@ def _matmul(
             "compute capability 9.0 device with nvcc and CUTLASS headers; "
             f"got bits={wt.bits}, tiled={wt.tiled}, group={wt.group}, N={n}, K={k}"
         )
+    if chosen == STAGED and not (wt.tiled and cuda_ok and wt.group == 0 and wt.pqs is None
+                                 and m <= cuda_weight_only.TILES_MAX_M):
+        raise ValueError(
+            "path 'staged' takes tiled int8 / int4 per channel (no pre-quant scale), M <= "
+            f"{cuda_weight_only.TILES_MAX_M}, float32 scales and 16-byte aligned CUDA tensors "
+            f"(and CuPy); got tiled={wt.tiled}, group={wt.group}, M={m}"
+        )
     if wt.tiled:
         tiles_ok = cuda_ok and wt.pqs is None and groups_tile(wt.group)
-        if chosen == CUTLASS or (tiles_ok and chosen in (AUTO, REFERENCE, CUDA, DEQUANT)):
+        if chosen in (CUTLASS, STAGED) or (tiles_ok and chosen in (AUTO, REFERENCE, CUDA,
+                                                                   DEQUANT)):
             _tiled(x2, wt, None if bias is None else _contiguous(bias), out, chosen, cutlass_ok)
             return out.reshape(*x.shape[:-1], n)
         wt = replace(wt, qweight=untile(wt.qweight, wt.bits), tiled=False)  # the others read
@@ -949,10 +963,22 @@ def _operand_kind(dtype: torch.dtype, bits: int) -> tuple[int, int]:
 
 def _tiled(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch.Tensor,
            chosen: str, cutlass_ok: bool) -> None:
-    """A tiled weight: the CUTLASS GEMM on the tiles where it runs and `cutlass_range` gives
-    it the call; else the tiled GEMV up to its M, dequantized from the tiles into x.dtype and
-    one torch matmul above."""
+    """A tiled weight: the staged GEMM where its measured table names this weight (per
+    channel, M = 33-64); else the CUTLASS GEMM on the tiles where it runs and `cutlass_range`
+    gives it the call; else the tiled GEMV up to its M, dequantized from the tiles into x.dtype
+    and one torch matmul above."""
     m = x2.shape[0]
+    staged = None
+    if chosen == STAGED:
+        staged = cuda_weight_only.staged_config(
+            m, wt.n, wt.k, x2.device, x2.dtype, cuda_weight_only.mode(wt.bits, 0, False)
+        ) or cuda_weight_only.staged_default(m)
+    elif chosen in (AUTO, REFERENCE) and wt.group == 0:
+        staged = cuda_weight_only.staged_config(m, wt.n, wt.k, x2.device, x2.dtype,
+                                                cuda_weight_only.mode(wt.bits, 0, False))
+    if staged is not None:
+        cuda_weight_only.staged_gemm(x2, wt.qweight, wt.scale, bias, out, config=staged)
+        return
     if chosen in (AUTO, REFERENCE):
         if (cutlass_ok and cutlass_range(m, wt.n, wt.bits, wt.group, sm_count(x2.device))
                 and _cutlass_usable(x2, wt)):
