@@ -1,7 +1,7 @@
 """The weight-only GEMVs for small M in CUDA C++ (cpp/weight_only_gemv.cu), launched through CuPy.
 
 y[M, N] = x[M, K] @ W^T (+ bias) for int8 / int4 per channel and groupwise int4 (zeros or
-symmetric, optional pre-quant scale), float16 / bfloat16 x. Three kernels, the .cu file's
+symmetric, optional pre-quant scale), float16 / bfloat16 x. Four kernels, the .cu file's
 header explains the numerics of each:
 
     fma    (stored layout) codes become paired half-precision values with one mask and one
@@ -14,6 +14,11 @@ header explains the numerics of each:
            keep): each lane's 16 bytes are its mma A fragments, one or two instructions per
            register; pipelined loads; M up to TILES_MAX_M in one launch.
            `tiles_dequantize` unpacks the layout into x.dtype for cuBLAS at larger M.
+    staged int8 / int4 per channel on the same tiles, M <= 64: x copied into shared memory
+           stages ahead (cp.async) and read there by every warp; K splits of a row block run
+           as one thread-block cluster and add their sums through distributed shared memory.
+           The dispatch takes it at M = 33-64 on the weights of its measured table
+           (`staged_config`, staged_tuned.json).
 
 `kernel_for` picks fma or mma by M for the stored layout (thresholds measured, below); the
 tiled layout always takes the tiles kernel, its shape chosen by `tiles_plan`: a tuned table
