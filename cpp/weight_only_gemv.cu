@@ -754,6 +754,25 @@ __global__ void wo_reduce(const float* partial, const float* bias, unsigned shor
 // up to 12% at M = 16-32 on the largest N (design note 28). grid: row groups. No split-K (a
 // split range cost the kernels 2-24 registers, i.e. blocks per SM, for less than it gained).
 
+// The outputs a lane holds in mma C fragments, for the tiled kernels' stores: f(r, n, e, row,
+// m) for fragment element e of row tile r (from rt0, stopping at row_tiles) and token tile n,
+// that is row 16 (rt0 + r) + g (+ 8 for e >= 2) and token 8 n + 2 t (+ 1 for odd e), m < M.
+template <int RT, int NT, typename F>
+__device__ __forceinline__ void for_each_output(int rt0, int row_tiles, int M, int g, int t,
+                                                F&& f) {
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    if (rt0 + r >= row_tiles) break;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = 16 * (rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
+        if (m < M) f(r, n, e, row, m);
+      }
+  }
+}
+
 // How the kernel spends registers on NT token tiles (MODE: per channel or groupwise). Up to 4
 // (32 tokens): x is loaded a round ahead with the weights, the sums alternate between two
 // accumulator chains, and a second mma sums x for the codes' offset. At 8 tiles ("wide") one
@@ -1196,25 +1215,16 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
       for (int i = 0; i < V; ++i) v[i] += red[rw][o][i][lane];
   }
   if constexpr (Plan::SCALE_COPY) wait_async_copies();
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    if (rt0 + r >= row_tiles) break;
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = 16 * (rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
-        if (m >= M) continue;
-        float y = v[(r * NT + n) * 4 + e];
-        if constexpr (!GROUPED) {
-          if constexpr (V > S) y -= offset * v[S + 2 * n + (e & 1)];
-          y *= !Plan::EARLY_SCALE ? __ldg(scale + row)
-               : Plan::SCALE_COPY ? copied[r][e >= 2][lane] : row_scale[r][e >= 2];
-        }
-        if (bias) y += bias[row];
-        out[(size_t)m * N + row] = from_float<DT>(y);
-      }
-  }
+  for_each_output<RT, NT>(rt0, row_tiles, M, g, t, [&](int r, int n, int e, int row, int m) {
+    float y = v[(r * NT + n) * 4 + e];
+    if constexpr (!GROUPED) {
+      if constexpr (V > S) y -= offset * v[S + 2 * n + (e & 1)];
+      y *= !Plan::EARLY_SCALE ? __ldg(scale + row)
+           : Plan::SCALE_COPY ? copied[r][e >= 2][lane] : row_scale[r][e >= 2];
+    }
+    if (bias) y += bias[row];
+    out[(size_t)m * N + row] = from_float<DT>(y);
+  });
 }
 
 // ---- the staged GEMM (wo_staged): x through shared memory, for 9-64 tokens -----------------
@@ -1424,19 +1434,10 @@ wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   const int splits = gridDim.y;
   if (splits == 1) {
     if (wk > 0) return;
-#pragma unroll
-    for (int r = 0; r < RT; ++r) {
-      if (rt0 + r >= row_tiles) break;
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = 16 * (rt0 + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
-          if (m >= M) continue;
-          const float y = acc[0][r][n][e] * __ldg(scale + row);
-          out[(size_t)m * N + row] = from_float<DT>(bias ? y + bias[row] : y);
-        }
-    }
+    for_each_output<RT, NT>(rt0, row_tiles, M, g, t, [&](int r, int n, int e, int row, int m) {
+      const float y = acc[0][r][n][e] * __ldg(scale + row);
+      out[(size_t)m * N + row] = from_float<DT>(bias ? y + bias[row] : y);
+    });
     return;
   }
   // K splits: the block's sums [token][row of the block] in shared memory, then, across the

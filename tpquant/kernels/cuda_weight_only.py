@@ -309,19 +309,22 @@ def tuned_table(path: Path | None = None) -> dict[tuple, tuple[int, int, int, in
     """{(device name, dtype name, mode, m, n, k): (row tiles, K warps, row warps, unroll)}
     from a table's JSON (plain data): `path`, else TPQUANT_TILES_TUNED's, else TUNED_PATH;
     empty for "off" or a missing file."""
+    return {(device, e["dtype"], e["mode"], e["m"], e["n"], e["k"]): tuple(e["shape"])
+            for device, e in _measured(path, "TPQUANT_TILES_TUNED", TUNED_PATH)}
+
+
+def _measured(path: Path | None, env: str, default: Path) -> list[tuple[str, dict]]:
+    """(device name, entry) of a measured table's JSON (plain data): `path`, else $env's
+    setting, else `default`; none for "off" or a missing file."""
     if path is None:
-        setting = os.environ.get("TPQUANT_TILES_TUNED", str(TUNED_PATH))
+        setting = os.environ.get(env, str(default))
         if setting == "off":
-            return {}
+            return []
         path = Path(setting)
     if not path.is_file():
-        return {}
-    table = {}
-    for device, entries in json.loads(path.read_text())["devices"].items():
-        for e in entries:
-            key = (device, e["dtype"], e["mode"], e["m"], e["n"], e["k"])
-            table[key] = tuple(e["shape"])
-    return table
+        return []
+    return [(device, e) for device, entries in json.loads(path.read_text())["devices"].items()
+            for e in entries]
 
 
 def tiles_plan(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype,
@@ -469,16 +472,8 @@ _CLUSTERS: dict[tuple, int] = {}  # ((device, kernel), cluster size): clusters a
 def staged_table(path: Path | None = None) -> dict[tuple, tuple[int, ...]]:
     """{(device name, dtype name, mode, n, k): config} from a table's JSON (plain data): `path`,
     else TPQUANT_STAGED_TUNED's, else STAGED_TUNED_PATH; empty for "off" or a missing file."""
-    if path is None:
-        setting = os.environ.get("TPQUANT_STAGED_TUNED", str(STAGED_TUNED_PATH))
-        if setting == "off":
-            return {}
-        path = Path(setting)
-    if not path.is_file():
-        return {}
     return {(device, e["dtype"], e["mode"], e["n"], e["k"]): tuple(e["config"])
-            for device, entries in json.loads(path.read_text())["devices"].items()
-            for e in entries}
+            for device, e in _measured(path, "TPQUANT_STAGED_TUNED", STAGED_TUNED_PATH)}
 
 
 def staged_config(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype,
