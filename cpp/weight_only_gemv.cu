@@ -1227,7 +1227,7 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   });
 }
 
-// ---- the staged GEMM (wo_staged): x through shared memory, for 9-64 tokens -----------------
+// ---- the staged GEMM (wo_staged): x through shared memory, up to 64 tokens -----------------
 //
 // The tiled GEMV above loads x from L1 in every warp: at 8 token tiles a warp reads 8 KB of x
 // for each 512-byte weight tile, and it ran at 0.64-0.76x bf16 on Llama's 4096-row weights at
@@ -1322,7 +1322,8 @@ wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   const int rt0 = (blockIdx.x * WR + wr) * RT;
   const uint4* wt[RT];
 #pragma unroll
-  for (int r = 0; r < RT; ++r) wt[r] = w + (size_t)min(rt0 + r, row_tiles - 1) * tiles_k * 32 + lane;
+  for (int r = 0; r < RT; ++r)
+    wt[r] = w + (size_t)min(rt0 + r, row_tiles - 1) * tiles_k * 32 + lane;
   const u32 smem = shared_address(staged_smem);
 
   // this warp's k-tiles of stage i (of the split): wk, wk + WK, ...; zeros past K

@@ -47,12 +47,12 @@ before capturing a graph or timing.
 
 Tiled int8 / int4 weights (`tpquant.kernels.tiles`, what `WeightOnly.pack` and
 `Groupwise.pack` keep): the tiled CUDA GEMV for small M (the staged GEMM where its table
-says), CUTLASS or dequant from the tiles above; see `weight_only_matmul`. `choose_path` is for untiled weights.
+says), CUTLASS or dequant from the tiles above; see `weight_only_matmul`. `choose_path` is
+for untiled weights.
 
 Forcing a path: the `path` argument of the launchers below, or the environment variable
 TPQUANT_WO_PATH = auto | reference | cuda | gemv | dot | dequant | cutlass | staged, read at
-every call
-(the benchmark sets it between timings); "reference" is handled by
+every call (the benchmark sets it between timings); "reference" is handled by
 `tpquant.kernels.weight_only`.
 
 The launchers also take CPU tensors, so that the tests run these same kernels in Triton's
