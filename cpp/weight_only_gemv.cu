@@ -1022,6 +1022,17 @@ __device__ __forceinline__ void tiles_fold(int T, const TilesGroups<RT>& grp,
       }
 }
 
+// Step s's B fragments of each token tile: words 2 (s & 1) and 2 (s & 1) + 1 of the lane's
+// 16-byte x load of that step's pair of steps (the tiles' layout, above).
+template <int NT>
+__device__ __forceinline__ void step_fragments(const uint4 (&xh)[NT], int s, u32 (&b)[NT][2]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    b[n][0] = word(xh[n], 2 * (s & 1));
+    b[n][1] = word(xh[n], 2 * (s & 1) + 1);
+  }
+}
+
 // The k16 steps of each of U k-tiles from T0 (weights wv; x xv, or loaded here if late):
 // sum x (MAGIC + u), or x q (TilesQ), into acc, and (unless TilesQ) x into sx; groupwise, fold
 // each k-tile's sums into total.
@@ -1058,11 +1069,10 @@ __device__ __forceinline__ void tiles_compute(int T0, int tiles_k, const uint4 (
 #pragma unroll
       for (int s = 2 * h; s < 2 * h + 2; ++s) {
         u32 b[NT][2];
+        step_fragments(xh, s, b);
+        if constexpr (SUM_X && !X_AS_A) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          b[n][0] = word(xh[n], 2 * (s & 1));
-          b[n][1] = word(xh[n], 2 * (s & 1) + 1);
-          if constexpr (SUM_X && !X_AS_A)
+          for (int n = 0; n < NT; ++n)
             mma16816<DT>(sx[s % CH][n], ones, ones, ones, ones, b[n][0], b[n][1]);
         }
         tiles_step<DT, MODE, NT, RT, CH>(s, wv[u], b, mask, acc);
@@ -1376,11 +1386,7 @@ wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
 #pragma unroll
         for (int s = 2 * h; s < 2 * h + 2; ++s) {
           u32 b[NT][2];
-#pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            b[n][0] = word(xh[n], 2 * (s & 1));
-            b[n][1] = word(xh[n], 2 * (s & 1) + 1);
-          }
+          step_fragments(xh, s, b);
           tiles_step<DT, MODE, NT, RT, 1, true>(s, wv[j], b, mask, acc);
         }
       }
