@@ -445,7 +445,7 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
            pdl.enabled(x2.device))
 
 
-# ---- the staged GEMM (wo_staged) for 9-64 tokens: x through shared memory ----------------------
+# ---- the staged GEMM (wo_staged) up to 64 tokens: x through shared memory ----------------------
 # A config is (NT token tiles, RT row tiles a warp, WR row warps, WK K warps, KS k-tiles a stage,
 # STAGES buffers); per channel int4 / int8 on the tiles. K splits fill the SMs where the weight's
 # rows alone do not: the splits of a row block run as one thread-block cluster and add up their
@@ -464,8 +464,7 @@ STAGED_MIN_M = 33  # below, the tiled GEMV wins on every weight measured (sweep_
 # TPQUANT_STAGED_TUNED names another table, or "off" for none.
 STAGED_TUNED_PATH = Path(__file__).resolve().with_name("staged_tuned.json")
 STAGED_MAX_SPLITS = 8
-_SHARED_OPT_IN: set[tuple[int, str]] = set()
-_CLUSTERS: dict[tuple, int] = {}  # ((device, kernel), cluster size): clusters at once
+_STAGED_LAUNCHES: dict[tuple, tuple] = {}  # (device, dtype, bits, config, n, k, splits): launch
 
 
 @functools.cache
@@ -526,40 +525,42 @@ def staged_gemm(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
     int4), M <= 8 NT of `config`; the caller has checked shapes and `aligned`."""
     m, k = x2.shape
     n = tiled.shape[0]
-    bits = code_bits(tiled)
-    nt, rt, wr, wk, ks, stages = config
-    if m > 8 * nt:
-        raise ValueError(f"staged config {config} takes M <= {8 * nt}, got {m}")
-    name = f"wo_staged<{{dt}}, {mode(bits, 0, False)}, {nt}, {rt}, {wr}, {wk}, {ks}, {stages}>"
-    function = _tiles_functions(x2.device, x2.dtype, [name])[0]
-    shared = staged_shared_bytes(config, bits)
-    key = (x2.device.index, name.format(dt=_DT[x2.dtype]))
-    _allow_shared(function, shared, key)
-    k_stages = -(-(k // TILE_K[bits]) // ks)
-    if torch.cuda.get_device_capability(x2.device)[0] < 9:
-        splits = 1  # K splits meet in a thread-block cluster, which needs sm_90
-    elif splits is None:
-        def clusters(size: int) -> int:
-            if (key, size) not in _CLUSTERS:
-                _CLUSTERS[key, size] = active_clusters(function, wr * wk * 32, shared,
-                                                       (1, size, 1), x2.device)
-            return _CLUSTERS[key, size]
-        splits = staged_splits(n, k, bits, config, sm_count(x2.device), clusters)
-    splits = min(splits, STAGED_MAX_SPLITS, k_stages)
-    per_split = -(-k_stages // splits)
-    splits = -(-k_stages // per_split)
-    launch(function, (-(-(n // 16) // (rt * wr)), splits), (wr * wk * 32,),
+    if m > 8 * config[0]:
+        raise ValueError(f"staged config {config} takes M <= {8 * config[0]}, got {m}")
+    key = (x2.device.index, x2.dtype, code_bits(tiled), config, n, k, splits)
+    if key not in _STAGED_LAUNCHES:
+        _STAGED_LAUNCHES[key] = _staged_launch(x2.device, *key[1:])
+    function, grid, block, shared, per_split = _STAGED_LAUNCHES[key]
+    launch(function, grid, block,
            (_ptr(x2), _ptr(tiled), _ptr(scale), _ptr(_float32(bias)), _ptr(out),
             np.int32(m), np.int32(n), np.int32(k), np.int32(per_split)), x2.device,
            pdl.enabled(x2.device), shared_mem=shared,
-           cluster=(1, splits, 1) if splits > 1 else None)
+           cluster=(1, grid[1], 1) if grid[1] > 1 else None)
 
 
-def _allow_shared(function: Any, nbytes: int, key: tuple[int, str]) -> None:
-    """Lets `function` take nbytes of dynamic shared memory (past 48 KiB needs an opt-in)."""
-    if nbytes > (48 << 10) and key not in _SHARED_OPT_IN:
-        allow_dynamic_shared(function, nbytes, torch.device("cuda", key[0]))
-        _SHARED_OPT_IN.add(key)
+def _staged_launch(device: torch.device, dtype: torch.dtype, bits: int, config: tuple[int, ...],
+                   n: int, k: int, splits: int | None) -> tuple:
+    """(kernel, grid, block, dynamic shared bytes, stages per split) of one staged GEMM shape,
+    worked out once: the kernel compiled and allowed its shared memory, the K splits (forced,
+    else `staged_splits` with the driver's cluster counts; one below sm_90, which has no
+    clusters)."""
+    nt, rt, wr, wk, ks, stages = config
+    name = f"wo_staged<{{dt}}, {mode(bits, 0, False)}, {nt}, {rt}, {wr}, {wk}, {ks}, {stages}>"
+    function = _tiles_functions(device, dtype, [name])[0]
+    shared = staged_shared_bytes(config, bits)
+    if shared > (48 << 10):  # past 48 KiB the driver needs an opt-in
+        allow_dynamic_shared(function, shared, device)
+    threads = wr * wk * 32
+    k_stages = -(-(k // TILE_K[bits]) // ks)
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        splits = 1
+    elif splits is None:
+        splits = staged_splits(n, k, bits, config, sm_count(device), lambda size: active_clusters(
+            function, threads, shared, (1, size, 1), device))
+    splits = min(splits, STAGED_MAX_SPLITS, k_stages)
+    per_split = -(-k_stages // splits)
+    grid = (-(-(n // 16) // (rt * wr)), -(-k_stages // per_split))
+    return function, grid, (threads,), shared, per_split
 
 
 def tiles_dequantize(tiled: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *,
