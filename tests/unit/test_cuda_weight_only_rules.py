@@ -261,3 +261,44 @@ def test_staged_config_only_for_table_weights_at_33_to_64(monkeypatch, tmp_path)
         cw.staged_table.cache_clear()
     assert cw.staged_default(1) == cw.STAGED_CONFIGS[2][0]
     assert cw.staged_default(40) == cw.STAGED_CONFIGS[8][0]
+
+
+@pytest.mark.parametrize("capability,splits,want_splits", [
+    ((9, 0), None, 3), ((9, 0), 5, 5), ((9, 0), 100, 8), ((8, 0), None, 1), ((8, 0), 4, 1)])
+def test_staged_launch_geometry(monkeypatch, capability, splits, want_splits) -> None:
+    """What `staged_gemm` launches, with the kernels and the device stubbed out (CPU tensors):
+    row blocks of 16 RT WR rows, the K splits (the rule under the H200's cluster counts, forced
+    ones capped at 8, one below sm_90) as a cluster of that many blocks, dynamic shared memory
+    opted in past 48 KiB, and the shape's launch worked out once."""
+    import numpy as np
+    import torch
+
+    capacity = dict(zip(range(1, 9), (132, 66, 39, 30, 22, 17, 15, 15)))
+    launches, opt_ins, counted = [], [], []
+    monkeypatch.setattr(cw, "_STAGED_LAUNCHES", {})
+    monkeypatch.setattr(cw, "_tiles_functions", lambda dev, dtype, names: names)
+    monkeypatch.setattr(cw, "allow_dynamic_shared", lambda f, n, dev: opt_ins.append(n))
+    monkeypatch.setattr(cw, "active_clusters", lambda f, threads, shared, cluster, dev:
+                        counted.append(cluster) or capacity[cluster[1]])
+    monkeypatch.setattr(cw, "sm_count", lambda dev: 132)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev: capability)
+    monkeypatch.setattr(cw, "launch", lambda fn, grid, block, args, dev, pdl=False,
+                        shared_mem=0, cluster=None: launches.append(
+                            (fn, grid, block, args, shared_mem, cluster)))
+    n, k, m = 4096, 4096, 64
+    config = cw.STAGED_CONFIGS[8][0]  # (8, 2, 4, 2, 4, 3): 128 rows a block, 4 k-tiles a stage
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    tiled = torch.zeros(n, k // 2, dtype=torch.uint8)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    for _ in range(2):
+        cw.staged_gemm(x, tiled, torch.ones(n), None, out, config=config, splits=splits)
+    assert len(launches) == 2 and launches[0] == launches[1]
+    assert len(opt_ins) <= 1 and len(set(counted)) == len(counted)  # once per shape
+    fn, grid, block, args, shared, cluster = launches[0]
+    k_stages = k // 64 // 4
+    per_split = -(-k_stages // want_splits)
+    assert fn == "wo_staged<{dt}, 1, 8, 2, 4, 2, 4, 3>"
+    assert grid == (n // 128, -(-k_stages // per_split)) and block == (256,)
+    assert int(args[-1]) == per_split and isinstance(args[-1], np.int32)
+    assert cluster == ((1, grid[1], 1) if grid[1] > 1 else None)
+    assert shared == cw.staged_shared_bytes(config, 4) and opt_ins == [shared]
