@@ -289,9 +289,9 @@ def test_staged_launch_geometry(monkeypatch, capability, splits, want_splits) ->
     config = cw.STAGED_CONFIGS[8][0]  # (8, 2, 4, 2, 4, 3): 128 rows a block, 4 k-tiles a stage
     x = torch.zeros(m, k, dtype=torch.bfloat16)
     tiled = torch.zeros(n, k // 2, dtype=torch.uint8)
-    out = torch.empty(m, n, dtype=torch.bfloat16)
+    out, scale = torch.empty(m, n, dtype=torch.bfloat16), torch.ones(n)
     for _ in range(2):
-        cw.staged_gemm(x, tiled, torch.ones(n), None, out, config=config, splits=splits)
+        cw.staged_gemm(x, tiled, scale, None, out, config=config, splits=splits)
     assert len(launches) == 2 and launches[0] == launches[1]
     assert len(opt_ins) <= 1 and len(set(counted)) == len(counted)  # once per shape
     fn, grid, block, args, shared, cluster = launches[0]
