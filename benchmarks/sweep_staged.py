@@ -1,7 +1,7 @@
 """The staged GEMM (wo_staged: x through shared memory) against the weight-only dispatch and
 torch's bf16 matmul, at up to 64 tokens, on bench_gemm's per-rank Llama shapes.
 
-    python benchmarks/sweep_staged.py                    # int4_wo and int8_wo, M = 40, 64
+    python benchmarks/sweep_staged.py                    # int4_wo, int8_wo, int4_gw; M = 40, 64
     python benchmarks/sweep_staged.py --ms 64 --schemes int4_wo --quick
 
 For each shape, M and scheme: bf16 (`x @ W.T`), the dispatch (`Scheme.forward` on the packed
@@ -16,9 +16,12 @@ dispatch, of each config and of the best config), the geomean over shapes per M 
 (dispatch, each config, the best config per shape, the better of dispatch and best config), and
 $OUT/sweep_staged.json ($OUT defaults to /tmp/out). With --table PATH, the weights where one
 config beat the dispatch by WIN_MARGIN at every M of the run go into that table (the dispatch's
-`cuda_weight_only.staged_table`; this device's entries for the schemes run are replaced):
+`cuda_weight_only.staged_table`, which takes an entry at every M of its config's token tiles;
+this device's entries for the schemes and token tiles run are replaced). The M of one run
+share their token tiles:
 
     python benchmarks/sweep_staged.py --ms 40,64 --table tpquant/kernels/staged_tuned.json
+    python benchmarks/sweep_staged.py --ms 24,32 --table tpquant/kernels/staged_tuned.json
 """
 
 from __future__ import annotations
@@ -35,12 +38,26 @@ import torch
 from bench_gemm import DTYPE, MODELS, TPS, copies, linear_shapes, time_calls
 
 from tpquant.kernels import cuda_weight_only as cw
-from tpquant.quantization.schemes import WeightOnly
+from tpquant.quantization.schemes import Groupwise, Scheme, WeightOnly
 
-SCHEMES = {"int4_wo": 4, "int8_wo": 8}
+GROUP = 128  # int4_gw's group size, as bench_gemm's
+SCHEMES = {"int4_wo": lambda: WeightOnly(bits=4, dtype=DTYPE),
+           "int8_wo": lambda: WeightOnly(bits=8, dtype=DTYPE),
+           "int4_gw": lambda: Groupwise(group_size=GROUP, zeros=True, dtype=DTYPE)}
 TOLERANCE = 1e-2  # bfloat16: an output rounding, relative to the largest output
 WIN_MARGIN = 0.97  # a table entry's config takes at most this share of the dispatch's time
-MODES = {"int4_wo": 1, "int8_wo": 0}  # the .cu's MODE
+MODES = {"int4_wo": 1, "int8_wo": 0, "int4_gw": 2}  # the .cu's MODE
+GROUPS = {"int4_wo": 0, "int8_wo": 0, "int4_gw": GROUP}
+
+
+def staged_call(scheme: Scheme, t: dict[str, torch.Tensor], x: torch.Tensor, out: torch.Tensor,
+                config: tuple[int, ...]) -> None:
+    """The staged GEMM on a packed weight of `scheme` (per channel or groupwise)."""
+    if isinstance(scheme, Groupwise):
+        cw.staged_gemm(x, t["qweight_tiles"], t["scales"], None, out, config=config,
+                       zeros=t.get("zeros"), group=scheme.group_size)
+    else:
+        cw.staged_gemm(x, t["qweight_tiles"], t["scale"], None, out, config=config)
 
 
 def geomean(values: list[float]) -> float:
@@ -61,7 +78,9 @@ def run(args: argparse.Namespace) -> dict:
         weight = torch.randn(n, k, generator=gen, device=device, dtype=DTYPE) * 0.02
         bf16 = [t["w"] for t in copies({"w": weight}, l2_bytes)]
         for name in args.schemes:
-            scheme = WeightOnly(bits=SCHEMES[name], dtype=DTYPE)
+            scheme = SCHEMES[name]()
+            if GROUPS[name] and k % GROUPS[name]:  # (bench_gemm leaves these out too)
+                continue
             sets = copies(scheme.pack(scheme.quantize(weight)), l2_bytes)
             for m in args.ms:
                 x = torch.randn(m, k, generator=gen, device=device, dtype=DTYPE)
@@ -75,8 +94,7 @@ def run(args: argparse.Namespace) -> dict:
                     label = ",".join(map(str, config))
                     try:
                         out = torch.empty(m, n, dtype=DTYPE, device=device)
-                        cw.staged_gemm(x, sets[0]["qweight_tiles"], sets[0]["scale"], None, out,
-                                       config=config)
+                        staged_call(scheme, sets[0], x, out, config)
                         err = (out.float() - expected).abs().max().item()
                         if not err <= TOLERANCE * expected.abs().max().item():
                             row["staged"][label] = f"wrong: max |diff| {err:.3g}"
@@ -84,8 +102,8 @@ def run(args: argparse.Namespace) -> dict:
                         calls = []
                         for t in sets:
                             o = torch.empty(m, n, dtype=DTYPE, device=device)
-                            calls.append(lambda t=t, o=o, config=config: cw.staged_gemm(
-                                x, t["qweight_tiles"], t["scale"], None, o, config=config))
+                            calls.append(lambda t=t, o=o, config=config: staged_call(
+                                scheme, t, x, o, config))
                         row["staged"][label] = 1e6 * time_calls(calls, replays)
                     except Exception as exc:  # noqa: BLE001 - report, go on
                         row["staged"][label] = f"{type(exc).__name__}: {str(exc)[:160]}"
@@ -101,7 +119,8 @@ def run(args: argparse.Namespace) -> dict:
     summary = summarize(rows)
     for line in summary["lines"]:
         print(line)
-    return {"device": props.name, "torch": torch.__version__, "args": vars(args),
+    settings = {key: str(v) if isinstance(v, Path) else v for key, v in vars(args).items()}
+    return {"device": props.name, "torch": torch.__version__, "args": settings,
             "elapsed_s": time.perf_counter() - started, "rows": rows, **summary}
 
 
@@ -154,21 +173,27 @@ def table_entries(rows: list[dict]) -> list[dict]:
                 ratios[label] = sum(t / r["dispatch_us"] for t, r in zip(times, sel))
         if ratios:
             best = min(ratios, key=ratios.get)
-            entries.append({"dtype": str(DTYPE).removeprefix("torch."), "mode": MODES[scheme],
-                            "n": n, "k": k, "config": [int(v) for v in best.split(",")],
+            entry = {"dtype": str(DTYPE).removeprefix("torch."), "mode": MODES[scheme]}
+            if GROUPS[scheme]:
+                entry["group"] = GROUPS[scheme]
+            entries.append({**entry, "n": n, "k": k, "config": [int(v) for v in best.split(",")],
                             "time_vs_dispatch": round(ratios[best] / len(sel), 3)})
     return entries
 
 
-def write_table(path: Path, device: str, entries: list[dict], modes: set[int]) -> None:
-    """Merges entries into the table at path: this device's entries of these modes replaced."""
+def write_table(path: Path, device: str, entries: list[dict], modes: set[int], nt: int) -> None:
+    """Merges entries into the table at path: this device's entries of these modes and `nt`
+    token tiles replaced."""
     table = json.loads(path.read_text()) if path.is_file() else {}
     table.setdefault("about", "benchmarks/sweep_staged.py --table: weights (n, k) on which the "
-                     "staged GEMM beat the weight-only dispatch at M = 33-64, and its config "
-                     "(NT, RT, WR, WK, KS, STAGES); time_vs_dispatch is its mean time ratio")
-    kept = [e for e in table.get("devices", {}).get(device, []) if e["mode"] not in modes]
+                     "staged GEMM beat the weight-only dispatch at M = 17-32 (a config of 4 "
+                     "token tiles) or 33-64 (8), and its config (NT, RT, WR, WK, KS, STAGES); "
+                     "time_vs_dispatch is its mean time ratio")
+    kept = [e for e in table.get("devices", {}).get(device, [])
+            if e["mode"] not in modes or e["config"][0] != nt]
     table.setdefault("devices", {})[device] = sorted(
-        kept + entries, key=lambda e: (e["dtype"], e["mode"], e["n"], e["k"]))
+        kept + entries, key=lambda e: (e["dtype"], e["config"][0], e["mode"], e.get("group", 0),
+                                       e["n"], e["k"]))
     path.write_text(json.dumps(table, indent=1) + "\n")
 
 
@@ -181,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", type=Path, help="take the rows of an earlier run's JSON "
                         "instead of measuring (with --table)")
     args = parser.parse_args(argv)
+    if args.table and len({cw.tiles_nt(m) for m in args.ms}) > 1:
+        parser.error(f"--table: the M of one run share their token tiles, got {args.ms}")
     if args.from_json:
         result = json.loads(args.from_json.read_text())
     else:
@@ -188,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         entries = table_entries(result["rows"])
         write_table(args.table, result["device"], entries,
-                    {MODES[s] for s in {r["scheme"] for r in result["rows"]}})
+                    {MODES[s] for s in {r["scheme"] for r in result["rows"]}},
+                    cw.tiles_nt(result["rows"][0]["m"]))
         print(f"# {len(entries)} entries for {result['device']} into {args.table}")
         if args.from_json:
             return 0

@@ -1247,7 +1247,14 @@ wo_tiles(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
 // registers, a stage ahead. Same tiles, same conversion and mma as the tiled GEMV's wide plan
 // (the offset off each A register: the sums hold x q exactly; int8 bfloat16 through float32).
 // Work split: WR row warps of RT row tiles each, times WK K warps that take every WK-th k-tile
-// of a stage; their sums meet in shared memory in warp order. grid = (row blocks, K splits),
+// of a stage (groupwise: a run of KS / WK consecutive ones, so that a group's k-tiles fold
+// once); their sums meet in shared memory in warp order.
+// Groupwise int4 (MODE 2 / 3): A is u - 8 exactly, as per channel (q for signed codes), so a
+// run's sums are sum x (u - 8); where a group or the warp's run of its k-tiles ends they fold
+// into the totals as s (sums + (8 - z) sum x) with zeros z, s sums without, s and z read from
+// [K/g, N] as the stage starts. The sums of x take x as the mma's A (two k16 steps a mma, note
+// 42) and reach their tokens' lanes by two shuffles a fold. (u - z) is never rounded to x's
+// dtype: the products stay exact, as per channel. grid = (row blocks, K splits),
 // the splits of a row block launched as one thread-block cluster (Hopper): each block leaves
 // its block's sums in its shared memory, and after a cluster barrier each block adds up one
 // slice of the block's outputs over the splits' shared memory (distributed shared memory), in
@@ -1316,11 +1323,12 @@ extern __shared__ __align__(16) unsigned char staged_smem[];
 template <int DT, int MODE, int NT, int RT, int WR, int WK, int KS, int STAGES>
 __global__ void __launch_bounds__(WR * WK * 32)
 wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
-          const float* __restrict__ scale, const float* __restrict__ bias,
-          unsigned short* __restrict__ out, int M, int N, int K, int stages_per_split) {
+          const float* __restrict__ scale, const float* __restrict__ zeros,
+          const float* __restrict__ bias, unsigned short* __restrict__ out, int M, int N, int K,
+          int stages_per_split, int group) {
   typedef StagedPlan<MODE, NT, KS> Plan;
   static_assert(KS % WK == 0, "a stage's k-tiles split evenly between the K warps");
-  static_assert(!Mode<MODE>::GROUPED, "per channel only");
+  constexpr bool GROUPED = Mode<MODE>::GROUPED, ZEROS = Mode<MODE>::ZEROS;
   constexpr int TK = Plan::TK, XH = Plan::XH, J = KS / WK, THREADS = WR * WK * 32;
   constexpr int COPIES = Plan::TOKENS * Plan::CHUNKS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1331,18 +1339,25 @@ wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   const int count = min(stages_per_split, stages - s0);
   const int rt0 = (blockIdx.x * WR + wr) * RT;
   const uint4* wt[RT];
+  int lane_row[RT];  // the lane's first row of each row tile (its second is 8 below)
 #pragma unroll
-  for (int r = 0; r < RT; ++r)
-    wt[r] = w + (size_t)min(rt0 + r, row_tiles - 1) * tiles_k * 32 + lane;
+  for (int r = 0; r < RT; ++r) {
+    const int tile = min(rt0 + r, row_tiles - 1);
+    wt[r] = w + (size_t)tile * tiles_k * 32 + lane;
+    lane_row[r] = 16 * tile + g;
+  }
+  const int shift = GROUPED ? __ffs(group / TK) - 1 : 0;  // log2 of the k-tiles of a group
   const u32 smem = shared_address(staged_smem);
 
-  // this warp's k-tiles of stage i (of the split): wk, wk + WK, ...; zeros past K
+  // k-tile j of this warp's in a stage: wk + WK j, or (groupwise) WK's j-th of a run
+  const auto tile_of = [&](int j) { return GROUPED ? wk * J + j : wk + WK * j; };
+  // this warp's k-tiles of stage i (of the split); zeros past K
   const auto load_w = [&](int i, uint4 (&wv)[J][RT]) {
 #pragma unroll
     for (int j = 0; j < J; ++j)
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
-        const int T = (s0 + i) * KS + wk + WK * j;
+        const int T = (s0 + i) * KS + tile_of(j);
         wv[j][r] = T < tiles_k ? load_weight(wt[r] + (size_t)T * 32) : make_uint4(0u, 0u, 0u, 0u);
       }
   };
@@ -1361,21 +1376,68 @@ wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
     }
   };
 
-  float acc[1][RT][NT][4];
+  // acc: the sums (groupwise: of the current run); total: groupwise, the folded runs; sx: with
+  // zeros, the run's sums of x (x as A: rows g and g + 8 of token tile n's C hold token 8 n +
+  // g's halves)
+  float acc[1][RT][NT][4], total[RT][NT][4], sx[NT][4];
 #pragma unroll
-  for (int r = 0; r < RT; ++r)
+  for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int e = 0; e < 4; ++e) {
+      sx[n][e] = 0.f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[0][r][n][e] = 0.f;
+      for (int r = 0; r < RT; ++r) acc[0][r][n][e] = total[r][n][e] = 0.f;
+    }
   const u32 mask = kCodeMask[1];
+  constexpr u32 ones = DT == 0 ? 0x3C003C00u : 0x3F803F80u;
+  // Groupwise: a run's sums into the totals with the scales s and zeros z of its group (rows g
+  // and g + 8 of each row tile), then zeroed.
+  const auto fold = [&](const float (&s)[RT][2], const float (&z)[RT][2]) {
+    float xsum[NT][2];  // (zeros) sum x of the lane's tokens 8 n + 2 t and 8 n + 2 t + 1
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const float mine = ZEROS ? sx[n][0] + sx[n][2] : 0.f;
+      xsum[n][0] = ZEROS ? __shfl_sync(0xffffffffu, mine, 8 * t) : 0.f;
+      xsum[n][1] = ZEROS ? __shfl_sync(0xffffffffu, mine, 8 * t + 4) : 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sx[n][e] = 0.f;
+    }
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1;
+          float a = acc[0][r][n][e];
+          if constexpr (ZEROS) a += (8.f - z[r][h]) * xsum[n][e & 1];
+          total[r][n][e] += s[r][h] * a;
+          acc[0][r][n][e] = 0.f;
+        }
+  };
   // stage i's sums: B fragments from shared memory (token 8 n + g, the lane's TK / 4 features
   // of each of its k-tiles), A from the weight registers
   const auto compute = [&](int i, const uint4 (&wv)[J][RT]) {
     const unsigned char* xs = staged_smem + (i % STAGES) * Plan::STAGE_BYTES;
+    // groupwise: each k-tile's group's scales and zeros, read as the stage starts (used where a
+    // run folds; past K, the last k-tile's)
+    float gs[GROUPED ? J : 1][RT][2], gz[ZEROS ? J : 1][RT][2];
+    if constexpr (GROUPED) {
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const size_t base = (size_t)(min((s0 + i) * KS + tile_of(j), tiles_k - 1) >> shift) * N;
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            gs[j][r][h] = __ldg(scale + base + lane_row[r] + 8 * h);
+            if constexpr (ZEROS) gz[j][r][h] = __ldg(zeros + base + lane_row[r] + 8 * h);
+          }
+      }
+    }
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      const int tile = wk + WK * j;
+      const int tile = tile_of(j);
 #pragma unroll
       for (int h = 0; h < XH; ++h) {
         uint4 xh[NT];
@@ -1383,12 +1445,22 @@ wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
         for (int n = 0; n < NT; ++n)
           xh[n] = *reinterpret_cast<const uint4*>(
               xs + (8 * n + g) * Plan::ROW_BYTES + 2 * (tile * TK + TK / 4 * t) + 16 * h);
+        if constexpr (ZEROS) {
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+            mma16816<DT>(sx[n], word(xh[n], 0), word(xh[n], 1), word(xh[n], 2), word(xh[n], 3),
+                         ones, ones);
+        }
 #pragma unroll
         for (int s = 2 * h; s < 2 * h + 2; ++s) {
           u32 b[NT][2];
           step_fragments(xh, s, b);
           tiles_step<DT, MODE, NT, RT, 1, true>(s, wv[j], b, mask, acc);
         }
+      }
+      if constexpr (GROUPED) {  // fold where the group or the warp's run ends
+        const int T = (s0 + i) * KS + tile;
+        if (j == J - 1 || ((T + 1) & ((1 << shift) - 1)) == 0) fold(gs[j], gz[ZEROS ? j : 0]);
       }
     }
   };
@@ -1421,6 +1493,8 @@ wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
   }
 
   // The K warps' sums meet in shared memory (the stages' buffers, now free) in warp order.
+  // What a lane holds: per channel its sums (scaled at the output), groupwise the totals.
+  float(&lane_sums)[RT][NT][4] = GROUPED ? total : acc[0];
   constexpr int V = RT * NT * 4;
   wait_copies<0>();
   __syncthreads();
@@ -1428,21 +1502,23 @@ wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
     float* red = reinterpret_cast<float*>(staged_smem) + (size_t)wr * (WK - 1) * V * 32;
     if (wk > 0) {
 #pragma unroll
-      for (int i = 0; i < V; ++i) red[((wk - 1) * V + i) * 32 + lane] = (&acc[0][0][0][0])[i];
+      for (int i = 0; i < V; ++i) red[((wk - 1) * V + i) * 32 + lane] = (&lane_sums[0][0][0])[i];
     }
     __syncthreads();
     if (wk == 0) {
 #pragma unroll
       for (int o = 0; o < WK - 1; ++o)
 #pragma unroll
-        for (int i = 0; i < V; ++i) (&acc[0][0][0][0])[i] += red[(o * V + i) * 32 + lane];
+        for (int i = 0; i < V; ++i) (&lane_sums[0][0][0])[i] += red[(o * V + i) * 32 + lane];
     }
   }
+  // per channel the row's scale; groupwise the totals are scaled already
+  const auto scaled = [&](float y, int row) { return GROUPED ? y : y * __ldg(scale + row); };
   const int splits = gridDim.y;
   if (splits == 1) {
     if (wk > 0) return;
     for_each_output<RT, NT>(rt0, row_tiles, M, g, t, [&](int r, int n, int e, int row, int m) {
-      const float y = acc[0][r][n][e] * __ldg(scale + row);
+      const float y = scaled(lane_sums[r][n][e], row);
       out[(size_t)m * N + row] = from_float<DT>(bias ? y + bias[row] : y);
     });
     return;
@@ -1460,7 +1536,7 @@ wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int row = 16 * (wr * RT + r) + g + (e >= 2 ? 8 : 0), m = 8 * n + 2 * t + (e & 1);
-          sums[m * ROWS + row] = acc[0][r][n][e];
+          sums[m * ROWS + row] = lane_sums[r][n][e];
         }
   }
   cluster_sync();
@@ -1471,7 +1547,7 @@ wo_staged(const unsigned short* __restrict__ x, const uint4* __restrict__ w,
     if (m >= M || row >= N) continue;
     float y = 0.f;
     for (int s = 0; s < splits; ++s) y += cluster_load(base + 4 * i, s);
-    y *= __ldg(scale + row);
+    y = scaled(y, row);
     out[(size_t)m * N + row] = from_float<DT>(bias ? y + bias[row] : y);
   }
   cluster_sync();  // no block leaves while another still reads its shared memory

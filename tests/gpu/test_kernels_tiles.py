@@ -12,13 +12,16 @@ Hopper with the build tools, else dequantize + cuBLAS) and each path forced (dot
 first), every candidate shape of the GEMV, a CUDA-graph capture;
 groupwise with and without zeros, groups of 64, 128 and 256 (the kernel folds a group's sums
 once per run of its k-tiles) and of 192 (not tiled: the dispatch untiles), M from 1 to 65,
-every candidate shape.
+every candidate shape; the staged GEMM (wo_staged) per channel and groupwise, every config.
 Outputs are poisoned with NaN first. Tolerance: max |y - ref| <= TOL[dtype] * max |ref|, ref
 being float64 math on the weight `tpquant.kernels.weight_only` dequantizes from the stored
 layout (the tiles are not involved in the reference).
 """
 
 from __future__ import annotations
+
+import contextlib
+import json
 
 import pytest
 import torch
@@ -414,22 +417,31 @@ def test_staged_cuda_graph(device, splits: int) -> None:
         check(out, _reference(t, x, bias), torch.bfloat16, (splits, seed))
 
 
-def test_staged_taken_where_the_table_names_the_weight(device, tmp_path, monkeypatch) -> None:
-    """The automatic dispatch runs the staged GEMM at M = 33-64 on a weight its table names (a
-    table written here), with the table's config, and not at M = 32 or on other weights."""
-    import json
-
-    n, k = 960, 576
-    entry = {"dtype": "bfloat16", "mode": 1, "n": n, "k": k, "config": [8, 1, 4, 2, 4, 3]}
+@contextlib.contextmanager
+def _staged_table(entry: dict, device, tmp_path, monkeypatch):
+    """The dispatch reading a staged table of one entry for this GPU (written here); yields the
+    list that each staged_gemm call's keyword arguments are appended to."""
     path = tmp_path / "staged.json"
     path.write_text(json.dumps({"devices": {torch.cuda.get_device_name(device): [entry]}}))
     monkeypatch.setenv("TPQUANT_STAGED_TUNED", str(path))
     cw.staged_table.cache_clear()
     calls = []
     real = cw.staged_gemm
-    monkeypatch.setattr(cw, "staged_gemm", lambda *a, **kw: calls.append(kw["config"]) or
-                        real(*a, **kw))
+    monkeypatch.setattr(cw, "staged_gemm", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     try:
+        yield calls
+    finally:
+        monkeypatch.delenv("TPQUANT_STAGED_TUNED")
+        cw.staged_table.cache_clear()
+
+
+def test_staged_taken_where_the_table_names_the_weight(device, tmp_path, monkeypatch) -> None:
+    """The automatic dispatch runs the staged GEMM at M = 33-64 on a weight its table names
+    with a config of 8 token tiles, with that config, and not at M = 32 (4 token tiles) or on
+    other weights."""
+    n, k = 960, 576
+    entry = {"dtype": "bfloat16", "mode": 1, "n": n, "k": k, "config": [8, 1, 4, 2, 4, 3]}
+    with _staged_table(entry, device, tmp_path, monkeypatch) as calls:
         t = _weights(n, k, device, seed=71)
         other = _weights(208, 320, device, seed=72)
         for m, expect in ((32, []), (33, [(8, 1, 4, 2, 4, 3)]), (64, [(8, 1, 4, 2, 4, 3)])):
@@ -437,19 +449,83 @@ def test_staged_taken_where_the_table_names_the_weight(device, tmp_path, monkeyp
             x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=m)
             y = ref.weight_only_matmul(x, t["tiles"], t["scale"], 4, bias, tiled=True)
             check(y, _reference(t, x, bias), torch.bfloat16, m)
-            assert calls == expect, m
+            assert [c["config"] for c in calls] == expect, m
         calls.clear()
         x, _ = _inputs(64, 320, 208, torch.bfloat16, device, seed=73)
         ref.weight_only_matmul(x, other["tiles"], other["scale"], 4, None, tiled=True)
         assert calls == []
-    finally:
-        monkeypatch.delenv("TPQUANT_STAGED_TUNED")
-        cw.staged_table.cache_clear()
 
 
-def test_staged_path_refuses_groupwise(device) -> None:
+def test_staged_path_refuses_a_pre_quant_scale(device) -> None:
+    """The staged GEMM does not multiply x by a pre-quant scale: forced, it refuses one."""
     t = _gw_weights(208, 256, 128, True, device, seed=81)
     x, _ = _inputs(40, 256, 208, torch.bfloat16, device, seed=82)
+    pqs = torch.rand(256, generator=torch.Generator().manual_seed(83)).add(0.5).to(device)
     with pytest.raises(ValueError, match="path 'staged'"):
-        ref.groupwise_matmul(x, t["tiles"], t["scales"], t["zeros"], 128, None, None,
+        ref.groupwise_matmul(x, t["tiles"], t["scales"], t["zeros"], 128, pqs, None,
                              path="staged", tiled=True)
+
+
+@pytest.fixture(scope="module")
+def staged_groupwise_kernels(device) -> None:
+    """Every groupwise instantiation the tests below launch, compiled in one module (one
+    compile instead of one per config)."""
+    names = [f"wo_staged<{{dt}}, {mode_}, {', '.join(map(str, c))}>" for mode_ in (2, 3)
+             for configs in cw.STAGED_CONFIGS.values() for c in configs]
+    cw._tiles_functions(device, torch.bfloat16, names)
+
+
+@pytest.mark.parametrize("zeros", [True, False], ids=["zeros", "symmetric"])
+@pytest.mark.parametrize("m,config", _staged_cases(), ids=str)
+def test_staged_groupwise_every_config(device, staged_groupwise_kernels, m: int,
+                                       config: tuple[int, ...], zeros: bool) -> None:
+    """Groupwise int4, every config: groups of 1, 2 and 4 k-tiles (K = 1280: 20 k-tiles, so
+    groups of 4 straddle the stages of a 4-tile stage's K warps and the splits), unsplit, with
+    3 K splits and the rule's, with and without bias."""
+    n, k = 4096, 1280
+    x, bias = _inputs(m, k, n, torch.bfloat16, device, seed=85)
+    for group in (64, 128, 256):
+        t = _gw_weights(n, k, group, zeros, device, seed=group)
+        for splits, b in ((1, bias), (3, bias), (None, None)):
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+            cw.staged_gemm(x, t["tiles"], t["scales"], b, out, config=config, splits=splits,
+                           zeros=t.get("zeros"), group=group)
+            check(out, _gw_reference(t, group, x, b), torch.bfloat16, (m, config, group, splits))
+
+
+@pytest.mark.parametrize("zeros", [True, False], ids=["zeros", "symmetric"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k,group", [(208, 320, 64), (960, 576, 64), (64, 11008, 128)])
+def test_staged_groupwise_odd_shapes(device, n: int, k: int, group: int, dtype: torch.dtype,
+                                     zeros: bool) -> None:
+    """Groupwise with N and K off a block's rows and a stage's k-tiles, a long K split
+    unevenly, float16 and bfloat16."""
+    t = _gw_weights(n, k, group, zeros, device, seed=n + k)
+    for m in (9, 27, 64):
+        x, bias = _inputs(m, k, n, dtype, device, seed=m)
+        for config in (cw.STAGED_CONFIGS[cw.tiles_nt(m)][0], cw.STAGED_CONFIGS[cw.tiles_nt(m)][-1]):
+            for splits in (1, 5):
+                out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+                cw.staged_gemm(x, t["tiles"], t["scales"], bias, out, config=config,
+                               splits=splits, zeros=t.get("zeros"), group=group)
+                check(out, _gw_reference(t, group, x, bias), dtype, (n, k, m, config, splits))
+
+
+def test_staged_groupwise_taken_where_the_table_names_the_weight(device, tmp_path,
+                                                                 monkeypatch) -> None:
+    """A groupwise table entry names its group size, and one of 4 token tiles M = 17-32: the
+    dispatch takes the staged GEMM for that weight and group at M = 24 (forced too), and not
+    for the same weight in other groups."""
+    n, k = 960, 1024
+    entry = {"dtype": "bfloat16", "mode": 2, "group": 128, "n": n, "k": k,
+             "config": [4, 1, 4, 2, 4, 3]}
+    with _staged_table(entry, device, tmp_path, monkeypatch) as calls:
+        for group, path_, expect in ((128, None, [((4, 1, 4, 2, 4, 3), 128)]), (64, None, []),
+                                     (256, "staged", [(cw.STAGED_CONFIGS[4][0], 256)])):
+            t = _gw_weights(n, k, group, True, device, seed=group + 1)
+            calls.clear()
+            x, bias = _inputs(24, k, n, torch.bfloat16, device, seed=group)
+            y = ref.groupwise_matmul(x, t["tiles"], t["scales"], t["zeros"], group, None, bias,
+                                     path=path_, tiled=True)
+            check(y, _gw_reference(t, group, x, bias), torch.bfloat16, group)
+            assert [(c["config"], c["group"]) for c in calls] == expect, group

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tpquant.kernels import cuda_weight_only as cw
+from tpquant.kernels.tiles import groups_tile
 
 
 @pytest.mark.parametrize("kernel, tiles", [(cw.FMA, cw.M_TILES), (cw.MMA, cw.MMA_TILES)])
@@ -227,23 +228,28 @@ def test_staged_splits_fit_their_clusters_in_one_wave() -> None:
 
 
 def test_shipped_staged_table_holds_known_configs() -> None:
-    """Every entry of staged_tuned.json: a config of STAGED_CONFIGS at 8 token tiles, a per
-    channel mode, a weight that tiles."""
+    """Every entry of staged_tuned.json: a config of STAGED_CONFIGS at its token tiles (4 or
+    8: the dispatch takes it from M = 17), a mode with its group (per channel 0, groupwise one
+    that tiles and divides K), a weight that tiles."""
     table = cw.staged_table(cw.STAGED_TUNED_PATH)
     assert table
-    for (device, dtype, mode, n, k), config in table.items():
-        assert config in cw.STAGED_CONFIGS[8] and mode in (0, 1)
-        assert n % 16 == 0 and k % (64 if mode == 1 else 32) == 0, (device, dtype, n, k)
+    for (device, dtype, mode, group, nt, n, k), config in table.items():
+        assert nt in (4, 8) and config in cw.STAGED_CONFIGS[nt] and mode in (0, 1, 2, 3)
+        assert (group == 0) == (mode <= 1) and groups_tile(group) and k % max(group, 1) == 0
+        assert n % 16 == 0 and k % (32 if mode == 0 else 64) == 0, (device, dtype, n, k)
 
 
-def test_staged_config_only_for_table_weights_at_33_to_64(monkeypatch, tmp_path) -> None:
+def test_staged_config_only_for_table_weights_and_token_tiles(monkeypatch, tmp_path) -> None:
     import json
 
     import torch
 
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"devices": {"GPU X": [
-        {"dtype": "bfloat16", "mode": 1, "n": 4096, "k": 4096, "config": [8, 2, 4, 2, 4, 3]}]}}))
+        {"dtype": "bfloat16", "mode": 1, "n": 4096, "k": 4096, "config": [8, 2, 4, 2, 4, 3]},
+        {"dtype": "bfloat16", "mode": 2, "group": 128, "n": 4096, "k": 4096,
+         "config": [8, 1, 4, 2, 4, 3]},
+        {"dtype": "bfloat16", "mode": 1, "n": 1024, "k": 4096, "config": [4, 2, 4, 1, 2, 4]}]}}))
     monkeypatch.setenv("TPQUANT_STAGED_TUNED", str(path))
     monkeypatch.setattr(cw, "device_name", lambda device: "GPU X")
     cw.staged_table.cache_clear()
@@ -254,6 +260,12 @@ def test_staged_config_only_for_table_weights_at_33_to_64(monkeypatch, tmp_path)
             assert cw.staged_config(m, 4096, 4096, dev, torch.bfloat16, 1) == want
         assert cw.staged_config(64, 4096, 4096, dev, torch.float16, 1) is None
         assert cw.staged_config(64, 4096, 4096, dev, torch.bfloat16, 0) is None
+        assert cw.staged_config(40, 4096, 4096, dev, torch.bfloat16, 2, 128) == (8, 1, 4, 2, 4, 3)
+        for mode_, group in ((2, 64), (3, 128), (1, 128)):  # another group or mode: not named
+            assert cw.staged_config(40, 4096, 4096, dev, torch.bfloat16, mode_, group) is None
+        for m, want in ((16, None), (17, (4, 2, 4, 1, 2, 4)), (32, (4, 2, 4, 1, 2, 4)),
+                        (33, None)):  # an entry of 4 token tiles: M = 17-32
+            assert cw.staged_config(m, 1024, 4096, dev, torch.bfloat16, 1) == want
         monkeypatch.setenv("TPQUANT_STAGED_TUNED", "off")
         cw.staged_table.cache_clear()
         assert cw.staged_config(64, 4096, 4096, dev, torch.bfloat16, 1) is None
@@ -263,13 +275,16 @@ def test_staged_config_only_for_table_weights_at_33_to_64(monkeypatch, tmp_path)
     assert cw.staged_default(40) == cw.STAGED_CONFIGS[8][0]
 
 
+@pytest.mark.parametrize("group,zeros", [(0, False), (128, True), (256, False)])
 @pytest.mark.parametrize("capability,splits,want_splits", [
     ((9, 0), None, 3), ((9, 0), 5, 5), ((9, 0), 100, 8), ((8, 0), None, 1), ((8, 0), 4, 1)])
-def test_staged_launch_geometry(monkeypatch, capability, splits, want_splits) -> None:
+def test_staged_launch_geometry(monkeypatch, capability, splits, want_splits, group,
+                                zeros) -> None:
     """What `staged_gemm` launches, with the kernels and the device stubbed out (CPU tensors):
     row blocks of 16 RT WR rows, the K splits (the rule under the H200's cluster counts, forced
     ones capped at 8, one below sm_90) as a cluster of that many blocks, dynamic shared memory
-    opted in past 48 KiB, and the shape's launch worked out once."""
+    opted in past 48 KiB, and the shape's launch worked out once; groupwise, the mode's kernel
+    with the zeros and the group size."""
     import numpy as np
     import torch
 
@@ -289,16 +304,21 @@ def test_staged_launch_geometry(monkeypatch, capability, splits, want_splits) ->
     config = cw.STAGED_CONFIGS[8][0]  # (8, 2, 4, 2, 4, 3): 128 rows a block, 4 k-tiles a stage
     x = torch.zeros(m, k, dtype=torch.bfloat16)
     tiled = torch.zeros(n, k // 2, dtype=torch.uint8)
-    out, scale = torch.empty(m, n, dtype=torch.bfloat16), torch.ones(n)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    scale = torch.ones(k // group, n) if group else torch.ones(n)  # [K/g, N] groupwise
+    zero_points = torch.zeros_like(scale) if zeros else None
     for _ in range(2):
-        cw.staged_gemm(x, tiled, scale, None, out, config=config, splits=splits)
+        cw.staged_gemm(x, tiled, scale, None, out, config=config, splits=splits,
+                       zeros=zero_points, group=group)
     assert len(launches) == 2 and launches[0] == launches[1]
     assert len(opt_ins) <= 1 and len(set(counted)) == len(counted)  # once per shape
     fn, grid, block, args, shared, cluster = launches[0]
     k_stages = k // 64 // 4
     per_split = -(-k_stages // want_splits)
-    assert fn == "wo_staged<{dt}, 1, 8, 2, 4, 2, 4, 3>"
+    assert fn == f"wo_staged<{{dt}}, {cw.mode(4, group, zeros)}, 8, 2, 4, 2, 4, 3>"
     assert grid == (n // 128, -(-k_stages // per_split)) and block == (256,)
-    assert int(args[-1]) == per_split and isinstance(args[-1], np.int32)
+    assert int(args[-2]) == per_split and isinstance(args[-2], np.int32)
+    assert int(args[-1]) == (group or 1) and int(args[3]) == (zero_points.data_ptr() if zeros
+                                                               else 0)
     assert cluster == ((1, grid[1], 1) if grid[1] > 1 else None)
     assert shared == cw.staged_shared_bytes(config, 4) and opt_ins == [shared]

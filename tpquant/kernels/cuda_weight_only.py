@@ -14,10 +14,11 @@ header explains the numerics of each:
            keep): each lane's 16 bytes are its mma A fragments, one or two instructions per
            register; pipelined loads; M up to TILES_MAX_M in one launch.
            `tiles_dequantize` unpacks the layout into x.dtype for cuBLAS at larger M.
-    staged int8 / int4 per channel on the same tiles, M <= 64: x copied into shared memory
-           stages ahead (cp.async) and read there by every warp; K splits of a row block run
-           as one thread-block cluster and add their sums through distributed shared memory.
-           The dispatch takes it at M = 33-64 on the weights of its measured table
+    staged int8 / int4 per channel or groupwise int4 on the same tiles, M <= 64: x copied
+           into shared memory stages ahead (cp.async) and read there by every warp; K splits
+           of a row block run as one thread-block cluster and add their sums through
+           distributed shared memory.
+           The dispatch takes it at M = 17-64 on the weights of its measured table
            (`staged_config`, staged_tuned.json).
 
 `kernel_for` picks fma or mma by M for the stored layout (thresholds measured, below); the
@@ -447,9 +448,10 @@ def tiles_gemv(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
 
 # ---- the staged GEMM (wo_staged) up to 64 tokens: x through shared memory ----------------------
 # A config is (NT token tiles, RT row tiles a warp, WR row warps, WK K warps, KS k-tiles a stage,
-# STAGES buffers); per channel int4 / int8 on the tiles. K splits fill the SMs where the weight's
-# rows alone do not: the splits of a row block run as one thread-block cluster and add up their
-# sums through distributed shared memory (at most 8 blocks: the portable cluster size).
+# STAGES buffers); int4 / int8 per channel or groupwise int4 on the tiles. K splits fill the SMs
+# where the weight's rows alone do not: the splits of a row block run as one thread-block
+# cluster and add up their sums through distributed shared memory (at most 8 blocks: the
+# portable cluster size).
 # The first config of each NT is its default (the best in geomean at M = 40 / 64 on an H200);
 # the automatic dispatch takes the kernel only for weights in the measured table below.
 STAGED_CONFIGS = {
@@ -458,31 +460,35 @@ STAGED_CONFIGS = {
     8: ((8, 2, 4, 2, 4, 3), (8, 2, 4, 1, 2, 4), (8, 2, 2, 2, 4, 3), (8, 1, 4, 2, 4, 3),
         (8, 1, 8, 1, 2, 4)),
 }
-STAGED_MIN_M = 33  # below, the tiled GEMV wins on every weight measured (sweep_staged.py)
-# Weights where the staged GEMM beat the dispatch's kernel (tiled GEMV or CUTLASS) at M = 40
-# and 64 (benchmarks/sweep_staged.py --table): {(device, dtype, mode, n, k): config}.
+STAGED_MIN_M = 17  # below, the tiled GEMV wins on every weight measured (sweep_staged.py)
+# Weights where the staged GEMM beat the dispatch's kernel (tiled GEMV or CUTLASS) at M = 24
+# and 32 (a config of 4 token tiles, taken at M = 17-32) or 40 and 64 (8 tiles, M = 33-64)
+# (benchmarks/sweep_staged.py --table): {(device, dtype, mode, group, NT, n, k): config}.
 # TPQUANT_STAGED_TUNED names another table, or "off" for none.
 STAGED_TUNED_PATH = Path(__file__).resolve().with_name("staged_tuned.json")
 STAGED_MAX_SPLITS = 8
-_STAGED_LAUNCHES: dict[tuple, tuple] = {}  # (device, dtype, bits, config, n, k, splits): launch
+_STAGED_LAUNCHES: dict[tuple, tuple] = {}  # (device, dtype, mode, config, n, k, splits): launch
 
 
 @functools.cache
 def staged_table(path: Path | None = None) -> dict[tuple, tuple[int, ...]]:
-    """{(device name, dtype name, mode, n, k): config} from a table's JSON (plain data): `path`,
-    else TPQUANT_STAGED_TUNED's, else STAGED_TUNED_PATH; empty for "off" or a missing file."""
-    return {(device, e["dtype"], e["mode"], e["n"], e["k"]): tuple(e["config"])
+    """{(device name, dtype name, mode, group, NT, n, k): config} from a table's JSON (plain
+    data; group 0 per channel, NT the config's token tiles): `path`, else
+    TPQUANT_STAGED_TUNED's, else STAGED_TUNED_PATH; empty for "off" or a missing file."""
+    return {(device, e["dtype"], e["mode"], e.get("group", 0), e["config"][0], e["n"], e["k"]):
+            tuple(e["config"])
             for device, e in _measured(path, "TPQUANT_STAGED_TUNED", STAGED_TUNED_PATH)}
 
 
 def staged_config(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype,
-                  mode_: int) -> tuple[int, ...] | None:
+                  mode_: int, group: int = 0) -> tuple[int, ...] | None:
     """The staged GEMM's config where the automatic dispatch should run it: M from
-    STAGED_MIN_M to 64 on a weight the table holds for this device and dtype; else None."""
+    STAGED_MIN_M to 64 on a weight (and group size) the table holds for this device, dtype and
+    M's token tiles; else None."""
     if not STAGED_MIN_M <= m <= 8 * TILES_NT[-1]:
         return None
     return staged_table().get((device_name(device), str(dtype).removeprefix("torch."), mode_,
-                               n, k))
+                               group, tiles_nt(m), n, k))
 
 
 def staged_default(m: int) -> tuple[int, ...]:
@@ -520,32 +526,39 @@ def staged_splits(n: int, k: int, bits: int, config: tuple[int, ...], sms: int,
 
 def staged_gemm(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None, out: torch.Tensor, *,
-                config: tuple[int, ...], splits: int | None = None) -> None:
-    """out[M, N] = x2[M, K] @ W^T (+ bias) for W per channel in a tiled layout (int8 or packed
-    int4), M <= 8 NT of `config`; the caller has checked shapes and `aligned`."""
+                config: tuple[int, ...], splits: int | None = None,
+                zeros: torch.Tensor | None = None, group: int = 0) -> None:
+    """out[M, N] = x2[M, K] @ W^T (+ bias) for W in a tiled layout (int8 or packed int4) per
+    channel (group 0, scale [N]) or int4 groupwise (scales [K/g, N], zeros [K/g, N] or None
+    for signed codes; groups of 64 x 2^i features), M <= 8 NT of `config`; the caller has
+    checked shapes and `aligned`."""
     m, k = x2.shape
     n = tiled.shape[0]
     if m > 8 * config[0]:
         raise ValueError(f"staged config {config} takes M <= {8 * config[0]}, got {m}")
-    key = (x2.device.index, x2.dtype, code_bits(tiled), config, n, k, splits)
+    if not groups_tile(group):  # the kernel finds a k-tile's group by a shift
+        raise ValueError(f"the staged GEMM takes groups of 64 x 2^i features, got {group}")
+    mode_ = mode(code_bits(tiled), group, zeros is not None)
+    key = (x2.device.index, x2.dtype, mode_, config, n, k, splits)
     if key not in _STAGED_LAUNCHES:
         _STAGED_LAUNCHES[key] = _staged_launch(x2.device, *key[1:])
     function, grid, block, shared, per_split = _STAGED_LAUNCHES[key]
     launch(function, grid, block,
-           (_ptr(x2), _ptr(tiled), _ptr(scale), _ptr(_float32(bias)), _ptr(out),
-            np.int32(m), np.int32(n), np.int32(k), np.int32(per_split)), x2.device,
-           pdl.enabled(x2.device), shared_mem=shared,
+           (_ptr(x2), _ptr(tiled), _ptr(scale), _ptr(zeros), _ptr(_float32(bias)), _ptr(out),
+            np.int32(m), np.int32(n), np.int32(k), np.int32(per_split), np.int32(group or 1)),
+           x2.device, pdl.enabled(x2.device), shared_mem=shared,
            cluster=(1, grid[1], 1) if grid[1] > 1 else None)
 
 
-def _staged_launch(device: torch.device, dtype: torch.dtype, bits: int, config: tuple[int, ...],
+def _staged_launch(device: torch.device, dtype: torch.dtype, mode_: int, config: tuple[int, ...],
                    n: int, k: int, splits: int | None) -> tuple:
     """(kernel, grid, block, dynamic shared bytes, stages per split) of one staged GEMM shape,
     worked out once: the kernel compiled and allowed its shared memory, the K splits (forced,
     else `staged_splits` with the driver's cluster counts; one below sm_90, which has no
     clusters)."""
     nt, rt, wr, wk, ks, stages = config
-    name = f"wo_staged<{{dt}}, {mode(bits, 0, False)}, {nt}, {rt}, {wr}, {wk}, {ks}, {stages}>"
+    bits = 8 if mode_ == 0 else 4
+    name = f"wo_staged<{{dt}}, {mode_}, {nt}, {rt}, {wr}, {wk}, {ks}, {stages}>"
     function = _tiles_functions(device, dtype, [name])[0]
     shared = staged_shared_bytes(config, bits)
     if shared > (48 << 10):  # past 48 KiB the driver needs an opt-in

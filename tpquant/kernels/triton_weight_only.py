@@ -17,8 +17,8 @@ The paths; `choose_path` picks one from (M, N, K, bits, group) and the threshold
              dequantized in registers: tiled int8 / int4 above the tiled GEMV's M (needs nvcc
              and CUTLASS headers; else dequant).
     staged   the staged GEMM of `cuda_weight_only` (x through shared memory, K splits in one
-             thread-block cluster): tiled int8 / int4 per channel at M = 33-64, on the weights
-             its measured table (`staged_tuned.json`) names.
+             thread-block cluster): tiled int8 / int4 per channel or int4 groupwise at M =
+             17-64, on the weights its measured table (`staged_tuned.json`) names.
 
 Numerics. Every stored code is read as an unsigned integer u (int8 q as u = q + 128, signed
 int4 as u = nibble ^ 8 = q + 8, unsigned groupwise nibbles as they are), so W = (u - zp) * s
@@ -821,12 +821,13 @@ def _matmul(
             "compute capability 9.0 device with nvcc and CUTLASS headers; "
             f"got bits={wt.bits}, tiled={wt.tiled}, group={wt.group}, N={n}, K={k}"
         )
-    if chosen == STAGED and not (wt.tiled and cuda_ok and wt.group == 0 and wt.pqs is None
-                                 and m <= cuda_weight_only.TILES_MAX_M):
+    if chosen == STAGED and not (wt.tiled and cuda_ok and groups_tile(wt.group)
+                                 and wt.pqs is None and m <= cuda_weight_only.TILES_MAX_M):
         raise ValueError(
-            "path 'staged' takes tiled int8 / int4 per channel (no pre-quant scale), M <= "
-            f"{cuda_weight_only.TILES_MAX_M}, float32 scales and 16-byte aligned CUDA tensors "
-            f"(and CuPy); got tiled={wt.tiled}, group={wt.group}, M={m}"
+            "path 'staged' takes tiled int8 / int4 per channel or int4 groups of 64 x 2^i "
+            f"features (no pre-quant scale), M <= {cuda_weight_only.TILES_MAX_M}, float32 "
+            "scales and 16-byte aligned CUDA tensors (and CuPy); got "
+            f"tiled={wt.tiled}, group={wt.group}, pre-quant scale={wt.pqs is not None}, M={m}"
         )
     if wt.tiled:
         tiles_ok = cuda_ok and wt.pqs is None and groups_tile(wt.group)
@@ -963,21 +964,21 @@ def _operand_kind(dtype: torch.dtype, bits: int) -> tuple[int, int]:
 
 def _tiled(x2: torch.Tensor, wt: _Weights, bias: torch.Tensor | None, out: torch.Tensor,
            chosen: str, cutlass_ok: bool) -> None:
-    """A tiled weight: the staged GEMM where its measured table names this weight (per
-    channel, M = 33-64); else the CUTLASS GEMM on the tiles where it runs and `cutlass_range`
-    gives it the call; else the tiled GEMV up to its M, dequantized from the tiles into x.dtype
-    and one torch matmul above."""
+    """A tiled weight: the staged GEMM where its measured table names this weight (M =
+    17-64); else the CUTLASS GEMM on the tiles where it runs and `cutlass_range` gives it the
+    call; else the tiled GEMV up to its M, dequantized from the tiles into x.dtype and one
+    torch matmul above."""
     m = x2.shape[0]
     staged = None
-    if chosen == STAGED:
+    if chosen in (STAGED, AUTO, REFERENCE):
         staged = cuda_weight_only.staged_config(
-            m, wt.n, wt.k, x2.device, x2.dtype, cuda_weight_only.mode(wt.bits, 0, False)
-        ) or cuda_weight_only.staged_default(m)
-    elif chosen in (AUTO, REFERENCE) and wt.group == 0:
-        staged = cuda_weight_only.staged_config(m, wt.n, wt.k, x2.device, x2.dtype,
-                                                cuda_weight_only.mode(wt.bits, 0, False))
+            m, wt.n, wt.k, x2.device, x2.dtype,
+            cuda_weight_only.mode(wt.bits, wt.group, wt.zeros is not None), wt.group)
+        if chosen == STAGED:
+            staged = staged or cuda_weight_only.staged_default(m)
     if staged is not None:
-        cuda_weight_only.staged_gemm(x2, wt.qweight, wt.scale, bias, out, config=staged)
+        cuda_weight_only.staged_gemm(x2, wt.qweight, wt.scale, bias, out, config=staged,
+                                     zeros=wt.zeros, group=wt.group)
         return
     if chosen in (AUTO, REFERENCE):
         if (cutlass_ok and cutlass_range(m, wt.n, wt.bits, wt.group, sm_count(x2.device))
