@@ -322,3 +322,17 @@ def test_staged_launch_geometry(monkeypatch, capability, splits, want_splits, gr
                                                                else 0)
     assert cluster == ((1, grid[1], 1) if grid[1] > 1 else None)
     assert shared == cw.staged_shared_bytes(config, 4) and opt_ins == [shared]
+
+
+def test_staged_gemm_refuses_groups_it_cannot_read() -> None:
+    """Groups that are not whole powers of two of k-tiles, groups on int8 codes, zeros without
+    groups: refused before anything is compiled (CPU tensors)."""
+    import torch
+
+    x, out = torch.zeros(40, 256, dtype=torch.bfloat16), torch.empty(40, 64, dtype=torch.bfloat16)
+    int4, int8 = torch.zeros(64, 128, dtype=torch.uint8), torch.zeros(64, 256, dtype=torch.int8)
+    config = cw.STAGED_CONFIGS[8][0]
+    for tiled, group, zeros in ((int4, 192, None), (int8, 128, None), (int4, 0, torch.zeros(64))):
+        with pytest.raises(ValueError, match="groups"):
+            cw.staged_gemm(x, tiled, torch.ones(64), None, out, config=config, group=group,
+                           zeros=zeros)

@@ -538,7 +538,11 @@ def staged_gemm(x2: torch.Tensor, tiled: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"staged config {config} takes M <= {8 * config[0]}, got {m}")
     if not groups_tile(group):  # the kernel finds a k-tile's group by a shift
         raise ValueError(f"the staged GEMM takes groups of 64 x 2^i features, got {group}")
-    mode_ = mode(code_bits(tiled), group, zeros is not None)
+    bits = code_bits(tiled)
+    if (group or zeros is not None) and not (group and bits == 4):
+        raise ValueError(f"zeros come with groups, and groups with int4 codes: got {bits}-bit "
+                         f"codes, group {group}, zeros {zeros is not None}")
+    mode_ = mode(bits, group, zeros is not None)
     key = (x2.device.index, x2.dtype, mode_, config, n, k, splits)
     if key not in _STAGED_LAUNCHES:
         _STAGED_LAUNCHES[key] = _staged_launch(x2.device, *key[1:])
