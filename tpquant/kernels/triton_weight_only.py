@@ -77,7 +77,7 @@ from tpquant.kernels.tiles import groups_tile, untile
 
 PATH_ENV = "TPQUANT_WO_PATH"
 CUDA, GEMV, DOT, DEQUANT, CUTLASS = "cuda", "gemv", "dot", "dequant", "cutlass"
-STAGED = "staged"  # the staged GEMM on the tiles (per channel, M <= 64)
+STAGED = "staged"  # the staged GEMM on the tiles (per channel or groupwise int4, M <= 64)
 REFERENCE, AUTO = "reference", "auto"
 KERNEL_PATHS = (CUDA, GEMV, DOT, DEQUANT, CUTLASS, STAGED)
 
