@@ -33,6 +33,24 @@
 // scheduling (where the output tiles alone leave SMs idle, K is split across them and the
 // partial sums reduced through the workspace), else the persistent data-parallel one.
 // TPQ_FP16: x and out are float16, else bfloat16.
+//
+// Programmatic dependent launch (tpquant/kernels/pdl.py): built with CUTLASS's grid dependency
+// control, the kernel's producer warps wait (griddepcontrol.wait) before their first load, and
+// its consumers let the next kernel launch once their last tile's main loop is done. Launched
+// with PDL (the `pdl` argument), the kernel's launch and prologue overlap the end of the kernel
+// before it (x's gather into the tiles' order); without, the wait is a no-op. Only on the
+// cooperative data-parallel tile of 64 tokens, where it measured 1-9% faster (design note 51):
+// CUTLASS 4.2's stream-K scheduler does not compile with it (a const is_last_tile); the pingpong
+// kernel's consumers without a tile let the next kernel start before the kernel's own wait
+// (against pdl.py's rule) and PDL measured up to 1.6x slower there; on the 256-token tile it
+// measured 0.98x (up to 1.3x slower on narrow weights of small K). The other instantiations
+// have no wait and always launch without PDL.
+#if !defined(TPQ_STREAMK) && !defined(TPQ_PINGPONG) && TPQ_TILE_TOKENS <= 64
+#define CUTLASS_ENABLE_GDC_FOR_SM90 1
+constexpr bool kGridDependencyControl = true;
+#else
+constexpr bool kGridDependencyControl = false;
+#endif
 #include <cuda_runtime.h>
 
 #include "cute/tensor.hpp"
@@ -205,17 +223,18 @@ int tpq_mixed_gemm_check(int M, int N, int K, int group) {
 }
 
 // Runs out = x @ dequant(W)^T * alpha + bias on `stream` of `device` (this library's static
-// CUDA runtime keeps its own current device). 0 on success, else 1000 + a cutlass::Status or
-// 2000 + a cudaError_t.
+// CUDA runtime keeps its own current device), launched with PDL if `pdl` and the
+// instantiation waits for the kernel before (kGridDependencyControl). 0 on success, else
+// 1000 + a cutlass::Status or 2000 + a cudaError_t.
 int tpq_mixed_gemm(int device, const void* x, const void* w, const float* scales, const float* zeros, const float* alpha,
                    const float* bias, void* out, int M, int N, int K, int group, void* workspace,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, int pdl) {
   cudaError_t error = cudaSetDevice(device);
   if (error != cudaSuccess) return 2000 + int(error);
   auto args = make_args(x, w, scales, zeros, alpha, bias, out, M, N, K, group);
   Gemm gemm;
   cutlass::Status status = gemm.initialize(args, workspace, stream);
-  if (status == cutlass::Status::kSuccess) status = gemm.run(stream);
+  if (status == cutlass::Status::kSuccess) status = gemm.run(stream, nullptr, pdl != 0 && kGridDependencyControl);
   if (status != cutlass::Status::kSuccess) return 1000 + int(status);
   error = cudaGetLastError();
   return error == cudaSuccess ? 0 : 2000 + int(error);

@@ -11,6 +11,16 @@
 // TPQ_TILE_N: the CTA tile along N (128 or 256; M 128, K steps of 128 bytes);
 // TPQ_STREAMK: stream-K tile scheduling (splits the last wave's work along K), else the
 // persistent data-parallel one; TPQ_FP16: out is float16, else bfloat16.
+//
+// Programmatic dependent launch, as cpp/mixed_input_gemm.cu: built with CUTLASS's grid
+// dependency control (not with stream-K), launched with PDL if `pdl` (the kernel before is x's
+// quantization).
+#ifndef TPQ_STREAMK
+#define CUTLASS_ENABLE_GDC_FOR_SM90 1
+constexpr bool kGridDependencyControl = true;
+#else
+constexpr bool kGridDependencyControl = false;
+#endif
 #include <cuda_runtime.h>
 
 #include "cute/tensor.hpp"
@@ -106,18 +116,19 @@ size_t tpq_w8a8_gemm_workspace(int M, int N, int K) {
       make_args(nullptr, nullptr, nullptr, true, nullptr, true, nullptr, nullptr, M, N, K));
 }
 
-// Runs the GEMM on `stream` of `device`; the workspace must hold tpq_w8a8_gemm_workspace bytes.
-// 0 on success, else 1000 + a cutlass::Status or 2000 + a cudaError_t.
+// Runs the GEMM on `stream` of `device`, launched with PDL if `pdl` (and built to wait); the
+// workspace must hold tpq_w8a8_gemm_workspace bytes. 0 on success, else 1000 + a
+// cutlass::Status or 2000 + a cudaError_t.
 int tpq_w8a8_gemm(int device, const int8_t* x, const int8_t* w, const float* x_scale, int x_per_token,
                   const float* w_scale, int w_per_channel, const float* bias, void* out, int M, int N, int K,
-                  void* workspace, cudaStream_t stream) {
+                  void* workspace, cudaStream_t stream, int pdl) {
   cudaError_t error = cudaSetDevice(device);
   if (error != cudaSuccess) return 2000 + int(error);
   auto args = make_args(x, w, x_scale, x_per_token, w_scale, w_per_channel, bias, out, M, N, K);
   Gemm gemm;
   cutlass::Status status = gemm.can_implement(args);
   if (status == cutlass::Status::kSuccess) status = gemm.initialize(args, workspace, stream);
-  if (status == cutlass::Status::kSuccess) status = gemm.run(stream);
+  if (status == cutlass::Status::kSuccess) status = gemm.run(stream, nullptr, pdl != 0 && kGridDependencyControl);
   if (status != cutlass::Status::kSuccess) return 1000 + int(status);
   error = cudaGetLastError();
   return error == cudaSuccess ? 0 : 2000 + int(error);

@@ -3,15 +3,18 @@
     python -m pytest -q tests/gpu/test_pdl_gpu.py        (also run by tests/gpu/run_on_device.sh)
 
 Chains of the decode step's kernels, each reading what the one before it wrote, 4 layers at
-Llama-2-7B widths, batch 1 and 8: weight-only int4 (add + RMSNorm -> int4 GEMV -> silu * up ->
+Llama-2-7B widths, batch 1 and 8, and 64 and 1024 as a prefill's (there CUTLASS's GEMMs: the
+weight-only one launched with PDL after x's gather on its 64-token tile, the W8A8 one at 1024;
+design note 51): weight-only int4 (add + RMSNorm -> int4 GEMV -> silu * up ->
 int4 GEMV -> the next layer's add + RMSNorm) and SmoothQuant per token (RMSNorm + quantize ->
 W8A8 GEMM -> per-token quantize -> W8A8 GEMM -> residual add). With PDL every kernel may start
 before the one before it ends, so a kernel that read too early would change the result (the
 add + RMSNorm reads its residual before its wait, as in the model). Each
 chain must give the same bits with PDL as without, eagerly and replayed from a CUDA graph, and
-stay within 1e-2 of the largest value of the torch references run on the same bfloat16 inputs
-(float32 math, rounded where the kernels round; what is left is summation order and, through
-it, an occasional int8 code one step off, over 4 layers).
+stay within 1e-2 (batch 1 and 8) or 2e-2 (64 and 1024) of the largest value of the torch
+references run on the same bfloat16 inputs (float32 math, rounded where the kernels round; what
+is left is summation order and, through it, an occasional int8 code one step off, over 4 layers:
+the more rows, the larger the largest such deviation; 1.1-1.2e-2 measured at batch 256).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ CHAINS = {"int4": _int4_chain, "w8a8": _w8a8_chain}
 
 
 @pytest.mark.parametrize("kind", list(CHAINS))
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, 8, 64, 1024])
 def test_pdl_chain_same_bits_as_without(device, kind, batch) -> None:
     layers, chain = _layers(device, kind), CHAINS[kind]
     g = torch.Generator().manual_seed(batch)
@@ -109,4 +112,5 @@ def test_pdl_chain_same_bits_as_without(device, kind, batch) -> None:
     assert not differing, f"differ from the chain without PDL: {differing}"
     want = chain(x, layers, path="reference").float()
     err = (base.float() - want).abs().max() / want.abs().max()
-    assert err < 1e-2, f"chain against the torch references: {err:.3g} of the largest value"
+    tolerance = 1e-2 if batch <= 8 else 2e-2
+    assert err < tolerance, f"chain against the torch references: {err:.3g} of the largest value"

@@ -30,7 +30,10 @@ about 1.5 minutes and 5 GB of RAM.
 
 Calls run on torch's current stream and can be captured in CUDA graphs: the library's host
 side only builds the kernel's parameters (TMA descriptors included) and launches; a workspace,
-where a shape needs one, comes from torch.
+where a shape needs one, comes from torch. Where `pdl.enabled`, the W8A8 GEMM, x's gather
+before a weight-only GEMM and the weight-only GEMM on its 64-token tile launch with PDL: each
+starts while the kernel before it ends and waits for it before its first load
+(cpp/mixed_input_gemm.cu says why that tile only).
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from tpquant.kernels import tiles
+from tpquant.kernels import pdl, tiles
 from tpquant.kernels.device import sm_count
 
 SOURCE = Path(__file__).resolve().parents[2] / "cpp" / "mixed_input_gemm.cu"
@@ -124,7 +128,7 @@ class Variant:
     @staticmethod
     def bind(library: ctypes.CDLL) -> None:
         p, i = ctypes.c_void_p, ctypes.c_int
-        library.tpq_mixed_gemm.argtypes = [i, p, p, p, p, p, p, p, i, i, i, i, p, p]
+        library.tpq_mixed_gemm.argtypes = [i, p, p, p, p, p, p, p, i, i, i, i, p, p, i]
         library.tpq_mixed_gemm.restype = i
         library.tpq_mixed_gemm_workspace.argtypes = [i, i, i, i]
         library.tpq_mixed_gemm_workspace.restype = ctypes.c_size_t
@@ -148,7 +152,7 @@ class W8A8Variant:
     @staticmethod
     def bind(library: ctypes.CDLL) -> None:
         p, i = ctypes.c_void_p, ctypes.c_int
-        library.tpq_w8a8_gemm.argtypes = [i, p, p, p, i, p, i, p, p, i, i, i, p, p]
+        library.tpq_w8a8_gemm.argtypes = [i, p, p, p, i, p, i, p, p, i, i, i, p, p, i]
         library.tpq_w8a8_gemm.restype = i
         library.tpq_w8a8_gemm_workspace.argtypes = [i, i, i]
         library.tpq_w8a8_gemm_workspace.restype = ctypes.c_size_t
@@ -217,7 +221,7 @@ def tiles_order(x2: torch.Tensor, bits: int = 4) -> torch.Tensor:
         out = torch.empty((m, k), dtype=x2.dtype, device=x2.device)
         grid = (triton.cdiv(m, _ORDER_BLOCK_M), triton.cdiv(k, _ORDER_BLOCK_K))
         _tiles_order_kernel[grid](x2, out, m, k, x2.stride(0), TK=tk, BLOCK_M=_ORDER_BLOCK_M,
-                                  BLOCK_K=_ORDER_BLOCK_K, num_warps=4)
+                                  BLOCK_K=_ORDER_BLOCK_K, num_warps=4, **pdl.triton_args(x2.device))
         return out
     by_bits = x2.reshape(m, k // tk, 4, tk // 16, 2, 2)  # (T, t, s, c, h)
     return by_bits.permute(0, 1, 3, 4, 2, 5).reshape(m, k)  # (T, s, c, t, h)
@@ -228,7 +232,10 @@ _ORDER_BLOCK_M, _ORDER_BLOCK_K = 16, 256
 
 @triton.jit
 def _tiles_order_kernel(x_ptr, y_ptr, M, K, stride_x, TK: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # tpquant.kernels.pdl: wait for the kernel before, then let the GEMM launch
+        gdc_wait()
+        gdc_launch_dependents()
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     kc = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # k', CUTLASS's order
     j = kc % TK
@@ -263,7 +270,8 @@ def gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     stream = torch.cuda.current_stream(x2.device).cuda_stream
     status = library.tpq_mixed_gemm(
         x2.device.index, _ptr(x2), _ptr(qweight), _ptr(scales), _ptr(zero_terms), _ptr(alpha),
-        _ptr(bias), _ptr(out), m, n, k, group_arg, _ptr(workspace), stream)
+        _ptr(bias), _ptr(out), m, n, k, group_arg, _ptr(workspace), stream,
+        int(pdl.enabled(x2.device)))
     if status:
         raise RuntimeError(f"CUTLASS mixed-input GEMM {variant} failed on M={m}, N={n}, K={k}, "
                            f"group={group}: {_status_text(status)}")
@@ -335,7 +343,7 @@ def w8a8_gemm(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor,
     status = library.tpq_w8a8_gemm(
         qx.device.index, _ptr(qx), _ptr(qweight), _ptr(x_scale), int(x_scale.numel() > 1),
         _ptr(weight_scale), int(weight_scale.numel() > 1), _ptr(bias), _ptr(out), m, n, k,
-        _ptr(workspace), stream)
+        _ptr(workspace), stream, int(pdl.enabled(qx.device)))
     if status:
         raise RuntimeError(f"CUTLASS W8A8 GEMM {variant} failed on M={m}, N={n}, K={k}: "
                            f"{_status_text(status)}")

@@ -13,7 +13,10 @@ early_residual; note 46). What overlaps is the launch of each kernel, its blocks
 those loads with the end of the one before: a decode step runs ~300 short kernels back to
 back (Llama-2-7B int4, one H200: 2.30 -> 2.09 ms a step; docs/design-notes.md, note 24).
 Kernels without PDL (cuBLAS, NCCL, torch's) start after the kernel before them has finished,
-as always, and so does a PDL kernel after them.
+as always, and so does a PDL kernel after them. CUTLASS's W8A8 GEMM and its weight-only GEMM
+on the 64-token tile (cpp/mixed_input_gemm.cu says why only there) keep the rule too: their
+producer warps wait before their first load, and their consumers let the next kernel start
+after their last main loop.
 
 `TPQUANT_PDL=0` in the environment, or `set_enabled(False)`, turns it off (benchmarks compare).
 """
